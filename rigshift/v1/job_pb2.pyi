@@ -1,0 +1,156 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Job(_message.Message):
+    __slots__ = ("name", "spec", "state", "owner", "create_time", "update_time", "attempt_count", "attempts", "pending_reasons", "status_message", "exit_code", "history", "request_id")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Job.State]
+        PENDING: _ClassVar[Job.State]
+        SCHEDULED: _ClassVar[Job.State]
+        RUNNING: _ClassVar[Job.State]
+        SUCCEEDED: _ClassVar[Job.State]
+        FAILED: _ClassVar[Job.State]
+        CANCELLED: _ClassVar[Job.State]
+    STATE_UNSPECIFIED: Job.State
+    PENDING: Job.State
+    SCHEDULED: Job.State
+    RUNNING: Job.State
+    SUCCEEDED: Job.State
+    FAILED: Job.State
+    CANCELLED: Job.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REASONS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: JobSpec
+    state: Job.State
+    owner: str
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    attempt_count: int
+    attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
+    pending_reasons: _containers.RepeatedCompositeFieldContainer[SchedulingReason]
+    status_message: str
+    exit_code: int
+    history: _containers.RepeatedCompositeFieldContainer[StateTransition]
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., pending_reasons: _Optional[_Iterable[_Union[SchedulingReason, _Mapping]]] = ..., status_message: _Optional[str] = ..., exit_code: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("command", "env", "gpu_count", "gpu_model", "min_vram_mb", "max_price_micros_per_gpu_hour", "max_duration_seconds", "working_dir_sha256", "max_attempts", "display_name")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_VRAM_MB_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    command: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    gpu_count: int
+    gpu_model: str
+    min_vram_mb: int
+    max_price_micros_per_gpu_hour: int
+    max_duration_seconds: int
+    working_dir_sha256: str
+    max_attempts: int
+    display_name: str
+    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ...) -> None: ...
+
+class Attempt(_message.Message):
+    __slots__ = ("number", "worker", "gpu_indices", "state", "start_time", "end_time", "exit_code", "energy_joules", "gpu_milliseconds", "price_micros_per_gpu_hour", "schedule_time")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Attempt.State]
+        SCHEDULED: _ClassVar[Attempt.State]
+        RUNNING: _ClassVar[Attempt.State]
+        SUCCEEDED: _ClassVar[Attempt.State]
+        FAILED: _ClassVar[Attempt.State]
+        CANCELLED: _ClassVar[Attempt.State]
+        LOST: _ClassVar[Attempt.State]
+    STATE_UNSPECIFIED: Attempt.State
+    SCHEDULED: Attempt.State
+    RUNNING: Attempt.State
+    SUCCEEDED: Attempt.State
+    FAILED: Attempt.State
+    CANCELLED: Attempt.State
+    LOST: Attempt.State
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_TIME_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    worker: str
+    gpu_indices: _containers.RepeatedScalarFieldContainer[int]
+    state: Attempt.State
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    exit_code: int
+    energy_joules: int
+    gpu_milliseconds: int
+    price_micros_per_gpu_hour: int
+    schedule_time: _timestamp_pb2.Timestamp
+    def __init__(self, number: _Optional[int] = ..., worker: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[Attempt.State, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., gpu_milliseconds: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SchedulingReason(_message.Message):
+    __slots__ = ("resource", "requested", "available", "resolvable", "message")
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    RESOLVABLE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    resource: str
+    requested: str
+    available: str
+    resolvable: bool
+    message: str
+    def __init__(self, resource: _Optional[str] = ..., requested: _Optional[str] = ..., available: _Optional[str] = ..., resolvable: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StateTransition(_message.Message):
+    __slots__ = ("from_state", "to_state", "time", "reason")
+    FROM_STATE_FIELD_NUMBER: _ClassVar[int]
+    TO_STATE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    from_state: Job.State
+    to_state: Job.State
+    time: _timestamp_pb2.Timestamp
+    reason: str
+    def __init__(self, from_state: _Optional[_Union[Job.State, str]] = ..., to_state: _Optional[_Union[Job.State, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,191 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GpuInfo(_message.Message):
+    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "price_micros_per_gpu_hour", "pcie_link_width")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VRAM_MB_FIELD_NUMBER: _ClassVar[int]
+    POWER_LIMIT_WATTS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    PCIE_LINK_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uuid: str
+    model: str
+    vram_mb: int
+    power_limit_watts: int
+    price_micros_per_gpu_hour: int
+    pcie_link_width: int
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., pcie_link_width: _Optional[int] = ...) -> None: ...
+
+class RegisterWorkerRequest(_message.Message):
+    __slots__ = ("enrollment_token", "hostname", "agent_version", "gpus", "worker")
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    enrollment_token: str
+    hostname: str
+    agent_version: str
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuInfo]
+    worker: str
+    def __init__(self, enrollment_token: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., worker: _Optional[str] = ...) -> None: ...
+
+class RegisterWorkerResponse(_message.Message):
+    __slots__ = ("worker", "credential", "lease_ttl_seconds", "heartbeat_interval_seconds")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    credential: str
+    lease_ttl_seconds: int
+    heartbeat_interval_seconds: int
+    def __init__(self, worker: _Optional[str] = ..., credential: _Optional[str] = ..., lease_ttl_seconds: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker",)
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    def __init__(self, worker: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("lease_expire_time",)
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    lease_expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class StreamInstructionsRequest(_message.Message):
+    __slots__ = ("worker",)
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    def __init__(self, worker: _Optional[str] = ...) -> None: ...
+
+class Instruction(_message.Message):
+    __slots__ = ("reconcile", "assignment", "cancellation")
+    RECONCILE_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    CANCELLATION_FIELD_NUMBER: _ClassVar[int]
+    reconcile: Reconcile
+    assignment: Assignment
+    cancellation: Cancellation
+    def __init__(self, reconcile: _Optional[_Union[Reconcile, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancellation: _Optional[_Union[Cancellation, _Mapping]] = ...) -> None: ...
+
+class Reconcile(_message.Message):
+    __slots__ = ("assignments",)
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("job", "attempt", "spec", "gpu_indices")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    attempt: int
+    spec: AssignedSpec
+    gpu_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[AssignedSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AssignedSpec(_message.Message):
+    __slots__ = ("command", "env", "working_dir_sha256", "max_duration_seconds")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    command: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    working_dir_sha256: str
+    max_duration_seconds: int
+    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir_sha256: _Optional[str] = ..., max_duration_seconds: _Optional[int] = ...) -> None: ...
+
+class Cancellation(_message.Message):
+    __slots__ = ("job", "attempt", "reason")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    attempt: int
+    reason: str
+    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportJobEventsRequest(_message.Message):
+    __slots__ = ("worker", "events")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    def __init__(self, worker: _Optional[str] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job", "attempt", "sequence", "time", "started", "log", "progress", "finished")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    attempt: int
+    sequence: int
+    time: _timestamp_pb2.Timestamp
+    started: Started
+    log: LogOutput
+    progress: Progress
+    finished: Finished
+    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., log: _Optional[_Union[LogOutput, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+
+class Started(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LogOutput(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: str
+    def __init__(self, data: _Optional[str] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("energy_joules",)
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    energy_joules: int
+    def __init__(self, energy_joules: _Optional[int] = ...) -> None: ...
+
+class Finished(_message.Message):
+    __slots__ = ("exit_code", "energy_joules", "message")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    energy_joules: int
+    message: str
+    def __init__(self, exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReportJobEventsResponse(_message.Message):
+    __slots__ = ("applied", "stale")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    applied: int
+    stale: _containers.RepeatedCompositeFieldContainer[Cancellation]
+    def __init__(self, applied: _Optional[int] = ..., stale: _Optional[_Iterable[_Union[Cancellation, _Mapping]]] = ...) -> None: ...
