@@ -1,0 +1,425 @@
+"""gRPC servicers: turn RPCs into core events and core state into messages.
+
+Errors cross one boundary here: every ``BrokerError`` becomes a gRPC status with
+``google.rpc.ErrorInfo`` and ``google.rpc.BadRequest`` details in ``abort_with``;
+anything else is a bug, logged and answered ``INTERNAL``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from broker import validation as v
+from broker.artifacts import CHUNK_BYTES, ArtifactStore
+from broker.convert import farm_pb, job_pb, timestamp, worker_pb
+from broker.errors import BrokerError, FieldViolation, InvalidArgument, NotFound, Unauthenticated
+from broker.events import (
+    AttemptFinished,
+    AttemptLog,
+    AttemptProgress,
+    AttemptReport,
+    AttemptStarted,
+    Cancel,
+    CancelRequested,
+    DrainRequested,
+    Heartbeat,
+    JobSubmitted,
+    WorkerRegistered,
+)
+from broker.model import TERMINAL_JOB_STATES, JobState
+from broker.service import BrokerService, cancellation, sha256_hex
+from broker.store import FarmRow
+from rigshift.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    farm_service_pb2,
+    farm_service_pb2_grpc,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+
+__all__ = ["ArtifactServicer", "FarmServicer", "JobServicer", "WorkerServicer", "abort_with"]
+
+log = logging.getLogger("rigshift.broker.api")
+ERROR_DOMAIN = "rigshift.dev"
+DEFAULT_OWNER = "anonymous"
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: BrokerError) -> None:
+    """End the RPC with the status that ``err`` stands for (raises AbortError)."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN)
+    info.metadata.update(err.metadata)
+    details = [info]
+    if err.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=fv.field, description=fv.description
+                    )
+                    for fv in err.violations
+                ]
+            )
+        )
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    status = rpc_status.to_status(
+        status_pb2.Status(code=err.code.value[0], message=err.message, details=packed)
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def _internal(context: grpc.aio.ServicerContext, method: str) -> None:
+    log.exception("bug in %s", method)
+    status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error in {method}")
+    s = rpc_status.to_status(status)
+    await context.abort(s.code, s.details, s.trailing_metadata)
+
+
+def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map errors of a unary (or client-streaming) method."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except BrokerError as err:
+            await abort_with(context, err)
+        except Exception:
+            await _internal(context, fn.__name__)
+
+    return wrapper
+
+
+def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """Map errors of a server-streaming method."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except BrokerError as err:
+            await abort_with(context, err)
+        except Exception:
+            await _internal(context, fn.__name__)
+
+    return wrapper
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in (context.invocation_metadata() or ()))
+
+
+class JobServicer(job_service_pb2_grpc.JobServiceServicer):
+    """rigshift.v1.JobService."""
+
+    def __init__(self, svc: BrokerService, default_max_attempts: int = 3) -> None:
+        self.svc = svc
+        self.default_max_attempts = default_max_attempts
+
+    @unary
+    async def CreateJob(self, request, context):  # type: ignore[no-untyped-def]
+        request_id = v.check_request_id(request.request_id)
+        if not request.HasField("spec"):
+            raise InvalidArgument.of([FieldViolation("spec", "is required")])
+        spec = v.check_job_spec(request.spec, self.default_max_attempts)
+        job_id = uuid.uuid4().hex[:16]
+        await self.svc.apply(
+            JobSubmitted(self.svc.clock(), job_id, DEFAULT_OWNER, spec, request_id)
+        )
+        if request_id:
+            job_id = self.svc.core.requests[(DEFAULT_OWNER, request_id)]
+        return job_pb(self.svc.core.job(job_id), self.svc.clock())
+
+    @unary
+    async def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+        job_id = v.parse_name(request.name, "jobs")
+        return job_pb(self.svc.core.job(job_id), self.svc.clock())
+
+    @unary
+    async def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+        limit, offset = v.check_page(request.page_size, request.page_token)
+        states = set()
+        for i, s in enumerate(request.states):
+            if s == job_pb2.Job.STATE_UNSPECIFIED or s not in job_pb2.Job.State.values():
+                raise InvalidArgument.of([FieldViolation(f"states[{i}]", f"unknown state {s}")])
+            states.add(JobState(job_pb2.Job.State.Name(s)))
+        jobs = [j for j in self.svc.core.jobs.values() if not states or j.state in states]
+        jobs.sort(key=lambda j: (-j.create_time, j.job_id))
+        page = jobs[offset : offset + limit]
+        now = self.svc.clock()
+        more = offset + limit < len(jobs)
+        return job_service_pb2.ListJobsResponse(
+            jobs=[job_pb(j, now) for j in page],
+            next_page_token=f"o{offset + limit}" if more else "",
+        )
+
+    @unary
+    async def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
+        job_id = v.parse_name(request.name, "jobs")
+        await self.svc.apply(CancelRequested(self.svc.clock(), job_id))
+        return job_pb(self.svc.core.job(job_id), self.svc.clock())
+
+    @streaming
+    async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
+        job_id = v.parse_name(request.name, "jobs")
+        job = self.svc.core.job(job_id)
+        with self.svc.subscribe(job_id) as changed:
+            while True:
+                changed.clear()
+                yield job_pb(job, self.svc.clock())
+                if job.state in TERMINAL_JOB_STATES and not (job.current and job.current.live):
+                    return
+                await changed.wait()
+
+    @streaming
+    async def StreamJobLogs(self, request, context):  # type: ignore[no-untyped-def]
+        job_id = v.parse_name(request.name, "jobs")
+        job = self.svc.core.job(job_id)
+        last_id = 0
+        with self.svc.subscribe(job_id) as changed:
+            while True:
+                changed.clear()
+                done = job.state in TERMINAL_JOB_STATES and not (job.current and job.current.live)
+                for row in self.svc.store.logs(job_id, last_id):
+                    last_id = row.id or last_id
+                    yield job_service_pb2.LogChunk(attempt=row.attempt, data=row.data)
+                if not request.follow or done:
+                    return
+                await changed.wait()
+
+
+class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
+    """rigshift.v1.FarmService."""
+
+    def __init__(self, svc: BrokerService) -> None:
+        self.svc = svc
+
+    @unary
+    async def CreateFarm(self, request, context):  # type: ignore[no-untyped-def]
+        if not request.HasField("farm"):
+            raise InvalidArgument.of([FieldViolation("farm", "is required")])
+        f = request.farm
+        v.check_farm(f)
+        token = "rsft_" + secrets.token_urlsafe(24)
+        row = FarmRow(
+            id=uuid.uuid4().hex[:12],
+            display_name=f.display_name.strip(),
+            region=f.region,
+            tariff_micros_per_kwh=f.tariff_micros_per_kwh,
+            pue_permille=f.pue_permille or 1000,
+            enrollment_token_sha256=sha256_hex(token),
+            create_time=self.svc.clock(),
+        )
+        return farm_pb(self.svc.store.create_farm(row), enrollment_token=token)
+
+    @unary
+    async def GetFarm(self, request, context):  # type: ignore[no-untyped-def]
+        return farm_pb(self.svc.store.get_farm(v.parse_name(request.name, "farms")))
+
+    @unary
+    async def ListWorkers(self, request, context):  # type: ignore[no-untyped-def]
+        limit, offset = v.check_page(request.page_size, request.page_token)
+        farm_id = ""
+        if request.parent not in ("", "farms/-"):
+            farm_id = v.parse_name(request.parent, "farms", "parent")
+            self.svc.store.get_farm(farm_id)  # NotFound for an unknown farm
+        workers = sorted(
+            (w for w in self.svc.core.workers.values() if not farm_id or w.farm_id == farm_id),
+            key=lambda w: (w.farm_id, w.hostname, w.worker_id),
+        )
+        page = workers[offset : offset + limit]
+        more = offset + limit < len(workers)
+        return farm_service_pb2.ListWorkersResponse(
+            workers=[worker_pb(w) for w in page],
+            next_page_token=f"o{offset + limit}" if more else "",
+        )
+
+    @unary
+    async def DrainWorker(self, request, context):  # type: ignore[no-untyped-def]
+        worker_id = v.parse_name(request.name, "workers")
+        await self.svc.apply(DrainRequested(self.svc.clock(), worker_id))
+        return worker_pb(self.svc.core.worker(worker_id))
+
+
+class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
+    """rigshift.v1.WorkerService: the agent's session."""
+
+    def __init__(self, svc: BrokerService, lease_ttl_s: float, heartbeat_interval_s: float):
+        self.svc = svc
+        self.lease_ttl_s = lease_ttl_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    def _auth(self, worker: str, context: grpc.aio.ServicerContext) -> str:
+        worker_id = v.parse_name(worker, "workers", "worker")
+        self.svc.authenticate_worker(_metadata(context), worker_id)
+        self.svc.core.worker(worker_id)
+        return worker_id
+
+    @unary
+    async def RegisterWorker(self, request, context):  # type: ignore[no-untyped-def]
+        violations = []
+        if not request.enrollment_token:
+            violations.append(FieldViolation("enrollment_token", "is required"))
+        if not request.hostname.strip() or len(request.hostname) > 253:
+            violations.append(FieldViolation("hostname", "must be 1-253 characters"))
+        if len(request.agent_version) > 64:
+            violations.append(FieldViolation("agent_version", "at most 64 characters"))
+        if violations:
+            raise InvalidArgument.of(violations)
+        gpus = v.check_gpus(list(request.gpus))
+        farm = self.svc.store.farm_by_token(sha256_hex(request.enrollment_token))
+        if farm is None:
+            raise Unauthenticated("enrollment token not recognised", reason="BAD_ENROLLMENT_TOKEN")
+        worker_id = uuid.uuid4().hex[:12]
+        if request.worker:
+            wanted = v.parse_name(request.worker, "workers", "worker")
+            old = self.svc.core.workers.get(wanted)
+            if old is not None and old.farm_id == farm.id:
+                worker_id = wanted
+        credential = self.svc.new_credential(worker_id)
+        await self.svc.apply(
+            WorkerRegistered(
+                self.svc.clock(),
+                worker_id,
+                farm.id,
+                request.hostname.strip(),
+                request.agent_version,
+                gpus,
+            )
+        )
+        return worker_service_pb2.RegisterWorkerResponse(
+            worker=f"workers/{worker_id}",
+            credential=credential,
+            lease_ttl_seconds=int(self.lease_ttl_s),
+            heartbeat_interval_seconds=max(1, int(self.heartbeat_interval_s)),
+        )
+
+    @unary
+    async def Heartbeat(self, request, context):  # type: ignore[no-untyped-def]
+        worker_id = self._auth(request.worker, context)
+        await self.svc.apply(Heartbeat(self.svc.clock(), worker_id))
+        expiry = self.svc.core.workers[worker_id].lease_expires_at
+        return worker_service_pb2.HeartbeatResponse(lease_expire_time=timestamp(expiry))
+
+    @streaming
+    async def StreamInstructions(self, request, context):  # type: ignore[no-untyped-def]
+        worker_id = self._auth(request.worker, context)
+        queue = self.svc.open_stream(worker_id)
+        try:
+            while True:
+                instruction = await queue.get()
+                if instruction is None:
+                    return
+                yield instruction
+        finally:
+            self.svc.close_stream(worker_id, queue)
+
+    @unary
+    async def ReportJobEvents(self, request, context):  # type: ignore[no-untyped-def]
+        worker_id = self._auth(request.worker, context)
+        if len(request.events) > 1000:
+            raise InvalidArgument.of([FieldViolation("events", "at most 1000 per call")])
+        now = self.svc.clock()
+        events: list[AttemptReport] = []
+        for i, e in enumerate(request.events):
+            events.append(_report_event(i, e, worker_id, now))
+        fresh = [e for e in events if not self.svc.core.is_duplicate(e)]
+        cmds = await self.svc.apply(*fresh)
+        stale = {}
+        for c in cmds:
+            if isinstance(c, Cancel) and c.worker_id == worker_id:
+                stale[(c.job_id, c.attempt)] = cancellation(c).cancellation
+        return worker_service_pb2.ReportJobEventsResponse(
+            applied=len(fresh), stale=list(stale.values())
+        )
+
+
+def _report_event(
+    i: int, e: worker_service_pb2.JobEvent, worker_id: str, now: float
+) -> AttemptReport:
+    job_id = v.parse_name(e.job, "jobs", f"events[{i}].job")
+    bad = []
+    if e.attempt < 1:
+        bad.append(FieldViolation(f"events[{i}].attempt", "must be >= 1"))
+    if e.sequence < 1:
+        bad.append(FieldViolation(f"events[{i}].sequence", "must be >= 1"))
+    kind = e.WhichOneof("kind")
+    if kind is None:
+        bad.append(FieldViolation(f"events[{i}].kind", "one of started/log/progress/finished"))
+    if bad:
+        raise InvalidArgument.of(bad)
+    base = (now, worker_id, job_id, e.attempt, e.sequence)
+    if kind == "started":
+        return AttemptStarted(*base)
+    if kind == "log":
+        if len(e.log.data) > 1 << 20:
+            raise InvalidArgument.of([FieldViolation(f"events[{i}].log.data", "at most 1 MiB")])
+        return AttemptLog(*base, data=e.log.data)
+    if kind == "progress":
+        return AttemptProgress(*base, energy_joules=max(0, e.progress.energy_joules))
+    return AttemptFinished(
+        *base,
+        exit_code=e.finished.exit_code,
+        energy_joules=max(0, e.finished.energy_joules),
+        message=e.finished.message[:1024],
+    )
+
+
+class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
+    """rigshift.v1.ArtifactService: uploaded working directories."""
+
+    def __init__(self, svc: BrokerService, artifacts: ArtifactStore) -> None:
+        self.svc = svc
+        self.artifacts = artifacts
+
+    @unary
+    async def UploadArtifact(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        writer = None
+        sha256 = ""
+        size = 0
+        try:
+            async for chunk in request_iterator:
+                if writer is None:
+                    sha256, size = chunk.sha256, chunk.size_bytes
+                    writer = self.artifacts.writer(sha256, size)
+                if len(chunk.data) > CHUNK_BYTES:
+                    raise InvalidArgument.of([FieldViolation("data", "at most 1 MiB per chunk")])
+                writer.write(chunk.data)
+            if writer is None:
+                raise InvalidArgument.of([FieldViolation("sha256", "no chunks were sent")])
+            writer.commit()
+            writer = None
+        finally:
+            if writer is not None:
+                writer.abort()
+        return artifact_service_pb2.Artifact(sha256=sha256, size_bytes=size)
+
+    @streaming
+    async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+        self.svc.any_worker_credential(_metadata(context))
+        if not self.artifacts.exists(request.sha256):
+            raise NotFound(f"artifact {request.sha256[:80]} not found")
+        for chunk in self.artifacts.read(request.sha256):
+            yield artifact_service_pb2.ArtifactChunk(data=chunk)

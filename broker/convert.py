@@ -1,0 +1,148 @@
+"""Conversions between the core model and ``rigshift.v1`` messages (the wire edge)."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.core import Attempt, Job, Worker
+from broker.model import JobSpec
+from broker.store import FarmRow
+from rigshift.v1 import farm_pb2, job_pb2, worker_service_pb2
+
+__all__ = ["assignment_pb", "farm_pb", "job_pb", "timestamp", "worker_pb"]
+
+
+def timestamp(t: float | None) -> Timestamp | None:
+    """Seconds since the epoch -> Timestamp (None stays None)."""
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def spec_pb(spec: JobSpec) -> job_pb2.JobSpec:
+    """Core JobSpec -> message."""
+    return job_pb2.JobSpec(
+        command=list(spec.command),
+        env=dict(spec.env),
+        gpu_count=spec.gpu_count,
+        gpu_model=spec.gpu_model,
+        min_vram_mb=spec.min_vram_mb,
+        max_price_micros_per_gpu_hour=spec.max_price_micros_per_gpu_hour,
+        max_duration_seconds=spec.max_duration_seconds,
+        working_dir_sha256=spec.working_dir_sha256,
+        max_attempts=spec.max_attempts,
+        display_name=spec.display_name,
+    )
+
+
+def attempt_pb(a: Attempt, now: float) -> job_pb2.Attempt:
+    """Core Attempt -> message."""
+    return job_pb2.Attempt(
+        number=a.number,
+        worker=f"workers/{a.worker_id}",
+        gpu_indices=list(a.gpu_indices),
+        state=job_pb2.Attempt.State.Value(a.state.value),
+        start_time=timestamp(a.start_time),
+        end_time=timestamp(a.end_time),
+        exit_code=a.exit_code or 0,
+        energy_joules=a.energy_joules,
+        gpu_milliseconds=a.gpu_milliseconds(now),
+        price_micros_per_gpu_hour=a.price_micros_per_gpu_hour,
+        schedule_time=timestamp(a.schedule_time),
+    )
+
+
+def job_pb(job: Job, now: float) -> job_pb2.Job:
+    """Core Job -> message."""
+    return job_pb2.Job(
+        name=f"jobs/{job.job_id}",
+        spec=spec_pb(job.spec),
+        state=job_pb2.Job.State.Value(job.state.value),
+        owner=job.owner,
+        create_time=timestamp(job.create_time),
+        update_time=timestamp(job.update_time),
+        attempt_count=len(job.attempts),
+        attempts=[attempt_pb(a, now) for a in job.attempts],
+        pending_reasons=[
+            job_pb2.SchedulingReason(
+                resource=r.resource,
+                requested=r.requested,
+                available=r.available,
+                resolvable=r.resolvable,
+                message=r.message,
+            )
+            for r in job.pending_reasons
+        ],
+        status_message=job.status_message,
+        exit_code=job.exit_code,
+        history=[
+            job_pb2.StateTransition(
+                from_state=job_pb2.Job.State.Value(h.from_state.value) if h.from_state else 0,
+                to_state=job_pb2.Job.State.Value(h.to_state.value),
+                time=timestamp(h.time),
+                reason=h.reason,
+            )
+            for h in job.history
+        ],
+        request_id=job.request_id,
+    )
+
+
+def worker_pb(w: Worker) -> farm_pb2.Worker:
+    """Core Worker -> message."""
+    gpus = []
+    for index in sorted(w.gpus):
+        g = w.gpus[index]
+        gpus.append(
+            farm_pb2.Gpu(
+                index=g.info.index,
+                uuid=g.info.uuid,
+                model=g.info.model,
+                vram_mb=g.info.vram_mb,
+                power_limit_watts=g.info.power_limit_watts,
+                state=farm_pb2.Gpu.LEASED if g.holder else farm_pb2.Gpu.IDLE,
+                price_micros_per_gpu_hour=g.info.price_micros_per_gpu_hour,
+                job=f"jobs/{g.holder[0]}" if g.holder else "",
+                pcie_link_width=g.info.pcie_link_width,
+            )
+        )
+    return farm_pb2.Worker(
+        name=f"workers/{w.worker_id}",
+        farm=f"farms/{w.farm_id}",
+        hostname=w.hostname,
+        agent_version=w.agent_version,
+        state=farm_pb2.Worker.State.Value(w.state.value),
+        last_heartbeat_time=timestamp(w.last_heartbeat),
+        gpus=gpus,
+    )
+
+
+def farm_pb(row: FarmRow, enrollment_token: str = "") -> farm_pb2.Farm:
+    """Store FarmRow -> message (the token only right after creation)."""
+    return farm_pb2.Farm(
+        name=f"farms/{row.id}",
+        display_name=row.display_name,
+        region=row.region,
+        tariff_micros_per_kwh=row.tariff_micros_per_kwh,
+        pue_permille=row.pue_permille,
+        enrollment_token=enrollment_token,
+        create_time=timestamp(row.create_time),
+    )
+
+
+def assignment_pb(job: Job, attempt: Attempt) -> worker_service_pb2.Assignment:
+    """What the agent needs to run one attempt."""
+    spec = job.spec
+    return worker_service_pb2.Assignment(
+        job=f"jobs/{job.job_id}",
+        attempt=attempt.number,
+        spec=worker_service_pb2.AssignedSpec(
+            command=list(spec.command),
+            env=dict(spec.env),
+            working_dir_sha256=spec.working_dir_sha256,
+            max_duration_seconds=spec.max_duration_seconds,
+        ),
+        gpu_indices=list(attempt.gpu_indices),
+    )

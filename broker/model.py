@@ -1,0 +1,84 @@
+"""Core model: the frozen values the broker core works with.
+
+These are neither ORM rows (``broker.store``) nor protobuf messages
+(``rigshift.v1``); conversion happens at the edges (``broker.convert``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = [
+    "TERMINAL_JOB_STATES",
+    "AttemptState",
+    "GpuInfo",
+    "JobSpec",
+    "JobState",
+    "WorkerState",
+]
+
+
+class JobState(StrEnum):
+    """Lifecycle of a job (AIP-216); the names match ``rigshift.v1.Job.State``."""
+
+    PENDING = "PENDING"
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class AttemptState(StrEnum):
+    """Lifecycle of one placement; names match ``rigshift.v1.Attempt.State``."""
+
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"
+
+
+LIVE_ATTEMPT_STATES = frozenset({AttemptState.SCHEDULED, AttemptState.RUNNING})
+
+
+class WorkerState(StrEnum):
+    """Lifecycle of a worker; names match ``rigshift.v1.Worker.State``."""
+
+    ONLINE = "ONLINE"
+    DRAINING = "DRAINING"
+    OFFLINE = "OFFLINE"
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a client asked to run. Validated before it reaches the core."""
+
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    gpu_count: int = 1
+    gpu_model: str = ""
+    min_vram_mb: int = 0
+    max_price_micros_per_gpu_hour: int = 0
+    max_duration_seconds: int = 0
+    working_dir_sha256: str = ""
+    max_attempts: int = 3
+    display_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """A GPU as the agent reported it at registration."""
+
+    index: int
+    uuid: str
+    model: str
+    vram_mb: int
+    power_limit_watts: int = 0
+    price_micros_per_gpu_hour: int = 0
+    pcie_link_width: int = 16

@@ -1,0 +1,184 @@
+"""The broker process: gRPC server, health, reflection, background loops (the shell's outer layer).
+
+``Broker`` follows the daemon contract of STYLE.md 6: ``start()`` binds and
+returns, ``stop()`` drains in-flight RPCs and is safe to call twice, and
+``async with Broker(config)`` does both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker.api import ArtifactServicer, FarmServicer, JobServicer, WorkerServicer
+from broker.artifacts import ArtifactStore
+from broker.core import BrokerCore
+from broker.service import BrokerService
+from broker.store import Store
+from rigshift.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    farm_service_pb2,
+    farm_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+
+__all__ = ["SERVICE_NAMES", "Broker", "BrokerConfig"]
+
+log = logging.getLogger("rigshift.broker")
+
+SERVICE_NAMES = (
+    job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    farm_service_pb2.DESCRIPTOR.services_by_name["FarmService"].full_name,
+    artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Settings of one broker process."""
+
+    listen: str = "127.0.0.1:50051"
+    """host:port for gRPC; port 0 picks a free port."""
+    home: str = ".rigshift"
+    """Directory for the default SQLite database and the artifact store."""
+    db_url: str = ""
+    """SQLAlchemy URL; empty means ``sqlite:///<home>/broker.db``."""
+    artifact_dir: str = ""
+    """Where uploaded archives live; empty means ``<home>/artifacts``."""
+    lease_ttl_s: float = 15.0
+    """A worker that has not renewed its lease for this long is offline."""
+    heartbeat_interval_s: float = 3.0
+    """How often agents are told to renew (must be well under the TTL)."""
+    default_max_attempts: int = 3
+    """Attempts a job gets when its spec does not say."""
+    max_message_bytes: int = 4 << 20
+    """Largest gRPC message accepted."""
+    max_artifact_bytes: int = 100 << 20
+    """Largest uploaded archive."""
+    grace_s: float = 5.0
+    """How long stop() lets in-flight RPCs finish."""
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s * 3 > self.lease_ttl_s:
+            raise ValueError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most a third of "
+                f"lease_ttl_s ({self.lease_ttl_s}) so one lost heartbeat cannot expire a lease"
+            )
+
+    def resolved_db_url(self) -> str:
+        """The database URL, defaulting to SQLite under ``home``."""
+        if self.db_url:
+            return self.db_url
+        Path(self.home).mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{Path(self.home) / 'broker.db'}"
+
+
+class Broker:
+    """One broker: store, core, servicers and loops. Use ``async with`` or start()/stop()."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.store: Store | None = None
+        self.service: BrokerService | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        """host:port the server is bound to."""
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Open the store, rebuild the core from it, bind and serve."""
+        cfg = self.config
+        self.store = Store(cfg.resolved_db_url())
+        core = BrokerCore(
+            lease_ttl_s=cfg.lease_ttl_s, default_max_attempts=cfg.default_max_attempts
+        )
+        self.store.load(core)
+        svc = self.service = BrokerService(core, self.store)
+        artifacts = ArtifactStore(
+            cfg.artifact_dir or Path(cfg.home) / "artifacts", cfg.max_artifact_bytes
+        )
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = self._server = grpc.aio.server(options=options)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(svc, cfg.default_max_attempts), server
+        )
+        farm_service_pb2_grpc.add_FarmServiceServicer_to_server(FarmServicer(svc), server)
+        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(svc, cfg.lease_ttl_s, cfg.heartbeat_interval_s), server
+        )
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
+            ArtifactServicer(svc, artifacts), server
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        svc.start_loops(tick_interval_s=min(1.0, cfg.lease_ttl_s / 4))
+        log.info(
+            "broker serving on %s (db %s, %d jobs, %d workers loaded)",
+            self.address,
+            self.store.url,
+            len(core.jobs),
+            len(core.workers),
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting RPCs, let in-flight ones finish within the grace period, close the store.
+
+        Safe to call more than once.
+        """
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        try:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            if self.service is not None:
+                await self.service.stop_loops()
+            if self._server is not None:
+                await self._server.stop(self.config.grace_s)
+            if self.store is not None:
+                self.store.close()
+        finally:
+            self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        """Return once stop() has completed."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

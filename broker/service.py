@@ -1,0 +1,212 @@
+"""The shell around the pure core: one lock, persistence, pushes and notifications.
+
+Every state change goes through :meth:`BrokerService.apply`: events are handled
+by the core under a lock, what the core marked dirty is saved in one
+transaction, and only then are commands carried out (instructions pushed to
+agents, watchers woken) — so nothing an agent or client sees is lost by a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+from broker.convert import assignment_pb
+from broker.core import BrokerCore
+from broker.errors import PermissionDenied, Unauthenticated
+from broker.events import AppendLog, Assign, Cancel, Command, Event, SchedulePass, Tick
+from rigshift.v1 import worker_service_pb2
+
+__all__ = ["BrokerService", "sha256_hex"]
+
+log = logging.getLogger("rigshift.broker")
+
+
+def sha256_hex(secret: str) -> str:
+    """Hex sha256 of a secret; secrets are stored only this way."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class BrokerService:
+    """State, persistence and fan-out shared by all servicers of one broker process."""
+
+    def __init__(self, core: BrokerCore, store, *, clock: Callable[[], float] = time.time):  # type: ignore[no-untyped-def]
+        self.core = core
+        self.store = store
+        self.clock = clock
+        self._lock = asyncio.Lock()
+        self._schedule_wanted = asyncio.Event()
+        self._subscribers: dict[str, set[asyncio.Event]] = {}
+        self._streams: dict[str, asyncio.Queue[worker_service_pb2.Instruction | None]] = {}
+        self._credentials: dict[str, str] = store.worker_credentials()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- state changes -----------------------------------------------------------
+
+    async def apply(self, *events: Event) -> list[Command]:
+        """Handle events in order, persist, then carry out the commands."""
+        async with self._lock:
+            cmds: list[Command] = []
+            try:
+                for ev in events:
+                    cmds += self.core.handle(ev)
+            finally:
+                # Persist whatever was applied, even when a later event was refused.
+                jobs, workers = self.core.take_dirty()
+                logs = [c for c in cmds if isinstance(c, AppendLog)]
+                if jobs or workers or logs:
+                    self.store.save(self.core, jobs, workers, logs)
+                self._notify(jobs)
+                if self.core.needs_schedule:
+                    self._schedule_wanted.set()
+            self._execute(cmds)
+            return cmds
+
+    def _execute(self, cmds: list[Command]) -> None:
+        for cmd in cmds:
+            match cmd:
+                case Assign():
+                    job = self.core.jobs[cmd.job_id]
+                    attempt = job.attempts[cmd.attempt - 1]
+                    self._push(
+                        cmd.worker_id,
+                        worker_service_pb2.Instruction(assignment=assignment_pb(job, attempt)),
+                    )
+                case Cancel():
+                    self._push(cmd.worker_id, cancellation(cmd))
+                case AppendLog():
+                    self._notify({cmd.job_id})
+
+    def _push(self, worker_id: str, instruction: worker_service_pb2.Instruction) -> None:
+        # No open stream: the next StreamInstructions starts with a full Reconcile.
+        queue = self._streams.get(worker_id)
+        if queue is not None:
+            queue.put_nowait(instruction)
+
+    # --- watchers ----------------------------------------------------------------
+
+    def _notify(self, job_ids: set[str]) -> None:
+        for job_id in job_ids:
+            for ev in self._subscribers.get(job_id, ()):
+                ev.set()
+
+    @contextlib.contextmanager
+    def subscribe(self, job_id: str):  # type: ignore[no-untyped-def]
+        """An asyncio.Event set whenever the job changes or gets output."""
+        ev = asyncio.Event()
+        self._subscribers.setdefault(job_id, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            subs = self._subscribers.get(job_id)
+            if subs is not None:
+                subs.discard(ev)
+                if not subs:
+                    del self._subscribers[job_id]
+
+    # --- agent sessions ----------------------------------------------------------
+
+    def open_stream(self, worker_id: str) -> asyncio.Queue[worker_service_pb2.Instruction | None]:
+        """Attach the instruction stream of a worker; an older stream is told to end."""
+        old = self._streams.get(worker_id)
+        if old is not None:
+            old.put_nowait(None)
+        queue: asyncio.Queue[worker_service_pb2.Instruction | None] = asyncio.Queue()
+        self._streams[worker_id] = queue
+        live = self.core.live_attempts(worker_id)
+        reconcile = worker_service_pb2.Reconcile(
+            assignments=[assignment_pb(job, attempt) for job, attempt in live]
+        )
+        queue.put_nowait(worker_service_pb2.Instruction(reconcile=reconcile))
+        return queue
+
+    def close_stream(self, worker_id: str, queue: asyncio.Queue) -> None:  # type: ignore[type-arg]
+        """Detach a stream if it is still the current one."""
+        if self._streams.get(worker_id) is queue:
+            del self._streams[worker_id]
+
+    def new_credential(self, worker_id: str) -> str:
+        """Issue a fresh worker credential; only its hash is kept."""
+        credential = "rswc_" + secrets.token_urlsafe(32)
+        digest = sha256_hex(credential)
+        self.store.set_worker_credential(worker_id, digest)
+        self._credentials[worker_id] = digest
+        return credential
+
+    def authenticate_worker(self, metadata: tuple[tuple[str, str], ...], worker_id: str) -> None:
+        """Check ``authorization: Bearer <credential>`` belongs to this worker."""
+        token = ""
+        for key, value in metadata:
+            if key == "authorization" and value.startswith("Bearer "):
+                token = value[len("Bearer ") :]
+        if not token:
+            raise Unauthenticated("worker calls need `authorization: Bearer <credential>`")
+        expected = self._credentials.get(worker_id)
+        if expected is None or not secrets.compare_digest(expected, sha256_hex(token)):
+            raise PermissionDenied(
+                f"this credential does not belong to workers/{worker_id}",
+                reason="WRONG_WORKER_CREDENTIAL",
+            )
+
+    def any_worker_credential(self, metadata: tuple[tuple[str, str], ...]) -> str:
+        """The worker id a bearer credential belongs to, or Unauthenticated."""
+        for key, value in metadata:
+            if key == "authorization" and value.startswith("Bearer "):
+                digest = sha256_hex(value[len("Bearer ") :])
+                for worker_id, expected in self._credentials.items():
+                    if secrets.compare_digest(expected, digest):
+                        return worker_id
+        raise Unauthenticated("this call needs a worker credential")
+
+    # --- background loops ------------------------------------------------------------
+
+    def start_loops(self, tick_interval_s: float) -> None:
+        """Start the scheduling and lease-expiry loops."""
+        self._schedule_wanted.set()
+        self._tasks = [
+            asyncio.create_task(self._schedule_loop(), name="rigshift-schedule"),
+            asyncio.create_task(self._tick_loop(tick_interval_s), name="rigshift-tick"),
+        ]
+
+    async def stop_loops(self) -> None:
+        """Stop the loops and end every open instruction stream."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for queue in self._streams.values():
+            queue.put_nowait(None)
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._schedule_wanted.wait()
+            self._schedule_wanted.clear()
+            try:
+                await self.apply(SchedulePass(now=self.clock()))
+            except Exception:  # a bug; keep scheduling the rest of the time
+                log.exception("scheduling pass failed")
+                await asyncio.sleep(1.0)
+
+    async def _tick_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.apply(Tick(now=self.clock()))
+            except Exception:
+                log.exception("lease tick failed")
+
+
+def cancellation(cmd: Cancel) -> worker_service_pb2.Instruction:
+    """Instruction telling an agent to stop an attempt."""
+    return worker_service_pb2.Instruction(
+        cancellation=worker_service_pb2.Cancellation(
+            job=f"jobs/{cmd.job_id}", attempt=cmd.attempt, reason=cmd.reason
+        )
+    )

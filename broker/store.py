@@ -1,0 +1,444 @@
+"""Persistence on SQLModel: SQLite by default, any SQLAlchemy URL with ``--db``.
+
+The store is the source of truth. The shell saves, in one transaction per
+batch, every job and worker the core marked dirty (``BrokerCore.take_dirty``)
+plus new log lines; a restarted broker rebuilds the core with :meth:`Store.load`.
+Rows here are store models only: the core never sees them (STYLE.md 9).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from sqlalchemy import BigInteger, Column, event, func
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+
+from broker.core import Attempt, BrokerCore, Gpu, HistoryEntry, Job, Worker
+from broker.errors import AlreadyExists, NotFound
+from broker.events import AppendLog
+from broker.model import AttemptState, GpuInfo, JobSpec, JobState, WorkerState
+from broker.scheduler import Rejection
+
+__all__ = ["FarmRow", "LogRow", "Store", "default_db_url"]
+
+
+def _big(**kw: object) -> object:
+    return Field(sa_column=Column(BigInteger, nullable=False, server_default="0"), **kw)
+
+
+class FarmRow(SQLModel, table=True):
+    """A farm; the enrollment token is stored hashed."""
+
+    __tablename__ = "farms"
+    id: str = Field(primary_key=True)
+    display_name: str = Field(unique=True, index=True)
+    region: str = ""
+    tariff_micros_per_kwh: int = _big()  # type: ignore[assignment]
+    pue_permille: int = 1000
+    enrollment_token_sha256: str = Field(index=True)
+    create_time: float = 0.0
+
+
+class WorkerRow(SQLModel, table=True):
+    """A worker (rig)."""
+
+    __tablename__ = "workers"
+    id: str = Field(primary_key=True)
+    farm_id: str = Field(foreign_key="farms.id", index=True)
+    hostname: str
+    agent_version: str = ""
+    state: str
+    last_heartbeat: float = 0.0
+
+
+class WorkerCredentialRow(SQLModel, table=True):
+    """The sha256 of a worker's credential (the credential itself is never stored)."""
+
+    __tablename__ = "worker_credentials"
+    worker_id: str = Field(primary_key=True)
+    credential_sha256: str = Field(index=True)
+
+
+class GpuRow(SQLModel, table=True):
+    """A GPU of a worker and the attempt that holds it."""
+
+    __tablename__ = "gpus"
+    worker_id: str = Field(primary_key=True, foreign_key="workers.id")
+    index: int = Field(primary_key=True)
+    uuid: str = ""
+    model: str
+    vram_mb: int = 0
+    power_limit_watts: int = 0
+    price_micros_per_gpu_hour: int = _big()  # type: ignore[assignment]
+    pcie_link_width: int = 16
+    holder_job_id: str | None = None
+    holder_attempt: int | None = None
+
+
+class JobRow(SQLModel, table=True):
+    """A job; its spec is stored as JSON."""
+
+    __tablename__ = "jobs"
+    id: str = Field(primary_key=True)
+    owner: str = Field(index=True)
+    request_id: str = Field(default="", index=True)
+    spec_json: str
+    state: str = Field(index=True)
+    create_time: float = Field(index=True)
+    update_time: float = 0.0
+    status_message: str = ""
+    exit_code: int = 0
+    pending_reasons_json: str = "[]"
+
+
+class AttemptRow(SQLModel, table=True):
+    """One placement of a job."""
+
+    __tablename__ = "attempts"
+    job_id: str = Field(primary_key=True, foreign_key="jobs.id")
+    number: int = Field(primary_key=True)
+    worker_id: str = Field(index=True)
+    gpu_indices_json: str
+    price_micros_per_gpu_hour: int = _big()  # type: ignore[assignment]
+    state: str
+    schedule_time: float
+    start_time: float | None = None
+    end_time: float | None = None
+    exit_code: int | None = None
+    energy_joules: int = _big()  # type: ignore[assignment]
+    last_sequence: int = _big()  # type: ignore[assignment]
+    message: str = ""
+
+
+class JobEventRow(SQLModel, table=True):
+    """One state transition of a job (its history)."""
+
+    __tablename__ = "job_events"
+    job_id: str = Field(primary_key=True, foreign_key="jobs.id")
+    idx: int = Field(primary_key=True)
+    time: float
+    from_state: str | None = None
+    to_state: str
+    reason: str = ""
+
+
+class LogRow(SQLModel, table=True):
+    """A piece of a job's output."""
+
+    __tablename__ = "job_logs"
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True)
+    attempt: int
+    sequence: int = _big()  # type: ignore[assignment]
+    data: str
+
+
+def default_db_url(home: Path | str = ".rigshift") -> str:
+    """The embedded default: a SQLite file under ``.rigshift/`` in the working directory."""
+    path = Path(home) / "broker.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+
+class Store:
+    """All database access of the broker."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite"):
+            self.engine = create_engine(url, connect_args={"check_same_thread": False})
+            _sqlite_pragmas(self.engine)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        SQLModel.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.engine.dispose()
+
+    # --- farms ----------------------------------------------------------------
+
+    def create_farm(self, row: FarmRow) -> FarmRow:
+        """Insert a farm; AlreadyExists when the display name is taken."""
+        with Session(self.engine) as s:
+            taken = s.exec(select(FarmRow).where(FarmRow.display_name == row.display_name)).first()
+            if taken is not None:
+                raise AlreadyExists(
+                    f"a farm named {row.display_name!r} exists already",
+                    reason="FARM_EXISTS",
+                    metadata={"farm": f"farms/{taken.id}"},
+                )
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    def get_farm(self, farm_id: str) -> FarmRow:
+        """The farm, or NotFound."""
+        with Session(self.engine) as s:
+            row = s.get(FarmRow, farm_id)
+            if row is None:
+                raise NotFound(f"farm {farm_id} not found", metadata={"farm": farm_id})
+            return row
+
+    def farm_by_token(self, token_sha256: str) -> FarmRow | None:
+        """The farm whose enrollment token hashes to this, if any."""
+        with Session(self.engine) as s:
+            q = select(FarmRow).where(FarmRow.enrollment_token_sha256 == token_sha256)
+            return s.exec(q).first()
+
+    # --- credentials ------------------------------------------------------------
+
+    def set_worker_credential(self, worker_id: str, credential_sha256: str) -> None:
+        """Store (or replace) a worker's credential hash."""
+        with Session(self.engine) as s:
+            s.merge(WorkerCredentialRow(worker_id=worker_id, credential_sha256=credential_sha256))
+            s.commit()
+
+    def worker_credentials(self) -> dict[str, str]:
+        """worker_id -> credential sha256, for every worker."""
+        with Session(self.engine) as s:
+            rows = s.exec(select(WorkerCredentialRow)).all()
+            return {r.worker_id: r.credential_sha256 for r in rows}
+
+    # --- the core's state -------------------------------------------------------
+
+    def save(
+        self,
+        core: BrokerCore,
+        job_ids: Iterable[str],
+        worker_ids: Iterable[str],
+        logs: Sequence[AppendLog] = (),
+    ) -> None:
+        """Write the named jobs and workers as the core holds them now, and new logs, atomically."""
+        with Session(self.engine) as s:
+            # Workers first: attempts and GPU holders refer to them.
+            for worker_id in sorted(worker_ids):
+                self._save_worker(s, core.workers[worker_id])
+            for job_id in sorted(job_ids):
+                self._save_job(s, core.jobs[job_id])
+            for log in logs:
+                s.add(
+                    LogRow(
+                        job_id=log.job_id, attempt=log.attempt, sequence=log.sequence, data=log.data
+                    )
+                )
+            s.commit()
+
+    def _save_worker(self, s: Session, w: Worker) -> None:
+        s.merge(
+            WorkerRow(
+                id=w.worker_id,
+                farm_id=w.farm_id,
+                hostname=w.hostname,
+                agent_version=w.agent_version,
+                state=w.state.value,
+                last_heartbeat=w.last_heartbeat,
+            )
+        )
+        stored = {g.index for g in s.exec(select(GpuRow).where(GpuRow.worker_id == w.worker_id))}
+        for index in stored - set(w.gpus):
+            row = s.get(GpuRow, (w.worker_id, index))
+            if row is not None:
+                s.delete(row)
+        for gpu in w.gpus.values():
+            i = gpu.info
+            s.merge(
+                GpuRow(
+                    worker_id=w.worker_id,
+                    index=i.index,
+                    uuid=i.uuid,
+                    model=i.model,
+                    vram_mb=i.vram_mb,
+                    power_limit_watts=i.power_limit_watts,
+                    price_micros_per_gpu_hour=i.price_micros_per_gpu_hour,
+                    pcie_link_width=i.pcie_link_width,
+                    holder_job_id=gpu.holder[0] if gpu.holder else None,
+                    holder_attempt=gpu.holder[1] if gpu.holder else None,
+                )
+            )
+
+    def _save_job(self, s: Session, job: Job) -> None:
+        s.merge(
+            JobRow(
+                id=job.job_id,
+                owner=job.owner,
+                request_id=job.request_id,
+                spec_json=_spec_to_json(job.spec),
+                state=job.state.value,
+                create_time=job.create_time,
+                update_time=job.update_time,
+                status_message=job.status_message,
+                exit_code=job.exit_code,
+                pending_reasons_json=json.dumps(
+                    [
+                        [r.resource, r.requested, r.available, r.resolvable, r.message]
+                        for r in job.pending_reasons
+                    ]
+                ),
+            )
+        )
+        for a in job.attempts:
+            s.merge(
+                AttemptRow(
+                    job_id=job.job_id,
+                    number=a.number,
+                    worker_id=a.worker_id,
+                    gpu_indices_json=json.dumps(list(a.gpu_indices)),
+                    price_micros_per_gpu_hour=a.price_micros_per_gpu_hour,
+                    state=a.state.value,
+                    schedule_time=a.schedule_time,
+                    start_time=a.start_time,
+                    end_time=a.end_time,
+                    exit_code=a.exit_code,
+                    energy_joules=a.energy_joules,
+                    last_sequence=a.last_sequence,
+                    message=a.message,
+                )
+            )
+        count = s.exec(
+            select(func.count()).select_from(JobEventRow).where(JobEventRow.job_id == job.job_id)
+        ).one()
+        for idx in range(count, len(job.history)):
+            h = job.history[idx]
+            s.add(
+                JobEventRow(
+                    job_id=job.job_id,
+                    idx=idx,
+                    time=h.time,
+                    from_state=h.from_state.value if h.from_state else None,
+                    to_state=h.to_state.value,
+                    reason=h.reason,
+                )
+            )
+
+    def load(self, core: BrokerCore, now: float | None = None) -> None:
+        """Fill an empty core from the database. Live workers get a fresh lease (a grace period)."""
+        now = time.time() if now is None else now
+        with Session(self.engine) as s:
+            gpus: dict[str, dict[int, Gpu]] = {}
+            for g in s.exec(select(GpuRow)):
+                holder = (g.holder_job_id, g.holder_attempt) if g.holder_job_id else None
+                info = GpuInfo(
+                    g.index,
+                    g.uuid,
+                    g.model,
+                    g.vram_mb,
+                    g.power_limit_watts,
+                    g.price_micros_per_gpu_hour,
+                    g.pcie_link_width,
+                )
+                gpus.setdefault(g.worker_id, {})[g.index] = Gpu(info, holder)  # type: ignore[arg-type]
+            for w in s.exec(select(WorkerRow)):
+                state = WorkerState(w.state)
+                core.workers[w.id] = Worker(
+                    w.id,
+                    w.farm_id,
+                    w.hostname,
+                    w.agent_version,
+                    state,
+                    lease_expires_at=now + core.lease_ttl_s,
+                    last_heartbeat=w.last_heartbeat,
+                    gpus=gpus.get(w.id, {}),
+                )
+            attempts: dict[str, list[Attempt]] = {}
+            for a in s.exec(select(AttemptRow).order_by(col(AttemptRow.number))):
+                attempts.setdefault(a.job_id, []).append(
+                    Attempt(
+                        a.job_id,
+                        a.number,
+                        a.worker_id,
+                        tuple(json.loads(a.gpu_indices_json)),
+                        a.price_micros_per_gpu_hour,
+                        a.schedule_time,
+                        AttemptState(a.state),
+                        a.start_time,
+                        a.end_time,
+                        a.exit_code,
+                        a.energy_joules,
+                        a.last_sequence,
+                        a.message,
+                    )
+                )
+            history: dict[str, list[HistoryEntry]] = {}
+            for h in s.exec(select(JobEventRow).order_by(col(JobEventRow.idx))):
+                history.setdefault(h.job_id, []).append(
+                    HistoryEntry(
+                        h.time,
+                        JobState(h.from_state) if h.from_state else None,
+                        JobState(h.to_state),
+                        h.reason,
+                    )
+                )
+            for j in s.exec(select(JobRow).order_by(col(JobRow.create_time))):
+                job = Job(
+                    j.id,
+                    j.owner,
+                    _spec_from_json(j.spec_json),
+                    j.create_time,
+                    request_id=j.request_id,
+                    state=JobState(j.state),
+                    update_time=j.update_time,
+                    attempts=attempts.get(j.id, []),
+                    history=history.get(j.id, []),
+                    pending_reasons=tuple(
+                        Rejection(*r) for r in json.loads(j.pending_reasons_json)
+                    ),
+                    status_message=j.status_message,
+                    exit_code=j.exit_code,
+                )
+                core.jobs[j.id] = job
+                if j.request_id:
+                    core.requests[(j.owner, j.request_id)] = j.id
+                if job.state == JobState.PENDING:
+                    core.pending[j.id] = None
+        core.needs_schedule = bool(core.pending)
+
+    def logs(self, job_id: str, after_id: int = 0) -> list[LogRow]:
+        """Log rows of a job with id > after_id, oldest first."""
+        with Session(self.engine) as s:
+            q = (
+                select(LogRow)
+                .where(LogRow.job_id == job_id, col(LogRow.id) > after_id)
+                .order_by(col(LogRow.id))
+            )
+            return list(s.exec(q).all())
+
+
+def _spec_to_json(spec: JobSpec) -> str:
+    return json.dumps(
+        {
+            "command": list(spec.command),
+            "env": [list(kv) for kv in spec.env],
+            "gpu_count": spec.gpu_count,
+            "gpu_model": spec.gpu_model,
+            "min_vram_mb": spec.min_vram_mb,
+            "max_price_micros_per_gpu_hour": spec.max_price_micros_per_gpu_hour,
+            "max_duration_seconds": spec.max_duration_seconds,
+            "working_dir_sha256": spec.working_dir_sha256,
+            "max_attempts": spec.max_attempts,
+            "display_name": spec.display_name,
+        },
+        sort_keys=True,
+    )
+
+
+def _spec_from_json(text: str) -> JobSpec:
+    d = json.loads(text)
+    d["command"] = tuple(d["command"])
+    d["env"] = tuple((k, v) for k, v in d["env"])
+    return JobSpec(**d)

@@ -1,0 +1,197 @@
+"""Request validation: every field of every request, before anything changes.
+
+Each ``check_*`` function returns clean core values or raises ``InvalidArgument``
+with one ``FieldViolation`` per bad field (``google.rpc.BadRequest`` on the wire).
+"""
+
+from __future__ import annotations
+
+import re
+
+from broker.errors import FieldViolation, InvalidArgument
+from broker.model import GpuInfo, JobSpec
+from rigshift.v1 import farm_pb2, job_pb2, worker_service_pb2
+
+__all__ = [
+    "LIMITS",
+    "check_farm",
+    "check_gpus",
+    "check_job_spec",
+    "check_page",
+    "check_request_id",
+    "parse_name",
+]
+
+LIMITS = {
+    "command_args": 256,
+    "arg_chars": 4096,
+    "env_vars": 128,
+    "env_chars": 8192,
+    "gpu_count": 64,
+    "max_attempts": 20,
+    "string_chars": 256,
+    "request_id_chars": 64,
+    "page_size": 1000,
+    "gpus_per_worker": 64,
+    "price_micros_per_gpu_hour": 1_000_000_000,  # $1000 per GPU-hour
+    "max_duration_seconds": 30 * 86400,
+}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _raise(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgument.of(violations)
+
+
+def parse_name(name: str, collection: str, field: str = "name") -> str:
+    """``jobs/abc`` (or a bare ``abc``) -> ``abc``; InvalidArgument when malformed."""
+    prefix = collection + "/"
+    ident = name[len(prefix) :] if name.startswith(prefix) else name
+    if not _ID.match(ident):
+        raise InvalidArgument.of(
+            [FieldViolation(field, f"must be {collection}/ID (got {name[:80]!r})")]
+        )
+    return ident
+
+
+def check_request_id(request_id: str) -> str:
+    """An optional idempotency key: printable, at most 64 characters."""
+    if len(request_id) > LIMITS["request_id_chars"] or not request_id.isprintable():
+        raise InvalidArgument.of(
+            [FieldViolation("request_id", "must be at most 64 printable characters")]
+        )
+    return request_id
+
+
+def _in_range(v: list[FieldViolation], field: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        v.append(FieldViolation(field, f"must be between {lo} and {hi} (got {value})"))
+
+
+def _text(v: list[FieldViolation], field: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        v.append(FieldViolation(field, f"must be at most {limit} characters (got {len(value)})"))
+    elif "\x00" in value:
+        v.append(FieldViolation(field, "must not contain NUL characters"))
+
+
+def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
+    """Validate a JobSpec message and return the core JobSpec (defaults filled in)."""
+    v: list[FieldViolation] = []
+    command = list(spec.command)
+    if not command or not command[0].strip():
+        v.append(FieldViolation("spec.command", "must name a program to run"))
+    if len(command) > LIMITS["command_args"]:
+        v.append(FieldViolation("spec.command", f"at most {LIMITS['command_args']} arguments"))
+    for i, arg in enumerate(command[: LIMITS["command_args"]]):
+        _text(v, f"spec.command[{i}]", arg, LIMITS["arg_chars"])
+    if len(spec.env) > LIMITS["env_vars"]:
+        v.append(FieldViolation("spec.env", f"at most {LIMITS['env_vars']} variables"))
+    for key, value in sorted(spec.env.items())[: LIMITS["env_vars"]]:
+        if not _ENV_KEY.match(key) or len(key) > LIMITS["string_chars"]:
+            v.append(FieldViolation(f"spec.env[{key[:40]!r}]", "not a valid variable name"))
+        elif key.startswith("RIGSHIFT_"):
+            v.append(FieldViolation(f"spec.env[{key!r}]", "RIGSHIFT_* is set by the agent"))
+        _text(v, f"spec.env[{key[:40]!r}]", value, LIMITS["env_chars"])
+    _in_range(v, "spec.gpu_count", spec.gpu_count, 1, LIMITS["gpu_count"])
+    _text(v, "spec.gpu_model", spec.gpu_model, LIMITS["string_chars"])
+    _in_range(v, "spec.min_vram_mb", spec.min_vram_mb, 0, 1 << 30)
+    _in_range(
+        v,
+        "spec.max_price_micros_per_gpu_hour",
+        spec.max_price_micros_per_gpu_hour,
+        0,
+        LIMITS["price_micros_per_gpu_hour"],
+    )
+    _in_range(
+        v, "spec.max_duration_seconds", spec.max_duration_seconds, 0, LIMITS["max_duration_seconds"]
+    )
+    if spec.working_dir_sha256 and not _SHA256.match(spec.working_dir_sha256):
+        v.append(FieldViolation("spec.working_dir_sha256", "must be 64 lowercase hex digits"))
+    _in_range(v, "spec.max_attempts", spec.max_attempts, 0, LIMITS["max_attempts"])
+    _text(v, "spec.display_name", spec.display_name, LIMITS["string_chars"])
+    _raise(v)
+    return JobSpec(
+        command=tuple(command),
+        env=tuple(sorted(spec.env.items())),
+        gpu_count=spec.gpu_count,
+        gpu_model=spec.gpu_model.strip(),
+        min_vram_mb=spec.min_vram_mb,
+        max_price_micros_per_gpu_hour=spec.max_price_micros_per_gpu_hour,
+        max_duration_seconds=spec.max_duration_seconds,
+        working_dir_sha256=spec.working_dir_sha256,
+        max_attempts=spec.max_attempts or default_max_attempts,
+        display_name=spec.display_name,
+    )
+
+
+def check_farm(farm: farm_pb2.Farm) -> None:
+    """Validate the fields of a farm to create."""
+    v: list[FieldViolation] = []
+    if not farm.display_name.strip():
+        v.append(FieldViolation("farm.display_name", "is required"))
+    _text(v, "farm.display_name", farm.display_name, 128)
+    _text(v, "farm.region", farm.region, 64)
+    _in_range(v, "farm.tariff_micros_per_kwh", farm.tariff_micros_per_kwh, 0, 100_000_000)
+    if farm.pue_permille:
+        _in_range(v, "farm.pue_permille", farm.pue_permille, 1000, 5000)
+    _raise(v)
+
+
+def check_gpus(gpus: list[worker_service_pb2.GpuInfo]) -> tuple[GpuInfo, ...]:
+    """Validate the GPUs an agent registers with."""
+    v: list[FieldViolation] = []
+    if not gpus:
+        v.append(FieldViolation("gpus", "at least one GPU is required"))
+    if len(gpus) > LIMITS["gpus_per_worker"]:
+        v.append(FieldViolation("gpus", f"at most {LIMITS['gpus_per_worker']} GPUs per worker"))
+    seen: set[int] = set()
+    for i, g in enumerate(gpus[: LIMITS["gpus_per_worker"]]):
+        if g.index in seen:
+            v.append(FieldViolation(f"gpus[{i}].index", f"duplicate index {g.index}"))
+        seen.add(g.index)
+        _in_range(v, f"gpus[{i}].index", g.index, 0, 255)
+        if not g.model.strip():
+            v.append(FieldViolation(f"gpus[{i}].model", "is required"))
+        _text(v, f"gpus[{i}].model", g.model, 64)
+        _text(v, f"gpus[{i}].uuid", g.uuid, 128)
+        _in_range(v, f"gpus[{i}].vram_mb", g.vram_mb, 1, 1 << 30)
+        _in_range(v, f"gpus[{i}].power_limit_watts", g.power_limit_watts, 0, 5000)
+        _in_range(
+            v,
+            f"gpus[{i}].price_micros_per_gpu_hour",
+            g.price_micros_per_gpu_hour,
+            0,
+            LIMITS["price_micros_per_gpu_hour"],
+        )
+        _in_range(v, f"gpus[{i}].pcie_link_width", g.pcie_link_width, 0, 32)
+    _raise(v)
+    return tuple(
+        GpuInfo(
+            g.index,
+            g.uuid,
+            g.model.strip(),
+            g.vram_mb,
+            g.power_limit_watts,
+            g.price_micros_per_gpu_hour,
+            g.pcie_link_width or 16,
+        )
+        for g in gpus
+    )
+
+
+def check_page(page_size: int, page_token: str) -> tuple[int, int]:
+    """(limit, offset) from AIP-158 paging fields; tokens are opaque offsets."""
+    v: list[FieldViolation] = []
+    _in_range(v, "page_size", page_size, 0, LIMITS["page_size"])
+    offset = 0
+    if page_token:
+        if not page_token.startswith("o") or not page_token[1:].isdigit():
+            v.append(FieldViolation("page_token", "not a token this broker issued"))
+        else:
+            offset = int(page_token[1:])
+    _raise(v)
+    return page_size or 100, offset

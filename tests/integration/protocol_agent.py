@@ -1,0 +1,131 @@
+"""A test-side agent that speaks the real WorkerService protocol over real gRPC.
+
+It does not run anything: the test decides when attempts start and finish.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+
+import grpc
+
+from rigshift.v1 import farm_pb2, farm_service_pb2, farm_service_pb2_grpc
+from rigshift.v1 import worker_service_pb2 as ws
+from rigshift.v1 import worker_service_pb2_grpc as wsg
+
+
+def create_farm(address: str, name: str = "farm-a") -> farm_pb2.Farm:
+    """Create a farm over the public API and return it (with its enrollment token)."""
+    with grpc.insecure_channel(address) as ch:
+        stub = farm_service_pb2_grpc.FarmServiceStub(ch)
+        return stub.CreateFarm(
+            farm_service_pb2.CreateFarmRequest(farm=farm_pb2.Farm(display_name=name))
+        )
+
+
+def gpus(n: int, model: str = "RTX 3090", vram_mb: int = 24576, price: int = 300_000):
+    """n identical GpuInfo messages."""
+    return [
+        ws.GpuInfo(
+            index=i,
+            uuid=f"SIM-{model}-{i}",
+            model=model,
+            vram_mb=vram_mb,
+            power_limit_watts=350,
+            price_micros_per_gpu_hour=price,
+        )
+        for i in range(n)
+    ]
+
+
+class ProtocolAgent:
+    """Registers, heartbeats, collects instructions on a background thread, reports events."""
+
+    def __init__(self, address: str, token: str, gpu_infos, hostname: str = "rig-1") -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = wsg.WorkerServiceStub(self.channel)
+        self.token = token
+        self.gpu_infos = list(gpu_infos)
+        self.hostname = hostname
+        self.worker = ""
+        self.credential = ""
+        self.instructions: queue.Queue[ws.Instruction] = queue.Queue()
+        self.seq: dict[tuple[str, int], int] = defaultdict(int)
+        self._stream = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def metadata(self):
+        return (("authorization", f"Bearer {self.credential}"),)
+
+    def register(self, worker: str = "") -> ws.RegisterWorkerResponse:
+        resp = self.stub.RegisterWorker(
+            ws.RegisterWorkerRequest(
+                enrollment_token=self.token,
+                hostname=self.hostname,
+                agent_version="test",
+                gpus=self.gpu_infos,
+                worker=worker,
+            )
+        )
+        self.worker, self.credential = resp.worker, resp.credential
+        return resp
+
+    def heartbeat(self) -> ws.HeartbeatResponse:
+        return self.stub.Heartbeat(ws.HeartbeatRequest(worker=self.worker), metadata=self.metadata)
+
+    def connect(self) -> None:
+        """Open StreamInstructions; instructions land in self.instructions."""
+        self._stream = self.stub.StreamInstructions(
+            ws.StreamInstructionsRequest(worker=self.worker), metadata=self.metadata
+        )
+
+        def pump() -> None:
+            try:
+                for instruction in self._stream:
+                    self.instructions.put(instruction)
+            except grpc.RpcError:
+                pass
+
+        self._thread = threading.Thread(target=pump, daemon=True)
+        self._thread.start()
+
+    def next_instruction(self, timeout: float = 10.0) -> ws.Instruction:
+        return self.instructions.get(timeout=timeout)
+
+    def next_of(self, kind: str, timeout: float = 10.0):
+        """Skip to the next instruction of this kind (reconcile/assignment/cancellation)."""
+        while True:
+            instruction = self.next_instruction(timeout)
+            if instruction.WhichOneof("kind") == kind:
+                return getattr(instruction, kind)
+
+    def event(self, job: str, attempt: int, sequence: int | None = None, **kind) -> ws.JobEvent:
+        """Build the next event of an attempt (sequence numbers count per attempt)."""
+        if sequence is None:
+            self.seq[(job, attempt)] += 1
+            sequence = self.seq[(job, attempt)]
+        return ws.JobEvent(job=job, attempt=attempt, sequence=sequence, **kind)
+
+    def report(self, *events: ws.JobEvent) -> ws.ReportJobEventsResponse:
+        return self.stub.ReportJobEvents(
+            ws.ReportJobEventsRequest(worker=self.worker, events=list(events)),
+            metadata=self.metadata,
+        )
+
+    def start(self, job: str, attempt: int) -> ws.ReportJobEventsResponse:
+        return self.report(self.event(job, attempt, started=ws.Started()))
+
+    def finish(self, job: str, attempt: int, exit_code: int = 0, energy: int = 0):
+        return self.report(
+            self.event(
+                job, attempt, finished=ws.Finished(exit_code=exit_code, energy_joules=energy)
+            )
+        )
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+        self.channel.close()
