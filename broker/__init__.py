@@ -1,0 +1,1 @@
+"""Rigshift broker: the marketplace core, its scheduler and gRPC services."""

@@ -1,0 +1,100 @@
+"""Builders for test fixtures, with sensible defaults (like Kubernetes' ``st.MakeNode()``).
+
+Only name what a test is about; everything else gets a default::
+
+    worker = make_worker("w-a", model="RTX 3060", busy={0, 1})
+    job = make_job("j1", gpu_count=2, max_price_micros_per_gpu_hour=300_000)
+    result = place(make_snapshot([job], [worker]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from broker.scheduler import GpuSlot, JobRequest, Snapshot, WorkerCapacity
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_PRICE_MICROS",
+    "VRAM_MB",
+    "make_gpu",
+    "make_job",
+    "make_snapshot",
+    "make_worker",
+]
+
+#: VRAM of the models a former mining farm typically runs.
+VRAM_MB: dict[str, int] = {
+    "RTX 3060": 12_288,
+    "RTX 3070": 8_192,
+    "RTX 3080": 10_240,
+    "RTX 3090": 24_576,
+    "RX 6800 XT": 16_384,
+    "A4000": 16_384,
+}
+DEFAULT_MODEL = "RTX 3090"
+DEFAULT_PRICE_MICROS = 250_000  # $0.25 per GPU-hour
+
+
+def make_gpu(
+    index: int = 0,
+    model: str = DEFAULT_MODEL,
+    *,
+    vram_mb: int | None = None,
+    price_micros_per_gpu_hour: int = DEFAULT_PRICE_MICROS,
+    free: bool = True,
+) -> GpuSlot:
+    """One GPU; ``vram_mb`` defaults to the model's usual VRAM (16 GiB if unknown)."""
+    vram = VRAM_MB.get(model, 16_384) if vram_mb is None else vram_mb
+    return GpuSlot(index, model, vram, price_micros_per_gpu_hour, free)
+
+
+def make_worker(
+    worker_id: str = "w-0",
+    *,
+    gpu_count: int = 8,
+    model: str = DEFAULT_MODEL,
+    vram_mb: int | None = None,
+    price_micros_per_gpu_hour: int = DEFAULT_PRICE_MICROS,
+    busy: Collection[int] = (),
+    gpus: Iterable[GpuSlot] | None = None,
+) -> WorkerCapacity:
+    """A worker with ``gpu_count`` identical GPUs indexed 0.., those in ``busy`` taken.
+
+    Pass ``gpus`` (e.g. built with :func:`make_gpu`) for a mixed rig; the other
+    GPU arguments are then ignored.
+    """
+    if gpus is None:
+        gpus = (
+            make_gpu(
+                i,
+                model,
+                vram_mb=vram_mb,
+                price_micros_per_gpu_hour=price_micros_per_gpu_hour,
+                free=i not in busy,
+            )
+            for i in range(gpu_count)
+        )
+    return WorkerCapacity(worker_id, tuple(gpus))
+
+
+def make_job(
+    job_id: str = "j-0",
+    gpu_count: int = 1,
+    *,
+    gpu_model: str = "",
+    min_vram_mb: int = 0,
+    max_price_micros_per_gpu_hour: int = 0,
+) -> JobRequest:
+    """A pending job; by default one GPU of any model, any VRAM, any price."""
+    return JobRequest(job_id, gpu_count, gpu_model, min_vram_mb, max_price_micros_per_gpu_hour)
+
+
+def make_snapshot(
+    pending: Iterable[JobRequest] = (),
+    workers: Iterable[WorkerCapacity] = (),
+    *,
+    now: float = 1_000.0,
+) -> Snapshot:
+    """A scheduler snapshot; ``pending`` is taken in the order given."""
+    return Snapshot(now, tuple(pending), tuple(workers))

@@ -1,0 +1,259 @@
+"""Rendering of API messages for the terminal: aligned tables, descriptions and JSON.
+
+Pure functions from proto messages to strings; the CLI prints what they return.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import UTC
+
+from google.protobuf import json_format, message, timestamp_pb2
+
+from client.units import format_price_per_gpu_hour, format_usd, joules_to_kwh
+from rigshift.v1 import farm_pb2, job_pb2
+
+__all__ = [
+    "describe_farm",
+    "describe_job",
+    "format_time",
+    "gpu_summary",
+    "job_line",
+    "job_table",
+    "render_table",
+    "to_json",
+    "worker_table",
+]
+
+_COMMAND_WIDTH = 40
+
+
+def to_json(msg: message.Message, *, one_line: bool = False) -> str:
+    """The message as JSON with proto field names (``one_line`` for JSON Lines)."""
+    return json_format.MessageToJson(
+        msg, preserving_proto_field_name=True, indent=None if one_line else 2
+    )
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; no trailing whitespace."""
+    all_rows = [list(headers), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in all_rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_time(ts: timestamp_pb2.Timestamp) -> str:
+    """``2025-01-31 12:00:00 UTC``, or ``-`` for an unset timestamp."""
+    if ts.seconds == 0 and ts.nanos == 0:
+        return "-"
+    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _state_name(enum_type: object, value: int) -> str:
+    """The enum value's name; ``-`` for STATE_UNSPECIFIED (e.g. before a job's first state)."""
+    if value == 0:
+        return "-"
+    try:
+        return enum_type.Name(value)  # type: ignore[attr-defined, no-any-return]
+    except ValueError:
+        return str(value)
+
+
+def _gpus_wanted(spec: job_pb2.JobSpec) -> str:
+    text = f"{spec.gpu_count or 1}x {spec.gpu_model or 'any'}"
+    if spec.min_vram_mb:
+        text += f" (>= {spec.min_vram_mb} MiB)"
+    return text
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def job_table(jobs: Iterable[job_pb2.Job]) -> str:
+    """One row per job: id, state, GPUs, price cap, attempts, creation time, name or command."""
+    rows = []
+    for job in jobs:
+        spec = job.spec
+        label = spec.display_name or shlex.join(spec.command)
+        cap = spec.max_price_micros_per_gpu_hour
+        rows.append(
+            [
+                job.name,
+                _state_name(job_pb2.Job.State, job.state),
+                _gpus_wanted(spec),
+                format_price_per_gpu_hour(cap) if cap else "no cap",
+                str(job.attempt_count),
+                format_time(job.create_time),
+                _shorten(label, _COMMAND_WIDTH),
+            ]
+        )
+    headers = ["JOB", "STATE", "GPUS", "MAX PRICE", "ATTEMPTS", "CREATED", "NAME/COMMAND"]
+    return render_table(headers, rows)
+
+
+def job_line(job: job_pb2.Job) -> str:
+    """One line per update for ``job watch``: time, name, state, attempt and why."""
+    parts = [
+        format_time(job.update_time),
+        job.name,
+        _state_name(job_pb2.Job.State, job.state),
+        f"attempt={job.attempt_count}",
+    ]
+    if job.state == job_pb2.Job.PENDING and job.pending_reasons:
+        parts.append("waiting: " + "; ".join(r.message for r in job.pending_reasons))
+    elif job.status_message:
+        parts.append(job.status_message)
+    return " ".join(parts)
+
+
+def _attempt_rows(job: job_pb2.Job) -> list[list[str]]:
+    rows = []
+    for a in job.attempts:
+        exited = a.state in (job_pb2.Attempt.SUCCEEDED, job_pb2.Attempt.FAILED)
+        rows.append(
+            [
+                str(a.number),
+                a.worker or "-",
+                ",".join(str(i) for i in a.gpu_indices) or "-",
+                _state_name(job_pb2.Attempt.State, a.state),
+                format_time(a.start_time),
+                format_time(a.end_time),
+                str(a.exit_code) if exited else "-",
+                f"{a.energy_joules} J ({joules_to_kwh(a.energy_joules)} kWh)",
+                f"{a.gpu_milliseconds // 1000}.{a.gpu_milliseconds % 1000:03d}",
+                format_price_per_gpu_hour(a.price_micros_per_gpu_hour),
+            ]
+        )
+    return rows
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def describe_job(job: job_pb2.Job) -> str:
+    """Everything about one job for ``job get``: spec, state, why pending, attempts, history."""
+    spec = job.spec
+    fields: list[tuple[str, str]] = [
+        ("job", job.name),
+        ("state", _state_name(job_pb2.Job.State, job.state)),
+    ]
+    if spec.display_name:
+        fields.append(("name", spec.display_name))
+    fields += [
+        ("command", shlex.join(spec.command)),
+        ("gpus", _gpus_wanted(spec)),
+        (
+            "max price",
+            format_price_per_gpu_hour(spec.max_price_micros_per_gpu_hour)
+            if spec.max_price_micros_per_gpu_hour
+            else "no cap",
+        ),
+        (
+            "max duration",
+            f"{spec.max_duration_seconds} s" if spec.max_duration_seconds else "broker default",
+        ),
+        ("max attempts", str(spec.max_attempts) if spec.max_attempts else "broker default"),
+        ("working dir", f"sha256:{spec.working_dir_sha256}" if spec.working_dir_sha256 else "-"),
+    ]
+    if spec.env:
+        fields.append(("env", " ".join(f"{k}={v}" for k, v in sorted(spec.env.items()))))
+    if job.owner:
+        fields.append(("owner", job.owner))
+    if job.request_id:
+        fields.append(("request id", job.request_id))
+    fields += [
+        ("created", format_time(job.create_time)),
+        ("updated", format_time(job.update_time)),
+        ("attempts", str(job.attempt_count)),
+    ]
+    if job.status_message:
+        fields.append(("status", job.status_message))
+    if job.state in (job_pb2.Job.SUCCEEDED, job_pb2.Job.FAILED):
+        fields.append(("exit code", str(job.exit_code)))
+    if job.attempts:
+        energy = sum(a.energy_joules for a in job.attempts)
+        gpu_ms = sum(a.gpu_milliseconds for a in job.attempts)
+        fields += [
+            ("energy", f"{energy} J ({joules_to_kwh(energy)} kWh)"),
+            ("gpu-seconds", f"{gpu_ms // 1000}.{gpu_ms % 1000:03d}"),
+        ]
+    if job.state == job_pb2.Job.PENDING:
+        for reason in job.pending_reasons:
+            fields.append(("waiting", reason.message or f"{reason.resource}: {reason.requested}"))
+        if not job.pending_reasons:
+            fields.append(("waiting", "not considered by the scheduler yet"))
+
+    width = max(len(k) for k, _ in fields) + 1
+    lines = [f"{(k + ':').ljust(width)}  {v}" for k, v in fields]
+    if job.attempts:
+        headers = ["#", "WORKER", "GPUS", "STATE", "STARTED", "ENDED", "EXIT", "ENERGY"]
+        headers += ["GPU-SECONDS", "PRICE"]
+        lines += ["", "attempts:", _indent(render_table(headers, _attempt_rows(job)))]
+    if job.history:
+        rows = [
+            [
+                format_time(t.time),
+                _state_name(job_pb2.Job.State, t.from_state),
+                _state_name(job_pb2.Job.State, t.to_state),
+                t.reason,
+            ]
+            for t in job.history
+        ]
+        lines += ["", "history:", _indent(render_table(["TIME", "FROM", "TO", "REASON"], rows))]
+    return "\n".join(lines)
+
+
+def describe_farm(farm: farm_pb2.Farm) -> str:
+    """One farm for ``farm get``: name, region, tariff, PUE, creation time."""
+    pue = farm.pue_permille or 1000
+    fields = [
+        ("farm", farm.name),
+        ("name", farm.display_name),
+        ("region", farm.region or "-"),
+        ("tariff", f"{format_usd(farm.tariff_micros_per_kwh)}/kWh"),
+        ("pue", f"{pue // 1000}.{pue % 1000:03d}"),
+        ("created", format_time(farm.create_time)),
+    ]
+    width = max(len(k) for k, _ in fields) + 1
+    return "\n".join(f"{(k + ':').ljust(width)}  {v}" for k, v in fields)
+
+
+def gpu_summary(worker: farm_pb2.Worker) -> str:
+    """A rig's GPUs in one cell: ``4x RTX 3090 (2 leased)``; mixed rigs list each model."""
+    if not worker.gpus:
+        return "-"
+    by_model = Counter(g.model or "unknown" for g in worker.gpus)
+    text = ", ".join(f"{n}x {model}" for model, n in sorted(by_model.items()))
+    states = Counter(g.state for g in worker.gpus)
+    notes = [
+        f"{states[s]} {label}"
+        for s, label in (
+            (farm_pb2.Gpu.LEASED, "leased"),
+            (farm_pb2.Gpu.MINING, "mining"),
+            (farm_pb2.Gpu.QUARANTINED, "quarantined"),
+        )
+        if states[s]
+    ]
+    return f"{text} ({', '.join(notes)})" if notes else text
+
+
+def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
+    """One row per worker: worker, farm, hostname, state, GPUs, last heartbeat."""
+    rows = [
+        [
+            w.name,
+            w.farm,
+            w.hostname,
+            _state_name(farm_pb2.Worker.State, w.state),
+            gpu_summary(w),
+            format_time(w.last_heartbeat_time),
+        ]
+        for w in workers
+    ]
+    headers = ["WORKER", "FARM", "HOSTNAME", "STATE", "GPUS", "LAST HEARTBEAT"]
+    return render_table(headers, rows)

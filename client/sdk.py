@@ -1,0 +1,375 @@
+"""The synchronous Python SDK: one gRPC channel to the broker, typed methods.
+
+::
+
+    from client import Client
+
+    with Client("127.0.0.1:50051") as rs:
+        sha = rs.upload_working_dir("./train")
+        job = rs.create_job(["python", "train.py"], gpu_count=2, working_dir_sha256=sha)
+        for update in rs.watch_job(job.name):
+            print(update.state)
+
+Methods return the ``rigshift.v1`` proto messages. Every failed RPC raises a
+:class:`client.errors.RigshiftError` subclass. Job, farm and worker arguments
+take either the bare id (``"abc"``) or the resource name (``"jobs/abc"``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from client.errors import InternalError, InvalidArgument, Unavailable, from_rpc_error
+from rigshift.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    farm_pb2,
+    farm_service_pb2,
+    farm_service_pb2_grpc,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+)
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "MAX_UPLOAD_BYTES",
+    "Client",
+    "build_working_dir_archive",
+]
+
+#: Where the broker listens when neither ``--broker`` nor ``RIGSHIFT_BROKER`` says otherwise.
+DEFAULT_BROKER = "127.0.0.1:50051"
+#: Largest working-directory archive the client will upload.
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+_CHUNK_BYTES = 1024 * 1024
+_CREATE_ATTEMPTS = 4
+_RETRY_BASE_DELAY_S = 0.2
+
+T = TypeVar("T")
+
+
+def _resource_name(collection: str, value: str, what: str) -> str:
+    """``"abc"`` or ``"jobs/abc"`` → ``"jobs/abc"``; anything else is an InvalidArgument."""
+    value = value.strip()
+    prefix = f"{collection}/"
+    if value.startswith(prefix) and "/" not in value[len(prefix) :] and value != prefix:
+        return value
+    if value and "/" not in value:
+        return prefix + value
+    raise InvalidArgument(
+        f"{what}: expected an id or '{collection}/{{id}}', got {value!r}",
+        reason="INVALID_RESOURCE_NAME",
+        field_violations=[(what, f"expected an id or '{collection}/{{id}}'")],
+    )
+
+
+def build_working_dir_archive(path: str | os.PathLike[str], *, max_bytes: int) -> bytes:
+    """Pack a directory into a deterministic tar.gz, in memory.
+
+    Entries are sorted and stripped of mtimes, owners and the gzip timestamp,
+    so the same tree always gives the same bytes (and sha256). Raises
+    InvalidArgument when ``path`` is not a directory or the archive grows past
+    ``max_bytes``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise InvalidArgument(
+            f"working_dir: not a directory: {str(root)!r}",
+            reason="WORKING_DIR_NOT_A_DIRECTORY",
+            field_violations=[("working_dir", "not a directory")],
+        )
+    too_large = InvalidArgument(
+        f"working_dir: archive of {str(root)!r} is over the {max_bytes} byte limit",
+        reason="WORKING_DIR_TOO_LARGE",
+        metadata={"max_bytes": str(max_bytes)},
+        field_violations=[("working_dir", f"archive larger than {max_bytes} bytes")],
+    )
+    buffer = io.BytesIO()
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            base = Path(dirpath)
+            for entry in sorted([*dirnames, *filenames]):
+                full = base / entry
+                info = tar.gettarinfo(str(full), arcname=full.relative_to(root).as_posix())
+                if info is None:  # sockets, fifos: nothing a job can use
+                    continue
+                info.mtime = 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if info.isfile():
+                    with full.open("rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    tar.addfile(info)
+                if buffer.tell() > max_bytes:
+                    raise too_large
+    data = buffer.getvalue()
+    if len(data) > max_bytes:
+        raise too_large
+    return data
+
+
+class Client:
+    """A synchronous connection to the broker's JobService, FarmService and ArtifactService.
+
+    One gRPC channel, opened lazily by gRPC on the first call. Use as a
+    context manager or call :meth:`close`. ``timeout_s`` bounds every unary
+    call; streams (:meth:`watch_job`, :meth:`stream_logs`) run until the
+    broker ends them. ``metadata`` is sent with every call.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_BROKER,
+        *,
+        timeout_s: float = 30.0,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = tuple(metadata)
+        self._channel = grpc.insecure_channel(address)
+        self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
+        self._farms = farm_service_pb2_grpc.FarmServiceStub(self._channel)
+        self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> Client:
+        """A client for ``$RIGSHIFT_BROKER`` (default ``127.0.0.1:50051``)."""
+        return cls(os.environ.get("RIGSHIFT_BROKER") or DEFAULT_BROKER, **kwargs)
+
+    def close(self) -> None:
+        """Close the channel; safe to call twice."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.address!r})"
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _unary(self, method: Callable[..., T], request: object) -> T:
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Run an idempotent call, retrying UNAVAILABLE with exponential backoff."""
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                return call()
+            except Unavailable:
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(_RETRY_BASE_DELAY_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _stream(self, method: Callable[..., Any], request: object) -> Iterator[Any]:
+        call = method(request, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()  # no-op when the stream already ended; frees it when abandoned
+
+    # -- jobs ---------------------------------------------------------------
+
+    def create_job(
+        self,
+        command: Sequence[str],
+        *,
+        gpu_count: int = 1,
+        gpu_model: str = "",
+        min_vram_mb: int = 0,
+        max_price_micros_per_gpu_hour: int = 0,
+        env: Mapping[str, str] | None = None,
+        working_dir_sha256: str = "",
+        max_duration_seconds: int = 0,
+        max_attempts: int = 0,
+        display_name: str = "",
+        request_id: str = "",
+    ) -> job_pb2.Job:
+        """Submit a job and return it (normally PENDING).
+
+        A fresh uuid4 ``request_id`` is used when none is given, and UNAVAILABLE
+        is retried a few times with that same id, so a retry never creates a
+        second job.
+        """
+        if isinstance(command, str):
+            raise TypeError("command is an argv list, e.g. ['python', 'train.py'], not a str")
+        spec = job_pb2.JobSpec(
+            command=list(command),
+            env=dict(env or {}),
+            gpu_count=gpu_count,
+            gpu_model=gpu_model,
+            min_vram_mb=min_vram_mb,
+            max_price_micros_per_gpu_hour=max_price_micros_per_gpu_hour,
+            max_duration_seconds=max_duration_seconds,
+            working_dir_sha256=working_dir_sha256,
+            max_attempts=max_attempts,
+            display_name=display_name,
+        )
+        request = job_service_pb2.CreateJobRequest(
+            spec=spec, request_id=request_id or str(uuid.uuid4())
+        )
+        return self._retrying(lambda: self._unary(self._jobs.CreateJob, request))
+
+    def get_job(self, job: str) -> job_pb2.Job:
+        """Return one job, with its attempts, history and pending reasons."""
+        name = _resource_name("jobs", job, "job")
+        return self._unary(self._jobs.GetJob, job_service_pb2.GetJobRequest(name=name))
+
+    def list_jobs(
+        self,
+        states: Sequence[int | str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> job_service_pb2.ListJobsResponse:
+        """Return one page of jobs, newest first, optionally only in ``states``.
+
+        ``states`` are ``Job.State`` values or their names, e.g. ``["PENDING"]``.
+        """
+        request = job_service_pb2.ListJobsRequest(
+            states=cast(Any, list(states)), page_size=page_size, page_token=page_token
+        )
+        return self._unary(self._jobs.ListJobs, request)
+
+    def iter_jobs(
+        self, states: Sequence[int | str] = (), *, page_size: int = 0
+    ) -> Iterator[job_pb2.Job]:
+        """Yield every job, newest first, following ``next_page_token``."""
+        token = ""
+        while True:
+            page = self.list_jobs(states, page_size=page_size, page_token=token)
+            yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def cancel_job(self, job: str) -> job_pb2.Job:
+        """Cancel a job that has not finished; cancelling a cancelled job is a no-op."""
+        name = _resource_name("jobs", job, "job")
+        return self._unary(self._jobs.CancelJob, job_service_pb2.CancelJobRequest(name=name))
+
+    def watch_job(self, job: str) -> Iterator[job_pb2.Job]:
+        """Yield the job now and after every change, until it reaches a final state."""
+        name = _resource_name("jobs", job, "job")
+        return self._stream(self._jobs.WatchJob, job_service_pb2.WatchJobRequest(name=name))
+
+    def stream_logs(self, job: str, follow: bool = False) -> Iterator[job_service_pb2.LogChunk]:
+        """Yield the job's output so far; with ``follow``, keep going until it finishes."""
+        name = _resource_name("jobs", job, "job")
+        request = job_service_pb2.StreamJobLogsRequest(name=name, follow=follow)
+        return self._stream(self._jobs.StreamJobLogs, request)
+
+    # -- farms and workers --------------------------------------------------
+
+    def create_farm(
+        self,
+        display_name: str,
+        *,
+        region: str = "",
+        tariff_micros_per_kwh: int = 0,
+        pue_permille: int = 0,
+    ) -> farm_pb2.Farm:
+        """Create a farm; the returned Farm is the only one that carries the enrollment token."""
+        farm = farm_pb2.Farm(
+            display_name=display_name,
+            region=region,
+            tariff_micros_per_kwh=tariff_micros_per_kwh,
+            pue_permille=pue_permille,
+        )
+        return self._unary(self._farms.CreateFarm, farm_service_pb2.CreateFarmRequest(farm=farm))
+
+    def get_farm(self, farm: str) -> farm_pb2.Farm:
+        """Return one farm (without its enrollment token)."""
+        name = _resource_name("farms", farm, "farm")
+        return self._unary(self._farms.GetFarm, farm_service_pb2.GetFarmRequest(name=name))
+
+    def list_workers(
+        self, farm: str = "", page_size: int = 0, page_token: str = ""
+    ) -> farm_service_pb2.ListWorkersResponse:
+        """Return one page of the workers of ``farm``, or of every farm when empty."""
+        parent = _resource_name("farms", farm, "farm") if farm else ""
+        request = farm_service_pb2.ListWorkersRequest(
+            parent=parent, page_size=page_size, page_token=page_token
+        )
+        return self._unary(self._farms.ListWorkers, request)
+
+    def iter_workers(self, farm: str = "", *, page_size: int = 0) -> Iterator[farm_pb2.Worker]:
+        """Yield every worker of ``farm`` (or of every farm), following ``next_page_token``."""
+        token = ""
+        while True:
+            page = self.list_workers(farm, page_size=page_size, page_token=token)
+            yield from page.workers
+            token = page.next_page_token
+            if not token:
+                return
+
+    def drain_worker(self, worker: str) -> farm_pb2.Worker:
+        """Stop placing new work on a worker; its running attempts finish."""
+        name = _resource_name("workers", worker, "worker")
+        request = farm_service_pb2.DrainWorkerRequest(name=name)
+        return self._unary(self._farms.DrainWorker, request)
+
+    # -- artifacts ----------------------------------------------------------
+
+    def upload_working_dir(
+        self, path: str | os.PathLike[str], *, max_bytes: int = MAX_UPLOAD_BYTES
+    ) -> str:
+        """Pack ``path`` as a deterministic tar.gz, upload it and return its hex sha256.
+
+        Pass the result as ``working_dir_sha256`` to :meth:`create_job`. The
+        archive is refused locally (InvalidArgument) when over ``max_bytes``;
+        uploading an archive the broker already has stores nothing new.
+        """
+        data = build_working_dir_archive(path, max_bytes=max_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+
+        def chunks() -> Iterator[artifact_service_pb2.UploadArtifactRequest]:
+            yield artifact_service_pb2.UploadArtifactRequest(
+                sha256=digest, size_bytes=len(data), data=data[:_CHUNK_BYTES]
+            )
+            for offset in range(_CHUNK_BYTES, len(data), _CHUNK_BYTES):
+                chunk = data[offset : offset + _CHUNK_BYTES]
+                yield artifact_service_pb2.UploadArtifactRequest(data=chunk)
+
+        def upload() -> artifact_service_pb2.Artifact:
+            try:
+                return self._artifacts.UploadArtifact(
+                    chunks(), timeout=self.timeout_s, metadata=self._metadata
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+
+        artifact = self._retrying(upload)  # content-addressed, so a retry is harmless
+        if artifact.sha256 and artifact.sha256 != digest:
+            raise InternalError(
+                f"broker stored sha256 {artifact.sha256}, expected {digest}",
+                code=grpc.StatusCode.DATA_LOSS,
+                reason="ARTIFACT_DIGEST_MISMATCH",
+            )
+        return digest
