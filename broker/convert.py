@@ -43,7 +43,7 @@ def attempt_pb(a: Attempt, now: float) -> job_pb2.Attempt:
         number=a.number,
         worker=f"workers/{a.worker_id}",
         gpu_indices=list(a.gpu_indices),
-        state=job_pb2.Attempt.State.Value(a.state.value),
+        state=a.state.value,
         start_time=timestamp(a.start_time),
         end_time=timestamp(a.end_time),
         exit_code=a.exit_code or 0,
@@ -59,7 +59,7 @@ def job_pb(job: Job, now: float) -> job_pb2.Job:
     return job_pb2.Job(
         name=f"jobs/{job.job_id}",
         spec=spec_pb(job.spec),
-        state=job_pb2.Job.State.Value(job.state.value),
+        state=job.state.value,
         owner=job.owner,
         create_time=timestamp(job.create_time),
         update_time=timestamp(job.update_time),
@@ -79,8 +79,8 @@ def job_pb(job: Job, now: float) -> job_pb2.Job:
         exit_code=job.exit_code,
         history=[
             job_pb2.StateTransition(
-                from_state=job_pb2.Job.State.Value(h.from_state.value) if h.from_state else 0,
-                to_state=job_pb2.Job.State.Value(h.to_state.value),
+                from_state=h.from_state.value if h.from_state else None,
+                to_state=h.to_state.value,
                 time=timestamp(h.time),
                 reason=h.reason,
             )
@@ -113,7 +113,7 @@ def worker_pb(w: Worker) -> farm_pb2.Worker:
         farm=f"farms/{w.farm_id}",
         hostname=w.hostname,
         agent_version=w.agent_version,
-        state=farm_pb2.Worker.State.Value(w.state.value),
+        state=w.state.value,
         last_heartbeat_time=timestamp(w.last_heartbeat),
         gpus=gpus,
     )

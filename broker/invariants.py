@@ -56,8 +56,8 @@ def validate_state(core: BrokerCore) -> None:
             problems.append(f"{job.job_id}: history ends in {job.history[-1].to_state}")
 
     for (job_id, number), gpus in held.items():
-        job = core.jobs.get(job_id)
-        if job is None or number > len(job.attempts) or not job.attempts[number - 1].live:
+        owner = core.jobs.get(job_id)
+        if owner is None or number > len(owner.attempts) or not owner.attempts[number - 1].live:
             problems.append(f"GPUs {sorted(gpus)} held by dead attempt {job_id}#{number}")
         elif len({w for w, _ in gpus}) != 1:
             problems.append(f"{job_id}#{number}: gang spans workers")

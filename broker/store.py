@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, event, func
+from sqlalchemy import BigInteger, event, func
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -26,8 +26,9 @@ from broker.scheduler import Rejection
 __all__ = ["FarmRow", "LogRow", "Store", "default_db_url"]
 
 
-def _big(**kw: object) -> object:
-    return Field(sa_column=Column(BigInteger, nullable=False, server_default="0"), **kw)
+def _big() -> int:
+    """An int64 column (money in micro-dollars, energy in joules): BIGINT on PostgreSQL."""
+    return Field(default=0, sa_type=BigInteger)  # type: ignore[no-any-return]
 
 
 class FarmRow(SQLModel, table=True):
@@ -37,7 +38,7 @@ class FarmRow(SQLModel, table=True):
     id: str = Field(primary_key=True)
     display_name: str = Field(unique=True, index=True)
     region: str = ""
-    tariff_micros_per_kwh: int = _big()  # type: ignore[assignment]
+    tariff_micros_per_kwh: int = _big()
     pue_permille: int = 1000
     enrollment_token_sha256: str = Field(index=True)
     create_time: float = 0.0
@@ -73,7 +74,7 @@ class GpuRow(SQLModel, table=True):
     model: str
     vram_mb: int = 0
     power_limit_watts: int = 0
-    price_micros_per_gpu_hour: int = _big()  # type: ignore[assignment]
+    price_micros_per_gpu_hour: int = _big()
     pcie_link_width: int = 16
     holder_job_id: str | None = None
     holder_attempt: int | None = None
@@ -103,14 +104,14 @@ class AttemptRow(SQLModel, table=True):
     number: int = Field(primary_key=True)
     worker_id: str = Field(index=True)
     gpu_indices_json: str
-    price_micros_per_gpu_hour: int = _big()  # type: ignore[assignment]
+    price_micros_per_gpu_hour: int = _big()
     state: str
     schedule_time: float
     start_time: float | None = None
     end_time: float | None = None
     exit_code: int | None = None
-    energy_joules: int = _big()  # type: ignore[assignment]
-    last_sequence: int = _big()  # type: ignore[assignment]
+    energy_joules: int = _big()
+    last_sequence: int = _big()
     message: str = ""
 
 
@@ -133,7 +134,7 @@ class LogRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(index=True)
     attempt: int
-    sequence: int = _big()  # type: ignore[assignment]
+    sequence: int = _big()
     data: str
 
 
