@@ -286,6 +286,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             violations.append(FieldViolation("hostname", "must be 1-253 characters"))
         if len(request.agent_version) > 64:
             violations.append(FieldViolation("agent_version", "at most 64 characters"))
+        if len(request.metrics_address) > 253:
+            violations.append(FieldViolation("metrics_address", "at most 253 characters"))
         if violations:
             raise InvalidArgument.of(violations)
         gpus = v.check_gpus(list(request.gpus))
@@ -307,6 +309,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 request.hostname.strip(),
                 request.agent_version,
                 gpus,
+                request.metrics_address,
             )
         )
         return worker_service_pb2.RegisterWorkerResponse(

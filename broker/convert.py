@@ -116,6 +116,7 @@ def worker_pb(w: Worker) -> farm_pb2.Worker:
         state=w.state.value,
         last_heartbeat_time=timestamp(w.last_heartbeat),
         gpus=gpus,
+        metrics_address=w.metrics_address,
     )
 
 

@@ -156,6 +156,7 @@ class Worker:
     lease_expires_at: float
     last_heartbeat: float
     gpus: dict[int, Gpu] = field(default_factory=dict)
+    metrics_address: str = ""
 
 
 class BrokerCore:
@@ -308,6 +309,7 @@ class BrokerCore:
             lease_expires_at=ev.now + self.lease_ttl_s,
             last_heartbeat=ev.now,
             gpus={g.index: Gpu(g) for g in ev.gpus},
+            metrics_address=ev.metrics_address,
         )
         self.workers[ev.worker_id] = worker
         self._worker_changed(worker.worker_id)

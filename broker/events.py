@@ -72,6 +72,7 @@ class WorkerRegistered(Event):
     hostname: str
     agent_version: str
     gpus: tuple[GpuInfo, ...]
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)

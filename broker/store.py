@@ -54,6 +54,7 @@ class WorkerRow(SQLModel, table=True):
     agent_version: str = ""
     state: str
     last_heartbeat: float = 0.0
+    metrics_address: str = ""
 
 
 class WorkerCredentialRow(SQLModel, table=True):
@@ -249,6 +250,7 @@ class Store:
                 agent_version=w.agent_version,
                 state=w.state.value,
                 last_heartbeat=w.last_heartbeat,
+                metrics_address=w.metrics_address,
             )
         )
         stored = {g.index for g in s.exec(select(GpuRow).where(GpuRow.worker_id == w.worker_id))}
@@ -355,6 +357,7 @@ class Store:
                     lease_expires_at=now + core.lease_ttl_s,
                     last_heartbeat=w.last_heartbeat,
                     gpus=gpus.get(w.id, {}),
+                    metrics_address=w.metrics_address,
                 )
             attempts: dict[str, list[Attempt]] = {}
             for a in s.exec(select(AttemptRow).order_by(col(AttemptRow.number))):

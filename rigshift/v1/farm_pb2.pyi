@@ -29,7 +29,7 @@ class Farm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., region: _Optional[str] = ..., tariff_micros_per_kwh: _Optional[int] = ..., pue_permille: _Optional[int] = ..., enrollment_token: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus")
+    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus", "metrics_address")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Worker.State]
@@ -47,6 +47,7 @@ class Worker(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     farm: str
     hostname: str
@@ -54,7 +55,8 @@ class Worker(_message.Message):
     state: Worker.State
     last_heartbeat_time: _timestamp_pb2.Timestamp
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
-    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "state", "price_micros_per_gpu_hour", "job", "pcie_link_width")

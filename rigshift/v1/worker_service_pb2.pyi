@@ -28,18 +28,20 @@ class GpuInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., pcie_link_width: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("enrollment_token", "hostname", "agent_version", "gpus", "worker")
+    __slots__ = ("enrollment_token", "hostname", "agent_version", "gpus", "worker", "metrics_address")
     ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     enrollment_token: str
     hostname: str
     agent_version: str
     gpus: _containers.RepeatedCompositeFieldContainer[GpuInfo]
     worker: str
-    def __init__(self, enrollment_token: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., worker: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, enrollment_token: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., worker: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("worker", "credential", "lease_ttl_seconds", "heartbeat_interval_seconds")
