@@ -25,21 +25,33 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rigshift/v1/farm.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x04\x46\x61rm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x1d\n\x15tariff_micros_per_kwh\x18\x04 \x01(\x03\x12\x14\n\x0cpue_permille\x18\x05 \x01(\x05\x12\x18\n\x10\x65nrollment_token\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x02\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66\x61rm\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.rigshift.v1.Worker.State\x12\x37\n\x13last_heartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04gpus\x18\x07 \x03(\x0b\x32\x10.rigshift.v1.Gpu\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\"E\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\"\xa0\x02\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07vram_mb\x18\x04 \x01(\x03\x12\x19\n\x11power_limit_watts\x18\x05 \x01(\x05\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.rigshift.v1.Gpu.State\x12!\n\x19price_micros_per_gpu_hour\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x17\n\x0fpcie_link_width\x18\t \x01(\x05\"Q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\n\n\x06LEASED\x10\x02\x12\n\n\x06MINING\x10\x03\x12\x0f\n\x0bQUARANTINED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rigshift/v1/farm.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x04\n\x04\x46\x61rm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x1d\n\x15tariff_micros_per_kwh\x18\x04 \x01(\x03\x12\x14\n\x0cpue_permille\x18\x05 \x01(\x05\x12\x18\n\x10\x65nrollment_token\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12H\n\x15mining_micros_per_kwh\x18\x08 \x03(\x0b\x32).rigshift.v1.Farm.MiningMicrosPerKwhEntry\x12K\n\x17\x61sk_micros_per_gpu_hour\x18\t \x03(\x0b\x32*.rigshift.v1.Farm.AskMicrosPerGpuHourEntry\x12\x1b\n\x13\x62roker_fee_permille\x18\n \x01(\x05\x12\"\n\x1amargin_micros_per_gpu_hour\x18\x0b \x01(\x03\x12\x31\n\x0etariff_windows\x18\x0c \x03(\x0b\x32\x19.rigshift.v1.TariffWindow\x12\'\n\x06\x66loors\x18\r \x03(\x0b\x32\x17.rigshift.v1.PriceFloor\x1a\x39\n\x17MiningMicrosPerKwhEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a:\n\x18\x41skMicrosPerGpuHourEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"L\n\x0cTariffWindow\x12\x12\n\nstart_hour\x18\x01 \x01(\x05\x12\x10\n\x08\x65nd_hour\x18\x02 \x01(\x05\x12\x16\n\x0emicros_per_kwh\x18\x03 \x01(\x03\"\x9e\x01\n\nPriceFloor\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\r\n\x05watts\x18\x02 \x01(\x05\x12\'\n\x1f\x65nergy_cost_micros_per_gpu_hour\x18\x03 \x01(\x03\x12\"\n\x1amining_micros_per_gpu_hour\x18\x04 \x01(\x03\x12!\n\x19\x66loor_micros_per_gpu_hour\x18\x05 \x01(\x03\"\xce\x02\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66\x61rm\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.rigshift.v1.Worker.State\x12\x37\n\x13last_heartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04gpus\x18\x07 \x03(\x0b\x32\x10.rigshift.v1.Gpu\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12\x1c\n\x14reliability_permille\x18\t \x01(\x05\"E\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\"\xa0\x02\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07vram_mb\x18\x04 \x01(\x03\x12\x19\n\x11power_limit_watts\x18\x05 \x01(\x05\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.rigshift.v1.Gpu.State\x12!\n\x19price_micros_per_gpu_hour\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x17\n\x0fpcie_link_width\x18\t \x01(\x05\"Q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\n\n\x06LEASED\x10\x02\x12\n\n\x06MINING\x10\x03\x12\x0f\n\x0bQUARANTINED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rigshift.v1.farm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FARM_MININGMICROSPERKWHENTRY']._loaded_options = None
+  _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_options = b'8\001'
+  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._loaded_options = None
+  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_options = b'8\001'
   _globals['_FARM']._serialized_start=73
-  _globals['_FARM']._serialized_end=259
-  _globals['_WORKER']._serialized_start=262
-  _globals['_WORKER']._serialized_end=566
-  _globals['_WORKER_STATE']._serialized_start=497
-  _globals['_WORKER_STATE']._serialized_end=566
-  _globals['_GPU']._serialized_start=569
-  _globals['_GPU']._serialized_end=857
-  _globals['_GPU_STATE']._serialized_start=776
-  _globals['_GPU_STATE']._serialized_end=857
+  _globals['_FARM']._serialized_end=686
+  _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_start=569
+  _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_end=626
+  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_start=628
+  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_end=686
+  _globals['_TARIFFWINDOW']._serialized_start=688
+  _globals['_TARIFFWINDOW']._serialized_end=764
+  _globals['_PRICEFLOOR']._serialized_start=767
+  _globals['_PRICEFLOOR']._serialized_end=925
+  _globals['_WORKER']._serialized_start=928
+  _globals['_WORKER']._serialized_end=1262
+  _globals['_WORKER_STATE']._serialized_start=1193
+  _globals['_WORKER_STATE']._serialized_end=1262
+  _globals['_GPU']._serialized_start=1265
+  _globals['_GPU']._serialized_end=1553
+  _globals['_GPU_STATE']._serialized_start=1472
+  _globals['_GPU_STATE']._serialized_end=1553
 # @@protoc_insertion_point(module_scope)

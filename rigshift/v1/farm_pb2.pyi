@@ -11,7 +11,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Farm(_message.Message):
-    __slots__ = ("name", "display_name", "region", "tariff_micros_per_kwh", "pue_permille", "enrollment_token", "create_time")
+    __slots__ = ("name", "display_name", "region", "tariff_micros_per_kwh", "pue_permille", "enrollment_token", "create_time", "mining_micros_per_kwh", "ask_micros_per_gpu_hour", "broker_fee_permille", "margin_micros_per_gpu_hour", "tariff_windows", "floors")
+    class MiningMicrosPerKwhEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class AskMicrosPerGpuHourEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +33,12 @@ class Farm(_message.Message):
     PUE_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    MINING_MICROS_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    ASK_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    BROKER_FEE_PERMILLE_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    TARIFF_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    FLOORS_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     region: str
@@ -26,10 +46,40 @@ class Farm(_message.Message):
     pue_permille: int
     enrollment_token: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., region: _Optional[str] = ..., tariff_micros_per_kwh: _Optional[int] = ..., pue_permille: _Optional[int] = ..., enrollment_token: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    mining_micros_per_kwh: _containers.ScalarMap[str, int]
+    ask_micros_per_gpu_hour: _containers.ScalarMap[str, int]
+    broker_fee_permille: int
+    margin_micros_per_gpu_hour: int
+    tariff_windows: _containers.RepeatedCompositeFieldContainer[TariffWindow]
+    floors: _containers.RepeatedCompositeFieldContainer[PriceFloor]
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., region: _Optional[str] = ..., tariff_micros_per_kwh: _Optional[int] = ..., pue_permille: _Optional[int] = ..., enrollment_token: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mining_micros_per_kwh: _Optional[_Mapping[str, int]] = ..., ask_micros_per_gpu_hour: _Optional[_Mapping[str, int]] = ..., broker_fee_permille: _Optional[int] = ..., margin_micros_per_gpu_hour: _Optional[int] = ..., tariff_windows: _Optional[_Iterable[_Union[TariffWindow, _Mapping]]] = ..., floors: _Optional[_Iterable[_Union[PriceFloor, _Mapping]]] = ...) -> None: ...
+
+class TariffWindow(_message.Message):
+    __slots__ = ("start_hour", "end_hour", "micros_per_kwh")
+    START_HOUR_FIELD_NUMBER: _ClassVar[int]
+    END_HOUR_FIELD_NUMBER: _ClassVar[int]
+    MICROS_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    start_hour: int
+    end_hour: int
+    micros_per_kwh: int
+    def __init__(self, start_hour: _Optional[int] = ..., end_hour: _Optional[int] = ..., micros_per_kwh: _Optional[int] = ...) -> None: ...
+
+class PriceFloor(_message.Message):
+    __slots__ = ("gpu_model", "watts", "energy_cost_micros_per_gpu_hour", "mining_micros_per_gpu_hour", "floor_micros_per_gpu_hour")
+    GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
+    WATTS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_COST_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    MINING_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    gpu_model: str
+    watts: int
+    energy_cost_micros_per_gpu_hour: int
+    mining_micros_per_gpu_hour: int
+    floor_micros_per_gpu_hour: int
+    def __init__(self, gpu_model: _Optional[str] = ..., watts: _Optional[int] = ..., energy_cost_micros_per_gpu_hour: _Optional[int] = ..., mining_micros_per_gpu_hour: _Optional[int] = ..., floor_micros_per_gpu_hour: _Optional[int] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus", "metrics_address")
+    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus", "metrics_address", "reliability_permille")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Worker.State]
@@ -48,6 +98,7 @@ class Worker(_message.Message):
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RELIABILITY_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     farm: str
     hostname: str
@@ -56,7 +107,8 @@ class Worker(_message.Message):
     last_heartbeat_time: _timestamp_pb2.Timestamp
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     metrics_address: str
-    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    reliability_permille: int
+    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., metrics_address: _Optional[str] = ..., reliability_permille: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "state", "price_micros_per_gpu_hour", "job", "pcie_link_width")

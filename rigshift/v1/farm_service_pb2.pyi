@@ -1,11 +1,78 @@
+import datetime
+
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from rigshift.v1 import farm_pb2 as _farm_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class UpdateFarmRequest(_message.Message):
+    __slots__ = ("farm", "update_mask")
+    FARM_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    farm: _farm_pb2.Farm
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, farm: _Optional[_Union[_farm_pb2.Farm, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class GetEarningsRequest(_message.Message):
+    __slots__ = ("parent", "since", "group_by")
+    class GroupBy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        GROUP_BY_UNSPECIFIED: _ClassVar[GetEarningsRequest.GroupBy]
+        FARM: _ClassVar[GetEarningsRequest.GroupBy]
+        WORKER: _ClassVar[GetEarningsRequest.GroupBy]
+        GPU: _ClassVar[GetEarningsRequest.GroupBy]
+    GROUP_BY_UNSPECIFIED: GetEarningsRequest.GroupBy
+    FARM: GetEarningsRequest.GroupBy
+    WORKER: GetEarningsRequest.GroupBy
+    GPU: GetEarningsRequest.GroupBy
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    since: _timestamp_pb2.Timestamp
+    group_by: GetEarningsRequest.GroupBy
+    def __init__(self, parent: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Union[GetEarningsRequest.GroupBy, str]] = ...) -> None: ...
+
+class EarningsRow(_message.Message):
+    __slots__ = ("key", "farm", "gpu_model", "gpu_milliseconds", "energy_joules", "kwh", "revenue_micros", "energy_cost_micros", "margin_micros", "revenue_usd_per_kwh", "mining_usd_per_kwh", "attempts")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    FARM_FIELD_NUMBER: _ClassVar[int]
+    GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
+    GPU_MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    KWH_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_COST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_MICROS_FIELD_NUMBER: _ClassVar[int]
+    REVENUE_USD_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    MINING_USD_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    farm: str
+    gpu_model: str
+    gpu_milliseconds: int
+    energy_joules: int
+    kwh: float
+    revenue_micros: int
+    energy_cost_micros: int
+    margin_micros: int
+    revenue_usd_per_kwh: float
+    mining_usd_per_kwh: float
+    attempts: int
+    def __init__(self, key: _Optional[str] = ..., farm: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpu_milliseconds: _Optional[int] = ..., energy_joules: _Optional[int] = ..., kwh: _Optional[float] = ..., revenue_micros: _Optional[int] = ..., energy_cost_micros: _Optional[int] = ..., margin_micros: _Optional[int] = ..., revenue_usd_per_kwh: _Optional[float] = ..., mining_usd_per_kwh: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
+
+class GetEarningsResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[EarningsRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[EarningsRow, _Mapping]]] = ...) -> None: ...
 
 class CreateFarmRequest(_message.Message):
     __slots__ = ("farm",)

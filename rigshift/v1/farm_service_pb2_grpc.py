@@ -56,6 +56,16 @@ class FarmServiceStub:
                 request_serializer=rigshift_dot_v1_dot_farm__service__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_farm__pb2.Worker.FromString,
                 _registered_method=True)
+        self.UpdateFarm = channel.unary_unary(
+                '/rigshift.v1.FarmService/UpdateFarm',
+                request_serializer=rigshift_dot_v1_dot_farm__service__pb2.UpdateFarmRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_farm__pb2.Farm.FromString,
+                _registered_method=True)
+        self.GetEarnings = channel.unary_unary(
+                '/rigshift.v1.FarmService/GetEarnings',
+                request_serializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsResponse.FromString,
+                _registered_method=True)
 
 
 class FarmServiceServicer:
@@ -90,6 +100,21 @@ class FarmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateFarm(self, request, context):
+        """Changes a farm's economics (tariff, PUE, mining alternative, asks, fee, margin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEarnings(self, request, context):
+        """Earnings per farm, worker or GPU: GPU time sold, energy, revenue, cost,
+        margin, and revenue per kWh next to mining per kWh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FarmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +137,16 @@ def add_FarmServiceServicer_to_server(servicer, server):
                     servicer.DrainWorker,
                     request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.DrainWorkerRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_farm__pb2.Worker.SerializeToString,
+            ),
+            'UpdateFarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateFarm,
+                    request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.UpdateFarmRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_farm__pb2.Farm.SerializeToString,
+            ),
+            'GetEarnings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEarnings,
+                    request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +258,60 @@ class FarmService:
             '/rigshift.v1.FarmService/DrainWorker',
             rigshift_dot_v1_dot_farm__service__pb2.DrainWorkerRequest.SerializeToString,
             rigshift_dot_v1_dot_farm__pb2.Worker.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateFarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.FarmService/UpdateFarm',
+            rigshift_dot_v1_dot_farm__service__pb2.UpdateFarmRequest.SerializeToString,
+            rigshift_dot_v1_dot_farm__pb2.Farm.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEarnings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.FarmService/GetEarnings',
+            rigshift_dot_v1_dot_farm__service__pb2.GetEarningsRequest.SerializeToString,
+            rigshift_dot_v1_dot_farm__service__pb2.GetEarningsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,8 +10,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    GUARANTEED: _ClassVar[Tier]
+    SPOT: _ClassVar[Tier]
+TIER_UNSPECIFIED: Tier
+GUARANTEED: Tier
+SPOT: Tier
+
 class Job(_message.Message):
-    __slots__ = ("name", "spec", "state", "owner", "create_time", "update_time", "attempt_count", "attempts", "pending_reasons", "status_message", "exit_code", "history", "request_id")
+    __slots__ = ("name", "spec", "state", "owner", "create_time", "update_time", "attempt_count", "attempts", "pending_reasons", "status_message", "exit_code", "history", "request_id", "sla_events", "cost_micros", "credit_micros", "checkpoint_sha256", "checkpoint_time")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Job.State]
@@ -41,6 +50,11 @@ class Job(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SLA_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    COST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: JobSpec
     state: Job.State
@@ -54,10 +68,15 @@ class Job(_message.Message):
     exit_code: int
     history: _containers.RepeatedCompositeFieldContainer[StateTransition]
     request_id: str
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., pending_reasons: _Optional[_Iterable[_Union[SchedulingReason, _Mapping]]] = ..., status_message: _Optional[str] = ..., exit_code: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    sla_events: _containers.RepeatedCompositeFieldContainer[SlaEvent]
+    cost_micros: int
+    credit_micros: int
+    checkpoint_sha256: str
+    checkpoint_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., pending_reasons: _Optional[_Iterable[_Union[SchedulingReason, _Mapping]]] = ..., status_message: _Optional[str] = ..., exit_code: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., request_id: _Optional[str] = ..., sla_events: _Optional[_Iterable[_Union[SlaEvent, _Mapping]]] = ..., cost_micros: _Optional[int] = ..., credit_micros: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("command", "env", "gpu_count", "gpu_model", "min_vram_mb", "max_price_micros_per_gpu_hour", "max_duration_seconds", "working_dir_sha256", "max_attempts", "display_name")
+    __slots__ = ("command", "env", "gpu_count", "gpu_model", "min_vram_mb", "max_price_micros_per_gpu_hour", "max_duration_seconds", "working_dir_sha256", "max_attempts", "display_name", "tier")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +94,7 @@ class JobSpec(_message.Message):
     WORKING_DIR_SHA256_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     gpu_count: int
@@ -85,10 +105,11 @@ class JobSpec(_message.Message):
     working_dir_sha256: str
     max_attempts: int
     display_name: str
-    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ...) -> None: ...
+    tier: Tier
+    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class Attempt(_message.Message):
-    __slots__ = ("number", "worker", "gpu_indices", "state", "start_time", "end_time", "exit_code", "energy_joules", "gpu_milliseconds", "price_micros_per_gpu_hour", "schedule_time")
+    __slots__ = ("number", "worker", "gpu_indices", "state", "start_time", "end_time", "exit_code", "energy_joules", "gpu_milliseconds", "price_micros_per_gpu_hour", "schedule_time", "charge_micros")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Attempt.State]
@@ -98,6 +119,7 @@ class Attempt(_message.Message):
         FAILED: _ClassVar[Attempt.State]
         CANCELLED: _ClassVar[Attempt.State]
         LOST: _ClassVar[Attempt.State]
+        PREEMPTED: _ClassVar[Attempt.State]
     STATE_UNSPECIFIED: Attempt.State
     SCHEDULED: Attempt.State
     RUNNING: Attempt.State
@@ -105,6 +127,7 @@ class Attempt(_message.Message):
     FAILED: Attempt.State
     CANCELLED: Attempt.State
     LOST: Attempt.State
+    PREEMPTED: Attempt.State
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +139,7 @@ class Attempt(_message.Message):
     GPU_MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
     PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_MICROS_FIELD_NUMBER: _ClassVar[int]
     number: int
     worker: str
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
@@ -127,7 +151,36 @@ class Attempt(_message.Message):
     gpu_milliseconds: int
     price_micros_per_gpu_hour: int
     schedule_time: _timestamp_pb2.Timestamp
-    def __init__(self, number: _Optional[int] = ..., worker: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[Attempt.State, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., gpu_milliseconds: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    charge_micros: int
+    def __init__(self, number: _Optional[int] = ..., worker: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[Attempt.State, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., gpu_milliseconds: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., charge_micros: _Optional[int] = ...) -> None: ...
+
+class SlaEvent(_message.Message):
+    __slots__ = ("kind", "time", "attempt", "seconds", "credit_micros", "detail")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[SlaEvent.Kind]
+        START_DEADLINE_MISSED: _ClassVar[SlaEvent.Kind]
+        INTERRUPTION: _ClassVar[SlaEvent.Kind]
+        LOST_WORK: _ClassVar[SlaEvent.Kind]
+        HEARTBEAT_GAP: _ClassVar[SlaEvent.Kind]
+    KIND_UNSPECIFIED: SlaEvent.Kind
+    START_DEADLINE_MISSED: SlaEvent.Kind
+    INTERRUPTION: SlaEvent.Kind
+    LOST_WORK: SlaEvent.Kind
+    HEARTBEAT_GAP: SlaEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    kind: SlaEvent.Kind
+    time: _timestamp_pb2.Timestamp
+    attempt: int
+    seconds: int
+    credit_micros: int
+    detail: str
+    def __init__(self, kind: _Optional[_Union[SlaEvent.Kind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., seconds: _Optional[int] = ..., credit_micros: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class SchedulingReason(_message.Message):
     __slots__ = ("resource", "requested", "available", "resolvable", "message")

@@ -7,6 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class QuoteJobRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _job_pb2.JobSpec
+    def __init__(self, spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ...) -> None: ...
+
+class QuoteJobResponse(_message.Message):
+    __slots__ = ("matching_gpus", "free_matching_gpus", "min_price_micros_per_gpu_hour", "max_price_micros_per_gpu_hour", "placeable_now", "reasons")
+    MATCHING_GPUS_FIELD_NUMBER: _ClassVar[int]
+    FREE_MATCHING_GPUS_FIELD_NUMBER: _ClassVar[int]
+    MIN_PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    PLACEABLE_NOW_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    matching_gpus: int
+    free_matching_gpus: int
+    min_price_micros_per_gpu_hour: int
+    max_price_micros_per_gpu_hour: int
+    placeable_now: bool
+    reasons: _containers.RepeatedCompositeFieldContainer[_job_pb2.SchedulingReason]
+    def __init__(self, matching_gpus: _Optional[int] = ..., free_matching_gpus: _Optional[int] = ..., min_price_micros_per_gpu_hour: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., placeable_now: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_job_pb2.SchedulingReason, _Mapping]]] = ...) -> None: ...
+
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id")
     SPEC_FIELD_NUMBER: _ClassVar[int]

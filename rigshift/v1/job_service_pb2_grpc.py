@@ -66,6 +66,11 @@ class JobServiceStub:
                 request_serializer=rigshift_dot_v1_dot_job__service__pb2.StreamJobLogsRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_job__service__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.QuoteJob = channel.unary_unary(
+                '/rigshift.v1.JobService/QuoteJob',
+                request_serializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -114,6 +119,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuoteJob(self, request, context):
+        """Says what a spec would cost and how many GPUs match it now. Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +158,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.StreamJobLogs,
                     request_deserializer=rigshift_dot_v1_dot_job__service__pb2.StreamJobLogsRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_job__service__pb2.LogChunk.SerializeToString,
+            ),
+            'QuoteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuoteJob,
+                    request_deserializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +328,33 @@ class JobService:
             '/rigshift.v1.JobService/StreamJobLogs',
             rigshift_dot_v1_dot_job__service__pb2.StreamJobLogsRequest.SerializeToString,
             rigshift_dot_v1_dot_job__service__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuoteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.JobService/QuoteJob',
+            rigshift_dot_v1_dot_job__service__pb2.QuoteJobRequest.SerializeToString,
+            rigshift_dot_v1_dot_job__service__pb2.QuoteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

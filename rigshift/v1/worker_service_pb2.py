@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rigshift/v1/worker_service.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07vram_mb\x18\x04 \x01(\x03\x12\x19\n\x11power_limit_watts\x18\x05 \x01(\x05\x12!\n\x19price_micros_per_gpu_hour\x18\x06 \x01(\x03\x12\x17\n\x0fpcie_link_width\x18\x07 \x01(\x05\"\xa7\x01\n\x15RegisterWorkerRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\"\n\x04gpus\x18\x04 \x03(\x0b\x32\x14.rigshift.v1.GpuInfo\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"{\n\x16RegisterWorkerResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x19\n\x11lease_ttl_seconds\x18\x03 \x01(\x05\x12\"\n\x1aheartbeat_interval_seconds\x18\x04 \x01(\x05\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"J\n\x11HeartbeatResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x19StreamInstructionsRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"\xa4\x01\n\x0bInstruction\x12+\n\treconcile\x18\x01 \x01(\x0b\x32\x16.rigshift.v1.ReconcileH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.rigshift.v1.AssignmentH\x00\x12\x31\n\x0c\x63\x61ncellation\x18\x03 \x01(\x0b\x32\x19.rigshift.v1.CancellationH\x00\x42\x06\n\x04kind\"9\n\tReconcile\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.rigshift.v1.Assignment\"h\n\nAssignment\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.rigshift.v1.AssignedSpec\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\x05\"\xb6\x01\n\x0c\x41ssignedSpec\x12\x0f\n\x07\x63ommand\x18\x01 \x03(\t\x12/\n\x03\x65nv\x18\x02 \x03(\x0b\x32\".rigshift.v1.AssignedSpec.EnvEntry\x12\x1a\n\x12working_dir_sha256\x18\x03 \x01(\t\x12\x1c\n\x14max_duration_seconds\x18\x04 \x01(\x03\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0c\x43\x61ncellation\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"O\n\x16ReportJobEventsRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12%\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x15.rigshift.v1.JobEvent\"\x92\x02\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x07started\x18\n \x01(\x0b\x32\x14.rigshift.v1.StartedH\x00\x12%\n\x03log\x18\x0b \x01(\x0b\x32\x16.rigshift.v1.LogOutputH\x00\x12)\n\x08progress\x18\x0c \x01(\x0b\x32\x15.rigshift.v1.ProgressH\x00\x12)\n\x08\x66inished\x18\r \x01(\x0b\x32\x15.rigshift.v1.FinishedH\x00\x42\x06\n\x04kind\"\t\n\x07Started\"\x19\n\tLogOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\t\"!\n\x08Progress\x12\x15\n\renergy_joules\x18\x01 \x01(\x03\"E\n\x08\x46inished\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x15\n\renergy_joules\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"T\n\x17ReportJobEventsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x05\x12(\n\x05stale\x18\x02 \x03(\x0b\x32\x19.rigshift.v1.Cancellation2\xee\x02\n\rWorkerService\x12Y\n\x0eRegisterWorker\x12\".rigshift.v1.RegisterWorkerRequest\x1a#.rigshift.v1.RegisterWorkerResponse\x12J\n\tHeartbeat\x12\x1d.rigshift.v1.HeartbeatRequest\x1a\x1e.rigshift.v1.HeartbeatResponse\x12X\n\x12StreamInstructions\x12&.rigshift.v1.StreamInstructionsRequest\x1a\x18.rigshift.v1.Instruction0\x01\x12\\\n\x0fReportJobEvents\x12#.rigshift.v1.ReportJobEventsRequest\x1a$.rigshift.v1.ReportJobEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rigshift/v1/worker_service.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07vram_mb\x18\x04 \x01(\x03\x12\x19\n\x11power_limit_watts\x18\x05 \x01(\x05\x12!\n\x19price_micros_per_gpu_hour\x18\x06 \x01(\x03\x12\x17\n\x0fpcie_link_width\x18\x07 \x01(\x05\"\xa7\x01\n\x15RegisterWorkerRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\"\n\x04gpus\x18\x04 \x03(\x0b\x32\x14.rigshift.v1.GpuInfo\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"{\n\x16RegisterWorkerResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x19\n\x11lease_ttl_seconds\x18\x03 \x01(\x05\x12\"\n\x1aheartbeat_interval_seconds\x18\x04 \x01(\x05\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"J\n\x11HeartbeatResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x19StreamInstructionsRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"\xa4\x01\n\x0bInstruction\x12+\n\treconcile\x18\x01 \x01(\x0b\x32\x16.rigshift.v1.ReconcileH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.rigshift.v1.AssignmentH\x00\x12\x31\n\x0c\x63\x61ncellation\x18\x03 \x01(\x0b\x32\x19.rigshift.v1.CancellationH\x00\x42\x06\n\x04kind\"9\n\tReconcile\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.rigshift.v1.Assignment\"\x83\x01\n\nAssignment\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.rigshift.v1.AssignedSpec\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\x05\x12\x19\n\x11\x63heckpoint_sha256\x18\x05 \x01(\t\"\xb6\x01\n\x0c\x41ssignedSpec\x12\x0f\n\x07\x63ommand\x18\x01 \x03(\t\x12/\n\x03\x65nv\x18\x02 \x03(\x0b\x32\".rigshift.v1.AssignedSpec.EnvEntry\x12\x1a\n\x12working_dir_sha256\x18\x03 \x01(\t\x12\x1c\n\x14max_duration_seconds\x18\x04 \x01(\x03\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0c\x43\x61ncellation\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"O\n\x16ReportJobEventsRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12%\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x15.rigshift.v1.JobEvent\"\xc3\x02\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x07started\x18\n \x01(\x0b\x32\x14.rigshift.v1.StartedH\x00\x12%\n\x03log\x18\x0b \x01(\x0b\x32\x16.rigshift.v1.LogOutputH\x00\x12)\n\x08progress\x18\x0c \x01(\x0b\x32\x15.rigshift.v1.ProgressH\x00\x12)\n\x08\x66inished\x18\r \x01(\x0b\x32\x15.rigshift.v1.FinishedH\x00\x12/\n\ncheckpoint\x18\x0e \x01(\x0b\x32\x19.rigshift.v1.CheckpointedH\x00\x42\x06\n\x04kind\"2\n\x0c\x43heckpointed\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\t\n\x07Started\"\x19\n\tLogOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\t\"!\n\x08Progress\x12\x15\n\renergy_joules\x18\x01 \x01(\x03\"E\n\x08\x46inished\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x15\n\renergy_joules\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"T\n\x17ReportJobEventsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x05\x12(\n\x05stale\x18\x02 \x03(\x0b\x32\x19.rigshift.v1.Cancellation2\xee\x02\n\rWorkerService\x12Y\n\x0eRegisterWorker\x12\".rigshift.v1.RegisterWorkerRequest\x1a#.rigshift.v1.RegisterWorkerResponse\x12J\n\tHeartbeat\x12\x1d.rigshift.v1.HeartbeatRequest\x1a\x1e.rigshift.v1.HeartbeatResponse\x12X\n\x12StreamInstructions\x12&.rigshift.v1.StreamInstructionsRequest\x1a\x18.rigshift.v1.Instruction0\x01\x12\\\n\x0fReportJobEvents\x12#.rigshift.v1.ReportJobEventsRequest\x1a$.rigshift.v1.ReportJobEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,28 +50,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSTRUCTION']._serialized_end=859
   _globals['_RECONCILE']._serialized_start=861
   _globals['_RECONCILE']._serialized_end=918
-  _globals['_ASSIGNMENT']._serialized_start=920
-  _globals['_ASSIGNMENT']._serialized_end=1024
-  _globals['_ASSIGNEDSPEC']._serialized_start=1027
-  _globals['_ASSIGNEDSPEC']._serialized_end=1209
-  _globals['_ASSIGNEDSPEC_ENVENTRY']._serialized_start=1167
-  _globals['_ASSIGNEDSPEC_ENVENTRY']._serialized_end=1209
-  _globals['_CANCELLATION']._serialized_start=1211
-  _globals['_CANCELLATION']._serialized_end=1271
-  _globals['_REPORTJOBEVENTSREQUEST']._serialized_start=1273
-  _globals['_REPORTJOBEVENTSREQUEST']._serialized_end=1352
-  _globals['_JOBEVENT']._serialized_start=1355
-  _globals['_JOBEVENT']._serialized_end=1629
-  _globals['_STARTED']._serialized_start=1631
-  _globals['_STARTED']._serialized_end=1640
-  _globals['_LOGOUTPUT']._serialized_start=1642
-  _globals['_LOGOUTPUT']._serialized_end=1667
-  _globals['_PROGRESS']._serialized_start=1669
-  _globals['_PROGRESS']._serialized_end=1702
-  _globals['_FINISHED']._serialized_start=1704
-  _globals['_FINISHED']._serialized_end=1773
-  _globals['_REPORTJOBEVENTSRESPONSE']._serialized_start=1775
-  _globals['_REPORTJOBEVENTSRESPONSE']._serialized_end=1859
-  _globals['_WORKERSERVICE']._serialized_start=1862
-  _globals['_WORKERSERVICE']._serialized_end=2228
+  _globals['_ASSIGNMENT']._serialized_start=921
+  _globals['_ASSIGNMENT']._serialized_end=1052
+  _globals['_ASSIGNEDSPEC']._serialized_start=1055
+  _globals['_ASSIGNEDSPEC']._serialized_end=1237
+  _globals['_ASSIGNEDSPEC_ENVENTRY']._serialized_start=1195
+  _globals['_ASSIGNEDSPEC_ENVENTRY']._serialized_end=1237
+  _globals['_CANCELLATION']._serialized_start=1239
+  _globals['_CANCELLATION']._serialized_end=1299
+  _globals['_REPORTJOBEVENTSREQUEST']._serialized_start=1301
+  _globals['_REPORTJOBEVENTSREQUEST']._serialized_end=1380
+  _globals['_JOBEVENT']._serialized_start=1383
+  _globals['_JOBEVENT']._serialized_end=1706
+  _globals['_CHECKPOINTED']._serialized_start=1708
+  _globals['_CHECKPOINTED']._serialized_end=1758
+  _globals['_STARTED']._serialized_start=1760
+  _globals['_STARTED']._serialized_end=1769
+  _globals['_LOGOUTPUT']._serialized_start=1771
+  _globals['_LOGOUTPUT']._serialized_end=1796
+  _globals['_PROGRESS']._serialized_start=1798
+  _globals['_PROGRESS']._serialized_end=1831
+  _globals['_FINISHED']._serialized_start=1833
+  _globals['_FINISHED']._serialized_end=1902
+  _globals['_REPORTJOBEVENTSRESPONSE']._serialized_start=1904
+  _globals['_REPORTJOBEVENTSRESPONSE']._serialized_end=1988
+  _globals['_WORKERSERVICE']._serialized_start=1991
+  _globals['_WORKERSERVICE']._serialized_end=2357
 # @@protoc_insertion_point(module_scope)
