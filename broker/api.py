@@ -8,10 +8,12 @@ anything else is a bug, logged and answered ``INTERNAL``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -22,8 +24,12 @@ from grpc_status import rpc_status
 from broker import validation as v
 from broker.artifacts import CHUNK_BYTES, ArtifactStore
 from broker.convert import farm_pb, job_pb, timestamp, worker_pb
+from broker.core import BrokerCore, Job
+from broker.earnings import earnings
+from broker.economics import FarmTerms
 from broker.errors import BrokerError, FieldViolation, InvalidArgument, NotFound, Unauthenticated
 from broker.events import (
+    AttemptCheckpointed,
     AttemptFinished,
     AttemptLog,
     AttemptProgress,
@@ -32,16 +38,19 @@ from broker.events import (
     Cancel,
     CancelRequested,
     DrainRequested,
+    FarmConfigured,
     Heartbeat,
     JobSubmitted,
     WorkerRegistered,
 )
-from broker.model import TERMINAL_JOB_STATES, JobState
+from broker.model import TERMINAL_JOB_STATES, JobSpec, JobState
+from broker.scheduler import place
 from broker.service import BrokerService, cancellation, sha256_hex
 from broker.store import FarmRow
 from rigshift.v1 import (
     artifact_service_pb2,
     artifact_service_pb2_grpc,
+    farm_pb2,
     farm_service_pb2,
     farm_service_pb2_grpc,
     job_pb2,
@@ -181,6 +190,13 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         await self.svc.apply(CancelRequested(self.svc.clock(), job_id))
         return job_pb(self.svc.core.job(job_id), self.svc.clock())
 
+    @unary
+    async def QuoteJob(self, request, context):  # type: ignore[no-untyped-def]
+        if not request.HasField("spec"):
+            raise InvalidArgument.of([FieldViolation("spec", "is required")])
+        spec = v.check_job_spec(request.spec, self.default_max_attempts)
+        return _quote(self.svc.core, spec, self.svc.clock())
+
     @streaming
     async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
         job_id = v.parse_name(request.name, "jobs")
@@ -210,11 +226,65 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 await changed.wait()
 
 
+def _quote(core: BrokerCore, spec: JobSpec, now: float) -> job_service_pb2.QuoteJobResponse:
+    """What a spec would pay and how much of the fleet matches it; changes nothing."""
+    probe = Job("quote", "", spec, now)
+    request = core._request(probe)
+    snap = core.snapshot(now)
+    result = place(replace(snap, pending=(replace(request, job_id="quote"),)))
+    matching = free = 0
+    prices = []
+    for worker in snap.workers:
+        for g in worker.gpus:
+            if spec.gpu_model and g.model != spec.gpu_model:
+                continue
+            if g.vram_mb < spec.min_vram_mb:
+                continue
+            price = core.price_for(probe, g.price_micros_per_gpu_hour)
+            cap = spec.max_price_micros_per_gpu_hour
+            if cap and price > cap:
+                continue
+            matching += 1
+            free += g.free
+            prices.append(price)
+    reasons = result.unplaced[0].reasons if result.unplaced else ()
+    return job_service_pb2.QuoteJobResponse(
+        matching_gpus=matching,
+        free_matching_gpus=free,
+        min_price_micros_per_gpu_hour=min(prices, default=0),
+        max_price_micros_per_gpu_hour=max(prices, default=0),
+        placeable_now=bool(result.placements),
+        reasons=[
+            job_pb2.SchedulingReason(
+                resource=r.resource,
+                requested=r.requested,
+                available=r.available,
+                resolvable=r.resolvable,
+                message=r.message,
+            )
+            for r in reasons
+        ],
+    )
+
+
 class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     """rigshift.v1.FarmService."""
 
     def __init__(self, svc: BrokerService) -> None:
         self.svc = svc
+
+    def _watts(self, farm_id: str) -> dict[str, int]:
+        """Highest power limit per GPU model registered in the farm."""
+        watts: dict[str, int] = {}
+        for w in self.svc.core.workers.values():
+            if w.farm_id == farm_id:
+                for g in w.gpus.values():
+                    m = g.info.model
+                    watts[m] = max(watts.get(m, 0), g.info.power_limit_watts)
+        return watts
+
+    def _farm(self, row: FarmRow, token: str = "") -> farm_pb2.Farm:
+        return farm_pb(row, token, self._watts(row.id))
 
     @unary
     async def CreateFarm(self, request, context):  # type: ignore[no-untyped-def]
@@ -222,21 +292,65 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             raise InvalidArgument.of([FieldViolation("farm", "is required")])
         f = request.farm
         v.check_farm(f)
+        farm_id = uuid.uuid4().hex[:12]
+        terms = v.terms_from(farm_id, f)
+        if not f.broker_fee_permille:
+            terms = replace(terms, broker_fee_permille=self.svc.core.default_fee_permille)
+        v.check_asks(terms, {})
         token = "rsft_" + secrets.token_urlsafe(24)
         row = FarmRow(
-            id=uuid.uuid4().hex[:12],
+            id=farm_id,
             display_name=f.display_name.strip(),
             region=f.region,
-            tariff_micros_per_kwh=f.tariff_micros_per_kwh,
-            pue_permille=f.pue_permille or 1000,
             enrollment_token_sha256=sha256_hex(token),
             create_time=self.svc.clock(),
+            **_terms_columns(terms),
         )
-        return farm_pb(self.svc.store.create_farm(row), enrollment_token=token)
+        row = self.svc.store.create_farm(row)
+        await self.svc.apply(FarmConfigured(self.svc.clock(), terms))
+        return self._farm(row, token)
+
+    @unary
+    async def UpdateFarm(self, request, context):  # type: ignore[no-untyped-def]
+        if not request.HasField("farm"):
+            raise InvalidArgument.of([FieldViolation("farm", "is required")])
+        farm_id = v.parse_name(request.farm.name, "farms", "farm.name")
+        paths = tuple(request.update_mask.paths)
+        unknown = [p for p in paths if p not in v.FARM_FIELDS]
+        if unknown:
+            raise InvalidArgument.of(
+                [FieldViolation("update_mask", f"cannot update {p!r}") for p in unknown]
+            )
+        if not paths:  # AIP-134: no mask means every field that is set
+            paths = tuple(fd.name for fd, _ in request.farm.ListFields() if fd.name != "name")
+        v.check_farm(request.farm, paths)
+        row = self.svc.store.get_farm(farm_id)
+        current = farm_pb(row)
+        merged = farm_pb2.Farm()
+        merged.CopyFrom(current)
+        for path in paths:
+            merged.ClearField(path)
+            value = getattr(request.farm, path)
+            if path in ("mining_micros_per_kwh", "ask_micros_per_gpu_hour"):
+                getattr(merged, path).update(value)
+            elif path == "tariff_windows":
+                merged.tariff_windows.extend(value)
+            else:
+                setattr(merged, path, value)
+        terms = v.terms_from(farm_id, merged)
+        if not merged.broker_fee_permille:
+            terms = replace(terms, broker_fee_permille=self.svc.core.default_fee_permille)
+        v.check_asks(terms, self._watts(farm_id))
+        changes: dict[str, object] = dict(_terms_columns(terms))
+        changes["display_name"] = merged.display_name.strip()
+        changes["region"] = merged.region
+        row = self.svc.store.update_farm(farm_id, changes)
+        await self.svc.apply(FarmConfigured(self.svc.clock(), terms))
+        return self._farm(row)
 
     @unary
     async def GetFarm(self, request, context):  # type: ignore[no-untyped-def]
-        return farm_pb(self.svc.store.get_farm(v.parse_name(request.name, "farms")))
+        return self._farm(self.svc.store.get_farm(v.parse_name(request.name, "farms")))
 
     @unary
     async def ListWorkers(self, request, context):  # type: ignore[no-untyped-def]
@@ -251,8 +365,9 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         )
         page = workers[offset : offset + limit]
         more = offset + limit < len(workers)
+        now = self.svc.clock()
         return farm_service_pb2.ListWorkersResponse(
-            workers=[worker_pb(w) for w in page],
+            workers=[worker_pb(w, self.svc.core, now) for w in page],
             next_page_token=f"o{offset + limit}" if more else "",
         )
 
@@ -260,7 +375,59 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     async def DrainWorker(self, request, context):  # type: ignore[no-untyped-def]
         worker_id = v.parse_name(request.name, "workers")
         await self.svc.apply(DrainRequested(self.svc.clock(), worker_id))
-        return worker_pb(self.svc.core.worker(worker_id))
+        return worker_pb(self.svc.core.worker(worker_id), self.svc.core, self.svc.clock())
+
+    @unary
+    async def GetEarnings(self, request, context):  # type: ignore[no-untyped-def]
+        farm_id = ""
+        if request.parent not in ("", "farms/-"):
+            farm_id = v.parse_name(request.parent, "farms", "parent")
+            self.svc.store.get_farm(farm_id)
+        groups = {0: "farm", 1: "farm", 2: "worker", 3: "gpu"}
+        if request.group_by not in groups:
+            raise InvalidArgument.of([FieldViolation("group_by", "unknown grouping")])
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        lines = earnings(
+            self.svc.core, farm_id=farm_id, since=since, group_by=groups[request.group_by]
+        )
+        rows = []
+        for line in lines:
+            terms = self.svc.core.farms.get(line.farm_id)
+            mining = line.mining_usd_per_kwh
+            if not line.energy_joules and terms and terms.mining_micros_per_kwh:
+                table = [m for _, m in terms.mining_micros_per_kwh]
+                mining = sum(table) / len(table) / 1e6  # no sales yet: the farm's average
+            rows.append(
+                farm_service_pb2.EarningsRow(
+                    key=line.key,
+                    farm=f"farms/{line.farm_id}",
+                    gpu_model=line.gpu_model,
+                    gpu_milliseconds=line.gpu_milliseconds,
+                    energy_joules=line.energy_joules,
+                    kwh=line.kwh,
+                    revenue_micros=line.revenue_micros,
+                    energy_cost_micros=line.energy_cost_micros,
+                    margin_micros=line.margin_micros,
+                    revenue_usd_per_kwh=line.revenue_usd_per_kwh,
+                    mining_usd_per_kwh=mining,
+                    attempts=line.attempts,
+                )
+            )
+        return farm_service_pb2.GetEarningsResponse(rows=rows)
+
+
+def _terms_columns(terms: FarmTerms) -> dict[str, object]:
+    return {
+        "tariff_micros_per_kwh": terms.tariff_micros_per_kwh,
+        "pue_permille": terms.pue_permille,
+        "broker_fee_permille": terms.broker_fee_permille,
+        "margin_micros_per_gpu_hour": terms.margin_micros_per_gpu_hour,
+        "mining_json": json.dumps(dict(terms.mining_micros_per_kwh), sort_keys=True),
+        "asks_json": json.dumps(dict(terms.ask_micros_per_gpu_hour), sort_keys=True),
+        "tariff_windows_json": json.dumps(
+            [[w.start_hour, w.end_hour, w.micros_per_kwh] for w in terms.tariff_windows]
+        ),
+    }
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
@@ -382,6 +549,17 @@ def _report_event(
         return AttemptLog(*base, data=e.log.data)
     if kind == "progress":
         return AttemptProgress(*base, energy_joules=max(0, e.progress.energy_joules))
+    if kind == "checkpoint":
+        sha = e.checkpoint.sha256
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise InvalidArgument.of(
+                [
+                    FieldViolation(
+                        f"events[{i}].checkpoint.sha256", "must be 64 lowercase hex digits"
+                    )
+                ]
+            )
+        return AttemptCheckpointed(*base, sha256=sha)
     return AttemptFinished(
         *base,
         exit_code=e.finished.exit_code,

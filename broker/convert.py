@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.core import Attempt, Job, Worker
+from broker.core import Attempt, BrokerCore, Job, Worker
+from broker.economics import FarmTerms, charge_micros, floor_price
 from broker.model import JobSpec
-from broker.store import FarmRow
+from broker.store import FarmRow, farm_terms
 from rigshift.v1 import farm_pb2, job_pb2, worker_service_pb2
 
 __all__ = ["assignment_pb", "farm_pb", "job_pb", "timestamp", "worker_pb"]
@@ -34,6 +35,7 @@ def spec_pb(spec: JobSpec) -> job_pb2.JobSpec:
         working_dir_sha256=spec.working_dir_sha256,
         max_attempts=spec.max_attempts,
         display_name=spec.display_name,
+        tier=spec.tier.value,
     )
 
 
@@ -51,6 +53,7 @@ def attempt_pb(a: Attempt, now: float) -> job_pb2.Attempt:
         gpu_milliseconds=a.gpu_milliseconds(now),
         price_micros_per_gpu_hour=a.price_micros_per_gpu_hour,
         schedule_time=timestamp(a.schedule_time),
+        charge_micros=a.charge_micros,
     )
 
 
@@ -87,10 +90,36 @@ def job_pb(job: Job, now: float) -> job_pb2.Job:
             for h in job.history
         ],
         request_id=job.request_id,
+        sla_events=[
+            job_pb2.SlaEvent(
+                kind=e.kind.value,
+                time=timestamp(e.time),
+                attempt=e.attempt,
+                seconds=e.seconds,
+                credit_micros=e.credit_micros,
+                detail=e.detail,
+            )
+            for e in job.sla_events
+        ],
+        cost_micros=cost_so_far(job, now),
+        credit_micros=job.credit_micros,
+        checkpoint_sha256=job.checkpoint_sha256,
+        checkpoint_time=timestamp(job.checkpoint_time),
     )
 
 
-def worker_pb(w: Worker) -> farm_pb2.Worker:
+def cost_so_far(job: Job, now: float) -> int:
+    """Settled charges plus the running attempt's GPU time at its price."""
+    total = 0
+    for a in job.attempts:
+        if a.settled:
+            total += a.charge_micros
+        else:
+            total += charge_micros(a.gpu_milliseconds(now), a.price_micros_per_gpu_hour)
+    return total
+
+
+def worker_pb(w: Worker, core: BrokerCore | None = None, now: float = 0.0) -> farm_pb2.Worker:
     """Core Worker -> message."""
     gpus = []
     for index in sorted(w.gpus):
@@ -117,11 +146,19 @@ def worker_pb(w: Worker) -> farm_pb2.Worker:
         last_heartbeat_time=timestamp(w.last_heartbeat),
         gpus=gpus,
         metrics_address=w.metrics_address,
+        reliability_permille=core.reliability(w, now) if core is not None else 0,
     )
 
 
-def farm_pb(row: FarmRow, enrollment_token: str = "") -> farm_pb2.Farm:
-    """Store FarmRow -> message (the token only right after creation)."""
+def farm_pb(
+    row: FarmRow, enrollment_token: str = "", watts_by_model: dict[str, int] | None = None
+) -> farm_pb2.Farm:
+    """Store FarmRow -> message (the token only right after creation), with floor prices
+    for every model registered in the farm or named in its tables."""
+    terms = farm_terms(row)
+    models = dict(watts_by_model or {})
+    for model, _ in (*terms.ask_micros_per_gpu_hour, *terms.mining_micros_per_kwh):
+        models.setdefault(model, 0)
     return farm_pb2.Farm(
         name=f"farms/{row.id}",
         display_name=row.display_name,
@@ -130,6 +167,28 @@ def farm_pb(row: FarmRow, enrollment_token: str = "") -> farm_pb2.Farm:
         pue_permille=row.pue_permille,
         enrollment_token=enrollment_token,
         create_time=timestamp(row.create_time),
+        mining_micros_per_kwh=dict(terms.mining_micros_per_kwh),
+        ask_micros_per_gpu_hour=dict(terms.ask_micros_per_gpu_hour),
+        broker_fee_permille=terms.broker_fee_permille,
+        margin_micros_per_gpu_hour=terms.margin_micros_per_gpu_hour,
+        tariff_windows=[
+            farm_pb2.TariffWindow(
+                start_hour=w.start_hour, end_hour=w.end_hour or 24, micros_per_kwh=w.micros_per_kwh
+            )
+            for w in terms.tariff_windows
+        ],
+        floors=[_floor_pb(terms, m, w) for m, w in sorted(models.items())],
+    )
+
+
+def _floor_pb(terms: FarmTerms, model: str, watts: int) -> farm_pb2.PriceFloor:
+    f = floor_price(terms, model, watts or None)
+    return farm_pb2.PriceFloor(
+        gpu_model=model,
+        watts=f.watts,
+        energy_cost_micros_per_gpu_hour=f.energy_cost_micros,
+        mining_micros_per_gpu_hour=f.mining_micros,
+        floor_micros_per_gpu_hour=f.floor_micros,
     )
 
 
@@ -146,4 +205,5 @@ def assignment_pb(job: Job, attempt: Attempt) -> worker_service_pb2.Assignment:
             max_duration_seconds=spec.max_duration_seconds,
         ),
         gpu_indices=list(attempt.gpu_indices),
+        checkpoint_sha256=job.checkpoint_sha256,
     )

@@ -17,12 +17,22 @@ Job lifecycle (PRODUCT.md, AIP-216)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from broker.economics import (
+    FarmTerms,
+    LedgerEntry,
+    charge_micros,
+    credit_for_seconds,
+    floor_price,
+    reliability_permille,
+    settlement_entries,
+)
 from broker.errors import FailedPrecondition, InvalidTransition, NotFound
 from broker.events import (
     AppendLog,
     Assign,
+    AttemptCheckpointed,
     AttemptFinished,
     AttemptLog,
     AttemptProgress,
@@ -33,6 +43,7 @@ from broker.events import (
     Command,
     DrainRequested,
     Event,
+    FarmConfigured,
     Heartbeat,
     JobSubmitted,
     SchedulePass,
@@ -48,6 +59,8 @@ from broker.model import (
     GpuInfo,
     JobSpec,
     JobState,
+    SlaKind,
+    Tier,
     WorkerState,
 )
 from broker.scheduler import (
@@ -59,7 +72,16 @@ from broker.scheduler import (
     place,
 )
 
-__all__ = ["TRANSITIONS", "Attempt", "BrokerCore", "Gpu", "HistoryEntry", "Job", "Worker"]
+__all__ = [
+    "TRANSITIONS",
+    "Attempt",
+    "BrokerCore",
+    "Gpu",
+    "HistoryEntry",
+    "Job",
+    "SlaEvent",
+    "Worker",
+]
 
 S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -99,6 +121,9 @@ class Attempt:
     energy_joules: int = 0
     last_sequence: int = 0
     message: str = ""
+    charge_micros: int = 0
+    settled: bool = False
+    last_checkpoint_time: float | None = None
 
     @property
     def live(self) -> bool:
@@ -111,6 +136,18 @@ class Attempt:
             return 0
         end = self.end_time if self.end_time is not None else now
         return max(0, round((end - self.start_time) * 1000)) * len(self.gpu_indices)
+
+
+@dataclass(slots=True)
+class SlaEvent:
+    """Something that went against a job's SLA, and the credit it caused."""
+
+    kind: SlaKind
+    time: float
+    attempt: int
+    seconds: int
+    credit_micros: int
+    detail: str
 
 
 @dataclass(slots=True)
@@ -129,11 +166,20 @@ class Job:
     pending_reasons: tuple[Rejection, ...] = ()
     status_message: str = ""
     exit_code: int = 0
+    sla_events: list[SlaEvent] = field(default_factory=list)
+    credit_micros: int = 0
+    checkpoint_sha256: str = ""
+    checkpoint_time: float | None = None
 
     @property
     def current(self) -> Attempt | None:
         """The latest attempt, if any."""
         return self.attempts[-1] if self.attempts else None
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts that count against ``max_attempts`` (preemptions do not)."""
+        return sum(1 for a in self.attempts if a.state != AttemptState.PREEMPTED)
 
 
 @dataclass(slots=True)
@@ -157,14 +203,34 @@ class Worker:
     last_heartbeat: float
     gpus: dict[int, Gpu] = field(default_factory=dict)
     metrics_address: str = ""
+    first_seen: float = 0.0
+    offline_since: float | None = None
+    offline_log: list[tuple[float, float]] = field(default_factory=list)
+    outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (time, ok) per attempt
 
 
 class BrokerCore:
     """All broker decisions. Feed events to :meth:`handle`; read state from the attributes."""
 
-    def __init__(self, *, lease_ttl_s: float = 15.0, default_max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        lease_ttl_s: float = 15.0,
+        default_max_attempts: int = 3,
+        spot_permille: int = 600,
+        start_deadline_s: float = 60.0,
+        reliability_window_s: float = 86400.0,
+        default_fee_permille: int = 100,
+    ) -> None:
         self.lease_ttl_s = lease_ttl_s
         self.default_max_attempts = default_max_attempts
+        self.spot_permille = spot_permille
+        self.start_deadline_s = start_deadline_s
+        self.reliability_window_s = reliability_window_s
+        self.default_fee_permille = default_fee_permille
+        self.farms: dict[str, FarmTerms] = {}
+        self.ledger: list[LedgerEntry] = []
+        self.ledger_saved = 0  # entries before this index are in the store
         self.jobs: dict[str, Job] = {}
         self.workers: dict[str, Worker] = {}
         self.pending: dict[str, None] = {}  # ordered set of PENDING job ids
@@ -193,6 +259,8 @@ class BrokerCore:
                 return self._tick(event)
             case SchedulePass():
                 return self._schedule(event)
+            case FarmConfigured():
+                return self._configure_farm(event)
             case AttemptReport():
                 return self._report(event)
         raise TypeError(f"unknown event {event!r}")
@@ -308,9 +376,14 @@ class BrokerCore:
             WorkerState.ONLINE,
             lease_expires_at=ev.now + self.lease_ttl_s,
             last_heartbeat=ev.now,
-            gpus={g.index: Gpu(g) for g in ev.gpus},
+            gpus={g.index: Gpu(self._priced(ev.farm_id, g)) for g in ev.gpus},
             metrics_address=ev.metrics_address,
+            first_seen=old.first_seen if old else ev.now,
+            offline_log=old.offline_log if old else [],
+            outcomes=old.outcomes if old else [],
         )
+        if old is not None and old.offline_since is not None:
+            worker.offline_log.append((old.offline_since, ev.now))
         self.workers[ev.worker_id] = worker
         self._worker_changed(worker.worker_id)
         self.needs_schedule = True
@@ -332,11 +405,47 @@ class BrokerCore:
             out.append((job, job.attempts[holder[1] - 1]))
         return out
 
+    def _priced(self, farm_id: str, info: GpuInfo) -> GpuInfo:
+        """The farm's ask for the model wins; an agent's own ask is lifted to the floor."""
+        terms = self.farms.get(farm_id)
+        if terms is None:
+            return info
+        ask = terms.ask_for(info.model)
+        if ask is None:
+            floor = floor_price(terms, info.model, info.power_limit_watts or None)
+            ask = max(info.price_micros_per_gpu_hour, floor.floor_micros)
+        return replace(info, price_micros_per_gpu_hour=ask)
+
+    def _configure_farm(self, ev: FarmConfigured) -> list[Command]:
+        self.farms[ev.terms.farm_id] = ev.terms
+        for worker in self.workers.values():
+            if worker.farm_id != ev.terms.farm_id:
+                continue
+            for gpu in worker.gpus.values():
+                gpu.info = self._priced(worker.farm_id, gpu.info)
+            self._worker_changed(worker.worker_id)
+        self.needs_schedule = True
+        return []
+
+    def reliability(self, worker: Worker, now: float) -> int:
+        """Reliability of a worker over the recent window, in thousandths."""
+        start = max(now - self.reliability_window_s, worker.first_seen)
+        spans = [*worker.offline_log]
+        if worker.offline_since is not None:
+            spans.append((worker.offline_since, now))
+        offline = sum(max(0.0, min(b, now) - max(a, start)) for a, b in spans)
+        recent = [ok for t, ok in worker.outcomes if t >= start]
+        ok = sum(recent)
+        return reliability_permille(now - start, offline, ok, len(recent) - ok)
+
     def _heartbeat(self, ev: Heartbeat) -> list[Command]:
         worker = self.worker(ev.worker_id)
         worker.lease_expires_at = ev.now + self.lease_ttl_s
         worker.last_heartbeat = ev.now
         if worker.state == WorkerState.OFFLINE:
+            if worker.offline_since is not None:
+                worker.offline_log.append((worker.offline_since, ev.now))
+                worker.offline_since = None
             worker.state = WorkerState.ONLINE
             self._worker_changed(worker.worker_id)
             self.needs_schedule = True
@@ -358,8 +467,13 @@ class BrokerCore:
                 continue
             cmds.append(WorkerTransition(worker.worker_id, worker.state, WorkerState.OFFLINE))
             worker.state = WorkerState.OFFLINE
+            worker.offline_since = worker.last_heartbeat
             self._worker_changed(worker.worker_id)
+            gap = int(ev.now - worker.last_heartbeat)
             for job, attempt in self._held_attempts(worker):
+                if job.current is attempt and job.state in (S.SCHEDULED, S.RUNNING):
+                    detail = f"no heartbeat from {worker.worker_id} for {gap} s"
+                    self._sla(job, SlaKind.HEARTBEAT_GAP, attempt.number, gap, 0, detail, ev.now)
                 cmds += self._lose_attempt(job, attempt, ev.now, "worker lease expired")
         return cmds
 
@@ -367,24 +481,99 @@ class BrokerCore:
         self._end_attempt(attempt, AttemptState.LOST, now, why)
         if job.state not in (S.SCHEDULED, S.RUNNING) or job.current is not attempt:
             return []
-        if len(job.attempts) < job.spec.max_attempts:
-            n = len(job.attempts)
+        self._interrupted(job, attempt, now, why)
+        n = job.counted_attempts
+        if n < job.spec.max_attempts:
             return [self._transition(job, S.PENDING, now, f"{why}; requeued after attempt {n}")]
-        reason = f"{why}; no attempts left ({len(job.attempts)}/{job.spec.max_attempts})"
+        reason = f"{why}; no attempts left ({n}/{job.spec.max_attempts})"
         return [self._transition(job, S.FAILED, now, reason)]
 
+    def _interrupted(self, job: Job, attempt: Attempt, now: float, why: str) -> None:
+        """SLA events of an interruption; a guaranteed job is credited its lost work."""
+        self._sla(job, SlaKind.INTERRUPTION, attempt.number, 0, 0, why, now)
+        if attempt.start_time is None or attempt.end_time is None:
+            return
+        since = attempt.last_checkpoint_time or attempt.start_time
+        lost_s = max(0.0, attempt.end_time - since)
+        credit = 0
+        if job.spec.tier == Tier.GUARANTEED:
+            n = len(attempt.gpu_indices)
+            credit = credit_for_seconds(lost_s, n, attempt.price_micros_per_gpu_hour)
+        what = "the last checkpoint" if attempt.last_checkpoint_time else "the start"
+        detail = f"{int(lost_s)} s of work since {what} lost"
+        self._sla(job, SlaKind.LOST_WORK, attempt.number, int(lost_s), credit, detail, now)
+
+    def _sla(
+        self,
+        job: Job,
+        kind: SlaKind,
+        attempt: int,
+        seconds: int,
+        credit: int,
+        detail: str,
+        now: float,
+    ) -> None:
+        job.sla_events.append(SlaEvent(kind, now, attempt, seconds, credit, detail))
+        self._dirty_jobs.add(job.job_id)
+        if credit > 0:
+            job.credit_micros += credit
+            txn = f"credit:{job.job_id}:{attempt}:{kind.value}:{len(job.sla_events)}"
+            self._post(
+                [
+                    LedgerEntry(
+                        txn, f"client:{job.owner}", credit, "sla_credit", job.job_id, attempt, now
+                    ),
+                    LedgerEntry(
+                        txn, "broker:sla_credits", -credit, "sla_credit", job.job_id, attempt, now
+                    ),
+                ]
+            )
+
+    def _post(self, entries: list[LedgerEntry]) -> None:
+        if sum(e.amount_micros for e in entries) != 0:
+            raise AssertionError(f"unbalanced transaction {entries[0].txn}")
+        self.ledger.extend(entries)
+
     def _end_attempt(self, attempt: Attempt, state: AttemptState, now: float, msg: str) -> None:
+        worker = self.workers[attempt.worker_id]
         attempt.state = state
         attempt.end_time = now
+        if state == AttemptState.LOST and attempt.start_time is not None:
+            # Bill a lost attempt only up to the last moment the rig proved it was alive.
+            attempt.end_time = max(attempt.start_time, min(now, worker.last_heartbeat))
         attempt.message = msg
-        worker = self.workers[attempt.worker_id]
         for index in attempt.gpu_indices:
             gpu = worker.gpus.get(index)
             if gpu is not None and gpu.holder == (attempt.job_id, attempt.number):
                 gpu.holder = None
+        if state != AttemptState.PREEMPTED:
+            worker.outcomes.append((now, state != AttemptState.LOST))
+        self._settle(self.jobs[attempt.job_id], attempt, now)
         self._worker_changed(worker.worker_id)
         self._dirty_jobs.add(attempt.job_id)
         self.needs_schedule = True
+
+    def _settle(self, job: Job, attempt: Attempt, now: float) -> None:
+        """Charge the client for the GPU time the attempt ran; exactly once per attempt."""
+        if attempt.settled:
+            raise AssertionError(f"attempt {job.job_id}#{attempt.number} settled twice")
+        charge = charge_micros(attempt.gpu_milliseconds(now), attempt.price_micros_per_gpu_hour)
+        farm_id = self.workers[attempt.worker_id].farm_id
+        terms = self.farms.get(farm_id)
+        fee = terms.broker_fee_permille if terms else self.default_fee_permille
+        self._post(
+            settlement_entries(
+                owner=job.owner,
+                farm_id=farm_id,
+                job_id=job.job_id,
+                attempt=attempt.number,
+                charge=charge,
+                fee_permille=fee,
+                now=now,
+            )
+        )
+        attempt.charge_micros = charge
+        attempt.settled = True
 
     def _worker_changed(self, worker_id: str) -> None:
         self._dirty_workers.add(worker_id)
@@ -415,6 +604,11 @@ class BrokerCore:
                 return [AppendLog(job.job_id, attempt.number, ev.sequence, ev.data)]
             case AttemptProgress():
                 attempt.energy_joules = max(attempt.energy_joules, ev.energy_joules)
+                return []
+            case AttemptCheckpointed():
+                job.checkpoint_sha256 = ev.sha256
+                job.checkpoint_time = ev.now
+                attempt.last_checkpoint_time = ev.now
                 return []
             case AttemptFinished():
                 return self._finished(job, attempt, ev)
@@ -454,21 +648,34 @@ class BrokerCore:
     # --- scheduling -----------------------------------------------------------
 
     def snapshot(self, now: float) -> Snapshot:
-        """The frozen view the scheduler sees: pending jobs FIFO, ONLINE workers."""
-        order = sorted(self.pending, key=lambda j: (self.jobs[j].create_time, j))
+        """The frozen view the scheduler sees: guaranteed before spot, then FIFO; ONLINE workers."""
+        order = sorted(self.pending, key=lambda j: self._priority(self.jobs[j]))
         pending = tuple(self._request(self.jobs[j]) for j in order)
         workers = tuple(
-            self._capacity_of(w) for w in self.workers.values() if w.state == WorkerState.ONLINE
+            self._capacity_of(w, now)
+            for w in self.workers.values()
+            if w.state == WorkerState.ONLINE
         )
         return Snapshot(now=now, pending=pending, workers=workers)
 
+    @staticmethod
+    def _priority(job: Job) -> tuple[bool, float, str]:
+        return (job.spec.tier != Tier.GUARANTEED, job.create_time, job.job_id)
+
     def _request(self, job: Job) -> JobRequest:
         s = job.spec
-        return JobRequest(
-            job.job_id, s.gpu_count, s.gpu_model, s.min_vram_mb, s.max_price_micros_per_gpu_hour
-        )
+        cap = s.max_price_micros_per_gpu_hour
+        if cap and s.tier == Tier.SPOT:
+            cap = cap * 1000 // self.spot_permille  # the cap applies to the discounted price
+        return JobRequest(job.job_id, s.gpu_count, s.gpu_model, s.min_vram_mb, cap)
 
-    def _capacity_of(self, worker: Worker) -> WorkerCapacity:
+    def price_for(self, job: Job, ask_micros: int) -> int:
+        """What a job pays per GPU-hour on a GPU with this ask (spot is discounted)."""
+        if job.spec.tier == Tier.SPOT:
+            return ask_micros * self.spot_permille // 1000
+        return ask_micros
+
+    def _capacity_of(self, worker: Worker, now: float) -> WorkerCapacity:
         cap = self._capacity.get(worker.worker_id)
         if cap is None:
             slots = tuple(
@@ -481,7 +688,8 @@ class BrokerCore:
                 )
                 for g in sorted(worker.gpus.values(), key=lambda g: g.info.index)
             )
-            cap = self._capacity[worker.worker_id] = WorkerCapacity(worker.worker_id, slots)
+            cap = WorkerCapacity(worker.worker_id, slots, self.reliability(worker, now))
+            self._capacity[worker.worker_id] = cap
         return cap
 
     def _schedule(self, ev: SchedulePass) -> list[Command]:
@@ -491,27 +699,114 @@ class BrokerCore:
         result = place(self.snapshot(ev.now))
         cmds: list[Command] = []
         for p in result.placements:
-            job = self.jobs[p.job_id]
-            attempt = Attempt(
-                job.job_id,
-                len(job.attempts) + 1,
-                p.worker_id,
-                p.gpu_indices,
-                p.price_micros_per_gpu_hour,
-                schedule_time=ev.now,
+            cmds += self._bind(
+                self.jobs[p.job_id], p.worker_id, p.gpu_indices, p.price_micros_per_gpu_hour, ev.now
             )
-            job.attempts.append(attempt)
-            worker = self.workers[p.worker_id]
-            for index in p.gpu_indices:
-                worker.gpus[index].holder = (job.job_id, attempt.number)
-            self._worker_changed(worker.worker_id)
-            gpus = ",".join(map(str, p.gpu_indices))
-            reason = f"placed on {p.worker_id} GPUs {gpus} (attempt {attempt.number})"
-            cmds.append(self._transition(job, S.SCHEDULED, ev.now, reason))
-            cmds.append(Assign(p.worker_id, job.job_id, attempt.number, p.gpu_indices))
         for u in result.unplaced:
             job = self.jobs[u.job_id]
+            reason = u.reasons[0] if u.reasons else None
+            if (
+                job.spec.tier == Tier.GUARANTEED
+                and reason is not None
+                and reason.resource == "gpu_count"
+                and reason.resolvable
+            ):
+                plan = self._preemption_plan(job)
+                if plan is not None:
+                    worker_id, indices, ask, victims = plan
+                    for vjob, vattempt in victims:
+                        cmds += self._preempt(vjob, vattempt, job, ev.now)
+                    cmds += self._bind(job, worker_id, indices, ask, ev.now)
+                    continue
             if job.pending_reasons != u.reasons:
                 job.pending_reasons = u.reasons
                 self._dirty_jobs.add(job.job_id)
         return cmds
+
+    def _bind(
+        self, job: Job, worker_id: str, indices: tuple[int, ...], ask: int, now: float
+    ) -> list[Command]:
+        """The only step of scheduling that writes: hold the GPUs, open an attempt."""
+        price = self.price_for(job, ask)
+        if not job.attempts and job.spec.tier == Tier.GUARANTEED:
+            delay = now - job.create_time - self.start_deadline_s
+            if delay > 0:
+                # Credit only when waiting was the fleet's fault, not an impossible spec.
+                fault = all(r.resolvable for r in job.pending_reasons)
+                credit = credit_for_seconds(delay, len(indices), price) if fault else 0
+                detail = f"started {int(delay)} s after its {int(self.start_deadline_s)} s deadline"
+                self._sla(job, SlaKind.START_DEADLINE_MISSED, 1, int(delay), credit, detail, now)
+        attempt = Attempt(job.job_id, len(job.attempts) + 1, worker_id, indices, price, now)
+        job.attempts.append(attempt)
+        worker = self.workers[worker_id]
+        for index in indices:
+            worker.gpus[index].holder = (job.job_id, attempt.number)
+        self._worker_changed(worker_id)
+        gpus = ",".join(map(str, indices))
+        reason = f"placed on {worker_id} GPUs {gpus} (attempt {attempt.number})"
+        return [
+            self._transition(job, S.SCHEDULED, now, reason),
+            Assign(worker_id, job.job_id, attempt.number, indices),
+        ]
+
+    def _preemption_plan(
+        self, job: Job
+    ) -> tuple[str, tuple[int, ...], int, list[tuple[Job, Attempt]]] | None:
+        """Cheapest way to make room for a guaranteed job by preempting spot attempts:
+        fewest victims, then lowest ask, then worker id. None when no worker can."""
+        spec = job.spec
+        best: tuple[tuple[int, int, str], str, tuple[int, ...], int, list] | None = None
+        for worker in self.workers.values():
+            if worker.state != WorkerState.ONLINE:
+                continue
+            groups: dict[tuple[str, int, int], list[Gpu]] = {}
+            for gpu in worker.gpus.values():
+                i = gpu.info
+                if spec.gpu_model and i.model != spec.gpu_model:
+                    continue
+                if i.vram_mb < spec.min_vram_mb:
+                    continue
+                cap = spec.max_price_micros_per_gpu_hour
+                if cap and i.price_micros_per_gpu_hour > cap:
+                    continue
+                groups.setdefault((i.model, i.vram_mb, i.price_micros_per_gpu_hour), []).append(gpu)
+            for (_, _, ask), gpus in groups.items():
+                free = sorted(g.info.index for g in gpus if g.holder is None)
+                victims: dict[tuple[str, int], list[int]] = {}
+                for g in gpus:
+                    if g.holder is None:
+                        continue
+                    vjob = self.jobs[g.holder[0]]
+                    if vjob.spec.tier == Tier.SPOT and vjob.state in (S.SCHEDULED, S.RUNNING):
+                        victims.setdefault(g.holder, []).append(g.info.index)
+                # Least progress lost first: the most recently scheduled spot attempts.
+                order = sorted(
+                    victims,
+                    key=lambda h: (-self.jobs[h[0]].attempts[h[1] - 1].schedule_time, h),
+                )
+                chosen: list[tuple[str, int]] = []
+                room = list(free)
+                for holder in order:
+                    if len(room) >= spec.gpu_count:
+                        break
+                    chosen.append(holder)
+                    room += victims[holder]
+                if len(room) < spec.gpu_count or not chosen:
+                    continue
+                key = (len(chosen), ask, worker.worker_id)
+                if best is None or key < best[0]:
+                    indices = tuple(sorted(room)[: spec.gpu_count])
+                    pairs = [(self.jobs[h[0]], self.jobs[h[0]].attempts[h[1] - 1]) for h in chosen]
+                    best = (key, worker.worker_id, indices, ask, pairs)
+        if best is None:
+            return None
+        return best[1], best[2], best[3], best[4]
+
+    def _preempt(self, victim: Job, attempt: Attempt, by: Job, now: float) -> list[Command]:
+        why = f"preempted by guaranteed job {by.job_id}"
+        self._end_attempt(attempt, AttemptState.PREEMPTED, now, why)
+        self._interrupted(victim, attempt, now, why)
+        return [
+            self._transition(victim, S.PENDING, now, why),
+            Cancel(attempt.worker_id, victim.job_id, attempt.number, why),
+        ]

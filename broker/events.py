@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.economics import FarmTerms
 from broker.model import GpuInfo, JobSpec, JobState, WorkerState
 
 __all__ = [
     "AppendLog",
     "Assign",
+    "AttemptCheckpointed",
     "AttemptFinished",
     "AttemptLog",
     "AttemptProgress",
@@ -26,6 +28,7 @@ __all__ = [
     "Command",
     "DrainRequested",
     "Event",
+    "FarmConfigured",
     "Heartbeat",
     "JobSubmitted",
     "SchedulePass",
@@ -126,6 +129,20 @@ class AttemptProgress(AttemptReport):
     """Cumulative metering of a running attempt."""
 
     energy_joules: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptCheckpointed(AttemptReport):
+    """The job wrote a checkpoint; the agent uploaded it to the artifact store."""
+
+    sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FarmConfigured(Event):
+    """A farm was created or its economics changed."""
+
+    terms: FarmTerms
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ __all__ = [
     "GpuInfo",
     "JobSpec",
     "JobState",
+    "SlaKind",
+    "Tier",
     "WorkerState",
 ]
 
@@ -42,9 +44,26 @@ class AttemptState(StrEnum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     LOST = "LOST"
+    PREEMPTED = "PREEMPTED"
 
 
 LIVE_ATTEMPT_STATES = frozenset({AttemptState.SCHEDULED, AttemptState.RUNNING})
+
+
+class Tier(StrEnum):
+    """Service tier; names match ``rigshift.v1.Tier``."""
+
+    GUARANTEED = "GUARANTEED"
+    SPOT = "SPOT"
+
+
+class SlaKind(StrEnum):
+    """Kinds of SLA events; names match ``rigshift.v1.SlaEvent.Kind``."""
+
+    START_DEADLINE_MISSED = "START_DEADLINE_MISSED"
+    INTERRUPTION = "INTERRUPTION"
+    LOST_WORK = "LOST_WORK"
+    HEARTBEAT_GAP = "HEARTBEAT_GAP"
 
 
 class WorkerState(StrEnum):
@@ -69,6 +88,7 @@ class JobSpec:
     working_dir_sha256: str = ""
     max_attempts: int = 3
     display_name: str = ""
+    tier: Tier = Tier.GUARANTEED
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,7 @@ class WorkerCapacity:
 
     worker_id: str
     gpus: tuple[GpuSlot, ...]
+    reliability_permille: int = 1000  # recent uptime x attempt success; higher is preferred
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +142,18 @@ def best_fit_leftover(free_in_group: int, gpu_count: int) -> int:
 
 
 def choice_key(
-    price_micros: int, free_in_group: int, gpu_count: int, worker_id: str, vram_mb: int, model: str
-) -> tuple[int, int, str, int, str]:
-    """Total order over candidate (worker, group) pairs; the smallest wins."""
-    return (price_micros, best_fit_leftover(free_in_group, gpu_count), worker_id, vram_mb, model)
+    price_micros: int,
+    free_in_group: int,
+    gpu_count: int,
+    worker_id: str,
+    vram_mb: int,
+    model: str,
+    reliability_permille: int = 1000,
+) -> tuple[int, int, int, str, int, str]:
+    """Total order over candidate (worker, group) pairs; the smallest wins:
+    cheapest, then tightest fit, then most reliable worker, then worker id."""
+    leftover = best_fit_leftover(free_in_group, gpu_count)
+    return (price_micros, leftover, -reliability_permille, worker_id, vram_mb, model)
 
 
 def format_micros(micros: int) -> str:
@@ -191,9 +200,12 @@ class _Filter:
         self.reasons: dict[int, tuple[int, tuple[Rejection, ...]]] = {}  # n -> (version, reasons)
 
 
-def _build_groups(workers: tuple[WorkerCapacity, ...]) -> tuple[list[str], list[_Group]]:
-    """Index the fleet; returns worker ids in rank order and groups by (price, vram, model)."""
-    ordered = sorted(workers, key=lambda w: w.worker_id)
+def _build_groups(
+    workers: tuple[WorkerCapacity, ...],
+) -> tuple[list[str], list[int], list[_Group]]:
+    """Index the fleet; returns worker ids and reliabilities in rank order (most reliable
+    first, then by id, so a bucket's heap top is the preferred worker) and the groups."""
+    ordered = sorted(workers, key=lambda w: (-w.reliability_permille, w.worker_id))
     ids = [w.worker_id for w in ordered]
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate worker_id in snapshot")
@@ -224,7 +236,8 @@ def _build_groups(workers: tuple[WorkerCapacity, ...]) -> tuple[list[str], list[
             group.sizes[len(free)] += 1
             group.heaps[len(free)].append(rank)
             group.mask |= 1 << len(free)
-    return ids, sorted(groups.values(), key=lambda g: (g.price, g.vram, g.model))
+    reliability = [w.reliability_permille for w in ordered]
+    return ids, reliability, sorted(groups.values(), key=lambda g: (g.price, g.vram, g.model))
 
 
 def _make_filter(groups: list[_Group], model: str, min_vram: int, cap: int) -> _Filter:
@@ -295,11 +308,13 @@ def _count_rejection(job: JobRequest, filt: _Filter) -> Rejection:
 # --- the pass ----------------------------------------------------------------------------------
 
 
-def _take(filt: _Filter, n: int, ids: list[str]) -> tuple[_Group, int, tuple[int, ...]] | None:
+def _take(
+    filt: _Filter, n: int, ids: list[str], rel: list[int]
+) -> tuple[_Group, int, tuple[int, ...]] | None:
     """Choose by :func:`choice_key` among the qualifying groups and take the gang from the
     index; returns (group, worker rank, GPU indices) or None if no worker has ``n`` free."""
     best: _Group | None = None
-    best_key: tuple[int, int, str, int, str] | None = None
+    best_key: tuple[int, int, int, str, int, str] | None = None
     best_free = 0
     for group in filt.groups:  # cheapest first
         if best_key is not None and group.price > best_key[0]:
@@ -312,7 +327,8 @@ def _take(filt: _Filter, n: int, ids: list[str]) -> tuple[_Group, int, tuple[int
         free_idx = group.free_idx
         while len(free_idx[heap[0]]) != free:  # drop workers that have moved down since
             heappop(heap)
-        key = choice_key(group.price, free, n, ids[heap[0]], group.vram, group.model)
+        top = heap[0]
+        key = choice_key(group.price, free, n, ids[top], group.vram, group.model, rel[top])
         if best_key is None or key < best_key:
             best, best_key, best_free = group, key, free
     if best is None:
@@ -337,7 +353,7 @@ def place(snapshot: Snapshot) -> SchedulingResult:
 
     Raises ValueError if the snapshot repeats a worker_id or a GPU index on one worker.
     """
-    ids, groups = _build_groups(snapshot.workers)
+    ids, rel, groups = _build_groups(snapshot.workers)
     filters: dict[tuple[str, int, int], _Filter] = {}
     placements: list[Placement] = []
     unplaced: list[Unplaced] = []
@@ -350,7 +366,7 @@ def place(snapshot: Snapshot) -> SchedulingResult:
         if filt is None:
             filt = filters[fkey] = _make_filter(groups, *fkey)
         if 0 < n < filt.fail_at:
-            took = _take(filt, n, ids)
+            took = _take(filt, n, ids, rel)
             if took is not None:
                 group, rank, taken = took
                 placements.append(Placement(job.job_id, ids[rank], taken, group.price))

@@ -13,17 +13,18 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from sqlalchemy import BigInteger, event, func
+from sqlalchemy import BigInteger, UniqueConstraint, event, func
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from broker.core import Attempt, BrokerCore, Gpu, HistoryEntry, Job, Worker
+from broker.core import Attempt, BrokerCore, Gpu, HistoryEntry, Job, SlaEvent, Worker
+from broker.economics import FarmTerms, LedgerEntry, TariffWindow
 from broker.errors import AlreadyExists, NotFound
 from broker.events import AppendLog
-from broker.model import AttemptState, GpuInfo, JobSpec, JobState, WorkerState
+from broker.model import AttemptState, GpuInfo, JobSpec, JobState, SlaKind, Tier, WorkerState
 from broker.scheduler import Rejection
 
-__all__ = ["FarmRow", "LogRow", "Store", "default_db_url"]
+__all__ = ["FarmRow", "LedgerRow", "LogRow", "Store", "default_db_url", "farm_terms"]
 
 
 def _big() -> int:
@@ -42,6 +43,25 @@ class FarmRow(SQLModel, table=True):
     pue_permille: int = 1000
     enrollment_token_sha256: str = Field(index=True)
     create_time: float = 0.0
+    broker_fee_permille: int = 100
+    margin_micros_per_gpu_hour: int = _big()
+    mining_json: str = "{}"  # GPU model -> micro-dollars per kWh
+    asks_json: str = "{}"  # GPU model -> micro-dollars per GPU-hour
+    tariff_windows_json: str = "[]"  # [[start_hour, end_hour, micros_per_kwh], ...]
+
+
+def farm_terms(row: FarmRow) -> FarmTerms:
+    """The economics of a farm row, as the core uses them."""
+    return FarmTerms(
+        farm_id=row.id,
+        tariff_micros_per_kwh=row.tariff_micros_per_kwh,
+        pue_permille=row.pue_permille,
+        broker_fee_permille=row.broker_fee_permille,
+        margin_micros_per_gpu_hour=row.margin_micros_per_gpu_hour,
+        mining_micros_per_kwh=tuple(sorted(json.loads(row.mining_json).items())),
+        ask_micros_per_gpu_hour=tuple(sorted(json.loads(row.asks_json).items())),
+        tariff_windows=tuple(TariffWindow(*w) for w in json.loads(row.tariff_windows_json)),
+    )
 
 
 class WorkerRow(SQLModel, table=True):
@@ -55,6 +75,9 @@ class WorkerRow(SQLModel, table=True):
     state: str
     last_heartbeat: float = 0.0
     metrics_address: str = ""
+    first_seen: float = 0.0
+    offline_since: float | None = None
+    reliability_json: str = "[[], []]"  # [offline spans, attempt outcomes] in the window
 
 
 class WorkerCredentialRow(SQLModel, table=True):
@@ -95,6 +118,9 @@ class JobRow(SQLModel, table=True):
     status_message: str = ""
     exit_code: int = 0
     pending_reasons_json: str = "[]"
+    credit_micros: int = _big()
+    checkpoint_sha256: str = ""
+    checkpoint_time: float | None = None
 
 
 class AttemptRow(SQLModel, table=True):
@@ -114,6 +140,9 @@ class AttemptRow(SQLModel, table=True):
     energy_joules: int = _big()
     last_sequence: int = _big()
     message: str = ""
+    charge_micros: int = _big()
+    settled: bool = False
+    last_checkpoint_time: float | None = None
 
 
 class JobEventRow(SQLModel, table=True):
@@ -126,6 +155,38 @@ class JobEventRow(SQLModel, table=True):
     from_state: str | None = None
     to_state: str
     reason: str = ""
+
+
+class SlaEventRow(SQLModel, table=True):
+    """One SLA event of a job."""
+
+    __tablename__ = "sla_events"
+    job_id: str = Field(primary_key=True, foreign_key="jobs.id")
+    idx: int = Field(primary_key=True)
+    kind: str = Field(index=True)
+    time: float
+    attempt: int
+    seconds: int = _big()
+    credit_micros: int = _big()
+    detail: str = ""
+
+
+class LedgerRow(SQLModel, table=True):
+    """One leg of a double-entry transaction; a transaction's legs sum to zero.
+
+    (txn, account) is unique, so the database itself refuses a second settlement.
+    """
+
+    __tablename__ = "ledger"
+    __table_args__ = (UniqueConstraint("txn", "account", name="uq_ledger_txn_account"),)
+    id: int | None = Field(default=None, primary_key=True)
+    txn: str = Field(index=True)
+    account: str = Field(index=True)
+    amount_micros: int = _big()
+    kind: str
+    job_id: str = Field(index=True)
+    attempt: int
+    time: float = Field(index=True)
 
 
 class LogRow(SQLModel, table=True):
@@ -197,6 +258,26 @@ class Store:
                 raise NotFound(f"farm {farm_id} not found", metadata={"farm": farm_id})
             return row
 
+    def update_farm(self, farm_id: str, changes: dict[str, object]) -> FarmRow:
+        """Set columns of a farm; NotFound / AlreadyExists as for create."""
+        with Session(self.engine) as s:
+            row = s.get(FarmRow, farm_id)
+            if row is None:
+                raise NotFound(f"farm {farm_id} not found", metadata={"farm": farm_id})
+            name = changes.get("display_name")
+            if name is not None and name != row.display_name:
+                q = select(FarmRow).where(FarmRow.display_name == name)
+                if s.exec(q).first() is not None:
+                    raise AlreadyExists(
+                        f"a farm named {name!r} exists already", reason="FARM_EXISTS"
+                    )
+            for key, value in changes.items():
+                setattr(row, key, value)
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
     def farm_by_token(self, token_sha256: str) -> FarmRow | None:
         """The farm whose enrollment token hashes to this, if any."""
         with Session(self.engine) as s:
@@ -233,6 +314,19 @@ class Store:
                 self._save_worker(s, core.workers[worker_id])
             for job_id in sorted(job_ids):
                 self._save_job(s, core.jobs[job_id])
+            new_entries = core.ledger[core.ledger_saved :]
+            for e in new_entries:
+                s.add(
+                    LedgerRow(
+                        txn=e.txn,
+                        account=e.account,
+                        amount_micros=e.amount_micros,
+                        kind=e.kind,
+                        job_id=e.job_id,
+                        attempt=e.attempt,
+                        time=e.time,
+                    )
+                )
             for log in logs:
                 s.add(
                     LogRow(
@@ -240,6 +334,7 @@ class Store:
                     )
                 )
             s.commit()
+        core.ledger_saved += len(new_entries)
 
     def _save_worker(self, s: Session, w: Worker) -> None:
         s.merge(
@@ -251,6 +346,9 @@ class Store:
                 state=w.state.value,
                 last_heartbeat=w.last_heartbeat,
                 metrics_address=w.metrics_address,
+                first_seen=w.first_seen,
+                offline_since=w.offline_since,
+                reliability_json=json.dumps([w.offline_log, w.outcomes]),
             )
         )
         stored = {g.index for g in s.exec(select(GpuRow).where(GpuRow.worker_id == w.worker_id))}
@@ -287,6 +385,9 @@ class Store:
                 update_time=job.update_time,
                 status_message=job.status_message,
                 exit_code=job.exit_code,
+                credit_micros=job.credit_micros,
+                checkpoint_sha256=job.checkpoint_sha256,
+                checkpoint_time=job.checkpoint_time,
                 pending_reasons_json=json.dumps(
                     [
                         [r.resource, r.requested, r.available, r.resolvable, r.message]
@@ -311,6 +412,9 @@ class Store:
                     energy_joules=a.energy_joules,
                     last_sequence=a.last_sequence,
                     message=a.message,
+                    charge_micros=a.charge_micros,
+                    settled=a.settled,
+                    last_checkpoint_time=a.last_checkpoint_time,
                 )
             )
         count = s.exec(
@@ -328,11 +432,35 @@ class Store:
                     reason=h.reason,
                 )
             )
+        stored_sla = s.exec(
+            select(func.count()).select_from(SlaEventRow).where(SlaEventRow.job_id == job.job_id)
+        ).one()
+        for idx in range(stored_sla, len(job.sla_events)):
+            ev = job.sla_events[idx]
+            s.add(
+                SlaEventRow(
+                    job_id=job.job_id,
+                    idx=idx,
+                    kind=ev.kind.value,
+                    time=ev.time,
+                    attempt=ev.attempt,
+                    seconds=ev.seconds,
+                    credit_micros=ev.credit_micros,
+                    detail=ev.detail,
+                )
+            )
 
     def load(self, core: BrokerCore, now: float | None = None) -> None:
         """Fill an empty core from the database. Live workers get a fresh lease (a grace period)."""
         now = time.time() if now is None else now
         with Session(self.engine) as s:
+            for farm in s.exec(select(FarmRow)):
+                core.farms[farm.id] = farm_terms(farm)
+            core.ledger = [
+                LedgerEntry(r.txn, r.account, r.amount_micros, r.kind, r.job_id, r.attempt, r.time)
+                for r in s.exec(select(LedgerRow).order_by(col(LedgerRow.id)))
+            ]
+            core.ledger_saved = len(core.ledger)
             gpus: dict[str, dict[int, Gpu]] = {}
             for g in s.exec(select(GpuRow)):
                 holder = (g.holder_job_id, g.holder_attempt) if g.holder_job_id else None
@@ -358,6 +486,10 @@ class Store:
                     last_heartbeat=w.last_heartbeat,
                     gpus=gpus.get(w.id, {}),
                     metrics_address=w.metrics_address,
+                    first_seen=w.first_seen,
+                    offline_since=w.offline_since,
+                    offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],  # type: ignore[misc]
+                    outcomes=[tuple(x) for x in json.loads(w.reliability_json)[1]],  # type: ignore[misc]
                 )
             attempts: dict[str, list[Attempt]] = {}
             for a in s.exec(select(AttemptRow).order_by(col(AttemptRow.number))):
@@ -376,6 +508,9 @@ class Store:
                         a.energy_joules,
                         a.last_sequence,
                         a.message,
+                        a.charge_micros,
+                        a.settled,
+                        a.last_checkpoint_time,
                     )
                 )
             history: dict[str, list[HistoryEntry]] = {}
@@ -386,6 +521,13 @@ class Store:
                         JobState(h.from_state) if h.from_state else None,
                         JobState(h.to_state),
                         h.reason,
+                    )
+                )
+            sla: dict[str, list[SlaEvent]] = {}
+            for r in s.exec(select(SlaEventRow).order_by(col(SlaEventRow.idx))):
+                sla.setdefault(r.job_id, []).append(
+                    SlaEvent(
+                        SlaKind(r.kind), r.time, r.attempt, r.seconds, r.credit_micros, r.detail
                     )
                 )
             for j in s.exec(select(JobRow).order_by(col(JobRow.create_time))):
@@ -404,6 +546,10 @@ class Store:
                     ),
                     status_message=j.status_message,
                     exit_code=j.exit_code,
+                    sla_events=sla.get(j.id, []),
+                    credit_micros=j.credit_micros,
+                    checkpoint_sha256=j.checkpoint_sha256,
+                    checkpoint_time=j.checkpoint_time,
                 )
                 core.jobs[j.id] = job
                 if j.request_id:
@@ -436,6 +582,7 @@ def _spec_to_json(spec: JobSpec) -> str:
             "working_dir_sha256": spec.working_dir_sha256,
             "max_attempts": spec.max_attempts,
             "display_name": spec.display_name,
+            "tier": spec.tier.value,
         },
         sort_keys=True,
     )
@@ -445,4 +592,5 @@ def _spec_from_json(text: str) -> JobSpec:
     d = json.loads(text)
     d["command"] = tuple(d["command"])
     d["env"] = tuple((k, v) for k, v in d["env"])
+    d["tier"] = Tier(d.get("tier", "GUARANTEED"))
     return JobSpec(**d)

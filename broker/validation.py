@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 
-from broker.errors import FieldViolation, InvalidArgument
-from broker.model import GpuInfo, JobSpec
+from broker.economics import FarmTerms, TariffWindow, floor_price, format_usd
+from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from broker.model import GpuInfo, JobSpec, Tier
 from rigshift.v1 import farm_pb2, job_pb2, worker_service_pb2
 
 __all__ = [
@@ -113,7 +114,10 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
         v.append(FieldViolation("spec.working_dir_sha256", "must be 64 lowercase hex digits"))
     _in_range(v, "spec.max_attempts", spec.max_attempts, 0, LIMITS["max_attempts"])
     _text(v, "spec.display_name", spec.display_name, LIMITS["string_chars"])
+    if spec.tier not in job_pb2.Tier.values():
+        v.append(FieldViolation("spec.tier", f"unknown tier {spec.tier}"))
     _raise(v)
+    tier = Tier.SPOT if spec.tier == job_pb2.SPOT else Tier.GUARANTEED
     return JobSpec(
         command=tuple(command),
         env=tuple(sorted(spec.env.items())),
@@ -125,20 +129,100 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
         working_dir_sha256=spec.working_dir_sha256,
         max_attempts=spec.max_attempts or default_max_attempts,
         display_name=spec.display_name,
+        tier=tier,
     )
 
 
-def check_farm(farm: farm_pb2.Farm) -> None:
-    """Validate the fields of a farm to create."""
+FARM_FIELDS = (
+    "display_name",
+    "region",
+    "tariff_micros_per_kwh",
+    "pue_permille",
+    "mining_micros_per_kwh",
+    "ask_micros_per_gpu_hour",
+    "broker_fee_permille",
+    "margin_micros_per_gpu_hour",
+    "tariff_windows",
+)
+
+
+def check_farm(farm: farm_pb2.Farm, fields: tuple[str, ...] = FARM_FIELDS) -> None:
+    """Validate the given fields of a farm (all of them on create)."""
     v: list[FieldViolation] = []
-    if not farm.display_name.strip():
-        v.append(FieldViolation("farm.display_name", "is required"))
-    _text(v, "farm.display_name", farm.display_name, 128)
-    _text(v, "farm.region", farm.region, 64)
-    _in_range(v, "farm.tariff_micros_per_kwh", farm.tariff_micros_per_kwh, 0, 100_000_000)
-    if farm.pue_permille:
+    if "display_name" in fields:
+        if not farm.display_name.strip():
+            v.append(FieldViolation("farm.display_name", "is required"))
+        _text(v, "farm.display_name", farm.display_name, 128)
+    if "region" in fields:
+        _text(v, "farm.region", farm.region, 64)
+    if "tariff_micros_per_kwh" in fields:
+        _in_range(v, "farm.tariff_micros_per_kwh", farm.tariff_micros_per_kwh, 0, 100_000_000)
+    if "pue_permille" in fields and farm.pue_permille:
         _in_range(v, "farm.pue_permille", farm.pue_permille, 1000, 5000)
+    if "broker_fee_permille" in fields:
+        _in_range(v, "farm.broker_fee_permille", farm.broker_fee_permille, 0, 1000)
+    if "margin_micros_per_gpu_hour" in fields:
+        hi = LIMITS["price_micros_per_gpu_hour"]
+        _in_range(v, "farm.margin_micros_per_gpu_hour", farm.margin_micros_per_gpu_hour, 0, hi)
+    for name in ("mining_micros_per_kwh", "ask_micros_per_gpu_hour"):
+        if name not in fields:
+            continue
+        table = getattr(farm, name)
+        if len(table) > 64:
+            v.append(FieldViolation(f"farm.{name}", "at most 64 GPU models"))
+        for model, micros in sorted(table.items())[:64]:
+            if not model.strip() or len(model) > 64:
+                v.append(FieldViolation(f"farm.{name}[{model[:40]!r}]", "not a GPU model name"))
+            _in_range(v, f"farm.{name}[{model!r}]", micros, 0, LIMITS["price_micros_per_gpu_hour"])
+    if "tariff_windows" in fields:
+        if len(farm.tariff_windows) > 24:
+            v.append(FieldViolation("farm.tariff_windows", "at most 24 windows"))
+        for i, w in enumerate(farm.tariff_windows[:24]):
+            _in_range(v, f"farm.tariff_windows[{i}].start_hour", w.start_hour, 0, 23)
+            _in_range(v, f"farm.tariff_windows[{i}].end_hour", w.end_hour, 1, 24)
+            if w.start_hour == w.end_hour:
+                v.append(FieldViolation(f"farm.tariff_windows[{i}]", "is empty (start == end)"))
+            _in_range(v, f"farm.tariff_windows[{i}].micros_per_kwh", w.micros_per_kwh, 0, 10**8)
     _raise(v)
+
+
+def terms_from(farm_id: str, farm: farm_pb2.Farm) -> FarmTerms:
+    """FarmTerms from a (validated) Farm message."""
+    return FarmTerms(
+        farm_id=farm_id,
+        tariff_micros_per_kwh=farm.tariff_micros_per_kwh,
+        pue_permille=farm.pue_permille or 1000,
+        broker_fee_permille=farm.broker_fee_permille,
+        margin_micros_per_gpu_hour=farm.margin_micros_per_gpu_hour,
+        mining_micros_per_kwh=tuple(sorted(farm.mining_micros_per_kwh.items())),
+        ask_micros_per_gpu_hour=tuple(sorted(farm.ask_micros_per_gpu_hour.items())),
+        tariff_windows=tuple(
+            TariffWindow(w.start_hour, w.end_hour % 24, w.micros_per_kwh)
+            for w in farm.tariff_windows
+        ),
+    )
+
+
+def check_asks(terms: FarmTerms, watts_by_model: dict[str, int]) -> None:
+    """Refuse any ask under the floor price of its model, with the arithmetic."""
+    v = []
+    for model, ask in terms.ask_micros_per_gpu_hour:
+        floor = floor_price(terms, model, watts_by_model.get(model))
+        if ask < floor.floor_micros:
+            v.append(
+                FieldViolation(
+                    f"farm.ask_micros_per_gpu_hour[{model!r}]",
+                    f"ask {format_usd(ask)}/GPU-h is under the floor "
+                    f"{format_usd(floor.floor_micros)} = max(energy "
+                    f"{format_usd(floor.energy_cost_micros)}, mining "
+                    f"{format_usd(floor.mining_micros)}) + margin "
+                    f"{format_usd(terms.margin_micros_per_gpu_hour)} at {floor.watts} W",
+                )
+            )
+    if v:
+        raise FailedPrecondition(
+            f"{v[0].field}: {v[0].description}", reason="ASK_UNDER_FLOOR", violations=v
+        )
 
 
 def check_gpus(gpus: list[worker_service_pb2.GpuInfo]) -> tuple[GpuInfo, ...]:

@@ -7,14 +7,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from broker.core import BrokerCore
+from broker.economics import FarmTerms
 from broker.errors import FailedPrecondition
 from broker.events import (
     Assign,
+    AttemptCheckpointed,
     AttemptFinished,
     AttemptLog,
     AttemptStarted,
     CancelRequested,
     DrainRequested,
+    FarmConfigured,
     Heartbeat,
     JobSubmitted,
     SchedulePass,
@@ -22,7 +25,7 @@ from broker.events import (
     WorkerRegistered,
 )
 from broker.invariants import validate_state
-from broker.model import TERMINAL_JOB_STATES, GpuInfo, JobSpec, JobState
+from broker.model import TERMINAL_JOB_STATES, GpuInfo, JobSpec, JobState, Tier
 
 MODELS = ("RTX 3060", "RTX 3090")
 TTL = 10.0
@@ -31,7 +34,7 @@ TTL = 10.0
 class CoreMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self) -> None:
-        self.core = BrokerCore(lease_ttl_s=TTL)
+        self.core = BrokerCore(lease_ttl_s=TTL, start_deadline_s=5.0)
         self.now = 0.0
         self.n_jobs = 0
         self.assigned: list[tuple[str, str, int]] = []  # (worker, job, attempt) ever assigned
@@ -71,14 +74,24 @@ class CoreMachine(RuleBasedStateMachine):
         worker = data.draw(st.sampled_from(sorted(self.core.workers)))
         self._apply(DrainRequested(self.now, worker))
 
+    @rule(fee=st.integers(0, 1000), ask=st.integers(0, 3_000_000))
+    def configure_farm(self, fee: int, ask: int) -> None:
+        terms = FarmTerms(
+            "f", broker_fee_permille=fee, ask_micros_per_gpu_hour=(("RTX 3090", ask),)
+        )
+        self._apply(FarmConfigured(self.now, terms))
+
     @rule(
         gpus=st.integers(1, 4),
         model=st.sampled_from(("", *MODELS)),
         attempts=st.integers(1, 3),
+        tier=st.sampled_from(Tier),
     )
-    def submit(self, gpus: int, model: str, attempts: int) -> None:
+    def submit(self, gpus: int, model: str, attempts: int, tier: Tier) -> None:
         self.n_jobs += 1
-        spec = JobSpec(command=("x",), gpu_count=gpus, gpu_model=model, max_attempts=attempts)
+        spec = JobSpec(
+            command=("x",), gpu_count=gpus, gpu_model=model, max_attempts=attempts, tier=tier
+        )
         self._apply(JobSubmitted(self.now, f"j{self.n_jobs}", "c", spec))
 
     @rule()
@@ -97,7 +110,7 @@ class CoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.assigned)
     @rule(
         data=st.data(),
-        kind=st.sampled_from(["started", "log", "finished"]),
+        kind=st.sampled_from(["started", "log", "checkpoint", "finished"]),
         exit_code=st.sampled_from([0, 0, 1]),
         replay=st.booleans(),
     )
@@ -110,6 +123,7 @@ class CoreMachine(RuleBasedStateMachine):
         event = {
             "started": AttemptStarted(*base),
             "log": AttemptLog(*base, data="x"),
+            "checkpoint": AttemptCheckpointed(*base, sha256="ab" * 32),
             "finished": AttemptFinished(*base, exit_code=exit_code),
         }[kind]
         before = self.core.jobs[job].state
@@ -142,3 +156,32 @@ CoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestCoreMachine = CoreMachine.TestCase
+
+
+def test_ledger_of_a_random_run_settles_each_ended_attempt_once():
+    """A concrete run (no Hypothesis): preemption, loss and completion all settle once."""
+    core = BrokerCore(lease_ttl_s=TTL)
+    core.handle(FarmConfigured(0.0, FarmTerms("f", broker_fee_permille=150)))
+    core.handle(
+        WorkerRegistered(
+            0.0, "w", "f", "rig", "1", (GpuInfo(0, "u", "RTX 3090", 24576, 350, 1_000_000),)
+        )
+    )
+    core.handle(JobSubmitted(0.0, "spot", "c", JobSpec(command=("x",), tier=Tier.SPOT)))
+    core.handle(SchedulePass(0.0))
+    core.handle(AttemptStarted(1.0, "w", "spot", 1, 1))
+    core.handle(Heartbeat(3.0, "w"))
+    core.handle(JobSubmitted(3.0, "gold", "c", JobSpec(command=("x",))))
+    core.handle(SchedulePass(3.6))  # preempts the spot job after 2.6 s of work
+    validate_state(core)
+    spot = core.jobs["spot"].attempts[0]
+    # 2600 ms x $0.60/h (spot = 60% of $1.00) = 2600 x 600000 / 3.6e6 = 433.3 -> 433
+    assert (spot.state, spot.charge_micros) == ("PREEMPTED", 433)
+    legs = [e for e in core.ledger if e.txn == "settle:spot:1"]
+    # fee 15% of 433 = 64 (rounded down), payout 369
+    assert [(e.account, e.amount_micros) for e in legs] == [
+        ("client:c", -433),
+        ("farm:f", 369),
+        ("broker:fees", 64),
+    ]
+    assert sum(e.amount_micros for e in core.ledger) == 0

@@ -396,7 +396,7 @@ def _reference(snapshot: Snapshot) -> list[tuple[str, object]]:
     return out
 
 
-def _key(group: tuple[str, str, int, int], free: int, n: int) -> tuple[int, int, str, int, str]:
+def _key(group: tuple[str, str, int, int], free: int, n: int) -> tuple[int, int, int, str, int, str]:
     worker_id, model, vram, price = group
     return choice_key(price, free, n, worker_id, vram, model)
 
@@ -464,3 +464,18 @@ def test_properties(snapshot: Snapshot, rnd: random.Random) -> None:
 
 def _placed(result: SchedulingResult) -> set[str]:
     return {p.job_id for p in result.placements}
+
+
+def test_more_reliable_worker_wins_a_tie_on_price_and_fit():
+    # Same price, same leftover (8 - 1 = 7 on both): reliability decides (-990 < -700),
+    # even though "w-a" sorts first by id.
+    flaky = WorkerCapacity("w-a", make_worker("w-a").gpus, reliability_permille=700)
+    solid = WorkerCapacity("w-b", make_worker("w-b").gpus, reliability_permille=990)
+    result = place(make_snapshot([make_job("j1")], [flaky, solid]))
+    assert result.placements[0].worker_id == "w-b"
+    # Price still comes first: a cheaper flaky worker beats a dearer reliable one.
+    cheap = WorkerCapacity(
+        "w-a", make_worker("w-a", price_micros_per_gpu_hour=100_000).gpus, reliability_permille=700
+    )
+    result = place(make_snapshot([make_job("j1")], [cheap, solid]))
+    assert result.placements[0].worker_id == "w-a"
