@@ -8,7 +8,7 @@ import signal
 
 import click
 
-__all__ = ["broker_group"]
+__all__ = ["admin_group", "broker_group"]
 
 
 @click.group("broker")
@@ -21,10 +21,33 @@ def broker_group() -> None:
 @click.option("--db", "db_url", default="", help="SQLAlchemy URL [default: SQLite in --home].")
 @click.option("--home", default=".rigshift", show_default=True, help="Data directory.")
 @click.option("--artifact-dir", default="", help="Archive store [default: HOME/artifacts].")
-@click.option("--metrics-listen", default="", help="host:port for /metrics (off when empty).")
+@click.option(
+    "--metrics-listen", default="", help="host:port for /metrics and /sd (off when empty)."
+)
 @click.option("--lease-ttl-s", default=15.0, show_default=True, type=float)
 @click.option("--heartbeat-interval-s", default=3.0, show_default=True, type=float)
 @click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option(
+    "--spot-percent",
+    default=60,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Spot jobs pay this share of the ask.",
+)
+@click.option(
+    "--start-deadline-s",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Guaranteed jobs starting later than this earn an SLA credit.",
+)
+@click.option(
+    "--broker-fee-percent",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, 100),
+    help="Fee for farms that do not set their own.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(
     listen: str,
@@ -35,6 +58,9 @@ def serve(
     lease_ttl_s: float,
     heartbeat_interval_s: float,
     max_attempts: int,
+    spot_percent: int,
+    start_deadline_s: float,
+    broker_fee_percent: float,
     log_level: str,
 ) -> None:
     """Serve the rigshift.v1 API until SIGTERM or SIGINT, then stop gracefully."""
@@ -50,19 +76,20 @@ def serve(
             lease_ttl_s=lease_ttl_s,
             heartbeat_interval_s=heartbeat_interval_s,
             default_max_attempts=max_attempts,
+            metrics_listen=metrics_listen,
+            spot_permille=spot_percent * 10,
+            start_deadline_s=start_deadline_s,
+            broker_fee_permille=round(broker_fee_percent * 10),
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    if metrics_listen:
-        host, _, port = metrics_listen.rpartition(":")
-        from prometheus_client import start_http_server
-
-        start_http_server(int(port), addr=host or "127.0.0.1")
 
     async def main() -> None:
         broker = Broker(config)
         await broker.start()
         click.echo(f"rigshift broker listening on {broker.address}")
+        if broker.metrics_address:
+            click.echo(f"rigshift broker metrics on http://{broker.metrics_address}/metrics")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,3 +101,49 @@ def serve(
         asyncio.run(main())
     except OSError as err:
         raise click.ClickException(f"cannot serve on {listen}: {err}") from err
+
+
+@click.group("admin")
+def admin_group() -> None:
+    """Operate on the broker's database directly (ops)."""
+
+
+@admin_group.command("verify-ledger")
+@click.option("--db", "db_url", default="", help="SQLAlchemy URL [default: SQLite in --home].")
+@click.option("--home", default=".rigshift", show_default=True, help="Data directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_ledger_command(db_url: str, home: str, as_json: bool) -> None:
+    """Check that the ledger balances and every finished attempt is settled exactly once.
+
+    Exits 0 when it does; otherwise prints the first discrepancy (all of them with
+    --json) and exits 1.
+    """
+    import json
+    from pathlib import Path
+
+    from broker.ledger import verify_ledger
+    from broker.store import Store
+
+    if not db_url:
+        path = Path(home) / "broker.db"
+        if not path.exists():
+            raise click.ClickException(f"no broker database at {path} (use --db or --home)")
+        db_url = f"sqlite:///{path}"
+    store = Store(db_url)
+    try:
+        problems, summary = verify_ledger(store)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems, **summary}))
+    elif problems:
+        click.echo(f"ledger NOT OK: {problems[0]}", err=True)
+        if len(problems) > 1:
+            click.echo(f"({len(problems) - 1} more discrepancies; --json lists all)", err=True)
+    else:
+        click.echo(
+            f"ledger OK: {summary['entries']} entries in {summary['transactions']} transactions "
+            f"balance to 0; {summary['settled_attempts']} attempts settled exactly once"
+        )
+    if problems:
+        raise SystemExit(1)

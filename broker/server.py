@@ -15,10 +15,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from broker.api import ArtifactServicer, FarmServicer, JobServicer, WorkerServicer
 from broker.artifacts import ArtifactStore
 from broker.core import BrokerCore
+from broker.metrics import BrokerMetrics, FarmNames, MetricsServer, default_registry
 from broker.service import BrokerService
 from broker.store import Store
 from rigshift.v1 import (
@@ -62,12 +64,20 @@ class BrokerConfig:
     """How often agents are told to renew (must be well under the TTL)."""
     default_max_attempts: int = 3
     """Attempts a job gets when its spec does not say."""
+    spot_permille: int = 600
+    """Spot jobs pay this share of the ask, in thousandths (600 = 60%)."""
+    start_deadline_s: float = 60.0
+    """A guaranteed job that starts later than this after submission earns a credit."""
+    broker_fee_permille: int = 100
+    """The broker's fee for farms that do not set one, thousandths of each charge."""
     max_message_bytes: int = 4 << 20
     """Largest gRPC message accepted."""
     max_artifact_bytes: int = 100 << 20
     """Largest uploaded archive."""
     grace_s: float = 5.0
     """How long stop() lets in-flight RPCs finish."""
+    metrics_listen: str = ""
+    """host:port for ``/metrics`` and ``/sd`` (Prometheus); empty: off; port 0 picks a free port."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s * 3 > self.lease_ttl_s:
@@ -87,9 +97,12 @@ class BrokerConfig:
 class Broker:
     """One broker: store, core, servicers and loops. Use ``async with`` or start()/stop()."""
 
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, *, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.port = 0
+        self.registry = registry if registry is not None else default_registry()
+        self.metrics: BrokerMetrics | None = None
+        self._metrics_server: MetricsServer | None = None
         self.store: Store | None = None
         self.service: BrokerService | None = None
         self._server: grpc.aio.Server | None = None
@@ -103,15 +116,30 @@ class Broker:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
+    @property
+    def metrics_address(self) -> str:
+        """host:port of ``/metrics`` and ``/sd``; empty when ``metrics_listen`` is off."""
+        return self._metrics_server.address if self._metrics_server is not None else ""
+
     async def start(self) -> None:
         """Open the store, rebuild the core from it, bind and serve."""
         cfg = self.config
         self.store = Store(cfg.resolved_db_url())
         core = BrokerCore(
-            lease_ttl_s=cfg.lease_ttl_s, default_max_attempts=cfg.default_max_attempts
+            lease_ttl_s=cfg.lease_ttl_s,
+            default_max_attempts=cfg.default_max_attempts,
+            spot_permille=cfg.spot_permille,
+            start_deadline_s=cfg.start_deadline_s,
+            default_fee_permille=cfg.broker_fee_permille,
         )
         self.store.load(core)
-        svc = self.service = BrokerService(core, self.store)
+        store = self.store
+        farm_name = FarmNames(lambda farm_id: store.get_farm(farm_id).display_name)
+        metrics = self.metrics = BrokerMetrics(core, self.registry, farm_name=farm_name)
+        svc = self.service = BrokerService(core, self.store, metrics=metrics)
+        if cfg.metrics_listen:
+            self._metrics_server = MetricsServer(self.registry, metrics.sd_targets)
+            await self._metrics_server.start(cfg.metrics_listen)
         artifacts = ArtifactStore(
             cfg.artifact_dir or Path(cfg.home) / "artifacts", cfg.max_artifact_bytes
         )
@@ -120,7 +148,9 @@ class Broker:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = self._server = grpc.aio.server(options=options)
+        server = self._server = grpc.aio.server(
+            options=options, interceptors=[metrics.interceptor()]
+        )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(svc, cfg.default_max_attempts), server
         )
@@ -167,6 +197,8 @@ class Broker:
                 await self.service.stop_loops()
             if self._server is not None:
                 await self._server.stop(self.config.grace_s)
+            if self._metrics_server is not None:
+                await self._metrics_server.stop()
             if self.store is not None:
                 self.store.close()
         finally:

@@ -20,6 +20,7 @@ from broker.convert import assignment_pb
 from broker.core import BrokerCore
 from broker.errors import PermissionDenied, Unauthenticated
 from broker.events import AppendLog, Assign, Cancel, Command, Event, SchedulePass, Tick
+from broker.metrics import BrokerMetrics
 from rigshift.v1 import worker_service_pb2
 
 __all__ = ["BrokerService", "sha256_hex"]
@@ -35,10 +36,18 @@ def sha256_hex(secret: str) -> str:
 class BrokerService:
     """State, persistence and fan-out shared by all servicers of one broker process."""
 
-    def __init__(self, core: BrokerCore, store, *, clock: Callable[[], float] = time.time):  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self,
+        core: BrokerCore,
+        store,
+        *,
+        clock: Callable[[], float] = time.time,
+        metrics: BrokerMetrics | None = None,
+    ):
         self.core = core
         self.store = store
         self.clock = clock
+        self.metrics = metrics
         self._lock = asyncio.Lock()
         self._schedule_wanted = asyncio.Event()
         self._subscribers: dict[str, set[asyncio.Event]] = {}
@@ -54,7 +63,11 @@ class BrokerService:
             cmds: list[Command] = []
             try:
                 for ev in events:
-                    cmds += self.core.handle(ev)
+                    started = time.perf_counter()
+                    new = self.core.handle(ev)
+                    if self.metrics is not None:
+                        self.metrics.observe(ev, new, time.perf_counter() - started)
+                    cmds += new
             finally:
                 # Persist whatever was applied, even when a later event was refused.
                 jobs, workers = self.core.take_dirty()

@@ -1,0 +1,574 @@
+"""Every metric the broker exports, in one module (STYLE.md 8).
+
+Two kinds of series live here:
+
+* **State** (jobs, workers and GPUs by state, energy and revenue by farm, the
+  oldest pending job) is read from ``BrokerCore`` at scrape time by
+  :class:`FleetCollector`, so nothing has to keep a gauge in step with the core.
+* **Events** (submissions, completions, requeues, placements, queue wait,
+  scheduling pass duration, lease expirations, SLA events, RPCs) are counters
+  and histograms fed by the shell: :meth:`BrokerMetrics.observe` sees every
+  event ``BrokerService.apply`` hands to the core and the commands it caused,
+  and :class:`RpcMetricsInterceptor` sees every RPC.
+
+The registry is injected (tests read values with ``registry.get_sample_value``).
+Names follow the Prometheus naming guide: ``rigshift_`` prefix, base units,
+``_total`` on counters. Labels are bounded — farm, gpu_model, state, tier,
+method, code, kind — never a job, attempt or worker id. ``docs/metrics.md``
+lists every series.
+
+:class:`MetricsServer` serves ``/metrics`` and ``/sd`` (Prometheus HTTP service
+discovery of the agents' exporters) on the broker's event loop, so the
+collector reads the core from the only thread that changes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from enum import Enum
+from typing import Any
+
+import grpc
+from aiohttp import web
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from broker.core import Attempt, BrokerCore, Job, Worker
+from broker.events import (
+    Assign,
+    Command,
+    Event,
+    SchedulePass,
+    Tick,
+    Transition,
+    WorkerRegistered,
+    WorkerTransition,
+)
+from broker.model import TERMINAL_JOB_STATES, AttemptState, JobState, WorkerState
+
+__all__ = [
+    "ALLOWED_LABELS",
+    "SLA_EVENT_KINDS",
+    "TIERS",
+    "BrokerMetrics",
+    "FarmNames",
+    "FleetCollector",
+    "MetricsServer",
+    "RpcMetricsInterceptor",
+    "default_registry",
+    "revenue_micros",
+    "sd_targets",
+]
+
+log = logging.getLogger("rigshift.broker.metrics")
+
+TIERS = ("guaranteed", "spot")
+"""SLA tiers (``JobSpec.tier`` once economics land; until then every job is guaranteed)."""
+SLA_EVENT_KINDS = ("start_deadline_missed", "interruption", "lost_work", "heartbeat_gap")
+"""Kinds of ``SlaEvent`` (PRODUCT.md); the counter exists now and stays at zero until SLAs land."""
+ALLOWED_LABELS = frozenset({"farm", "gpu_model", "state", "tier", "method", "code", "kind", "le"})
+"""Every label a ``rigshift_`` series of the broker may carry (all of them bounded)."""
+GPU_STATES = ("allocated", "free", "unavailable")
+"""allocated: held by an attempt; free: idle on an ONLINE worker; unavailable: idle elsewhere."""
+
+QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+PASS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 300, 3600)
+
+MICROS_PER_USD = 1_000_000
+MS_PER_HOUR = 3_600_000
+
+
+def default_registry() -> CollectorRegistry:
+    """A fresh registry with the standard process, platform and GC collectors."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def tier_of(job: Job) -> str:
+    """The job's tier label: ``guaranteed`` unless its spec says otherwise (bounded to TIERS)."""
+    tier: Any = getattr(job.spec, "tier", "guaranteed")
+    if isinstance(tier, Enum):
+        tier = tier.name
+    name = str(tier).lower().removeprefix("tier_")
+    return name if name in TIERS else "guaranteed"
+
+
+def _state_label(state: Enum) -> str:
+    return str(state.value).lower()
+
+
+def revenue_micros(attempt: Attempt) -> int:
+    """What one attempt earned, in integer micro-dollars (0 unless it ended billable).
+
+    GPU-milliseconds x price per GPU-hour / 3.6e6 for an attempt whose process
+    ended and was reported (a LOST attempt is not billed). This stands
+    in for the ledger until the economics issue lands; then
+    ``rigshift_farm_revenue_usd_total`` becomes the ledger's farm payout figure.
+    """
+    if attempt.live or attempt.state == AttemptState.LOST or attempt.end_time is None:
+        return 0
+    return (
+        attempt.gpu_milliseconds(attempt.end_time)
+        * attempt.price_micros_per_gpu_hour
+        // (MS_PER_HOUR)
+    )
+
+
+def dominant_model(worker: Worker) -> str:
+    """The GPU model most of the worker's GPUs have (ties: alphabetical)."""
+    counts = collections.Counter(g.info.model for g in worker.gpus.values())
+    if not counts:
+        return ""
+    return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+class FarmNames:
+    """Farm id → display name, looked up once per farm (names do not change)."""
+
+    def __init__(self, lookup: Callable[[str], str] | None = None) -> None:
+        self._lookup = lookup
+        self._names: dict[str, str] = {}
+
+    def __call__(self, farm_id: str) -> str:
+        name = self._names.get(farm_id)
+        if name is None:
+            try:
+                name = (self._lookup(farm_id) if self._lookup else "") or farm_id
+            except Exception:  # an unknown farm is labelled by its id
+                return farm_id
+            self._names[farm_id] = name
+        return name
+
+
+_FLEET_FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("rigshift_jobs", "gauge", ("state", "tier"), "Jobs by state and tier."),
+    (
+        "rigshift_job_queue_oldest_wait_seconds",
+        "gauge",
+        ("tier",),
+        "How long the oldest PENDING job has been waiting (0 when none is).",
+    ),
+    ("rigshift_workers", "gauge", ("farm", "state"), "Workers by farm and state."),
+    (
+        "rigshift_gpus",
+        "gauge",
+        ("farm", "gpu_model", "state"),
+        "GPUs by farm, model and state (allocated, free, unavailable).",
+    ),
+    (
+        "rigshift_farm_gpu_power_limit_watts",
+        "gauge",
+        ("farm",),
+        "Sum of the power limits of the GPUs on a farm's ONLINE and DRAINING workers.",
+    ),
+    (
+        "rigshift_farm_energy_joules",
+        "counter",
+        ("farm",),
+        "Energy agents metered for AI attempts on a farm's GPUs.",
+    ),
+    (
+        "rigshift_farm_revenue_usd",
+        "counter",
+        ("farm",),
+        "What finished attempts on a farm's GPUs earned (GPU-time x price until the ledger "
+        "lands, then the ledger's farm payout).",
+    ),
+    (
+        "rigshift_farm_mining_usd_per_kwh",
+        "gauge",
+        ("farm",),
+        "What mining would pay the farm per kWh (0 until farm economics land).",
+    ),
+    (
+        "rigshift_ledger_imbalance_micros",
+        "gauge",
+        (),
+        "Sum of all ledger entries in micro-dollars; must be 0 (0 until the ledger lands).",
+    ),
+)
+
+
+def _family(name: str, kind: str, labels: tuple[str, ...], doc: str) -> Metric:
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    return cls(name, doc, labels=list(labels))
+
+
+class FleetCollector(Collector):
+    """Gauges and state-derived counters, computed from the core at scrape time."""
+
+    def __init__(
+        self,
+        core: BrokerCore,
+        farm_name: Callable[[str], str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.farm_name = farm_name
+        self.clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        return [_family(*f) for f in _FLEET_FAMILIES]
+
+    def collect(self) -> Iterator[Metric]:
+        samples = self.samples()
+        for spec in _FLEET_FAMILIES:
+            family = _family(*spec)
+            for labels, value in sorted(samples[spec[0]].items()):
+                family.add_metric(list(labels), value)  # type: ignore[attr-defined]
+            yield family
+
+    def samples(self) -> dict[str, dict[tuple[str, ...], float]]:
+        """Family name -> label values -> value, read from the core now."""
+        now, core, farm_name = self.clock(), self.core, self.farm_name
+        out: dict[str, dict[tuple[str, ...], float]] = {f[0]: {} for f in _FLEET_FAMILIES}
+        jobs = out["rigshift_jobs"]
+        oldest = out["rigshift_job_queue_oldest_wait_seconds"]
+        for tier in TIERS:
+            oldest[(tier,)] = 0.0
+            for s in JobState:
+                jobs[(_state_label(s), tier)] = 0
+        energy: dict[str, int] = collections.defaultdict(int)  # by farm id
+        revenue: dict[str, int] = collections.defaultdict(int)  # micro-dollars by farm id
+        for job in core.jobs.values():
+            tier = tier_of(job)
+            jobs[(_state_label(job.state), tier)] += 1
+            if job.state == JobState.PENDING and job.history:
+                waited = max(0.0, now - job.history[-1].time)
+                oldest[(tier,)] = max(oldest[(tier,)], waited)
+            for attempt in job.attempts:
+                if attempt.energy_joules or attempt.end_time is not None:
+                    farm_id = core.workers[attempt.worker_id].farm_id
+                    energy[farm_id] += attempt.energy_joules
+                    revenue[farm_id] += revenue_micros(attempt)
+
+        workers, gpus = out["rigshift_workers"], out["rigshift_gpus"]
+        power = out["rigshift_farm_gpu_power_limit_watts"]
+        for w in core.workers.values():
+            farm = farm_name(w.farm_id)
+            if (farm,) not in power:
+                power[(farm,)] = 0
+                out["rigshift_farm_mining_usd_per_kwh"][(farm,)] = 0.0
+                out["rigshift_farm_energy_joules"][(farm,)] = 0
+                out["rigshift_farm_revenue_usd"][(farm,)] = 0.0
+                for ws in WorkerState:
+                    workers[(farm, _state_label(ws))] = 0
+            workers[(farm, _state_label(w.state))] += 1
+            for gpu in w.gpus.values():
+                model = gpu.info.model
+                if (farm, model, "free") not in gpus:
+                    for gs in GPU_STATES:
+                        gpus[(farm, model, gs)] = 0
+                if gpu.holder is not None:
+                    state = "allocated"
+                elif w.state == WorkerState.ONLINE:
+                    state = "free"
+                else:
+                    state = "unavailable"
+                gpus[(farm, model, state)] += 1
+                if w.state != WorkerState.OFFLINE:
+                    power[(farm,)] += gpu.info.power_limit_watts
+        for farm_id, joules in energy.items():
+            out["rigshift_farm_energy_joules"][(farm_name(farm_id),)] += joules
+        for farm_id, micros in revenue.items():
+            out["rigshift_farm_revenue_usd"][(farm_name(farm_id),)] += micros / MICROS_PER_USD
+        out["rigshift_ledger_imbalance_micros"][()] = 0
+        return out
+
+
+class BrokerMetrics:
+    """The broker's counters and histograms, plus the fleet collector, in one registry."""
+
+    def __init__(
+        self,
+        core: BrokerCore,
+        registry: CollectorRegistry,
+        *,
+        farm_name: Callable[[str], str] = str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.registry = registry
+        self.farm_name = farm_name
+        r = registry
+        self.submitted = Counter("rigshift_jobs_submitted", "Jobs accepted.", ["tier"], registry=r)
+        self.completed = Counter(
+            "rigshift_jobs_completed",
+            "Jobs that reached a final state, by that state.",
+            ["state", "tier"],
+            registry=r,
+        )
+        self.requeued = Counter(
+            "rigshift_jobs_requeued",
+            "Jobs sent back to PENDING after losing their attempt.",
+            ["tier"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "rigshift_job_queue_wait_seconds",
+            "Time a job spent PENDING before it was SCHEDULED (each placement).",
+            ["tier"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.placements = Counter(
+            "rigshift_placements",
+            "Attempts placed on a worker, by GPU model.",
+            ["gpu_model", "tier"],
+            registry=r,
+        )
+        self.schedule_pass = Histogram(
+            "rigshift_scheduling_pass_duration_seconds",
+            "Time one scheduling pass took in the core.",
+            buckets=PASS_BUCKETS,
+            registry=r,
+        )
+        self.lease_expirations = Counter(
+            "rigshift_worker_lease_expirations",
+            "Workers that went OFFLINE because their heartbeats stopped.",
+            ["farm"],
+            registry=r,
+        )
+        self.sla_events = Counter(
+            "rigshift_sla_events",
+            "SLA events by kind (stays 0 until SLA tiers land).",
+            ["kind"],
+            registry=r,
+        )
+        self.rpc_requests = Counter(
+            "rigshift_grpc_requests",
+            "RPCs handled, by full method name and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            "rigshift_grpc_request_duration_seconds",
+            "RPC latency (streams: until the stream ended), by method and status code.",
+            ["method", "code"],
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        for tier in TIERS:
+            self.submitted.labels(tier)
+            self.requeued.labels(tier)
+            self.queue_wait.labels(tier)
+            for s in TERMINAL_JOB_STATES:
+                self.completed.labels(_state_label(s), tier)
+        for kind in SLA_EVENT_KINDS:
+            self.sla_events.labels(kind)
+        self.fleet = FleetCollector(core, farm_name, clock)
+        registry.register(self.fleet)
+
+    def observe(self, event: Event, cmds: list[Command], elapsed_s: float) -> None:
+        """Count what one event handled by the core did (called by ``BrokerService.apply``).
+
+        Never raises: a bug here must not undo a decision the core already made.
+        """
+        try:
+            self._observe(event, cmds, elapsed_s)
+        except Exception:
+            log.exception("metrics: cannot observe %s", type(event).__name__)
+
+    def _observe(self, event: Event, cmds: list[Command], elapsed_s: float) -> None:
+        if isinstance(event, SchedulePass):
+            self.schedule_pass.observe(elapsed_s)
+        elif isinstance(event, WorkerRegistered):
+            self.lease_expirations.labels(self.farm_name(event.farm_id))  # the series exists at 0
+        for cmd in cmds:
+            if isinstance(cmd, Transition):
+                self._transition(event, cmd)
+            elif isinstance(cmd, Assign):
+                worker = self.core.workers[cmd.worker_id]
+                gpu = worker.gpus.get(cmd.gpu_indices[0]) if cmd.gpu_indices else None
+                model = gpu.info.model if gpu is not None else ""
+                self.placements.labels(model, tier_of(self.core.jobs[cmd.job_id])).inc()
+            elif (
+                isinstance(cmd, WorkerTransition)
+                and isinstance(event, Tick)
+                and cmd.to_state == WorkerState.OFFLINE
+            ):
+                farm_id = self.core.workers[cmd.worker_id].farm_id
+                self.lease_expirations.labels(self.farm_name(farm_id)).inc()
+
+    def _transition(self, event: Event, cmd: Transition) -> None:
+        job = self.core.jobs[cmd.job_id]
+        tier = tier_of(job)
+        if cmd.from_state is None:
+            self.submitted.labels(tier).inc()
+        elif cmd.to_state in TERMINAL_JOB_STATES:
+            self.completed.labels(_state_label(cmd.to_state), tier).inc()
+        elif cmd.to_state == JobState.PENDING:
+            self.requeued.labels(tier).inc()
+        elif cmd.to_state == JobState.SCHEDULED:
+            since = _pending_since(job)
+            if since is not None:
+                self.queue_wait.labels(tier).observe(max(0.0, event.now - since))
+
+    def interceptor(self) -> RpcMetricsInterceptor:
+        """A gRPC server interceptor feeding the RPC counters."""
+        return RpcMetricsInterceptor(self.rpc_requests, self.rpc_duration)
+
+    def sd_targets(self) -> list[dict[str, Any]]:
+        """Prometheus HTTP SD target groups of the agents' exporters."""
+        return sd_targets(self.core, self.farm_name)
+
+
+def _pending_since(job: Job) -> float | None:
+    """When the job last entered PENDING before its latest SCHEDULED."""
+    for i in range(len(job.history) - 1, 0, -1):
+        if job.history[i].to_state == JobState.SCHEDULED:
+            prev = job.history[i - 1]
+            return prev.time if prev.to_state == JobState.PENDING else None
+    return None
+
+
+def sd_targets(core: BrokerCore, farm_name: Callable[[str], str]) -> list[dict[str, Any]]:
+    """One target group per ONLINE/DRAINING worker that reported a metrics address."""
+    groups = []
+    for w in sorted(core.workers.values(), key=lambda w: w.worker_id):
+        if w.state == WorkerState.OFFLINE or not w.metrics_address:
+            continue
+        labels = {"farm": farm_name(w.farm_id), "gpu_model": dominant_model(w)}
+        groups.append({"targets": [w.metrics_address], "labels": labels})
+    return groups
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC and its latency by full method name and status code.
+
+    Only methods the server implements are measured, so a client cannot grow
+    the ``method`` label by calling made-up names.
+    """
+
+    def __init__(self, requests: Counter, duration: Histogram) -> None:
+        self.requests = requests
+        self.duration = duration
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.lstrip("/")  # type: ignore[attr-defined]
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                wrapped = self._wrap(method, behavior)
+                return handler._replace(**{kind: wrapped}) if wrapped else handler
+        return handler
+
+    def _record(
+        self, method: str, context: Any, started: float, error: BaseException | None
+    ) -> None:
+        code = context.code()
+        if code is None:
+            if error is None:
+                name = "OK"
+            elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+                name = "CANCELLED"
+            else:
+                name = "UNKNOWN"
+        else:
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        self.requests.labels(method, name).inc()
+        self.duration.labels(method, name).observe(time.perf_counter() - started)
+
+    def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any] | None:
+        record = self._record
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: Any) -> Any:
+                started, error = time.perf_counter(), None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as err:
+                    error = err
+                    raise
+                finally:
+                    record(method, context, started, error)
+
+            return stream
+        if inspect.iscoroutinefunction(behavior):
+
+            async def unary(request: Any, context: Any) -> Any:
+                started, error = time.perf_counter(), None
+                try:
+                    return await behavior(request, context)
+                except BaseException as err:
+                    error = err
+                    raise
+                finally:
+                    record(method, context, started, error)
+
+            return unary
+        return None  # a synchronous handler: left unmeasured
+
+
+class MetricsServer:
+    """``/metrics`` and ``/sd`` over HTTP, served on the broker's own event loop."""
+
+    def __init__(self, registry: CollectorRegistry, sd: Callable[[], list[dict[str, Any]]]):
+        self.registry = registry
+        self.sd = sd
+        self.address = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, listen: str) -> str:
+        """Bind ``host:port`` (port 0 picks a free one) and return the bound host:port."""
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+            sock.setblocking(False)
+        except (OSError, ValueError) as err:
+            sock.close()
+            raise OSError(f"cannot serve metrics on {listen}: {err}") from err
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/sd", self._sd)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        bound = sock.getsockname()[1]
+        self.address = f"[{host}]:{bound}" if family == socket.AF_INET6 else f"{host}:{bound}"
+        return self.address
+
+    async def stop(self) -> None:
+        """Stop serving (safe to call twice)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _sd(self, request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(self.sd()), content_type="application/json")

@@ -1,0 +1,221 @@
+"""broker.metrics against the pure core: registry values after events, bounded labels.
+
+Events go through the core exactly as ``BrokerService.apply`` feeds them, then
+through ``BrokerMetrics.observe``; values are read with ``get_sample_value``.
+"""
+
+from __future__ import annotations
+
+import enum
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from broker.core import BrokerCore
+from broker.events import (
+    Assign,
+    AttemptFinished,
+    AttemptProgress,
+    AttemptStarted,
+    CancelRequested,
+    DrainRequested,
+    Heartbeat,
+    JobSubmitted,
+    SchedulePass,
+    Tick,
+    WorkerRegistered,
+)
+from broker.metrics import ALLOWED_LABELS, SLA_EVENT_KINDS, BrokerMetrics, sd_targets, tier_of
+from broker.model import GpuInfo, JobSpec
+
+TTL = 15.0
+FARMS = {"f1": "Farm A", "f2": "Farm B"}
+
+
+def gpus(n: int, model: str = "RTX 3090", price: int = 300_000, start: int = 0):
+    return tuple(GpuInfo(i, f"SIM-{i}", model, 24576, 350, price) for i in range(start, start + n))
+
+
+def spec(gpu_count: int = 1, **kw) -> JobSpec:
+    return JobSpec(command=("python", "train.py"), gpu_count=gpu_count, **kw)
+
+
+class Harness:
+    """A core, its metrics and a clock; ``apply`` does what the shell does for metrics."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.core = BrokerCore(lease_ttl_s=TTL)
+        self.registry = CollectorRegistry()
+        self.metrics = BrokerMetrics(
+            self.core, self.registry, farm_name=FARMS.get, clock=lambda: self.now
+        )
+
+    def apply(self, event, elapsed_s: float = 0.001):
+        self.now = max(self.now, event.now)
+        cmds = self.core.handle(event)
+        self.metrics.observe(event, cmds, elapsed_s)
+        return cmds
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+def h() -> Harness:
+    h = Harness()
+    h.apply(WorkerRegistered(0.0, "w1", "f1", "rig-1", "1.0", gpus(2), "rig-1:9400"))
+    return h
+
+
+def test_submission_placement_and_success(h: Harness):
+    h.apply(JobSubmitted(10.0, "j1", "alice", spec(2)))
+    h.apply(JobSubmitted(11.0, "j2", "alice", spec(1)))
+    cmds = h.apply(SchedulePass(15.0), elapsed_s=0.002)
+    assert [c.job_id for c in cmds if isinstance(c, Assign)] == ["j1"]  # j2 waits: no GPU left
+    assert h.value("rigshift_jobs_submitted_total", tier="guaranteed") == 2
+    assert h.value("rigshift_placements_total", gpu_model="RTX 3090", tier="guaranteed") == 1
+    # Queue wait: PENDING at 10 s, SCHEDULED at 15 s.
+    assert h.value("rigshift_job_queue_wait_seconds_count", tier="guaranteed") == 1
+    assert h.value("rigshift_job_queue_wait_seconds_sum", tier="guaranteed") == 5.0
+    assert h.value("rigshift_job_queue_wait_seconds_bucket", tier="guaranteed", le="5.0") == 1
+    assert h.value("rigshift_job_queue_wait_seconds_bucket", tier="guaranteed", le="1.0") == 0
+    assert h.value("rigshift_scheduling_pass_duration_seconds_count") == 1
+    assert h.value("rigshift_scheduling_pass_duration_seconds_sum") == 0.002
+    assert h.value("rigshift_gpus", farm="Farm A", gpu_model="RTX 3090", state="allocated") == 2
+    assert h.value("rigshift_gpus", farm="Farm A", gpu_model="RTX 3090", state="free") == 0
+    assert h.value("rigshift_jobs", state="scheduled", tier="guaranteed") == 1
+    assert h.value("rigshift_jobs", state="pending", tier="guaranteed") == 1
+
+    h.apply(AttemptStarted(20.0, "w1", "j1", 1, 1))
+    h.apply(AttemptProgress(30.0, "w1", "j1", 1, 2, energy_joules=1_000))
+    assert h.value("rigshift_farm_energy_joules_total", farm="Farm A") == 1_000
+    assert h.value("rigshift_farm_revenue_usd_total", farm="Farm A") == 0  # still running
+    h.apply(AttemptFinished(3620.0, "w1", "j1", 1, 3, exit_code=0, energy_joules=2_520_000))
+
+    assert h.value("rigshift_jobs_completed_total", state="succeeded", tier="guaranteed") == 1
+    assert h.value("rigshift_jobs", state="succeeded", tier="guaranteed") == 1
+    assert h.value("rigshift_farm_energy_joules_total", farm="Farm A") == 2_520_000
+    # One hour on 2 GPUs: 7 200 000 GPU-ms x price / 3 600 000 ms per hour, in micro-dollars.
+    attempt = h.core.jobs["j1"].attempts[0]
+    expected_micros = 7_200_000 * attempt.price_micros_per_gpu_hour // 3_600_000
+    assert h.value("rigshift_farm_revenue_usd_total", farm="Farm A") == pytest.approx(
+        expected_micros / 1e6
+    )
+    # j2 has been pending since 11 s; the collector reads the clock at scrape time.
+    h.now = 3700.0
+    assert h.value("rigshift_job_queue_oldest_wait_seconds", tier="guaranteed") == 3689.0
+    assert h.value("rigshift_job_queue_oldest_wait_seconds", tier="spot") == 0
+
+
+def test_failure_cancel_and_requeue_after_lease_expiry(h: Harness):
+    h.apply(JobSubmitted(1.0, "j1", "alice", spec(1)))
+    h.apply(JobSubmitted(1.0, "j2", "alice", spec(1, max_attempts=1)))
+    h.apply(SchedulePass(2.0))
+    h.apply(AttemptStarted(3.0, "w1", "j1", 1, 1))
+    h.apply(AttemptFinished(4.0, "w1", "j1", 1, 2, exit_code=3))
+    assert h.value("rigshift_jobs_completed_total", state="failed", tier="guaranteed") == 1
+
+    h.apply(JobSubmitted(5.0, "j3", "alice", spec(1)))
+    h.apply(SchedulePass(6.0))
+    # w1's lease runs out: j2 (1 attempt) fails, j3 is requeued.
+    h.apply(Tick(0.0 + TTL + 1))
+    assert h.value("rigshift_worker_lease_expirations_total", farm="Farm A") == 1
+    assert h.value("rigshift_jobs_requeued_total", tier="guaranteed") == 1
+    assert h.value("rigshift_jobs_completed_total", state="failed", tier="guaranteed") == 2
+    assert h.value("rigshift_workers", farm="Farm A", state="offline") == 1
+    assert h.value("rigshift_workers", farm="Farm A", state="online") == 0
+    assert h.value("rigshift_gpus", farm="Farm A", gpu_model="RTX 3090", state="unavailable") == 2
+
+    h.apply(CancelRequested(20.0, "j3"))
+    assert h.value("rigshift_jobs_completed_total", state="cancelled", tier="guaranteed") == 1
+    assert h.value("rigshift_jobs", state="cancelled", tier="guaranteed") == 1
+
+
+def test_workers_gpus_and_power_by_farm_and_state(h: Harness):
+    h.apply(WorkerRegistered(1.0, "w2", "f2", "rig-2", "1.0", gpus(3, "RTX 3060"), ""))
+    h.apply(DrainRequested(2.0, "w2"))
+    h.apply(Heartbeat(3.0, "w1"))
+    assert h.value("rigshift_workers", farm="Farm A", state="online") == 1
+    assert h.value("rigshift_workers", farm="Farm B", state="draining") == 1
+    assert h.value("rigshift_gpus", farm="Farm B", gpu_model="RTX 3060", state="unavailable") == 3
+    assert h.value("rigshift_farm_gpu_power_limit_watts", farm="Farm B") == 3 * 350
+    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm B") == 0
+    assert h.value("rigshift_ledger_imbalance_micros") == 0
+    assert h.value("rigshift_worker_lease_expirations_total", farm="Farm B") == 0
+
+
+def test_sla_events_exist_at_zero_until_slas_land(h: Harness):
+    for kind in SLA_EVENT_KINDS:
+        assert h.value("rigshift_sla_events_total", kind=kind) == 0
+
+
+def test_sd_lists_online_and_draining_workers_with_an_address(h: Harness):
+    mixed = gpus(2, "RTX 3090", start=0) + gpus(1, "A4000", start=2)
+    h.apply(WorkerRegistered(1.0, "w2", "f2", "rig-2", "1.0", mixed, "10.0.0.2:9400"))
+    h.apply(WorkerRegistered(1.0, "w3", "f2", "rig-3", "1.0", gpus(1), ""))  # no exporter
+    h.apply(WorkerRegistered(1.0, "w4", "f2", "rig-4", "1.0", gpus(1, "A4000"), "10.0.0.4:9400"))
+    h.apply(DrainRequested(2.0, "w2"))
+    for w in ("w1", "w2", "w3"):
+        h.apply(Heartbeat(10.0, w))
+    h.apply(Tick(TTL + 2.0))  # w4 never renewed: offline, so not a target
+    assert sd_targets(h.core, FARMS.__getitem__) == [
+        {"targets": ["rig-1:9400"], "labels": {"farm": "Farm A", "gpu_model": "RTX 3090"}},
+        {"targets": ["10.0.0.2:9400"], "labels": {"farm": "Farm B", "gpu_model": "RTX 3090"}},
+    ]
+
+
+class _Tier(enum.Enum):
+    SPOT = 2
+
+
+@pytest.mark.parametrize(
+    ("tier", "label"),
+    [
+        (None, "guaranteed"),  # JobSpec without a tier (before economics land)
+        ("GUARANTEED", "guaranteed"),
+        ("SPOT", "spot"),
+        ("TIER_SPOT", "spot"),
+        (_Tier.SPOT, "spot"),
+        ("something-new", "guaranteed"),  # never an unbounded label value
+    ],
+)
+def test_tier_label(tier, label):
+    spec_ = SimpleNamespace() if tier is None else SimpleNamespace(tier=tier)
+    assert tier_of(SimpleNamespace(spec=spec_)) == label
+
+
+def test_observe_never_raises(h: Harness, caplog):
+    h.metrics.observe(SchedulePass(1.0), [Assign("no-such-worker", "j", 1, (0,))], 0.0)
+    assert "cannot observe" in caplog.text
+
+
+def test_no_series_carries_an_unbounded_label(h: Harness):
+    """Many jobs and workers later, every label is a bounded one and no value is an id."""
+    ids: set[str] = set()
+    for w in range(20):
+        wid = f"worker-{w:04d}"
+        ids.add(wid)
+        h.apply(WorkerRegistered(1.0, wid, f"f{1 + w % 2}", f"host-{w}", "1.0", gpus(2), ""))
+    for j in range(60):
+        jid = f"job-{j:04d}"
+        ids.add(jid)
+        h.apply(JobSubmitted(2.0, jid, "alice", spec(1)))
+    for cmd in h.apply(SchedulePass(3.0)):
+        if isinstance(cmd, Assign):
+            h.apply(AttemptStarted(4.0, cmd.worker_id, cmd.job_id, 1, 1))
+            h.apply(AttemptFinished(9.0, cmd.worker_id, cmd.job_id, 1, 2, energy_joules=10))
+    h.apply(SchedulePass(10.0))
+    h.apply(Tick(100.0))
+    names = set()
+    for family in h.registry.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+            assert set(sample.labels) <= ALLOWED_LABELS, sample
+            assert not ids & set(sample.labels.values()), sample
+            assert sample.name.startswith("rigshift_"), sample
+    # The series are per label value, not per job or worker: a few dozen at most.
+    assert len(names) < 60
+    total = sum(len(f.samples) for f in h.registry.collect())
+    assert total < 200, total
