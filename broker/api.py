@@ -235,12 +235,13 @@ def _quote(core: BrokerCore, spec: JobSpec, now: float) -> job_service_pb2.Quote
     matching = free = 0
     prices = []
     for worker in snap.workers:
+        rig = core.workers[worker.worker_id]
         for g in worker.gpus:
             if spec.gpu_model and g.model != spec.gpu_model:
                 continue
             if g.vram_mb < spec.min_vram_mb:
                 continue
-            price = core.price_for(probe, g.price_micros_per_gpu_hour)
+            price = core.price_for(probe, g.price_micros_per_gpu_hour, core.floor_of(rig, g.index))
             cap = spec.max_price_micros_per_gpu_hour
             if cap and price > cap:
                 continue

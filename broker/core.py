@@ -669,11 +669,20 @@ class BrokerCore:
             cap = cap * 1000 // self.spot_permille  # the cap applies to the discounted price
         return JobRequest(job.job_id, s.gpu_count, s.gpu_model, s.min_vram_mb, cap)
 
-    def price_for(self, job: Job, ask_micros: int) -> int:
-        """What a job pays per GPU-hour on a GPU with this ask (spot is discounted)."""
+    def price_for(self, job: Job, ask_micros: int, floor_micros: int = 0) -> int:
+        """What a job pays per GPU-hour on a GPU with this ask: spot is discounted, but
+        never below the farm's floor (what the GPU would earn mining or cost in power)."""
         if job.spec.tier == Tier.SPOT:
-            return ask_micros * self.spot_permille // 1000
+            return min(ask_micros, max(ask_micros * self.spot_permille // 1000, floor_micros))
         return ask_micros
+
+    def floor_of(self, worker: Worker, index: int) -> int:
+        """Floor price per GPU-hour of one GPU (0 when its farm set no terms)."""
+        terms = self.farms.get(worker.farm_id)
+        if terms is None:
+            return 0
+        info = worker.gpus[index].info
+        return floor_price(terms, info.model, info.power_limit_watts or None).floor_micros
 
     def _capacity_of(self, worker: Worker, now: float) -> WorkerCapacity:
         cap = self._capacity.get(worker.worker_id)
@@ -727,7 +736,7 @@ class BrokerCore:
         self, job: Job, worker_id: str, indices: tuple[int, ...], ask: int, now: float
     ) -> list[Command]:
         """The only step of scheduling that writes: hold the GPUs, open an attempt."""
-        price = self.price_for(job, ask)
+        price = self.price_for(job, ask, self.floor_of(self.workers[worker_id], indices[0]))
         if not job.attempts and job.spec.tier == Tier.GUARANTEED:
             delay = now - job.create_time - self.start_deadline_s
             if delay > 0:

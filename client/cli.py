@@ -12,14 +12,23 @@ from __future__ import annotations
 import importlib
 import shlex
 from collections.abc import Callable
-from typing import Any
+from datetime import datetime
+from typing import IO, Any
 
 import click
 
 from client import output
 from client.errors import RigshiftError, Unavailable
 from client.sdk import DEFAULT_BROKER, Client
-from client.units import gb_to_mib, pue_to_permille, usd_to_micros
+from client.units import (
+    gb_to_mib,
+    parse_model_price,
+    parse_since,
+    parse_tariff_file,
+    percent_to_permille,
+    pue_to_permille,
+    usd_to_micros,
+)
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2
 
 __all__ = ["farm_group", "job_group", "main"]
@@ -33,12 +42,12 @@ _BROKER_KEY = "rigshift.broker"
 class _Converted(click.ParamType):
     """A click type wrapping a ``units`` converter; its ValueError becomes a usage error."""
 
-    def __init__(self, name: str, convert: Callable[[str], int]) -> None:
+    def __init__(self, name: str, convert: Callable[[str], Any]) -> None:
         self.name = name
         self._convert = convert
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):  # a default that is converted already
             return value
         try:
             return self._convert(value)
@@ -49,7 +58,11 @@ class _Converted(click.ParamType):
 USD = _Converted("usd", usd_to_micros)
 GB = _Converted("gb", gb_to_mib)
 PUE = _Converted("pue", pue_to_permille)
+PERCENT = _Converted("percent", percent_to_permille)
+MODEL_PRICE = _Converted("model=usd", parse_model_price)
+SINCE = _Converted("since", parse_since)
 _JOB_STATES = [n for n in job_pb2.Job.State.keys() if n != "STATE_UNSPECIFIED"]  # noqa: SIM118
+_TIERS = ["guaranteed", "spot"]
 
 
 def _env_pair(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
@@ -60,6 +73,34 @@ def _env_pair(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
         env[key] = value
     return env
+
+
+def _price_map(
+    ctx: click.Context, param: click.Parameter, values: tuple[tuple[str, int], ...]
+) -> dict[str, int] | None:
+    """Repeated MODEL=USD options → ``{model: micros}``; None when the option was not given."""
+    if not values:
+        return None
+    prices: dict[str, int] = {}
+    for model, micros in values:
+        if model in prices:
+            raise click.BadParameter(f"{model!r} given twice", ctx, param)
+        prices[model] = micros
+    return prices
+
+
+def _tariff_file(
+    ctx: click.Context, param: click.Parameter, file: IO[str] | None
+) -> list[tuple[int, int, int]] | None:
+    """Read and parse ``--tariff-file``; a bad line is a usage error naming file and line."""
+    if file is None:
+        return None
+    try:
+        return parse_tariff_file(file.read())
+    except ValueError as exc:
+        raise click.BadParameter(f"{file.name}: {exc}", ctx, param) from None
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{file.name}: not a text file", ctx, param) from None
 
 
 # -- broker address, client and error handling ---------------------------------
@@ -153,34 +194,67 @@ def main() -> None:
 @main.group(name="job", cls=_BrokerGroup)
 @_group_broker_option
 def job_group() -> None:
-    """Submit, inspect, follow and cancel training jobs."""
+    """Quote, submit, inspect, follow and cancel training jobs."""
+
+
+def _spec_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that make a JobSpec, shared by ``job submit`` and ``job quote``."""
+    options = [
+        click.option(
+            "--gpus",
+            "gpu_count",
+            type=click.IntRange(min=0),  # the broker owns the upper limit and says why
+            default=1,
+            show_default=True,
+            help="GPUs, all on one rig.",
+        ),
+        click.option("--gpu-model", default="", help='Exact GPU model, e.g. "RTX 3090".'),
+        click.option(
+            "--min-vram-gb", "min_vram_mib", type=GB, default=0, help="Minimum GiB per GPU."
+        ),
+        click.option(
+            "--max-price-usd-per-gpu-hour",
+            "max_price",
+            type=USD,
+            default=0,
+            help="Price cap, e.g. 0.35.",
+        ),
+        click.option(
+            "--tier",
+            type=click.Choice(_TIERS, case_sensitive=False),
+            default="guaranteed",
+            show_default=True,
+            help="guaranteed: starts within its SLA, never preempted; "
+            "spot: cheaper, preemptible, resumed from its last checkpoint.",
+        ),
+        click.option(
+            "--working-dir",
+            type=click.Path(exists=True, file_okay=False),
+            help="Directory to upload and run the command in.",
+        ),
+        click.option(
+            "--env",
+            "env",
+            multiple=True,
+            callback=_env_pair,
+            metavar="KEY=VALUE",
+            help="Repeatable.",
+        ),
+        click.option(
+            "--max-attempts", type=click.IntRange(min=0), default=0, help="0: broker default."
+        ),
+        click.option(
+            "--max-duration-s", type=click.IntRange(min=0), default=0, help="0: broker default."
+        ),
+        click.option("--name", "display_name", default="", help="Label shown in listings."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 @job_group.command(name="submit", context_settings={"allow_interspersed_args": False})
-@click.option(
-    "--gpus",
-    "gpu_count",
-    type=click.IntRange(min=0),  # the broker owns the upper limit and says why
-    default=1,
-    show_default=True,
-    help="GPUs, all on one rig.",
-)
-@click.option("--gpu-model", default="", help='Exact GPU model, e.g. "RTX 3090".')
-@click.option("--min-vram-gb", "min_vram_mib", type=GB, default=0, help="Minimum GiB per GPU.")
-@click.option(
-    "--max-price-usd-per-gpu-hour", "max_price", type=USD, default=0, help="Price cap, e.g. 0.35."
-)
-@click.option(
-    "--working-dir",
-    type=click.Path(exists=True, file_okay=False),
-    help="Directory to upload and run the command in.",
-)
-@click.option(
-    "--env", "env", multiple=True, callback=_env_pair, metavar="KEY=VALUE", help="Repeatable."
-)
-@click.option("--max-attempts", type=click.IntRange(min=0), default=0, help="0: broker default.")
-@click.option("--max-duration-s", type=click.IntRange(min=0), default=0, help="0: broker default.")
-@click.option("--name", "display_name", default="", help="Label shown in listings.")
+@_spec_options
 @click.option("--request-id", default="", help="Idempotency key; a uuid4 when omitted.")
 @_json_option
 @_broker_option
@@ -190,6 +264,7 @@ def job_submit(
     gpu_model: str,
     min_vram_mib: int,
     max_price: int,
+    tier: str,
     working_dir: str | None,
     env: dict[str, str],
     max_attempts: int,
@@ -216,6 +291,7 @@ def job_submit(
         max_duration_seconds=max_duration_s,
         max_attempts=max_attempts,
         display_name=display_name,
+        tier=tier,
         request_id=request_id,
     )
     if as_json:
@@ -223,6 +299,46 @@ def job_submit(
         return
     click.echo(f"submitted {job.name} ({job_pb2.Job.State.Name(job.state)})")
     click.echo(f"  follow it: rigshift job watch {_short_id(job.name)}")
+
+
+@job_group.command(name="quote", context_settings={"allow_interspersed_args": False})
+@_spec_options
+@_json_option
+@_broker_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def job_quote(
+    gpu_count: int,
+    gpu_model: str,
+    min_vram_mib: int,
+    max_price: int,
+    tier: str,
+    working_dir: str | None,
+    env: dict[str, str],
+    max_attempts: int,
+    max_duration_s: int,
+    display_name: str,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Show how many GPUs match a job now, their price range, and whether it would start.
+
+    Takes the options of `job submit`; submits nothing and uploads nothing
+    (--working-dir is accepted so a submit line can be quoted as it is).
+    COMMAND is optional.
+    """
+    quote = _client().quote_job(
+        command or ("true",),
+        gpu_count=gpu_count,
+        gpu_model=gpu_model,
+        min_vram_mb=min_vram_mib,
+        max_price_micros_per_gpu_hour=max_price,
+        env=env,
+        max_duration_seconds=max_duration_s,
+        max_attempts=max_attempts,
+        display_name=display_name,
+        tier=tier,
+    )
+    click.echo(output.to_json(quote) if as_json else output.quote_summary(quote))
 
 
 @job_group.command(name="list")
@@ -297,21 +413,99 @@ def job_watch(job_id: str, as_json: bool) -> None:
 @main.group(name="farm", cls=_BrokerGroup)
 @_group_broker_option
 def farm_group() -> None:
-    """Create farms, list and drain their workers."""
+    """Create farms, set their prices, list and drain their workers, see earnings."""
+
+
+def _economics_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Farm economics options, shared by ``farm create`` and ``farm update`` (None: not given)."""
+    options = [
+        click.option("--region", default=None, help='Region label, e.g. "eu-north".'),
+        click.option(
+            "--tariff-usd-per-kwh",
+            "tariff",
+            type=USD,
+            default=None,
+            help="Electricity price, e.g. 0.12 (outside the --tariff-file windows).",
+        ),
+        click.option(
+            "--tariff-file",
+            "tariff_windows",
+            type=click.File("r"),
+            default=None,
+            callback=_tariff_file,
+            help="Time-of-use table: lines 'START-END USD_PER_KWH' in UTC hours, "
+            "e.g. '17-21 0.31'; '#' comments.",
+        ),
+        click.option("--pue", type=PUE, default=None, help="Power usage effectiveness, e.g. 1.25."),
+        click.option(
+            "--mining",
+            type=MODEL_PRICE,
+            multiple=True,
+            callback=_price_map,
+            metavar="MODEL=USD_PER_KWH",
+            help="What mining earns per kWh on this GPU model (repeatable).",
+        ),
+        click.option(
+            "--ask",
+            type=MODEL_PRICE,
+            multiple=True,
+            callback=_price_map,
+            metavar="MODEL=USD_PER_GPU_HOUR",
+            help="Ask price for this GPU model (repeatable); must not be under the floor.",
+        ),
+        click.option(
+            "--broker-fee-percent",
+            "broker_fee",
+            type=PERCENT,
+            default=None,
+            help="Broker fee on each charge, e.g. 10.",
+        ),
+        click.option(
+            "--margin-usd-per-gpu-hour",
+            "margin",
+            type=USD,
+            default=None,
+            help="Margin on top of the floor price, e.g. 0.02.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 @farm_group.command(name="create")
 @click.argument("display_name", metavar="NAME")
-@click.option("--region", default="", help='Region label, e.g. "eu-north".')
-@click.option("--tariff-usd-per-kwh", "tariff", type=USD, default=0, help="e.g. 0.12")
-@click.option("--pue", type=PUE, default=0, help="Power usage effectiveness, e.g. 1.25.")
+@_economics_options
 @_json_option
 @_broker_option
-def farm_create(display_name: str, region: str, tariff: int, pue: int, as_json: bool) -> None:
-    """Create a farm and print its enrollment token and the agent command for each rig."""
+def farm_create(
+    display_name: str,
+    region: str | None,
+    tariff: int | None,
+    tariff_windows: list[tuple[int, int, int]] | None,
+    pue: int | None,
+    mining: dict[str, int] | None,
+    ask: dict[str, int] | None,
+    broker_fee: int | None,
+    margin: int | None,
+    as_json: bool,
+) -> None:
+    """Create a farm and print its enrollment token and the agent command for each rig.
+
+    Floor price per GPU-hour = max(energy cost x PUE, mining revenue) + margin;
+    an --ask under its model's floor is refused with the reason.
+    """
     client = _client()
     farm = client.create_farm(
-        display_name, region=region, tariff_micros_per_kwh=tariff, pue_permille=pue
+        display_name,
+        region=region or "",
+        tariff_micros_per_kwh=tariff or 0,
+        pue_permille=pue or 0,
+        mining_micros_per_kwh=mining,
+        ask_micros_per_gpu_hour=ask,
+        broker_fee_permille=broker_fee or 0,
+        margin_micros_per_gpu_hour=margin or 0,
+        tariff_windows=tariff_windows or (),
     )
     if as_json:
         _echo_json(farm)
@@ -326,12 +520,91 @@ def farm_create(display_name: str, region: str, tariff: int, pue: int, as_json: 
     click.echo(f"  {agent_cmd}")
 
 
+def _merge_prices(
+    current: dict[str, int], new: dict[str, int] | None, remove: tuple[str, ...], what: str
+) -> dict[str, int] | None:
+    """The farm's map with ``new`` entries set and ``remove`` models dropped; None: unchanged."""
+    if new is None and not remove:
+        return None
+    merged = dict(current)
+    for model in remove:
+        if model not in merged:
+            raise click.UsageError(f"the farm has no {what} for {model!r} to remove")
+        del merged[model]
+    merged.update(new or {})
+    return merged
+
+
+@farm_group.command(name="update")
+@click.argument("farm_id", metavar="ID")
+@_economics_options
+@click.option(
+    "--remove-mining", multiple=True, metavar="MODEL", help="Drop a model's mining figure."
+)
+@click.option("--remove-ask", multiple=True, metavar="MODEL", help="Drop a model's ask price.")
+@click.option(
+    "--clear-tariff-windows", is_flag=True, help="Drop the time-of-use windows (flat tariff)."
+)
+@_json_option
+@_broker_option
+def farm_update(
+    farm_id: str,
+    region: str | None,
+    tariff: int | None,
+    tariff_windows: list[tuple[int, int, int]] | None,
+    pue: int | None,
+    mining: dict[str, int] | None,
+    ask: dict[str, int] | None,
+    broker_fee: int | None,
+    margin: int | None,
+    remove_mining: tuple[str, ...],
+    remove_ask: tuple[str, ...],
+    clear_tariff_windows: bool,
+    as_json: bool,
+) -> None:
+    """Change a farm's economics; only the options given change.
+
+    --mining and --ask set one model's entry each and leave the other models'
+    entries as they are; --tariff-file replaces all time-of-use windows.
+    """
+    if clear_tariff_windows:
+        if tariff_windows is not None:
+            raise click.UsageError("--tariff-file and --clear-tariff-windows exclude each other")
+        tariff_windows = []
+    client = _client()
+    if mining is not None or ask is not None or remove_mining or remove_ask:
+        current = client.get_farm(farm_id)
+        mining = _merge_prices(
+            dict(current.mining_micros_per_kwh), mining, remove_mining, "mining figure"
+        )
+        ask = _merge_prices(dict(current.ask_micros_per_gpu_hour), ask, remove_ask, "ask price")
+    changes: dict[str, Any] = {
+        "region": region,
+        "tariff_micros_per_kwh": tariff,
+        "pue_permille": pue,
+        "mining_micros_per_kwh": mining,
+        "ask_micros_per_gpu_hour": ask,
+        "broker_fee_permille": broker_fee,
+        "margin_micros_per_gpu_hour": margin,
+        "tariff_windows": tariff_windows,
+    }
+    changed = [field for field, value in changes.items() if value is not None]
+    if not changed:
+        raise click.UsageError("nothing to update: give at least one option (see --help)")
+    farm = client.update_farm(farm_id, **changes)
+    if as_json:
+        _echo_json(farm)
+        return
+    click.echo(f"updated {farm.name}: {', '.join(changed)}")
+    click.echo(output.describe_farm(farm))
+
+
 @farm_group.command(name="get")
 @click.argument("farm_id", metavar="ID")
 @_json_option
 @_broker_option
 def farm_get(farm_id: str, as_json: bool) -> None:
-    """Show a farm."""
+    """Show a farm: tariff, PUE, mining alternative, asks, fee, margin and floor prices."""
     farm = _client().get_farm(farm_id)
     click.echo(output.to_json(farm) if as_json else output.describe_farm(farm))
 
@@ -341,7 +614,7 @@ def farm_get(farm_id: str, as_json: bool) -> None:
 @_json_option
 @_broker_option
 def farm_workers(farm_id: str, as_json: bool) -> None:
-    """List workers (rigs): state, GPUs and last heartbeat."""
+    """List workers (rigs): state, GPUs, reliability and last heartbeat."""
     workers = list(_client().iter_workers(farm_id))
     if as_json:
         _echo_json(farm_service_pb2.ListWorkersResponse(workers=workers))
@@ -360,6 +633,42 @@ def farm_drain(worker_id: str, as_json: bool) -> None:
         _echo_json(worker)
         return
     click.echo(f"{worker.name} {farm_pb2.Worker.State.Name(worker.state)}")
+
+
+@farm_group.command(name="earnings")
+@click.option("--farm", "farm_id", default="", metavar="ID", help="Only this farm.")
+@click.option(
+    "--since",
+    type=SINCE,
+    default=None,
+    metavar="WHEN",
+    help="Only attempts that ended since: 30m, 24h, 7d, or an ISO-8601 time [default: ever].",
+)
+@click.option(
+    "--by",
+    "group_by",
+    type=click.Choice(["farm", "worker", "gpu"], case_sensitive=False),
+    default="farm",
+    show_default=True,
+    help="One row per farm, worker (rig) or GPU.",
+)
+@_json_option
+@_broker_option
+def farm_earnings(farm_id: str, since: datetime | None, group_by: str, as_json: bool) -> None:
+    """What AI work earned: GPU-hours, kWh, revenue, energy cost, margin, $/kWh vs mining.
+
+    Revenue is the farm's payout (client charges less the broker fee). Rows
+    where AI work paid less per kWh than mining would have are marked.
+    """
+    group_by = group_by.lower()
+    earnings = _client().get_earnings(farm_id, since=since, group_by=group_by)
+    if as_json:
+        click.echo(output.to_json(earnings, defaults=True))
+        return
+    if not earnings.rows:
+        click.echo("no earnings yet" + (f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since else ""))
+        return
+    click.echo(output.earnings_table(earnings.rows, group_by))
 
 
 # -- groups owned by other packages ------------------------------------------------
@@ -384,5 +693,6 @@ def _attach(module: str, attr: str, name: str) -> None:
 
 
 _attach("broker.cli", "broker_group", "broker")
+_attach("broker.cli", "admin_group", "admin")
 _attach("worker_agent.cli", "agent_group", "agent")
 _attach("client.demo", "demo_command", "demo")

@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC
 
 from google.protobuf import json_format, message, timestamp_pb2
 
-from client.units import format_price_per_gpu_hour, format_usd, joules_to_kwh
-from rigshift.v1 import farm_pb2, job_pb2
+from client.units import (
+    format_permille_percent,
+    format_price_per_gpu_hour,
+    format_usd,
+    joules_to_kwh,
+    milliseconds_to_hours,
+)
+from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2
 
 __all__ = [
     "describe_farm",
     "describe_job",
+    "earnings_table",
+    "floors_table",
     "format_time",
     "gpu_summary",
     "job_line",
     "job_table",
+    "quote_summary",
     "render_table",
     "to_json",
     "worker_table",
@@ -30,10 +39,17 @@ __all__ = [
 _COMMAND_WIDTH = 40
 
 
-def to_json(msg: message.Message, *, one_line: bool = False) -> str:
-    """The message as JSON with proto field names (``one_line`` for JSON Lines)."""
+def to_json(msg: message.Message, *, one_line: bool = False, defaults: bool = False) -> str:
+    """The message as JSON with proto field names (``one_line`` for JSON Lines).
+
+    ``defaults`` also prints fields at their zero value (e.g. ``"margin_micros": "0"``),
+    for reports whose columns a script should always find.
+    """
     return json_format.MessageToJson(
-        msg, preserving_proto_field_name=True, indent=None if one_line else 2
+        msg,
+        preserving_proto_field_name=True,
+        indent=None if one_line else 2,
+        always_print_fields_with_no_presence=defaults,
     )
 
 
@@ -126,9 +142,35 @@ def _attempt_rows(job: job_pb2.Job) -> list[list[str]]:
                 f"{a.energy_joules} J ({joules_to_kwh(a.energy_joules)} kWh)",
                 f"{a.gpu_milliseconds // 1000}.{a.gpu_milliseconds % 1000:03d}",
                 format_price_per_gpu_hour(a.price_micros_per_gpu_hour),
+                format_usd(a.charge_micros) if a.charge_micros or a.end_time.seconds else "-",
             ]
         )
     return rows
+
+
+def _tier_name(tier: int) -> str:
+    """``SPOT`` or ``GUARANTEED``; unset is GUARANTEED, as the broker treats it."""
+    return _state_name(job_pb2.Tier, tier or job_pb2.GUARANTEED)
+
+
+def _checkpoint(job: job_pb2.Job) -> str:
+    if not job.checkpoint_sha256:
+        return "none yet"
+    return f"sha256:{job.checkpoint_sha256[:12]} at {format_time(job.checkpoint_time)}"
+
+
+def _sla_rows(job: job_pb2.Job) -> list[list[str]]:
+    return [
+        [
+            format_time(e.time),
+            _state_name(job_pb2.SlaEvent.Kind, e.kind),
+            str(e.attempt) if e.attempt else "-",
+            f"{e.seconds} s",
+            format_usd(e.credit_micros),
+            e.detail,
+        ]
+        for e in job.sla_events
+    ]
 
 
 def _indent(text: str, prefix: str = "  ") -> str:
@@ -146,6 +188,7 @@ def describe_job(job: job_pb2.Job) -> str:
         fields.append(("name", spec.display_name))
     fields += [
         ("command", shlex.join(spec.command)),
+        ("tier", _tier_name(spec.tier)),
         ("gpus", _gpus_wanted(spec)),
         (
             "max price",
@@ -170,6 +213,9 @@ def describe_job(job: job_pb2.Job) -> str:
         ("created", format_time(job.create_time)),
         ("updated", format_time(job.update_time)),
         ("attempts", str(job.attempt_count)),
+        ("cost so far", format_usd(job.cost_micros)),
+        ("credits", format_usd(job.credit_micros)),
+        ("checkpoint", _checkpoint(job)),
     ]
     if job.status_message:
         fields.append(("status", job.status_message))
@@ -192,8 +238,11 @@ def describe_job(job: job_pb2.Job) -> str:
     lines = [f"{(k + ':').ljust(width)}  {v}" for k, v in fields]
     if job.attempts:
         headers = ["#", "WORKER", "GPUS", "STATE", "STARTED", "ENDED", "EXIT", "ENERGY"]
-        headers += ["GPU-SECONDS", "PRICE"]
+        headers += ["GPU-SECONDS", "PRICE", "CHARGE"]
         lines += ["", "attempts:", _indent(render_table(headers, _attempt_rows(job)))]
+    if job.sla_events:
+        headers = ["TIME", "KIND", "ATTEMPT", "SECONDS", "CREDIT", "DETAIL"]
+        lines += ["", "sla events:", _indent(render_table(headers, _sla_rows(job)))]
     if job.history:
         rows = [
             [
@@ -208,19 +257,72 @@ def describe_job(job: job_pb2.Job) -> str:
     return "\n".join(lines)
 
 
+def _per_kwh(micros: int) -> str:
+    return f"{format_usd(micros)}/kWh"
+
+
+def _by_model(prices: Mapping[str, int], unit: Callable[[int], str]) -> str:
+    return ", ".join(f"{model} {unit(prices[model])}" for model in sorted(prices)) or "-"
+
+
+def floors_table(farm: farm_pb2.Farm) -> str:
+    """The farm's floor price per GPU model, how it is made up, and the ask."""
+    rows = [
+        [
+            f.gpu_model,
+            f"{f.watts} W",
+            format_price_per_gpu_hour(f.energy_cost_micros_per_gpu_hour),
+            format_price_per_gpu_hour(f.mining_micros_per_gpu_hour),
+            format_price_per_gpu_hour(f.floor_micros_per_gpu_hour),
+            format_price_per_gpu_hour(farm.ask_micros_per_gpu_hour[f.gpu_model])
+            if f.gpu_model in farm.ask_micros_per_gpu_hour
+            else "agent's",
+        ]
+        for f in sorted(farm.floors, key=lambda f: f.gpu_model)
+    ]
+    headers = ["MODEL", "WATTS", "ENERGY COST", "MINING", "FLOOR", "ASK"]
+    return render_table(headers, rows)
+
+
 def describe_farm(farm: farm_pb2.Farm) -> str:
-    """One farm for ``farm get``: name, region, tariff, PUE, creation time."""
+    """One farm for ``farm get``: region, tariff, PUE, mining, asks, fee, margin and floors."""
     pue = farm.pue_permille or 1000
+    tariff = _per_kwh(farm.tariff_micros_per_kwh)
+    if farm.tariff_windows:
+        tariff += " outside the time-of-use windows"
     fields = [
         ("farm", farm.name),
         ("name", farm.display_name),
         ("region", farm.region or "-"),
-        ("tariff", f"{format_usd(farm.tariff_micros_per_kwh)}/kWh"),
+        ("tariff", tariff),
+    ]
+    if farm.tariff_windows:
+        windows = [
+            f"{w.start_hour:02d}-{w.end_hour:02d} UTC {_per_kwh(w.micros_per_kwh)}"
+            for w in farm.tariff_windows
+        ]
+        fields.append(("time of use", "; ".join(windows)))
+    fields += [
         ("pue", f"{pue // 1000}.{pue % 1000:03d}"),
+        ("mining", _by_model(farm.mining_micros_per_kwh, _per_kwh)),
+        ("asks", _by_model(farm.ask_micros_per_gpu_hour, format_price_per_gpu_hour)),
+        ("margin", format_price_per_gpu_hour(farm.margin_micros_per_gpu_hour)),
+        (
+            "broker fee",
+            format_permille_percent(farm.broker_fee_permille)
+            if farm.broker_fee_permille
+            else "broker default",
+        ),
         ("created", format_time(farm.create_time)),
     ]
     width = max(len(k) for k, _ in fields) + 1
-    return "\n".join(f"{(k + ':').ljust(width)}  {v}" for k, v in fields)
+    lines = [f"{(k + ':').ljust(width)}  {v}" for k, v in fields]
+    lines.append("")
+    if farm.floors:
+        lines += ["floor prices (max(energy cost, mining) + margin):", _indent(floors_table(farm))]
+    else:
+        lines.append("floor prices: none yet (no GPUs registered)")
+    return "\n".join(lines)
 
 
 def gpu_summary(worker: farm_pb2.Worker) -> str:
@@ -251,9 +353,72 @@ def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
             w.hostname,
             _state_name(farm_pb2.Worker.State, w.state),
             gpu_summary(w),
+            format_permille_percent(w.reliability_permille) if w.reliability_permille else "-",
             format_time(w.last_heartbeat_time),
         ]
         for w in workers
     ]
-    headers = ["WORKER", "FARM", "HOSTNAME", "STATE", "GPUS", "LAST HEARTBEAT"]
+    headers = ["WORKER", "FARM", "HOSTNAME", "STATE", "GPUS", "RELIABILITY", "LAST HEARTBEAT"]
     return render_table(headers, rows)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def quote_summary(quote: job_service_pb2.QuoteJobResponse) -> str:
+    """``job quote``: matching GPUs, how many are free, price range, and why not placeable."""
+    if quote.matching_gpus:
+        low, high = quote.min_price_micros_per_gpu_hour, quote.max_price_micros_per_gpu_hour
+        price = f"{format_usd(low)}\N{EN DASH}{format_usd(high)}/GPU-h for this tier"
+    else:
+        price = "no price for this tier"
+    lines = [
+        f"{_plural(quote.matching_gpus, 'matching GPU')} ({quote.free_matching_gpus} free now), "
+        f"{price}; placeable now: {'yes' if quote.placeable_now else 'no'}"
+    ]
+    if not quote.placeable_now:
+        for reason in quote.reasons:
+            lines.append(f"  - {reason.message or f'{reason.resource}: {reason.requested}'}")
+    return "\n".join(lines)
+
+
+def _usd_per_kwh(value: float) -> str:
+    return f"${value:.4f}"
+
+
+#: What the NOTE column says when AI work paid less per kWh than mining would have.
+MINING_PAID_MORE = "AI < mining"
+
+
+def earnings_table(rows: Sequence[farm_service_pb2.EarningsRow], group_by: str = "farm") -> str:
+    """``farm earnings``: one row per farm, worker or GPU; AI $/kWh next to mining $/kWh.
+
+    Money columns come from the integer micro-dollar fields; the two $/kWh
+    columns are the broker's display ratios. A row where AI work paid less per
+    kWh than mining would have is marked in the NOTE column.
+    """
+    table = []
+    for r in rows:
+        ai_below = r.energy_joules > 0 and r.revenue_usd_per_kwh < r.mining_usd_per_kwh
+        cells = [r.key]
+        if group_by != "farm":
+            cells.append(r.farm)
+        cells += [
+            r.gpu_model or "-",
+            str(milliseconds_to_hours(r.gpu_milliseconds)),
+            str(joules_to_kwh(r.energy_joules)),
+            format_usd(r.revenue_micros),
+            format_usd(r.energy_cost_micros),
+            format_usd(r.margin_micros),
+            _usd_per_kwh(r.revenue_usd_per_kwh) if r.energy_joules else "-",
+            _usd_per_kwh(r.mining_usd_per_kwh),
+            MINING_PAID_MORE if ai_below else "",
+        ]
+        table.append(cells)
+    headers = [group_by.upper()]
+    if group_by != "farm":
+        headers.append("FARM")
+    headers += ["MODEL", "GPU-HOURS", "KWH", "REVENUE", "ENERGY COST", "MARGIN"]
+    headers += ["AI $/KWH", "MINING $/KWH", "NOTE"]
+    return render_table(headers, table)

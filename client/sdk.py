@@ -6,6 +6,7 @@
 
     with Client("127.0.0.1:50051") as rs:
         sha = rs.upload_working_dir("./train")
+        print(rs.quote_job(["python", "train.py"], gpu_count=2, tier="spot"))
         job = rs.create_job(["python", "train.py"], gpu_count=2, working_dir_sha256=sha)
         for update in rs.watch_job(job.name):
             print(update.state)
@@ -25,10 +26,12 @@ import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from client.errors import InternalError, InvalidArgument, Unavailable, from_rpc_error
 from rigshift.v1 import (
@@ -45,8 +48,12 @@ from rigshift.v1 import (
 __all__ = [
     "DEFAULT_BROKER",
     "MAX_UPLOAD_BYTES",
+    "UPDATABLE_FARM_FIELDS",
     "Client",
+    "build_update_farm_request",
     "build_working_dir_archive",
+    "group_by_value",
+    "tier_value",
 ]
 
 #: Where the broker listens when neither ``--broker`` nor ``RIGSHIFT_BROKER`` says otherwise.
@@ -72,6 +79,140 @@ def _resource_name(collection: str, value: str, what: str) -> str:
         f"{what}: expected an id or '{collection}/{{id}}', got {value!r}",
         reason="INVALID_RESOURCE_NAME",
         field_violations=[(what, f"expected an id or '{collection}/{{id}}'")],
+    )
+
+
+def tier_value(tier: str | int) -> int:
+    """``"guaranteed"``/``"spot"`` (any case) or a ``Tier`` value → the ``Tier`` value."""
+    if isinstance(tier, int) and not isinstance(tier, bool):
+        if tier in job_pb2.Tier.values():
+            return tier
+    elif isinstance(tier, str) and tier.strip().upper() in ("GUARANTEED", "SPOT"):
+        return job_pb2.Tier.Value(tier.strip().upper())
+    raise InvalidArgument(
+        f"tier: expected 'guaranteed' or 'spot', got {tier!r}",
+        reason="INVALID_TIER",
+        field_violations=[("spec.tier", "expected 'guaranteed' or 'spot'")],
+    )
+
+
+_GROUP_BY = {
+    "farm": farm_service_pb2.GetEarningsRequest.FARM,
+    "worker": farm_service_pb2.GetEarningsRequest.WORKER,
+    "gpu": farm_service_pb2.GetEarningsRequest.GPU,
+}
+
+
+def group_by_value(group_by: str) -> int:
+    """``"farm"``, ``"worker"`` or ``"gpu"`` (any case) → ``GetEarningsRequest.GroupBy``."""
+    value = _GROUP_BY.get(group_by.strip().lower()) if isinstance(group_by, str) else None
+    if value is None:
+        raise InvalidArgument(
+            f"group_by: expected 'farm', 'worker' or 'gpu', got {group_by!r}",
+            reason="INVALID_GROUP_BY",
+            field_violations=[("group_by", "expected 'farm', 'worker' or 'gpu'")],
+        )
+    return value
+
+
+def _job_spec(
+    command: Sequence[str],
+    *,
+    gpu_count: int = 1,
+    gpu_model: str = "",
+    min_vram_mb: int = 0,
+    max_price_micros_per_gpu_hour: int = 0,
+    env: Mapping[str, str] | None = None,
+    working_dir_sha256: str = "",
+    max_duration_seconds: int = 0,
+    max_attempts: int = 0,
+    display_name: str = "",
+    tier: str | int = "guaranteed",
+) -> job_pb2.JobSpec:
+    if isinstance(command, str):
+        raise TypeError("command is an argv list, e.g. ['python', 'train.py'], not a str")
+    return job_pb2.JobSpec(
+        command=list(command),
+        env=dict(env or {}),
+        gpu_count=gpu_count,
+        gpu_model=gpu_model,
+        min_vram_mb=min_vram_mb,
+        max_price_micros_per_gpu_hour=max_price_micros_per_gpu_hour,
+        max_duration_seconds=max_duration_seconds,
+        working_dir_sha256=working_dir_sha256,
+        max_attempts=max_attempts,
+        display_name=display_name,
+        tier=cast(Any, tier_value(tier)),
+    )
+
+
+def _tariff_windows(windows: Sequence[tuple[int, int, int]]) -> list[farm_pb2.TariffWindow]:
+    return [
+        farm_pb2.TariffWindow(start_hour=start, end_hour=end, micros_per_kwh=price)
+        for start, end, price in windows
+    ]
+
+
+#: The Farm fields :meth:`Client.update_farm` can change, in mask order.
+UPDATABLE_FARM_FIELDS = (
+    "region",
+    "tariff_micros_per_kwh",
+    "pue_permille",
+    "mining_micros_per_kwh",
+    "ask_micros_per_gpu_hour",
+    "broker_fee_permille",
+    "margin_micros_per_gpu_hour",
+    "tariff_windows",
+)
+
+
+def build_update_farm_request(
+    farm: str,
+    *,
+    region: str | None = None,
+    tariff_micros_per_kwh: int | None = None,
+    pue_permille: int | None = None,
+    mining_micros_per_kwh: Mapping[str, int] | None = None,
+    ask_micros_per_gpu_hour: Mapping[str, int] | None = None,
+    broker_fee_permille: int | None = None,
+    margin_micros_per_gpu_hour: int | None = None,
+    tariff_windows: Sequence[tuple[int, int, int]] | None = None,
+) -> farm_service_pb2.UpdateFarmRequest:
+    """The UpdateFarm request for ``farm``: its ``update_mask`` names exactly the fields not None.
+
+    A field passed as ``0``, ``{}`` or ``()`` is in the mask, so the broker
+    clears it; a map or the window list is replaced whole. Raises
+    InvalidArgument when no field is given (an empty mask would mean "every
+    set field" to the broker, which is never what a caller of this means).
+    """
+    values: dict[str, Any] = {
+        "region": region,
+        "tariff_micros_per_kwh": tariff_micros_per_kwh,
+        "pue_permille": pue_permille,
+        "mining_micros_per_kwh": mining_micros_per_kwh,
+        "ask_micros_per_gpu_hour": ask_micros_per_gpu_hour,
+        "broker_fee_permille": broker_fee_permille,
+        "margin_micros_per_gpu_hour": margin_micros_per_gpu_hour,
+        "tariff_windows": tariff_windows,
+    }
+    paths = [field for field in UPDATABLE_FARM_FIELDS if values[field] is not None]
+    if not paths:
+        raise InvalidArgument(
+            "update_farm: nothing to update; pass at least one field",
+            reason="EMPTY_UPDATE",
+            field_violations=[("update_mask", "names no field")],
+        )
+    msg = farm_pb2.Farm(name=_resource_name("farms", farm, "farm"))
+    for field in paths:
+        value = values[field]
+        if field in ("mining_micros_per_kwh", "ask_micros_per_gpu_hour"):
+            getattr(msg, field).update(dict(value))
+        elif field == "tariff_windows":
+            msg.tariff_windows.extend(_tariff_windows(value))
+        else:
+            setattr(msg, field, value)
+    return farm_service_pb2.UpdateFarmRequest(
+        farm=msg, update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
 
 
@@ -210,32 +351,71 @@ class Client:
         max_duration_seconds: int = 0,
         max_attempts: int = 0,
         display_name: str = "",
+        tier: str | int = "guaranteed",
         request_id: str = "",
     ) -> job_pb2.Job:
         """Submit a job and return it (normally PENDING).
 
+        ``tier`` is ``"guaranteed"`` (starts within its SLA, never preempted)
+        or ``"spot"`` (cheaper, preemptible, resumed from its last checkpoint).
         A fresh uuid4 ``request_id`` is used when none is given, and UNAVAILABLE
         is retried a few times with that same id, so a retry never creates a
         second job.
         """
-        if isinstance(command, str):
-            raise TypeError("command is an argv list, e.g. ['python', 'train.py'], not a str")
-        spec = job_pb2.JobSpec(
-            command=list(command),
-            env=dict(env or {}),
+        spec = _job_spec(
+            command,
             gpu_count=gpu_count,
             gpu_model=gpu_model,
             min_vram_mb=min_vram_mb,
             max_price_micros_per_gpu_hour=max_price_micros_per_gpu_hour,
-            max_duration_seconds=max_duration_seconds,
+            env=env,
             working_dir_sha256=working_dir_sha256,
+            max_duration_seconds=max_duration_seconds,
             max_attempts=max_attempts,
             display_name=display_name,
+            tier=tier,
         )
         request = job_service_pb2.CreateJobRequest(
             spec=spec, request_id=request_id or str(uuid.uuid4())
         )
         return self._retrying(lambda: self._unary(self._jobs.CreateJob, request))
+
+    def quote_job(
+        self,
+        command: Sequence[str] = ("true",),
+        *,
+        gpu_count: int = 1,
+        gpu_model: str = "",
+        min_vram_mb: int = 0,
+        max_price_micros_per_gpu_hour: int = 0,
+        env: Mapping[str, str] | None = None,
+        working_dir_sha256: str = "",
+        max_duration_seconds: int = 0,
+        max_attempts: int = 0,
+        display_name: str = "",
+        tier: str | int = "guaranteed",
+    ) -> job_service_pb2.QuoteJobResponse:
+        """What a job with this spec would find now: matching GPUs, free ones, price range.
+
+        Takes the same arguments as :meth:`create_job` (the command matters
+        only for validation) and submits nothing; ``reasons`` say why the job
+        could not be placed right now.
+        """
+        spec = _job_spec(
+            command,
+            gpu_count=gpu_count,
+            gpu_model=gpu_model,
+            min_vram_mb=min_vram_mb,
+            max_price_micros_per_gpu_hour=max_price_micros_per_gpu_hour,
+            env=env,
+            working_dir_sha256=working_dir_sha256,
+            max_duration_seconds=max_duration_seconds,
+            max_attempts=max_attempts,
+            display_name=display_name,
+            tier=tier,
+        )
+        request = job_service_pb2.QuoteJobRequest(spec=spec)
+        return self._retrying(lambda: self._unary(self._jobs.QuoteJob, request))
 
     def get_job(self, job: str) -> job_pb2.Job:
         """Return one job, with its attempts, history and pending reasons."""
@@ -294,15 +474,86 @@ class Client:
         region: str = "",
         tariff_micros_per_kwh: int = 0,
         pue_permille: int = 0,
+        mining_micros_per_kwh: Mapping[str, int] | None = None,
+        ask_micros_per_gpu_hour: Mapping[str, int] | None = None,
+        broker_fee_permille: int = 0,
+        margin_micros_per_gpu_hour: int = 0,
+        tariff_windows: Sequence[tuple[int, int, int]] = (),
     ) -> farm_pb2.Farm:
-        """Create a farm; the returned Farm is the only one that carries the enrollment token."""
+        """Create a farm; the returned Farm is the only one that carries the enrollment token.
+
+        Money is integer micro-dollars: the flat tariff per kWh, what mining
+        earns per kWh and the ask per GPU-hour by GPU model, the margin on top
+        of the floor price. ``tariff_windows`` are ``(start_hour, end_hour,
+        micros_per_kwh)`` time-of-use windows in UTC (see
+        :func:`client.units.parse_tariff_file`). The broker refuses an ask
+        under the model's floor price with the reason.
+        """
         farm = farm_pb2.Farm(
             display_name=display_name,
             region=region,
             tariff_micros_per_kwh=tariff_micros_per_kwh,
             pue_permille=pue_permille,
+            mining_micros_per_kwh=dict(mining_micros_per_kwh or {}),
+            ask_micros_per_gpu_hour=dict(ask_micros_per_gpu_hour or {}),
+            broker_fee_permille=broker_fee_permille,
+            margin_micros_per_gpu_hour=margin_micros_per_gpu_hour,
+            tariff_windows=_tariff_windows(tariff_windows),
         )
         return self._unary(self._farms.CreateFarm, farm_service_pb2.CreateFarmRequest(farm=farm))
+
+    def update_farm(
+        self,
+        farm: str,
+        *,
+        region: str | None = None,
+        tariff_micros_per_kwh: int | None = None,
+        pue_permille: int | None = None,
+        mining_micros_per_kwh: Mapping[str, int] | None = None,
+        ask_micros_per_gpu_hour: Mapping[str, int] | None = None,
+        broker_fee_permille: int | None = None,
+        margin_micros_per_gpu_hour: int | None = None,
+        tariff_windows: Sequence[tuple[int, int, int]] | None = None,
+    ) -> farm_pb2.Farm:
+        """Change only the fields passed (not None) and return the farm with its new floors.
+
+        Maps and ``tariff_windows`` are replaced whole: pass the full map. See
+        :func:`build_update_farm_request`.
+        """
+        request = build_update_farm_request(
+            farm,
+            region=region,
+            tariff_micros_per_kwh=tariff_micros_per_kwh,
+            pue_permille=pue_permille,
+            mining_micros_per_kwh=mining_micros_per_kwh,
+            ask_micros_per_gpu_hour=ask_micros_per_gpu_hour,
+            broker_fee_permille=broker_fee_permille,
+            margin_micros_per_gpu_hour=margin_micros_per_gpu_hour,
+            tariff_windows=tariff_windows,
+        )
+        return self._unary(self._farms.UpdateFarm, request)
+
+    def get_earnings(
+        self,
+        farm: str = "",
+        *,
+        since: datetime | None = None,
+        group_by: str = "farm",
+    ) -> farm_service_pb2.GetEarningsResponse:
+        """Earnings of ``farm`` (or of every farm) by ``"farm"``, ``"worker"`` or ``"gpu"``.
+
+        Only attempts that ended at or after ``since`` count (a naive datetime
+        is UTC); None means all time.
+        """
+        parent = _resource_name("farms", farm, "farm") if farm else ""
+        request = farm_service_pb2.GetEarningsRequest(
+            parent=parent, group_by=cast(Any, group_by_value(group_by))
+        )
+        if since is not None:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(since if since.tzinfo else since.replace(tzinfo=UTC))
+            request.since.CopyFrom(stamp)
+        return self._unary(self._farms.GetEarnings, request)
 
     def get_farm(self, farm: str) -> farm_pb2.Farm:
         """Return one farm (without its enrollment token)."""
