@@ -396,7 +396,9 @@ def _reference(snapshot: Snapshot) -> list[tuple[str, object]]:
     return out
 
 
-def _key(group: tuple[str, str, int, int], free: int, n: int) -> tuple[int, int, int, str, int, str]:
+def _key(
+    group: tuple[str, str, int, int], free: int, n: int
+) -> tuple[int, int, int, str, int, str]:
     worker_id, model, vram, price = group
     return choice_key(price, free, n, worker_id, vram, model)
 
