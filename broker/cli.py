@@ -97,8 +97,12 @@ def serve(
         await stop.wait()
         await broker.stop()
 
+    from broker.schema import SchemaOutOfDate
+
     try:
         asyncio.run(main())
+    except SchemaOutOfDate as err:
+        raise click.ClickException(err.message) from err
     except OSError as err:
         raise click.ClickException(f"cannot serve on {listen}: {err}") from err
 
@@ -147,3 +151,27 @@ def verify_ledger_command(db_url: str, home: str, as_json: bool) -> None:
         )
     if problems:
         raise SystemExit(1)
+
+
+@broker_group.command("migrate")
+@click.option("--db", "db_url", default="", help="SQLAlchemy URL [default: SQLite in --home].")
+@click.option("--home", default=".rigshift", show_default=True, help="Data directory.")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def migrate_command(db_url: str, home: str, revision: str) -> None:
+    """Upgrade the database schema (run before starting a new broker version)."""
+    from broker.schema import current_revision, migrate
+    from broker.store import Store
+
+    if not db_url:
+        from pathlib import Path
+
+        Path(home).mkdir(parents=True, exist_ok=True)
+        db_url = f"sqlite:///{Path(home) / 'broker.db'}"
+    store = Store(db_url, create=False)
+    try:
+        before = current_revision(store.engine)
+        migrate(store.engine, revision)
+        after = current_revision(store.engine)
+    finally:
+        store.close()
+    click.echo(f"schema at {after} (was {before or 'empty'})")

@@ -220,14 +220,17 @@ def _sqlite_pragmas(engine: Engine) -> None:
 class Store:
     """All database access of the broker."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         if url.startswith("sqlite"):
             self.engine = create_engine(url, connect_args={"check_same_thread": False})
             _sqlite_pragmas(self.engine)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
-        SQLModel.metadata.create_all(self.engine)
+        if create:
+            from broker.schema import ensure_schema
+
+            ensure_schema(self.engine)
 
     def close(self) -> None:
         """Release the connection pool."""
