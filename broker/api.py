@@ -17,17 +17,25 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker import validation as v
 from broker.artifacts import CHUNK_BYTES, ArtifactStore
+from broker.auth import Principal, Role, authorize, current, set_current
 from broker.convert import farm_pb, job_pb, timestamp, worker_pb
 from broker.core import BrokerCore, Job
 from broker.earnings import earnings
 from broker.economics import FarmTerms
-from broker.errors import BrokerError, FieldViolation, InvalidArgument, NotFound, Unauthenticated
+from broker.errors import (
+    BrokerError,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from broker.events import (
     AttemptCheckpointed,
     AttemptFinished,
@@ -48,6 +56,8 @@ from broker.scheduler import place
 from broker.service import BrokerService, cancellation, sha256_hex
 from broker.store import FarmRow
 from rigshift.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     artifact_service_pb2,
     artifact_service_pb2_grpc,
     farm_pb2,
@@ -60,11 +70,17 @@ from rigshift.v1 import (
     worker_service_pb2_grpc,
 )
 
-__all__ = ["ArtifactServicer", "FarmServicer", "JobServicer", "WorkerServicer", "abort_with"]
+__all__ = [
+    "AdminServicer",
+    "ArtifactServicer",
+    "FarmServicer",
+    "JobServicer",
+    "WorkerServicer",
+    "abort_with",
+]
 
 log = logging.getLogger("rigshift.broker.api")
 ERROR_DOMAIN = "rigshift.dev"
-DEFAULT_OWNER = "anonymous"
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: BrokerError) -> None:
@@ -81,6 +97,16 @@ async def abort_with(context: grpc.aio.ServicerContext, err: BrokerError) -> Non
                     )
                     for fv in err.violations
                 ]
+            )
+        )
+    retry = err.metadata.get("retry_after_s")
+    if retry is not None:
+        seconds = float(retry)
+        details.append(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(
+                    seconds=int(seconds), nanos=int((seconds % 1) * 1e9)
+                )
             )
         )
     packed = []
@@ -101,12 +127,23 @@ async def _internal(context: grpc.aio.ServicerContext, method: str) -> None:
     await context.abort(s.code, s.details, s.trailing_metadata)
 
 
+def _admit(self: Any, method: str, context: grpc.aio.ServicerContext) -> None:
+    """Authenticate, authorise and rate-limit one call; binds the caller for ``auth.current``."""
+    svc: BrokerService = self.svc
+    principal = svc.authenticate(_metadata(context))
+    authorize(f"{self.SERVICE}/{method}", principal)
+    if principal is not None and principal.role in (Role.CLIENT, Role.OPERATOR):
+        svc.rate_limiter.check(f"{principal.role.value}:{principal.name}", svc.clock())
+    set_current(principal)
+
+
 def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map errors of a unary (or client-streaming) method."""
+    """Admit the caller and map errors of a unary (or client-streaming) method."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _admit(self, fn.__name__, context)
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -119,11 +156,12 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    """Map errors of a server-streaming method."""
+    """Admit the caller and map errors of a server-streaming method."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _admit(self, fn.__name__, context)
             async for item in fn(self, request, context):
                 yield item
         except grpc.aio.AbortError:
@@ -140,8 +178,37 @@ def _metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in (context.invocation_metadata() or ()))
 
 
+def _own_job(svc: BrokerService, name: str) -> Job:
+    """The job, if the caller may see it: clients only their own, admins every job."""
+    job = svc.core.job(v.parse_name(name, "jobs"))
+    who = current()
+    if who.role != Role.ADMIN and job.owner != who.name:
+        raise PermissionDenied(
+            f"jobs/{job.job_id} belongs to another client", reason="NOT_YOUR_JOB"
+        )
+    return job
+
+
+def _farm_scope(parent: str, field: str = "parent") -> str:
+    """The farm a farm-scoped call may look at: operators only their own."""
+    who = current()
+    farm_id = ""
+    if parent not in ("", "farms/-"):
+        farm_id = v.parse_name(parent, "farms", field)
+    if who.role == Role.OPERATOR:
+        if farm_id and farm_id != who.farm_id:
+            raise PermissionDenied(
+                f"operator {who.name!r} manages farms/{who.farm_id}, not farms/{farm_id}",
+                reason="NOT_YOUR_FARM",
+            )
+        return who.farm_id
+    return farm_id
+
+
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     """rigshift.v1.JobService."""
+
+    SERVICE = "JobService"
 
     def __init__(self, svc: BrokerService, default_max_attempts: int = 3) -> None:
         self.svc = svc
@@ -154,17 +221,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             raise InvalidArgument.of([FieldViolation("spec", "is required")])
         spec = v.check_job_spec(request.spec, self.default_max_attempts)
         job_id = uuid.uuid4().hex[:16]
-        await self.svc.apply(
-            JobSubmitted(self.svc.clock(), job_id, DEFAULT_OWNER, spec, request_id)
-        )
+        owner = current().name
+        await self.svc.apply(JobSubmitted(self.svc.clock(), job_id, owner, spec, request_id))
         if request_id:
-            job_id = self.svc.core.requests[(DEFAULT_OWNER, request_id)]
+            job_id = self.svc.core.requests[(owner, request_id)]
         return job_pb(self.svc.core.job(job_id), self.svc.clock())
 
     @unary
     async def GetJob(self, request, context):  # type: ignore[no-untyped-def]
-        job_id = v.parse_name(request.name, "jobs")
-        return job_pb(self.svc.core.job(job_id), self.svc.clock())
+        return job_pb(_own_job(self.svc, request.name), self.svc.clock())
 
     @unary
     async def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
@@ -174,7 +239,12 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             if s == job_pb2.Job.STATE_UNSPECIFIED or s not in job_pb2.Job.State.values():
                 raise InvalidArgument.of([FieldViolation(f"states[{i}]", f"unknown state {s}")])
             states.add(JobState(job_pb2.Job.State.Name(s)))
-        jobs = [j for j in self.svc.core.jobs.values() if not states or j.state in states]
+        who = current()
+        jobs = [
+            j
+            for j in self.svc.core.jobs.values()
+            if (not states or j.state in states) and (who.role == Role.ADMIN or j.owner == who.name)
+        ]
         jobs.sort(key=lambda j: (-j.create_time, j.job_id))
         page = jobs[offset : offset + limit]
         now = self.svc.clock()
@@ -186,9 +256,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @unary
     async def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
-        job_id = v.parse_name(request.name, "jobs")
-        await self.svc.apply(CancelRequested(self.svc.clock(), job_id))
-        return job_pb(self.svc.core.job(job_id), self.svc.clock())
+        job = _own_job(self.svc, request.name)
+        await self.svc.apply(CancelRequested(self.svc.clock(), job.job_id))
+        return job_pb(job, self.svc.clock())
 
     @unary
     async def QuoteJob(self, request, context):  # type: ignore[no-untyped-def]
@@ -199,9 +269,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @streaming
     async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
-        job_id = v.parse_name(request.name, "jobs")
-        job = self.svc.core.job(job_id)
-        with self.svc.subscribe(job_id) as changed:
+        job = _own_job(self.svc, request.name)
+        with self.svc.subscribe(job.job_id) as changed:
             while True:
                 changed.clear()
                 yield job_pb(job, self.svc.clock())
@@ -211,8 +280,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     @streaming
     async def StreamJobLogs(self, request, context):  # type: ignore[no-untyped-def]
-        job_id = v.parse_name(request.name, "jobs")
-        job = self.svc.core.job(job_id)
+        job = _own_job(self.svc, request.name)
+        job_id = job.job_id
         last_id = 0
         with self.svc.subscribe(job_id) as changed:
             while True:
@@ -271,6 +340,8 @@ def _quote(core: BrokerCore, spec: JobSpec, now: float) -> job_service_pb2.Quote
 class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     """rigshift.v1.FarmService."""
 
+    SERVICE = "FarmService"
+
     def __init__(self, svc: BrokerService) -> None:
         self.svc = svc
 
@@ -315,8 +386,12 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     async def UpdateFarm(self, request, context):  # type: ignore[no-untyped-def]
         if not request.HasField("farm"):
             raise InvalidArgument.of([FieldViolation("farm", "is required")])
-        farm_id = v.parse_name(request.farm.name, "farms", "farm.name")
+        farm_id = _farm_scope(request.farm.name, "farm.name") or v.parse_name(
+            request.farm.name, "farms", "farm.name"
+        )
         paths = tuple(request.update_mask.paths)
+        if current().role != Role.ADMIN and "broker_fee_permille" in paths:
+            raise PermissionDenied("only an admin sets the broker fee", reason="ADMIN_ONLY_FIELD")
         unknown = [p for p in paths if p not in v.FARM_FIELDS]
         if unknown:
             raise InvalidArgument.of(
@@ -326,9 +401,9 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             paths = tuple(fd.name for fd, _ in request.farm.ListFields() if fd.name != "name")
         v.check_farm(request.farm, paths)
         row = self.svc.store.get_farm(farm_id)
-        current = farm_pb(row)
+        stored = farm_pb(row)
         merged = farm_pb2.Farm()
-        merged.CopyFrom(current)
+        merged.CopyFrom(stored)
         for path in paths:
             merged.ClearField(path)
             value = getattr(request.farm, path)
@@ -351,14 +426,14 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
 
     @unary
     async def GetFarm(self, request, context):  # type: ignore[no-untyped-def]
-        return self._farm(self.svc.store.get_farm(v.parse_name(request.name, "farms")))
+        farm_id = _farm_scope(request.name, "name") or v.parse_name(request.name, "farms")
+        return self._farm(self.svc.store.get_farm(farm_id))
 
     @unary
     async def ListWorkers(self, request, context):  # type: ignore[no-untyped-def]
         limit, offset = v.check_page(request.page_size, request.page_token)
-        farm_id = ""
-        if request.parent not in ("", "farms/-"):
-            farm_id = v.parse_name(request.parent, "farms", "parent")
+        farm_id = _farm_scope(request.parent)
+        if farm_id:
             self.svc.store.get_farm(farm_id)  # NotFound for an unknown farm
         workers = sorted(
             (w for w in self.svc.core.workers.values() if not farm_id or w.farm_id == farm_id),
@@ -375,14 +450,17 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     @unary
     async def DrainWorker(self, request, context):  # type: ignore[no-untyped-def]
         worker_id = v.parse_name(request.name, "workers")
+        if not current().owns_farm(self.svc.core.worker(worker_id).farm_id):
+            raise PermissionDenied(
+                f"workers/{worker_id} is not on your farm", reason="NOT_YOUR_FARM"
+            )
         await self.svc.apply(DrainRequested(self.svc.clock(), worker_id))
         return worker_pb(self.svc.core.worker(worker_id), self.svc.core, self.svc.clock())
 
     @unary
     async def GetEarnings(self, request, context):  # type: ignore[no-untyped-def]
-        farm_id = ""
-        if request.parent not in ("", "farms/-"):
-            farm_id = v.parse_name(request.parent, "farms", "parent")
+        farm_id = _farm_scope(request.parent)
+        if farm_id:
             self.svc.store.get_farm(farm_id)
         groups = {0: "farm", 1: "farm", 2: "worker", 3: "gpu"}
         if request.group_by not in groups:
@@ -434,6 +512,8 @@ def _terms_columns(terms: FarmTerms) -> dict[str, object]:
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     """rigshift.v1.WorkerService: the agent's session."""
 
+    SERVICE = "WorkerService"
+
     def __init__(self, svc: BrokerService, lease_ttl_s: float, heartbeat_interval_s: float):
         self.svc = svc
         self.lease_ttl_s = lease_ttl_s
@@ -441,7 +521,11 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
     def _auth(self, worker: str, context: grpc.aio.ServicerContext) -> str:
         worker_id = v.parse_name(worker, "workers", "worker")
-        self.svc.authenticate_worker(_metadata(context), worker_id)
+        if current().name != worker_id:
+            raise PermissionDenied(
+                f"this credential does not belong to workers/{worker_id}",
+                reason="WRONG_WORKER_CREDENTIAL",
+            )
         self.svc.core.worker(worker_id)
         return worker_id
 
@@ -572,6 +656,8 @@ def _report_event(
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
     """rigshift.v1.ArtifactService: uploaded working directories."""
 
+    SERVICE = "ArtifactService"
+
     def __init__(self, svc: BrokerService, artifacts: ArtifactStore) -> None:
         self.svc = svc
         self.artifacts = artifacts
@@ -598,10 +684,86 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                 writer.abort()
         return artifact_service_pb2.Artifact(sha256=sha256, size_bytes=size)
 
+    def _may_read(self, who: Principal, sha256: str) -> bool:
+        """Workers read what their live attempts need; clients what their jobs refer to."""
+        core = self.svc.core
+        if who.role == Role.WORKER:
+            jobs = [job for job, _ in core.live_attempts(who.name)]
+        else:
+            jobs = [j for j in core.jobs.values() if j.owner == who.name]
+        return any(sha256 in (j.spec.working_dir_sha256, j.checkpoint_sha256) for j in jobs)
+
     @streaming
     async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
-        self.svc.any_worker_credential(_metadata(context))
+        who = current()
+        if who.role != Role.ADMIN and not self._may_read(who, request.sha256):
+            raise PermissionDenied(
+                "no job of yours refers to this artifact", reason="NOT_YOUR_ARTIFACT"
+            )
         if not self.artifacts.exists(request.sha256):
             raise NotFound(f"artifact {request.sha256[:80]} not found")
         for chunk in self.artifacts.read(request.sha256):
             yield artifact_service_pb2.ArtifactChunk(data=chunk)
+
+
+class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
+    """rigshift.v1.AdminService: API keys."""
+
+    SERVICE = "AdminService"
+
+    def __init__(self, svc: BrokerService) -> None:
+        self.svc = svc
+
+    @staticmethod
+    def _key_pb(row, secret: str = "") -> admin_service_pb2.ApiKey:  # type: ignore[no-untyped-def]
+        return admin_service_pb2.ApiKey(
+            name=f"apiKeys/{row.id}",
+            role=row.role,
+            principal=row.principal,
+            farm=f"farms/{row.farm_id}" if row.farm_id else "",
+            key=secret,
+            create_time=timestamp(row.create_time),
+            revoked=row.revoked,
+        )
+
+    @unary
+    async def CreateApiKey(self, request, context):  # type: ignore[no-untyped-def]
+        bad = []
+        roles = {
+            admin_service_pb2.ApiKey.CLIENT: Role.CLIENT,
+            admin_service_pb2.ApiKey.OPERATOR: Role.OPERATOR,
+            admin_service_pb2.ApiKey.ADMIN: Role.ADMIN,
+        }
+        role = roles.get(request.role)
+        if role is None:
+            bad.append(FieldViolation("role", "must be CLIENT, OPERATOR or ADMIN"))
+        if not v.ID_RE.match(request.principal):
+            bad.append(FieldViolation("principal", "1-64 letters, digits, '_', '.', '-'"))
+        farm_id = ""
+        if role == Role.OPERATOR:
+            if not request.farm:
+                bad.append(FieldViolation("farm", "is required for an OPERATOR key"))
+            else:
+                farm_id = v.parse_name(request.farm, "farms", "farm")
+        elif request.farm:
+            bad.append(FieldViolation("farm", "only OPERATOR keys belong to a farm"))
+        if bad:
+            raise InvalidArgument.of(bad)
+        if farm_id:
+            self.svc.store.get_farm(farm_id)
+        assert role is not None
+        key_id, secret = self.svc.create_api_key(role, request.principal, farm_id)
+        row = next(r for r in self.svc.store.api_keys() if r.id == key_id)
+        return self._key_pb(row, secret)
+
+    @unary
+    async def ListApiKeys(self, request, context):  # type: ignore[no-untyped-def]
+        return admin_service_pb2.ListApiKeysResponse(
+            api_keys=[self._key_pb(r) for r in self.svc.store.api_keys()]
+        )
+
+    @unary
+    async def RevokeApiKey(self, request, context):  # type: ignore[no-untyped-def]
+        row = self.svc.store.revoke_api_key(v.parse_name(request.name, "apiKeys"))
+        self.svc.reload_api_keys()
+        return self._key_pb(row)

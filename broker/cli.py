@@ -48,6 +48,16 @@ def broker_group() -> None:
     type=click.FloatRange(0, 100),
     help="Fee for farms that do not set their own.",
 )
+@click.option(
+    "--rate-limit-per-s",
+    default=50.0,
+    show_default=True,
+    type=float,
+    help="Calls per second per client/operator key (0: off).",
+)
+@click.option("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS.")
+@click.option("--tls-key", default="", help="PEM private key for --tls-cert.")
+@click.option("--tls-client-ca", default="", help="PEM CA: require client certificates.")
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(
     listen: str,
@@ -61,6 +71,10 @@ def serve(
     spot_percent: int,
     start_deadline_s: float,
     broker_fee_percent: float,
+    rate_limit_per_s: float,
+    tls_cert: str,
+    tls_key: str,
+    tls_client_ca: str,
     log_level: str,
 ) -> None:
     """Serve the rigshift.v1 API until SIGTERM or SIGINT, then stop gracefully."""
@@ -80,7 +94,13 @@ def serve(
             spot_permille=spot_percent * 10,
             start_deadline_s=start_deadline_s,
             broker_fee_permille=round(broker_fee_percent * 10),
+            rate_limit_per_s=rate_limit_per_s,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
         )
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
     except ValueError as err:
         raise click.UsageError(str(err)) from err
 
@@ -88,6 +108,10 @@ def serve(
         broker = Broker(config)
         await broker.start()
         click.echo(f"rigshift broker listening on {broker.address}")
+        if broker.admin_key:
+            from client.credentials import credentials_path
+
+            click.echo(f"rigshift broker created an admin key; saved to {credentials_path()}")
         if broker.metrics_address:
             click.echo(f"rigshift broker metrics on http://{broker.metrics_address}/metrics")
         stop = asyncio.Event()
@@ -175,3 +199,81 @@ def migrate_command(db_url: str, home: str, revision: str) -> None:
     finally:
         store.close()
     click.echo(f"schema at {after} (was {before or 'empty'})")
+
+
+@admin_group.command("create-key")
+@click.option("--client", "client_name", default="", help="A client key for this name.")
+@click.option("--operator", "operator_name", default="", help="An operator key (needs --farm).")
+@click.option("--admin", "admin_name", default="", help="An admin key for this name.")
+@click.option("--farm", default="", help="The operator's farm (id or farms/ID).")
+@click.option("--broker", envvar="RIGSHIFT_BROKER", default="127.0.0.1:50051", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the ApiKey as JSON.")
+def create_key_command(
+    client_name: str, operator_name: str, admin_name: str, farm: str, broker: str, as_json: bool
+) -> None:
+    """Issue an API key (needs an admin key). The secret is printed once; store it safely."""
+    from google.protobuf.json_format import MessageToJson
+
+    from client import Client
+    from client.errors import RigshiftError
+
+    chosen = [
+        (r, n)
+        for r, n in (("client", client_name), ("operator", operator_name), ("admin", admin_name))
+        if n
+    ]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --client NAME, --operator NAME, --admin NAME")
+    role, name = chosen[0]
+    try:
+        with Client(broker) as rs:
+            key = rs.create_api_key(role, name, farm=farm)
+    except RigshiftError as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(MessageToJson(key, preserving_proto_field_name=True))
+        return
+    click.echo(f"{key.name}  {role} {name!r}" + (f" of {key.farm}" if key.farm else ""))
+    click.echo(f"key: {key.key}")
+    click.echo("Use it as RIGSHIFT_API_KEY=... (it is not shown again).")
+
+
+@admin_group.command("list-keys")
+@click.option("--broker", envvar="RIGSHIFT_BROKER", default="127.0.0.1:50051", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def list_keys_command(broker: str, as_json: bool) -> None:
+    """List API keys (never their secrets)."""
+    from google.protobuf.json_format import MessageToJson
+
+    from client import Client
+    from client.errors import RigshiftError
+    from rigshift.v1 import admin_service_pb2
+
+    try:
+        with Client(broker) as rs:
+            resp = rs.list_api_keys()
+    except RigshiftError as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(MessageToJson(resp, preserving_proto_field_name=True))
+        return
+    for k in resp.api_keys:
+        role = admin_service_pb2.ApiKey.Role.Name(k.role).lower()
+        state = "revoked" if k.revoked else "active"
+        click.echo(f"{k.name:<22} {role:<9} {k.principal:<20} {k.farm or '-':<20} {state}")
+
+
+@admin_group.command("revoke-key")
+@click.argument("name")
+@click.option("--broker", envvar="RIGSHIFT_BROKER", default="127.0.0.1:50051", show_default=True)
+def revoke_key_command(name: str, broker: str) -> None:
+    """Revoke an API key (apiKeys/ID or ID); calls with it fail from then on."""
+    from client import Client
+    from client.errors import RigshiftError
+
+    try:
+        with Client(broker) as rs:
+            key = rs.revoke_api_key(name)
+    except RigshiftError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{key.name} revoked")

@@ -2,11 +2,13 @@
 
 Two kinds of series live here:
 
-* **State** (jobs, workers and GPUs by state, energy and revenue by farm, the
-  oldest pending job) is read from ``BrokerCore`` at scrape time by
-  :class:`FleetCollector`, so nothing has to keep a gauge in step with the core.
+* **State** (jobs, workers and GPUs by state, the oldest pending job, and what
+  can be derived from state: energy, revenue and mining alternative by farm,
+  SLA events and credits, the ledger's balance) is read from ``BrokerCore`` at
+  scrape time by :class:`FleetCollector`, so nothing has to keep a gauge in
+  step with the core.
 * **Events** (submissions, completions, requeues, placements, queue wait,
-  scheduling pass duration, lease expirations, SLA events, RPCs) are counters
+  scheduling pass duration, lease expirations, RPCs) are counters
   and histograms fed by the shell: :meth:`BrokerMetrics.observe` sees every
   event ``BrokerService.apply`` hands to the core and the commands it caused,
   and :class:`RpcMetricsInterceptor` sees every RPC.
@@ -17,9 +19,9 @@ Names follow the Prometheus naming guide: ``rigshift_`` prefix, base units,
 method, code, kind — never a job, attempt or worker id. ``docs/metrics.md``
 lists every series.
 
-:class:`MetricsServer` serves ``/metrics`` and ``/sd`` (Prometheus HTTP service
-discovery of the agents' exporters) on the broker's event loop, so the
-collector reads the core from the only thread that changes it.
+``broker.metrics_http.MetricsServer`` serves the registry on ``/metrics`` and
+:func:`sd_targets` on ``/sd`` (Prometheus HTTP service discovery of the agents'
+exporters).
 """
 
 from __future__ import annotations
@@ -27,16 +29,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import json
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from typing import Any
 
 import grpc
-from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -46,10 +45,10 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from broker.core import Attempt, BrokerCore, Job, Worker
+from broker.core import BrokerCore, Job, Worker
+from broker.economics import BOARD_WATTS
 from broker.events import (
     Assign,
     Command,
@@ -60,7 +59,7 @@ from broker.events import (
     WorkerRegistered,
     WorkerTransition,
 )
-from broker.model import TERMINAL_JOB_STATES, AttemptState, JobState, WorkerState
+from broker.model import TERMINAL_JOB_STATES, JobState, WorkerState
 
 __all__ = [
     "ALLOWED_LABELS",
@@ -69,19 +68,17 @@ __all__ = [
     "BrokerMetrics",
     "FarmNames",
     "FleetCollector",
-    "MetricsServer",
     "RpcMetricsInterceptor",
     "default_registry",
-    "revenue_micros",
     "sd_targets",
 ]
 
 log = logging.getLogger("rigshift.broker.metrics")
 
 TIERS = ("guaranteed", "spot")
-"""SLA tiers (``JobSpec.tier`` once economics land; until then every job is guaranteed)."""
+"""SLA tiers (``JobSpec.tier``, lower case); each is exported even at 0."""
 SLA_EVENT_KINDS = ("start_deadline_missed", "interruption", "lost_work", "heartbeat_gap")
-"""Kinds of ``SlaEvent`` (PRODUCT.md); the counter exists now and stays at zero until SLAs land."""
+"""Kinds of SLA events (``broker.model.SlaKind``, lower case); each is exported even at 0."""
 ALLOWED_LABELS = frozenset({"farm", "gpu_model", "state", "tier", "method", "code", "kind", "le"})
 """Every label a ``rigshift_`` series of the broker may carry (all of them bounded)."""
 GPU_STATES = ("allocated", "free", "unavailable")
@@ -92,7 +89,6 @@ PASS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 300, 3600)
 
 MICROS_PER_USD = 1_000_000
-MS_PER_HOUR = 3_600_000
 
 
 def default_registry() -> CollectorRegistry:
@@ -117,23 +113,6 @@ def _state_label(state: Enum) -> str:
     return str(state.value).lower()
 
 
-def revenue_micros(attempt: Attempt) -> int:
-    """What one attempt earned, in integer micro-dollars (0 unless it ended billable).
-
-    GPU-milliseconds x price per GPU-hour / 3.6e6 for an attempt whose process
-    ended and was reported (a LOST attempt is not billed). This stands
-    in for the ledger until the economics issue lands; then
-    ``rigshift_farm_revenue_usd_total`` becomes the ledger's farm payout figure.
-    """
-    if attempt.live or attempt.state == AttemptState.LOST or attempt.end_time is None:
-        return 0
-    return (
-        attempt.gpu_milliseconds(attempt.end_time)
-        * attempt.price_micros_per_gpu_hour
-        // (MS_PER_HOUR)
-    )
-
-
 def dominant_model(worker: Worker) -> str:
     """The GPU model most of the worker's GPUs have (ties: alphabetical)."""
     counts = collections.Counter(g.info.model for g in worker.gpus.values())
@@ -143,20 +122,34 @@ def dominant_model(worker: Worker) -> str:
 
 
 class FarmNames:
-    """Farm id → display name, looked up once per farm (names do not change)."""
+    """Farm id -> display name (the ``farm`` label), looked up at most once a minute per farm.
 
-    def __init__(self, lookup: Callable[[str], str] | None = None) -> None:
+    A renamed farm gets its new label within ``ttl_s``; an unknown farm is
+    labelled by its id.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], str],
+        *,
+        ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lookup = lookup
-        self._names: dict[str, str] = {}
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._names: dict[str, tuple[str, float]] = {}
 
     def __call__(self, farm_id: str) -> str:
-        name = self._names.get(farm_id)
-        if name is None:
-            try:
-                name = (self._lookup(farm_id) if self._lookup else "") or farm_id
-            except Exception:  # an unknown farm is labelled by its id
-                return farm_id
-            self._names[farm_id] = name
+        now = self._clock()
+        cached = self._names.get(farm_id)
+        if cached is not None and now - cached[1] < self._ttl_s:
+            return cached[0]
+        try:
+            name = self._lookup(farm_id) or farm_id
+        except Exception:
+            return cached[0] if cached is not None else farm_id
+        self._names[farm_id] = (name, now)
         return name
 
 
@@ -185,26 +178,32 @@ _FLEET_FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "rigshift_farm_energy_joules",
         "counter",
         ("farm",),
-        "Energy agents metered for AI attempts on a farm's GPUs.",
+        "Energy agents metered for settled AI attempts on a farm's GPUs.",
     ),
     (
         "rigshift_farm_revenue_usd",
         "counter",
         ("farm",),
-        "What finished attempts on a farm's GPUs earned (GPU-time x price until the ledger "
-        "lands, then the ledger's farm payout).",
+        "What AI work paid the farm: the payout legs of the ledger.",
     ),
     (
         "rigshift_farm_mining_usd_per_kwh",
         "gauge",
         ("farm",),
-        "What mining would pay the farm per kWh (0 until farm economics land).",
+        "What the farm's GPUs would earn per kWh mining (power-weighted; 0 when not set).",
     ),
     (
         "rigshift_ledger_imbalance_micros",
         "gauge",
         (),
-        "Sum of all ledger entries in micro-dollars; must be 0 (0 until the ledger lands).",
+        "Sum of all ledger entries in micro-dollars; must be 0.",
+    ),
+    ("rigshift_sla_events", "counter", ("kind",), "SLA events by kind."),
+    (
+        "rigshift_sla_credits_usd",
+        "counter",
+        ("kind",),
+        "SLA credits granted to clients, by the kind of event that caused them.",
     ),
 )
 
@@ -226,6 +225,9 @@ class FleetCollector(Collector):
         self.core = core
         self.farm_name = farm_name
         self.clock = clock
+        self._ledger_seen = 0
+        self._ledger_sum = 0
+        self._payouts: dict[str, int] = {}
 
     def describe(self) -> Iterable[Metric]:
         return [_family(*f) for f in _FLEET_FAMILIES]
@@ -240,16 +242,33 @@ class FleetCollector(Collector):
 
     def samples(self) -> dict[str, dict[tuple[str, ...], float]]:
         """Family name -> label values -> value, read from the core now."""
-        now, core, farm_name = self.clock(), self.core, self.farm_name
         out: dict[str, dict[tuple[str, ...], float]] = {f[0]: {} for f in _FLEET_FAMILIES}
+        farms = {w.farm_id for w in self.core.workers.values()} | set(self.core.farms)
+        for farm_id in farms:
+            farm = (self.farm_name(farm_id),)
+            out["rigshift_farm_gpu_power_limit_watts"][farm] = 0
+            out["rigshift_farm_energy_joules"][farm] = 0
+            out["rigshift_farm_revenue_usd"][farm] = 0.0
+            out["rigshift_farm_mining_usd_per_kwh"][farm] = self._mining_usd_per_kwh(farm_id)
+            for ws in WorkerState:
+                out["rigshift_workers"][(*farm, _state_label(ws))] = 0
+        self._jobs(out)
+        self._fleet(out)
+        self._ledger(out)
+        return out
+
+    def _jobs(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
+        now, core = self.clock(), self.core
         jobs = out["rigshift_jobs"]
         oldest = out["rigshift_job_queue_oldest_wait_seconds"]
+        sla, credits = out["rigshift_sla_events"], out["rigshift_sla_credits_usd"]
         for tier in TIERS:
             oldest[(tier,)] = 0.0
             for s in JobState:
                 jobs[(_state_label(s), tier)] = 0
-        energy: dict[str, int] = collections.defaultdict(int)  # by farm id
-        revenue: dict[str, int] = collections.defaultdict(int)  # micro-dollars by farm id
+        for kind in SLA_EVENT_KINDS:
+            sla[(kind,)] = credits[(kind,)] = 0
+        energy: dict[str, int] = collections.defaultdict(int)  # joules by farm id
         for job in core.jobs.values():
             tier = tier_of(job)
             jobs[(_state_label(job.state), tier)] += 1
@@ -257,22 +276,22 @@ class FleetCollector(Collector):
                 waited = max(0.0, now - job.history[-1].time)
                 oldest[(tier,)] = max(oldest[(tier,)], waited)
             for attempt in job.attempts:
-                if attempt.energy_joules or attempt.end_time is not None:
-                    farm_id = core.workers[attempt.worker_id].farm_id
-                    energy[farm_id] += attempt.energy_joules
-                    revenue[farm_id] += revenue_micros(attempt)
+                worker = core.workers.get(attempt.worker_id)
+                if attempt.settled and attempt.energy_joules and worker is not None:
+                    energy[worker.farm_id] += attempt.energy_joules
+            for event in job.sla_events:
+                key = (_state_label(event.kind),)
+                if key in sla:
+                    sla[key] += 1
+                    credits[key] += event.credit_micros / MICROS_PER_USD
+        for farm_id, joules in energy.items():
+            out["rigshift_farm_energy_joules"][(self.farm_name(farm_id),)] += joules
 
+    def _fleet(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
         workers, gpus = out["rigshift_workers"], out["rigshift_gpus"]
         power = out["rigshift_farm_gpu_power_limit_watts"]
-        for w in core.workers.values():
-            farm = farm_name(w.farm_id)
-            if (farm,) not in power:
-                power[(farm,)] = 0
-                out["rigshift_farm_mining_usd_per_kwh"][(farm,)] = 0.0
-                out["rigshift_farm_energy_joules"][(farm,)] = 0
-                out["rigshift_farm_revenue_usd"][(farm,)] = 0.0
-                for ws in WorkerState:
-                    workers[(farm, _state_label(ws))] = 0
+        for w in self.core.workers.values():
+            farm = self.farm_name(w.farm_id)
             workers[(farm, _state_label(w.state))] += 1
             for gpu in w.gpus.values():
                 model = gpu.info.model
@@ -288,12 +307,43 @@ class FleetCollector(Collector):
                 gpus[(farm, model, state)] += 1
                 if w.state != WorkerState.OFFLINE:
                     power[(farm,)] += gpu.info.power_limit_watts
-        for farm_id, joules in energy.items():
-            out["rigshift_farm_energy_joules"][(farm_name(farm_id),)] += joules
-        for farm_id, micros in revenue.items():
-            out["rigshift_farm_revenue_usd"][(farm_name(farm_id),)] += micros / MICROS_PER_USD
-        out["rigshift_ledger_imbalance_micros"][()] = 0
-        return out
+
+    def _ledger(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
+        """Imbalance and farm payouts, tallied over the entries added since the last scrape."""
+        ledger = self.core.ledger
+        if len(ledger) < self._ledger_seen:  # replaced (a reload): tally again
+            self._ledger_seen, self._ledger_sum, self._payouts = 0, 0, {}
+        for entry in ledger[self._ledger_seen :]:
+            self._ledger_sum += entry.amount_micros
+            if entry.kind == "payout" and entry.account.startswith("farm:"):
+                farm_id = entry.account.removeprefix("farm:")
+                self._payouts[farm_id] = self._payouts.get(farm_id, 0) + entry.amount_micros
+        self._ledger_seen = len(ledger)
+        out["rigshift_ledger_imbalance_micros"][()] = self._ledger_sum
+        for farm_id, micros in self._payouts.items():
+            out["rigshift_farm_revenue_usd"][(self.farm_name(farm_id),)] = micros / MICROS_PER_USD
+
+    def _mining_usd_per_kwh(self, farm_id: str) -> float:
+        """The farm's mining alternative per kWh, weighted by the power of its GPUs.
+
+        Over the GPUs of its ONLINE and DRAINING workers (a model without a
+        mining figure counts as 0); with none of those, the mean of its table.
+        """
+        terms = self.core.farms.get(farm_id)
+        if terms is None or not terms.mining_micros_per_kwh:
+            return 0.0
+        weighted = watts = 0
+        for w in self.core.workers.values():
+            if w.farm_id != farm_id or w.state == WorkerState.OFFLINE:
+                continue
+            for gpu in w.gpus.values():
+                p = gpu.info.power_limit_watts or BOARD_WATTS.get(gpu.info.model, 250)
+                weighted += p * terms.mining_for(gpu.info.model)
+                watts += p
+        if not watts:
+            table = [micros for _, micros in terms.mining_micros_per_kwh]
+            return sum(table) / len(table) / MICROS_PER_USD
+        return weighted / watts / MICROS_PER_USD
 
 
 class BrokerMetrics:
@@ -320,7 +370,7 @@ class BrokerMetrics:
         )
         self.requeued = Counter(
             "rigshift_jobs_requeued",
-            "Jobs sent back to PENDING after losing their attempt.",
+            "Jobs sent back to PENDING after their attempt was lost or preempted.",
             ["tier"],
             registry=r,
         )
@@ -349,12 +399,6 @@ class BrokerMetrics:
             ["farm"],
             registry=r,
         )
-        self.sla_events = Counter(
-            "rigshift_sla_events",
-            "SLA events by kind (stays 0 until SLA tiers land).",
-            ["kind"],
-            registry=r,
-        )
         self.rpc_requests = Counter(
             "rigshift_grpc_requests",
             "RPCs handled, by full method name and status code.",
@@ -374,8 +418,6 @@ class BrokerMetrics:
             self.queue_wait.labels(tier)
             for s in TERMINAL_JOB_STATES:
                 self.completed.labels(_state_label(s), tier)
-        for kind in SLA_EVENT_KINDS:
-            self.sla_events.labels(kind)
         self.fleet = FleetCollector(core, farm_name, clock)
         registry.register(self.fleet)
 
@@ -526,49 +568,3 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
         return None  # a synchronous handler: left unmeasured
-
-
-class MetricsServer:
-    """``/metrics`` and ``/sd`` over HTTP, served on the broker's own event loop."""
-
-    def __init__(self, registry: CollectorRegistry, sd: Callable[[], list[dict[str, Any]]]):
-        self.registry = registry
-        self.sd = sd
-        self.address = ""
-        self._runner: web.AppRunner | None = None
-
-    async def start(self, listen: str) -> str:
-        """Bind ``host:port`` (port 0 picks a free one) and return the bound host:port."""
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, int(port)))
-            sock.setblocking(False)
-        except (OSError, ValueError) as err:
-            sock.close()
-            raise OSError(f"cannot serve metrics on {listen}: {err}") from err
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/sd", self._sd)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
-        bound = sock.getsockname()[1]
-        self.address = f"[{host}]:{bound}" if family == socket.AF_INET6 else f"{host}:{bound}"
-        return self.address
-
-    async def stop(self) -> None:
-        """Stop serving (safe to call twice)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _sd(self, request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(self.sd()), content_type="application/json")

@@ -17,13 +17,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from broker.api import ArtifactServicer, FarmServicer, JobServicer, WorkerServicer
+from broker.api import (
+    AdminServicer,
+    ArtifactServicer,
+    FarmServicer,
+    JobServicer,
+    WorkerServicer,
+)
 from broker.artifacts import ArtifactStore
+from broker.auth import RateLimiter, Role
 from broker.core import BrokerCore
-from broker.metrics import BrokerMetrics, FarmNames, MetricsServer, default_registry
+from broker.metrics import BrokerMetrics, FarmNames, default_registry
+from broker.metrics_http import MetricsServer
 from broker.service import BrokerService
 from broker.store import Store
 from rigshift.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     artifact_service_pb2,
     artifact_service_pb2_grpc,
     farm_service_pb2,
@@ -43,6 +53,7 @@ SERVICE_NAMES = (
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     farm_service_pb2.DESCRIPTOR.services_by_name["FarmService"].full_name,
     artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
@@ -76,6 +87,16 @@ class BrokerConfig:
     """Largest uploaded archive."""
     grace_s: float = 5.0
     """How long stop() lets in-flight RPCs finish."""
+    rate_limit_per_s: float = 50.0
+    """Calls per second each client or operator key may make (burst: twice that); 0: off."""
+    tls_cert: str = ""
+    """PEM certificate chain for TLS on the gRPC port; empty: plaintext."""
+    tls_key: str = ""
+    """PEM private key matching ``tls_cert``."""
+    tls_client_ca: str = ""
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    write_credentials: bool = True
+    """On first start, write the new admin key to ``$RIGSHIFT_HOME/credentials``."""
     metrics_listen: str = ""
     """host:port for ``/metrics`` and ``/sd`` (Prometheus); empty: off; port 0 picks a free port."""
 
@@ -109,6 +130,7 @@ class Broker:
         self._health: health.aio.HealthServicer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.admin_key = ""  # set when this start created the first admin key
 
     @property
     def address(self) -> str:
@@ -137,6 +159,7 @@ class Broker:
         farm_name = FarmNames(lambda farm_id: store.get_farm(farm_id).display_name)
         metrics = self.metrics = BrokerMetrics(core, self.registry, farm_name=farm_name)
         svc = self.service = BrokerService(core, self.store, metrics=metrics)
+        svc.rate_limiter = RateLimiter(cfg.rate_limit_per_s, 2 * cfg.rate_limit_per_s)
         if cfg.metrics_listen:
             self._metrics_server = MetricsServer(self.registry, metrics.sd_targets)
             await self._metrics_server.start(cfg.metrics_listen)
@@ -161,15 +184,27 @@ class Broker:
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
             ArtifactServicer(svc, artifacts), server
         )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(svc), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(cfg.listen)
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes()
+                if cfg.tls_client_ca
+                else None,
+                require_client_auth=bool(cfg.tls_client_ca),
+            )
+            self.port = server.add_secure_port(cfg.listen, creds)
+        else:
+            self.port = server.add_insecure_port(cfg.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen}")
         await server.start()
+        self._first_admin_key(svc)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         svc.start_loops(tick_interval_s=min(1.0, cfg.lease_ttl_s / 4))
@@ -180,6 +215,19 @@ class Broker:
             len(core.jobs),
             len(core.workers),
         )
+
+    def _first_admin_key(self, svc: BrokerService) -> None:
+        """Create an admin key when the database has none, and save it for the local CLI."""
+        if any(r.role == Role.ADMIN.value and not r.revoked for r in svc.store.api_keys()):
+            return
+        _, self.admin_key = svc.create_api_key(Role.ADMIN, "admin")
+        if self.config.write_credentials:
+            from client.credentials import save_api_key
+
+            path = save_api_key(self.address, self.admin_key)
+            log.info("created the first admin key; saved to %s", path)
+        else:
+            log.info("created the first admin key (not saved: write_credentials is off)")
 
     async def stop(self) -> None:
         """Stop accepting RPCs, let in-flight ones finish within the grace period, close the store.

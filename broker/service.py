@@ -16,9 +16,10 @@ import secrets
 import time
 from collections.abc import Callable
 
+from broker.auth import Principal, RateLimiter, Role, bearer, new_api_key
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
-from broker.errors import PermissionDenied, Unauthenticated
+from broker.errors import Unauthenticated
 from broker.events import AppendLog, Assign, Cancel, Command, Event, SchedulePass, Tick
 from broker.metrics import BrokerMetrics
 from rigshift.v1 import worker_service_pb2
@@ -53,6 +54,10 @@ class BrokerService:
         self._subscribers: dict[str, set[asyncio.Event]] = {}
         self._streams: dict[str, asyncio.Queue[worker_service_pb2.Instruction | None]] = {}
         self._credentials: dict[str, str] = store.worker_credentials()
+        self._worker_by_digest = {d: w for w, d in self._credentials.items()}
+        self._api_keys: dict[str, Principal] = {}
+        self.reload_api_keys()
+        self.rate_limiter = RateLimiter()
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- state changes -----------------------------------------------------------
@@ -148,33 +153,55 @@ class BrokerService:
         credential = "rswc_" + secrets.token_urlsafe(32)
         digest = sha256_hex(credential)
         self.store.set_worker_credential(worker_id, digest)
+        old = self._credentials.get(worker_id)
+        if old is not None:
+            self._worker_by_digest.pop(old, None)  # the old agent's credential stops working
         self._credentials[worker_id] = digest
+        self._worker_by_digest[digest] = worker_id
         return credential
 
-    def authenticate_worker(self, metadata: tuple[tuple[str, str], ...], worker_id: str) -> None:
-        """Check ``authorization: Bearer <credential>`` belongs to this worker."""
-        token = ""
-        for key, value in metadata:
-            if key == "authorization" and value.startswith("Bearer "):
-                token = value[len("Bearer ") :]
-        if not token:
-            raise Unauthenticated("worker calls need `authorization: Bearer <credential>`")
-        expected = self._credentials.get(worker_id)
-        if expected is None or not secrets.compare_digest(expected, sha256_hex(token)):
-            raise PermissionDenied(
-                f"this credential does not belong to workers/{worker_id}",
-                reason="WRONG_WORKER_CREDENTIAL",
-            )
+    def authenticate(self, metadata: tuple[tuple[str, str], ...]) -> Principal | None:
+        """The caller behind ``authorization: Bearer <secret>``; None when there is none.
 
-    def any_worker_credential(self, metadata: tuple[tuple[str, str], ...]) -> str:
-        """The worker id a bearer credential belongs to, or Unauthenticated."""
-        for key, value in metadata:
-            if key == "authorization" and value.startswith("Bearer "):
-                digest = sha256_hex(value[len("Bearer ") :])
-                for worker_id, expected in self._credentials.items():
-                    if secrets.compare_digest(expected, digest):
-                        return worker_id
-        raise Unauthenticated("this call needs a worker credential")
+        Unknown or revoked secrets are Unauthenticated (never a silent anonymous call).
+        """
+        secret = bearer(metadata)
+        if not secret:
+            return None
+        digest = sha256_hex(secret)
+        principal = self._api_keys.get(digest)
+        if principal is not None:
+            return principal
+        worker_id = self._worker_by_digest.get(digest)
+        if worker_id is not None and worker_id in self.core.workers:
+            return Principal(Role.WORKER, worker_id, self.core.workers[worker_id].farm_id)
+        raise Unauthenticated("credential not recognised (revoked, or for another broker?)")
+
+    def reload_api_keys(self) -> None:
+        """Refresh the in-memory key ring from the store."""
+        self._api_keys = {
+            row.key_sha256: Principal(Role(row.role), row.principal, row.farm_id)
+            for row in self.store.api_keys()
+            if not row.revoked
+        }
+
+    def create_api_key(self, role: Role, principal: str, farm_id: str = "") -> tuple[str, str]:
+        """Issue a key; returns (key id, secret). Only the hash is stored."""
+        from broker.store import ApiKeyRow
+
+        key_id, secret = new_api_key()
+        self.store.add_api_key(
+            ApiKeyRow(
+                id=key_id,
+                key_sha256=sha256_hex(secret),
+                role=role.value,
+                principal=principal,
+                farm_id=farm_id,
+                create_time=self.clock(),
+            )
+        )
+        self.reload_api_keys()
+        return key_id, secret
 
     # --- background loops ------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from broker.events import AppendLog
 from broker.model import AttemptState, GpuInfo, JobSpec, JobState, SlaKind, Tier, WorkerState
 from broker.scheduler import Rejection
 
-__all__ = ["FarmRow", "LedgerRow", "LogRow", "Store", "default_db_url", "farm_terms"]
+__all__ = ["ApiKeyRow", "FarmRow", "LedgerRow", "LogRow", "Store", "default_db_url", "farm_terms"]
 
 
 def _big() -> int:
@@ -189,6 +189,19 @@ class LedgerRow(SQLModel, table=True):
     time: float = Field(index=True)
 
 
+class ApiKeyRow(SQLModel, table=True):
+    """An API key; only the sha256 of the secret is stored."""
+
+    __tablename__ = "api_keys"
+    id: str = Field(primary_key=True)
+    key_sha256: str = Field(unique=True, index=True)
+    role: str
+    principal: str = Field(index=True)
+    farm_id: str = ""
+    create_time: float = 0.0
+    revoked: bool = False
+
+
 class LogRow(SQLModel, table=True):
     """A piece of a job's output."""
 
@@ -288,6 +301,31 @@ class Store:
             return s.exec(q).first()
 
     # --- credentials ------------------------------------------------------------
+
+    def add_api_key(self, row: ApiKeyRow) -> ApiKeyRow:
+        """Insert an API key row."""
+        with Session(self.engine) as s:
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    def api_keys(self) -> list[ApiKeyRow]:
+        """Every API key, oldest first."""
+        with Session(self.engine) as s:
+            return list(s.exec(select(ApiKeyRow).order_by(col(ApiKeyRow.create_time))))
+
+    def revoke_api_key(self, key_id: str) -> ApiKeyRow:
+        """Mark a key revoked; NotFound when unknown."""
+        with Session(self.engine) as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                raise NotFound(f"API key {key_id} not found", metadata={"api_key": key_id})
+            row.revoked = True
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
 
     def set_worker_credential(self, worker_id: str, credential_sha256: str) -> None:
         """Store (or replace) a worker's credential hash."""

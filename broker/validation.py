@@ -37,7 +37,7 @@ LIMITS = {
     "price_micros_per_gpu_hour": 1_000_000_000,  # $1000 per GPU-hour
     "max_duration_seconds": 30 * 86400,
 }
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_RE = _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

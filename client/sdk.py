@@ -33,8 +33,11 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from client.credentials import lookup_api_key
 from client.errors import InternalError, InvalidArgument, Unavailable, from_rpc_error
 from rigshift.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     artifact_service_pb2,
     artifact_service_pb2_grpc,
     farm_pb2,
@@ -281,14 +284,25 @@ class Client:
         *,
         timeout_s: float = 30.0,
         metadata: Sequence[tuple[str, str]] = (),
+        api_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._metadata = tuple(metadata)
-        self._channel = grpc.insecure_channel(address)
+        # The key: explicit, else $RIGSHIFT_API_KEY, else $RIGSHIFT_HOME/credentials.
+        key = api_key if api_key is not None else lookup_api_key(address)
+        auth = (("authorization", f"Bearer {key}"),) if key else ()
+        self._metadata = (*auth, *tuple(metadata))
+        ca = tls_ca if tls_ca is not None else os.environ.get("RIGSHIFT_TLS_CA", "")
+        if ca:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())
+            self._channel = grpc.secure_channel(address, creds)
+        else:
+            self._channel = grpc.insecure_channel(address)
         self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
         self._farms = farm_service_pb2_grpc.FarmServiceStub(self._channel)
         self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Client:
@@ -587,6 +601,33 @@ class Client:
         return self._unary(self._farms.DrainWorker, request)
 
     # -- artifacts ----------------------------------------------------------
+
+    # --- admin ------------------------------------------------------------------
+
+    def create_api_key(
+        self, role: str, principal: str, *, farm: str = ""
+    ) -> admin_service_pb2.ApiKey:
+        """Issue an API key (admin only); ``role`` is client, operator or admin.
+
+        The returned message carries the secret in ``key``; it is shown only once.
+        """
+        request = admin_service_pb2.CreateApiKeyRequest(
+            role=role.upper(),
+            principal=principal,
+            farm=_resource_name("farms", farm, "farm") if farm else "",
+        )
+        return self._unary(self._admin.CreateApiKey, request)
+
+    def list_api_keys(self) -> admin_service_pb2.ListApiKeysResponse:
+        """Every API key, without secrets (admin only)."""
+        return self._unary(self._admin.ListApiKeys, admin_service_pb2.ListApiKeysRequest())
+
+    def revoke_api_key(self, name: str) -> admin_service_pb2.ApiKey:
+        """Revoke a key by its name, ``apiKeys/ID`` or ``ID`` (admin only)."""
+        return self._unary(
+            self._admin.RevokeApiKey,
+            admin_service_pb2.RevokeApiKeyRequest(name=_resource_name("apiKeys", name, "api key")),
+        )
 
     def upload_working_dir(
         self, path: str | os.PathLike[str], *, max_bytes: int = MAX_UPLOAD_BYTES

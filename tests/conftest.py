@@ -2,58 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from broker.server import Broker, BrokerConfig
-
-
-@dataclass
-class RunningBroker:
-    """A broker serving from a background thread with its own event loop."""
-
-    broker: Broker
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-
-    @property
-    def address(self) -> str:
-        return self.broker.address
-
-    def call(self, coro):  # type: ignore[no-untyped-def]
-        """Run a coroutine on the broker's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def stop(self) -> None:
-        self.call(self.broker.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+from broker_harness import RunningBroker, start_broker
 
 
-def start_broker(home: Path, **overrides) -> RunningBroker:  # type: ignore[no-untyped-def]
-    """Start a real broker on a free port with a SQLite DB under ``home``."""
-    config = BrokerConfig(listen="127.0.0.1:0", home=str(home), **overrides)
-    broker = Broker(config)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
+@pytest.fixture(scope="session", autouse=True)
+def rigshift_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep brokers' admin keys (written to $RIGSHIFT_HOME/credentials) out of the real home."""
+    import os
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.call_soon(ready.set)
-        loop.run_forever()
-        loop.close()
-
-    thread = threading.Thread(target=run, name="broker", daemon=True)
-    thread.start()
-    ready.wait(10)
-    running = RunningBroker(broker, loop, thread)
-    running.call(broker.start())
-    return running
+    home = tmp_path_factory.mktemp("rigshift-home")
+    old = os.environ.get("RIGSHIFT_HOME")
+    os.environ["RIGSHIFT_HOME"] = str(home)
+    os.environ.pop("RIGSHIFT_API_KEY", None)
+    yield home
+    if old is None:
+        os.environ.pop("RIGSHIFT_HOME", None)
+    else:
+        os.environ["RIGSHIFT_HOME"] = old
 
 
 @pytest.fixture

@@ -11,14 +11,46 @@ from collections import defaultdict
 
 import grpc
 
+from client.credentials import lookup_api_key
 from rigshift.v1 import farm_pb2, farm_service_pb2, farm_service_pb2_grpc
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
 
 
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+):
+    """Adds `authorization: Bearer <key>` to every call of a channel."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def _with_key(self, details):
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self.key}")]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_key(details), request_iterator)
+
+
+def authed_channel(address: str, key: str | None = None) -> grpc.Channel:
+    """A channel whose calls carry an API key (default: the broker's admin key from
+    $RIGSHIFT_HOME/credentials, which the broker wrote on first start)."""
+    key = key if key is not None else lookup_api_key(address)
+    return grpc.intercept_channel(grpc.insecure_channel(address), _Bearer(key))
+
+
 def create_farm(address: str, name: str = "farm-a") -> farm_pb2.Farm:
     """Create a farm over the public API and return it (with its enrollment token)."""
-    with grpc.insecure_channel(address) as ch:
+    with authed_channel(address) as ch:
         stub = farm_service_pb2_grpc.FarmServiceStub(ch)
         return stub.CreateFarm(
             farm_service_pb2.CreateFarmRequest(farm=farm_pb2.Farm(display_name=name))

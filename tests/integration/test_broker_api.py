@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from protocol_agent import ProtocolAgent, create_farm, gpus
+from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
 
 from rigshift.v1 import farm_pb2, farm_service_pb2, farm_service_pb2_grpc, job_pb2
 from rigshift.v1 import job_service_pb2 as js
@@ -22,13 +22,13 @@ State = job_pb2.Job.State
 
 @pytest.fixture
 def jobs(broker_address):
-    with grpc.insecure_channel(broker_address) as ch:
+    with authed_channel(broker_address) as ch:
         yield jsg.JobServiceStub(ch)
 
 
 @pytest.fixture
 def farms(broker_address):
-    with grpc.insecure_channel(broker_address) as ch:
+    with authed_channel(broker_address) as ch:
         yield farm_service_pb2_grpc.FarmServiceStub(ch)
 
 
@@ -351,7 +351,7 @@ def test_list_jobs_pages_and_filters(jobs):
 
 
 def test_health_and_reflection_list_the_services(broker_address):
-    with grpc.insecure_channel(broker_address) as ch:
+    with authed_channel(broker_address) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "rigshift.v1.JobService"):
             resp = health.Check(health_pb2.HealthCheckRequest(service=service))

@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from conftest import start_broker
+from broker_harness import start_broker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from protocol_agent import ProtocolAgent, create_farm, gpus
+from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
 
 from rigshift.v1 import farm_service_pb2, farm_service_pb2_grpc, job_pb2
 from rigshift.v1 import job_service_pb2 as js
@@ -28,7 +27,7 @@ def test_restart_on_same_database_keeps_jobs_workers_and_running_attempts(tmp_pa
     agent = ProtocolAgent(rb.address, farm.enrollment_token, gpus(2))
     agent.register()
     agent.connect()
-    with grpc.insecure_channel(rb.address) as ch:
+    with authed_channel(rb.address) as ch:
         jobs = jsg.JobServiceStub(ch)
         running = jobs.CreateJob(
             js.CreateJobRequest(spec=job_pb2.JobSpec(command=["a"], gpu_count=2), request_id="k1")
@@ -43,7 +42,7 @@ def test_restart_on_same_database_keeps_jobs_workers_and_running_attempts(tmp_pa
 
     rb2 = start_broker(home, lease_ttl_s=6.0, heartbeat_interval_s=1.0)
     try:
-        with grpc.insecure_channel(rb2.address) as ch:
+        with authed_channel(rb2.address) as ch:
             jobs = jsg.JobServiceStub(ch)
             got = jobs.GetJob(js.GetJobRequest(name=running.name))
             assert got.state == State.RUNNING
@@ -73,7 +72,7 @@ def test_restart_on_same_database_keeps_jobs_workers_and_running_attempts(tmp_pa
         assert [(x.job, x.attempt) for x in reconcile.assignments] == [(running.name, 1)]
         back.seq[(running.name, 1)] = 1  # it had sent "started" as sequence 1
         back.finish(running.name, 1)
-        with grpc.insecure_channel(rb2.address) as ch:
+        with authed_channel(rb2.address) as ch:
             jobs = jsg.JobServiceStub(ch)
             deadline = time.monotonic() + 10
             while jobs.GetJob(js.GetJobRequest(name=running.name)).state != State.SUCCEEDED:
@@ -97,7 +96,7 @@ def test_broker_serve_process_answers_health_and_stops_on_sigterm(tmp_path: Path
         line = proc.stdout.readline()
         assert line.startswith("rigshift broker listening on 127.0.0.1:"), line
         address = line.split()[-1]
-        with grpc.insecure_channel(address) as ch:
+        with authed_channel(address) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         assert (tmp_path / "broker.db").exists()

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import start_broker
+from broker_harness import start_broker
 from google.protobuf import field_mask_pb2
-from protocol_agent import ProtocolAgent, gpus
+from protocol_agent import ProtocolAgent, authed_channel, gpus
 
+from broker.economics import charge_micros
 from broker.ledger import verify_ledger
 from broker.store import Store
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2
@@ -33,7 +34,7 @@ def rb(tmp_path: Path):
 
 @pytest.fixture
 def stubs(rb):
-    with grpc.insecure_channel(rb.address) as ch:
+    with authed_channel(rb.address) as ch:
         yield jsg.JobServiceStub(ch), fsg.FarmServiceStub(ch)
 
 
@@ -165,7 +166,7 @@ def test_spot_job_is_preempted_resumes_from_checkpoint_and_pays_only_what_ran(rb
     assert s.attempts[0].state == job_pb2.Attempt.PREEMPTED
     # spot pays 60% of $1.00/h: 600000 micros per GPU-hour
     assert s.attempts[0].price_micros_per_gpu_hour == 600_000
-    expected = round(s.attempts[0].gpu_milliseconds * 600_000 / 3_600_000)
+    expected = charge_micros(s.attempts[0].gpu_milliseconds, 600_000)  # half up
     assert s.attempts[0].charge_micros == expected
     kinds = [job_pb2.SlaEvent.Kind.Name(e.kind) for e in s.sla_events]
     assert kinds == ["INTERRUPTION", "LOST_WORK"]
@@ -226,7 +227,7 @@ def test_quote_says_what_matches_and_the_price_range(rb, stubs):
 
 def test_farm_terms_and_ledger_survive_a_restart(tmp_path: Path):
     b = start_broker(tmp_path / "b")
-    with grpc.insecure_channel(b.address) as ch:
+    with authed_channel(b.address) as ch:
         farms = fsg.FarmServiceStub(ch)
         farm = make_farm(farms, tariff_micros_per_kwh=123_000, broker_fee_permille=50)
         agent = ProtocolAgent(b.address, farm.enrollment_token, gpus(1, price=3_600_000))
@@ -242,7 +243,7 @@ def test_farm_terms_and_ledger_survive_a_restart(tmp_path: Path):
     b.stop()
     b2 = start_broker(tmp_path / "b")
     try:
-        with grpc.insecure_channel(b2.address) as ch:
+        with authed_channel(b2.address) as ch:
             farms = fsg.FarmServiceStub(ch)
             got = farms.GetFarm(farm_service_pb2.GetFarmRequest(name=farm.name))
             assert (got.tariff_micros_per_kwh, got.broker_fee_permille) == (123_000, 50)
@@ -261,7 +262,7 @@ def test_verify_ledger_command_passes_then_catches_a_tampered_entry(tmp_path: Pa
 
     home = tmp_path / "b"
     b = start_broker(home)
-    with grpc.insecure_channel(b.address) as ch:
+    with authed_channel(b.address) as ch:
         farm = make_farm(fsg.FarmServiceStub(ch))
         agent = ProtocolAgent(b.address, farm.enrollment_token, gpus(1, price=3_600_000))
         agent.register()

@@ -104,9 +104,8 @@ def test_broker_refuses_an_old_schema_until_migrated(tmp_path: Path):
 
 
 def test_a_job_runs_end_to_end_on_postgresql(fresh_postgres_url: str, tmp_path: Path):
-    import grpc
-    from conftest import start_broker
-    from protocol_agent import ProtocolAgent, create_farm, gpus
+    from broker_harness import start_broker
+    from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
 
     from rigshift.v1 import job_pb2
     from rigshift.v1 import job_service_pb2 as js
@@ -118,7 +117,7 @@ def test_a_job_runs_end_to_end_on_postgresql(fresh_postgres_url: str, tmp_path: 
         agent = ProtocolAgent(b.address, farm.enrollment_token, gpus(1))
         agent.register()
         agent.connect()
-        with grpc.insecure_channel(b.address) as ch:
+        with authed_channel(b.address) as ch:
             jobs = jsg.JobServiceStub(ch)
             job = jobs.CreateJob(
                 js.CreateJobRequest(spec=job_pb2.JobSpec(command=["x"], gpu_count=1))
