@@ -46,7 +46,8 @@ class RunningBroker:
 
 def start_broker(home: Path, **overrides) -> RunningBroker:  # type: ignore[no-untyped-def]
     """Start a real broker on a free port with a SQLite DB under ``home``."""
-    config = BrokerConfig(listen="127.0.0.1:0", home=str(home), **overrides)
+    overrides.setdefault("listen", "127.0.0.1:0")
+    config = BrokerConfig(home=str(home), **overrides)
     broker = Broker(config)
     loop = asyncio.new_event_loop()
     ready = threading.Event()

@@ -1,0 +1,105 @@
+"""TLS on the gRPC port, and mutual TLS when a client CA is configured (certificates made here)."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from broker_harness import start_broker
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from client import Client
+from client.errors import RigshiftError
+
+
+def _cert(name: str, issuer=None, issuer_key=None, ca=False):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return cert, key
+
+
+def _write(path: Path, cert, key=None) -> None:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if key is not None:
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    ca, ca_key = _cert("rigshift test CA", ca=True)
+    server, server_key = _cert("localhost", ca, ca_key)
+    client, client_key = _cert("client", ca, ca_key)
+    _write(tmp_path / "ca", ca)
+    _write(tmp_path / "server", server, server_key)
+    _write(tmp_path / "client", client, client_key)
+    return tmp_path
+
+
+def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki: Path, tmp_path: Path):
+    rb = start_broker(
+        tmp_path / "b",
+        listen="localhost:0",
+        tls_cert=str(pki / "server.crt"),
+        tls_key=str(pki / "server.key"),
+    )
+    try:
+        with Client(rb.address, tls_ca=str(pki / "ca.crt"), api_key=rb.admin_key) as rs:
+            assert rs.list_jobs().jobs == []
+        plain = Client(rb.address, tls_ca="", api_key=rb.admin_key, timeout_s=3)
+        with plain, pytest.raises(RigshiftError):
+            plain.list_jobs()
+    finally:
+        rb.stop()
+
+
+def test_mutual_tls_requires_a_client_certificate(pki: Path, tmp_path: Path):
+    rb = start_broker(
+        tmp_path / "b",
+        listen="localhost:0",
+        tls_cert=str(pki / "server.crt"),
+        tls_key=str(pki / "server.key"),
+        tls_client_ca=str(pki / "ca.crt"),
+    )
+    try:
+        ca = (pki / "ca.crt").read_bytes()
+        with_cert = grpc.ssl_channel_credentials(
+            ca, (pki / "client.key").read_bytes(), (pki / "client.crt").read_bytes()
+        )
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.secure_channel(rb.address, with_cert) as ch:
+            ok = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        with grpc.secure_channel(rb.address, grpc.ssl_channel_credentials(ca)) as ch:
+            with pytest.raises(grpc.RpcError) as exc:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        rb.stop()
