@@ -75,6 +75,7 @@ __all__ = [
     "ArtifactServicer",
     "FarmServicer",
     "JobServicer",
+    "SafeDecodeInterceptor",
     "WorkerServicer",
     "abort_with",
 ]
@@ -127,6 +128,40 @@ async def _internal(context: grpc.aio.ServicerContext, method: str) -> None:
     await context.abort(s.code, s.details, s.trailing_metadata)
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _malformed(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(
+            f"the request is not a valid protobuf message: {request.error}",
+            reason="MALFORMED_REQUEST",
+        )
+
+
+class SafeDecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Lets undecodable request bytes reach the handler as :class:`MalformedRequest`,
+    so they are answered INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as err:  # DecodeError and friends
+                return MalformedRequest(f"{type(err).__name__}: {err}"[:200])
+
+        return handler._replace(request_deserializer=safe)
+
+
 def _admit(self: Any, method: str, context: grpc.aio.ServicerContext) -> None:
     """Authenticate, authorise and rate-limit one call; binds the caller for ``auth.current``."""
     svc: BrokerService = self.svc
@@ -144,6 +179,7 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             _admit(self, fn.__name__, context)
+            _malformed(request)
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -162,6 +198,7 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             _admit(self, fn.__name__, context)
+            _malformed(request)
             async for item in fn(self, request, context):
                 yield item
         except grpc.aio.AbortError:
@@ -669,6 +706,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         size = 0
         try:
             async for chunk in request_iterator:
+                _malformed(chunk)
                 if writer is None:
                     sha256, size = chunk.sha256, chunk.size_bytes
                     writer = self.artifacts.writer(sha256, size)

@@ -22,6 +22,7 @@ from broker.api import (
     ArtifactServicer,
     FarmServicer,
     JobServicer,
+    SafeDecodeInterceptor,
     WorkerServicer,
 )
 from broker.artifacts import ArtifactStore
@@ -172,7 +173,7 @@ class Broker:
             ("grpc.so_reuseport", 0),
         ]
         server = self._server = grpc.aio.server(
-            options=options, interceptors=[metrics.interceptor()]
+            options=options, interceptors=[metrics.interceptor(), SafeDecodeInterceptor()]
         )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(svc, cfg.default_max_attempts), server
