@@ -8,6 +8,7 @@ pass them silently.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -26,9 +27,25 @@ GRAFANA_DIR = ROOT / "deploy" / "grafana"
 RULES = PROMETHEUS_DIR / "rigshift_rules.yml"
 RULES_TEST = PROMETHEUS_DIR / "rigshift_rules_test.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+SHARED_CONFTEST = ROOT / "tests" / "conftest.py"
 
 # protocol_agent.py (a test-side agent speaking the real WorkerService protocol) lives there.
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+
+def start_broker(home: Path, **overrides: Any) -> Any:
+    """``start_broker`` of tests/conftest.py (loaded by path: every conftest is named conftest)."""
+    global _shared
+    if _shared is None:
+        spec = importlib.util.spec_from_file_location("rigshift_tests_conftest", SHARED_CONFTEST)
+        assert spec is not None and spec.loader is not None
+        _shared = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = _shared
+        spec.loader.exec_module(_shared)
+    return _shared.start_broker(home, **overrides)
+
+
+_shared: Any = None
 
 
 def binary(name: str) -> str:

@@ -112,6 +112,15 @@ def test_every_agent_metric_is_documented():
     assert [n for n in AGENT_METRICS if not _documented(n)] == []
 
 
+def test_the_agent_exports_exactly_the_documented_names():
+    source = ROOT / "worker_agent" / "metrics.py"
+    if not source.exists():
+        pytest.skip("the agent's metrics module is not there yet")
+    exported = set(re.findall(r'"(rigshift_[a-z_]+)"', source.read_text()))
+    exported = {n.removesuffix("_total") for n in exported}
+    assert exported == {n.removesuffix("_total") for n in AGENT_METRICS}
+
+
 def test_every_broker_metric_is_documented():
     core = BrokerCore()
     registry = CollectorRegistry()

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from broker.core import BrokerCore
+from broker.economics import FarmTerms, LedgerEntry
 from broker.events import (
     Assign,
     AttemptFinished,
@@ -20,13 +21,21 @@ from broker.events import (
     AttemptStarted,
     CancelRequested,
     DrainRequested,
+    FarmConfigured,
     Heartbeat,
     JobSubmitted,
     SchedulePass,
     Tick,
     WorkerRegistered,
 )
-from broker.metrics import ALLOWED_LABELS, SLA_EVENT_KINDS, BrokerMetrics, sd_targets, tier_of
+from broker.metrics import (
+    ALLOWED_LABELS,
+    SLA_EVENT_KINDS,
+    BrokerMetrics,
+    FarmNames,
+    sd_targets,
+    tier_of,
+)
 from broker.model import GpuInfo, JobSpec
 
 TTL = 15.0
@@ -90,19 +99,20 @@ def test_submission_placement_and_success(h: Harness):
 
     h.apply(AttemptStarted(20.0, "w1", "j1", 1, 1))
     h.apply(AttemptProgress(30.0, "w1", "j1", 1, 2, energy_joules=1_000))
-    assert h.value("rigshift_farm_energy_joules_total", farm="Farm A") == 1_000
-    assert h.value("rigshift_farm_revenue_usd_total", farm="Farm A") == 0  # still running
+    # Energy and revenue count when the attempt settles, so that revenue per kWh adds up.
+    assert h.value("rigshift_farm_energy_joules_total", farm="Farm A") == 0
+    assert h.value("rigshift_farm_revenue_usd_total", farm="Farm A") == 0
     h.apply(AttemptFinished(3620.0, "w1", "j1", 1, 3, exit_code=0, energy_joules=2_520_000))
 
     assert h.value("rigshift_jobs_completed_total", state="succeeded", tier="guaranteed") == 1
     assert h.value("rigshift_jobs", state="succeeded", tier="guaranteed") == 1
     assert h.value("rigshift_farm_energy_joules_total", farm="Farm A") == 2_520_000
-    # One hour on 2 GPUs: 7 200 000 GPU-ms x price / 3 600 000 ms per hour, in micro-dollars.
-    attempt = h.core.jobs["j1"].attempts[0]
-    expected_micros = 7_200_000 * attempt.price_micros_per_gpu_hour // 3_600_000
-    assert h.value("rigshift_farm_revenue_usd_total", farm="Farm A") == pytest.approx(
-        expected_micros / 1e6
-    )
+    # One hour on 2 GPUs at $0.30 per GPU-hour: charge 7 200 000 GPU-ms x 300 000 / 3 600 000
+    # = 600 000 micro-dollars; the farm's payout is that minus the broker fee (10 %).
+    assert h.core.jobs["j1"].attempts[0].price_micros_per_gpu_hour == 300_000
+    assert h.core.default_fee_permille == 100
+    assert h.value("rigshift_farm_revenue_usd_total", farm="Farm A") == 0.54
+    assert h.value("rigshift_ledger_imbalance_micros") == 0
     # j2 has been pending since 11 s; the collector reads the clock at scrape time.
     h.now = 3700.0
     assert h.value("rigshift_job_queue_oldest_wait_seconds", tier="guaranteed") == 3689.0
@@ -146,9 +156,45 @@ def test_workers_gpus_and_power_by_farm_and_state(h: Harness):
     assert h.value("rigshift_worker_lease_expirations_total", farm="Farm B") == 0
 
 
-def test_sla_events_exist_at_zero_until_slas_land(h: Harness):
+def test_sla_events_and_credits_by_kind(h: Harness):
     for kind in SLA_EVENT_KINDS:
         assert h.value("rigshift_sla_events_total", kind=kind) == 0
+        assert h.value("rigshift_sla_credits_usd_total", kind=kind) == 0
+    h.apply(JobSubmitted(1.0, "j1", "alice", spec(1)))
+    h.apply(SchedulePass(2.0))
+    h.apply(AttemptStarted(3.0, "w1", "j1", 1, 1))
+    h.apply(Heartbeat(8.0, "w1"))
+    h.apply(Tick(8.0 + TTL + 1))  # the lease runs out while the job runs
+    assert h.value("rigshift_sla_events_total", kind="interruption") == 1
+    assert h.value("rigshift_sla_events_total", kind="lost_work") == 1
+    assert h.value("rigshift_sla_events_total", kind="heartbeat_gap") == 1
+    assert h.value("rigshift_sla_events_total", kind="start_deadline_missed") == 0
+    credits = sum(e.credit_micros for e in h.core.jobs["j1"].sla_events) / 1e6
+    assert credits > 0  # a guaranteed job is credited its lost work
+    assert h.value("rigshift_sla_credits_usd_total", kind="lost_work") == pytest.approx(credits)
+
+
+def test_ledger_imbalance_is_the_sum_of_all_entries(h: Harness):
+    assert h.value("rigshift_ledger_imbalance_micros") == 0
+    h.core.ledger.append(LedgerEntry("bad", "farm:f1", 5, "payout", "j", 1, 1.0))
+    assert h.value("rigshift_ledger_imbalance_micros") == 5
+    assert h.value("rigshift_farm_revenue_usd_total", farm="Farm A") == 0.000005
+    h.core.ledger.clear()  # a reload replaces the ledger: tallied again from the start
+    assert h.value("rigshift_ledger_imbalance_micros") == 0
+
+
+def test_mining_alternative_is_weighted_by_gpu_power(h: Harness):
+    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == 0  # not configured
+    mining = (("RTX 3090", 200_000), ("RTX 3060", 100_000))
+    h.apply(FarmConfigured(1.0, FarmTerms("f1", mining_micros_per_kwh=mining)))
+    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == 0.2  # 2 x RTX 3090
+    rtx3060 = (GpuInfo(0, "u", "RTX 3060", 12288, 150, 300_000),)
+    h.apply(WorkerRegistered(2.0, "w2", "f1", "rig-2", "1.0", rtx3060, ""))
+    # (2 x 350 W x $0.20 + 150 W x $0.10) / 850 W
+    expected = (2 * 350 * 0.2 + 150 * 0.1) / 850
+    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == pytest.approx(expected)
+    h.apply(Tick(100.0))  # every worker offline: the mean of the farm's table
+    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == pytest.approx(0.15)
 
 
 def test_sd_lists_online_and_draining_workers_with_an_address(h: Harness):
@@ -219,3 +265,24 @@ def test_no_series_carries_an_unbounded_label(h: Harness):
     assert len(names) < 60
     total = sum(len(f.samples) for f in h.registry.collect())
     assert total < 200, total
+
+
+def test_farm_names_follow_a_rename_within_the_ttl():
+    names, now = {"f1": "Farm A"}, [0.0]
+    lookups = []
+
+    def lookup(farm_id: str) -> str:
+        lookups.append(farm_id)
+        if farm_id not in names:
+            raise KeyError(farm_id)
+        return names[farm_id]
+
+    farm_name = FarmNames(lookup, ttl_s=60.0, clock=lambda: now[0])
+    assert farm_name("f1") == "Farm A"
+    names["f1"] = "Farm A2"
+    now[0] = 59.0
+    assert farm_name("f1") == "Farm A"  # cached
+    now[0] = 61.0
+    assert farm_name("f1") == "Farm A2"
+    assert farm_name("gone") == "gone"  # unknown: labelled by its id
+    assert lookups == ["f1", "f1", "gone"]
