@@ -13,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
 from broker.errors import FailedPrecondition
@@ -21,6 +21,7 @@ from broker.errors import FailedPrecondition
 __all__ = ["SchemaOutOfDate", "alembic_config", "current_revision", "ensure_schema", "migrate"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK = 0x52494753  # "RIGS": the advisory lock key migrations hold on PostgreSQL
 
 
 class SchemaOutOfDate(FailedPrecondition):
@@ -54,6 +55,10 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the database to ``revision`` (default: the newest)."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Several brokers (or a migration Job) may start at once: one migrates, the
+            # others wait here and then find the schema at head (upgrade is then a no-op).
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 

@@ -140,3 +140,18 @@ def test_a_job_runs_end_to_end_on_postgresql(fresh_postgres_url: str, tmp_path: 
         assert (restored.state, restored.attempts[0].energy_joules) == ("SUCCEEDED", 42)
     finally:
         b2.stop()
+
+
+def test_concurrent_first_starts_on_postgresql_migrate_once(fresh_postgres_url: str):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start() -> str | None:
+        store = Store(fresh_postgres_url)
+        try:
+            return current_revision(store.engine)
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        revisions = list(pool.map(lambda _: start(), range(4)))
+    assert revisions == [head_revision()] * 4
