@@ -12,8 +12,9 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from sqlalchemy import BigInteger, UniqueConstraint, event, func
+from sqlalchemy import BigInteger, UniqueConstraint, delete, event, func, insert, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -21,7 +22,16 @@ from broker.core import Attempt, BrokerCore, Gpu, HistoryEntry, Job, SlaEvent, W
 from broker.economics import FarmTerms, LedgerEntry, TariffWindow
 from broker.errors import AlreadyExists, NotFound
 from broker.events import AppendLog
-from broker.model import AttemptState, GpuInfo, JobSpec, JobState, SlaKind, Tier, WorkerState
+from broker.model import (
+    TERMINAL_JOB_STATES,
+    AttemptState,
+    GpuInfo,
+    JobSpec,
+    JobState,
+    SlaKind,
+    Tier,
+    WorkerState,
+)
 from broker.scheduler import Rejection
 
 __all__ = ["ApiKeyRow", "FarmRow", "LedgerRow", "LogRow", "Store", "default_db_url", "farm_terms"]
@@ -244,6 +254,9 @@ class Store:
             from broker.schema import ensure_schema
 
             ensure_schema(self.engine)
+        # What this store last committed per worker and per unfinished job (see save()).
+        self._workers_written: dict[str, _WorkerWritten] = {}
+        self._jobs_written: dict[str, _JobWritten] = {}
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -348,13 +361,20 @@ class Store:
         worker_ids: Iterable[str],
         logs: Sequence[AppendLog] = (),
     ) -> None:
-        """Write the named jobs and workers as the core holds them now, and new logs, atomically."""
+        """Write the named jobs and workers as the core holds them now, and new logs, atomically.
+
+        The first write of a worker or job by this store merges (reads the row, then writes
+        it); after that the store remembers what it committed and writes only the rows that
+        changed, without reading first (a bind touches one GPU row, not all of them).
+        """
+        workers_written: dict[str, _WorkerWritten] = {}
+        jobs_written: dict[str, _JobWritten] = {}
         with Session(self.engine) as s:
             # Workers first: attempts and GPU holders refer to them.
             for worker_id in sorted(worker_ids):
-                self._save_worker(s, core.workers[worker_id])
+                workers_written[worker_id] = self._save_worker(s, core.workers[worker_id])
             for job_id in sorted(job_ids):
-                self._save_job(s, core.jobs[job_id])
+                jobs_written[job_id] = self._save_job(s, core.jobs[job_id])
             new_entries = core.ledger[core.ledger_saved :]
             for e in new_entries:
                 s.add(
@@ -376,120 +396,106 @@ class Store:
                 )
             s.commit()
         core.ledger_saved += len(new_entries)
+        # Remember only what is committed: a failed save leaves the memory as it was.
+        self._workers_written.update(workers_written)
+        for job_id, written in jobs_written.items():
+            job = core.jobs[job_id]
+            if job.state in TERMINAL_JOB_STATES and not (job.current and job.current.live):
+                self._jobs_written.pop(job_id, None)  # settled: rarely written again, merge then
+            else:
+                self._jobs_written[job_id] = written
 
-    def _save_worker(self, s: Session, w: Worker) -> None:
-        s.merge(
-            WorkerRow(
-                id=w.worker_id,
-                farm_id=w.farm_id,
-                hostname=w.hostname,
-                agent_version=w.agent_version,
-                state=w.state.value,
-                last_heartbeat=w.last_heartbeat,
-                metrics_address=w.metrics_address,
-                first_seen=w.first_seen,
-                offline_since=w.offline_since,
-                reliability_json=json.dumps([w.offline_log, w.outcomes]),
-            )
+    def _save_worker(self, s: Session, w: Worker) -> _WorkerWritten:
+        row = _worker_values(w)
+        gpus = {index: _gpu_values(w.worker_id, gpu) for index, gpu in w.gpus.items()}
+        written = _WorkerWritten(
+            tuple(row.values()), {i: tuple(g.values()) for i, g in gpus.items()}
         )
-        stored = {g.index for g in s.exec(select(GpuRow).where(GpuRow.worker_id == w.worker_id))}
-        for index in stored - set(w.gpus):
-            row = s.get(GpuRow, (w.worker_id, index))
-            if row is not None:
-                s.delete(row)
-        for gpu in w.gpus.values():
-            i = gpu.info
-            s.merge(
-                GpuRow(
-                    worker_id=w.worker_id,
-                    index=i.index,
-                    uuid=i.uuid,
-                    model=i.model,
-                    vram_mb=i.vram_mb,
-                    power_limit_watts=i.power_limit_watts,
-                    price_micros_per_gpu_hour=i.price_micros_per_gpu_hour,
-                    pcie_link_width=i.pcie_link_width,
-                    holder_job_id=gpu.holder[0] if gpu.holder else None,
-                    holder_attempt=gpu.holder[1] if gpu.holder else None,
+        before = self._workers_written.get(w.worker_id)
+        if before is None:
+            s.merge(WorkerRow(**row))
+            stored = {
+                g.index for g in s.exec(select(GpuRow).where(GpuRow.worker_id == w.worker_id))
+            }
+            for index in stored - set(w.gpus):
+                old = s.get(GpuRow, (w.worker_id, index))
+                if old is not None:
+                    s.delete(old)
+            for index, values in gpus.items():
+                if index in stored:
+                    s.merge(GpuRow(**values))
+                else:  # the select just found no such row: merge() would look it up again
+                    s.add(GpuRow(**values))
+            return written
+        if written.row != before.row:
+            s.exec(update(WorkerRow), params=[row])
+        gone = [index for index in before.gpus if index not in gpus]
+        if gone:
+            s.exec(
+                delete(GpuRow).where(
+                    col(GpuRow.worker_id) == w.worker_id, col(GpuRow.index).in_(gone)
                 )
             )
+        fresh = [values for index, values in gpus.items() if index not in before.gpus]
+        changed = [
+            values
+            for index, values in gpus.items()
+            if index in before.gpus and written.gpus[index] != before.gpus[index]
+        ]
+        if fresh:
+            s.exec(insert(GpuRow), params=fresh)
+        if changed:
+            s.exec(update(GpuRow), params=changed)
+        return written
 
-    def _save_job(self, s: Session, job: Job) -> None:
-        s.merge(
-            JobRow(
-                id=job.job_id,
-                owner=job.owner,
-                request_id=job.request_id,
-                spec_json=_spec_to_json(job.spec),
-                state=job.state.value,
-                create_time=job.create_time,
-                update_time=job.update_time,
-                status_message=job.status_message,
-                exit_code=job.exit_code,
-                credit_micros=job.credit_micros,
-                checkpoint_sha256=job.checkpoint_sha256,
-                checkpoint_time=job.checkpoint_time,
-                pending_reasons_json=json.dumps(
-                    [
-                        [r.resource, r.requested, r.available, r.resolvable, r.message]
-                        for r in job.pending_reasons
-                    ]
-                ),
-            )
+    def _save_job(self, s: Session, job: Job) -> _JobWritten:
+        row = _job_values(job)
+        attempts = {a.number: _attempt_values(job.job_id, a) for a in job.attempts}
+        written = _JobWritten(
+            tuple(row.values()),
+            {n: tuple(a.values()) for n, a in attempts.items()},
+            len(job.history),
+            len(job.sla_events),
         )
-        for a in job.attempts:
-            s.merge(
-                AttemptRow(
-                    job_id=job.job_id,
-                    number=a.number,
-                    worker_id=a.worker_id,
-                    gpu_indices_json=json.dumps(list(a.gpu_indices)),
-                    price_micros_per_gpu_hour=a.price_micros_per_gpu_hour,
-                    state=a.state.value,
-                    schedule_time=a.schedule_time,
-                    start_time=a.start_time,
-                    end_time=a.end_time,
-                    exit_code=a.exit_code,
-                    energy_joules=a.energy_joules,
-                    last_sequence=a.last_sequence,
-                    message=a.message,
-                    charge_micros=a.charge_micros,
-                    settled=a.settled,
-                    last_checkpoint_time=a.last_checkpoint_time,
-                )
-            )
-        count = s.exec(
-            select(func.count()).select_from(JobEventRow).where(JobEventRow.job_id == job.job_id)
-        ).one()
-        for idx in range(count, len(job.history)):
-            h = job.history[idx]
-            s.add(
-                JobEventRow(
-                    job_id=job.job_id,
-                    idx=idx,
-                    time=h.time,
-                    from_state=h.from_state.value if h.from_state else None,
-                    to_state=h.to_state.value,
-                    reason=h.reason,
-                )
-            )
-        stored_sla = s.exec(
-            select(func.count()).select_from(SlaEventRow).where(SlaEventRow.job_id == job.job_id)
-        ).one()
-        for idx in range(stored_sla, len(job.sla_events)):
-            ev = job.sla_events[idx]
-            s.add(
-                SlaEventRow(
-                    job_id=job.job_id,
-                    idx=idx,
-                    kind=ev.kind.value,
-                    time=ev.time,
-                    attempt=ev.attempt,
-                    seconds=ev.seconds,
-                    credit_micros=ev.credit_micros,
-                    detail=ev.detail,
-                )
-            )
+        before = self._jobs_written.get(job.job_id)
+        if before is None:
+            s.merge(JobRow(**row))
+            for values in attempts.values():
+                s.merge(AttemptRow(**values))
+            history_stored = s.exec(
+                select(func.count())
+                .select_from(JobEventRow)
+                .where(JobEventRow.job_id == job.job_id)
+            ).one()
+            sla_stored = s.exec(
+                select(func.count())
+                .select_from(SlaEventRow)
+                .where(SlaEventRow.job_id == job.job_id)
+            ).one()
+            for values in _history_values(job, history_stored):
+                s.add(JobEventRow(**values))
+            for values in _sla_values(job, sla_stored):
+                s.add(SlaEventRow(**values))
+            return written
+        if written.row != before.row:
+            s.exec(update(JobRow), params=[row])
+        fresh = [values for n, values in attempts.items() if n not in before.attempts]
+        changed = [
+            values
+            for n, values in attempts.items()
+            if n in before.attempts and written.attempts[n] != before.attempts[n]
+        ]
+        if fresh:
+            s.exec(insert(AttemptRow), params=fresh)
+        if changed:
+            s.exec(update(AttemptRow), params=changed)
+        history = _history_values(job, before.history)
+        if history:
+            s.exec(insert(JobEventRow), params=history)
+        sla = _sla_values(job, before.sla_events)
+        if sla:
+            s.exec(insert(SlaEventRow), params=sla)
+        return written
 
     def load(self, core: BrokerCore, now: float | None = None) -> None:
         """Fill an empty core from the database. Live workers get a fresh lease (a grace period)."""
@@ -608,6 +614,127 @@ class Store:
                 .order_by(col(LogRow.id))
             )
             return list(s.exec(q).all())
+
+
+class _WorkerWritten(NamedTuple):
+    """The values of a worker's row and of its GPU rows as this store last committed them."""
+
+    row: tuple[object, ...]
+    gpus: dict[int, tuple[object, ...]]
+
+
+class _JobWritten(NamedTuple):
+    """A job's row and attempt rows as last committed, and how many history and SLA rows."""
+
+    row: tuple[object, ...]
+    attempts: dict[int, tuple[object, ...]]
+    history: int
+    sla_events: int
+
+
+def _worker_values(w: Worker) -> dict[str, Any]:
+    return {
+        "id": w.worker_id,
+        "farm_id": w.farm_id,
+        "hostname": w.hostname,
+        "agent_version": w.agent_version,
+        "state": w.state.value,
+        "last_heartbeat": w.last_heartbeat,
+        "metrics_address": w.metrics_address,
+        "first_seen": w.first_seen,
+        "offline_since": w.offline_since,
+        "reliability_json": json.dumps([w.offline_log, w.outcomes]),
+    }
+
+
+def _gpu_values(worker_id: str, gpu: Gpu) -> dict[str, Any]:
+    i = gpu.info
+    return {
+        "worker_id": worker_id,
+        "index": i.index,
+        "uuid": i.uuid,
+        "model": i.model,
+        "vram_mb": i.vram_mb,
+        "power_limit_watts": i.power_limit_watts,
+        "price_micros_per_gpu_hour": i.price_micros_per_gpu_hour,
+        "pcie_link_width": i.pcie_link_width,
+        "holder_job_id": gpu.holder[0] if gpu.holder else None,
+        "holder_attempt": gpu.holder[1] if gpu.holder else None,
+    }
+
+
+def _job_values(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.job_id,
+        "owner": job.owner,
+        "request_id": job.request_id,
+        "spec_json": _spec_to_json(job.spec),
+        "state": job.state.value,
+        "create_time": job.create_time,
+        "update_time": job.update_time,
+        "status_message": job.status_message,
+        "exit_code": job.exit_code,
+        "credit_micros": job.credit_micros,
+        "checkpoint_sha256": job.checkpoint_sha256,
+        "checkpoint_time": job.checkpoint_time,
+        "pending_reasons_json": json.dumps(
+            [
+                [r.resource, r.requested, r.available, r.resolvable, r.message]
+                for r in job.pending_reasons
+            ]
+        ),
+    }
+
+
+def _attempt_values(job_id: str, a: Attempt) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "number": a.number,
+        "worker_id": a.worker_id,
+        "gpu_indices_json": json.dumps(list(a.gpu_indices)),
+        "price_micros_per_gpu_hour": a.price_micros_per_gpu_hour,
+        "state": a.state.value,
+        "schedule_time": a.schedule_time,
+        "start_time": a.start_time,
+        "end_time": a.end_time,
+        "exit_code": a.exit_code,
+        "energy_joules": a.energy_joules,
+        "last_sequence": a.last_sequence,
+        "message": a.message,
+        "charge_micros": a.charge_micros,
+        "settled": a.settled,
+        "last_checkpoint_time": a.last_checkpoint_time,
+    }
+
+
+def _history_values(job: Job, start: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "job_id": job.job_id,
+            "idx": idx,
+            "time": h.time,
+            "from_state": h.from_state.value if h.from_state else None,
+            "to_state": h.to_state.value,
+            "reason": h.reason,
+        }
+        for idx, h in enumerate(job.history[start:], start)
+    ]
+
+
+def _sla_values(job: Job, start: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "job_id": job.job_id,
+            "idx": idx,
+            "kind": ev.kind.value,
+            "time": ev.time,
+            "attempt": ev.attempt,
+            "seconds": ev.seconds,
+            "credit_micros": ev.credit_micros,
+            "detail": ev.detail,
+        }
+        for idx, ev in enumerate(job.sla_events[start:], start)
+    ]
 
 
 def _spec_to_json(spec: JobSpec) -> str:

@@ -1,0 +1,226 @@
+"""``rigshift demo``: the whole marketplace on this machine, in one command.
+
+What it does, all with real processes on loopback:
+
+1. starts ``rigshift broker serve`` on SQLite under ``.rigshift/demo/`` (fresh each run);
+2. creates two farms and starts two simulated rigs on each (``rigshift agent run
+   --simulate …``, one process and one Ray head per rig);
+3. uploads ``examples/mlp_numpy`` and submits a dozen training jobs asking for
+   1, 2 and 4 GPUs;
+4. prints every state change as it happens, then a summary: each job's state,
+   rig, GPU-seconds, energy and final accuracy, and energy per farm;
+5. stops every process it started (agents drain, then the broker) and exits 0
+   only if every job SUCCEEDED and nothing was left running.
+
+Logs of every process are kept in ``.rigshift/demo/logs/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["demo_command"]
+
+#: (farm, rig, simulated GPUs) — 12 GPUs in all; two rigs can take a 4-GPU job.
+RIGS = [
+    ("north-farm", "north-1", "RTX3090x4"),
+    ("north-farm", "north-2", "RTX3070x2"),
+    ("south-farm", "south-1", "RTX3080x4"),
+    ("south-farm", "south-2", "A4000x2"),
+]
+#: GPUs asked by the dozen jobs: six 1-GPU, four 2-GPU and two 4-GPU jobs.
+GPU_COUNTS = [1, 2, 4, 1, 1, 2, 1, 4, 2, 1, 2, 1]
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mlp_numpy"
+
+
+def _state_name(state: int) -> str:
+    from rigshift.v1 import job_pb2
+
+    return job_pb2.Job.State.Name(state)
+
+
+def _clock(start: float) -> str:
+    return f"{time.monotonic() - start:6.1f}s"
+
+
+@click.command("demo")
+@click.option(
+    "--dir",
+    "root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".rigshift/demo"),
+    show_default=True,
+    help="Where the broker's database, the agents' state and the logs go (wiped first).",
+)
+@click.option("--epochs", type=int, default=8, show_default=True, help="Epochs per job.")
+@click.option("--samples", type=int, default=16_000, show_default=True, help="Points per job.")
+@click.option("--timeout-s", type=float, default=170.0, show_default=True)
+def demo_command(root: Path, epochs: int, samples: int, timeout_s: float) -> None:
+    """Run a broker, two farms of two simulated rigs and a dozen jobs; print a summary."""
+    from worker_agent.fleet import FleetError, LocalFleet
+
+    if not (EXAMPLE / "train.py").exists():
+        raise click.ClickException(f"the example job is missing: {EXAMPLE}/train.py")
+    t0 = time.monotonic()
+    shutil.rmtree(root, ignore_errors=True)
+    fleet = LocalFleet(root.resolve())
+    ok = False
+    try:
+        ok = _run(fleet, t0, epochs, samples, timeout_s)
+    except FleetError as err:
+        click.echo(f"error: {err}", err=True)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+    finally:
+        click.echo(f"[{_clock(t0)}] stopping the agents (drain) and the broker …")
+        fleet.stop()
+        left = fleet.leftovers()
+        if left:
+            click.echo(f"error: processes still running after the demo: {left}", err=True)
+            ok = False
+        else:
+            click.echo(f"[{_clock(t0)}] every process the demo started has exited")
+    elapsed = time.monotonic() - t0
+    click.echo(f"demo {'PASSED' if ok else 'FAILED'} in {elapsed:.1f} s (logs: {root}/logs/)")
+    sys.exit(0 if ok else 1)
+
+
+def _run(fleet: Any, t0: float, epochs: int, samples: int, timeout_s: float) -> bool:
+    echo = click.echo
+    address = fleet.start_broker(lease_ttl_s=10, heartbeat_interval_s=2)
+    echo(f"[{_clock(t0)}] broker listening on {address} (SQLite in {fleet.root}/broker)")
+    client = fleet.client()
+    tokens: dict[str, str] = {}
+    for farm_name, tariff in (("north-farm", 110_000), ("south-farm", 140_000)):
+        farm = client.create_farm(
+            farm_name, region=farm_name.split("-")[0], tariff_micros_per_kwh=tariff
+        )
+        tokens[farm_name] = farm.enrollment_token
+        echo(f"[{_clock(t0)}] created {farm.name} ({farm_name}, ${tariff / 1e6:.2f}/kWh)")
+    for farm_name, rig, spec in RIGS:
+        fleet.start_agent(
+            rig, tokens[farm_name], simulate=spec, heartbeat_interval_s=2, lease_ttl_s=10
+        )
+        echo(f"[{_clock(t0)}] started agent {rig} on {farm_name}: simulated {spec} (Ray head)")
+    workers = fleet.wait_workers(len(RIGS), timeout_s=120)
+    echo(f"[{_clock(t0)}] {len(workers)} rigs online, {sum(len(w.gpus) for w in workers)} GPUs")
+    worker_names = {w.name: w.hostname for w in workers}
+    farm_of = {rig: farm for farm, rig, _ in RIGS}
+
+    sha = client.upload_working_dir(EXAMPLE)
+    echo(f"[{_clock(t0)}] uploaded examples/mlp_numpy (sha256:{sha[:12]}…)")
+    command = [sys.executable, "train.py", "--epochs", str(epochs), "--samples", str(samples)]
+    jobs: dict[str, int] = {}
+    for i, gpus in enumerate(GPU_COUNTS, 1):
+        job = client.create_job(
+            [*command, "--seed", str(i), "--min-accuracy", "0.5"],
+            gpu_count=gpus,
+            working_dir_sha256=sha,
+            display_name=f"mlp-{i:02d}",
+        )
+        jobs[job.name] = gpus
+    echo(f"[{_clock(t0)}] submitted {len(jobs)} jobs: {dict(Counter(GPU_COUNTS))} (GPUs: jobs)")
+
+    final = _follow(client, jobs, worker_names, t0, timeout_s)
+    _summary(client, final, worker_names, farm_of)
+    return all(j.state == _state_value("SUCCEEDED") for j in final.values()) and len(final) == len(
+        jobs
+    )
+
+
+def _state_value(name: str) -> int:
+    from rigshift.v1 import job_pb2
+
+    return job_pb2.Job.State.Value(name)
+
+
+def _follow(
+    client: Any, jobs: dict[str, int], workers: dict[str, str], t0: float, timeout_s: float
+) -> dict[str, Any]:
+    """Print each state change until every job is final (or the time is up)."""
+    terminal = {_state_value(s) for s in ("SUCCEEDED", "FAILED", "CANCELLED")}
+    seen: dict[str, int] = {}
+    latest: dict[str, Any] = {}
+    last_summary = 0.0
+    while time.monotonic() - t0 < timeout_s:
+        page = client.list_jobs(page_size=100).jobs
+        for job in sorted(page, key=lambda j: j.spec.display_name):
+            if job.name not in jobs:
+                continue
+            latest[job.name] = job
+            if seen.get(job.name) == job.state:
+                continue
+            seen[job.name] = job.state
+            where = ""
+            if job.attempts:
+                a = job.attempts[-1]
+                rig = workers.get(a.worker, a.worker)
+                where = f" on {rig} GPUs {','.join(map(str, a.gpu_indices))}"
+            click.echo(
+                f"[{_clock(t0)}] {job.spec.display_name} ({jobs[job.name]} GPU) "
+                f"{_state_name(job.state):<9}{where}"
+            )
+        if len(latest) == len(jobs) and all(j.state in terminal for j in latest.values()):
+            break
+        if time.monotonic() - last_summary > 5:
+            last_summary = time.monotonic()
+            counts = Counter(_state_name(j.state).lower() for j in latest.values())
+            line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            running = [j for j in latest.values() if j.state == _state_value("RUNNING")]
+            epochs = [f"{j.spec.display_name} {_last_epoch(client, j.name)}" for j in running[:4]]
+            click.echo(f"[{_clock(t0)}]   … {line}" + (f" ({', '.join(epochs)})" if epochs else ""))
+        time.sleep(0.25)
+    return {name: client.get_job(name) for name in jobs}
+
+
+def _last_epoch(client: Any, name: str) -> str:
+    """``epoch 3/6`` from the job's output so far (live progress)."""
+    text = "".join(c.data for c in client.stream_logs(name))
+    for line in reversed(text.splitlines()):
+        if line.startswith("epoch "):
+            return line.split(" ", 2)[1].join(("epoch ", ""))
+    return "starting"
+
+
+def _accuracy(client: Any, name: str) -> str:
+    text = "".join(c.data for c in client.stream_logs(name))
+    for line in reversed(text.splitlines()):
+        if line.startswith("final test accuracy"):
+            return line.rsplit(" ", 1)[1]
+    return "-"
+
+
+def _summary(
+    client: Any, final: dict[str, Any], workers: dict[str, str], farm_of: dict[str, str]
+) -> None:
+    echo = click.echo
+    echo("")
+    header = ("JOB", "GPUS", "RIG", "STATE", "GPU-SECONDS", "ENERGY (J)", "ACCURACY")
+    echo("{:<8} {:>4}  {:<8} {:<10} {:>11} {:>10}  {}".format(*header))
+    per_farm: dict[str, list[int]] = {}
+    for name, job in sorted(final.items(), key=lambda kv: kv[1].spec.display_name):
+        a = job.attempts[-1] if job.attempts else None
+        rig = workers.get(a.worker, "-") if a else "-"
+        gpu_s = sum(x.gpu_milliseconds for x in job.attempts) / 1000
+        energy = sum(x.energy_joules for x in job.attempts)
+        farm = farm_of.get(rig, "-")
+        totals = per_farm.setdefault(farm, [0, 0, 0])
+        totals[0] += 1
+        totals[1] += int(gpu_s * 1000)
+        totals[2] += energy
+        echo(
+            f"{job.spec.display_name:<8} {job.spec.gpu_count:>4}  {rig:<8} "
+            f"{_state_name(job.state):<10} {gpu_s:>11.1f} {energy:>10}  {_accuracy(client, name)}"
+        )
+    echo("")
+    echo(f"{'FARM':<11} {'JOBS':>4} {'GPU-SECONDS':>11} {'ENERGY (J)':>10} {'kWh':>9}")
+    for farm, (n, gpu_ms, joules) in sorted(per_farm.items()):
+        echo(f"{farm:<11} {n:>4} {gpu_ms / 1000:>11.1f} {joules:>10} {joules / 3.6e6:>9.5f}")
+    echo("")

@@ -1,0 +1,536 @@
+"""The agent's session logic against a scripted broker (a real gRPC server on port 0).
+
+The fake broker speaks WorkerService and ArtifactService, records what the agent
+sends and does what each test tells it (fail reports, answer ``stale``, change
+the reconcile). Jobs run through the LocalExecutor on a simulated rig, so these
+tests need no Ray; the Ray path is covered in test_agent_executor.py and tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rigshift.v1 import artifact_service_pb2 as art
+from rigshift.v1 import artifact_service_pb2_grpc as artg
+from rigshift.v1 import worker_service_pb2 as ws
+from rigshift.v1 import worker_service_pb2_grpc as wsg
+from worker_agent.agent import Agent, AgentError
+from worker_agent.config import AgentConfig
+from worker_agent.executor import LocalExecutor
+from worker_agent.gpu import SimulatedBackend
+from worker_agent.testing import make_assignment
+
+PY = sys.executable
+AUTH = ("authorization", "Bearer cred-1")
+
+
+class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer):
+    """Scripted broker: records every call, applies each (job, attempt, sequence) once."""
+
+    def __init__(self) -> None:
+        self.registrations: list[ws.RegisterWorkerRequest] = []
+        self.heartbeats = 0
+        self.heartbeat_error: grpc.StatusCode | None = None
+        self.report_calls: list[list[ws.JobEvent]] = []
+        self.fail_reports = 0
+        self.stale: list[ws.Cancellation] = []
+        self.reconcile: list[ws.Assignment] = []
+        self.applied: dict[tuple[str, int], list[ws.JobEvent]] = {}
+        self.streams: list[asyncio.Queue[ws.Instruction | None]] = []
+        self.artifacts: dict[str, bytes] = {}
+        self.downloads = 0
+        self.credential = "cred-1"
+
+    def _check(self, context: grpc.aio.ServicerContext) -> bool:
+        return ("authorization", f"Bearer {self.credential}") in tuple(
+            context.invocation_metadata() or ()
+        )
+
+    async def RegisterWorker(self, request, context):  # type: ignore[no-untyped-def]
+        if request.enrollment_token != "good-token":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "enrollment token not recognised")
+        self.registrations.append(request)
+        return ws.RegisterWorkerResponse(
+            worker=request.worker or "workers/w1",
+            credential=self.credential,
+            lease_ttl_seconds=3,
+            heartbeat_interval_seconds=1,
+        )
+
+    async def Heartbeat(self, request, context):  # type: ignore[no-untyped-def]
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        if self.heartbeat_error is not None:
+            await context.abort(self.heartbeat_error, "scripted failure")
+        self.heartbeats += 1
+        return ws.HeartbeatResponse()
+
+    async def StreamInstructions(self, request, context):  # type: ignore[no-untyped-def]
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        queue: asyncio.Queue[ws.Instruction | None] = asyncio.Queue()
+        self.streams.append(queue)
+        yield ws.Instruction(reconcile=ws.Reconcile(assignments=self.reconcile))
+        while (item := await queue.get()) is not None:
+            yield item
+
+    async def ReportJobEvents(self, request, context):  # type: ignore[no-untyped-def]
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        self.report_calls.append(list(request.events))
+        if self.fail_reports:
+            self.fail_reports -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
+        applied = 0
+        for e in request.events:
+            got = self.applied.setdefault((e.job, e.attempt), [])
+            if e.sequence > len(got):
+                assert e.sequence == len(got) + 1, "sequence numbers must not skip"
+                got.append(e)
+                applied += 1
+        stale, self.stale = self.stale, []
+        return ws.ReportJobEventsResponse(applied=applied, stale=stale)
+
+    async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        self.downloads += 1
+        data = self.artifacts.get(request.sha256)
+        if data is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such artifact")
+        for i in range(0, len(data), 1000):
+            yield art.ArtifactChunk(data=data[i : i + 1000])
+
+    async def UploadArtifact(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        sha, size, data = "", 0, b""
+        async for chunk in request_iterator:
+            if not sha:
+                sha, size = chunk.sha256, chunk.size_bytes
+            data += chunk.data
+        assert hashlib.sha256(data).hexdigest() == sha and len(data) == size
+        self.artifacts[sha] = data
+        return art.Artifact(sha256=sha, size_bytes=size)
+
+    # --- test helpers ---
+
+    def push(self, **kind: object) -> None:
+        self.streams[-1].put_nowait(ws.Instruction(**kind))
+
+    def kinds(self, job: str, attempt: int = 1) -> list[str]:
+        return [str(e.WhichOneof("kind")) for e in self.applied.get((job, attempt), [])]
+
+    def finished(self, job: str, attempt: int = 1) -> ws.Finished | None:
+        for e in self.applied.get((job, attempt), []):
+            if e.WhichOneof("kind") == "finished":
+                return e.finished
+        return None
+
+    def output(self, job: str, attempt: int = 1) -> str:
+        return "".join(
+            e.log.data for e in self.applied.get((job, attempt), []) if e.HasField("log")
+        )
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+def config(tmp_path: Path, address: str, **kw: object) -> AgentConfig:
+    base: dict[str, object] = {
+        "broker_address": address,
+        "enrollment_token": "good-token",
+        "state_dir": tmp_path / "agent",
+        "hostname": "rig-test",
+        "heartbeat_interval_s": 0.3,
+        "lease_ttl_s": 3.0,
+        "lease_grace_s": 1.0,
+        "report_flush_s": 0.05,
+        "progress_interval_s": 0.3,
+        "energy_sample_interval_s": 0.1,
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.3,
+        "drain_grace_s": 3.0,
+        "cancel_grace_s": 1.0,
+    }
+    base.update(kw)
+    return AgentConfig(**base)  # type: ignore[arg-type]
+
+
+def run_session(tmp_path: Path, body, *, spec: str = "RTX3090x4", **cfg: object) -> FakeBroker:  # type: ignore[no-untyped-def]
+    """Start a fake broker and an agent, run ``body(fake, agent)``, stop both."""
+
+    async def main() -> FakeBroker:
+        fake = FakeBroker()
+        server = grpc.aio.server()
+        wsg.add_WorkerServiceServicer_to_server(fake, server)
+        artg.add_ArtifactServiceServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            agent = Agent(
+                config(tmp_path, f"127.0.0.1:{port}", **cfg),
+                backend=SimulatedBackend(spec, seed="t"),
+                executor=LocalExecutor(flush_s=0.05, kill_grace_s=1.0),
+            )
+            async with agent:
+                await until(lambda: fake.streams, what="the instruction stream")
+                await body(fake, agent)
+        finally:
+            await server.stop(0)
+        return fake
+
+    return asyncio.run(main())
+
+
+def script(*lines: str) -> list[str]:
+    return [PY, "-c", "\n".join(lines)]
+
+
+def test_registers_heartbeats_and_keeps_its_identity(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        await until(lambda: fake.heartbeats >= 2, what="heartbeats")
+        assert agent.worker == "workers/w1"
+        # broker says 1 s, config 0.3 s: the stricter wins
+        assert agent.heartbeat_interval_s == 0.3
+
+    fake = run_session(tmp_path, body)
+    reg = fake.registrations[0]
+    assert (reg.hostname, reg.worker, len(reg.gpus)) == ("rig-test", "", 4)
+    assert reg.gpus[0].model == "RTX 3090" and reg.gpus[0].price_micros_per_gpu_hour == 250_000
+    saved = json.loads((tmp_path / "agent" / "identity.json").read_text())
+    assert saved["worker"] == "workers/w1" and saved["credential"] == "cred-1"
+    assert (tmp_path / "agent" / "identity.json").stat().st_mode & 0o777 == 0o600
+
+    async def again(fake: FakeBroker, agent: Agent) -> None:
+        assert agent.worker == "workers/w1"
+
+    fake = run_session(tmp_path, again, price_micros_per_gpu_hour=123)
+    assert fake.registrations[0].worker == "workers/w1"  # the same worker after a restart
+    assert fake.registrations[0].gpus[0].price_micros_per_gpu_hour == 123
+
+
+def test_a_refused_enrollment_token_stops_the_agent(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        raise AssertionError("must not get here")
+
+    with pytest.raises(AgentError, match="enrollment token not recognised"):
+        run_session(tmp_path, body, enrollment_token="bad")
+
+
+def test_job_runs_with_its_environment_and_sequenced_events(tmp_path: Path) -> None:
+    cmd = script(
+        "import os, time",
+        "for k in ('RIGSHIFT_JOB_ID','RIGSHIFT_ATTEMPT','CUDA_VISIBLE_DEVICES','FOO'):",
+        "    print(k, os.environ.get(k), flush=True)",
+        "print('checkpoint dir exists', os.path.isdir(os.environ['RIGSHIFT_CHECKPOINT_DIR']))",
+        "print('token hidden', 'RAY_AUTH_TOKEN_PATH' not in os.environ)",
+        "time.sleep(1.0)",
+    )
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=make_assignment("jobs/j1", gpus=[1, 3], command=cmd, env={"FOO": "x"}))
+        await until(lambda: fake.finished("jobs/j1"), what="finished")
+
+    os.environ["RAY_AUTH_TOKEN_PATH"] = "/secret"
+    try:
+        fake = run_session(tmp_path, body)
+    finally:
+        del os.environ["RAY_AUTH_TOKEN_PATH"]
+    out = fake.output("jobs/j1")
+    assert "RIGSHIFT_JOB_ID j1\nRIGSHIFT_ATTEMPT 1\nCUDA_VISIBLE_DEVICES 1,3\nFOO x\n" in out
+    assert "checkpoint dir exists True" in out and "token hidden True" in out
+    kinds = fake.kinds("jobs/j1")
+    assert kinds[0] == "started" and kinds[-1] == "finished" and "progress" in kinds
+    seqs = [e.sequence for e in fake.applied[("jobs/j1", 1)]]
+    assert seqs == list(range(1, len(seqs) + 1))
+    finished = fake.finished("jobs/j1")
+    assert finished is not None and finished.exit_code == 0
+    # two RTX 3090s training for about 1 s: 2 x ~300 W x ~1 s
+    assert 300 < finished.energy_joules < 1500
+    progress = [
+        e.progress.energy_joules for e in fake.applied[("jobs/j1", 1)] if e.HasField("progress")
+    ]
+    assert progress == sorted(progress) and progress[-1] <= finished.energy_joules
+
+
+def test_failed_reports_are_retried_with_the_same_numbers(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.fail_reports = 3
+        fake.push(assignment=make_assignment("jobs/r", command=script("print('a'); print('b')")))
+        await until(lambda: fake.finished("jobs/r"), what="finished")
+
+    fake = run_session(tmp_path, body)
+    assert fake.report_calls[0] == fake.report_calls[1] == fake.report_calls[2]
+    assert fake.report_calls[3][: len(fake.report_calls[0])] == fake.report_calls[0]
+    assert fake.output("jobs/r") == "a\nb\n"
+    assert fake.finished("jobs/r").exit_code == 0  # type: ignore[union-attr]
+
+
+def test_reconcile_starts_missing_and_stops_unlisted(tmp_path: Path) -> None:
+    long = script("import time; print('up', flush=True); time.sleep(600)")
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=make_assignment("jobs/old", command=long))
+        await until(lambda: "started" in fake.kinds("jobs/old"), what="old started")
+        # The broker restarts: the new stream's reconcile lists only jobs/new.
+        fake.reconcile = [make_assignment("jobs/new", gpus=[2], command=script("print('new')"))]
+        fake.streams[-1].put_nowait(None)
+        await until(lambda: fake.finished("jobs/new") and fake.finished("jobs/old"), what="both")
+
+    fake = run_session(tmp_path, body)
+    assert len(fake.streams) >= 2  # reconnected
+    assert fake.output("jobs/new") == "new\n"
+    old = fake.finished("jobs/old")
+    assert old is not None and old.exit_code == -15 and "reconcile" in old.message
+
+
+def test_a_reconcile_does_not_rerun_a_finished_attempt(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        a = make_assignment("jobs/once", command=script("print('ran')"))
+        fake.push(assignment=a)
+        await until(lambda: fake.finished("jobs/once"), what="finished")
+        fake.reconcile = [a]  # a broker that has not caught up yet
+        fake.streams[-1].put_nowait(None)
+        await until(lambda: len(fake.streams) >= 2, what="reconnect")
+        await asyncio.sleep(0.5)
+
+    fake = run_session(tmp_path, body)
+    assert fake.output("jobs/once") == "ran\n"
+    assert fake.kinds("jobs/once").count("started") == 1
+
+
+def test_cancellation_kills_the_process_tree_within_5_s(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    cmd = script(
+        "import os, signal, time",
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)",  # stubborn: needs SIGKILL
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))",
+        "time.sleep(600)",
+    )
+    took: list[float] = []
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=make_assignment("jobs/c", command=cmd))
+        await until(lambda: pid_file.exists() and pid_file.read_text(), what="pid")
+        t0 = time.monotonic()
+        fake.push(cancellation=ws.Cancellation(job="jobs/c", attempt=1, reason="by client"))
+        await until(lambda: not _alive(int(pid_file.read_text())), timeout=5.0, what="kill")
+        took.append(time.monotonic() - t0)
+        await until(lambda: fake.finished("jobs/c"), what="finished")
+
+    fake = run_session(tmp_path, body)
+    assert took[0] < 5.0
+    f = fake.finished("jobs/c")
+    assert f is not None and f.exit_code == -9 and f.message == "cancelled: by client"
+
+
+def test_stale_attempts_are_stopped(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.stale = [ws.Cancellation(job="jobs/s", attempt=1, reason="attempt LOST")]
+        fake.push(
+            assignment=make_assignment("jobs/s", command=script("import time; time.sleep(600)"))
+        )
+        await until(lambda: fake.finished("jobs/s"), what="stopped")
+
+    fake = run_session(tmp_path, body)
+    assert fake.finished("jobs/s").message == "stale: attempt LOST"  # type: ignore[union-attr]
+
+
+def test_credential_refused_registers_again_as_the_same_worker(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.credential = "cred-2"  # e.g. the broker lost its credential table
+        await until(lambda: len(fake.registrations) >= 2, what="re-registration")
+        fake.credential = "cred-1"  # the fake hands out cred-1 on registration
+        before = fake.heartbeats
+        await until(lambda: fake.heartbeats > before, what="heartbeats again")
+
+    fake = run_session(tmp_path, body)
+    assert fake.registrations[1].worker == "workers/w1"
+
+
+def test_lost_lease_stops_jobs_without_a_final_report(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(
+            assignment=make_assignment("jobs/l", command=script("import time; time.sleep(600)"))
+        )
+        await until(lambda: "started" in fake.kinds("jobs/l"), what="started")
+        fake.heartbeat_error = grpc.StatusCode.UNAVAILABLE
+        # TTL 3 s + grace 1 s after the last good heartbeat
+        await until(lambda: not agent.runner.runs, timeout=8.0, what="stopped")  # type: ignore[union-attr]
+        fake.heartbeat_error = None
+
+    fake = run_session(tmp_path, body)
+    assert fake.finished("jobs/l") is None  # the broker requeues it; no FAILED report
+
+
+def test_drain_lets_running_jobs_finish_and_refuses_new_ones(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(
+            assignment=make_assignment(
+                "jobs/d", command=script("import time; time.sleep(1); print('done')")
+            )
+        )
+        await until(lambda: "started" in fake.kinds("jobs/d"), what="started")
+        agent.request_shutdown()
+        await until(lambda: agent.state == "draining", what="draining")
+        fake.push(assignment=make_assignment("jobs/late", gpus=[1]))
+        await agent.shutdown()
+        agent.request_shutdown()  # twice is fine
+        await agent.shutdown()
+        assert agent.state == "stopped"
+
+    fake = run_session(tmp_path, body)
+    assert fake.finished("jobs/d").exit_code == 0  # type: ignore[union-attr]
+    assert fake.output("jobs/d") == "done\n"
+    assert fake.kinds("jobs/late") == []
+
+
+def test_drain_hands_back_what_outlives_the_grace(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    cmd = script(
+        "import os, time",
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))",
+        "time.sleep(600)",
+    )
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=make_assignment("jobs/h", command=cmd))
+        await until(lambda: pid_file.exists() and pid_file.read_text(), what="pid")
+        t0 = time.monotonic()
+        await agent.shutdown()
+        assert 0.4 < time.monotonic() - t0 < 5.0
+        assert not _alive(int(pid_file.read_text()))
+
+    fake = run_session(tmp_path, body, drain_grace_s=0.5)
+    assert "started" in fake.kinds("jobs/h")
+    assert "finished" not in fake.kinds("jobs/h")  # handed back: the broker requeues it
+
+
+def _tar_gz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_working_dir_is_fetched_verified_and_used(tmp_path: Path) -> None:
+    good = _tar_gz({"train.py": b"print(open('data.txt').read())", "data.txt": b"from the archive"})
+    sha = hashlib.sha256(good).hexdigest()
+    bad_sha = hashlib.sha256(b"something else").hexdigest()
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.artifacts[sha] = good
+        fake.artifacts[bad_sha] = good  # the bytes do not match the digest
+        fake.push(
+            assignment=make_assignment("jobs/w", command=[PY, "train.py"], working_dir_sha256=sha)
+        )
+        fake.push(
+            assignment=make_assignment(
+                "jobs/x", gpus=[1], command=[PY, "train.py"], working_dir_sha256=bad_sha
+            )
+        )
+        fake.push(assignment=make_assignment("jobs/y", gpus=[2], working_dir_sha256="ab" * 32))
+        await until(lambda: all(fake.finished(j) for j in ("jobs/w", "jobs/x", "jobs/y")))
+
+    fake = run_session(tmp_path, body)
+    assert fake.output("jobs/w") == "from the archive\n"
+    x = fake.finished("jobs/x")
+    assert x is not None and x.exit_code == 127 and "digest mismatch" in x.message
+    assert fake.kinds("jobs/x") == ["finished"]
+    y = fake.finished("jobs/y")
+    assert y is not None and y.exit_code == 127 and "NOT_FOUND" in y.message
+    assert not list((tmp_path / "agent" / "attempts").iterdir())  # cleaned up
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_attempts_sharing_an_archive_download_it_once(tmp_path: Path) -> None:
+    archive = _tar_gz({"train.py": b"print('shared')"})
+    sha = hashlib.sha256(archive).hexdigest()
+    names = [f"jobs/s{i}" for i in range(4)]
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.artifacts[sha] = archive
+        for i, name in enumerate(names):
+            a = make_assignment(name, gpus=[i], command=[PY, "train.py"], working_dir_sha256=sha)
+            fake.push(assignment=a)
+        await until(lambda: all(fake.finished(n) for n in names))
+
+    fake = run_session(tmp_path, body)
+    assert [fake.output(n) for n in names] == ["shared\n"] * 4
+    assert fake.downloads == 1
+
+
+def test_checkpoints_are_uploaded_when_they_change_and_restored_elsewhere(tmp_path: Path) -> None:
+    writer = script(
+        "import os, time",
+        "d = os.environ['RIGSHIFT_CHECKPOINT_DIR']",
+        "for epoch in (1, 2):",
+        "    open(os.path.join(d, 'tmp'), 'w').write(f'epoch {epoch}')",
+        "    os.replace(os.path.join(d, 'tmp'), os.path.join(d, 'ckpt.txt'))",
+        "    time.sleep(0.8)",
+    )
+    reader = script(
+        "import os; print(open(os.environ['RIGSHIFT_CHECKPOINT_DIR'] + '/ckpt.txt').read())"
+    )
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=make_assignment("jobs/k", command=writer))
+        await until(lambda: fake.finished("jobs/k"), what="the writer")
+        events = [e for e in fake.applied[("jobs/k", 1)] if e.HasField("checkpoint")]
+        assert len(events) == 2
+        last = events[-1].checkpoint
+        assert last.size_bytes == len(fake.artifacts[last.sha256])
+        # The job succeeded, so its local checkpoint directory is gone: like another rig.
+        assert not (tmp_path / "agent" / "checkpoints" / "k").exists()
+        again = make_assignment("jobs/k", attempt=2, command=reader)
+        again.checkpoint_sha256 = last.sha256
+        fake.push(assignment=again)
+        await until(lambda: fake.finished("jobs/k", 2), what="the reader")
+
+    fake = run_session(tmp_path, body, checkpoint_scan_interval_s=0.2)
+    kinds = fake.kinds("jobs/k")
+    assert kinds.index("checkpoint") > kinds.index("started")
+    assert kinds[-1] == "finished"
+    assert fake.output("jobs/k", 2) == "epoch 2\n"
+
+
+def test_a_checkpoint_that_cannot_be_restored_does_not_fail_the_job(tmp_path: Path) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        a = make_assignment("jobs/r2", attempt=2, command=script("print('fresh start')"))
+        a.checkpoint_sha256 = "cd" * 32  # the broker no longer has it
+        fake.push(assignment=a)
+        await until(lambda: fake.finished("jobs/r2", 2), what="finished")
+
+    fake = run_session(tmp_path, body)
+    assert fake.finished("jobs/r2", 2).exit_code == 0  # type: ignore[union-attr]
+    out = fake.output("jobs/r2", 2)
+    assert out.startswith("[rigshift-agent: checkpoint cdcdcdcdcdcd not restored")
+    assert out.endswith("fresh start\n")

@@ -1,0 +1,554 @@
+"""The agent's session with the broker: register, heartbeat, follow instructions, report.
+
+Lifecycle (Temporal's ``Worker`` contract)::
+
+    agent = Agent(config)
+    await agent.run()          # returns only after a graceful drain
+    # or
+    async with Agent(config) as agent:   # starts run() and waits until registered
+        ...
+    # elsewhere: agent.request_shutdown() (signal handlers), await agent.shutdown() (idempotent)
+
+Tasks while online::
+
+    heartbeat   Heartbeat every interval; UNAUTHENTICATED/NOT_FOUND → register again;
+                no lease for lease_ttl_s + lease_grace_s → stop the jobs (the broker requeued them)
+    stream      StreamInstructions; the first message is a Reconcile (start what is missing,
+                stop what is not listed), then Assignment / Cancellation; reconnects with
+                backoff and full jitter whenever the stream breaks
+    reporter    ReportJobEvents from the Outbox: starts and finishes at once, output batched;
+                a failed batch is retried unchanged; ``stale`` attempts are stopped
+    meter       samples power for GPUs without an energy counter; cumulative energy progress
+
+Drain (SIGTERM, :meth:`request_shutdown`): accept nothing new and ask the broker
+to drain the worker, let running attempts finish for ``drain_grace_s``, then hand
+the rest back (stop them without a final report, so the broker requeues them
+when the lease lapses), flush the outbox, stop Ray, return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import grpc
+
+from rigshift.v1 import farm_service_pb2, farm_service_pb2_grpc
+from rigshift.v1 import worker_service_pb2 as ws
+from rigshift.v1 import worker_service_pb2_grpc as wsg
+from worker_agent.attempts import AttemptRunner
+from worker_agent.backoff import Backoff
+from worker_agent.checkpoints import CheckpointWatcher
+from worker_agent.config import AgentConfig, effective_heartbeat_s
+from worker_agent.energy import EnergyMeter
+from worker_agent.executor import Executor, RayExecutor
+from worker_agent.gpu import GpuBackend, open_backend
+from worker_agent.metrics import AgentMetrics, serve_metrics
+from worker_agent.outbox import AttemptKey, Outbox
+from worker_agent.state import Identity, load_identity, save_identity
+from worker_agent.workdir import Workspace
+
+__all__ = ["Agent", "AgentError"]
+
+log = logging.getLogger("rigshift.agent")
+
+_REREGISTER = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+}
+_FATAL_AT_REGISTRATION = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class AgentError(Exception):
+    """The agent cannot go on (e.g. the broker refused the enrollment token)."""
+
+
+def _channel_options(config: AgentConfig) -> list[tuple[str, int]]:
+    # Reconnect quickly once the broker is back (gRPC's default backoff grows to 120 s).
+    return [
+        ("grpc.initial_reconnect_backoff_ms", int(config.reconnect_min_s * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(config.reconnect_min_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(config.reconnect_max_s * 1000)),
+        ("grpc.max_receive_message_length", 16 << 20),
+        ("grpc.max_send_message_length", 16 << 20),
+    ]
+
+
+class Agent:
+    """One rig's worker agent (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        backend: GpuBackend | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.executor = executor
+        self.worker = ""
+        self.heartbeat_interval_s = config.heartbeat_interval_s
+        self.lease_ttl_s = config.lease_ttl_s
+        self.last_heartbeat_rtt_s = 0.0
+        self.state = "new"
+        self.meter: EnergyMeter | None = None
+        self.outbox = Outbox(max_log_backlog_bytes=config.max_log_backlog_bytes)
+        self.runner: AttemptRunner | None = None
+        self._credential = ""
+        self._identity: Identity | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: wsg.WorkerServiceStub | None = None
+        self._stopping = asyncio.Event()
+        self._force = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._done = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._register_lock = asyncio.Lock()
+        self._stream_call: grpc.aio.UnaryStreamCall | None = None
+        self._lease_ok_at = time.monotonic()
+        self._run_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reported_finished: OrderedDict[AttemptKey, None] = OrderedDict()
+        self.metrics: AgentMetrics | None = None
+        self.metrics_address = ""
+        self._metrics_server: Any = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        self._run_task = asyncio.create_task(self.run(), name="agent.run")
+        ready = asyncio.create_task(self._registered.wait())
+        await asyncio.wait({ready, self._run_task}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._run_task.done():
+            self._run_task.result()  # raises the startup error
+            raise AgentError("the agent stopped before it registered")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    def request_shutdown(self, *, force: bool = False) -> None:
+        """Start a graceful drain (safe from signal handlers, safe to call many times).
+
+        ``force`` ends the drain grace at once: running attempts are handed back.
+        """
+        if force and not self._force.is_set():
+            log.info("forced shutdown: no more drain grace")
+            self._force.set()
+        if not self._stopping.is_set():
+            log.info("shutdown requested")
+            self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Drain and wait until :meth:`run` has returned; safe to call twice."""
+        self.request_shutdown()
+        if self.state != "new":
+            await self._done.wait()
+        if self._run_task is not None and self._run_task.done() and not self._run_task.cancelled():
+            self._run_task.result()
+
+    async def wait_registered(self, timeout_s: float | None = None) -> None:
+        """Wait until the agent holds a worker identity."""
+        await asyncio.wait_for(self._registered.wait(), timeout_s)
+
+    async def run(self) -> None:
+        """Serve until shutdown is requested, then drain; returns after the drain."""
+        if self.state != "new":
+            raise RuntimeError("Agent.run() may be called once")
+        self.state = "starting"
+        try:
+            await self._start()
+            if not self._stopping.is_set():
+                self.state = "online"
+                self._tasks = [
+                    asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                    asyncio.create_task(self._stream_loop(), name="stream"),
+                    asyncio.create_task(self._reporter_loop(), name="reporter"),
+                    asyncio.create_task(self._meter_loop(), name="meter"),
+                ]
+                stop = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                for task in self._tasks:  # a loop that died is a bug: surface it
+                    if task.done() and not task.cancelled() and task.exception():
+                        log.error(
+                            "agent task %s failed", task.get_name(), exc_info=task.exception()
+                        )
+                await self._drain()
+        finally:
+            await self._close()
+            self.state = "stopped"
+            self._done.set()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._identity = load_identity(cfg.state_dir)
+        if self.backend is None:
+            self.backend = open_backend(cfg.simulate, seed=self._identity.rig_id)
+        self.meter = EnergyMeter(self.backend)
+        if self.executor is None:
+            self.executor = RayExecutor(
+                len(self.backend.gpus()),
+                address=cfg.ray_address,
+                token_path=cfg.ray_token_path
+                if (cfg.ray_auth_token_path or not cfg.ray_address)
+                else None,
+                dashboard=cfg.ray_dashboard,
+                flush_s=cfg.report_flush_s,
+                kill_grace_s=cfg.cancel_grace_s,
+            )
+        await self.executor.start()
+        self.runner = AttemptRunner(
+            cfg,
+            self.backend,
+            self.meter,
+            self.executor,
+            self.outbox,
+            Workspace(cfg.state_dir),
+            self._download,
+            self._wake,
+            CheckpointWatcher(
+                self._upload,
+                self.outbox,
+                self._wake,
+                interval_s=cfg.checkpoint_scan_interval_s,
+                max_bytes=cfg.max_checkpoint_bytes,
+            ),
+        )
+        if cfg.metrics_listen:
+            self.metrics = AgentMetrics(self)
+            self._metrics_server = serve_metrics(self.metrics, cfg.metrics_listen)
+            host, port = self._metrics_server.server_address[:2]
+            self.metrics_address = f"{host}:{port}"
+            log.info("metrics on http://%s/metrics", self.metrics_address)
+        self._channel = grpc.aio.insecure_channel(cfg.broker_address, options=_channel_options(cfg))
+        self._stub = wsg.WorkerServiceStub(self._channel)
+        await self._register(first=True)
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.runner is not None:
+            await self.runner.stop_all("agent stopped", report=False, wait=True)
+        if self.executor is not None:
+            with contextlib.suppress(Exception):
+                await self.executor.close()
+        if self._channel is not None:
+            await self._channel.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.backend is not None:
+            with contextlib.suppress(Exception):
+                self.backend.close()
+
+    async def _drain(self) -> None:
+        self.state = "draining"
+        runner = self.runner
+        assert runner is not None
+        runner.accepting = False
+        log.info("draining: accepting no new work, %d attempt(s) running", len(runner.runs))
+        await self._ask_broker_to_drain()
+        deadline = time.monotonic() + self.config.drain_grace_s
+        while runner.runs and time.monotonic() < deadline and not self._force.is_set():
+            await asyncio.sleep(0.1)
+        if runner.runs:
+            log.warning(
+                "drain grace of %.0f s is over: handing back %d attempt(s) to the broker",
+                self.config.drain_grace_s,
+                len(runner.runs),
+            )
+            await runner.stop_all("handed back: agent shutting down", report=False, wait=True)
+        deadline = time.monotonic() + 5.0
+        while not self.outbox.empty() and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.05)
+        if not self.outbox.empty():
+            log.warning("stopping with job events the broker has not acknowledged")
+        log.info("drained")
+
+    async def _ask_broker_to_drain(self) -> None:
+        """Best effort: FarmService.DrainWorker so the broker stops placing work here."""
+        if not self.worker or self._channel is None:
+            return
+        try:
+            await farm_service_pb2_grpc.FarmServiceStub(self._channel).DrainWorker(
+                farm_service_pb2.DrainWorkerRequest(name=self.worker),
+                metadata=self._metadata(),
+                timeout=2.0,
+            )
+        except grpc.aio.AioRpcError as err:
+            log.info("broker did not take the drain request: %s", err.code().name)
+
+    # --- registration -------------------------------------------------------------------
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._credential}"),)
+
+    def _gpu_infos(self) -> list[ws.GpuInfo]:
+        assert self.backend is not None
+        price = self.config.price_micros_per_gpu_hour
+        return [
+            ws.GpuInfo(
+                index=g.index,
+                uuid=g.uuid,
+                model=g.model,
+                vram_mb=g.vram_mb,
+                power_limit_watts=g.power_limit_watts,
+                price_micros_per_gpu_hour=g.default_price_micros_per_gpu_hour
+                if price is None
+                else price,
+                pcie_link_width=g.pcie_link_width,
+            )
+            for g in self.backend.gpus()
+        ]
+
+    async def _register(self, *, first: bool = False) -> None:
+        """RegisterWorker until it works (backoff), keeping the saved worker name."""
+        async with self._register_lock:
+            if not first and self._registered.is_set() and self._lease_fresh():
+                return
+            assert self._stub is not None and self._identity is not None
+            cfg = self.config
+            backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+            request = ws.RegisterWorkerRequest(
+                enrollment_token=cfg.enrollment_token,
+                hostname=cfg.hostname,
+                agent_version=cfg.agent_version,
+                gpus=self._gpu_infos(),
+                worker=self.worker or self._identity.worker,
+                metrics_address=self.metrics_address,
+            )
+            while not self._stopping.is_set():
+                try:
+                    resp = await self._stub.RegisterWorker(request, timeout=10.0)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if err.code() in _FATAL_AT_REGISTRATION:
+                        raise AgentError(
+                            f"the broker refused registration: {err.details()}"
+                        ) from err
+                    delay = backoff.next_delay()
+                    log.warning("cannot register (%s); retrying in %.1f s", err.code().name, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+            else:
+                return
+            self.worker, self._credential = resp.worker, resp.credential
+            self.lease_ttl_s = float(resp.lease_ttl_seconds or cfg.lease_ttl_s)
+            self.heartbeat_interval_s = effective_heartbeat_s(
+                cfg, float(resp.heartbeat_interval_seconds), self.lease_ttl_s
+            )
+            self._identity = Identity(self._identity.rig_id, cfg.broker_address, *resp_ids(resp))
+            save_identity(cfg.state_dir, self._identity)
+            self._lease_ok_at = time.monotonic()
+            self._registered.set()
+            log.info(
+                "registered as %s (%d GPUs, lease %.0f s, heartbeat every %.1f s)",
+                self.worker,
+                len(request.gpus),
+                self.lease_ttl_s,
+                self.heartbeat_interval_s,
+            )
+
+    def _lease_fresh(self) -> bool:
+        return time.monotonic() - self._lease_ok_at < self.heartbeat_interval_s
+
+    async def _on_auth_error(self, err: grpc.aio.AioRpcError) -> None:
+        log.warning("broker no longer accepts this worker (%s): registering again", err.code().name)
+        self._lease_ok_at = 0.0
+        await self._register()
+
+    # --- loops --------------------------------------------------------------------------
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._stub is not None and self.runner is not None
+        failing = False
+        while True:
+            t0 = time.monotonic()
+            try:
+                await self._stub.Heartbeat(
+                    ws.HeartbeatRequest(worker=self.worker),
+                    metadata=self._metadata(),
+                    timeout=max(1.0, self.heartbeat_interval_s),
+                )
+                self.last_heartbeat_rtt_s = time.monotonic() - t0
+                if self.metrics is not None:
+                    self.metrics.heartbeat_rtt.observe(self.last_heartbeat_rtt_s)
+                self._lease_ok_at = t0
+                if failing:
+                    log.info("broker reachable again")
+                failing = False
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _REREGISTER:
+                    await self._on_auth_error(err)
+                    continue
+                if not failing:
+                    log.warning("heartbeat failed (%s); jobs keep running", err.code().name)
+                    failing = True
+                    unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                    if err.code() in unreachable and self._stream_call is not None:
+                        self._stream_call.cancel()  # a half-open stream would hide the outage
+            lost_for = time.monotonic() - self._lease_ok_at - self.lease_ttl_s
+            if lost_for > self.config.lease_grace_s and self.runner.runs:
+                log.warning(
+                    "no lease for %.0f s past its TTL: stopping %d attempt(s), the broker has "
+                    "requeued them",
+                    lost_for,
+                    len(self.runner.runs),
+                )
+                await self.runner.stop_all("lease lost", report=False, wait=False)
+            await asyncio.sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
+
+    async def _stream_loop(self) -> None:
+        assert self._stub is not None and self.runner is not None
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        while True:
+            call = self._stub.StreamInstructions(
+                ws.StreamInstructionsRequest(worker=self.worker), metadata=self._metadata()
+            )
+            self._stream_call = call
+            try:
+                async for instruction in call:
+                    backoff.reset()
+                    self._on_instruction(instruction)
+                log.info("the broker ended the instruction stream; reconnecting")
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _REREGISTER:
+                    await self._on_auth_error(err)
+                elif err.code() != grpc.StatusCode.CANCELLED:
+                    log.info("instruction stream broke (%s); reconnecting", err.code().name)
+            finally:
+                call.cancel()
+                self._stream_call = None
+            await asyncio.sleep(backoff.next_delay())
+
+    def _on_instruction(self, instruction: ws.Instruction) -> None:
+        runner = self.runner
+        assert runner is not None
+        kind = instruction.WhichOneof("kind")
+        if kind == "reconcile":
+            wanted = {(a.job, a.attempt): a for a in instruction.reconcile.assignments}
+            for key in list(runner.runs):
+                if key not in wanted:
+                    runner.stop(key, "not in the broker's reconcile", report=True)
+            for key, assignment in wanted.items():
+                if key not in runner.runs and key not in self._reported_finished:
+                    runner.start(assignment)
+            log.info("reconciled: %d attempt(s) to run", len(wanted))
+        elif kind == "assignment":
+            a = instruction.assignment
+            if (a.job, a.attempt) not in self._reported_finished:
+                runner.start(a)
+        elif kind == "cancellation":
+            c = instruction.cancellation
+            runner.stop((c.job, c.attempt), f"cancelled: {c.reason}", report=True)
+
+    async def _reporter_loop(self) -> None:
+        assert self._stub is not None and self.runner is not None
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        while True:
+            if self.outbox.empty():
+                self._wake.clear()
+                await self._wake.wait()
+            if not self.outbox.has_urgent():
+                await asyncio.sleep(self.config.report_flush_s)
+            batch = self.outbox.batch()
+            if not batch:
+                continue
+            try:
+                resp = await self._stub.ReportJobEvents(
+                    ws.ReportJobEventsRequest(worker=self.worker, events=batch),
+                    metadata=self._metadata(),
+                    timeout=10.0,
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _REREGISTER:
+                    await self._on_auth_error(err)
+                elif err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error("broker rejected %d event(s): %s; dropped", len(batch), err.details())
+                    self.outbox.ack()
+                    continue
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self.outbox.ack()
+            for event in batch:
+                if event.WhichOneof("kind") == "finished":
+                    key = (event.job, event.attempt)
+                    self._reported_finished[key] = None
+                    self.outbox.release(key)
+            while len(self._reported_finished) > 10_000:
+                self._reported_finished.popitem(last=False)
+            for c in resp.stale:
+                self.runner.stop((c.job, c.attempt), f"stale: {c.reason}", report=True)
+
+    async def _meter_loop(self) -> None:
+        assert self.meter is not None and self.runner is not None
+        cfg = self.config
+        next_progress = time.monotonic() + cfg.progress_interval_s
+        while True:
+            await asyncio.sleep(min(cfg.energy_sample_interval_s, cfg.progress_interval_s))
+            self.meter.sample()
+            if time.monotonic() >= next_progress:
+                next_progress += cfg.progress_interval_s
+                self.runner.report_progress()
+
+    # --- helpers ------------------------------------------------------------------------
+
+    async def _download(self, sha256: str):  # type: ignore[no-untyped-def]
+        """Stream an artifact's bytes from the broker (used by the AttemptRunner)."""
+        from rigshift.v1 import artifact_service_pb2, artifact_service_pb2_grpc
+
+        assert self._channel is not None
+        stub = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
+        call = stub.DownloadArtifact(
+            artifact_service_pb2.DownloadArtifactRequest(sha256=sha256),
+            metadata=self._metadata(),
+            timeout=600.0,
+        )
+        async for chunk in call:
+            yield chunk.data
+
+    async def _upload(self, sha256: str, data: bytes) -> None:
+        """Store an archive (a checkpoint) in the broker's artifact store, 1 MiB per chunk."""
+        from rigshift.v1 import artifact_service_pb2, artifact_service_pb2_grpc
+
+        assert self._channel is not None
+        chunk = 1 << 20
+
+        def chunks():  # type: ignore[no-untyped-def]
+            for start in range(0, max(1, len(data)), chunk):
+                request = artifact_service_pb2.UploadArtifactRequest(
+                    data=data[start : start + chunk]
+                )
+                if start == 0:
+                    request.sha256, request.size_bytes = sha256, len(data)
+                yield request
+
+        stub = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
+        await stub.UploadArtifact(chunks(), metadata=self._metadata(), timeout=300.0)
+
+
+def resp_ids(resp: ws.RegisterWorkerResponse) -> tuple[str, str]:
+    """(worker name, credential) of a registration."""
+    return resp.worker, resp.credential

@@ -1,0 +1,225 @@
+"""The agent's configuration: one frozen dataclass, units in the names, checked on creation.
+
+Every duration is in seconds (``_s``), every price in integer micro-dollars
+(``_micros_``), every size in bytes. :class:`AgentConfig` refuses values that
+cannot work together, most importantly a heartbeat interval that is not well
+under the lease TTL: with fewer than three heartbeats per TTL, one lost packet
+or one slow broker tick expires the lease and requeues every job on the rig.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_SIMULATE_SPEC",
+    "AgentConfig",
+    "ConfigError",
+    "effective_heartbeat_s",
+    "load_config_file",
+]
+
+#: What the agent simulates when no NVIDIA driver is present and no SPEC was given.
+DEFAULT_SIMULATE_SPEC = "RTX3060x2"
+
+#: At least this many heartbeats must fit in one lease TTL.
+HEARTBEATS_PER_TTL = 3
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or inconsistent with another; the message says how."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything one worker agent process needs to know.
+
+    Build it directly in tests and from ``rigshift agent run`` options on a rig.
+    Values that the broker also sends at registration (lease TTL, heartbeat
+    interval) are the agent's expectation; the agent then uses the stricter of
+    the two (see :func:`effective_heartbeat_s`).
+    """
+
+    broker_address: str
+    """Broker gRPC address, ``host:port``. The agent only dials out."""
+
+    enrollment_token: str
+    """The farm's enrollment token (``rigshift farm create`` prints it)."""
+
+    state_dir: Path = Path(".rigshift/agent")
+    """Where the worker identity, the Ray token, working and checkpoint directories live."""
+
+    hostname: str = field(default_factory=socket.gethostname)
+    """Host name reported to the broker."""
+
+    simulate: str = ""
+    """Simulated GPUs, e.g. ``RTX3090x4`` or ``RTX3080x6,RTX3060x2``; empty means NVML."""
+
+    ray_address: str = ""
+    """Existing Ray cluster to join; empty starts a local head with exactly this rig's GPUs."""
+
+    ray_dashboard: bool = False
+    """Start the Ray dashboard (and its Jobs API, token-protected) with the local head."""
+
+    ray_auth_token_path: Path | None = None
+    """File holding the Ray auth token; default ``state_dir/ray_auth_token`` for a local head."""
+
+    metrics_listen: str = ""
+    """``host:port`` to serve Prometheus metrics on; empty turns metrics off."""
+
+    price_micros_per_gpu_hour: int | None = None
+    """Ask price for every GPU in micro-dollars per GPU-hour; None uses the model's default."""
+
+    heartbeat_interval_s: float = 3.0
+    """How often the lease is renewed (the broker's value wins when it is smaller)."""
+
+    lease_ttl_s: float = 15.0
+    """Lease TTL the agent expects; the broker's value replaces it at registration."""
+
+    lease_grace_s: float = 15.0
+    """After the lease has been expired this long with no broker, running jobs are stopped."""
+
+    report_flush_s: float = 0.1
+    """Output is batched this long before it is sent; start and finish are sent at once."""
+
+    progress_interval_s: float = 5.0
+    """How often cumulative energy is reported for each running attempt."""
+
+    energy_sample_interval_s: float = 1.0
+    """Power sampling period for GPUs without a hardware energy counter."""
+
+    reconnect_min_s: float = 0.2
+    """First reconnect delay; doubles per failure (with full jitter)."""
+
+    reconnect_max_s: float = 10.0
+    """Cap of the reconnect delay."""
+
+    drain_grace_s: float = 60.0
+    """On SIGTERM, running jobs get this long to finish before they are handed back."""
+
+    cancel_grace_s: float = 2.0
+    """A cancelled job gets SIGTERM, then SIGKILL after this long (kept under 5 s in total)."""
+
+    max_log_backlog_bytes: int = 4 << 20
+    """Per attempt, unsent output beyond this is dropped (with a marker) while the broker is away.
+
+    Keeps a rig's memory bounded through a long broker outage.
+    """
+
+    max_working_dir_bytes: int = 512 << 20
+    """Largest working-directory archive the agent downloads."""
+
+    checkpoint_scan_interval_s: float = 2.0
+    """How often a running attempt's checkpoint directory is checked for changes to upload."""
+
+    max_checkpoint_bytes: int = 256 << 20
+    """Largest checkpoint archive the agent uploads (it is packed in memory)."""
+
+    agent_version: str = "rigshift-agent/0.1.0"
+    """Version string sent at registration."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if ":" not in self.broker_address:
+            problems.append(f"broker_address must be host:port, got {self.broker_address!r}")
+        if not self.enrollment_token:
+            problems.append("enrollment_token is required (rigshift farm create prints one)")
+        if not self.hostname.strip():
+            problems.append("hostname must not be empty")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_s") and not (isinstance(value, int | float) and value > 0):
+                problems.append(f"{f.name} must be a positive number of seconds, got {value!r}")
+        if self.price_micros_per_gpu_hour is not None and self.price_micros_per_gpu_hour < 0:
+            problems.append("price_micros_per_gpu_hour must not be negative")
+        if self.cancel_grace_s > 4.0:
+            problems.append(
+                "cancel_grace_s must be at most 4 s: a cancelled job is gone within 5 s"
+            )
+        if self.reconnect_min_s > self.reconnect_max_s:
+            problems.append("reconnect_min_s must not exceed reconnect_max_s")
+        if not problems:
+            try:
+                check_heartbeat(self.heartbeat_interval_s, self.lease_ttl_s)
+            except ConfigError as err:
+                problems.append(str(err))
+        if problems:
+            raise ConfigError("invalid agent config: " + "; ".join(problems))
+
+    @property
+    def ray_token_path(self) -> Path:
+        """The Ray auth token file the agent uses (created for a local head when missing)."""
+        return self.ray_auth_token_path or self.state_dir / "ray_auth_token"
+
+    def with_changes(self, **changes: object) -> AgentConfig:
+        """A copy with some fields replaced (validated again)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def check_heartbeat(heartbeat_interval_s: float, lease_ttl_s: float) -> None:
+    """Refuse a heartbeat interval that is not well under the lease TTL (at most TTL/3)."""
+    if heartbeat_interval_s * HEARTBEATS_PER_TTL > lease_ttl_s:
+        raise ConfigError(
+            f"heartbeat_interval_s={heartbeat_interval_s:g} is not well under "
+            f"lease_ttl_s={lease_ttl_s:g}: at least {HEARTBEATS_PER_TTL} heartbeats must fit "
+            f"in one lease, so use a heartbeat interval of at most "
+            f"{lease_ttl_s / HEARTBEATS_PER_TTL:g} s (or a longer lease)"
+        )
+
+
+def effective_heartbeat_s(
+    config: AgentConfig, broker_interval_s: float, broker_ttl_s: float
+) -> float:
+    """The heartbeat interval to use once the broker has said its TTL and interval.
+
+    The smallest of the agent's, the broker's and TTL/3, so that a broker with a
+    shorter lease than the agent expected never sees the lease lapse.
+    """
+    candidates = [config.heartbeat_interval_s]
+    if broker_interval_s > 0:
+        candidates.append(broker_interval_s)
+    if broker_ttl_s > 0:
+        candidates.append(broker_ttl_s / HEARTBEATS_PER_TTL)
+    return min(candidates)
+
+
+_PATH_FIELDS = ("state_dir", "ray_auth_token_path")
+
+
+def load_config_file(path: Path) -> dict[str, object]:
+    """AgentConfig fields from a TOML file (e.g. ``/etc/rigshift/agent.toml``).
+
+    Keys are AgentConfig field names; money may also be given as
+    ``price_usd_per_gpu_hour = "0.25"`` (a string or integer, never a float:
+    it becomes integer micro-dollars through Decimal). Unknown keys are refused
+    with the list of known ones, so a typo never silently falls back to a default.
+    """
+    import tomllib
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+    known = {f.name for f in fields(AgentConfig)}
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if key == "price_usd_per_gpu_hour":
+            if isinstance(value, float | bool):
+                raise ConfigError(
+                    f'{path}: write {key} as a string, e.g. "0.25" (money is no float)'
+                )
+            try:
+                micros = Decimal(str(value)) * 1_000_000
+            except InvalidOperation as err:
+                raise ConfigError(f"{path}: {key} is not a number: {value!r}") from err
+            if micros != micros.to_integral_value():
+                raise ConfigError(f"{path}: {key} must be a whole number of micro-dollars")
+            out["price_micros_per_gpu_hour"] = int(micros)
+        elif key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(known))}")
+        else:
+            out[key] = Path(value) if key in _PATH_FIELDS else value
+    return out

@@ -1,0 +1,431 @@
+"""GPU discovery and telemetry: an NVML backend for real rigs and a simulated one for the rest.
+
+Both backends answer the same :class:`GpuBackend` protocol::
+
+    GpuBackend
+    ├── NvmlBackend        nvidia-ml-py: model, VRAM, UUID, power limit and draw, the
+    │                      total-energy counter, temperature, utilisation, PCIe link
+    └── SimulatedBackend   a table of GPUs mining farms own (SIM_MODELS); power follows
+                           the load the agent sets: idle watts when free, near the
+                           board power while a job trains
+
+:func:`open_backend` picks one: ``--simulate SPEC`` always simulates; without a
+SPEC it tries NVML and falls back to :data:`~worker_agent.config.DEFAULT_SIMULATE_SPEC`
+with a log line saying that no NVIDIA driver was found.
+
+The simulated power model, per GPU, in watts, with ``t`` in seconds::
+
+    idle:      P(t) = idle_w
+    training:  P(t) = idle_w + (board_w - idle_w) * (0.90 + 0.06 * sin(2π t / 7 s + φ))
+
+Its energy counter is the exact integral of that curve (closed form), so the
+simulated rig is metered the same way a real one is: by differencing a counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "SIM_MODELS",
+    "GpuBackend",
+    "GpuInfo",
+    "GpuModel",
+    "GpuTelemetry",
+    "Load",
+    "NvmlBackend",
+    "SimulatedBackend",
+    "open_backend",
+    "parse_spec",
+]
+
+log = logging.getLogger("rigshift.agent.gpu")
+
+
+class Load:
+    """What a GPU is doing, as the agent knows it (the simulated power model follows it)."""
+
+    IDLE = "idle"
+    TRAINING = "training"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuModel:
+    """A GPU model of the simulation table."""
+
+    name: str
+    """Marketing name, as NVML would report it, e.g. ``RTX 3090``."""
+    vram_mb: int
+    """Memory in MiB."""
+    board_power_w: int
+    """Board power limit in watts (what the card draws flat out)."""
+    idle_w: int
+    """Draw at idle in watts."""
+    pcie_link_width: int
+    """PCIe lanes of the usual mounting: 1 on a mining riser, 4 for CMP cards, 16 in a slot."""
+    default_price_micros_per_gpu_hour: int
+    """Default ask price in micro-dollars per GPU-hour."""
+
+
+#: GPUs that mining farms actually own, keyed by a compact SPEC name.
+SIM_MODELS: dict[str, GpuModel] = {
+    m.name.replace(" ", "").upper(): m
+    for m in (
+        GpuModel("RTX 3060", 12_288, 170, 13, 1, 90_000),
+        GpuModel("RTX 3060 Ti", 8_192, 200, 14, 1, 100_000),
+        GpuModel("RTX 3070", 8_192, 220, 15, 1, 120_000),
+        GpuModel("RTX 3070 Ti", 8_192, 290, 17, 1, 130_000),
+        GpuModel("RTX 3080", 10_240, 320, 20, 1, 170_000),
+        GpuModel("RTX 3080 Ti", 12_288, 350, 22, 1, 200_000),
+        GpuModel("RTX 3090", 24_576, 350, 25, 1, 250_000),
+        GpuModel("RX 6700 XT", 12_288, 230, 8, 1, 80_000),
+        GpuModel("RX 6800 XT", 16_384, 300, 9, 1, 110_000),
+        GpuModel("A4000", 16_384, 140, 10, 16, 180_000),
+        GpuModel("A5000", 24_576, 230, 15, 16, 280_000),
+        GpuModel("CMP 90HX", 10_240, 250, 18, 4, 60_000),
+    )
+}
+
+_TRAIN_BASE = 0.90
+_TRAIN_SWING = 0.06
+_TRAIN_PERIOD_S = 7.0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """A discovered GPU: what the agent registers with the broker."""
+
+    index: int
+    uuid: str
+    model: str
+    vram_mb: int
+    power_limit_watts: int
+    pcie_link_width: int
+    default_price_micros_per_gpu_hour: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTelemetry:
+    """One reading of a GPU's sensors; None where the GPU does not report it."""
+
+    index: int
+    power_watts: float
+    energy_millijoules: int | None
+    temperature_celsius: float | None
+    utilization_ratio: float | None
+    pcie_generation: int | None
+    pcie_link_width: int | None
+
+
+@runtime_checkable
+class GpuBackend(Protocol):
+    """What the agent needs from a GPU source."""
+
+    name: str
+    """``nvml`` or ``simulated``: for logs and metrics."""
+
+    def gpus(self) -> list[GpuInfo]:
+        """The rig's GPUs, ordered by index."""
+        ...
+
+    def energy_millijoules(self, index: int) -> int | None:
+        """The GPU's total-energy counter in mJ, or None when it has none."""
+        ...
+
+    def power_watts(self, index: int) -> float:
+        """Current draw in watts."""
+        ...
+
+    def telemetry(self, index: int) -> GpuTelemetry:
+        """All sensors at once."""
+        ...
+
+    def set_load(self, indices: list[int], load: str) -> None:
+        """Tell the backend what the GPUs do now (drives the simulated power model)."""
+        ...
+
+    def close(self) -> None:
+        """Release the driver."""
+        ...
+
+
+def parse_spec(spec: str) -> list[GpuModel]:
+    """Expand ``RTX3080x6,RTX3060x2`` into one :class:`GpuModel` per GPU, in order.
+
+    Model names are matched without spaces and case (``rtx3060ti``, ``RX6800XT``,
+    ``CMP90HX``); ``xN`` is the count and may be left out for one GPU.
+    """
+    out: list[GpuModel] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        compact = part.replace(" ", "").upper()
+        m = re.fullmatch(r"(.+)X(\d+)", compact)
+        if compact in SIM_MODELS or m is None:  # "RTX3080" is one GPU, not "RT" x 3080
+            name, count = compact, 1
+        else:
+            name, count = m.group(1), int(m.group(2))
+        if name not in SIM_MODELS:
+            known = ", ".join(sorted(SIM_MODELS))
+            raise ValueError(f"unknown GPU model {name!r} in {spec!r}; known: {known}")
+        if not 1 <= count <= 64:
+            raise ValueError(f"GPU count must be 1-64 in {part!r}")
+        out.extend([SIM_MODELS[name]] * count)
+    if not out:
+        raise ValueError(f"empty GPU spec {spec!r}; e.g. RTX3090x4 or RTX3080x6,RTX3060x2")
+    if len(out) > 64:
+        raise ValueError(f"at most 64 GPUs per rig, {spec!r} has {len(out)}")
+    return out
+
+
+class SimulatedBackend:
+    """GPUs from the simulation table whose power follows the load the agent sets.
+
+    ``clock`` is injectable (monotonic seconds) so tests can integrate exactly.
+    """
+
+    name = "simulated"
+
+    def __init__(
+        self, spec: str, *, seed: str = "", clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._models = parse_spec(spec)
+        self._infos = [
+            GpuInfo(
+                index=i,
+                uuid=_sim_uuid(seed or spec, i),
+                model=m.name,
+                vram_mb=m.vram_mb,
+                power_limit_watts=m.board_power_w,
+                pcie_link_width=m.pcie_link_width,
+                default_price_micros_per_gpu_hour=m.default_price_micros_per_gpu_hour,
+            )
+            for i, m in enumerate(self._models)
+        ]
+        now = clock()
+        self._load = [Load.IDLE] * len(self._models)
+        self._since = [now] * len(self._models)
+        self._energy_mj = [0.0] * len(self._models)
+        self._phase = [2 * math.pi * i / 5 for i in range(len(self._models))]
+
+    def gpus(self) -> list[GpuInfo]:
+        """The simulated GPUs."""
+        return list(self._infos)
+
+    def model_power_watts(self, index: int, load: str, t: float) -> float:
+        """The power model itself: watts drawn at time ``t`` under ``load``."""
+        m = self._models[index]
+        if load == Load.IDLE:
+            return float(m.idle_w)
+        ratio = _TRAIN_BASE + _TRAIN_SWING * math.sin(_omega() * t + self._phase[index])
+        return m.idle_w + (m.board_power_w - m.idle_w) * ratio
+
+    def _integral_j(self, index: int, load: str, t0: float, t1: float) -> float:
+        """Closed-form ∫ P dt over [t0, t1] in joules."""
+        m = self._models[index]
+        if load == Load.IDLE:
+            return m.idle_w * (t1 - t0)
+        span = m.board_power_w - m.idle_w
+        w, phi = _omega(), self._phase[index]
+        linear = (m.idle_w + span * _TRAIN_BASE) * (t1 - t0)
+        wave = span * _TRAIN_SWING * (math.cos(w * t0 + phi) - math.cos(w * t1 + phi)) / w
+        return linear + wave
+
+    def _advance(self, index: int) -> None:
+        now = self._clock()
+        t0 = self._since[index]
+        if now > t0:
+            self._energy_mj[index] += 1000.0 * self._integral_j(index, self._load[index], t0, now)
+            self._since[index] = now
+
+    def energy_millijoules(self, index: int) -> int:
+        """Total energy since the backend was created, mJ (the simulated counter)."""
+        self._advance(index)
+        return int(self._energy_mj[index])
+
+    def power_watts(self, index: int) -> float:
+        """Draw now under the current load."""
+        return self.model_power_watts(index, self._load[index], self._clock())
+
+    def telemetry(self, index: int) -> GpuTelemetry:
+        """Simulated sensors: temperature and utilisation follow the power draw."""
+        m = self._models[index]
+        watts = self.power_watts(index)
+        busy = (watts - m.idle_w) / max(1, m.board_power_w - m.idle_w)
+        return GpuTelemetry(
+            index=index,
+            power_watts=watts,
+            energy_millijoules=self.energy_millijoules(index),
+            temperature_celsius=round(32.0 + 38.0 * busy, 1),
+            utilization_ratio=round(min(1.0, busy * 1.05), 3),
+            pcie_generation=1 if m.pcie_link_width <= 4 else 4,
+            pcie_link_width=m.pcie_link_width,
+        )
+
+    def set_load(self, indices: list[int], load: str) -> None:
+        """Switch GPUs between idle and training; energy up to now is booked first."""
+        for i in indices:
+            self._advance(i)
+            self._load[i] = load
+
+    def load(self, index: int) -> str:
+        """The load a GPU is under now."""
+        return self._load[index]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _omega() -> float:
+    return 2 * math.pi / _TRAIN_PERIOD_S
+
+
+def _sim_uuid(seed: str, index: int) -> str:
+    digest = hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()
+    return f"SIM-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+class NvmlBackend:
+    """Real NVIDIA GPUs through NVML (``pynvml`` from nvidia-ml-py).
+
+    ``nvml`` is the module to use, injectable so tests can pass a fake driver.
+    Fields a GPU does not support (NVML_ERROR_NOT_SUPPORTED) read as None; the
+    energy meter then integrates power samples instead of the energy counter.
+    """
+
+    name = "nvml"
+
+    def __init__(self, nvml: Any = None) -> None:
+        if nvml is None:
+            import pynvml
+
+            nvml = pynvml
+        self._nvml = nvml
+        nvml.nvmlInit()
+        try:
+            count = nvml.nvmlDeviceGetCount()
+            self._handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            self._infos = [self._info(i, h) for i, h in enumerate(self._handles)]
+        except Exception:
+            nvml.nvmlShutdown()
+            raise
+        if not self._infos:
+            nvml.nvmlShutdown()
+            raise RuntimeError("NVML found no GPUs")
+        self._has_counter = [
+            self._optional(nvml.nvmlDeviceGetTotalEnergyConsumption, h) is not None
+            for h in self._handles
+        ]
+
+    def _info(self, index: int, handle: Any) -> GpuInfo:
+        nvml = self._nvml
+        name = _text(nvml.nvmlDeviceGetName(handle))
+        model = _short_model(name)
+        table = SIM_MODELS.get(model.replace(" ", "").upper())
+        limit_mw = self._optional(nvml.nvmlDeviceGetPowerManagementLimit, handle)
+        width = self._optional(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
+        return GpuInfo(
+            index=index,
+            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            model=model,
+            vram_mb=int(nvml.nvmlDeviceGetMemoryInfo(handle).total // (1 << 20)),
+            power_limit_watts=int((limit_mw or 0) // 1000),
+            pcie_link_width=int(width or 0),
+            default_price_micros_per_gpu_hour=table.default_price_micros_per_gpu_hour
+            if table
+            else 0,
+        )
+
+    def _optional(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except self._nvml.NVMLError as err:
+            if _is_not_supported(self._nvml, err):
+                return None
+            raise
+
+    def gpus(self) -> list[GpuInfo]:
+        """The GPUs NVML enumerates, in NVML (PCI bus) order."""
+        return list(self._infos)
+
+    def energy_millijoules(self, index: int) -> int | None:
+        """nvmlDeviceGetTotalEnergyConsumption (mJ since the driver loaded), or None."""
+        if not self._has_counter[index]:
+            return None
+        value = self._optional(self._nvml.nvmlDeviceGetTotalEnergyConsumption, self._handles[index])
+        return None if value is None else int(value)
+
+    def power_watts(self, index: int) -> float:
+        """nvmlDeviceGetPowerUsage in watts (0.0 when unsupported)."""
+        mw = self._optional(self._nvml.nvmlDeviceGetPowerUsage, self._handles[index])
+        return (mw or 0) / 1000.0
+
+    def telemetry(self, index: int) -> GpuTelemetry:
+        """Power, energy, temperature, utilisation and PCIe link of one GPU."""
+        nvml, h = self._nvml, self._handles[index]
+        temp = self._optional(nvml.nvmlDeviceGetTemperature, h, nvml.NVML_TEMPERATURE_GPU)
+        util = self._optional(nvml.nvmlDeviceGetUtilizationRates, h)
+        gen = self._optional(nvml.nvmlDeviceGetCurrPcieLinkGeneration, h)
+        width = self._optional(nvml.nvmlDeviceGetCurrPcieLinkWidth, h)
+        return GpuTelemetry(
+            index=index,
+            power_watts=self.power_watts(index),
+            energy_millijoules=self.energy_millijoules(index),
+            temperature_celsius=None if temp is None else float(temp),
+            utilization_ratio=None if util is None else util.gpu / 100.0,
+            pcie_generation=None if gen is None else int(gen),
+            pcie_link_width=None if width is None else int(width),
+        )
+
+    def set_load(self, indices: list[int], load: str) -> None:
+        """Real GPUs draw what they draw: nothing to do."""
+
+    def close(self) -> None:
+        """nvmlShutdown."""
+        self._nvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _short_model(name: str) -> str:
+    """``NVIDIA GeForce RTX 3090`` → ``RTX 3090``; ``NVIDIA RTX A4000`` → ``A4000``."""
+    for prefix in ("NVIDIA GeForce ", "NVIDIA RTX ", "NVIDIA ", "GeForce "):
+        if name.startswith(prefix):
+            return name[len(prefix) :].strip()
+    return name.strip()
+
+
+def _is_not_supported(nvml: Any, err: Exception) -> bool:
+    not_supported = getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
+    return getattr(err, "value", None) == not_supported
+
+
+def open_backend(simulate: str, *, seed: str = "", fallback_spec: str = "") -> GpuBackend:
+    """The backend for this rig: simulated when ``simulate`` is set, else NVML.
+
+    Without a driver (or without GPUs) NVML cannot start; the agent then
+    simulates ``fallback_spec`` and says so in the log.
+    """
+    from worker_agent.config import DEFAULT_SIMULATE_SPEC
+
+    if simulate:
+        log.info("simulating GPUs %s", simulate)
+        return SimulatedBackend(simulate, seed=seed)
+    try:
+        backend = NvmlBackend()
+    except Exception as err:  # pynvml raises NVMLError_LibraryNotFound, DriverNotLoaded, …
+        spec = fallback_spec or DEFAULT_SIMULATE_SPEC
+        log.warning("no NVIDIA driver found (%s); simulating GPUs %s instead", err, spec)
+        return SimulatedBackend(spec, seed=seed)
+    log.info("NVML: %d GPU(s): %s", len(backend.gpus()), ", ".join(g.model for g in backend.gpus()))
+    return backend

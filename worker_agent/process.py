@@ -1,0 +1,281 @@
+"""Run one job process and turn it into a stream of events; kill its whole tree on demand.
+
+:func:`run_process` is a plain generator so it can run anywhere: inside a Ray
+task on the rig's Ray node (the agent's real path, see ``executor.py``) or in a
+thread of the agent (``LocalExecutor``, for tests and as the benchmark's
+baseline). It yields::
+
+    ProcStarted(pid, node)      right after the process was spawned
+    ProcOutput(data)            stdout+stderr, batched for ``flush_s``
+    ProcExited(code, message)   once; code < 0 is the signal that ended it
+
+The process gets its own session (process group), so cancelling kills the job
+and everything it spawned; on Linux it is started through ``setpriv --pdeathsig
+KILL`` (when util-linux has it) so that it dies with the worker that started it
+if that worker is killed. When the
+generator is closed or interrupted (Ray's cancel raises inside it) the
+``finally`` sends SIGTERM to the tree, waits ``kill_grace_s`` and sends SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "ProcEvent",
+    "ProcExited",
+    "ProcOutput",
+    "ProcStarted",
+    "descendants",
+    "kill_tree",
+    "run_process",
+]
+
+#: Output is sent at the latest after this many bytes, even inside a flush window.
+MAX_CHUNK_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStarted:
+    """The job's process exists."""
+
+    pid: int
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProcOutput:
+    """Bytes the process wrote to stdout or stderr."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProcExited:
+    """The process ended (or never started: code 127 and a message)."""
+
+    exit_code: int
+    message: str = ""
+
+
+ProcEvent = ProcStarted | ProcOutput | ProcExited
+
+
+def _setpriv() -> str | None:
+    """util-linux ``setpriv``, which can set PR_SET_PDEATHSIG and exec the job.
+
+    The job must die with the worker that started it, but a ``preexec_fn`` would
+    run Python in the child of a forked multi-threaded gRPC/Ray process, which
+    crashes; ``setpriv --pdeathsig KILL`` does it in a separate binary instead.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    return shutil.which("setpriv")
+
+
+_SETPRIV = _setpriv()
+
+
+def _resolve(argv0: str, env: Mapping[str, str], cwd: str) -> str | None:
+    """The executable ``argv0`` names (PATH lookup as exec would do it), or None."""
+    if "/" in argv0:
+        path = os.path.join(cwd, argv0)
+        return path if os.access(path, os.X_OK) and not os.path.isdir(path) else None
+    return shutil.which(argv0, path=env.get("PATH", os.defpath))
+
+
+def run_process(
+    argv: list[str],
+    env: Mapping[str, str],
+    cwd: str,
+    *,
+    max_duration_s: float = 0,
+    flush_s: float = 0.1,
+    kill_grace_s: float = 2.0,
+    stop: threading.Event | None = None,
+) -> Iterator[ProcEvent]:
+    """Spawn ``argv`` and yield its events until it exits (see the module docstring).
+
+    ``stop``, when set, ends the process like a cancel (used by ``LocalExecutor``);
+    ``max_duration_s`` > 0 kills it after that long with a "time limit" message.
+    """
+    if not argv or _resolve(argv[0], env, cwd) is None:
+        yield ProcExited(127, f"failed to start: {argv[:1]} not found or not executable")
+        return
+    prefix = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
+    try:
+        proc = subprocess.Popen(
+            [*prefix, *argv],
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as err:
+        yield ProcExited(127, f"failed to start {argv[:1]}: {err}")
+        return
+    chunks: queue.Queue[bytes | None] = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(proc, chunks), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + max_duration_s if max_duration_s > 0 else None
+    try:
+        yield ProcStarted(proc.pid, socket.gethostname())
+        message = ""
+        eof = False
+        while not eof:
+            buf, eof = _collect(chunks, flush_s)
+            if buf:
+                yield ProcOutput(buf)
+            if proc.poll() is not None:
+                break  # the leader exited; leftovers holding the pipe are killed below
+            if stop is not None and stop.is_set():
+                kill_tree(proc, kill_grace_s)
+                message = "cancelled"
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                kill_tree(proc, kill_grace_s)
+                message = f"time limit of {max_duration_s:g} s exceeded"
+                break
+        code = proc.wait()
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)  # background leftovers of the job's group
+        reader.join(timeout=1.0)
+        rest = _drain(chunks)
+        if rest:
+            yield ProcOutput(rest)
+        yield ProcExited(code, message)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc, kill_grace_s)
+        with contextlib.suppress(OSError):
+            proc.stdout.close()  # type: ignore[union-attr]
+
+
+def _pump(proc: subprocess.Popen[bytes], chunks: queue.Queue[bytes | None]) -> None:
+    fd = proc.stdout.fileno()  # type: ignore[union-attr]
+    try:
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.put(data)
+    except OSError:
+        pass
+    finally:
+        chunks.put(None)
+
+
+def _collect(chunks: queue.Queue[bytes | None], flush_s: float) -> tuple[bytes, bool]:
+    """Wait up to 0.2 s for output, then gather more for ``flush_s``; (bytes, eof)."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        first = chunks.get(timeout=0.2)
+    except queue.Empty:
+        return b"", False
+    if first is None:
+        return b"", True
+    parts.append(first)
+    size += len(first)
+    end = time.monotonic() + flush_s
+    while size < MAX_CHUNK_BYTES:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            item = chunks.get(timeout=left)
+        except queue.Empty:
+            break
+        if item is None:
+            return b"".join(parts), True
+        parts.append(item)
+        size += len(item)
+    return b"".join(parts), False
+
+
+def _drain(chunks: queue.Queue[bytes | None]) -> bytes:
+    parts = []
+    while True:
+        try:
+            item = chunks.get_nowait()
+        except queue.Empty:
+            break
+        if item:
+            parts.append(item)
+    return b"".join(parts)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere), children first."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal_all(pgid: int, pids: list[int], sig: int) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pgid, sig)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
+
+def kill_tree(proc: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM the process's group and descendants, SIGKILL after ``grace_s``; its exit code.
+
+    Descendants that left the process group (setsid) are found through /proc
+    before the first signal and get the same treatment.
+    """
+    pids = descendants(proc.pid)
+    _signal_all(proc.pid, pids, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        # Whatever is left of the tree (the leader may have exited first) gets SIGKILL.
+        alive = [p for p in pids if _alive(p)]
+        if alive or proc.poll() is None:
+            _signal_all(proc.pid, alive, signal.SIGKILL)
+    return proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"

@@ -1,0 +1,188 @@
+"""Working and checkpoint directories on the rig, and the archives that fill them.
+
+Layout under the agent's state directory::
+
+    artifacts/<sha256>.tar.gz        downloaded archives, kept only once verified
+    attempts/<job_id>-<attempt>/     the job's working directory (removed afterwards)
+    checkpoints/<job_id>/            $RIGSHIFT_CHECKPOINT_DIR, shared by the job's attempts
+
+An archive is streamed from ``ArtifactService.DownloadArtifact`` into a temporary
+file while its sha256 is computed; it is kept only when the digest matches and
+it is no bigger than the limit. Extraction refuses absolute paths, ``..``, links
+that leave the directory, and device files, and then uses tarfile's ``data``
+filter as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import secrets
+import shutil
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path, PurePosixPath
+
+__all__ = [
+    "ArchiveError",
+    "Workspace",
+    "fingerprint",
+    "pack_directory",
+    "safe_extract",
+    "save_verified",
+]
+
+#: Largest total size of the files inside one archive (guards against tar bombs).
+MAX_EXTRACTED_BYTES = 4 << 30
+
+
+class ArchiveError(Exception):
+    """An archive failed its digest, its size limit or a safety check."""
+
+
+async def save_verified(
+    chunks: AsyncIterator[bytes], sha256: str, dest: Path, *, max_bytes: int
+) -> Path:
+    """Write streamed bytes to ``dest`` only if they hash to ``sha256`` and fit ``max_bytes``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}-{secrets.token_hex(4)}")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(tmp, "wb") as f:
+            async for data in chunks:
+                size += len(data)
+                if size > max_bytes:
+                    raise ArchiveError(f"archive {sha256[:12]} is larger than {max_bytes} bytes")
+                digest.update(data)
+                f.write(data)
+        if digest.hexdigest() != sha256.lower():
+            raise ArchiveError(
+                f"archive digest mismatch: expected {sha256[:12]}…, got {digest.hexdigest()[:12]}…"
+            )
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return dest
+
+
+def _check_member(member: tarfile.TarInfo, root: Path) -> None:
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise ArchiveError(f"unsafe path in archive: {member.name!r}")
+    if member.isdev() or member.isfifo():
+        raise ArchiveError(f"device or fifo in archive: {member.name!r}")
+    if member.issym() or member.islnk():
+        target = PurePosixPath(member.linkname)
+        base = PurePosixPath(member.name).parent if member.issym() else PurePosixPath()
+        resolved = os.path.normpath(root / base / target)
+        if target.is_absolute() or not resolved.startswith(str(root) + os.sep):
+            raise ArchiveError(
+                f"link leaving the directory: {member.name!r} -> {member.linkname!r}"
+            )
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a .tar.gz into ``dest`` after checking every member (see the module docstring)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    with tarfile.open(archive, mode="r:*") as tar:
+        members = tar.getmembers()
+        total = 0
+        for member in members:
+            _check_member(member, root)
+            total += max(0, member.size)
+        if total > MAX_EXTRACTED_BYTES:
+            raise ArchiveError(f"archive expands to {total} bytes (limit {MAX_EXTRACTED_BYTES})")
+        tar.extractall(root, members=members, filter="data")
+
+
+def pack_directory(root: Path, *, max_bytes: int) -> bytes:
+    """A deterministic tar.gz of a directory, in memory (sorted, no mtimes, owners or gzip time).
+
+    The same tree always gives the same bytes, so an unchanged checkpoint has the
+    same sha256 and the broker stores it once. ArchiveError past ``max_bytes``.
+    """
+    buffer = io.BytesIO()
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            base = Path(dirpath)
+            for entry in sorted([*dirnames, *filenames]):
+                full = base / entry
+                info = tar.gettarinfo(str(full), arcname=full.relative_to(root).as_posix())
+                if info is None:  # sockets, fifos
+                    continue
+                info.mtime = 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if info.isfile():
+                    with full.open("rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    tar.addfile(info)
+                if buffer.tell() > max_bytes:
+                    raise ArchiveError(f"{root} packs to more than {max_bytes} bytes")
+    data = buffer.getvalue()
+    if len(data) > max_bytes:
+        raise ArchiveError(f"{root} packs to more than {max_bytes} bytes")
+    return data
+
+
+def fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime_ns) of every file under ``root``, sorted; empty when there are none."""
+    out = []
+    for dirpath, _dirs, filenames in os.walk(root):
+        for name in filenames:
+            full = Path(dirpath) / name
+            try:
+                st = full.stat()
+            except OSError:  # removed while we looked
+                continue
+            out.append((full.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
+
+
+class Workspace:
+    """Directories of the attempts on this rig, under ``root`` (the agent's state directory)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def archive_path(self, sha256: str) -> Path:
+        """Where a verified archive is cached."""
+        return self.root / "artifacts" / f"{sha256.lower()}.tar.gz"
+
+    def attempt_dir(self, job: str, attempt: int) -> Path:
+        """A fresh, empty working directory for one attempt."""
+        path = self.root / "attempts" / f"{_job_id(job)}-{attempt}"
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def checkpoint_dir(self, job: str) -> Path:
+        """``$RIGSHIFT_CHECKPOINT_DIR`` of a job (kept across its attempts on this rig)."""
+        path = self.root / "checkpoints" / _job_id(job)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clean_attempt(self, job: str, attempt: int, *, succeeded: bool) -> None:
+        """Remove an attempt's working directory; a succeeded job's checkpoints too."""
+        shutil.rmtree(self.root / "attempts" / f"{_job_id(job)}-{attempt}", ignore_errors=True)
+        if succeeded:
+            shutil.rmtree(self.root / "checkpoints" / _job_id(job), ignore_errors=True)
+
+
+def _job_id(job: str) -> str:
+    job_id = job.rpartition("/")[2]
+    if not job_id or job_id in (".", "..") or "/" in job_id or "\\" in job_id:
+        raise ValueError(f"bad job name {job!r}")
+    return job_id
