@@ -733,6 +733,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
 
     @streaming
     async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+        self.artifacts.check(request.sha256)
         who = current()
         if who.role != Role.ADMIN and not self._may_read(who, request.sha256):
             raise PermissionDenied(

@@ -23,8 +23,16 @@ class ArtifactStore:
         self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
 
+    @staticmethod
+    def check(sha256: str, field: str = "sha256") -> str:
+        """The name if it is 64 lowercase hex digits, else InvalidArgument (never a path)."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise InvalidArgument.of([FieldViolation(field, "must be 64 lowercase hex digits")])
+        return sha256
+
     def path(self, sha256: str) -> Path:
         """Where a blob lives (it may not exist)."""
+        self.check(sha256)
         return self.root / sha256[:2] / sha256
 
     def exists(self, sha256: str) -> bool:
@@ -33,8 +41,7 @@ class ArtifactStore:
 
     def writer(self, sha256: str, size_bytes: int) -> _Writer:
         """Start an upload; check the declared size against the limit first."""
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise InvalidArgument.of([FieldViolation("sha256", "must be 64 lowercase hex digits")])
+        self.check(sha256)
         if size_bytes <= 0:
             raise InvalidArgument.of([FieldViolation("size_bytes", "must be positive")])
         if size_bytes > self.max_bytes:

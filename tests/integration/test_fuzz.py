@@ -19,6 +19,7 @@ from client.credentials import lookup_api_key
 from rigshift.v1 import (
     admin_service_pb2,
     artifact_service_pb2,
+    artifact_service_pb2_grpc,
     farm_service_pb2,
     job_service_pb2,
     worker_service_pb2,
@@ -182,3 +183,19 @@ def test_rpc_never_answers_internal_or_unknown(broker, service, method):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     channel.close()
     assert seen, "no request was sent"
+
+
+@pytest.mark.parametrize("sha", ["", "\x00", "../../etc/passwd", "a" * 5000, "AB" * 32])
+def test_download_of_a_malformed_artifact_name_is_invalid_argument(broker, sha):
+    """Found by the fuzzer: odd names used to reach the filesystem and answer INTERNAL."""
+    rb, _ = broker
+    admin = (("authorization", f"Bearer {lookup_api_key(rb.address)}"),)
+    with grpc.insecure_channel(rb.address) as ch:
+        stub = artifact_service_pb2_grpc.ArtifactServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as exc:
+            list(
+                stub.DownloadArtifact(
+                    artifact_service_pb2.DownloadArtifactRequest(sha256=sha), metadata=admin
+                )
+            )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
