@@ -38,6 +38,13 @@ RIGS = [
 #: GPUs asked by the dozen jobs: six 1-GPU, four 2-GPU and two 4-GPU jobs.
 GPU_COUNTS = [1, 2, 4, 1, 1, 2, 1, 4, 2, 1, 2, 1]
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mlp_numpy"
+#: What mining would earn per kWh on each model (the operators' mining alternative).
+MINING_MICROS_PER_KWH = {
+    "RTX 3090": 150_000,
+    "RTX 3080": 140_000,
+    "RTX 3070": 160_000,
+    "A4000": 180_000,
+}
 
 
 def _state_name(state: int) -> str:
@@ -62,9 +69,21 @@ def _clock(start: float) -> str:
 @click.option("--epochs", type=int, default=8, show_default=True, help="Epochs per job.")
 @click.option("--samples", type=int, default=16_000, show_default=True, help="Points per job.")
 @click.option("--timeout-s", type=float, default=170.0, show_default=True)
-def demo_command(root: Path, epochs: int, samples: int, timeout_s: float) -> None:
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Also run a local Prometheus (Debian's `prometheus`) scraping the demo; print its URL "
+    "and keep everything running after the summary until Ctrl-C.",
+)
+def demo_command(root: Path, epochs: int, samples: int, timeout_s: float, prometheus: bool) -> None:
     """Run a broker, two farms of two simulated rigs and a dozen jobs; print a summary."""
     from worker_agent.fleet import FleetError, LocalFleet
+
+    prom_binary = shutil.which("prometheus") if prometheus else None
+    if prometheus and prom_binary is None:
+        raise click.ClickException(
+            "--prometheus needs Debian's prometheus (apt-get install prometheus)"
+        )
 
     if not (EXAMPLE / "train.py").exists():
         raise click.ClickException(f"the example job is missing: {EXAMPLE}/train.py")
@@ -72,13 +91,27 @@ def demo_command(root: Path, epochs: int, samples: int, timeout_s: float) -> Non
     shutil.rmtree(root, ignore_errors=True)
     fleet = LocalFleet(root.resolve())
     ok = False
+    prom = None
     try:
-        ok = _run(fleet, t0, epochs, samples, timeout_s)
+        metrics_port = _free_port()
+        if prom_binary:
+            prom = _start_prometheus(prom_binary, root.resolve(), f"127.0.0.1:{metrics_port}", t0)
+        ok = _run(fleet, t0, epochs, samples, timeout_s, metrics_port)
+        if prom is not None:
+            click.echo(
+                f"[{_clock(t0)}] Prometheus keeps scraping the demo at {prom[1]} "
+                "(try rigshift_farm_revenue_usd_total); press Ctrl-C to stop everything"
+            )
+            while prom[0].poll() is None:
+                time.sleep(1)
     except FleetError as err:
         click.echo(f"error: {err}", err=True)
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
     finally:
+        if prom is not None and prom[0].poll() is None:
+            prom[0].terminate()
+            prom[0].wait(timeout=30)
         click.echo(f"[{_clock(t0)}] stopping the agents (drain) and the broker …")
         fleet.stop()
         left = fleet.leftovers()
@@ -92,21 +125,72 @@ def demo_command(root: Path, epochs: int, samples: int, timeout_s: float) -> Non
     sys.exit(0 if ok else 1)
 
 
-def _run(fleet: Any, t0: float, epochs: int, samples: int, timeout_s: float) -> bool:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_prometheus(binary: str, root: Path, broker_metrics: str, t0: float) -> tuple[Any, str]:
+    """Prometheus scraping the broker and, through its /sd endpoint, every agent."""
+    import subprocess
+
+    port = _free_port()
+    (root / "prometheus").mkdir(parents=True, exist_ok=True)
+    config = root / "prometheus" / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 2s, evaluation_interval: 2s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: rigshift-broker\n    static_configs: [{{targets: ['{broker_metrics}']}}]\n"
+        "  - job_name: rigshift-agent\n    honor_labels: true\n"
+        f"    http_sd_configs: [{{url: 'http://{broker_metrics}/sd', refresh_interval: 5s}}]\n"
+    )
+    log = open(root / "prometheus" / "prometheus.log", "ab")  # noqa: SIM115 (lives with the process)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={root / 'prometheus' / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    click.echo(f"[{_clock(t0)}] Prometheus on {url} (scraping the broker and every agent)")
+    return proc, url
+
+
+def _run(
+    fleet: Any, t0: float, epochs: int, samples: int, timeout_s: float, metrics_port: int
+) -> bool:
     echo = click.echo
-    address = fleet.start_broker(lease_ttl_s=10, heartbeat_interval_s=2)
+    address = fleet.start_broker(
+        lease_ttl_s=10, heartbeat_interval_s=2, metrics_listen=f"127.0.0.1:{metrics_port}"
+    )
     echo(f"[{_clock(t0)}] broker listening on {address} (SQLite in {fleet.root}/broker)")
     client = fleet.client()
     tokens: dict[str, str] = {}
     for farm_name, tariff in (("north-farm", 110_000), ("south-farm", 140_000)):
         farm = client.create_farm(
-            farm_name, region=farm_name.split("-")[0], tariff_micros_per_kwh=tariff
+            farm_name,
+            region=farm_name.split("-")[0],
+            tariff_micros_per_kwh=tariff,
+            mining_micros_per_kwh=MINING_MICROS_PER_KWH,
         )
         tokens[farm_name] = farm.enrollment_token
         echo(f"[{_clock(t0)}] created {farm.name} ({farm_name}, ${tariff / 1e6:.2f}/kWh)")
     for farm_name, rig, spec in RIGS:
         fleet.start_agent(
-            rig, tokens[farm_name], simulate=spec, heartbeat_interval_s=2, lease_ttl_s=10
+            rig,
+            tokens[farm_name],
+            simulate=spec,
+            heartbeat_interval_s=2,
+            lease_ttl_s=10,
+            metrics_listen="127.0.0.1:0",
         )
         echo(f"[{_clock(t0)}] started agent {rig} on {farm_name}: simulated {spec} (Ray head)")
     workers = fleet.wait_workers(len(RIGS), timeout_s=120)
@@ -223,4 +307,24 @@ def _summary(
     echo(f"{'FARM':<11} {'JOBS':>4} {'GPU-SECONDS':>11} {'ENERGY (J)':>10} {'kWh':>9}")
     for farm, (n, gpu_ms, joules) in sorted(per_farm.items()):
         echo(f"{farm:<11} {n:>4} {gpu_ms / 1000:>11.1f} {joules:>10} {joules / 3.6e6:>9.5f}")
+    echo("")
+    _earnings(client)
+
+
+def _earnings(client: Any) -> None:
+    """Per farm: what the AI work paid, next to what mining would have paid (from the ledger)."""
+    echo = click.echo
+    names = {}
+    for w in client.iter_workers():
+        names.setdefault(w.farm, client.get_farm(w.farm).display_name)
+    echo(
+        f"{'EARNINGS':<11} {'REVENUE':>11} {'ENERGY COST':>12} {'MARGIN':>11} "
+        f"{'AI $/kWh':>9} {'MINING $/kWh':>13}"
+    )
+    for row in client.get_earnings().rows:
+        echo(
+            f"{names.get(row.farm, row.farm):<11} {row.revenue_micros / 1e6:>11.6f} "
+            f"{row.energy_cost_micros / 1e6:>12.6f} {row.margin_micros / 1e6:>11.6f} "
+            f"{row.revenue_usd_per_kwh:>9.3f} {row.mining_usd_per_kwh:>13.3f}"
+        )
     echo("")
