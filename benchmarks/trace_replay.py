@@ -35,7 +35,8 @@ integer micro-dollars exactly), optional keys in brackets::
         "rigs": [{"model": "RTX 3090", "gpus": 8, "count": 6, ["watts": 350,] ["vram_mb": 24576]}]
     }]}
 
-Without ``--fleet`` the :data:`DEFAULT_FLEET` below is used (six farms, 87 rigs, 600 GPUs).
+Without ``--fleet`` the :data:`DEFAULT_FLEET` below is used (six farms, 87 rigs, 600 GPUs);
+``--fleet-scale X`` multiplies every rig count (to see how the figures move with contention).
 
 **Policies** (``--policy``, repeatable; all but the oracle by default):
 

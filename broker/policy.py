@@ -26,10 +26,14 @@ owner's jobs of any size, then to every job. This is the user-history predictor 
 batch schedulers use for backfilling (Tsafrir, Etsion and Feitelson, "Backfilling Using
 System-Generated Predictions Rather than User Runtime Estimates", TPDS 2007).
 
-Wiring into the core (one line each): keep a ``DurationEstimator`` on ``BrokerCore``,
-call ``observe`` when an attempt succeeds, freeze ``estimate`` onto the job when it is
-submitted, and make ``BrokerCore._priority(job)`` return
-``SHORT_FIRST.key(QueuedJob(...))`` of that job.
+Wiring into the core: keep a ``DurationEstimator`` on ``BrokerCore`` and ``observe`` each
+attempt that finishes (its end minus its start); when a job is submitted, freeze
+``estimate(owner, gpu_count)`` onto it (persisted with the job, so the order survives a
+restart); and make ``BrokerCore._priority(job)`` return ``SHORT_FIRST.key(QueuedJob(...))``
+of that job. The key depends only on what is fixed at submission, so a pending job's place
+changes only when other jobs arrive or leave, and a requeued job keeps its place.
+``benchmarks/trace_replay.py`` measures the effect on the Philly trace
+(``benchmarks/README.md``, "Trace replay").
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def order(
     """Sort keys of ``pending_jobs`` under ``policy``, in input order; sort by them.
 
     ``now`` is accepted so that a policy may age jobs by the clock; the two policies here
-    do not need it (a virtual start time ages a job without reading the clock), so their
+    do not need it (a virtual submit time ages a job without reading the clock), so their
     order between two passes only changes when jobs arrive or leave.
     """
     del now

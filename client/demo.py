@@ -193,6 +193,7 @@ def _run(
             metrics_listen="127.0.0.1:0",
         )
         echo(f"[{_clock(t0)}] started agent {rig} on {farm_name}: simulated {spec} (Ray head)")
+        time.sleep(0.5)  # four Ray heads starting at the same instant overload two cores
     workers = fleet.wait_workers(len(RIGS), timeout_s=120)
     echo(f"[{_clock(t0)}] {len(workers)} rigs online, {sum(len(w.gpus) for w in workers)} GPUs")
     worker_names = {w.name: w.hostname for w in workers}
@@ -314,7 +315,7 @@ def _summary(
 def _earnings(client: Any) -> None:
     """Per farm: what the AI work paid, next to what mining would have paid (from the ledger)."""
     echo = click.echo
-    names = {}
+    names: dict[str, str] = {}
     for w in client.iter_workers():
         names.setdefault(w.farm, client.get_farm(w.farm).display_name)
     echo(

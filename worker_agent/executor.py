@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -58,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from worker_agent.process import ProcEvent, ProcExited, ProcStarted, run_process
+from worker_agent.process import ProcEvent, ProcExited, ProcStarted, descendants, run_process
 from worker_agent.workdir import pack_directory
 
 __all__ = [
@@ -83,6 +84,9 @@ SECRET_ENV = (
 )
 
 GPU_RESOURCE = "rigshift_gpu_{}"
+
+#: How often a local Ray head is tried before the agent gives up.
+HEAD_START_ATTEMPTS = 3
 
 #: Largest working directory shipped to a site-cluster node with the task.
 MAX_SHIPPED_BYTES = 512 << 20
@@ -418,18 +422,7 @@ class RayExecutor:
             "namespace": "rigshift",
         }
         if self.is_local:
-            ctx = ray.init(
-                address="local",
-                num_cpus=max(1, self.gpu_count),
-                num_gpus=self.gpu_count,
-                resources={GPU_RESOURCE.format(i): 1 for i in range(self.gpu_count)},
-                include_dashboard=self.dashboard,
-                dashboard_host="127.0.0.1",
-                dashboard_port=0 if self.dashboard else None,
-                object_store_memory=100 << 20,
-                _temp_dir=self.temp_dir,
-                **common,
-            )
+            ctx = self._start_local_head(ray, common)
         else:
             ctx = ray.init(address=self.address, **common)
             self._pinned = GPU_RESOURCE.format(0) in ray.cluster_resources()
@@ -442,6 +435,45 @@ class RayExecutor:
         self.dashboard_url = getattr(ctx, "dashboard_url", "") or ""
         self._remote = ray.remote(num_cpus=0, max_retries=0)(_ray_entry)
         self._started = True
+
+    def _start_local_head(self, ray: Any, common: dict[str, Any]) -> Any:
+        """``ray.init`` of a head with exactly this rig's GPUs, retried when it times out.
+
+        Ray gives a new head 30 s to register (hard-coded); on an overloaded machine
+        (several agents starting at once on two cores) that can pass. The processes of
+        a failed try are killed before the next one.
+        """
+        for attempt in range(1, HEAD_START_ATTEMPTS + 1):
+            before = set(descendants(os.getpid()))
+            try:
+                return ray.init(
+                    address="local",
+                    num_cpus=max(1, self.gpu_count),
+                    num_gpus=self.gpu_count,
+                    resources={GPU_RESOURCE.format(i): 1 for i in range(self.gpu_count)},
+                    include_dashboard=self.dashboard,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=0 if self.dashboard else None,
+                    object_store_memory=100 << 20,
+                    _temp_dir=self.temp_dir,
+                    **common,
+                )
+            except Exception as err:  # Ray raises a bare Exception when its head times out
+                if attempt == HEAD_START_ATTEMPTS:
+                    raise
+                log.warning(
+                    "the Ray head did not start (%s); trying again (%d/%d)",
+                    str(err).splitlines()[0],
+                    attempt + 1,
+                    HEAD_START_ATTEMPTS,
+                )
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                for pid in set(descendants(os.getpid())) - before:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(random.uniform(1.0, 3.0))
+        raise AssertionError("unreachable")
 
     async def _warm(self) -> None:
         """Run ``true`` on every GPU at once, so the first attempts find warm workers

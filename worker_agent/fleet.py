@@ -11,9 +11,10 @@ they started, Ray's included::
         fleet.start_agent("rig-a", token, simulate="RTX3090x4")
         fleet.wait_workers(1)
 
-Every process gets its own session; stopping sends SIGTERM (the graceful
-drain), waits, then SIGKILLs whatever is left of each process tree, including
-Ray processes that outlived their agent.
+Every process gets its own session and, through ``setpriv --pdeathsig TERM``,
+a SIGTERM if the process that started the fleet dies; stopping sends SIGTERM
+(the graceful drain), waits, then SIGKILLs whatever is left of each process
+tree, including Ray processes that outlived their agent.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class LocalFleet:
                 p.remember_children()
 
     def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+        # If whoever runs the fleet dies (a test runner killed by a timeout), its broker and
+        # agents get SIGTERM and shut down gracefully instead of living on as orphans.
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         log_path = self.root / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:

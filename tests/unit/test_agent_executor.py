@@ -199,3 +199,26 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_ray_head_that_times_out_is_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker_agent.executor.time.sleep", lambda s: None)
+
+    class FlakyRay:
+        def __init__(self) -> None:
+            self.inits = 0
+            self.shutdowns = 0
+
+        def init(self, **kw: object) -> str:
+            self.inits += 1
+            if self.inits == 1:
+                raise Exception("The current node timed out during startup.")  # as Ray does
+            return "context"
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+
+    flaky = FlakyRay()
+    ex = RayExecutor(2)
+    assert ex._start_local_head(flaky, {}) == "context"
+    assert (flaky.inits, flaky.shutdowns) == (2, 1)
