@@ -203,6 +203,16 @@ def _alive(pid: int) -> bool:
 
 def test_a_ray_head_that_times_out_is_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("worker_agent.executor.time.sleep", lambda s: None)
+    # The retry SIGKILLs the processes a failed try left behind (descendants of this
+    # process). Here that would hit whatever this pytest process started meanwhile,
+    # e.g. Ray workers of the module's real Ray head, which takes the driver down with
+    # them: pretend the failed try left exactly one (fake) process and record the kill.
+    seen: list[list[int]] = [[], [999_999]]
+    monkeypatch.setattr(
+        "worker_agent.executor.descendants", lambda pid: seen.pop(0) if seen else []
+    )
+    killed: list[int] = []
+    monkeypatch.setattr("worker_agent.executor.os.kill", lambda pid, sig: killed.append(pid))
 
     class FlakyRay:
         def __init__(self) -> None:
@@ -222,3 +232,4 @@ def test_a_ray_head_that_times_out_is_started_again(monkeypatch: pytest.MonkeyPa
     ex = RayExecutor(2)
     assert ex._start_local_head(flaky, {}) == "context"
     assert (flaky.inits, flaky.shutdowns) == (2, 1)
+    assert killed == [999_999]
