@@ -18,14 +18,14 @@ $(STAMP): requirements.lock pyproject.toml
 demo: install
 	$(BIN)/rigshift demo
 
-# Tests that start a Ray head inside the pytest process run in a pytest of their own:
+# Tests that start a Ray head inside the pytest process run in pytests of their own:
 # in the shared process, tearing that head down after the other suites had run
 # sometimes ended the whole run silently (see the closing note of the first session).
 IN_PROCESS_RAY := tests/unit/test_agent_executor.py tests/unit/test_agent_ray_cluster.py
 
 test: install
 	$(BIN)/pytest -q $(addprefix --ignore=,$(IN_PROCESS_RAY))
-	$(BIN)/pytest -q $(IN_PROCESS_RAY)
+	for f in $(IN_PROCESS_RAY); do $(BIN)/pytest -q $$f || exit 1; done
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
