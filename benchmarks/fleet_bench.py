@@ -82,6 +82,12 @@ def default_submit_rate(agents: int) -> float:
     return float(min(50, max(5, agents // 100)))
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores) since boot."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list; NaN for an empty one."""
     if not sorted_values:
@@ -665,6 +671,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(max(0.0, ws_wall - time.time()))
             cpu0 = bproc.cpu_times()
             gen_cpu0 = [sum(g.cpu_times()[:2]) for g in gen_procs]
+            machine0, me0 = busy_seconds(), sum(psutil.Process().cpu_times()[:2])
             wall0 = time.monotonic()
             profiler = None
             if args.profile:
@@ -704,6 +711,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(max(0.0, we_wall - time.time()))
             cpu1 = bproc.cpu_times()
             gen_cpu1 = [sum(g.cpu_times()[:2]) for g in gen_procs]
+            machine1, me1 = busy_seconds(), sum(psutil.Process().cpu_times()[:2])
             wall = time.monotonic() - wall0
             rss_end = bproc.memory_info().rss
             if profiler is not None:
@@ -771,6 +779,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             examples.setdefault(key, text)
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     gen_cpu = [(b - a) / wall * 100 for a, b in zip(gen_cpu0, gen_cpu1, strict=True)]
+    ours = cpu + sum(b - a for a, b in zip(gen_cpu0, gen_cpu1, strict=True)) + (me1 - me0)
+    other_cpu = max(0.0, (machine1 - machine0) - ours) / wall * 100
     interval = max((r["heartbeat_interval_s"] for r in results), default=0.0)
 
     def ms(x: float) -> float | None:
@@ -808,6 +818,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             1,
         ),
         "loadgen_cpu_percent": [round(x, 1) for x in gen_cpu],
+        "other_cpu_percent": round(other_cpu, 1),
         "register_s": round(register_s, 2),
         "stream_reconnects": sum(r["stream_reconnects"] for r in results),
         "cancellations": sum(r["cancellations"] for r in results),
@@ -857,7 +868,8 @@ def human(r: dict[str, Any]) -> str:
             f"p50 {r['submit_to_assign_p50_ms']} ms, p99 {r['submit_to_assign_p99_ms']} ms",
             f"broker CPU {r['broker_cpu_percent']} %, RSS {r['broker_rss_mb']} MB "
             f"(peak {r['broker_rss_peak_mb']} MB); load generator CPU "
-            f"{r['loadgen_cpu_percent']} %",
+            f"{r['loadgen_cpu_percent']} %; other processes on the machine "
+            f"{r['other_cpu_percent']} %",
             f"errors in the window {r['errors'] or 'none'}; outside it (registration, drain) "
             f"{r['errors_outside_window'] or 'none'}",
         ]
