@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -54,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,13 +320,15 @@ class _RayExecution:
         self._pid = 0
         self._node = ""
         self._guard: asyncio.Task[None] | None = None
-        self._gen = executor._submit(spec)
+        self._gen: Any = executor._submit(spec)
+        executor._executions.add(self)
 
     async def events(self) -> AsyncIterator[ProcEvent]:
         ray = self._executor._ray
         try:
             async for ref in self._gen:
                 event = await ref
+                del ref  # no ObjectRef may stay in this frame while it is suspended
                 if isinstance(event, ProcStarted):
                     self._pid, self._node = event.pid, event.node
                 yield event
@@ -339,13 +343,20 @@ class _RayExecution:
         except ray.exceptions.RayError as err:  # worker died, node lost, …
             yield ProcExited(-1, f"ray: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
             return
+        finally:
+            self.release()
         yield ProcExited(-1, "ray task ended without an exit status")
+
+    def release(self) -> None:
+        """Drop this attempt's Ray object references (see ``RayExecutor.close``)."""
+        self._gen = None
 
     async def cancel(self, reason: str) -> None:
         if self._cancel_reason:
             return
         self._cancel_reason = reason or "cancelled"
-        self._executor._ray.cancel(self._gen)
+        if self._gen is not None:
+            self._executor._ray.cancel(self._gen)
         if self._pid and self._executor.is_local and self._node == socket.gethostname():
             self._guard = asyncio.get_running_loop().create_task(self._make_sure(self._pid))
 
@@ -384,6 +395,7 @@ class RayExecutor:
         self._remote: Any = None
         self._pinned = True
         self._started = False
+        self._executions: weakref.WeakSet[_RayExecution] = weakref.WeakSet()
 
     @property
     def is_local(self) -> bool:
@@ -521,4 +533,10 @@ class RayExecutor:
         """Disconnect from Ray; a local head and its workers are shut down."""
         if self._started:
             self._started = False
+            # An ObjectRef freed after ray.shutdown() makes Ray's core worker end the whole
+            # process with exit code 1 and no message ("already been shutdown"); refs in
+            # reference cycles are freed whenever the GC runs. So drop them all first.
+            for execution in list(self._executions):
+                execution.release()
+            gc.collect()
             await asyncio.to_thread(self._ray.shutdown)
