@@ -388,8 +388,9 @@ class ReplayCore(BrokerCore):
                 self.pending_sizes[self.jobs[cmd.job_id].spec.gpu_count] -= 1
         return cmds
 
-    def _priority(self, job: Job) -> tuple:  # type: ignore[override]
-        return self._keys[job.job_id]
+    def _priority(self, job: Job) -> tuple:
+        key = self._keys.get(job.job_id)
+        return key if key is not None else self._key(job)
 
     def _worker_changed(self, worker_id: str) -> None:
         super()._worker_changed(worker_id)

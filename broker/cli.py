@@ -55,6 +55,13 @@ def broker_group() -> None:
     type=float,
     help="Calls per second per client/operator key (0: off).",
 )
+@click.option(
+    "--queue-policy",
+    default="fifo",
+    show_default=True,
+    type=click.Choice(["fifo", "short-first"]),
+    help="Order of pending jobs; short-first: smallest declared GPU time first, aged.",
+)
 @click.option("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS.")
 @click.option("--tls-key", default="", help="PEM private key for --tls-cert.")
 @click.option("--tls-client-ca", default="", help="PEM CA: require client certificates.")
@@ -72,6 +79,7 @@ def serve(
     start_deadline_s: float,
     broker_fee_percent: float,
     rate_limit_per_s: float,
+    queue_policy: str,
     tls_cert: str,
     tls_key: str,
     tls_client_ca: str,
@@ -95,6 +103,7 @@ def serve(
             start_deadline_s=start_deadline_s,
             broker_fee_permille=round(broker_fee_percent * 10),
             rate_limit_per_s=rate_limit_per_s,
+            queue_policy=queue_policy,
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,

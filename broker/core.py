@@ -17,6 +17,7 @@ Job lifecycle (PRODUCT.md, AIP-216)::
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field, replace
 
 from broker.economics import (
@@ -63,6 +64,7 @@ from broker.model import (
     Tier,
     WorkerState,
 )
+from broker.policy import FIFO, Fifo, QueuedJob, ShortFirst
 from broker.scheduler import (
     GpuSlot,
     JobRequest,
@@ -221,6 +223,7 @@ class BrokerCore:
         start_deadline_s: float = 60.0,
         reliability_window_s: float = 86400.0,
         default_fee_permille: int = 100,
+        queue_policy: Fifo | ShortFirst = FIFO,
     ) -> None:
         self.lease_ttl_s = lease_ttl_s
         self.default_max_attempts = default_max_attempts
@@ -228,6 +231,7 @@ class BrokerCore:
         self.start_deadline_s = start_deadline_s
         self.reliability_window_s = reliability_window_s
         self.default_fee_permille = default_fee_permille
+        self.queue_policy = queue_policy
         self.farms: dict[str, FarmTerms] = {}
         self.ledger: list[LedgerEntry] = []
         self.ledger_saved = 0  # entries before this index are in the store
@@ -239,6 +243,12 @@ class BrokerCore:
         self._dirty_jobs: set[str] = set()
         self._dirty_workers: set[str] = set()
         self._capacity: dict[str, WorkerCapacity] = {}
+        # Caches that keep a pass from costing O(everything); none of them is a decision.
+        self._queue: list[tuple[tuple, str]] = []  # (priority, job_id) sorted; may hold stale ids
+        self._queued: set[str] = set()  # job ids with an entry in _queue
+        self._requests: dict[str, JobRequest] = {}  # pending job -> what the scheduler sees
+        self._slots: dict[tuple[int, str, int, int, bool], GpuSlot] = {}  # interned GpuSlots
+        self._spot_live: dict[str, int] | None = None  # worker -> live spot attempts (lazy)
 
     # --- entry point --------------------------------------------------------
 
@@ -314,6 +324,7 @@ class BrokerCore:
             self.requests[(ev.owner, ev.request_id)] = job.job_id
         job.history.append(HistoryEntry(ev.now, None, S.PENDING, "submitted"))
         self.pending[job.job_id] = None
+        self._enqueue(job)
         self._dirty_jobs.add(job.job_id)
         self.needs_schedule = True
         return [Transition(job.job_id, None, S.PENDING, "submitted")]
@@ -328,9 +339,11 @@ class BrokerCore:
         job.update_time = now
         if to == S.PENDING:
             self.pending[job.job_id] = None
+            self._enqueue(job)
             self.needs_schedule = True
         else:
-            self.pending.pop(job.job_id, None)
+            self.pending.pop(job.job_id, None)  # its _queue entry goes at the next snapshot
+            self._requests.pop(job.job_id, None)
         if to in TERMINAL_JOB_STATES or to == S.SCHEDULED:
             job.pending_reasons = ()
         if to in TERMINAL_JOB_STATES:
@@ -428,8 +441,20 @@ class BrokerCore:
         return []
 
     def reliability(self, worker: Worker, now: float) -> int:
-        """Reliability of a worker over the recent window, in thousandths."""
-        start = max(now - self.reliability_window_s, worker.first_seen)
+        """Reliability of a worker over the recent window, in thousandths.
+
+        Outcomes and offline spans that ended before the window can never count again
+        (events only move the clock forward), so they are dropped here: the history kept,
+        and persisted, is the window's, not every attempt the rig ever ran.
+        """
+        horizon = now - self.reliability_window_s
+        outcomes = worker.outcomes
+        if outcomes and outcomes[0][0] < horizon:
+            del outcomes[: bisect_left(outcomes, (horizon,))]
+        log = worker.offline_log
+        if log and log[0][1] < horizon:
+            worker.offline_log = [span for span in log if span[1] >= horizon]
+        start = max(horizon, worker.first_seen)
         spans = [*worker.offline_log]
         if worker.offline_since is not None:
             spans.append((worker.offline_since, now))
@@ -548,6 +573,12 @@ class BrokerCore:
                 gpu.holder = None
         if state != AttemptState.PREEMPTED:
             worker.outcomes.append((now, state != AttemptState.LOST))
+        if self._spot_live is not None and self.jobs[attempt.job_id].spec.tier == Tier.SPOT:
+            left = self._spot_live[worker.worker_id] - 1
+            if left:
+                self._spot_live[worker.worker_id] = left
+            else:
+                del self._spot_live[worker.worker_id]
         self._settle(self.jobs[attempt.job_id], attempt, now)
         self._worker_changed(worker.worker_id)
         self._dirty_jobs.add(attempt.job_id)
@@ -648,19 +679,48 @@ class BrokerCore:
     # --- scheduling -----------------------------------------------------------
 
     def snapshot(self, now: float) -> Snapshot:
-        """The frozen view the scheduler sees: guaranteed before spot, then FIFO; ONLINE workers."""
-        order = sorted(self.pending, key=lambda j: self._priority(self.jobs[j]))
-        pending = tuple(self._request(self.jobs[j]) for j in order)
+        """The frozen view the scheduler sees: pending jobs in ``queue_policy`` order
+        (guaranteed before spot), ONLINE workers.
+
+        Priorities are fixed when a job is submitted, so the queue is kept sorted as jobs
+        enter it (``_enqueue``) and only compacted here: no sort per pass.
+        """
+        pending = self.pending
+        queue = self._queue
+        live = [e for e in queue if e[1] in pending]
+        if len(live) != len(pending):  # PENDING jobs the core did not enqueue (Store.load)
+            live = sorted((self._priority(self.jobs[j]), j) for j in pending)
+            self._queued = set(pending)
+        elif len(live) != len(queue):
+            self._queued.difference_update(e[1] for e in queue if e[1] not in pending)
+        self._queue = live
+        requests = self._requests
+        order = []
+        for _, job_id in live:
+            request = requests.get(job_id)
+            if request is None:
+                request = requests[job_id] = self._request(self.jobs[job_id])
+            order.append(request)
         workers = tuple(
             self._capacity_of(w, now)
             for w in self.workers.values()
             if w.state == WorkerState.ONLINE
         )
-        return Snapshot(now=now, pending=pending, workers=workers)
+        return Snapshot(now=now, pending=tuple(order), workers=workers)
 
-    @staticmethod
-    def _priority(job: Job) -> tuple[bool, float, str]:
-        return (job.spec.tier != Tier.GUARANTEED, job.create_time, job.job_id)
+    def _priority(self, job: Job) -> tuple:
+        """Sort key of a pending job under ``queue_policy``; smallest first. It depends only
+        on what is fixed at submission (a requeued job keeps its place)."""
+        s = job.spec
+        queued = QueuedJob(
+            job.job_id, job.create_time, s.gpu_count, s.max_duration_seconds, s.tier == Tier.SPOT
+        )
+        return self.queue_policy.key(queued)
+
+    def _enqueue(self, job: Job) -> None:
+        if job.job_id not in self._queued:  # else its entry is still in _queue, same key
+            self._queued.add(job.job_id)
+            insort(self._queue, (self._priority(job), job.job_id))
 
     def _request(self, job: Job) -> JobRequest:
         s = job.spec
@@ -685,19 +745,20 @@ class BrokerCore:
         return floor_price(terms, info.model, info.power_limit_watts or None).floor_micros
 
     def _capacity_of(self, worker: Worker, now: float) -> WorkerCapacity:
+        """The worker as the scheduler sees it; cached until ``_worker_changed``. GpuSlots
+        are frozen values, interned, so a rebuild allocates only the tuple."""
         cap = self._capacity.get(worker.worker_id)
         if cap is None:
-            slots = tuple(
-                GpuSlot(
-                    g.info.index,
-                    g.info.model,
-                    g.info.vram_mb,
-                    g.info.price_micros_per_gpu_hour,
-                    g.holder is None,
-                )
-                for g in sorted(worker.gpus.values(), key=lambda g: g.info.index)
-            )
-            cap = WorkerCapacity(worker.worker_id, slots, self.reliability(worker, now))
+            interned = self._slots
+            slots = []
+            for gpu in sorted(worker.gpus.values(), key=lambda g: g.info.index):
+                i = gpu.info
+                key = (i.index, i.model, i.vram_mb, i.price_micros_per_gpu_hour, gpu.holder is None)
+                slot = interned.get(key)
+                if slot is None:
+                    slot = interned[key] = GpuSlot(*key)
+                slots.append(slot)
+            cap = WorkerCapacity(worker.worker_id, tuple(slots), self.reliability(worker, now))
             self._capacity[worker.worker_id] = cap
         return cap
 
@@ -750,6 +811,8 @@ class BrokerCore:
         worker = self.workers[worker_id]
         for index in indices:
             worker.gpus[index].holder = (job.job_id, attempt.number)
+        if self._spot_live is not None and job.spec.tier == Tier.SPOT:
+            self._spot_live[worker_id] = self._spot_live.get(worker_id, 0) + 1
         self._worker_changed(worker_id)
         gpus = ",".join(map(str, indices))
         reason = f"placed on {worker_id} GPUs {gpus} (attempt {attempt.number})"
@@ -762,10 +825,14 @@ class BrokerCore:
         self, job: Job
     ) -> tuple[str, tuple[int, ...], int, list[tuple[Job, Attempt]]] | None:
         """Cheapest way to make room for a guaranteed job by preempting spot attempts:
-        fewest victims, then lowest ask, then worker id. None when no worker can."""
+        fewest victims, then lowest ask, then worker id. None when no worker can.
+
+        Only workers running a spot attempt can offer a victim, so only those are scanned
+        (``_spot_workers``): nothing at all while no spot job runs."""
         spec = job.spec
         best: tuple[tuple[int, int, str], str, tuple[int, ...], int, list] | None = None
-        for worker in self.workers.values():
+        for worker_id in self._spot_workers():
+            worker = self.workers[worker_id]
             if worker.state != WorkerState.ONLINE:
                 continue
             groups: dict[tuple[str, int, int], list[Gpu]] = {}
@@ -810,6 +877,19 @@ class BrokerCore:
         if best is None:
             return None
         return best[1], best[2], best[3], best[4]
+
+    def _spot_workers(self) -> dict[str, int]:
+        """Worker id -> live spot attempts on it. Built on first use from the GPU holders
+        (so a core that ``Store.load`` filled directly is counted), then kept by
+        ``_bind`` and ``_end_attempt``."""
+        if self._spot_live is None:
+            live: dict[str, int] = {}
+            for worker in self.workers.values():
+                for job, _ in self._held_attempts(worker):
+                    if job.spec.tier == Tier.SPOT:
+                        live[worker.worker_id] = live.get(worker.worker_id, 0) + 1
+            self._spot_live = live
+        return self._spot_live
 
     def _preempt(self, victim: Job, attempt: Attempt, by: Job, now: float) -> list[Command]:
         why = f"preempted by guaranteed job {by.job_id}"

@@ -9,8 +9,8 @@ holds the orders as pure functions of a frozen view of each job::
 
 Policies (each a frozen dataclass with ``key(job) -> tuple``; smaller runs first):
 
-* :data:`FIFO` — guaranteed before spot, then submission time, then job id. This is
-  what ``BrokerCore._priority`` does today.
+* :data:`FIFO` — guaranteed before spot, then submission time, then job id (the
+  broker's default, ``rigshift broker serve --queue-policy fifo``).
 * :data:`SHORT_FIRST` — guaranteed before spot, then a *virtual submit time*
   ``submit_time + min(stretch x estimate_s x gpu_count, max_delay_s)``: a job expected to
   use G GPU-seconds ranks as if it had been submitted ``stretch x G`` seconds later. Jobs
@@ -19,21 +19,31 @@ Policies (each a frozen dataclass with ``key(job) -> tuple``; smaller runs first
   amount: no job is overtaken by a job submitted more than ``max_delay_s`` after it, so
   nothing starves. A job without an estimate counts as ``unknown_estimate_s``.
 
+**Aging rule (no starvation).** A job's virtual submit time is at most ``max_delay_s``
+(48 h) after its real one, and a job submitted later than that has a later virtual
+submit time still. So a guaranteed job can be overtaken only by jobs submitted less than
+48 h after it; once those are placed (or if GPUs keep freeing), it reaches the head of the
+queue however many short jobs keep arriving. The rule bounds the *order*; like FIFO with
+backfill, a wide gang at the head may still wait while narrower jobs fit on the GPUs that
+free up one by one (no reservations).
+
+**In the broker** (``BrokerCore(queue_policy=...)``, ``rigshift broker serve
+--queue-policy fifo|short-first``) the estimate is the job's declared
+``max_duration_seconds`` (0: unknown), the limit the agent enforces, so it is fixed at
+submission and persisted with the spec: a pending job's key never changes, the queue is
+kept sorted between passes, and the order survives a restart. Declaring a tight limit
+buys an earlier place but the job is killed when it runs past it (EASY backfilling's
+user estimates work the same way).
+
 The estimate is not the job's true run time (the broker cannot know it). A
 :class:`DurationEstimator` learns it online from jobs that have *finished*: the median
 run time of the owner's last ``window`` jobs of the same gang size, falling back to the
 owner's jobs of any size, then to every job. This is the user-history predictor HPC
 batch schedulers use for backfilling (Tsafrir, Etsion and Feitelson, "Backfilling Using
-System-Generated Predictions Rather than User Runtime Estimates", TPDS 2007).
-
-Wiring into the core: keep a ``DurationEstimator`` on ``BrokerCore`` and ``observe`` each
-attempt that finishes (its end minus its start); when a job is submitted, freeze
-``estimate(owner, gpu_count)`` onto it (persisted with the job, so the order survives a
-restart); and make ``BrokerCore._priority(job)`` return ``SHORT_FIRST.key(QueuedJob(...))``
-of that job. The key depends only on what is fixed at submission, so a pending job's place
-changes only when other jobs arrive or leave, and a requeued job keeps its place.
-``benchmarks/trace_replay.py`` measures the effect on the Philly trace
-(``benchmarks/README.md``, "Trace replay").
+System-Generated Predictions Rather than User Runtime Estimates", TPDS 2007). The broker
+does not use it yet (the estimate would have to be frozen onto the job and persisted);
+``benchmarks/trace_replay.py`` feeds it to the core as the declared limit, since the
+Philly trace declares none, and measures the effect (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from statistics import median
 
 __all__ = [
     "FIFO",
+    "QUEUE_POLICIES",
     "SHORT_FIRST",
     "DurationEstimator",
     "Fifo",
@@ -67,7 +78,7 @@ class QueuedJob:
 
 @dataclass(frozen=True, slots=True)
 class Fifo:
-    """Guaranteed before spot, then oldest first (``BrokerCore._priority`` today)."""
+    """Guaranteed before spot, then oldest first (the broker's default order)."""
 
     def key(self, job: QueuedJob) -> tuple[bool, float, float, str]:
         """Sort key; the smallest runs first."""
@@ -91,6 +102,9 @@ class ShortFirst:
 
 FIFO = Fifo()
 SHORT_FIRST = ShortFirst()
+
+#: The broker's ``--queue-policy`` choices.
+QUEUE_POLICIES: dict[str, Fifo | ShortFirst] = {"fifo": FIFO, "short-first": SHORT_FIRST}
 
 
 def order(

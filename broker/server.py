@@ -30,6 +30,7 @@ from broker.auth import RateLimiter, Role
 from broker.core import BrokerCore
 from broker.metrics import BrokerMetrics, FarmNames, default_registry
 from broker.metrics_http import MetricsServer
+from broker.policy import QUEUE_POLICIES
 from broker.service import BrokerService
 from broker.store import Store
 from rigshift.v1 import (
@@ -100,8 +101,12 @@ class BrokerConfig:
     """On first start, write the new admin key to ``$RIGSHIFT_HOME/credentials``."""
     metrics_listen: str = ""
     """host:port for ``/metrics`` and ``/sd`` (Prometheus); empty: off; port 0 picks a free port."""
+    queue_policy: str = "fifo"
+    """Order of pending jobs: ``fifo`` or ``short-first`` (``broker.policy.QUEUE_POLICIES``)."""
 
     def __post_init__(self) -> None:
+        if self.queue_policy not in QUEUE_POLICIES:
+            raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}")
         if self.heartbeat_interval_s * 3 > self.lease_ttl_s:
             raise ValueError(
                 f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most a third of "
@@ -154,6 +159,7 @@ class Broker:
             spot_permille=cfg.spot_permille,
             start_deadline_s=cfg.start_deadline_s,
             default_fee_permille=cfg.broker_fee_permille,
+            queue_policy=QUEUE_POLICIES[cfg.queue_policy],
         )
         self.store.load(core)
         store = self.store

@@ -1,0 +1,176 @@
+"""Queue order in the core (``BrokerCore(queue_policy=...)``) and the caches that keep a
+scheduling pass cheap; each cache is checked against what the core computed without it."""
+
+from __future__ import annotations
+
+from broker.core import BrokerCore, Job
+from broker.events import (
+    Assign,
+    AttemptFinished,
+    AttemptStarted,
+    JobSubmitted,
+    SchedulePass,
+    Tick,
+    Transition,
+    WorkerRegistered,
+)
+from broker.invariants import validate_state
+from broker.model import GpuInfo, JobSpec, JobState, Tier
+from broker.policy import FIFO, SHORT_FIRST, ShortFirst
+from broker.scheduler import GpuSlot, WorkerCapacity
+
+P, SC = JobState.PENDING, JobState.SCHEDULED
+HOUR = 3600.0
+
+
+def gpus(n: int) -> tuple[GpuInfo, ...]:
+    return tuple(GpuInfo(i, f"SIM-{i}", "RTX 3090", 24576, 350, 300_000) for i in range(n))
+
+
+def spec(max_duration_seconds: int = 0, gpu_count: int = 1, **kw) -> JobSpec:
+    return JobSpec(
+        command=("x",), gpu_count=gpu_count, max_duration_seconds=max_duration_seconds, **kw
+    )
+
+
+def one_busy_gpu(policy) -> BrokerCore:
+    """A core with one worker whose only GPU runs job "blocker" (started at t=1)."""
+    core = BrokerCore(lease_ttl_s=1e9, queue_policy=policy)
+    core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
+    core.handle(JobSubmitted(0.0, "blocker", "c", spec(60)))
+    core.handle(SchedulePass(0.0))
+    core.handle(AttemptStarted(1.0, "w1", "blocker", 1, 1))
+    return core
+
+
+def pending_order(core: BrokerCore, now: float) -> list[str]:
+    return [r.job_id for r in core.snapshot(now).pending]
+
+
+def test_short_first_places_the_shorter_declared_job_when_the_gpu_frees() -> None:
+    for policy, first in ((FIFO, "long"), (SHORT_FIRST, "short")):
+        core = one_busy_gpu(policy)
+        core.handle(JobSubmitted(2.0, "long", "c", spec(10 * 3600)))
+        core.handle(JobSubmitted(3.0, "short", "c", spec(600)))
+        assert core.handle(SchedulePass(3.0)) == []  # the GPU is busy
+        core.handle(AttemptFinished(50.0, "w1", "blocker", 1, 2, 0))
+        assert core.handle(SchedulePass(50.0)) == [
+            Transition(first, P, SC, "placed on w1 GPUs 0 (attempt 1)"),
+            Assign("w1", first, 1, (0,)),
+        ]
+        validate_state(core)
+
+
+def test_short_first_keys_are_the_declared_gpu_time_capped_at_48_hours() -> None:
+    core = BrokerCore(queue_policy=SHORT_FIRST)
+    # virtual submit = submit + min(2 x max_duration x GPUs, 48 h); no limit counts as 1 h
+    core.handle(JobSubmitted(0.0, "big", "c", spec(3600, gpu_count=4)))  # 0 + 28800
+    core.handle(JobSubmitted(10.0, "unknown", "c", spec(0)))  # 10 + 7200
+    core.handle(JobSubmitted(20.0, "tiny", "c", spec(30, gpu_count=2)))  # 20 + 120
+    core.handle(JobSubmitted(30.0, "month", "c", spec(30 * 86400)))  # 30 + 172800
+    core.handle(JobSubmitted(40.0, "spot", "c", spec(1, tier=Tier.SPOT)))  # spot goes last
+    assert pending_order(core, 50.0) == ["tiny", "unknown", "big", "month", "spot"]
+    assert core._priority(core.jobs["tiny"]) == (False, 140.0, 20.0, "tiny")
+
+
+def test_a_long_job_is_overtaken_only_by_jobs_submitted_within_48_hours_of_it() -> None:
+    """One GPU; a month-long job at t=0 and a short one-hour job every 30 minutes for
+    four days. Strict shortest-first would never run the long job; with the 48 h cap it
+    starts once the short jobs submitted in its first 48 h are done, before any later one."""
+    core = one_busy_gpu(SHORT_FIRST)
+    core.handle(JobSubmitted(2.0, "long", "c", spec(30 * 86400)))
+    running: tuple[str, float] | None = ("blocker", 1.0)
+    started: dict[str, float] = {"blocker": 1.0}
+    now, n = 2.0, 0
+    while "long" not in started and now < 10 * 86400:
+        now += 60.0
+        if now >= 1800.0 * (n + 1) and now < 4 * 86400:
+            n += 1
+            core.handle(JobSubmitted(now, f"s{n:03d}", "c", spec(3600)))
+        if running is not None and now - running[1] >= 3600.0:
+            job = core.jobs[running[0]]
+            core.handle(AttemptFinished(now, "w1", job.job_id, len(job.attempts), 9, 0))
+            running = None
+        for cmd in core.handle(SchedulePass(now)):
+            if isinstance(cmd, Assign):
+                core.handle(AttemptStarted(now, "w1", cmd.job_id, cmd.attempt, 1))
+                running = (cmd.job_id, now)
+                started[cmd.job_id] = now
+    validate_state(core)
+    assert "long" in started
+    before = {j for j in started if j.startswith("s") and started[j] < started["long"]}
+    assert max(core.jobs[j].create_time for j in before) <= 2.0 + 48 * HOUR
+    # exactly the short jobs whose virtual submit time (submit + 2 h) is before the long
+    # job's (2 s + 48 h) overtook it: those submitted in its first 46 hours
+    key = core._priority(core.jobs["long"])
+    ahead = {j.job_id for j in core.jobs.values() if j.job_id[0] == "s" and core._priority(j) < key}
+    assert before == ahead and len(ahead) == 91  # submitted at 1802 s, 3602 s, ... 163802 s
+    assert started["long"] < 4 * 86400  # while short jobs are still arriving
+
+
+def test_a_requeued_job_keeps_its_place() -> None:
+    core = BrokerCore(lease_ttl_s=10.0, queue_policy=SHORT_FIRST)
+    core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
+    core.handle(JobSubmitted(0.0, "a", "c", spec(60)))
+    core.handle(SchedulePass(0.0))
+    core.handle(JobSubmitted(1.0, "b", "c", spec(60)))
+    core.handle(Tick(20.0))  # w1's lease expired: "a" is requeued
+    assert core.jobs["a"].state == P
+    assert pending_order(core, 20.0) == ["a", "b"]
+    validate_state(core)
+
+
+def test_jobs_made_pending_outside_the_core_are_ordered_too() -> None:
+    """``Store.load`` fills ``jobs`` and ``pending`` directly; the next snapshot sorts them."""
+    core = BrokerCore(queue_policy=ShortFirst())
+    for job_id, t, limit in (("x", 0.0, 7200), ("y", 5.0, 60), ("z", 9.0, 0)):
+        core.jobs[job_id] = Job(job_id, "c", spec(limit), t, update_time=t)
+        core.pending[job_id] = None
+    assert pending_order(core, 10.0) == ["y", "z", "x"]  # 125, 7209, 14400
+    core.handle(JobSubmitted(11.0, "w", "c", spec(1)))
+    assert pending_order(core, 12.0) == ["w", "y", "z", "x"]
+
+
+def test_preemption_finds_spot_attempts_the_core_did_not_bind_itself() -> None:
+    """The live-spot index is built lazily from GPU holders (as after ``Store.load``)."""
+    core = BrokerCore(lease_ttl_s=1e9)
+    core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
+    core.handle(JobSubmitted(0.0, "spot", "c", spec(tier=Tier.SPOT)))
+    core.handle(SchedulePass(0.0))
+    core._spot_live = None  # forget the index, as a freshly loaded core has none
+    core.handle(JobSubmitted(1.0, "gold", "c", spec()))
+    cmds = core.handle(SchedulePass(1.0))
+    assert Assign("w1", "gold", 1, (0,)) in cmds
+    assert core.jobs["spot"].state == P
+    assert core._spot_live == {}
+    validate_state(core)
+
+
+def test_reliability_forgets_only_what_left_the_window() -> None:
+    core = BrokerCore(lease_ttl_s=1e9, reliability_window_s=100.0)
+    core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
+    worker = core.workers["w1"]
+    worker.outcomes[:] = [(10.0, False), (50.0, True), (120.0, False), (150.0, True)]
+    worker.offline_log[:] = [(5.0, 20.0), (60.0, 70.0), (140.0, 145.0)]
+    full = BrokerCore.reliability(core, _copy(worker), 160.0)
+    assert core.reliability(worker, 160.0) == full
+    assert worker.outcomes == [(120.0, False), (150.0, True)]
+    assert worker.offline_log == [(60.0, 70.0), (140.0, 145.0)]  # 60-70 overlaps 60-160
+
+
+def _copy(worker):
+    from dataclasses import replace
+
+    return replace(worker, outcomes=list(worker.outcomes), offline_log=list(worker.offline_log))
+
+
+def test_capacity_reuses_equal_gpu_slots() -> None:
+    core = BrokerCore(lease_ttl_s=1e9)
+    core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(2)))
+    core.handle(WorkerRegistered(0.0, "w2", "f1", "rig", "1", gpus(2)))
+    core.handle(JobSubmitted(0.0, "j", "c", spec()))
+    core.handle(SchedulePass(0.0))
+    caps = {c.worker_id: c for c in core.snapshot(1.0).workers}
+    slot = GpuSlot(1, "RTX 3090", 24576, 300_000, True)
+    assert caps["w1"] == WorkerCapacity("w1", (GpuSlot(0, "RTX 3090", 24576, 300_000, False), slot))
+    assert caps["w1"].gpus[1] is caps["w2"].gpus[1]  # one interned value
