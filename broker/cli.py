@@ -65,6 +65,22 @@ def broker_group() -> None:
 @click.option("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS.")
 @click.option("--tls-key", default="", help="PEM private key for --tls-cert.")
 @click.option("--tls-client-ca", default="", help="PEM CA: require client certificates.")
+@click.option(
+    "--replica",
+    is_flag=True,
+    help="Run as one of several replicas on one PostgreSQL (see docs/replicas.md).",
+)
+@click.option(
+    "--internal-listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Replicas: host:port of the core while this replica leads (other replicas dial it).",
+)
+@click.option(
+    "--advertise-host",
+    default="",
+    help="Replicas: host other replicas use for --internal-listen [default: its host].",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(
     listen: str,
@@ -83,6 +99,9 @@ def serve(
     tls_cert: str,
     tls_key: str,
     tls_client_ca: str,
+    replica: bool,
+    internal_listen: str,
+    advertise_host: str,
     log_level: str,
 ) -> None:
     """Serve the rigshift.v1 API until SIGTERM or SIGINT, then stop gracefully."""
@@ -114,6 +133,9 @@ def serve(
         raise click.UsageError(str(err)) from err
 
     async def main() -> None:
+        if replica:
+            await serve_replica(config, internal_listen, advertise_host)
+            return
         broker = Broker(config)
         await broker.start()
         click.echo(f"rigshift broker listening on {broker.address}")
@@ -134,10 +156,40 @@ def serve(
 
     try:
         asyncio.run(main())
+    except ReplicaFenced as err:
+        raise click.ClickException(str(err)) from err
     except SchemaOutOfDate as err:
         raise click.ClickException(err.message) from err
     except OSError as err:
         raise click.ClickException(f"cannot serve on {listen}: {err}") from err
+
+
+class ReplicaFenced(Exception):
+    """The replica stopped leading because it lost its lock or found a newer writer."""
+
+
+async def serve_replica(config, internal_listen: str, advertise_host: str) -> None:  # type: ignore[no-untyped-def]
+    """Run one replica until SIGTERM/SIGINT; raise ReplicaFenced when it fenced itself off."""
+    from broker.replica import ReplicaBroker
+
+    replica = ReplicaBroker(config, internal_listen=internal_listen, advertise_host=advertise_host)
+    await replica.start()
+    role = "leader" if replica.leading else f"follower of {replica.leader_address or '(none yet)'}"
+    click.echo(
+        f"rigshift broker replica {replica.replica_id} listening on {replica.address} ({role})"
+    )
+    if replica.metrics_address:
+        click.echo(f"rigshift broker metrics on http://{replica.metrics_address}/metrics")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = loop.create_task(stop.wait())
+    fenced = loop.create_task(replica.failed.wait())
+    await asyncio.wait({stopped, fenced}, return_when=asyncio.FIRST_COMPLETED)
+    await replica.stop()
+    if replica.failed.is_set() and not stop.is_set():
+        raise ReplicaFenced("this replica stopped leading (see the log); restart it to rejoin")
 
 
 @click.group("admin")

@@ -138,3 +138,19 @@ class ResourceExhausted(BrokerError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(BrokerError):
+    """The broker cannot serve this now; the caller should retry (possibly elsewhere)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class StaleWriter(Unavailable):
+    """Another broker changed a row this one believed it owned: this one must stop writing.
+
+    Raised by the store when a GPU binding's compare-and-set fails (see ``docs/replicas.md``).
+    """
+
+    default_reason = "STALE_WRITER"

@@ -46,7 +46,7 @@ from rigshift.v1 import (
     worker_service_pb2_grpc,
 )
 
-__all__ = ["SERVICE_NAMES", "Broker", "BrokerConfig"]
+__all__ = ["SERVICE_NAMES", "Broker", "BrokerConfig", "server_credentials"]
 
 log = logging.getLogger("rigshift.broker")
 
@@ -119,6 +119,17 @@ class BrokerConfig:
             return self.db_url
         Path(self.home).mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{Path(self.home) / 'broker.db'}"
+
+
+def server_credentials(cfg: BrokerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port from the config; None for plaintext."""
+    if not cfg.tls_cert:
+        return None
+    return grpc.ssl_server_credentials(
+        [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+        root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+        require_client_auth=bool(cfg.tls_client_ca),
+    )
 
 
 class Broker:
@@ -197,14 +208,8 @@ class Broker:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
-                root_certificates=Path(cfg.tls_client_ca).read_bytes()
-                if cfg.tls_client_ca
-                else None,
-                require_client_auth=bool(cfg.tls_client_ca),
-            )
+        creds = server_credentials(cfg)
+        if creds is not None:
             self.port = server.add_secure_port(cfg.listen, creds)
         else:
             self.port = server.add_insecure_port(cfg.listen)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from broker.auth import Principal, RateLimiter, Role, bearer, new_api_key
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
-from broker.errors import Unauthenticated
+from broker.errors import StaleWriter, Unauthenticated
 from broker.events import AppendLog, Assign, Cancel, Command, Event, SchedulePass, Tick
 from broker.metrics import BrokerMetrics
 from rigshift.v1 import worker_service_pb2
@@ -72,6 +72,9 @@ class BrokerService:
         self.clock = clock
         self.metrics = metrics
         self._lock = asyncio.Lock()
+        self.stale = False
+        self.on_stale: Callable[[], None] | None = None
+        """Called once the store refused a write because another broker changed the row."""
         self._schedule_wanted = asyncio.Event()
         self._subscribers: dict[str, set[asyncio.Event]] = {}
         self._streams: dict[str, asyncio.Queue[worker_service_pb2.Instruction | None]] = {}
@@ -87,6 +90,8 @@ class BrokerService:
     async def apply(self, *events: Event) -> list[Command]:
         """Handle events in order, persist, then carry out the commands."""
         async with self._lock:
+            if self.stale:
+                raise StaleWriter("this broker no longer leads; retry (another replica serves)")
             cmds: list[Command] = []
             try:
                 for ev in events:
@@ -100,7 +105,14 @@ class BrokerService:
                 jobs, workers = self.core.take_dirty()
                 logs = [c for c in cmds if isinstance(c, AppendLog)]
                 if jobs or workers or logs:
-                    self.store.save(self.core, jobs, workers, logs)
+                    try:
+                        self.store.save(self.core, jobs, workers, logs)
+                    except StaleWriter:
+                        # Another replica leads now; this core's memory is no longer true.
+                        self.stale = True
+                        if self.on_stale is not None:
+                            self.on_stale()
+                        raise
                 self._notify(jobs)
                 if self.core.needs_schedule:
                     self._schedule_wanted.set()

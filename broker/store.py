@@ -20,7 +20,7 @@ from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from broker.core import Attempt, BrokerCore, Gpu, HistoryEntry, Job, SlaEvent, Worker
 from broker.economics import FarmTerms, LedgerEntry, TariffWindow
-from broker.errors import AlreadyExists, NotFound
+from broker.errors import AlreadyExists, NotFound, StaleWriter
 from broker.events import AppendLog
 from broker.model import (
     TERMINAL_JOB_STATES,
@@ -210,6 +210,17 @@ class ApiKeyRow(SQLModel, table=True):
     farm_id: str = ""
     create_time: float = 0.0
     revoked: bool = False
+
+
+class LeaderRow(SQLModel, table=True):
+    """Which broker replica leads (one row, id 1; see ``broker/replica.py``)."""
+
+    __tablename__ = "broker_leader"
+    id: int = Field(default=1, primary_key=True)
+    replica: str
+    address: str
+    epoch: int = _big()
+    since: float = 0.0
 
 
 class LogRow(SQLModel, table=True):
@@ -437,11 +448,15 @@ class Store:
                 )
             )
         fresh = [values for index, values in gpus.items() if index not in before.gpus]
-        changed = [
-            values
-            for index, values in gpus.items()
-            if index in before.gpus and written.gpus[index] != before.gpus[index]
-        ]
+        changed = []
+        for index, values in gpus.items():
+            if index not in before.gpus or written.gpus[index] == before.gpus[index]:
+                continue
+            was = before.gpus[index][_HOLDER_AT : _HOLDER_AT + 2]
+            if was == written.gpus[index][_HOLDER_AT : _HOLDER_AT + 2]:
+                changed.append(values)
+            else:
+                _bind_if_unchanged(s, values, was)
         if fresh:
             s.exec(insert(GpuRow), params=fresh)
         if changed:
@@ -509,6 +524,7 @@ class Store:
             ]
             core.ledger_saved = len(core.ledger)
             gpus: dict[str, dict[int, Gpu]] = {}
+            gpu_rows: dict[str, dict[int, tuple[object, ...]]] = {}
             for g in s.exec(select(GpuRow)):
                 holder = (g.holder_job_id, g.holder_attempt) if g.holder_job_id else None
                 info = GpuInfo(
@@ -521,7 +537,14 @@ class Store:
                     g.pcie_link_width,
                 )
                 gpus.setdefault(g.worker_id, {})[g.index] = Gpu(info, holder)  # type: ignore[arg-type]
+                gpu_rows.setdefault(g.worker_id, {})[g.index] = tuple(
+                    getattr(g, k) for k in _GPU_KEYS
+                )
             for w in s.exec(select(WorkerRow)):
+                # What the database holds is what this store "last wrote": the first bind
+                # after a load (a failover) is then compare-and-set too. The row part is
+                # left empty, so the worker row is simply written again.
+                self._workers_written[w.id] = _WorkerWritten((), gpu_rows.get(w.id, {}))
                 state = WorkerState(w.state)
                 core.workers[w.id] = Worker(
                     w.id,
@@ -647,6 +670,31 @@ def _worker_values(w: Worker) -> dict[str, Any]:
     }
 
 
+def _bind_if_unchanged(s: Session, values: dict[str, Any], was: tuple[object, ...]) -> None:
+    """Change a GPU's holder only if the row still holds what this store last wrote.
+
+    Compare-and-set on the row: with broker replicas, a second writer that believed
+    it led (for a moment, during a failover) finds the row changed and gets
+    StaleWriter, its transaction rolls back, and a GPU is never bound twice.
+    """
+    stmt = (
+        update(GpuRow)
+        .where(
+            col(GpuRow.worker_id) == values["worker_id"],
+            col(GpuRow.index) == values["index"],
+            col(GpuRow.holder_job_id).is_not_distinct_from(was[0]),
+            col(GpuRow.holder_attempt).is_not_distinct_from(was[1]),
+        )
+        .values(**values)
+    )
+    if s.execute(stmt).rowcount != 1:  # type: ignore[attr-defined]
+        raise StaleWriter(
+            f"GPU {values['index']} of workers/{values['worker_id']} was changed by another "
+            "broker; this one stops writing",
+            metadata={"worker": str(values["worker_id"]), "gpu_index": str(values["index"])},
+        )
+
+
 def _gpu_values(worker_id: str, gpu: Gpu) -> dict[str, Any]:
     i = gpu.info
     return {
@@ -661,6 +709,11 @@ def _gpu_values(worker_id: str, gpu: Gpu) -> dict[str, Any]:
         "holder_job_id": gpu.holder[0] if gpu.holder else None,
         "holder_attempt": gpu.holder[1] if gpu.holder else None,
     }
+
+
+#: The columns of ``_gpu_values`` in order, and where holder_job_id and holder_attempt sit.
+_GPU_KEYS = tuple(_gpu_values("", Gpu(GpuInfo(0, "", "", 0), None)))
+_HOLDER_AT = _GPU_KEYS.index("holder_job_id")
 
 
 def _job_values(job: Job) -> dict[str, Any]:
