@@ -212,3 +212,209 @@ def gpus_command(simulate: str, as_json: bool) -> None:
                 )
     finally:
         backend.close()
+
+
+@agent_group.command("install")
+@click.option("--broker", "broker_address", required=True, metavar="HOST:PORT", help="Broker.")
+@click.option(
+    "--token",
+    required=True,
+    envvar="RIGSHIFT_ENROLLMENT_TOKEN",
+    help="Farm enrollment token (env RIGSHIFT_ENROLLMENT_TOKEN).",
+)
+@click.option("--simulate", default="", metavar="SPEC", help="Simulated GPUs (test rigs).")
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CA of the broker's certificate (refused while the agent has no TLS option).",
+)
+@click.option("--metrics-listen", default="", metavar="HOST:PORT", help="Serve /metrics here.")
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="/etc/rigshift",
+    show_default=True,
+    help="Where agent.toml goes.",
+)
+@click.option(
+    "--unit-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="/etc/systemd/system",
+    show_default=True,
+    help="Where rigshift-agent.service goes.",
+)
+@click.option("--user", default="rigshift", show_default=True, help="The service's User=.")
+@click.option("--dry-run", is_flag=True, help="Print both files (token masked); write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing config and unit.")
+@click.option(
+    "--start", is_flag=True, help="Then run systemctl daemon-reload and enable --now the unit."
+)
+def install_command(
+    broker_address: str,
+    token: str,
+    simulate: str,
+    tls_ca: Path | None,
+    metrics_listen: str,
+    config_dir: Path,
+    unit_dir: Path,
+    user: str,
+    dry_run: bool,
+    force: bool,
+    start: bool,
+) -> None:
+    """Write agent.toml (mode 0600) and the systemd unit that runs `rigshift agent run --config`.
+
+    Nothing runs systemctl unless --start is given; the next steps are printed.
+    """
+    import subprocess
+
+    from worker_agent.install import (
+        InstallError,
+        find_executable,
+        next_steps,
+        plan_install,
+        write_install,
+    )
+
+    if dry_run and start:
+        raise click.UsageError("--dry-run and --start exclude each other")
+    try:
+        plan = plan_install(
+            broker_address=broker_address,
+            token=token,
+            executable=find_executable(),
+            simulate=simulate,
+            tls_ca=tls_ca,
+            metrics_listen=metrics_listen,
+            config_dir=config_dir,
+            unit_dir=unit_dir,
+            user=user,
+        )
+        for warning in plan.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if dry_run:
+            click.echo(f"# {plan.config_path} (mode 0600; token masked here)")
+            click.echo(plan.masked_config_text)
+            click.echo(f"# {plan.unit_path} (mode 0644)")
+            click.echo(plan.unit_text, nl=False)
+            click.echo("# dry run: nothing written", err=True)
+            return
+        result = write_install(plan, force=force)
+    except InstallError as err:
+        raise click.ClickException(str(err)) from err
+    owner = f", owner {result.config_owner}" if result.config_owner else ""
+    click.echo(f"wrote {plan.config_path} (mode 0600{owner})")
+    click.echo(f"wrote {plan.unit_path}")
+    steps = next_steps(plan, result)
+    if start:
+        unit = plan.unit_path.name
+        for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", unit]):
+            click.echo("$ " + " ".join(argv))
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            except OSError as err:
+                raise click.ClickException(f"{argv[0]}: {err}") from err
+            if done.returncode != 0:
+                raise click.ClickException(
+                    f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}"
+                )
+        steps = [s for s in steps if not s.startswith("systemctl ")]
+    click.echo("next:")
+    for step in steps:
+        click.echo(f"  {step}")
+
+
+@agent_group.command("doctor")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The agent's TOML config [default: /etc/rigshift/agent.toml when it exists].",
+)
+@click.option("--broker", "broker_address", metavar="HOST:PORT", help="Broker address.")
+@click.option(
+    "--token",
+    envvar="RIGSHIFT_ENROLLMENT_TOKEN",
+    help="Enrollment token (checked for presence only: redeeming it would register a worker).",
+)
+@click.option("--simulate", metavar="SPEC", help="Simulated GPUs, as for `agent run`.")
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Verify the broker's TLS certificate with this CA.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The agent's state directory (disk check) [default: from the config].",
+)
+@click.option("--timeout-s", type=float, default=5.0, show_default=True, help="Per network check.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of {check,status,finding,fix}.")
+def doctor_command(
+    config_file: Path | None,
+    broker_address: str | None,
+    token: str | None,
+    simulate: str | None,
+    tls_ca: Path | None,
+    state_dir: Path | None,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Check this rig: GPU driver, power readings, broker, TLS, Ray, /dev/shm, clock, disk.
+
+    One line per check, PASS, WARN or FAIL, with the fix under each WARN and FAIL.
+    Exits 1 when any check FAILs.
+    """
+    from worker_agent.config import AgentConfig, ConfigError, load_config_file
+    from worker_agent.doctor import (
+        DoctorInput,
+        Finding,
+        findings_json,
+        format_finding,
+        run_checks,
+    )
+    from worker_agent.install import DEFAULT_CONFIG_DIR
+
+    default_config = DEFAULT_CONFIG_DIR / "agent.toml"
+    if config_file is None and broker_address is None and default_config.exists():
+        config_file = default_config
+    values: dict[str, Any] = {}
+    config_error = ""
+    if config_file is not None:
+        try:
+            values = load_config_file(config_file)
+            AgentConfig(**values)
+        except (ConfigError, ValueError, TypeError) as err:
+            config_error = str(err)
+    inp = DoctorInput(
+        broker_address=broker_address or str(values.get("broker_address", "")),
+        simulate=simulate if simulate is not None else str(values.get("simulate", "")),
+        tls_ca=tls_ca,
+        state_dir=state_dir or Path(str(values.get("state_dir", ".rigshift/agent"))),
+        ray_address=str(values.get("ray_address", "")),
+        config_path=config_file,
+        config_error=config_error,
+        timeout_s=timeout_s,
+    )
+    extra: list[Finding] = []
+    if config_file is None and not token:
+        extra.append(
+            Finding(
+                "token",
+                "WARN",
+                "no enrollment token given (--token, $RIGSHIFT_ENROLLMENT_TOKEN or --config)",
+                "`rigshift farm create` prints the farm's token; `agent run` needs it",
+            )
+        )
+
+    def show(f: Finding) -> None:
+        if not as_json:
+            click.echo(format_finding(f))
+
+    for f in extra:
+        show(f)
+    findings = extra + run_checks(inp, on_finding=show)
+    if as_json:
+        click.echo(findings_json(findings))
+    if any(f.status == "FAIL" for f in findings):
+        raise SystemExit(1)

@@ -1,0 +1,222 @@
+"""``rigshift agent install``: the files it prints and writes, their modes, the unit's source.
+
+Everything is written under tmp_path (``--config-dir``/``--unit-dir``); ``systemctl``
+is a fake script on PATH that records its arguments, so the tests see whether
+install called it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from worker_agent.cli import agent_group
+from worker_agent.config import AgentConfig, load_config_file
+from worker_agent.install import (
+    DEFAULT_EXECUTABLE,
+    InstallError,
+    agent_tls_field,
+    mask_token,
+    plan_install,
+    render_unit,
+    unit_template,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY_UNIT = REPO / "deploy" / "systemd" / "rigshift-agent.service"
+TOKEN = "rsft_Secret-Token_0123456789abcdef"
+EXE = str(Path(sys.executable).parent / "rigshift")
+
+
+@pytest.fixture
+def systemctl_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake ``systemctl`` first on PATH; each call appends its arguments to the log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "systemctl.log"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def install(tmp_path: Path, *args: str, token: str = TOKEN) -> Result:
+    return CliRunner().invoke(
+        agent_group,
+        [
+            "install",
+            "--broker",
+            "broker.example:50051",
+            "--token",
+            token,
+            "--config-dir",
+            str(tmp_path / "etc"),
+            "--unit-dir",
+            str(tmp_path / "units"),
+            *args,
+        ],
+    )
+
+
+def test_dry_run_prints_both_files_with_the_token_masked_and_writes_nothing(
+    tmp_path: Path, systemctl_log: Path
+) -> None:
+    result = install(tmp_path, "--simulate", "RTX3090x4", "--dry-run")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert TOKEN not in result.output
+    assert 'enrollment_token = "rsft_********"' in out
+    assert 'broker_address = "broker.example:50051"' in out
+    assert 'simulate = "RTX3090x4"' in out
+    assert f"# {tmp_path / 'etc' / 'agent.toml'} (mode 0600" in out
+    assert f"ExecStart={EXE} agent run --config {tmp_path / 'etc' / 'agent.toml'}" in out
+    assert "NoNewPrivileges=yes" in out and "[Install]" in out
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "units").exists()
+    assert not systemctl_log.exists()
+
+
+def test_writes_the_config_0600_and_the_unit_0644_and_does_not_call_systemctl(
+    tmp_path: Path, systemctl_log: Path
+) -> None:
+    result = install(tmp_path, "--simulate", "RTX3090x4", "--metrics-listen", "127.0.0.1:9465")
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "etc" / "agent.toml"
+    unit = tmp_path / "units" / "rigshift-agent.service"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+    assert not systemctl_log.exists(), "install must not run systemctl without --start"
+    assert "systemctl daemon-reload && systemctl enable --now rigshift-agent" in result.stdout
+    assert f"agent doctor --config {config}" in result.stdout
+    assert TOKEN not in result.output
+    # The written config is what `rigshift agent run --config` reads.
+    values = load_config_file(config)
+    assert values == {
+        "broker_address": "broker.example:50051",
+        "enrollment_token": TOKEN,
+        "state_dir": Path("/var/lib/rigshift/agent"),
+        "simulate": "RTX3090x4",
+        "metrics_listen": "127.0.0.1:9465",
+    }
+    cfg = AgentConfig(**values)  # type: ignore[arg-type]
+    assert cfg.state_dir == Path("/var/lib/rigshift/agent") and cfg.simulate == "RTX3090x4"
+    run = agent_group.commands["run"].make_context("run", ["--config", str(config)])
+    assert run.params["config_file"] == config
+    assert f"ExecStart={EXE} agent run --config {config}\n" in unit.read_text()
+
+
+def test_start_runs_daemon_reload_then_enable_now(tmp_path: Path, systemctl_log: Path) -> None:
+    result = install(tmp_path, "--start")
+    assert result.exit_code == 0, result.output
+    assert systemctl_log.read_text().splitlines() == [
+        "daemon-reload",
+        "enable --now rigshift-agent.service",
+    ]
+    assert "systemctl daemon-reload &&" not in result.stdout  # done, so not a next step
+
+
+def test_refuses_to_overwrite_an_existing_config_unless_forced(tmp_path: Path) -> None:
+    assert install(tmp_path).exit_code == 0
+    config = tmp_path / "etc" / "agent.toml"
+    before = config.read_text()
+    again = install(tmp_path, token="rsft_other")
+    assert again.exit_code == 1
+    assert "already exist" in again.output and "--force" in again.output
+    assert config.read_text() == before
+    forced = install(tmp_path, "--force", token="rsft_other")
+    assert forced.exit_code == 0, forced.output
+    assert load_config_file(config)["enrollment_token"] == "rsft_other"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+
+
+def test_an_invalid_setting_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        agent_group,
+        ["install", "--broker", "no-port", "--token", TOKEN, "--config-dir", str(tmp_path)],
+    )
+    assert result.exit_code == 1 and "broker_address must be host:port" in result.output
+    result = install(tmp_path, "--simulate", "GTX1080x2")
+    assert result.exit_code == 1 and "unknown GPU model 'GTX1080'" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tls_ca_only_where_the_agent_can_use_it(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    result = install(tmp_path, "--tls-ca", str(ca), "--dry-run")
+    field = agent_tls_field()
+    if field is None:
+        assert result.exit_code == 1
+        assert "the agent has no TLS option yet" in result.output
+    else:
+        assert result.exit_code == 0, result.output
+        assert f'{field} = "{ca}"' in result.stdout
+
+
+def test_the_unit_is_the_deploy_file_with_three_lines_filled_in() -> None:
+    """One unit text: the package resource is the deploy file, and install changes 3 lines."""
+    deploy = DEPLOY_UNIT.read_text()
+    assert unit_template() == deploy
+    defaults = render_unit(
+        deploy,
+        executable=DEFAULT_EXECUTABLE,
+        config_path=Path("/etc/rigshift/agent.toml"),
+        user="rigshift",
+    )
+    assert defaults == deploy, "with the defaults install writes the deploy file unchanged"
+    other = render_unit(
+        deploy, executable="/usr/local/bin/rigshift", config_path=Path("/srv/a.toml"), user="gpu"
+    )
+    changed = [
+        (a, b) for a, b in zip(deploy.splitlines(), other.splitlines(), strict=True) if a != b
+    ]
+    assert changed == [
+        ("User=rigshift", "User=gpu"),
+        ("Group=rigshift", "Group=gpu"),
+        (
+            "ExecStart=/opt/rigshift/bin/rigshift agent run --config /etc/rigshift/agent.toml",
+            "ExecStart=/usr/local/bin/rigshift agent run --config /srv/a.toml",
+        ),
+    ]
+
+
+def test_written_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    assert install(tmp_path, "--user", "root").exit_code == 0
+    unit = tmp_path / "units" / "rigshift-agent.service"
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), (
+        done.stdout + done.stderr
+    )
+
+
+def test_an_executable_the_service_cannot_see_is_warned_about() -> None:
+    plan = plan_install(broker_address="b:1", token=TOKEN, executable="/home/op/.venv/bin/rigshift")
+    assert len(plan.warnings) == 1 and "ProtectHome" in plan.warnings[0]
+    assert "/home" in plan.warnings[0]
+    assert (
+        plan_install(broker_address="b:1", token=TOKEN, executable=DEFAULT_EXECUTABLE).warnings
+        == ()
+    )
+    with pytest.raises(InstallError, match="absolute path"):
+        plan_install(broker_address="b:1", token=TOKEN, executable="rigshift")
+    with pytest.raises(InstallError, match="systemd would rewrite"):
+        plan_install(broker_address="b:1", token=TOKEN, executable="/opt/my rig/rigshift")
+
+
+def test_mask_token_keeps_only_the_prefix() -> None:
+    assert mask_token("rsft_abcdef") == "rsft_********"
+    assert mask_token("plainsecret") == "********"
+    plan = plan_install(broker_address="b:1", token=TOKEN, executable=DEFAULT_EXECUTABLE)
+    assert TOKEN in plan.config_text and TOKEN not in plan.masked_config_text
