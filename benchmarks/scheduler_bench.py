@@ -2,12 +2,19 @@
 
     .venv/bin/python benchmarks/scheduler_bench.py --workers 10000 --jobs 100000
     .venv/bin/python benchmarks/scheduler_bench.py --table
+    .venv/bin/python benchmarks/scheduler_bench.py --core --workers 1000 --jobs 10000
 
 Every worker has 8 GPUs. Most rigs are one model; 10% mix two models 4 + 4.
 Each model is offered at three price levels, and about a sixth of the GPUs are
 already busy. Jobs ask for 1, 2, 4 or 8 GPUs (40/30/20/10%); 30% name a model,
 20% a minimum VRAM, 20% a price cap. Building the snapshot is timed apart from
 place() (best of ``--repeat``); with ``--json`` the last line printed is one JSON object.
+
+``--core`` times the whole scheduling pass of ``broker.core.BrokerCore`` instead (snapshot,
+place, bind, preemption checks) on the same fleet (every GPU free at the start) and jobs, all
+GUARANTEED: one first pass
+that fills the fleet, then ``--passes`` steady passes, each after one attempt finished and
+one job arrived (what a live broker does all day); it reports the median steady pass.
 """
 
 from __future__ import annotations
@@ -20,10 +27,15 @@ import platform
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from broker.core import BrokerCore
+from broker.events import Assign, AttemptFinished, AttemptStarted, JobSubmitted, SchedulePass
+from broker.events import WorkerRegistered as Registered
+from broker.model import GpuInfo, JobSpec
 from broker.scheduler import (
     GpuSlot,
     JobRequest,
@@ -127,6 +139,73 @@ def run(workers: int, jobs: int, seed: int, repeat: int = 3) -> dict[str, object
     }
 
 
+def _spec(job: JobRequest) -> JobSpec:
+    return JobSpec(
+        command=("train",),
+        gpu_count=job.gpu_count,
+        gpu_model=job.gpu_model,
+        min_vram_mb=job.min_vram_mb,
+        max_price_micros_per_gpu_hour=job.max_price_micros_per_gpu_hour,
+    )
+
+
+def core_run(workers: int, jobs: int, seed: int, passes: int = 20) -> dict[str, object]:
+    """Time ``BrokerCore`` scheduling passes (see the module docstring)."""
+    rnd = random.Random(seed)
+    queue = build_jobs(jobs + passes, rnd)
+    fleet = build_workers(workers, rnd)
+    core = BrokerCore(lease_ttl_s=1e12)
+    t0 = time.perf_counter()
+    for w in fleet:
+        gpus = tuple(
+            GpuInfo(g.index, f"{w.worker_id}-{g.index}", g.model, g.vram_mb) for g in w.gpus
+        )
+        gpus = tuple(
+            replace(info, price_micros_per_gpu_hour=g.price_micros_per_gpu_hour)
+            for info, g in zip(gpus, w.gpus, strict=True)
+        )
+        core.handle(Registered(0.0, w.worker_id, "farm", w.worker_id, "bench", gpus))
+    for j in queue[:jobs]:
+        core.handle(JobSubmitted(0.0, j.job_id, "bench", _spec(j)))
+    build_s = time.perf_counter() - t0
+    running: list[tuple[str, str]] = []
+
+    def timed_pass(now: float) -> float:
+        gc.collect()
+        start = time.perf_counter()
+        cmds = core.handle(SchedulePass(now))
+        elapsed = time.perf_counter() - start
+        for cmd in cmds:
+            if isinstance(cmd, Assign):
+                core.handle(AttemptStarted(now, cmd.worker_id, cmd.job_id, 1, 1))
+                running.append((cmd.worker_id, cmd.job_id))
+        return elapsed
+
+    first_s = timed_pass(1.0)
+    placed = len(running)
+    steady = []
+    for k in range(passes):
+        now = 2.0 + k
+        worker_id, job_id = running.pop(rnd.randrange(len(running)))
+        core.handle(AttemptFinished(now, worker_id, job_id, 1, 2, 0))
+        j = queue[jobs + k]
+        core.handle(JobSubmitted(now, j.job_id, "bench", _spec(j)))
+        steady.append(timed_pass(now))
+    steady.sort()
+    return {
+        "mode": "core",
+        "workers": workers,
+        "jobs": jobs,
+        "seed": seed,
+        "placements_first_pass": placed,
+        "pending_after": len(core.pending),
+        "first_pass_s": round(first_s, 4),
+        "steady_pass_ms": round(steady[len(steady) // 2] * 1000, 2),
+        "steady_pass_max_ms": round(steady[-1] * 1000, 2),
+        "setup_s": round(build_s, 2),
+    }
+
+
 def summary(r: dict[str, object]) -> str:
     """The figures of one run as a few readable lines."""
     return (
@@ -171,8 +250,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="time the best of this many")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--table", action="store_true", help="run the grid, print markdown")
+    parser.add_argument("--core", action="store_true", help="time BrokerCore passes instead")
+    parser.add_argument("--passes", type=int, default=20, help="--core: steady passes to time")
     args = parser.parse_args()
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs")
+    if args.core:
+        c = core_run(args.workers, args.jobs, args.seed, args.passes)
+        print(
+            f"BrokerCore, {c['workers']:,} workers x {GPUS_PER_WORKER} GPUs, {c['jobs']:,} "
+            f"pending: first pass {c['first_pass_s']} s ({c['placements_first_pass']:,} placed), "
+            f"steady pass median {c['steady_pass_ms']} ms (max {c['steady_pass_max_ms']} ms) "
+            f"with {c['pending_after']:,} pending"
+        )
+        if args.json:
+            print(json.dumps(c))
+        return
     if args.table:
         print(table(args.seed, args.repeat))
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import sys
 from datetime import UTC, datetime
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from broker.core import BrokerCore
 from broker.invariants import ledger_problems, validate_state
 from broker.policy import FIFO, SHORT_FIRST, DurationEstimator, QueuedJob, ShortFirst, order
 
@@ -108,15 +108,19 @@ def test_lean_view_places_exactly_like_the_full_snapshot(
     assert runs[0].ledger == runs[1].ledger
 
 
-def test_capacity_shortcut_matches_the_core(setup: tuple[tr.Trace, tr.Fleet]) -> None:
+def test_short_first_is_the_cores_own_order(setup: tuple[tr.Trace, tr.Fleet]) -> None:
+    """The replay does not reorder: short-first is ``BrokerCore(queue_policy=SHORT_FIRST)``
+    with each job's predicted run time declared as its ``max_duration_seconds``."""
     trace, fleet = setup
-    _, core = tr.replay(trace, fleet, "default", lean=True)
-    now = max(j.update_time for j in core.jobs.values())
-    for worker in core.workers.values():
-        core._capacity.pop(worker.worker_id, None)
-        ours = core._capacity_of(worker, now)
-        core._capacity.pop(worker.worker_id, None)
-        assert ours == BrokerCore._capacity_of(core, worker, now)
+    _, core = tr.replay(trace, fleet, "short-first")
+    assert core.queue_policy is SHORT_FIRST
+    declared = [core.jobs[tj.job_id].spec.max_duration_seconds for tj in trace.jobs]
+    assert declared[0] == 0 and max(declared) > 0  # nothing finished yet: unknown
+    _, oracle = tr.replay(trace, fleet, "short-first-oracle")
+    for tj in trace.jobs:
+        assert oracle.jobs[tj.job_id].spec.max_duration_seconds == math.ceil(tj.duration_s)
+    _, default = tr.replay(trace, fleet, "default")
+    assert default.queue_policy is FIFO
 
 
 def test_fifo_never_backfills(setup: tuple[tr.Trace, tr.Fleet]) -> None:

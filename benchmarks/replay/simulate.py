@@ -1,0 +1,200 @@
+"""The replay loop: one policy over a whole trace in virtual time, and its figures.
+
+:func:`replay` feeds ``ReplayCore`` (``replay.view``) the events a live broker would get
+(farms and rigs at the start, each job at its submit time, one ``SchedulePass`` per virtual
+second with events, ``AttemptStarted`` on each ``Assign`` and ``AttemptFinished`` a run
+time later with the energy of a board-watts power model) and measures the result
+(:class:`Outcome`). ``benchmarks/trace_replay.py`` is the command line around it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from heapq import heappop, heappush
+from typing import Any
+
+from broker.earnings import earnings
+from broker.events import (
+    Assign,
+    AttemptFinished,
+    AttemptStarted,
+    FarmConfigured,
+    JobSubmitted,
+    SchedulePass,
+    WorkerRegistered,
+)
+from broker.invariants import ledger_problems
+from broker.model import GpuInfo, JobSpec, SlaKind
+from broker.policy import FIFO, SHORT_FIRST, DurationEstimator
+
+from .view import ReplayCore
+from .workload import Fleet, Trace, TraceJob
+
+__all__ = ["DEFAULT_POLICIES", "POLICIES", "Outcome", "declared_limit", "replay"]
+
+POLICIES = ("fifo", "default", "short-first", "short-first-oracle")
+DEFAULT_POLICIES = POLICIES[:3]  # the oracle only when asked for
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Figures of one policy's replay."""
+
+    policy: str
+    rows: int = 0
+    finished: int = 0
+    skipped: int = 0
+    invalid: int = 0
+    utilisation: float = 0.0
+    mean_jct_s: float = 0.0
+    p50_jct_s: float = 0.0
+    p99_jct_s: float = 0.0
+    max_jct_s: float = 0.0
+    mean_queue_s: float = 0.0
+    p99_queue_s: float = 0.0
+    max_queue_s: float = 0.0
+    sla_breaches: int = 0
+    sla_credits_usd: float = 0.0
+    revenue_usd_per_kwh: float = 0.0
+    mining_usd_per_kwh: float = 0.0
+    revenue_usd: float = 0.0
+    kwh: float = 0.0
+    schedule_passes: int = 0
+    replay_s: float = 0.0
+    replay_cpu_s: float = 0.0
+    ledger_problems: list[str] = field(default_factory=list)
+    jct_s: list[float] = field(default_factory=list, repr=False)
+    duration_s: list[float] = field(default_factory=list, repr=False)
+
+    def figures(self) -> dict[str, Any]:
+        """The JSON view (no per-job lists)."""
+        out = {k: getattr(self, k) for k in self.__slots__ if k not in ("jct_s", "duration_s")}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]
+
+
+def declared_limit(policy: str, estimator: DurationEstimator, job: TraceJob) -> int:
+    """The ``max_duration_seconds`` a job of the trace is submitted with under a policy.
+
+    The core's short-first order reads a job's declared limit; Philly declares none, so
+    ``short-first`` declares what the owner's finished jobs predict (0 while nothing has
+    finished: unknown) and ``short-first-oracle`` the true run time. ``fifo`` and
+    ``default`` declare nothing (their order does not read it).
+    """
+    if policy == "short-first":
+        return math.ceil(estimator.estimate(job.owner, job.gpus))
+    if policy == "short-first-oracle":
+        return math.ceil(job.duration_s)
+    return 0
+
+
+def replay(
+    trace: Trace, fleet: Fleet, policy: str, *, lean: bool = True
+) -> tuple[Outcome, ReplayCore]:
+    """Run the whole trace under one policy; returns the figures and the final core."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+    started, cpu = time.perf_counter(), time.process_time()
+    estimator = DurationEstimator()
+    order = SHORT_FIRST if policy.startswith("short-first") else FIFO
+    core = ReplayCore(order, head_of_line=policy == "fifo", lean=lean)
+    jobs = trace.jobs
+    t0 = jobs[0].submit_s if jobs else 0.0
+    for terms in fleet.farms:
+        core.handle(FarmConfigured(t0, terms))
+    rigs = {r.worker_id: r for r in fleet.rigs}
+    for r in fleet.rigs:
+        gpus = tuple(
+            GpuInfo(i, f"{r.worker_id}-gpu{i}", r.model, r.vram_mb, r.watts) for i in range(r.gpus)
+        )
+        core.handle(WorkerRegistered(t0, r.worker_id, r.farm_id, r.worker_id, "replay", gpus))
+    by_id = {j.job_id: j for j in jobs}
+    specs: dict[tuple[int, int], JobSpec] = {}  # (GPUs, declared limit) -> spec
+    finishes: list[tuple[float, str, str, int]] = []  # (end, job_id, worker_id, attempt)
+    out = Outcome(policy, rows=trace.rows, skipped=trace.too_wide, invalid=trace.invalid)
+    i, n = 0, len(jobs)
+    handle = core.handle
+    while i < n or finishes:
+        now = min(jobs[i].submit_s if i < n else math.inf, finishes[0][0] if finishes else math.inf)
+        second = math.floor(now) + 1  # everything in this virtual second is one batch
+        while finishes and finishes[0][0] < second:
+            end, job_id, worker_id, attempt = heappop(finishes)
+            tj = by_id[job_id]
+            rig = rigs[worker_id]
+            joules = round(rig.watts * tj.duration_s * tj.gpus)
+            handle(AttemptFinished(end, worker_id, job_id, attempt, 2, 0, joules))
+            estimator.observe(tj.owner, tj.gpus, tj.duration_s)
+            now = end
+        while i < n and jobs[i].submit_s < second:
+            tj = jobs[i]
+            shape = (tj.gpus, declared_limit(policy, estimator, tj))
+            spec = specs.get(shape)
+            if spec is None:
+                spec = specs[shape] = JobSpec(
+                    ("trace",), gpu_count=shape[0], max_duration_seconds=shape[1]
+                )
+            handle(JobSubmitted(tj.submit_s, tj.job_id, tj.owner, spec))
+            now = max(now, tj.submit_s)
+            i += 1
+        if not core.worth_a_pass(now):
+            continue
+        out.schedule_passes += 1
+        for cmd in handle(SchedulePass(now)):
+            if type(cmd) is Assign:
+                tj = by_id[cmd.job_id]
+                handle(AttemptStarted(now, cmd.worker_id, cmd.job_id, cmd.attempt, 1))
+                end = now + tj.duration_s
+                heappush(finishes, (end, cmd.job_id, cmd.worker_id, cmd.attempt))
+    _measure(out, core, trace, fleet)
+    out.replay_s = time.perf_counter() - started
+    out.replay_cpu_s = time.process_time() - cpu
+    return out, core
+
+
+def _measure(out: Outcome, core: ReplayCore, trace: Trace, fleet: Fleet) -> None:
+    busy = 0.0
+    last = trace.jobs[0].submit_s if trace.jobs else 0.0
+    queue: list[float] = []
+    for tj in trace.jobs:
+        job = core.jobs[tj.job_id]
+        attempt = job.current
+        if attempt is None or attempt.end_time is None or job.state != "SUCCEEDED":
+            continue
+        out.finished += 1
+        out.jct_s.append(attempt.end_time - tj.submit_s)
+        out.duration_s.append(tj.duration_s)
+        queue.append((job.attempts[0].start_time or 0.0) - tj.submit_s)
+        busy += tj.duration_s * tj.gpus
+        last = max(last, attempt.end_time)
+        for ev in job.sla_events:
+            if ev.kind == SlaKind.START_DEADLINE_MISSED:
+                out.sla_breaches += 1
+                out.sla_credits_usd += ev.credit_micros / 1e6
+    span = last - trace.jobs[0].submit_s if trace.jobs else 0.0
+    out.utilisation = busy / (fleet.gpus * span) if span > 0 else 0.0
+    if out.jct_s:
+        out.mean_jct_s = sum(out.jct_s) / len(out.jct_s)
+        out.p50_jct_s = _pct(out.jct_s, 0.50)
+        out.p99_jct_s = _pct(out.jct_s, 0.99)
+        out.max_jct_s = max(out.jct_s)
+        out.mean_queue_s = sum(queue) / len(queue)
+        out.p99_queue_s = _pct(queue, 0.99)
+        out.max_queue_s = max(queue)
+    rows = earnings(core, group_by="farm")
+    revenue = sum(r.revenue_micros for r in rows)
+    joules = sum(r.energy_joules for r in rows)
+    mining = sum(r.mining_micro_joules for r in rows)
+    out.revenue_usd = revenue / 1e6
+    out.kwh = joules / 3_600_000
+    out.revenue_usd_per_kwh = revenue / 1e6 / out.kwh if joules else 0.0
+    out.mining_usd_per_kwh = mining / joules / 1e6 if joules else 0.0
+    out.ledger_problems = ledger_problems(core)
