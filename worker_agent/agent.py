@@ -19,6 +19,9 @@ Tasks while online::
     reporter    ReportJobEvents from the Outbox: starts and finishes at once, output batched;
                 a failed batch is retried unchanged; ``stale`` attempts are stopped
     meter       samples power for GPUs without an energy counter; cumulative energy progress
+    mining      every ``mining.check_interval_s``: the mining policy for GPUs without an
+                attempt (``mining.py``); an assignment on a mining GPU waits until the
+                miner's process tree is gone before the attempt starts
 
 Drain (SIGTERM, :meth:`request_shutdown`): accept nothing new and ask the broker
 to drain the worker, let running attempts finish for ``drain_grace_s``, then hand
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections import OrderedDict
 from typing import Any
@@ -48,6 +52,7 @@ from worker_agent.energy import EnergyMeter
 from worker_agent.executor import Executor, RayExecutor
 from worker_agent.gpu import GpuBackend, open_backend
 from worker_agent.metrics import AgentMetrics, serve_metrics
+from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.state import Identity, load_identity, save_identity
 from worker_agent.workdir import Workspace
@@ -122,6 +127,11 @@ class Agent:
         self.metrics: AgentMetrics | None = None
         self.metrics_address = ""
         self._metrics_server: Any = None
+        self.mining: MiningSupervisor | None = None
+        # Assignments waiting for miners to stop on their GPUs, and why to drop one instead.
+        self._pending: dict[AttemptKey, ws.Assignment] = {}
+        self._pending_stops: dict[AttemptKey, str] = {}
+        self._pending_tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -176,6 +186,7 @@ class Agent:
                     asyncio.create_task(self._stream_loop(), name="stream"),
                     asyncio.create_task(self._reporter_loop(), name="reporter"),
                     asyncio.create_task(self._meter_loop(), name="meter"),
+                    asyncio.create_task(self._mining_loop(), name="mining"),
                 ]
                 stop = asyncio.create_task(self._stopping.wait())
                 await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -227,6 +238,15 @@ class Agent:
                 max_bytes=cfg.max_checkpoint_bytes,
             ),
         )
+        self.mining = MiningSupervisor(
+            cfg.mining,
+            self.backend,
+            self.meter,
+            asks_micros_per_gpu_hour={
+                g.index: g.price_micros_per_gpu_hour for g in self._gpu_infos()
+            },
+            state_dir=cfg.state_dir,
+        )
         if cfg.metrics_listen:
             self.metrics = AgentMetrics(self)
             self._metrics_server = serve_metrics(self.metrics, cfg.metrics_listen)
@@ -243,6 +263,13 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for task in list(self._pending_tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.mining is not None:
+            with contextlib.suppress(Exception):
+                await self.mining.close()
         if self.runner is not None:
             await self.runner.stop_all("agent stopped", report=False, wait=True)
         if self.executor is not None:
@@ -451,17 +478,68 @@ class Agent:
             for key in list(runner.runs):
                 if key not in wanted:
                     runner.stop(key, "not in the broker's reconcile", report=True)
+            for key in list(self._pending):
+                if key not in wanted:
+                    self._pending_stops[key] = "not in the broker's reconcile"
             for key, assignment in wanted.items():
                 if key not in runner.runs and key not in self._reported_finished:
-                    runner.start(assignment)
+                    self._start_attempt(assignment)
             log.info("reconciled: %d attempt(s) to run", len(wanted))
         elif kind == "assignment":
             a = instruction.assignment
             if (a.job, a.attempt) not in self._reported_finished:
-                runner.start(a)
+                self._start_attempt(a)
         elif kind == "cancellation":
             c = instruction.cancellation
-            runner.stop((c.job, c.attempt), f"cancelled: {c.reason}", report=True)
+            key = (c.job, c.attempt)
+            if key in self._pending:
+                self._pending_stops[key] = f"cancelled: {c.reason}"
+            else:
+                runner.stop(key, f"cancelled: {c.reason}", report=True)
+
+    def _start_attempt(self, assignment: ws.Assignment) -> None:
+        """Start an attempt, after stopping the miners on its GPUs when any run there."""
+        runner, mining = self.runner, self.mining
+        assert runner is not None
+        key = (assignment.job, assignment.attempt)
+        if key in runner.runs or key in self._pending:
+            return
+        indices = list(assignment.gpu_indices)
+        if mining is None or not mining.mining_on(indices) or not runner.accepting:
+            runner.start(assignment)
+            return
+        self._pending[key] = assignment  # its GPUs count as busy: no miner starts there again
+        self._pending_stops.pop(key, None)
+        task = asyncio.create_task(self._start_after_miners(assignment), name=f"{key[0]}#{key[1]}")
+        self._pending_tasks.add(task)
+        task.add_done_callback(self._pending_tasks.discard)
+
+    async def _start_after_miners(self, assignment: ws.Assignment) -> None:
+        assert self.mining is not None and self.runner is not None
+        key = (assignment.job, assignment.attempt)
+        try:
+            await self.mining.release(list(assignment.gpu_indices))
+        finally:
+            self._pending.pop(key, None)
+        reason = self._pending_stops.pop(key, None)
+        if reason is None:
+            self.runner.start(assignment)
+            return
+        # Stopped before it started: say so like a cancelled attempt (no energy: it held
+        # the GPUs only while the miners stopped, and that was mining).
+        log.info("%s attempt %d dropped before it started: %s", key[0], key[1], reason)
+        self.outbox.finished(key, -signal.SIGTERM, 0, reason, time.time())
+        self._wake.set()
+
+    def _busy_gpus(self) -> set[int]:
+        """GPUs held by an attempt, or by an assignment waiting for a miner to stop."""
+        busy: set[int] = set()
+        if self.runner is not None:
+            for run in list(self.runner.runs.values()):
+                busy.update(run.assignment.gpu_indices)
+        for assignment in self._pending.values():
+            busy.update(assignment.gpu_indices)
+        return busy
 
     async def _reporter_loop(self) -> None:
         assert self._stub is not None and self.runner is not None
@@ -512,6 +590,14 @@ class Agent:
             if time.monotonic() >= next_progress:
                 next_progress += cfg.progress_interval_s
                 self.runner.report_progress()
+
+    async def _mining_loop(self) -> None:
+        assert self.mining is not None
+        interval = self.mining.config.check_interval_s
+        while True:
+            if self.state != "draining":  # a rig going down starts no new miners
+                self.mining.tick(self._busy_gpus())
+            await asyncio.sleep(interval)
 
     # --- helpers ------------------------------------------------------------------------
 

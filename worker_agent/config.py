@@ -10,15 +10,20 @@ or one slow broker tick expires the lease and requeues every job on the rig.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DEFAULT_SIMULATE_SPEC",
     "AgentConfig",
     "ConfigError",
+    "MiningConfig",
+    "MiningModel",
     "effective_heartbeat_s",
     "load_config_file",
+    "model_key",
 ]
 
 #: What the agent simulates when no NVIDIA driver is present and no SPEC was given.
@@ -30,6 +35,100 @@ HEARTBEATS_PER_TTL = 3
 
 class ConfigError(ValueError):
     """A configuration value is invalid or inconsistent with another; the message says how."""
+
+
+def model_key(model: str) -> str:
+    """A GPU model name compared without spaces and case: ``RTX 3090`` == ``rtx3090``."""
+    return model.replace(" ", "").upper()
+
+
+@dataclass(frozen=True, slots=True)
+class MiningModel:
+    """The mining fallback of one GPU model (a ``[mining.models."RTX 3090"]`` table)."""
+
+    command: tuple[str, ...] = ()
+    """The miner's argv for GPUs of this model; empty uses ``MiningConfig.command``."""
+
+    revenue_micros_per_kwh: int | None = None
+    """Mining revenue per kWh of this model; None uses ``MiningConfig.revenue_micros_per_kwh``."""
+
+
+@dataclass(frozen=True, slots=True)
+class MiningConfig:
+    """What an idle GPU does: run the operator's miner, and when it is worth it.
+
+    The miner runs bound to one GPU (``CUDA_VISIBLE_DEVICES``); ``{gpu}`` in its
+    argv becomes the GPU index (e.g. a worker name ``rig1-{gpu}`` for the pool).
+    The policy (``worker_agent/mining.py``) compares the GPU's AI revenue per kWh
+    (its ask per GPU-hour over its power limit) with ``revenue_micros_per_kwh``.
+    """
+
+    command: tuple[str, ...] = ()
+    """The miner's argv for every GPU without a per-model command; empty: no mining."""
+
+    revenue_micros_per_kwh: int = 0
+    """What mining earns per kWh the GPU draws, micro-dollars (0: unknown, mine only as filler)."""
+
+    models: Mapping[str, MiningModel] = field(default_factory=dict)
+    """Per-GPU-model overrides, keyed by model name (matched without spaces and case)."""
+
+    min_dwell_s: float = 60.0
+    """A GPU stays at least this long in a state before the policy moves it.
+
+    The revenue preference (AI or mining) changes at most once per dwell, and an
+    idle GPU waits this long for AI work before its miner starts (unless mining
+    is preferred). An assignment always takes the GPU at once.
+    """
+
+    hysteresis_percent: int = 10
+    """The other side must pay this many percent more per kWh before the preference flips."""
+
+    stop_grace_s: float = 2.0
+    """The stopped miner's process tree gets SIGTERM, then SIGKILL after this long."""
+
+    check_interval_s: float = 1.0
+    """How often the agent re-evaluates the policy for every GPU."""
+
+    restart_delay_s: float = 10.0
+    """A miner that exited on its own is started again no sooner than this."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for name in ("min_dwell_s", "stop_grace_s", "check_interval_s", "restart_delay_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+                problems.append(
+                    f"mining.{name} must be a positive number of seconds, got {value!r}"
+                )
+        if self.stop_grace_s > 4.0:
+            problems.append("mining.stop_grace_s must be at most 4 s: an AI job waits for it")
+        if not 0 <= self.hysteresis_percent <= 1000:
+            problems.append(
+                f"mining.hysteresis_percent must be 0-1000, got {self.hysteresis_percent!r}"
+            )
+        if self.revenue_micros_per_kwh < 0:
+            problems.append("mining.revenue_usd_per_kwh must not be negative")
+        for model, m in self.models.items():
+            if m.revenue_micros_per_kwh is not None and m.revenue_micros_per_kwh < 0:
+                problems.append(f"mining.models.{model!r}.revenue_usd_per_kwh must not be negative")
+        if problems:
+            raise ConfigError("invalid agent config: " + "; ".join(problems))
+
+    def _model(self, model: str) -> MiningModel | None:
+        key = model_key(model)
+        return next((m for name, m in self.models.items() if model_key(name) == key), None)
+
+    def command_for(self, model: str) -> tuple[str, ...]:
+        """The miner's argv for a GPU of ``model`` (empty: this GPU does not mine)."""
+        m = self._model(model)
+        return m.command if m is not None and m.command else self.command
+
+    def revenue_for(self, model: str) -> int:
+        """Mining revenue per kWh for ``model``, micro-dollars."""
+        m = self._model(model)
+        if m is not None and m.revenue_micros_per_kwh is not None:
+            return m.revenue_micros_per_kwh
+        return self.revenue_micros_per_kwh
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,15 +216,11 @@ class AgentConfig:
     max_checkpoint_bytes: int = 256 << 20
     """Largest checkpoint archive the agent uploads (it is packed in memory)."""
 
-    sandbox: str = "auto"
-    """Job isolation: ``bwrap`` (refuse to start without a working bubblewrap), ``auto`` (bwrap
-    when installed and working, else none with a warning) or ``none`` (see ``sandbox.py``)."""
-
-    job_user: str = ""
-    """User a root agent runs jobs as; empty: ``rigshift-job`` if it exists, else ``nobody``."""
-
     agent_version: str = "rigshift-agent/0.1.0"
     """Version string sent at registration."""
+
+    mining: MiningConfig | None = None
+    """The mining fallback for idle GPUs (the ``[mining]`` table of the config file); None: off."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -147,8 +242,6 @@ class AgentConfig:
             )
         if self.reconnect_min_s > self.reconnect_max_s:
             problems.append("reconnect_min_s must not exceed reconnect_max_s")
-        if self.sandbox not in ("auto", "bwrap", "none"):
-            problems.append(f"sandbox must be auto, bwrap or none, got {self.sandbox!r}")
         if not problems:
             try:
                 check_heartbeat(self.heartbeat_interval_s, self.lease_ttl_s)
@@ -206,7 +299,6 @@ def load_config_file(path: Path) -> dict[str, object]:
     with the list of known ones, so a typo never silently falls back to a default.
     """
     import tomllib
-    from decimal import Decimal, InvalidOperation
 
     try:
         data = tomllib.loads(path.read_text())
@@ -216,19 +308,93 @@ def load_config_file(path: Path) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in data.items():
         if key == "price_usd_per_gpu_hour":
-            if isinstance(value, float | bool):
-                raise ConfigError(
-                    f'{path}: write {key} as a string, e.g. "0.25" (money is no float)'
-                )
-            try:
-                micros = Decimal(str(value)) * 1_000_000
-            except InvalidOperation as err:
-                raise ConfigError(f"{path}: {key} is not a number: {value!r}") from err
-            if micros != micros.to_integral_value():
-                raise ConfigError(f"{path}: {key} must be a whole number of micro-dollars")
-            out["price_micros_per_gpu_hour"] = int(micros)
+            out["price_micros_per_gpu_hour"] = _usd_micros(path, key, value)
+        elif key == "mining":
+            out["mining"] = _mining_table(path, value)
         elif key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         else:
             out[key] = Path(value) if key in _PATH_FIELDS else value
     return out
+
+
+def _usd_micros(path: Path, key: str, value: object) -> int:
+    """A USD amount written as a string or integer (never a float) in integer micro-dollars."""
+    from decimal import Decimal, InvalidOperation
+
+    if isinstance(value, float | bool):
+        raise ConfigError(f'{path}: write {key} as a string, e.g. "0.25" (money is no float)')
+    try:
+        micros = Decimal(str(value)) * 1_000_000
+    except InvalidOperation as err:
+        raise ConfigError(f"{path}: {key} is not a number: {value!r}") from err
+    if not micros.is_finite() or micros != micros.to_integral_value():
+        raise ConfigError(f"{path}: {key} must be a whole number of micro-dollars")
+    return int(micros)
+
+
+def _argv(path: Path, key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ConfigError(
+            f'{path}: {key} must be a list of strings, e.g. ["t-rex", "-a", "ethash"]'
+        )
+    return tuple(value)
+
+
+_MINING_MODEL_KEYS = ("command", "revenue_usd_per_kwh")
+_MINING_KEYS = (
+    *_MINING_MODEL_KEYS,
+    "models",
+    "min_dwell_s",
+    "hysteresis_percent",
+    "stop_grace_s",
+    "check_interval_s",
+    "restart_delay_s",
+)
+
+
+def _mining_table(path: Path, table: object) -> MiningConfig:
+    """``[mining]`` (and ``[mining.models."MODEL"]``) as a :class:`MiningConfig`."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: mining must be a table ([mining])")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _MINING_KEYS:
+            known = ", ".join(sorted(_MINING_KEYS))
+            raise ConfigError(f"{path}: unknown key mining.{key!r}; known: {known}")
+        if key == "command":
+            values["command"] = _argv(path, "mining.command", value)
+        elif key == "revenue_usd_per_kwh":
+            values["revenue_micros_per_kwh"] = _usd_micros(path, f"mining.{key}", value)
+        elif key == "models":
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f'{path}: mining.models must be tables ([mining.models."RTX 3090"])'
+                )
+            values["models"] = {
+                model: _mining_model(path, model, entry) for model, entry in value.items()
+            }
+        elif key == "hysteresis_percent":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{path}: mining.hysteresis_percent must be a whole number")
+            values[key] = value
+        else:
+            values[key] = value
+    return MiningConfig(**values)
+
+
+def _mining_model(path: Path, model: str, entry: object) -> MiningModel:
+    if not isinstance(entry, dict):
+        raise ConfigError(f'{path}: mining.models."{model}" must be a table')
+    unknown = set(entry) - set(_MINING_MODEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f'{path}: unknown key mining.models."{model}".{sorted(unknown)[0]!r}; '
+            f"known: {', '.join(_MINING_MODEL_KEYS)}"
+        )
+    command = _argv(path, f'mining.models."{model}".command', entry.get("command", []))
+    revenue = entry.get("revenue_usd_per_kwh")
+    micros = (
+        None if revenue is None else _usd_micros(path, f'mining.models."{model}".revenue', revenue)
+    )
+    return MiningModel(command=command, revenue_micros_per_kwh=micros)

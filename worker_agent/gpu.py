@@ -7,7 +7,7 @@ Both backends answer the same :class:`GpuBackend` protocol::
     │                      total-energy counter, temperature, utilisation, PCIe link
     └── SimulatedBackend   a table of GPUs mining farms own (SIM_MODELS); power follows
                            the load the agent sets: idle watts when free, near the
-                           board power while a job trains
+                           board power while a job trains or the operator's miner runs
 
 :func:`open_backend` picks one: ``--simulate SPEC`` always simulates; without a
 SPEC it tries NVML and falls back to :data:`~worker_agent.config.DEFAULT_SIMULATE_SPEC`
@@ -17,6 +17,7 @@ The simulated power model, per GPU, in watts, with ``t`` in seconds::
 
     idle:      P(t) = idle_w
     training:  P(t) = idle_w + (board_w - idle_w) * (0.90 + 0.06 * sin(2π t / 7 s + φ))
+    mining:    P(t) = idle_w + (board_w - idle_w) * 0.95       (a miner is a flat, steady load)
 
 Its energy counter is the exact integral of that curve (closed form), so the
 simulated rig is metered the same way a real one is: by differencing a counter.
@@ -54,6 +55,7 @@ class Load:
 
     IDLE = "idle"
     TRAINING = "training"
+    MINING = "mining"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,7 @@ SIM_MODELS: dict[str, GpuModel] = {
 }
 
 _TRAIN_BASE = 0.90
+_MINING_RATIO = 0.95
 _TRAIN_SWING = 0.06
 _TRAIN_PERIOD_S = 7.0
 
@@ -225,6 +228,8 @@ class SimulatedBackend:
         m = self._models[index]
         if load == Load.IDLE:
             return float(m.idle_w)
+        if load == Load.MINING:
+            return m.idle_w + (m.board_power_w - m.idle_w) * _MINING_RATIO
         ratio = _TRAIN_BASE + _TRAIN_SWING * math.sin(_omega() * t + self._phase[index])
         return m.idle_w + (m.board_power_w - m.idle_w) * ratio
 
@@ -233,6 +238,8 @@ class SimulatedBackend:
         m = self._models[index]
         if load == Load.IDLE:
             return m.idle_w * (t1 - t0)
+        if load == Load.MINING:
+            return (m.idle_w + (m.board_power_w - m.idle_w) * _MINING_RATIO) * (t1 - t0)
         span = m.board_power_w - m.idle_w
         w, phi = _omega(), self._phase[index]
         linear = (m.idle_w + span * _TRAIN_BASE) * (t1 - t0)
@@ -271,7 +278,7 @@ class SimulatedBackend:
         )
 
     def set_load(self, indices: list[int], load: str) -> None:
-        """Switch GPUs between idle and training; energy up to now is booked first."""
+        """Switch GPUs between idle, training and mining; energy up to now is booked first."""
         for i in indices:
             self._advance(i)
             self._load[i] = load

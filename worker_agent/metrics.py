@@ -61,7 +61,7 @@ class AgentCollector(Collector):
         running = GaugeMetricFamily(
             "rigshift_agent_jobs_running", "Attempts the agent is running now."
         )
-        backend, meter, runner = agent.backend, agent.meter, agent.runner
+        backend, meter, runner, mining = agent.backend, agent.meter, agent.runner, agent.mining
         busy: set[int] = set()
         if runner is not None:
             for run in list(runner.runs.values()):
@@ -82,7 +82,12 @@ class AgentCollector(Collector):
                     temp.add_metric(lv, t.temperature_celsius)
                 if t.utilization_ratio is not None:
                     util.add_metric(lv, t.utilization_ratio)
-                now = "ai" if gpu.index in busy else "idle"
+                if gpu.index in busy:
+                    now = "ai"
+                elif mining is not None and mining.state(gpu.index) == "mining":
+                    now = "mining"
+                else:
+                    now = "idle"
                 for s in GPU_STATES:
                     state.add_metric([*lv, s], 1.0 if s == now else 0.0)
                 ask = agent.config.price_micros_per_gpu_hour

@@ -1,0 +1,495 @@
+"""Mining fallback: the pure policy (tables), the power model, the config, and the shell
+with a real miner process, alone and inside an agent that takes work from a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from worker_agent.config import AgentConfig, ConfigError, MiningConfig, load_config_file
+from worker_agent.energy import EnergyMeter
+from worker_agent.gpu import Load, SimulatedBackend
+from worker_agent.mining import (
+    Arbitration,
+    GpuState,
+    MiningSupervisor,
+    Policy,
+    Preference,
+    ai_micros_per_kwh,
+    decide,
+    initial,
+    read_status,
+)
+from worker_agent.testing import FakeClock, numeric_integral_j
+
+AI, MINING, IDLE = GpuState.AI, GpuState.MINING, GpuState.IDLE
+P_AI, P_MINING = Preference.AI, Preference.MINING
+POLICY = Policy(min_dwell_s=60.0, hysteresis_percent=10)
+
+
+def arb(
+    state: GpuState = IDLE,
+    age_s: float = 1000.0,
+    pref: Preference = P_AI,
+    pref_age_s: float = 1000.0,
+    now: float = 10_000.0,
+) -> Arbitration:
+    return Arbitration(state, now - age_s, pref, now - pref_age_s)
+
+
+# --- the preference: threshold with hysteresis, minimum dwell --------------------------
+
+
+@pytest.mark.parametrize(
+    ("pref", "pref_age_s", "ai", "mining", "expected"),
+    [
+        # AI preferred; mining must pay more than AI x 1.10 and the preference be 60 s old.
+        (P_AI, 1000, 1_000_000, 1_050_000, P_AI),  # 5 % more: inside the band
+        (P_AI, 1000, 1_000_000, 1_100_000, P_AI),  # exactly 10 % more: not above it
+        (P_AI, 1000, 1_000_000, 1_100_001, P_MINING),  # above the band: flips
+        (P_AI, 59.9, 1_000_000, 3_000_000, P_AI),  # 3x, but the dwell is not over
+        (P_AI, 60, 1_000_000, 3_000_000, P_MINING),  # dwell over (>= 60 s)
+        # Mining preferred; AI must pay more than mining x 1.10.
+        (P_MINING, 1000, 1_050_000, 1_000_000, P_MINING),
+        (P_MINING, 1000, 1_100_001, 1_000_000, P_AI),  # AI pays more: switch back
+        (P_MINING, 30, 5_000_000, 1_000_000, P_MINING),  # but not within the dwell
+        (P_AI, 1000, 1_000_000, 0, P_AI),  # no mining figure: AI
+    ],
+)
+def test_preference_table(
+    pref: Preference, pref_age_s: float, ai: int, mining: int, expected: Preference
+) -> None:
+    out = decide(
+        POLICY,
+        10_000.0,
+        arb(pref=pref, pref_age_s=pref_age_s),
+        assigned=False,
+        can_mine=True,
+        ai_micros_per_kwh=ai,
+        mining_micros_per_kwh=mining,
+    )
+    assert out.preference == expected
+    flipped = expected != pref
+    assert out.preference_since == (10_000.0 if flipped else 10_000.0 - pref_age_s)
+    assert out.advertise == (expected == P_AI)
+
+
+def test_a_price_oscillating_around_the_threshold_does_not_flap() -> None:
+    """Mining revenue swings ±8 % around AI revenue every 5 s for an hour (h = 10 %):
+    the preference never changes. With ±30 % swings it changes, but at most once per dwell."""
+    ai = 700_000
+
+    def run(swing_percent: int) -> list[float]:
+        a = initial(0.0, ai, ai)  # equal: AI preferred
+        flips = []
+        for step in range(720):
+            now = step * 5.0
+            mining = ai * (100 + (swing_percent if step % 2 else -swing_percent)) // 100
+            nxt = decide(
+                POLICY,
+                now,
+                a,
+                assigned=False,
+                can_mine=True,
+                ai_micros_per_kwh=ai,
+                mining_micros_per_kwh=mining,
+            )
+            if nxt.preference != a.preference:
+                flips.append(now)
+            a = nxt
+        return flips
+
+    assert run(8) == []
+    flips = run(30)
+    assert flips and all(b - a >= POLICY.min_dwell_s for a, b in itertools.pairwise(flips))
+    assert len(flips) <= 3600 / POLICY.min_dwell_s + 1
+
+
+def test_dwell_is_respected_after_a_switch() -> None:
+    a = arb(pref=P_AI, now=0.0)
+    a = decide(
+        POLICY, 0.0, a, assigned=False, can_mine=True, ai_micros_per_kwh=1, mining_micros_per_kwh=9
+    )
+    assert a.preference == P_MINING and a.state == MINING
+    # AI at once pays 10x more; the preference holds for the whole dwell, then goes back.
+    for now, expected in [(1.0, P_MINING), (59.0, P_MINING), (60.0, P_AI)]:
+        a = decide(
+            POLICY,
+            now,
+            a,
+            assigned=False,
+            can_mine=True,
+            ai_micros_per_kwh=90,
+            mining_micros_per_kwh=9,
+        )
+        assert a.preference == expected, now
+
+
+# --- the activity of a GPU ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "assigned", "can_mine", "expected", "since_now"),
+    [
+        (arb(IDLE, age_s=5, pref=P_MINING), True, True, AI, True),  # an assignment always wins
+        (arb(MINING, age_s=5, pref=P_MINING), True, True, AI, True),  # ... over a young miner too
+        (arb(AI, age_s=5), False, False, IDLE, True),  # no miner configured: idle
+        (arb(IDLE, age_s=5), False, True, IDLE, False),  # AI preferred: wait a dwell for work
+        (arb(IDLE, age_s=60), False, True, MINING, True),  # then mine as a filler
+        (arb(AI, age_s=500), False, True, IDLE, True),  # attempt over: idle first (no flapping)
+        (arb(AI, age_s=500, pref=P_MINING), False, True, MINING, True),  # mining pays: at once
+        (arb(IDLE, age_s=1, pref=P_MINING), False, True, MINING, True),
+        (arb(MINING, age_s=1), False, True, MINING, False),  # a filler miner keeps running
+        (arb(MINING, age_s=1), False, False, IDLE, True),  # command gone / restart backoff
+    ],
+)
+def test_activity_table(
+    current: Arbitration, assigned: bool, can_mine: bool, expected: GpuState, since_now: bool
+) -> None:
+    ai = mining = 500_000  # equal: the preference does not move
+    out = decide(
+        POLICY,
+        10_000.0,
+        current,
+        assigned=assigned,
+        can_mine=can_mine,
+        ai_micros_per_kwh=ai,
+        mining_micros_per_kwh=mining,
+    )
+    assert out.state == expected
+    assert out.since == (10_000.0 if since_now else current.since)
+    assert out.preference == current.preference
+
+
+def test_back_to_back_jobs_do_not_restart_the_miner() -> None:
+    """AI preferred, a 50 s job every 55 s (gaps of 5 s < the 60 s dwell): the miner never
+    starts; once the jobs stop, it starts one dwell later."""
+    a = initial(0.0, 800_000, 200_000)
+    states = []
+    for second in range(0, 400):
+        busy = second < 275 and second % 55 < 50
+        a = decide(
+            POLICY,
+            float(second),
+            a,
+            assigned=busy,
+            can_mine=True,
+            ai_micros_per_kwh=800_000,
+            mining_micros_per_kwh=200_000,
+        )
+        states.append(a.state)
+    # The last job ends at 270 s: idle for the 60 s dwell, mining from 330 s.
+    assert MINING not in states[:330]
+    assert states[270:330] == [IDLE] * 60 and states[330:] == [MINING] * 70
+
+
+def test_ai_revenue_per_kwh_is_the_ask_over_the_power_limit() -> None:
+    gpu = SimulatedBackend("RTX3090").gpus()[0]  # 350 W
+    # 250,000 µ$/GPU-h / 0.35 kW = 714,285.7 → 714,285 µ$/kWh ($0.714/kWh)
+    assert ai_micros_per_kwh(250_000, gpu) == 714_285
+    from dataclasses import replace
+
+    no_limit = replace(gpu, power_limit_watts=0)  # NVML without a limit: catalogue watts
+    assert ai_micros_per_kwh(250_000, no_limit) == 714_285
+    assert ai_micros_per_kwh(250_000, replace(no_limit, model="Mystery 9000")) == 0
+
+
+# --- power model and config ------------------------------------------------------------
+
+
+def test_a_mining_gpu_draws_near_board_power_and_is_metered_exactly() -> None:
+    clock = FakeClock()
+    backend = SimulatedBackend("RTX3090", clock=clock)
+    backend.set_load([0], Load.MINING)
+    # 25 W idle + (350 - 25) x 0.95 = 333.75 W, flat
+    assert backend.power_watts(0) == pytest.approx(333.75)
+    t = backend.telemetry(0)
+    assert t.utilization_ratio is not None and t.utilization_ratio > 0.9
+    e0 = backend.energy_millijoules(0)
+    clock.advance(10.0)
+    expected = numeric_integral_j(backend, 0, Load.MINING, clock.t - 10, clock.t)
+    assert (backend.energy_millijoules(0) - e0) / 1000 == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(3337.5)
+
+
+def test_mining_config_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'broker_address = "b:1"\n'
+        'enrollment_token = "t"\n'
+        "[mining]\n"
+        'command = ["t-rex", "-a", "ethash", "-d", "{gpu}"]\n'
+        'revenue_usd_per_kwh = "0.09"\n'
+        "min_dwell_s = 300\n"
+        "hysteresis_percent = 15\n"
+        '[mining.models."RTX 3090"]\n'
+        'revenue_usd_per_kwh = "0.2"\n'
+        "[mining.models.A4000]\n"
+        'command = ["lolminer", "--devices", "{gpu}"]\n'
+    )
+    cfg = AgentConfig(**load_config_file(path))  # type: ignore[arg-type]
+    m = cfg.mining
+    assert m is not None and m.min_dwell_s == 300 and m.hysteresis_percent == 15
+    assert m.command_for("RTX 3060") == ("t-rex", "-a", "ethash", "-d", "{gpu}")
+    assert m.revenue_for("RTX 3060") == 90_000
+    assert m.revenue_for("rtx3090") == 200_000  # models match without spaces and case
+    assert m.command_for("RTX 3090") == m.command  # revenue override only
+    assert m.command_for("A4000") == ("lolminer", "--devices", "{gpu}")
+    assert m.revenue_for("A4000") == 90_000
+
+    for bad, words in [
+        ("[mining]\nrevenue_usd_per_kwh = 0.09\n", "as a string"),
+        ('[mining]\ncommand = "t-rex"\n', "list of strings"),
+        ("[mining]\ndwell = 3\n", "unknown key mining.'dwell'"),
+        ("[mining]\nmin_dwell_s = 0\n", "mining.min_dwell_s must be a positive"),
+        ("[mining]\nhysteresis_percent = 0.1\n", "whole number"),
+        ('[mining.models."RTX 3090"]\nrevenue = "1"\n', "unknown key"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=words):
+            load_config_file(path)
+
+
+# --- the shell, with a real miner process ----------------------------------------------
+
+MINER = """
+import os, signal, sys, time
+path = os.path.join(sys.argv[1], 'miner-' + sys.argv[2] + '.log')
+def note(what):
+    with open(path, 'a') as f:
+        f.write(f"{what} {time.time()} {os.getpid()} {os.environ['CUDA_VISIBLE_DEVICES']}\\n")
+def term(*_):
+    note('stop')
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+note('start')
+while True:
+    time.sleep(0.05)
+"""
+
+
+def miner_command(tmp_path: Path) -> tuple[str, ...]:
+    script = tmp_path / "miner.py"
+    script.write_text(MINER)
+    marks = tmp_path / "marks"
+    marks.mkdir(exist_ok=True)
+    return (sys.executable, str(script), str(marks), "{gpu}")
+
+
+def notes(tmp_path: Path, gpu: int) -> list[tuple[str, float, int, str]]:
+    path = tmp_path / "marks" / f"miner-{gpu}.log"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        what, t, pid, cuda = line.split()
+        out.append((what, float(t), int(pid), cuda))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def wait_for(predicate, timeout_s: float = 10.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+def test_supervisor_mines_an_idle_gpu_and_releases_it_before_an_attempt(tmp_path: Path) -> None:
+    """Real miner processes on a 2-GPU simulated rig with a fake clock: a GPU mines after a
+    dwell, release() stops only its miner (the tree is gone before it returns), and the
+    attempt metered afterwards gets training energy only, the miner its own."""
+    clock = FakeClock()
+    backend = SimulatedBackend("RTX3090x2", clock=clock)
+    meter = EnergyMeter(backend, clock=clock)
+    cfg = MiningConfig(
+        command=miner_command(tmp_path), revenue_micros_per_kwh=200_000, min_dwell_s=30
+    )
+    asks = {0: 250_000, 1: 250_000}
+    sup = MiningSupervisor(
+        cfg, backend, meter, asks_micros_per_gpu_hour=asks, state_dir=tmp_path, clock=clock
+    )
+
+    async def main() -> None:
+        sup.tick(set())
+        assert sup.state(0) == IDLE and not notes(tmp_path, 0)  # AI pays more: wait a dwell
+        clock.advance(30)
+        sup.tick(set())
+        assert sup.state(0) == MINING and sup.state(1) == MINING
+        await wait_for(lambda: notes(tmp_path, 0) and notes(tmp_path, 1), what="both miners")
+        (what, _, pid0, cuda0), *_ = notes(tmp_path, 0)
+        assert (what, cuda0, notes(tmp_path, 1)[0][3]) == ("start", "0", "1")  # bound to its GPU
+        assert backend.load(0) == Load.MINING
+        status = read_status(tmp_path)
+        assert status[0]["state"] == "mining" and status[0]["advertise"] is True
+        assert status[0]["ai_usd_per_kwh"] == "0.714" and status[0]["mining_usd_per_kwh"] == "0.200"
+
+        clock.advance(10)  # 10 s of mining on GPU 0: 3337.5 J
+        await sup.release([0])
+        assert [n[0] for n in notes(tmp_path, 0)] == ["start", "stop"]  # SIGTERM, clean exit
+        assert not _alive(pid0) and sup.state(0) == AI and sup.state(1) == MINING
+        assert backend.load(0) == Load.IDLE and sup.mining_joules(0) == 3337
+        # The attempt's energy starts after the miner is gone: training only.
+        meter.start(("jobs/j", 1), [0])
+        backend.set_load([0], Load.TRAINING)
+        clock.advance(10)
+        training = numeric_integral_j(backend, 0, Load.TRAINING, clock.t - 10, clock.t)
+        assert meter.stop(("jobs/j", 1)) == pytest.approx(training, abs=1)
+        assert sup.mining_joules(0) == 3337  # GPU 0 mined no more
+        assert sup.mining_joules(1) == 6675  # GPU 1 mined all 20 s
+        sup.tick({0})
+        assert sup.state(0) == AI and len(notes(tmp_path, 0)) == 2  # held: no miner
+        backend.set_load([0], Load.IDLE)
+        sup.tick(set())  # the attempt ended: idle for a dwell (AI preferred), then mining
+        assert sup.state(0) == IDLE
+        clock.advance(30)
+        sup.tick(set())
+        await wait_for(lambda: len(notes(tmp_path, 0)) == 3, what="the miner to restart")
+        await sup.close()
+        assert all(n[0] == "stop" for n in (notes(tmp_path, 0)[-1], notes(tmp_path, 1)[-1]))
+        assert not any(_alive(n[2]) for g in (0, 1) for n in notes(tmp_path, g))
+        assert read_status(tmp_path)[1]["state"] == "idle"
+
+    asyncio.run(main())
+
+
+def test_a_miner_that_exits_is_retried_after_a_delay(tmp_path: Path) -> None:
+    clock = FakeClock()
+    backend = SimulatedBackend("RTX3060", clock=clock)
+    meter = EnergyMeter(backend, clock=clock)
+    cfg = MiningConfig(
+        command=("no-such-miner-binary",),
+        revenue_micros_per_kwh=900_000,  # mining pays more: mine at once
+        min_dwell_s=5,
+        restart_delay_s=20,
+    )
+    sup = MiningSupervisor(
+        cfg, backend, meter, asks_micros_per_gpu_hour={}, state_dir=tmp_path, clock=clock
+    )
+
+    async def main() -> None:
+        sup.tick(set())
+        assert sup.state(0) == MINING and not sup.gpus[0].arbitration.advertise
+        await wait_for(lambda: sup.gpus[0].miner is not None and sup.gpus[0].miner.done.is_set())
+        sup.tick(set())
+        assert sup.state(0) == IDLE and sup.gpus[0].miner is None  # not found: backoff
+        clock.advance(19)
+        sup.tick(set())
+        assert sup.state(0) == IDLE
+        clock.advance(1)
+        sup.tick(set())
+        assert sup.state(0) == MINING  # tried again
+        await sup.close()
+
+    asyncio.run(main())
+
+
+# --- an agent taking work from a real broker -------------------------------------------
+
+
+def test_agent_mines_when_idle_and_stops_the_miner_for_an_assignment(tmp_path: Path) -> None:
+    """A real broker, an Agent with the LocalExecutor on one simulated RTX 3060: the idle GPU
+    starts mining; a job is submitted; the miner is gone before the job's process starts;
+    the miner starts again after the attempt ends. Metrics and the status file say mining."""
+    from broker_harness import start_broker
+
+    from client.sdk import Client
+    from rigshift.v1 import job_pb2
+    from worker_agent.agent import Agent
+    from worker_agent.executor import LocalExecutor
+    from worker_agent.metrics import AgentMetrics
+
+    rb = start_broker(tmp_path / "broker", lease_ttl_s=3.0, heartbeat_interval_s=0.5)
+    client = Client(rb.address, api_key=rb.admin_key)
+    job_marks = tmp_path / "job.json"
+    try:
+        token = client.create_farm("farm-m").enrollment_token
+        config = AgentConfig(
+            broker_address=rb.address,
+            enrollment_token=token,
+            state_dir=tmp_path / "agent",
+            hostname="rig-m",
+            heartbeat_interval_s=0.3,
+            lease_ttl_s=3.0,
+            report_flush_s=0.05,
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.3,
+            drain_grace_s=3.0,
+            cancel_grace_s=1.0,
+            mining=MiningConfig(
+                command=miner_command(tmp_path),
+                revenue_micros_per_kwh=100_000,  # AI pays $0.53/kWh: mining only as a filler
+                min_dwell_s=0.3,
+                check_interval_s=0.05,
+                stop_grace_s=1.0,
+            ),
+        )
+        agent = Agent(
+            config,
+            backend=SimulatedBackend("RTX3060", seed="m"),
+            executor=LocalExecutor(flush_s=0.05, kill_grace_s=1.0),
+        )
+
+        def gpu_state(metrics: AgentMetrics, state: str) -> float | None:
+            return metrics.registry.get_sample_value(
+                "rigshift_gpu_state", {"gpu": "0", "gpu_model": "RTX 3060", "state": state}
+            )
+
+        async def main() -> None:
+            async with agent:
+                metrics = AgentMetrics(agent)
+                await wait_for(lambda: notes(tmp_path, 0), what="the idle GPU to start mining")
+                assert agent.mining is not None and agent.mining.state(0) == MINING
+                assert gpu_state(metrics, "mining") == 1.0 and gpu_state(metrics, "idle") == 0.0
+                assert read_status(config.state_dir)[0]["state"] == "mining"
+                job = await asyncio.to_thread(
+                    client.create_job,
+                    [
+                        sys.executable,
+                        "-c",
+                        "import json, os, time\n"
+                        "t0 = time.time(); time.sleep(0.5)\n"
+                        "gpus = os.environ['CUDA_VISIBLE_DEVICES']\n"
+                        f"open({str(job_marks)!r}, 'w').write(json.dumps("
+                        "{'start': t0, 'end': time.time(), 'gpus': gpus}))",
+                    ],
+                )
+
+                def done() -> bool:
+                    return client.get_job(job.name).state == job_pb2.Job.SUCCEEDED
+
+                await wait_for(done, 20, "the job to succeed")
+                await wait_for(lambda: len(notes(tmp_path, 0)) >= 3, 10, "the miner to restart")
+                assert gpu_state(metrics, "mining") == 1.0
+            # after shutdown: every miner stopped
+            assert notes(tmp_path, 0)[-1][0] == "stop"
+
+        asyncio.run(main())
+        rec = json.loads(job_marks.read_text())
+        first_start, first_stop, second_start = notes(tmp_path, 0)[:3]
+        assert [first_start[0], first_stop[0], second_start[0]] == ["start", "stop", "start"]
+        assert first_stop[1] < rec["start"]  # the miner was gone before the job began
+        assert second_start[1] > rec["end"]  # and came back after it ended
+        assert rec["gpus"] == "0" and not _alive(second_start[2])
+        (only,) = client.list_jobs().jobs
+        attempt = client.get_job(only.name).attempts[-1]
+        # The attempt's energy is training and idle draw only (RTX 3060: 13-170 W), never the
+        # miner's: it ran ~0.5 s, so a few tens of joules, not the miner's 150 W x its life.
+        assert 0 < attempt.energy_joules < 170 * (attempt.gpu_milliseconds / 1000 + 1.5)
+    finally:
+        client.close()
+        rb.stop()
