@@ -129,6 +129,8 @@ def serve(
         )
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        if replica and not db_url.startswith("postgresql"):
+            raise ValueError("--replica needs a PostgreSQL --db (postgresql+psycopg://…)")
     except ValueError as err:
         raise click.UsageError(str(err)) from err
 

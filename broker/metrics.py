@@ -115,7 +115,12 @@ def _state_label(state: Enum) -> str:
 
 def dominant_model(worker: Worker) -> str:
     """The GPU model most of the worker's GPUs have (ties: alphabetical)."""
-    counts = collections.Counter(g.info.model for g in worker.gpus.values())
+    return most_common_model(g.info.model for g in worker.gpus.values())
+
+
+def most_common_model(models: Iterable[str]) -> str:
+    """The most frequent of ``models`` (ties: alphabetical); empty for none."""
+    counts = collections.Counter(models)
     if not counts:
         return ""
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]

@@ -44,7 +44,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from broker.metrics import default_registry
+from broker.metrics import default_registry, most_common_model
 from broker.metrics_http import MetricsServer
 from broker.server import SERVICE_NAMES, Broker, BrokerConfig, server_credentials
 from broker.store import Store
@@ -61,6 +61,8 @@ __all__ = ["LEADER_LOCK", "ReplicaBroker", "method_kinds"]
 log = logging.getLogger("rigshift.broker.replica")
 
 LEADER_LOCK = 0x52494C44  # "RILD": the advisory lock key of the scheduler leader
+SD_REFRESH_S = 10.0
+"""A follower re-reads the agents' exporters for ``/sd`` from the database this often."""
 
 _FILES = (
     job_service_pb2,
@@ -241,6 +243,8 @@ class ReplicaBroker:
         self._engine = create_engine(config.resolved_db_url(), poolclass=NullPool)
         self._task: asyncio.Task[None] | None = None
         self._fencing: asyncio.Task[None] | None = None
+        self._sd_cache: list[dict[str, Any]] = []
+        self._sd_read_at = -SD_REFRESH_S
         self._stopping = False
 
     @property
@@ -294,8 +298,27 @@ class ReplicaBroker:
     def _sd_targets(self) -> list[dict[str, Any]]:
         broker = self.broker
         if broker is None or broker.metrics is None:
-            return []
+            return self._sd_cache  # a follower: what the database said at the last poll
         return broker.metrics.sd_targets()
+
+    def _read_sd(self) -> list[dict[str, Any]]:
+        """``/sd`` from the database: every online/draining agent's exporter, like the leader's."""
+        query = text(
+            "SELECT w.id, w.metrics_address, coalesce(f.display_name, w.farm_id), g.model "
+            "FROM workers w LEFT JOIN farms f ON f.id = w.farm_id "
+            "LEFT JOIN gpus g ON g.worker_id = w.id "
+            "WHERE w.state != 'OFFLINE' AND w.metrics_address != '' ORDER BY w.id"
+        )
+        workers: dict[str, tuple[str, str, list[str]]] = {}
+        with self._engine.connect() as conn:
+            for worker_id, address, farm, model in conn.execute(query):
+                workers.setdefault(worker_id, (address, farm, []))[2].extend(
+                    [model] if model else []
+                )
+        return [
+            {"targets": [address], "labels": {"farm": farm, "gpu_model": most_common_model(models)}}
+            for address, farm, models in workers.values()
+        ]
 
     def _leader_channel(self) -> grpc.aio.Channel | None:
         return self._channel if self.leader_address else None
@@ -330,6 +353,9 @@ class ReplicaBroker:
             return
         address = await asyncio.to_thread(self._read_leader)
         await self._follow(address)
+        if self._metrics_server is not None and time.monotonic() - self._sd_read_at > SD_REFRESH_S:
+            self._sd_cache = await asyncio.to_thread(self._read_sd)
+            self._sd_read_at = time.monotonic()
 
     def _try_lock(self) -> bool:
         if self._lock_conn is None:

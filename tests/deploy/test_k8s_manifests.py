@@ -308,9 +308,16 @@ def test_selectors_ports_and_probes_line_up(rendered: tuple[str, list[Resource]]
     assert _matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
     broker = containers(deployment)[0]
     ports = {p["name"]: p["containerPort"] for p in broker["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9464}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert ports == {"grpc": 50051, "grpc-internal": 50052, "metrics": 9464}
+    for probe in ("startupProbe", "readinessProbe"):
         assert broker[probe]["grpc"]["port"] == 50051, probe
+    assert broker["livenessProbe"]["tcpSocket"]["port"] == 50051
+    # Replica mode: the core listens on the internal port and is advertised by pod IP.
+    args = broker["command"]
+    assert "--replica" in args
+    assert args[args.index("--internal-listen") + 1].endswith(":50052")
+    assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
+    assert any(e["name"] == "POD_IP" for e in broker["env"])
     service = _one(resources, "Service", "rigshift-broker")
     assert _matches(service["spec"]["selector"], pod_labels)
     for port in service["spec"]["ports"]:

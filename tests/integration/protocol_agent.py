@@ -81,6 +81,7 @@ class ProtocolAgent:
         self.token = token
         self.gpu_infos = list(gpu_infos)
         self.hostname = hostname
+        self.metrics_address = ""
         self.worker = ""
         self.credential = ""
         self.instructions: queue.Queue[ws.Instruction] = queue.Queue()
@@ -100,6 +101,7 @@ class ProtocolAgent:
                 agent_version="test",
                 gpus=self.gpu_infos,
                 worker=worker,
+                metrics_address=self.metrics_address,
             )
         )
         self.worker, self.credential = resp.worker, resp.credential
