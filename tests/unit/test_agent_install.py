@@ -220,3 +220,16 @@ def test_mask_token_keeps_only_the_prefix() -> None:
     assert mask_token("plainsecret") == "********"
     plan = plan_install(broker_address="b:1", token=TOKEN, executable=DEFAULT_EXECUTABLE)
     assert TOKEN in plan.config_text and TOKEN not in plan.masked_config_text
+
+
+def test_operator_doc_lists_exactly_the_install_options() -> None:
+    """docs/operator.md's install table names every option of the command, and no other."""
+    import re
+
+    doc = (REPO / "docs" / "operator.md").read_text()
+    table = doc[doc.index("| `--broker HOST:PORT` | required |") :]
+    table = table[: table.index("\n\n")]
+    documented = set(re.findall(r"^\| `(--[a-z-]+)", table, re.MULTILINE))
+    command = agent_group.commands["install"]
+    options = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--help"}
+    assert documented == options
