@@ -24,9 +24,8 @@ from grpc_status import rpc_status
 from broker import validation as v
 from broker.artifacts import CHUNK_BYTES, ArtifactStore
 from broker.auth import Principal, Role, authorize, current, set_current
-from broker.convert import farm_pb, job_pb, timestamp, worker_pb
+from broker.convert import earnings_pb, farm_pb, job_pb, timestamp, worker_pb
 from broker.core import BrokerCore, Job
-from broker.earnings import earnings
 from broker.economics import FarmTerms
 from broker.errors import (
     BrokerError,
@@ -503,33 +502,9 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         if request.group_by not in groups:
             raise InvalidArgument.of([FieldViolation("group_by", "unknown grouping")])
         since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
-        lines = earnings(
+        return earnings_pb(
             self.svc.core, farm_id=farm_id, since=since, group_by=groups[request.group_by]
         )
-        rows = []
-        for line in lines:
-            terms = self.svc.core.farms.get(line.farm_id)
-            mining = line.mining_usd_per_kwh
-            if not line.energy_joules and terms and terms.mining_micros_per_kwh:
-                table = [m for _, m in terms.mining_micros_per_kwh]
-                mining = sum(table) / len(table) / 1e6  # no sales yet: the farm's average
-            rows.append(
-                farm_service_pb2.EarningsRow(
-                    key=line.key,
-                    farm=f"farms/{line.farm_id}",
-                    gpu_model=line.gpu_model,
-                    gpu_milliseconds=line.gpu_milliseconds,
-                    energy_joules=line.energy_joules,
-                    kwh=line.kwh,
-                    revenue_micros=line.revenue_micros,
-                    energy_cost_micros=line.energy_cost_micros,
-                    margin_micros=line.margin_micros,
-                    revenue_usd_per_kwh=line.revenue_usd_per_kwh,
-                    mining_usd_per_kwh=mining,
-                    attempts=line.attempts,
-                )
-            )
-        return farm_service_pb2.GetEarningsResponse(rows=rows)
 
 
 def _terms_columns(terms: FarmTerms) -> dict[str, object]:

@@ -213,13 +213,17 @@ def verify_ledger_command(db_url: str, home: str, as_json: bool) -> None:
     from pathlib import Path
 
     from broker.ledger import verify_ledger
-    from broker.store import Store
+    from broker.store import Store, local_database
 
     if not db_url:
-        path = Path(home) / "broker.db"
-        if not path.exists():
-            raise click.ClickException(f"no broker database at {path} (use --db or --home)")
-        db_url = f"sqlite:///{path}"
+        found = local_database(home)
+        if found is None:
+            raise click.ClickException(
+                f"no broker database at {Path(home) / 'broker.db'} (use --db or --home)"
+            )
+        if found.parent != Path(home):
+            click.echo(f"using the last demo's database {found}", err=True)
+        db_url = f"sqlite:///{found}"
     store = Store(db_url)
     try:
         problems, summary = verify_ledger(store)

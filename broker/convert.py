@@ -8,9 +8,9 @@ from broker.core import Attempt, BrokerCore, Job, Worker
 from broker.economics import FarmTerms, charge_micros, floor_price
 from broker.model import JobSpec
 from broker.store import FarmRow, farm_terms
-from rigshift.v1 import farm_pb2, job_pb2, worker_service_pb2
+from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, worker_service_pb2
 
-__all__ = ["assignment_pb", "farm_pb", "job_pb", "timestamp", "worker_pb"]
+__all__ = ["assignment_pb", "earnings_pb", "farm_pb", "job_pb", "timestamp", "worker_pb"]
 
 
 def timestamp(t: float | None) -> Timestamp | None:
@@ -207,3 +207,35 @@ def assignment_pb(job: Job, attempt: Attempt) -> worker_service_pb2.Assignment:
         gpu_indices=list(attempt.gpu_indices),
         checkpoint_sha256=job.checkpoint_sha256,
     )
+
+
+def earnings_pb(
+    core: BrokerCore, *, farm_id: str = "", since: float = 0.0, group_by: str = "farm"
+) -> farm_service_pb2.GetEarningsResponse:
+    """``GetEarnings``'s answer from a core (the broker's own, or one loaded from a database)."""
+    from broker.earnings import earnings
+
+    rows = []
+    for line in earnings(core, farm_id=farm_id, since=since, group_by=group_by):
+        terms = core.farms.get(line.farm_id)
+        mining = line.mining_usd_per_kwh
+        if not line.energy_joules and terms and terms.mining_micros_per_kwh:
+            table = [m for _, m in terms.mining_micros_per_kwh]
+            mining = sum(table) / len(table) / 1e6  # no sales yet: the farm's average
+        rows.append(
+            farm_service_pb2.EarningsRow(
+                key=line.key,
+                farm=f"farms/{line.farm_id}",
+                gpu_model=line.gpu_model,
+                gpu_milliseconds=line.gpu_milliseconds,
+                energy_joules=line.energy_joules,
+                kwh=line.kwh,
+                revenue_micros=line.revenue_micros,
+                energy_cost_micros=line.energy_cost_micros,
+                margin_micros=line.margin_micros,
+                revenue_usd_per_kwh=line.revenue_usd_per_kwh,
+                mining_usd_per_kwh=mining,
+                attempts=line.attempts,
+            )
+        )
+    return farm_service_pb2.GetEarningsResponse(rows=rows)

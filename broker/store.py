@@ -234,6 +234,15 @@ class LogRow(SQLModel, table=True):
     data: str
 
 
+def local_database(home: Path | str = ".rigshift") -> Path | None:
+    """The SQLite database a broker in this directory used: ``HOME/broker.db``, else the
+    last ``rigshift demo``'s (``HOME/demo/broker/broker.db``); None when there is neither."""
+    for path in (Path(home) / "broker.db", Path(home) / "demo" / "broker" / "broker.db"):
+        if path.is_file():
+            return path
+    return None
+
+
 def default_db_url(home: Path | str = ".rigshift") -> str:
     """The embedded default: a SQLite file under ``.rigshift/`` in the working directory."""
     path = Path(home) / "broker.db"

@@ -34,6 +34,7 @@ from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2
 __all__ = ["farm_group", "job_group", "main"]
 
 _BROKER_KEY = "rigshift.broker"
+_BROKER_EXPLICIT = "rigshift.broker_explicit"
 
 
 # -- parameter types ----------------------------------------------------------
@@ -109,6 +110,9 @@ def _tariff_file(
 def _remember_broker(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
         ctx.meta[_BROKER_KEY] = value
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if source not in (None, click.core.ParameterSource.DEFAULT):
+            ctx.meta[_BROKER_EXPLICIT] = True
 
 
 def _group_broker_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -652,16 +656,44 @@ def farm_drain(worker_id: str, as_json: bool) -> None:
     show_default=True,
     help="One row per farm, worker (rig) or GPU.",
 )
+@click.option(
+    "--db",
+    "db_url",
+    default="",
+    metavar="URL",
+    help="Read this broker database directly instead of asking the broker (ops).",
+)
 @_json_option
 @_broker_option
-def farm_earnings(farm_id: str, since: datetime | None, group_by: str, as_json: bool) -> None:
+def farm_earnings(
+    farm_id: str, since: datetime | None, group_by: str, db_url: str, as_json: bool
+) -> None:
     """What AI work earned: GPU-hours, kWh, revenue, energy cost, margin, $/kWh vs mining.
 
     Revenue is the farm's payout (client charges less the broker fee). Rows
-    where AI work paid less per kWh than mining would have are marked.
+    where AI work paid less per kWh than mining would have are marked. When no
+    broker answers at the default address, the database in ./.rigshift (or the
+    last `rigshift demo`'s) is read instead, and stderr says so.
     """
     group_by = group_by.lower()
-    earnings = _client().get_earnings(farm_id, since=since, group_by=group_by)
+    if db_url:
+        earnings = _earnings_from_db(db_url, farm_id, since, group_by)
+    else:
+        try:
+            earnings = _client().get_earnings(farm_id, since=since, group_by=group_by)
+        except Unavailable as err:
+            from broker.store import local_database
+
+            ctx = click.get_current_context()
+            local = local_database()
+            if err.reason or ctx.meta.get(_BROKER_EXPLICIT) or local is None:
+                raise
+            click.echo(
+                f"no broker at {ctx.meta.get(_BROKER_KEY, DEFAULT_BROKER)}; "
+                f"reading the local database {local}",
+                err=True,
+            )
+            earnings = _earnings_from_db(f"sqlite:///{local}", farm_id, since, group_by)
     if as_json:
         click.echo(output.to_json(earnings, defaults=True))
         return
@@ -669,6 +701,28 @@ def farm_earnings(farm_id: str, since: datetime | None, group_by: str, as_json: 
         click.echo("no earnings yet" + (f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since else ""))
         return
     click.echo(output.earnings_table(earnings.rows, group_by))
+
+
+def _earnings_from_db(
+    db_url: str, farm_id: str, since: datetime | None, group_by: str
+) -> farm_service_pb2.GetEarningsResponse:
+    """GetEarnings computed from a broker database, as the broker would (read-only)."""
+    from broker.convert import earnings_pb
+    from broker.core import BrokerCore
+    from broker.store import Store
+
+    store = Store(db_url, create=False)
+    try:
+        core = BrokerCore()
+        store.load(core)
+    finally:
+        store.close()
+    farm = farm_id.removeprefix("farms/")
+    if farm and farm not in core.farms:
+        raise click.ClickException(f"farms/{farm} not found in {db_url}")
+    return earnings_pb(
+        core, farm_id=farm, since=since.timestamp() if since else 0.0, group_by=group_by
+    )
 
 
 # -- groups owned by other packages ------------------------------------------------

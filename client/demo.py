@@ -122,6 +122,18 @@ def demo_command(root: Path, epochs: int, samples: int, timeout_s: float, promet
             click.echo(f"[{_clock(t0)}] every process the demo started has exited")
     elapsed = time.monotonic() - t0
     click.echo(f"demo {'PASSED' if ok else 'FAILED'} in {elapsed:.1f} s (logs: {root}/logs/)")
+    db = root / "broker" / "broker.db"
+    if db.is_file():
+        from broker.store import local_database
+
+        if local_database() == db:
+            hint = "rigshift farm earnings --json; rigshift admin verify-ledger"
+        else:
+            hint = (
+                f"rigshift farm earnings --db sqlite:///{db}; "
+                f"rigshift admin verify-ledger --home {db.parent}"
+            )
+        click.echo(f"the demo's database stays for a look afterwards: {hint}")
     sys.exit(0 if ok else 1)
 
 

@@ -39,6 +39,9 @@ class RunningBroker:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
     def stop(self) -> None:
+        """Stop the broker and its loop; safe to call twice (a test may stop it early)."""
+        if not self.thread.is_alive():
+            return
         self.call(self.broker.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

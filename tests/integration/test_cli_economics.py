@@ -370,3 +370,42 @@ def test_workers_show_reliability(broker_address: str, agents: list[ProtocolAgen
     permille = workers["workers"][0].get("reliability_permille", 0)
     assert 0 < permille <= 1000
     assert f"{permille // 10}.{permille % 10}%" in table
+
+
+def test_earnings_and_verify_ledger_read_the_database_when_no_broker_runs(
+    running_broker, agents: list[ProtocolAgent], tmp_path: Path, monkeypatch
+) -> None:
+    """After `make demo` the broker is gone: the commands read the demo's database."""
+    address = running_broker.address
+    farm = create(address, "earn-offline", *ECONOMICS)
+    agent = register(agents, address, farm["enrollment_token"], n=1, price=3_600_000)
+    job = as_json(rs(address, "job", "submit", "--json", "--", "python", "train.py"))
+    a = agent.next_of("assignment")
+    agent.start(a.job, a.attempt)
+    agent.finish(a.job, a.attempt, exit_code=0, energy=180_000)
+    deadline = time.monotonic() + 10
+    while as_json(rs(address, "job", "get", job["name"], "--json"))["state"] != "SUCCEEDED":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    live = as_json(rs(address, "farm", "earnings", "--json"))
+    assert any(micros(r.get("revenue_micros")) > 0 for r in live["rows"])
+    db_url = running_broker.broker.config.resolved_db_url()
+    assert as_json(rs(address, "farm", "earnings", "--db", db_url, "--json")) == live
+    running_broker.stop()
+
+    cwd = tmp_path / "cwd"
+    (cwd / ".rigshift" / "demo" / "broker").mkdir(parents=True)
+    import shutil
+
+    shutil.copy(
+        db_url.removeprefix("sqlite:///"), cwd / ".rigshift" / "demo" / "broker" / "broker.db"
+    )
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("RIGSHIFT_BROKER", raising=False)
+    offline = CliRunner().invoke(main, ["farm", "earnings", "--json"])
+    assert json.loads(ok(offline).stdout) == live
+    assert "reading the local database .rigshift/demo/broker/broker.db" in offline.stderr
+    ledger = ok(CliRunner().invoke(main, ["admin", "verify-ledger"]))
+    assert ledger.stdout.startswith("ledger OK") and "last demo's database" in ledger.stderr
+    # An explicit --broker means that broker: no silent fallback to a file.
+    failed(CliRunner().invoke(main, ["farm", "earnings", "--broker", "127.0.0.1:1"]))
