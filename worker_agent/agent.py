@@ -54,6 +54,7 @@ from worker_agent.gpu import GpuBackend, open_backend
 from worker_agent.metrics import AgentMetrics, serve_metrics
 from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import AttemptKey, Outbox
+from worker_agent.sandbox import policy_for
 from worker_agent.state import Identity, load_identity, save_identity
 from worker_agent.workdir import Workspace
 
@@ -219,6 +220,7 @@ class Agent:
                 dashboard=cfg.ray_dashboard,
                 flush_s=cfg.report_flush_s,
                 kill_grace_s=cfg.cancel_grace_s,
+                sandbox=policy_for(cfg),
             )
         await self.executor.start()
         self.runner = AttemptRunner(

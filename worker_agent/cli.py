@@ -179,17 +179,36 @@ def run_command(
 
 @agent_group.command("gpus")
 @click.option("--simulate", default="", metavar="SPEC", help="Show a simulated rig instead.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".rigshift/agent"),
+    show_default=True,
+    help="State directory of the agent running on this rig (for each GPU's state).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per GPU.")
-def gpus_command(simulate: str, as_json: bool) -> None:
-    """List the GPUs the agent would register (NVML, or simulated without a driver)."""
-    from worker_agent.gpu import open_backend
+def gpus_command(simulate: str, state_dir: Path, as_json: bool) -> None:
+    """List the GPUs the agent would register (NVML, or simulated without a driver).
+
+    When an agent runs with this --state-dir, each GPU also shows what it does
+    (ai, mining or idle) and, with a [mining] config, AI revenue per kWh next to
+    mining revenue per kWh and the energy spent mining.
+    """
+    from worker_agent.gpu import Load, open_backend
+    from worker_agent.mining import read_status
 
     try:
         backend = open_backend(simulate)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
+    status = read_status(state_dir)
     try:
         for gpu in backend.gpus():
+            live = status.get(gpu.index, {})
+            # A simulated rig draws what its agent makes it do (NVML ignores this).
+            load = {"mining": Load.MINING, "ai": Load.TRAINING}.get(live.get("state", ""))
+            if load is not None:
+                backend.set_load([gpu.index], load)
             t = backend.telemetry(gpu.index)
             row = {
                 "index": gpu.index,
@@ -201,15 +220,36 @@ def gpus_command(simulate: str, as_json: bool) -> None:
                 "power_watts": round(t.power_watts, 1),
                 "temperature_celsius": t.temperature_celsius,
                 "backend": backend.name,
+                "state": live.get("state", "no agent"),
             }
+            if live.get("miner"):
+                row.update(
+                    {
+                        k: live[k]
+                        for k in (
+                            "preference",
+                            "advertise",
+                            "ai_usd_per_kwh",
+                            "mining_usd_per_kwh",
+                            "mining_joules",
+                        )
+                    }
+                )
             if as_json:
                 click.echo(json.dumps(row))
-            else:
-                click.echo(
-                    f"{gpu.index:>2}  {gpu.model:<12} {gpu.vram_mb:>6} MiB  "
-                    f"{gpu.power_limit_watts:>4} W  PCIe x{gpu.pcie_link_width:<2}  "
-                    f"{t.power_watts:6.1f} W now  {gpu.uuid}  ({backend.name})"
+                continue
+            line = (
+                f"{gpu.index:>2}  {gpu.model:<12} {gpu.vram_mb:>6} MiB  "
+                f"{gpu.power_limit_watts:>4} W  PCIe x{gpu.pcie_link_width:<2}  "
+                f"{t.power_watts:6.1f} W now  {gpu.uuid}  ({backend.name})  {row['state']}"
+            )
+            if live.get("miner"):
+                line += (
+                    f"  [AI ${live['ai_usd_per_kwh']}/kWh vs mining "
+                    f"${live['mining_usd_per_kwh']}/kWh: {live['preference']} preferred; "
+                    f"{live['mining_joules'] / 3_600_000:.3f} kWh mined]"
                 )
+            click.echo(line)
     finally:
         backend.close()
 

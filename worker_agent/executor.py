@@ -36,6 +36,11 @@ state directory (created for a local head), refreshes Ray's cached config if
 Ray was already imported, and removes the token variables from the jobs'
 environment. ``ray`` is imported only when an executor starts.
 
+Job isolation: an executor given a :class:`~worker_agent.sandbox.SandboxPolicy`
+resolves it when it starts (logging what is in effect) and every attempt runs
+through :func:`worker_agent.sandbox.wrap`, with its working directory and its
+``$RIGSHIFT_CHECKPOINT_DIR`` writable. Without a policy jobs run unwrapped.
+
 :class:`LocalExecutor` runs the same generator in a thread of the agent, without
 Ray: the agent's unit tests use it, and the benchmark uses it as the baseline.
 """
@@ -62,6 +67,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from worker_agent.process import ProcEvent, ProcExited, ProcStarted, descendants, run_process
+from worker_agent.sandbox import Isolation, SandboxPolicy, resolve
 from worker_agent.workdir import pack_directory
 
 __all__ = [
@@ -136,6 +142,23 @@ def job_environment(
     return env
 
 
+def _writable(spec: LaunchSpec) -> tuple[str, ...]:
+    """Directories besides the working directory a job may write: its checkpoint directory."""
+    checkpoint_dir = spec.env.get("RIGSHIFT_CHECKPOINT_DIR", "")
+    return (checkpoint_dir,) if checkpoint_dir else ()
+
+
+async def _resolve_isolation(policy: SandboxPolicy | None) -> Isolation | None:
+    """Check what isolation this rig gives (runs bwrap once) and log it."""
+    if policy is None:
+        return None
+    isolation = await asyncio.to_thread(resolve, policy)
+    for note in isolation.notes:
+        log.warning("%s", note)
+    log.info("%s", isolation.describe())
+    return isolation
+
+
 class Execution(Protocol):
     """A launched attempt."""
 
@@ -170,7 +193,9 @@ class Executor(Protocol):
 
 
 class _ThreadExecution:
-    def __init__(self, spec: LaunchSpec, flush_s: float, kill_grace_s: float) -> None:
+    def __init__(
+        self, spec: LaunchSpec, flush_s: float, kill_grace_s: float, isolation: Isolation | None
+    ) -> None:
         self._stop = threading.Event()
         self._queue: asyncio.Queue[ProcEvent] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -182,6 +207,8 @@ class _ThreadExecution:
             flush_s=flush_s,
             kill_grace_s=kill_grace_s,
             stop=self._stop,
+            isolation=isolation,
+            writable=_writable(spec),
         )
 
         def pump() -> None:
@@ -207,16 +234,25 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, *, flush_s: float = 0.1, kill_grace_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        flush_s: float = 0.1,
+        kill_grace_s: float = 2.0,
+        sandbox: SandboxPolicy | None = None,
+    ) -> None:
         self._flush_s = flush_s
         self._kill_grace_s = kill_grace_s
+        self._sandbox = sandbox
+        self.isolation: Isolation | None = None
 
     async def start(self) -> None:
-        """Nothing to start."""
+        """Resolve the job isolation (nothing else to start)."""
+        self.isolation = await _resolve_isolation(self._sandbox)
 
     def launch(self, spec: LaunchSpec) -> Execution:
         """Spawn the process from a thread of the agent."""
-        return _ThreadExecution(spec, self._flush_s, self._kill_grace_s)
+        return _ThreadExecution(spec, self._flush_s, self._kill_grace_s, self.isolation)
 
     async def close(self) -> None:
         """Nothing to stop (attempts are cancelled by the agent)."""
@@ -267,6 +303,8 @@ def _ray_entry(
     kill_grace_s: float,
     ray_binds_gpus: bool,
     archive: bytes | None = None,
+    isolation: Isolation | None = None,
+    writable: tuple[str, ...] = (),
 ) -> Any:
     """Body of the Ray task: run the process where Ray placed us, yield its events.
 
@@ -284,6 +322,8 @@ def _ray_entry(
             max_duration_s=max_duration_s,
             flush_s=flush_s,
             kill_grace_s=kill_grace_s,
+            isolation=isolation,
+            writable=writable,
         )
         return
     with tempfile.TemporaryDirectory(prefix="rigshift-attempt-") as work:
@@ -302,6 +342,8 @@ def _ray_entry(
             max_duration_s=max_duration_s,
             flush_s=flush_s,
             kill_grace_s=kill_grace_s,
+            isolation=isolation,
+            writable=writable,
         )
 
 
@@ -382,6 +424,7 @@ class RayExecutor:
         flush_s: float = 0.1,
         kill_grace_s: float = 2.0,
         temp_dir: str | None = None,
+        sandbox: SandboxPolicy | None = None,
     ) -> None:
         self.gpu_count = gpu_count
         self.address = address
@@ -390,6 +433,8 @@ class RayExecutor:
         self.flush_s = flush_s
         self.kill_grace_s = kill_grace_s
         self.temp_dir = temp_dir
+        self.sandbox = sandbox
+        self.isolation: Isolation | None = None
         self.dashboard_url = ""
         self._ray: Any = None
         self._remote: Any = None
@@ -403,7 +448,8 @@ class RayExecutor:
         return not self.address
 
     async def start(self) -> None:
-        """Start (or join) Ray with token auth, then warm one worker per GPU."""
+        """Resolve the job isolation, start (or join) Ray with token auth, warm the workers."""
+        self.isolation = await _resolve_isolation(self.sandbox)
         t0 = time.monotonic()
         await asyncio.to_thread(self._start_blocking)
         await self._warm()
@@ -521,6 +567,8 @@ class RayExecutor:
             self.kill_grace_s,
             not self._pinned,
             archive,
+            self.isolation,
+            _writable(spec),
         )
 
     def launch(self, spec: LaunchSpec) -> Execution:

@@ -15,6 +15,11 @@ Every process gets its own session and, through ``setpriv --pdeathsig TERM``,
 a SIGTERM if the process that started the fleet dies; stopping sends SIGTERM
 (the graceful drain), waits, then SIGKILLs whatever is left of each process
 tree, including Ray processes that outlived their agent.
+
+Agents run their jobs without job isolation (``--sandbox none``, as the user
+who runs the fleet) unless ``start_agent`` is told otherwise: the jobs of the
+tests, the demo and the benchmarks are the caller's own code, run with the
+caller's Python and writing into shared directories the caller then reads.
 """
 
 from __future__ import annotations
@@ -224,7 +229,12 @@ class LocalFleet:
     def start_agent(
         self, name: str, token: str, *extra: str, broker: str = "", **options: object
     ) -> ManagedProcess:
-        """``rigshift agent run`` with its state under root/agents/NAME; returns at once."""
+        """``rigshift agent run`` with its state under root/agents/NAME; returns at once.
+
+        Jobs run unsandboxed as the caller (see the module docstring); pass e.g.
+        ``sandbox="auto", job_user=""`` for the isolation of a real rig.
+        """
+        options = {"sandbox": "none", "job_user": _current_user(), **options}
         argv = [
             *rigshift_argv(),
             "agent",
@@ -306,6 +316,15 @@ def _drain_pipe(p: ManagedProcess) -> None:
         for raw in p.proc.stdout:
             f.write(raw)
             f.flush()
+
+
+def _current_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return ""
 
 
 def _flags(options: dict[str, object]) -> list[str]:

@@ -15,6 +15,12 @@ KILL`` (when util-linux has it) so that it dies with the worker that started it
 if that worker is killed. When the
 generator is closed or interrupted (Ray's cancel raises inside it) the
 ``finally`` sends SIGTERM to the tree, waits ``kill_grace_s`` and sends SIGKILL.
+
+With an :class:`~worker_agent.sandbox.Isolation` the job runs in a bubblewrap
+sandbox and/or as the job user (``sandbox.py``); the pid it reports is then
+bwrap's. A cancel sends SIGTERM to the job's processes but not to bwrap (whose
+death would end the whole sandbox at once, leaving the job no grace), then
+SIGKILL to bwrap, which takes the job's pid namespace with it.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+from worker_agent.sandbox import Isolation, exit_status, for_this_host, prepare_dirs, wrap
 
 __all__ = [
     "ProcEvent",
@@ -104,19 +112,34 @@ def run_process(
     flush_s: float = 0.1,
     kill_grace_s: float = 2.0,
     stop: threading.Event | None = None,
+    isolation: Isolation | None = None,
+    writable: Sequence[str] = (),
 ) -> Iterator[ProcEvent]:
     """Spawn ``argv`` and yield its events until it exits (see the module docstring).
 
     ``stop``, when set, ends the process like a cancel (used by ``LocalExecutor``);
     ``max_duration_s`` > 0 kills it after that long with a "time limit" message.
+    ``isolation`` runs it sandboxed (see ``sandbox.py``) with ``cwd`` and the
+    ``writable`` directories that exist (its checkpoint directory) writable.
     """
     if not argv or _resolve(argv[0], env, cwd) is None:
         yield ProcExited(127, f"failed to start: {argv[:1]} not found or not executable")
         return
+    command = list(argv)
+    spare_leader = False
+    if isolation is not None and isolation.active:
+        dirs = [cwd, *(w for w in writable if os.path.isdir(w))]
+        try:
+            prepare_dirs(isolation, dirs)
+        except OSError as err:
+            yield ProcExited(127, f"failed to start: cannot prepare the job's directories: {err}")
+            return
+        command = wrap(argv, cwd=cwd, writable=dirs[1:], isolation=for_this_host(isolation))
+        spare_leader = bool(isolation.bwrap)
     prefix = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
     try:
         proc = subprocess.Popen(
-            [*prefix, *argv],
+            [*prefix, *command],
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -142,14 +165,14 @@ def run_process(
             if proc.poll() is not None:
                 break  # the leader exited; leftovers holding the pipe are killed below
             if stop is not None and stop.is_set():
-                kill_tree(proc, kill_grace_s)
+                kill_tree(proc, kill_grace_s, spare_leader=spare_leader)
                 message = "cancelled"
                 break
             if deadline is not None and time.monotonic() > deadline:
-                kill_tree(proc, kill_grace_s)
+                kill_tree(proc, kill_grace_s, spare_leader=spare_leader)
                 message = f"time limit of {max_duration_s:g} s exceeded"
                 break
-        code = proc.wait()
+        code = exit_status(proc.wait(), isolation)
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)  # background leftovers of the job's group
         reader.join(timeout=1.0)
@@ -159,7 +182,7 @@ def run_process(
         yield ProcExited(code, message)
     finally:
         if proc.poll() is None:
-            kill_tree(proc, kill_grace_s)
+            kill_tree(proc, kill_grace_s, spare_leader=spare_leader)
         with contextlib.suppress(OSError):
             proc.stdout.close()  # type: ignore[union-attr]
 
@@ -245,21 +268,28 @@ def descendants(pid: int) -> list[int]:
 
 
 def _signal_all(pgid: int, pids: list[int], sig: int) -> None:
-    with contextlib.suppress(OSError):
-        os.killpg(pgid, sig)
+    """``sig`` to the process group ``pgid`` (0: none) and to every pid in ``pids``."""
+    if pgid > 0:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, sig)
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, sig)
 
 
-def kill_tree(proc: subprocess.Popen[bytes], grace_s: float) -> int:
+def kill_tree(proc: subprocess.Popen[bytes], grace_s: float, *, spare_leader: bool = False) -> int:
     """SIGTERM the process's group and descendants, SIGKILL after ``grace_s``; its exit code.
 
     Descendants that left the process group (setsid) are found through /proc
-    before the first signal and get the same treatment.
+    before the first signal and get the same treatment. ``spare_leader``: the
+    process is a wrapper (bwrap) whose death would kill the job at once, so the
+    SIGTERM goes to its descendants only; the SIGKILL goes to all.
     """
     pids = descendants(proc.pid)
-    _signal_all(proc.pid, pids, signal.SIGTERM)
+    if spare_leader:
+        _signal_all(0, pids, signal.SIGTERM)
+    else:
+        _signal_all(proc.pid, pids, signal.SIGTERM)
     try:
         return proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:

@@ -493,3 +493,43 @@ def test_agent_mines_when_idle_and_stops_the_miner_for_an_assignment(tmp_path: P
     finally:
         client.close()
         rb.stop()
+
+
+def test_agent_gpus_shows_what_the_running_agent_does(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from worker_agent.cli import agent_group
+
+    clock = FakeClock()
+    backend = SimulatedBackend("RTX3090x2", clock=clock)
+    cfg = MiningConfig(command=miner_command(tmp_path), revenue_micros_per_kwh=800_000)
+    sup = MiningSupervisor(
+        cfg,
+        backend,
+        EnergyMeter(backend, clock=clock),
+        asks_micros_per_gpu_hour={0: 250_000, 1: 250_000},
+        state_dir=tmp_path,
+        clock=clock,
+    )
+
+    def gpus(*args: str) -> str:
+        result = CliRunner().invoke(
+            agent_group, ["gpus", "--simulate", "RTX3090x2", "--state-dir", str(tmp_path), *args]
+        )
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert [json.loads(r)["state"] for r in gpus("--json").splitlines()] == ["no agent"] * 2
+
+    async def main() -> None:
+        sup.tick({1})  # mining ($0.80/kWh) beats AI ($0.714/kWh) from the start: mine at once
+        rows = [json.loads(r) for r in gpus("--json").splitlines()]
+        assert [r["state"] for r in rows] == ["mining", "ai"]
+        assert rows[0]["power_watts"] == 333.8  # the simulated mining draw
+        assert rows[0]["mining_usd_per_kwh"] == "0.800" and rows[0]["ai_usd_per_kwh"] == "0.714"
+        assert rows[0]["preference"] == "mining" and rows[0]["advertise"] is False
+        text = gpus()
+        assert "mining  [AI $0.714/kWh vs mining $0.800/kWh: mining preferred" in text
+        await sup.close()
+
+    asyncio.run(main())
