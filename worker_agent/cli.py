@@ -94,6 +94,16 @@ class _RequiredUnlessConfig(click.Option):
     show_default=True,
     help="local: plain subprocesses without Ray (benchmark baseline; no Ray GPU binding).",
 )
+@click.option(
+    "--sandbox",
+    type=click.Choice(["auto", "bwrap", "none"]),
+    help="Job isolation: bwrap, none, or auto (bwrap when it works here) [default: auto].",
+)
+@click.option(
+    "--job-user",
+    metavar="USER",
+    help="User a root agent runs jobs as [default: rigshift-job if it exists, else nobody].",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def run_command(
     config_file: Path | None,
@@ -110,6 +120,8 @@ def run_command(
     lease_ttl_s: float | None,
     drain_grace_s: float | None,
     executor: str,
+    sandbox: str | None,
+    job_user: str | None,
     log_level: str,
 ) -> None:
     """Register this rig with the broker and run the jobs it assigns, until SIGTERM.
@@ -127,6 +139,7 @@ def run_command(
     from worker_agent.config import AgentConfig, ConfigError, load_config_file
     from worker_agent.executor import LocalExecutor
     from worker_agent.gpu import parse_spec
+    from worker_agent.sandbox import SandboxError, policy_for
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -144,6 +157,8 @@ def run_command(
         "heartbeat_interval_s": heartbeat_interval_s,
         "lease_ttl_s": lease_ttl_s,
         "drain_grace_s": drain_grace_s,
+        "sandbox": sandbox,
+        "job_user": job_user,
     }
     try:
         values = load_config_file(config_file) if config_file else {}
@@ -158,7 +173,8 @@ def run_command(
         raise click.UsageError(str(err)) from err
 
     async def main() -> None:
-        agent = Agent(config, executor=LocalExecutor() if executor == "local" else None)
+        local = LocalExecutor(sandbox=policy_for(config)) if executor == "local" else None
+        agent = Agent(config, executor=local)
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:
@@ -173,7 +189,7 @@ def run_command(
 
     try:
         asyncio.run(main())
-    except AgentError as err:
+    except (AgentError, SandboxError) as err:
         raise click.ClickException(str(err)) from err
 
 

@@ -216,6 +216,13 @@ class AgentConfig:
     max_checkpoint_bytes: int = 256 << 20
     """Largest checkpoint archive the agent uploads (it is packed in memory)."""
 
+    sandbox: str = "auto"
+    """Job isolation: ``bwrap`` (refuse to start without a working bubblewrap), ``auto`` (bwrap
+    when installed and working, else none with a warning) or ``none`` (see ``sandbox.py``)."""
+
+    job_user: str = ""
+    """User a root agent runs jobs as; empty: ``rigshift-job`` if it exists, else ``nobody``."""
+
     agent_version: str = "rigshift-agent/0.1.0"
     """Version string sent at registration."""
 
@@ -242,6 +249,8 @@ class AgentConfig:
             )
         if self.reconnect_min_s > self.reconnect_max_s:
             problems.append("reconnect_min_s must not exceed reconnect_max_s")
+        if self.sandbox not in ("auto", "bwrap", "none"):
+            problems.append(f"sandbox must be auto, bwrap or none, got {self.sandbox!r}")
         if not problems:
             try:
                 check_heartbeat(self.heartbeat_interval_s, self.lease_ttl_s)
