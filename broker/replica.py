@@ -46,7 +46,7 @@ from sqlalchemy.pool import NullPool
 
 from broker.metrics import default_registry, most_common_model
 from broker.metrics_http import MetricsServer
-from broker.server import SERVICE_NAMES, Broker, BrokerConfig, server_credentials
+from broker.server import SERVICE_NAMES, Broker, BrokerConfig, bind
 from broker.store import Store
 from rigshift.v1 import (
     admin_service_pb2,
@@ -274,13 +274,7 @@ class ReplicaBroker:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers((_Forwarder(self._leader_channel),))
-        creds = server_credentials(cfg)
-        if creds is not None:
-            self.port = server.add_secure_port(cfg.listen, creds)
-        else:
-            self.port = server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.listen}")
+        self.port = bind(server, cfg)
         await self._set_health(False)
         await server.start()
         if cfg.metrics_listen:

@@ -46,7 +46,7 @@ from rigshift.v1 import (
     worker_service_pb2_grpc,
 )
 
-__all__ = ["SERVICE_NAMES", "Broker", "BrokerConfig", "server_credentials"]
+__all__ = ["SERVICE_NAMES", "Broker", "BrokerConfig", "bind", "server_credentials"]
 
 log = logging.getLogger("rigshift.broker")
 
@@ -132,6 +132,18 @@ def server_credentials(cfg: BrokerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def bind(server: grpc.aio.Server, cfg: BrokerConfig) -> int:
+    """Add ``cfg.listen`` to the server, with TLS when configured; the port it got."""
+    creds = server_credentials(cfg)
+    if creds is not None:
+        port = server.add_secure_port(cfg.listen, creds)
+    else:
+        port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {cfg.listen}")
+    return port
+
+
 class Broker:
     """One broker: store, core, servicers and loops. Use ``async with`` or start()/stop()."""
 
@@ -208,13 +220,7 @@ class Broker:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        creds = server_credentials(cfg)
-        if creds is not None:
-            self.port = server.add_secure_port(cfg.listen, creds)
-        else:
-            self.port = server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.listen}")
+        self.port = bind(server, cfg)
         await server.start()
         self._first_admin_key(svc)
         for name in ("", *SERVICE_NAMES):
