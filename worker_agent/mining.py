@@ -387,9 +387,9 @@ class MiningSupervisor:
             self._reap(gpu, self._clock())
         now = self._clock()
         for i in indices:
-            gpu = self.gpus.get(i)
-            if gpu is not None and gpu.arbitration.state != GpuState.AI:
-                gpu.arbitration = replace(gpu.arbitration, state=GpuState.AI, since=now)
+            held = self.gpus.get(i)
+            if held is not None and held.arbitration.state != GpuState.AI:
+                held.arbitration = replace(held.arbitration, state=GpuState.AI, since=now)
         self._write_status(force=True)
 
     async def close(self) -> None:
