@@ -46,7 +46,7 @@ from sqlalchemy.pool import NullPool
 
 from broker.metrics import default_registry, most_common_model
 from broker.metrics_http import MetricsServer
-from broker.server import SERVICE_NAMES, Broker, BrokerConfig, bind
+from broker.server import SERVICE_NAMES, Broker, BrokerConfig, HealthWithTime, bind
 from broker.store import Store
 from rigshift.v1 import (
     admin_service_pb2,
@@ -271,7 +271,7 @@ class ReplicaBroker:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ]
         server = self._server = grpc.aio.server(options=options)
-        self._health = health.aio.HealthServicer()
+        self._health = HealthWithTime()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers((_Forwarder(self._leader_channel),))
         self.port = bind(server, cfg)

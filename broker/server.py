@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,15 @@ from rigshift.v1 import (
     worker_service_pb2_grpc,
 )
 
-__all__ = ["SERVICE_NAMES", "Broker", "BrokerConfig", "bind", "server_credentials"]
+__all__ = [
+    "SERVER_TIME_KEY",
+    "SERVICE_NAMES",
+    "Broker",
+    "BrokerConfig",
+    "HealthWithTime",
+    "bind",
+    "server_credentials",
+]
 
 log = logging.getLogger("rigshift.broker")
 
@@ -119,6 +128,19 @@ class BrokerConfig:
             return self.db_url
         Path(self.home).mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{Path(self.home) / 'broker.db'}"
+
+
+SERVER_TIME_KEY = "rigshift-server-time"
+"""Initial metadata of every health check: the broker's clock (Unix seconds), for
+``rigshift agent doctor``'s clock-skew check; reading it has no side effects."""
+
+
+class HealthWithTime(health.aio.HealthServicer):
+    """The standard health service, plus the broker's time in the initial metadata."""
+
+    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+        await context.send_initial_metadata(((SERVER_TIME_KEY, f"{time.time():.6f}"),))
+        return await super().Check(request, context)
 
 
 def server_credentials(cfg: BrokerConfig) -> grpc.ServerCredentials | None:
@@ -215,7 +237,7 @@ class Broker:
             ArtifactServicer(svc, artifacts), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(svc), server)
-        self._health = health.aio.HealthServicer()
+        self._health = HealthWithTime()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

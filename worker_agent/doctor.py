@@ -10,18 +10,18 @@ and never raises; :func:`run_checks` runs them in order::
     tls      TLS handshake verified with --tls-ca, or which plaintext this is
     ray      Ray importable in this Python, its version, token authentication possible
     shm      free /dev/shm for Ray's object store
-    clock    the kernel's NTP synchronisation state (adjtimex)
+    clock    skew against the broker's clock, and the kernel's NTP state (adjtimex)
     disk     free space where the agent keeps working directories and checkpoints
 
 A FAIL means the agent would not work (or would register fake GPUs); a WARN is
 worth knowing but does not stop it. ``rigshift agent doctor`` exits 1 on any FAIL.
 
-Clock: the broker's clock is not compared. No RPC returns it without side effects:
-``Heartbeat`` answers the lease expiry (broker time + its TTL, which the doctor does
-not know), and a heartbeat from the doctor would bring a stopped agent's worker back
-online, so the scheduler could assign it work that nobody runs. The broker takes
-every time it records from its own clock, so the local check is about log and
-certificate times.
+Clock: the broker sends its clock (``rigshift-server-time``) in the initial metadata
+of every gRPC health check, which has no side effects (a Heartbeat would bring a
+stopped agent's worker back online). The doctor takes the midpoint of the round trip
+as "now" here; the skew must stay under a few seconds (leases are 15 s, TLS
+certificates and logs need the right time). Without a reachable broker only the
+kernel's NTP state is checked.
 """
 
 from __future__ import annotations
@@ -534,13 +534,68 @@ def read_adjtimex() -> tuple[int, int, int, int]:
     return state, status, maxerror, esterror
 
 
-def check_clock(read: Callable[[], tuple[int, int, int, int]] = read_adjtimex) -> Finding:
-    """The kernel's NTP synchronisation state; the broker's clock is not compared (see module)."""
-    note = "broker clock not compared (no side-effect-free RPC returns it)"
+#: Clock skew against the broker above which the clock check WARNs, and FAILs.
+SKEW_WARN_S = 2.0
+SKEW_FAIL_S = 30.0
+
+
+def broker_clock_offset(inp: DoctorInput) -> float | None:
+    """Broker clock minus this rig's, in seconds, from one health check; None if unknown."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if ":" not in inp.broker_address:
+        return None
+    try:
+        channel = (
+            grpc.secure_channel(
+                inp.broker_address,
+                grpc.ssl_channel_credentials(root_certificates=inp.tls_ca.read_bytes()),
+            )
+            if inp.tls_ca is not None
+            else grpc.insecure_channel(inp.broker_address)
+        )
+    except OSError:
+        return None
+    with channel:
+        before = time.time()
+        try:
+            _, call = health_pb2_grpc.HealthStub(channel).Check.with_call(
+                health_pb2.HealthCheckRequest(), timeout=inp.timeout_s
+            )
+        except grpc.RpcError:
+            return None
+        after = time.time()
+    for key, value in call.initial_metadata() or ():
+        if key == "rigshift-server-time":
+            try:
+                return float(value) - (before + after) / 2
+            except ValueError:
+                return None
+    return None  # an older broker: it does not send its time
+
+
+def check_clock(
+    read: Callable[[], tuple[int, int, int, int]] = read_adjtimex,
+    offset_s: float | None = None,
+) -> Finding:
+    """The broker's clock against this rig's (``offset_s``) and the kernel's NTP state."""
     fix = (
         "enable time synchronisation: `timedatectl set-ntp true` (systemd-timesyncd) "
         "or install chrony"
     )
+    if offset_s is None:
+        note = "broker clock not compared (broker not reachable)"
+    else:
+        note = f"broker clock {offset_s:+.3f} s from this rig's"
+        if abs(offset_s) > SKEW_WARN_S:
+            return Finding(
+                "clock",
+                "FAIL" if abs(offset_s) > SKEW_FAIL_S else "WARN",
+                f"this rig's clock is {abs(offset_s):.1f} s "
+                f"{'behind' if offset_s > 0 else 'ahead of'} the broker's",
+                fix,
+            )
     if sys.platform != "linux" or struct.calcsize("P") != 8:
         return Finding("clock", "WARN", f"cannot read the NTP state here; {note}", fix)
     try:
@@ -628,6 +683,6 @@ def run_checks(
     add(check_tls(inp))
     add(check_ray(inp))
     add(check_shm())
-    add(check_clock())
+    add(check_clock(offset_s=broker_clock_offset(inp)))
     add(check_disk(inp.state_dir))
     return findings

@@ -23,6 +23,7 @@ from worker_agent.doctor import (
     GIB,
     DoctorInput,
     Finding,
+    broker_clock_offset,
     check_clock,
     check_disk,
     check_gpu,
@@ -275,6 +276,19 @@ def test_clock_from_the_kernel_ntp_state() -> None:
     unsynced = check_clock(read=lambda: (5, 0x40, 16_000_000, 16_000_000))
     assert unsynced.status == "WARN" and "unsynchronised" in unsynced.finding
     assert "chrony" in unsynced.fix
+
+
+def test_clock_skew_against_the_broker(broker_address: str) -> None:
+    """The real broker sends its time with the health check: same machine, so ~0 skew."""
+    offset = broker_clock_offset(DoctorInput(broker_address=broker_address))
+    assert offset is not None and abs(offset) < 1.0
+    synced = (0, 0x2001, 52_000, 1_500)
+    near = check_clock(read=lambda: synced, offset_s=offset)
+    assert near.status == "PASS" and "broker clock" in near.finding
+    assert check_clock(read=lambda: synced, offset_s=5.0).status == "WARN"
+    behind = check_clock(read=lambda: synced, offset_s=120.0)
+    assert behind.status == "FAIL" and "120.0 s behind the broker's" in behind.finding
+    assert broker_clock_offset(DoctorInput(broker_address="127.0.0.1:1", timeout_s=1)) is None
 
 
 def test_disk_thresholds(tmp_path: Path) -> None:
