@@ -1,0 +1,337 @@
+"""Chaos: kill -9 the broker and rigs while jobs run; nothing is lost, run twice or billed twice.
+
+The scenario (:func:`run_chaos`) is shared by the CI test (``tests/chaos/``) and
+this command, which runs it longer. A real broker process (SQLite), K real agent
+processes (simulated RTX3090x2 rigs, the ``local`` executor), N one-GPU jobs of
+1-3 s. While they run, the broker is killed with SIGKILL B times and restarted
+on the same database and port, and a rig (the agent and every process it
+started, as when a rig loses power) is killed A times and restarted with its
+saved identity; the kills come in random order, 1.5-3 s apart. Each job process
+writes its start and a heartbeat every 50 ms into a shared directory, so the
+runs of a job can be checked for overlap afterwards. Figures:
+
+- jobs by final state, and the time from the first submission until every job
+  was terminal (and from the last kill);
+- attempts per job (mean, max, how many jobs needed more than one);
+- the largest number of processes of one job that ran at the same time (must be 1);
+- ``rigshift admin verify-ledger``: the ledger balances, every ended attempt is
+  settled exactly once.
+
+Usage::
+
+    python benchmarks/chaos.py --jobs 200 --agents 3 --broker-kills 5 --agent-kills 8 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker_agent.fleet import LocalFleet, ManagedProcess
+
+__all__ = ["ChaosPlan", "ChaosReport", "max_overlap", "run_chaos"]
+
+#: What each job runs: record its start, then a heartbeat every 50 ms until its time is up.
+JOB = r"""
+import os, sys, time, pathlib
+out = pathlib.Path(sys.argv[1])
+seconds = float(sys.argv[2])
+tag = f"{os.environ['RIGSHIFT_JOB_ID']}.{os.environ['RIGSHIFT_ATTEMPT']}.{os.getpid()}"
+(out / f"{tag}.start").write_text(repr(time.time()))
+alive = out / f"{tag}.alive"
+end = time.time() + seconds
+while time.time() < end:
+    alive.write_text(repr(time.time()))
+    time.sleep(0.05)
+alive.write_text(repr(time.time()))
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosPlan:
+    """How big and how violent a run is."""
+
+    jobs: int = 50
+    agents: int = 3
+    broker_kills: int = 2
+    agent_kills: int = 3
+    seed: int = 7
+    gap_s: tuple[float, float] = (1.5, 3.0)
+    """Pause before each kill, drawn uniformly from this range."""
+    settle_timeout_s: float = 240.0
+    """How long the jobs may take to become terminal after the last kill."""
+    lease_ttl_s: int = 5
+    heartbeat_interval_s: int = 1
+
+
+@dataclass(slots=True)
+class ChaosReport:
+    """What a run measured (see the module docstring)."""
+
+    plan: dict[str, Any]
+    states: dict[str, int] = field(default_factory=dict)
+    not_succeeded: dict[str, str] = field(default_factory=dict)
+    all_terminal: bool = False
+    seconds_to_all_terminal: float = 0.0
+    seconds_after_last_kill: float = 0.0
+    broker_kills_done: int = 0
+    agent_kills_done: int = 0
+    attempts: int = 0
+    attempts_per_job_mean: float = 0.0
+    attempts_per_job_max: int = 0
+    jobs_with_retries: int = 0
+    jobs_that_ran: int = 0
+    max_concurrent_runs_per_job: int = 0
+    overlaps: list[str] = field(default_factory=list)
+    ledger_ok: bool = False
+    ledger_output: str = ""
+    leftover_processes: list[str] = field(default_factory=list)
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of intervals that overlap at one instant (touching ends do not)."""
+    points = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    best = now = 0
+    for _, step in points:  # at equal times -1 sorts first: an end frees before a start
+        now += step
+        best = max(best, now)
+    return best
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _kill_tree(p: ManagedProcess) -> None:
+    """SIGKILL a process and everything it started, at once (a rig losing power)."""
+    for pid in [p.proc.pid, *p.live_tree()]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    p.proc.wait(timeout=10)
+
+
+def _runs(out: Path) -> dict[str, list[tuple[float, float, str]]]:
+    """Each job's runs as (began, last heartbeat, label), from the files its processes wrote."""
+    runs: dict[str, list[tuple[float, float, str]]] = {}
+    for start in out.glob("*.start"):
+        job_id, attempt, pid = start.name.split(".")[:3]
+        alive = start.with_name(f"{job_id}.{attempt}.{pid}.alive")
+        began = float(start.read_text())
+        ended = float(alive.read_text()) if alive.exists() else began
+        runs.setdefault(job_id, []).append((began, ended, f"attempt {attempt} pid {pid}"))
+    return runs
+
+
+def _verify_ledger(broker_home: Path) -> tuple[bool, str]:
+    from click.testing import CliRunner
+
+    from broker.cli import admin_group
+
+    result = CliRunner().invoke(admin_group, ["verify-ledger", "--home", str(broker_home)])
+    return result.exit_code == 0 and "settled exactly once" in result.output, result.output
+
+
+def run_chaos(
+    plan: ChaosPlan, root: Path, say: Callable[[str], None] = lambda _: None
+) -> ChaosReport:
+    """Run the scenario under ``root`` (a fresh directory) and measure it."""
+    from rigshift.v1 import job_pb2
+
+    rnd = random.Random(plan.seed)
+    report = ChaosReport(plan=asdict(plan))
+    out = root / "out"
+    out.mkdir(parents=True)
+    script = root / "job.py"
+    script.write_text(JOB)
+    listen = ("--listen", f"127.0.0.1:{_free_port()}")
+    lease = {"lease_ttl_s": plan.lease_ttl_s, "heartbeat_interval_s": plan.heartbeat_interval_s}
+    common = {**lease, "drain_grace_s": 1, "executor": "local", "simulate": "RTX3090x2"}
+    fleet = LocalFleet(root / "fleet")
+    final: dict[str, Any] = {}
+    try:
+        fleet.start_broker(*listen, **lease)
+        client = fleet.client()
+        token = client.create_farm("chaos").enrollment_token
+        agents = {
+            f"rig-{i}": fleet.start_agent(f"rig-{i}", token, **common) for i in range(plan.agents)
+        }
+        fleet.wait_workers(plan.agents)
+        t0 = time.monotonic()
+        names = []
+        for i in range(plan.jobs):
+            seconds = 1.0 + (i % 5) * 0.5
+            job = client.create_job(
+                [sys.executable, str(script), str(out), str(seconds)],
+                gpu_count=1,
+                max_attempts=20,
+                display_name=f"chaos-{i}",
+            )
+            names.append(job.name)
+        say(f"{plan.jobs} jobs submitted in {time.monotonic() - t0:.1f} s")
+
+        # The chaos: interleave broker and rig kills while the queue drains.
+        events = ["broker"] * plan.broker_kills + ["rig"] * plan.agent_kills
+        rnd.shuffle(events)
+        for what in events:
+            time.sleep(rnd.uniform(*plan.gap_s))
+            if what == "broker":
+                fleet.broker.proc.send_signal(signal.SIGKILL)
+                fleet.broker.proc.wait(timeout=10)
+                fleet.processes.remove(fleet.broker)
+                report.broker_kills_done += 1
+                time.sleep(rnd.uniform(0.5, 1.5))
+                fleet.start_broker(*listen, **lease)
+                say(f"{time.monotonic() - t0:6.1f} s  broker killed and restarted")
+            else:
+                name = rnd.choice(sorted(agents))
+                _kill_tree(agents[name])
+                fleet.processes.remove(agents[name])
+                report.agent_kills_done += 1
+                time.sleep(rnd.uniform(0.2, 1.0))
+                agents[name] = fleet.start_agent(name, token, **common)
+                say(f"{time.monotonic() - t0:6.1f} s  {name} killed and restarted")
+        last_kill = time.monotonic()
+
+        # Everything settles.
+        terminal = {job_pb2.Job.SUCCEEDED, job_pb2.Job.FAILED, job_pb2.Job.CANCELLED}
+        deadline = last_kill + plan.settle_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                jobs = {j.name: j for j in client.iter_jobs()}
+            except Exception:  # the restarted broker may still be coming up
+                time.sleep(0.5)
+                continue
+            final = {n: jobs[n] for n in names}
+            if all(j.state in terminal for j in final.values()):
+                report.all_terminal = True
+                break
+            time.sleep(0.5)
+        end = time.monotonic()
+        report.seconds_to_all_terminal = round(end - t0, 1)
+        report.seconds_after_last_kill = round(end - last_kill, 1)
+        say(f"{end - t0:6.1f} s  all terminal: {report.all_terminal}")
+    finally:
+        fleet.stop()
+    report.leftover_processes = [str(p) for p in fleet.leftovers()]
+
+    states = Counter(job_pb2.Job.State.Name(j.state) for j in final.values())
+    report.states = dict(states)
+    report.not_succeeded = {
+        n: f"{job_pb2.Job.State.Name(j.state)}: {j.status_message}"
+        for n, j in final.items()
+        if j.state != job_pb2.Job.SUCCEEDED
+    }
+    per_job = [len(j.attempts) for j in final.values()]
+    if per_job:
+        report.attempts = sum(per_job)
+        report.attempts_per_job_mean = round(sum(per_job) / len(per_job), 2)
+        report.attempts_per_job_max = max(per_job)
+        report.jobs_with_retries = sum(1 for n in per_job if n > 1)
+
+    # No job ran in two processes at once.
+    runs = _runs(out)
+    report.jobs_that_ran = len(runs)
+    for job_id, intervals in sorted(runs.items()):
+        intervals.sort()
+        report.max_concurrent_runs_per_job = max(
+            report.max_concurrent_runs_per_job, max_overlap([(a, b) for a, b, _ in intervals])
+        )
+        for (_, a1, a), (b0, _, b) in itertools.pairwise(intervals):
+            if b0 < a1:
+                report.overlaps.append(
+                    f"job {job_id}: {a} ran until {a1:.2f} but {b} started at {b0:.2f}"
+                )
+
+    # The ledger balances and every attempt is settled exactly once.
+    report.ledger_ok, report.ledger_output = _verify_ledger(root / "fleet" / "broker")
+    return report
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scenario once and print its figures; exit status 1 when a check failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--broker-kills", type=int, default=5)
+    parser.add_argument("--agent-kills", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--settle-timeout-s", type=float, default=0, help="[default: 240 + 2 s a job]"
+    )
+    parser.add_argument("--dir", type=Path, help="keep the run's files here (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = parser.parse_args(argv)
+    plan = ChaosPlan(
+        jobs=args.jobs,
+        agents=args.agents,
+        broker_kills=args.broker_kills,
+        agent_kills=args.agent_kills,
+        seed=args.seed,
+        settle_timeout_s=args.settle_timeout_s or 240.0 + 2.0 * args.jobs,
+    )
+    with tempfile.TemporaryDirectory(prefix="rigshift-chaos-") as tmp:
+        root = args.dir or Path(tmp)
+        report = run_chaos(plan, root, say=lambda line: print(line, file=sys.stderr, flush=True))
+    ok = (
+        report.all_terminal
+        and report.states == {"SUCCEEDED": plan.jobs}
+        and report.max_concurrent_runs_per_job == 1
+        and report.ledger_ok
+        and not report.leftover_processes
+    )
+    figures = asdict(report) | {"ok": ok, "machine": _machine()}
+    if args.json:
+        figures["ledger_output"] = report.ledger_output.strip().splitlines()[-1:]
+        print(json.dumps(figures))
+    else:
+        print(f"machine            {figures['machine']}")
+        print(f"jobs               {plan.jobs} on {plan.agents} rigs x 2 GPUs: {report.states}")
+        print(
+            f"kills              broker {report.broker_kills_done}, rigs {report.agent_kills_done}"
+        )
+        print(
+            f"all terminal after {report.seconds_to_all_terminal} s "
+            f"({report.seconds_after_last_kill} s after the last kill)"
+        )
+        print(
+            f"attempts per job   mean {report.attempts_per_job_mean}, max "
+            f"{report.attempts_per_job_max}; {report.jobs_with_retries} jobs retried"
+        )
+        print(f"max concurrent     {report.max_concurrent_runs_per_job} run(s) of one job at once")
+        print(f"verify-ledger      {'ok' if report.ledger_ok else 'FAILED'}")
+        print(report.ledger_output.strip())
+        print(f"result             {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
