@@ -89,6 +89,21 @@ def _channel_options(config: AgentConfig) -> list[tuple[str, int]]:
     ]
 
 
+def broker_channel(config: AgentConfig) -> grpc.aio.Channel:
+    """The agent's channel to the broker: TLS verified with ``tls_ca`` (and a client
+    certificate for mutual TLS) when set, else plaintext."""
+    if config.tls_ca is not None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=config.tls_ca.read_bytes(),
+            private_key=config.tls_key.read_bytes() if config.tls_key else None,
+            certificate_chain=config.tls_cert.read_bytes() if config.tls_cert else None,
+        )
+        return grpc.aio.secure_channel(
+            config.broker_address, creds, options=_channel_options(config)
+        )
+    return grpc.aio.insecure_channel(config.broker_address, options=_channel_options(config))
+
+
 class Agent:
     """One rig's worker agent (see the module docstring)."""
 
@@ -255,7 +270,7 @@ class Agent:
             host, port = self._metrics_server.server_address[:2]
             self.metrics_address = f"{host}:{port}"
             log.info("metrics on http://%s/metrics", self.metrics_address)
-        self._channel = grpc.aio.insecure_channel(cfg.broker_address, options=_channel_options(cfg))
+        self._channel = broker_channel(cfg)
         self._stub = wsg.WorkerServiceStub(self._channel)
         await self._register(first=True)
 

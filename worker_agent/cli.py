@@ -71,6 +71,21 @@ class _RequiredUnlessConfig(click.Option):
     envvar="RIGSHIFT_ENROLLMENT_TOKEN",
     help="Farm enrollment token (env RIGSHIFT_ENROLLMENT_TOKEN).",
 )
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM CA that signed the broker's certificate: dial the broker over TLS.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM client certificate, for a broker that requires mutual TLS.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM private key of --tls-cert.",
+)
 @click.option("--simulate", metavar="SPEC", help="Simulated GPUs, e.g. RTX3090x4.")
 @click.option("--ray-address", help="Join this Ray cluster instead of a local head.")
 @click.option(
@@ -109,6 +124,9 @@ def run_command(
     config_file: Path | None,
     broker_address: str | None,
     token: str | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     simulate: str | None,
     ray_address: str | None,
     ray_dashboard: bool | None,
@@ -147,6 +165,9 @@ def run_command(
     given = {
         "broker_address": broker_address,
         "enrollment_token": token,
+        "tls_ca": tls_ca,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
         "simulate": simulate,
         "ray_address": ray_address,
         "ray_dashboard": ray_dashboard,

@@ -159,6 +159,15 @@ class AgentConfig:
     ray_address: str = ""
     """Existing Ray cluster to join; empty starts a local head with exactly this rig's GPUs."""
 
+    tls_ca: Path | None = None
+    """PEM CA bundle that signed the broker's TLS certificate; None dials plaintext."""
+
+    tls_cert: Path | None = None
+    """PEM client certificate for a broker that requires mutual TLS (with ``tls_key``)."""
+
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+
     ray_dashboard: bool = False
     """Start the Ray dashboard (and its Jobs API, token-protected) with the local head."""
 
@@ -237,6 +246,10 @@ class AgentConfig:
             problems.append("enrollment_token is required (rigshift farm create prints one)")
         if not self.hostname.strip():
             problems.append("hostname must not be empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            problems.append("tls_cert needs tls_ca (the client certificate is sent over TLS)")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_s") and not (isinstance(value, int | float) and value > 0):
@@ -296,7 +309,7 @@ def effective_heartbeat_s(
     return min(candidates)
 
 
-_PATH_FIELDS = ("state_dir", "ray_auth_token_path")
+_PATH_FIELDS = ("state_dir", "ray_auth_token_path", "tls_ca", "tls_cert", "tls_key")
 
 
 def load_config_file(path: Path) -> dict[str, object]:

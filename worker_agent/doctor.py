@@ -348,27 +348,19 @@ def _is_loopback(host: str) -> bool:
 
 def check_tls(inp: DoctorInput) -> Finding:
     """A TLS handshake verified with --tls-ca; without one, say which plaintext this is."""
-    from worker_agent.install import agent_tls_field
-
     if ":" not in inp.broker_address:
         return Finding("tls", "WARN", "skipped: no broker address", "pass --broker HOST:PORT")
     host, port = _split(inp.broker_address)
-    agent_has_tls = agent_tls_field() is not None
     if inp.tls_ca is None:
         if _is_loopback(host):
             return Finding("tls", "PASS", f"plaintext to {host} (loopback: nothing on the wire)")
-        fix = (
-            "serve the broker with --tls-cert/--tls-key and pass --tls-ca FILE here"
-            if agent_has_tls
-            else "the agent has no TLS option yet: reach the broker through a VPN or tunnel "
-            "(WireGuard, ssh -L) until it does"
-        )
         return Finding(
             "tls",
             "WARN",
             f"plaintext to {host}: the enrollment token, worker credential and job data "
             "cross the network unencrypted",
-            fix,
+            "serve the broker with --tls-cert/--tls-key and give the agent its CA "
+            "(tls_ca in agent.toml, --tls-ca here)",
         )
     context = ssl.create_default_context(cafile=None)
     try:
@@ -408,14 +400,6 @@ def check_tls(inp: DoctorInput) -> Finding:
         left = ssl.cert_time_to_seconds(not_after) - time.time()
         days = f", certificate valid {left / 86400:.0f} more day(s)"
     found = f"{version} handshake with {host}:{port} verified with {inp.tls_ca}{days}"
-    if not agent_has_tls:
-        return Finding(
-            "tls",
-            "WARN",
-            f"{found}; but `rigshift agent run` has no TLS option yet and dials plaintext",
-            "until the agent supports TLS, give it a plaintext listener reached through a VPN "
-            "or tunnel",
-        )
     return Finding("tls", "PASS", found)
 
 

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "UNIT_NAME",
     "InstallError",
     "InstallPlan",
-    "agent_tls_field",
     "find_executable",
     "mask_token",
     "plan_install",
@@ -140,13 +139,6 @@ def state_dir_of(unit_text: str) -> Path:
     return Path("/var/lib") / name / "agent"
 
 
-def agent_tls_field() -> str | None:
-    """The AgentConfig field holding a TLS CA file, or None: today the agent dials plaintext."""
-    from worker_agent.config import AgentConfig
-
-    return next((f.name for f in fields(AgentConfig) if f.name.startswith("tls_ca")), None)
-
-
 def find_executable() -> str:
     """The installed ``rigshift`` to put in ExecStart (absolute path).
 
@@ -184,7 +176,6 @@ def render_config(
     simulate: str = "",
     metrics_listen: str = "",
     tls_ca: Path | None = None,
-    tls_field: str | None = None,
 ) -> str:
     """The TOML file `rigshift agent run --config` reads (AgentConfig field names)."""
     lines = [
@@ -198,8 +189,8 @@ def render_config(
         lines.append(f"simulate = {_toml_string(simulate)}")
     if metrics_listen:
         lines.append(f"metrics_listen = {_toml_string(metrics_listen)}")
-    if tls_ca is not None and tls_field is not None:
-        lines.append(f"{tls_field} = {_toml_string(str(tls_ca))}")
+    if tls_ca is not None:
+        lines.append(f"tls_ca = {_toml_string(str(tls_ca))}")
     return "\n".join(lines) + "\n"
 
 
@@ -222,13 +213,6 @@ def plan_install(
 
     if not token:
         raise InstallError("--token is required (`rigshift farm create` prints the farm's token)")
-    tls_field = agent_tls_field()
-    if tls_ca is not None and tls_field is None:
-        raise InstallError(
-            "--tls-ca: the agent has no TLS option yet (`rigshift agent run` dials the broker "
-            "in plaintext), so the config cannot carry a CA; check the broker's TLS with "
-            "`rigshift agent doctor --tls-ca FILE`"
-        )
     if not executable.startswith("/"):
         raise InstallError(f"ExecStart needs an absolute path, got {executable!r}")
     config_path = config_dir / CONFIG_NAME
@@ -258,7 +242,6 @@ def plan_install(
         simulate=simulate,
         metrics_listen=metrics_listen,
         tls_ca=tls_ca.absolute() if tls_ca is not None else None,
-        tls_field=tls_field,
     )
     warnings = []
     exe = PurePosixPath(executable)

@@ -31,7 +31,6 @@ from worker_agent.doctor import (
     format_finding,
 )
 from worker_agent.gpu import SimulatedBackend
-from worker_agent.install import agent_tls_field
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -215,10 +214,7 @@ def test_tls_handshake_with_the_ca_and_plaintext_broker_refusing_it(
     assert checks["broker"]["status"] == "PASS" and "over TLS" in checks["broker"]["finding"]
     tls = checks["tls"]
     assert "handshake with localhost" in tls["finding"] and "verified with" in tls["finding"]
-    if agent_tls_field() is None:  # honest: the agent itself cannot use TLS yet
-        assert tls["status"] == "WARN" and "dials plaintext" in tls["finding"]
-    else:
-        assert tls["status"] == "PASS"
+    assert tls["status"] == "PASS"
     # The CA given, but the broker speaks plaintext: no handshake, both checks fail.
     code, rows = doctor_json("--broker", broker_address, *args, str(pki / "ca.crt"))
     checks = by_check(rows)

@@ -22,7 +22,6 @@ from worker_agent.config import AgentConfig, load_config_file
 from worker_agent.install import (
     DEFAULT_EXECUTABLE,
     InstallError,
-    agent_tls_field,
     mask_token,
     plan_install,
     render_unit,
@@ -147,17 +146,12 @@ def test_an_invalid_setting_is_refused_before_anything_is_written(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tls_ca_only_where_the_agent_can_use_it(tmp_path: Path) -> None:
+def test_tls_ca_goes_into_the_config(tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     result = install(tmp_path, "--tls-ca", str(ca), "--dry-run")
-    field = agent_tls_field()
-    if field is None:
-        assert result.exit_code == 1
-        assert "the agent has no TLS option yet" in result.output
-    else:
-        assert result.exit_code == 0, result.output
-        assert f'{field} = "{ca}"' in result.stdout
+    assert result.exit_code == 0, result.output
+    assert f'tls_ca = "{ca}"' in result.stdout
 
 
 def test_the_unit_is_the_deploy_file_with_three_lines_filled_in() -> None:
