@@ -163,8 +163,16 @@ def run_chaos(
     script = root / "job.py"
     script.write_text(JOB)
     listen = ("--listen", f"127.0.0.1:{_free_port()}")
-    lease = {"lease_ttl_s": plan.lease_ttl_s, "heartbeat_interval_s": plan.heartbeat_interval_s}
-    common = {**lease, "drain_grace_s": 1, "executor": "local", "simulate": "RTX3090x2"}
+    lease: dict[str, Any] = {
+        "lease_ttl_s": plan.lease_ttl_s,
+        "heartbeat_interval_s": plan.heartbeat_interval_s,
+    }
+    common: dict[str, Any] = {
+        **lease,
+        "drain_grace_s": 1,
+        "executor": "local",
+        "simulate": "RTX3090x2",
+    }
     fleet = LocalFleet(root / "fleet")
     final: dict[str, Any] = {}
     try:
@@ -194,9 +202,11 @@ def run_chaos(
         for what in events:
             time.sleep(rnd.uniform(*plan.gap_s))
             if what == "broker":
-                fleet.broker.proc.send_signal(signal.SIGKILL)
-                fleet.broker.proc.wait(timeout=10)
-                fleet.processes.remove(fleet.broker)
+                broker = fleet.broker
+                assert broker is not None
+                broker.proc.send_signal(signal.SIGKILL)
+                broker.proc.wait(timeout=10)
+                fleet.processes.remove(broker)
                 report.broker_kills_done += 1
                 time.sleep(rnd.uniform(0.5, 1.5))
                 fleet.start_broker(*listen, **lease)
