@@ -378,7 +378,9 @@ def test_local_executor_resolves_and_runs_sandboxed(isolation: Isolation, dirs, 
     cwd, ckpt = dirs
     executor = LocalExecutor(sandbox=SandboxPolicy(mode="bwrap", hide=isolation.hidden))
     env = {**os.environ, "RIGSHIFT_CHECKPOINT_DIR": str(ckpt)}
-    script = "id -u; touch $RIGSHIFT_CHECKPOINT_DIR/c && echo ok; touch /etc/nope 2>/dev/null || echo ro"
+    script = (
+        "id -u; touch $RIGSHIFT_CHECKPOINT_DIR/c && echo ok; touch /etc/nope 2>/dev/null || echo ro"
+    )
     spec = LaunchSpec("jobs/x", 1, [SH, "-c", script], env, str(cwd), [0])
 
     async def main() -> list[object]:
