@@ -45,6 +45,7 @@ __all__ = [
     "ProcExited",
     "ProcOutput",
     "ProcStarted",
+    "alive",
     "descendants",
     "kill_tree",
     "run_process",
@@ -296,13 +297,14 @@ def kill_tree(proc: subprocess.Popen[bytes], grace_s: float, *, spare_leader: bo
         pass
     finally:
         # Whatever is left of the tree (the leader may have exited first) gets SIGKILL.
-        alive = [p for p in pids if _alive(p)]
-        if alive or proc.poll() is None:
-            _signal_all(proc.pid, alive, signal.SIGKILL)
+        left = [p for p in pids if alive(p)]
+        if left or proc.poll() is None:
+            _signal_all(proc.pid, left, signal.SIGKILL)
     return proc.wait()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (Linux /proc)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()

@@ -14,17 +14,10 @@ from e2e_cluster import Cluster, wait_until
 
 from rigshift.v1 import farm_pb2, job_pb2
 from worker_agent.fleet import rigshift_argv
+from worker_agent.process import alive as _alive
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 S = job_pb2.Job
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_jobs_run_and_succeed(cluster: Cluster) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from worker_agent.executor import LaunchSpec, RayExecutor, job_environment
 from worker_agent.process import ProcExited, ProcOutput, ProcStarted
+from worker_agent.process import alive as _alive
 
 PY = sys.executable
 
@@ -191,14 +192,6 @@ def test_ray_token_auth_is_on_and_kept_from_jobs(ray_exec) -> None:  # type: ign
         )
     )
     assert out == "[]\n"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_ray_head_that_times_out_is_started_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from worker_agent.mining import (
     initial,
     read_status,
 )
+from worker_agent.process import alive as _alive
 from worker_agent.testing import FakeClock, numeric_integral_j
 
 AI, MINING, IDLE = GpuState.AI, GpuState.MINING, GpuState.IDLE
@@ -291,14 +292,6 @@ def notes(tmp_path: Path, gpu: int) -> list[tuple[str, float, int, str]]:
         what, t, pid, cuda = line.split()
         out.append((what, float(t), int(pid), cuda))
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 async def wait_for(predicate, timeout_s: float = 10.0, what: str = "") -> None:  # type: ignore[no-untyped-def]

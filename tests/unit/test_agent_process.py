@@ -14,6 +14,7 @@ from worker_agent.process import (
     descendants,
     run_process,
 )
+from worker_agent.process import alive as _alive
 
 PY = sys.executable
 
@@ -60,14 +61,6 @@ open({str(tmp_path / "pids")!r}, 'w').write(f'{{a.pid}} {{b.pid}}')
 print('ready', flush=True)
 time.sleep(600)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_stop_kills_the_whole_tree_within_the_grace(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -30,6 +30,7 @@ from worker_agent.agent import Agent, AgentError
 from worker_agent.config import AgentConfig
 from worker_agent.executor import LocalExecutor
 from worker_agent.gpu import SimulatedBackend
+from worker_agent.process import alive as _alive
 from worker_agent.testing import make_assignment
 
 PY = sys.executable
@@ -461,14 +462,6 @@ def test_working_dir_is_fetched_verified_and_used(tmp_path: Path) -> None:
     y = fake.finished("jobs/y")
     assert y is not None and y.exit_code == 127 and "NOT_FOUND" in y.message
     assert not list((tmp_path / "agent" / "attempts").iterdir())  # cleaned up
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_attempts_sharing_an_archive_download_it_once(tmp_path: Path) -> None:

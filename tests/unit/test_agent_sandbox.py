@@ -17,6 +17,7 @@ import pytest
 
 from worker_agent.executor import LaunchSpec, LocalExecutor
 from worker_agent.process import ProcExited, ProcOutput, ProcStarted, descendants, run_process
+from worker_agent.process import alive as _alive
 from worker_agent.sandbox import (
     Isolation,
     SandboxError,
@@ -259,14 +260,6 @@ def test_output_streams_and_exit_codes(isolation: Isolation, dirs) -> None:  # t
     ]  # fmt: skip
     _, exited = run(isolation, "kill -KILL $$", cwd, ckpt)
     assert exited.exit_code == -signal.SIGKILL
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_cancel_kills_the_tree_and_gives_the_job_its_grace(isolation: Isolation, dirs) -> None:  # type: ignore[no-untyped-def]
