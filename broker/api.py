@@ -486,7 +486,14 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     @unary
     async def DrainWorker(self, request, context):  # type: ignore[no-untyped-def]
         worker_id = v.parse_name(request.name, "workers")
-        if not current().owns_farm(self.svc.core.worker(worker_id).farm_id):
+        caller = current()
+        if caller.role == Role.WORKER:
+            if caller.name != worker_id:
+                raise PermissionDenied(
+                    f"a worker may drain only itself, not workers/{worker_id}",
+                    reason="NOT_YOUR_WORKER",
+                )
+        elif not caller.owns_farm(self.svc.core.worker(worker_id).farm_id):
             raise PermissionDenied(
                 f"workers/{worker_id} is not on your farm", reason="NOT_YOUR_FARM"
             )

@@ -74,8 +74,10 @@ POLICY: dict[str, frozenset[Role] | None] = {
     "FarmService/CreateFarm": frozenset({A}),
     **{
         f"FarmService/{m}": frozenset({OP, A})
-        for m in ("GetFarm", "UpdateFarm", "ListWorkers", "DrainWorker", "GetEarnings")
+        for m in ("GetFarm", "UpdateFarm", "ListWorkers", "GetEarnings")
     },
+    # An agent going down (SIGTERM) drains itself; the servicer checks it is itself.
+    "FarmService/DrainWorker": frozenset({OP, A, W}),
     "WorkerService/RegisterWorker": None,
     **{
         f"WorkerService/{m}": frozenset({W})

@@ -184,7 +184,7 @@ MATRIX = {
     "UpdateFarm(one).tariff": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
     "UpdateFarm(one).fee": (UNAUTH, DENIED, DENIED, DENIED, DENIED, OK, DENIED, DENIED),
     "ListWorkers(one)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
-    "DrainWorker(rig-1)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
+    "DrainWorker(rig-1)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, OK, DENIED),
     "GetEarnings(one)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
     "Heartbeat(rig-1)": (UNAUTH, DENIED, DENIED, DENIED, DENIED, DENIED, OK, DENIED),
     "UploadArtifact": (UNAUTH, OK, OK, DENIED, DENIED, OK, OK, OK),
