@@ -66,9 +66,11 @@ from broker.model import (
 )
 from broker.policy import FIFO, Fifo, QueuedJob, ShortFirst
 from broker.scheduler import (
+    FleetIndex,
     GpuSlot,
     JobRequest,
     Rejection,
+    SchedulingResult,
     Snapshot,
     WorkerCapacity,
     place,
@@ -249,6 +251,10 @@ class BrokerCore:
         self._requests: dict[str, JobRequest] = {}  # pending job -> what the scheduler sees
         self._slots: dict[tuple[int, str, int, int, bool], GpuSlot] = {}  # interned GpuSlots
         self._spot_live: dict[str, int] | None = None  # worker -> live spot attempts (lazy)
+        # The scheduler's free-capacity index of the ONLINE workers, built at the first pass
+        # and then brought up to date with the workers changed since (``_fleet_stale``).
+        self._fleet: FleetIndex | None = None
+        self._fleet_stale: set[str] = set()
 
     # --- entry point --------------------------------------------------------
 
@@ -607,8 +613,13 @@ class BrokerCore:
         attempt.settled = True
 
     def _worker_changed(self, worker_id: str) -> None:
+        """Everything that changes what ``_capacity_of`` would give (GPUs held or freed,
+        state, prices, reliability) calls this: the store saves the worker, and the capacity
+        cache and the scheduler's index take it up again at the next pass."""
         self._dirty_workers.add(worker_id)
         self._capacity.pop(worker_id, None)
+        if self._fleet is not None:
+            self._fleet_stale.add(worker_id)
 
     # --- agent reports --------------------------------------------------------
 
@@ -682,6 +693,19 @@ class BrokerCore:
         """The frozen view the scheduler sees: pending jobs in ``queue_policy`` order
         (guaranteed before spot), ONLINE workers.
 
+        A scheduling pass does not build this (it keeps a :class:`FleetIndex`); QuoteJob and
+        tests do, and a subclass may override it to show the scheduler another view.
+        """
+        workers = tuple(
+            self._capacity_of(w, now)
+            for w in self.workers.values()
+            if w.state == WorkerState.ONLINE
+        )
+        return Snapshot(now=now, pending=self._pending_requests(), workers=workers)
+
+    def _pending_requests(self) -> tuple[JobRequest, ...]:
+        """PENDING jobs as the scheduler sees them, in ``queue_policy`` order.
+
         Priorities are fixed when a job is submitted, so the queue is kept sorted as jobs
         enter it (``_enqueue``) and only compacted here: no sort per pass.
         """
@@ -701,12 +725,7 @@ class BrokerCore:
             if request is None:
                 request = requests[job_id] = self._request(self.jobs[job_id])
             order.append(request)
-        workers = tuple(
-            self._capacity_of(w, now)
-            for w in self.workers.values()
-            if w.state == WorkerState.ONLINE
-        )
-        return Snapshot(now=now, pending=tuple(order), workers=workers)
+        return tuple(order)
 
     def _priority(self, job: Job) -> tuple:
         """Sort key of a pending job under ``queue_policy``; smallest first. It depends only
@@ -762,11 +781,35 @@ class BrokerCore:
             self._capacity[worker.worker_id] = cap
         return cap
 
+    def _place(self, now: float) -> SchedulingResult:
+        """The pass's decisions: ``place(self.snapshot(now))``, computed on the kept
+        :class:`FleetIndex` so that it costs what changed since the last pass, not the fleet.
+
+        The index takes the GPUs it places; ``_bind`` then marks those workers changed, so the
+        next pass re-reads them from the truth. A subclass that overrides :meth:`snapshot`
+        (the trace replay's lean view) gets ``place()`` of its own snapshot.
+        """
+        if type(self).snapshot is not BrokerCore.snapshot:
+            return place(self.snapshot(now))
+        fleet = self._fleet
+        if fleet is None:
+            online = (w for w in self.workers.values() if w.state == WorkerState.ONLINE)
+            fleet = self._fleet = FleetIndex(self._capacity_of(w, now) for w in online)
+        else:
+            for worker_id in self._fleet_stale:
+                worker = self.workers.get(worker_id)
+                if worker is not None and worker.state == WorkerState.ONLINE:
+                    fleet.update(self._capacity_of(worker, now))
+                else:
+                    fleet.remove(worker_id)
+        self._fleet_stale.clear()
+        return fleet.place(self._pending_requests())
+
     def _schedule(self, ev: SchedulePass) -> list[Command]:
         self.needs_schedule = False
         if not self.pending:
             return []
-        result = place(self.snapshot(ev.now))
+        result = self._place(ev.now)
         cmds: list[Command] = []
         for p in result.placements:
             cmds += self._bind(

@@ -23,20 +23,27 @@ jobs may still be placed.
 
 Cost per job does not depend on the fleet size. Free capacity is indexed per
 group as buckets of workers by free count (a bitmask says which buckets are
-non-empty, a heap per bucket yields the lowest worker_id). Within one pass GPUs
+non-empty, a heap per bucket yields the best-ranked worker). Within one pass GPUs
 only ever get taken, never freed, so once a shape fails for some filters, every
 job with the same filters and at least as many GPUs fails too; that is cached.
 Reasons come from group aggregates, never from a rescan of the workers.
+
+``place(snapshot)`` builds that index from the snapshot, O(GPUs) per pass.
+:class:`FleetIndex` is the same index kept between passes and updated one worker
+at a time; ``index.place(pending)`` gives what ``place()`` would give on a snapshot
+of the same workers. The broker core keeps one, so a pass costs what changed.
 
 Money is integer micro-dollars throughout (STYLE.md item 10).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
 __all__ = [
+    "FleetIndex",
     "GpuSlot",
     "JobRequest",
     "Placement",
@@ -165,25 +172,98 @@ def format_micros(micros: int) -> str:
 
 # --- index -------------------------------------------------------------------------------------
 
+_Key = tuple[int, str]  # a worker's rank, (-reliability_permille, worker_id): smallest preferred
+
 
 class _Group:
-    """Free capacity of one homogeneous (model, vram, price) group across the fleet."""
+    """Free capacity of one homogeneous (model, vram, price) group across the fleet.
 
-    __slots__ = ("free_idx", "heaps", "mask", "max_total", "model", "price", "sizes", "vram")
+    Workers sit in buckets by how many GPUs of the group they have free; ``heaps[f]`` holds
+    the rank keys of bucket ``f``, best first. Heaps are pruned lazily: an entry counts only
+    while its worker still has exactly ``f`` free and the key is the worker's current one
+    (``keys[worker_id] is key``). A heap is compacted when a push finds stale entries
+    outnumbering live ones and cleared when its bucket empties, so it never holds more
+    than about twice the most workers its bucket ever had.
+    """
+
+    __slots__ = (
+        "by_total",
+        "free_idx",
+        "heaps",
+        "mask",
+        "max_total",
+        "model",
+        "price",
+        "sizes",
+        "totals",
+        "vram",
+    )
 
     def __init__(self, model: str, vram: int, price: int) -> None:
         self.model = model
         self.vram = vram
         self.price = price
+        self.totals: dict[str, int] = {}  # worker id -> its GPUs (busy or free) of this group
+        self.by_total: dict[int, int] = {}  # such a total -> workers with it
         self.max_total = 0  # most GPUs (busy or free) of this group on one worker
-        self.free_idx: dict[int, list[int]] = {}  # worker rank -> free GPU indices, ascending
-        self.sizes: list[int] = []  # sizes[f] = number of workers with exactly f free
-        self.heaps: list[list[int]] = []  # heaps[f] = worker ranks, lazily pruned
+        self.free_idx: dict[str, list[int]] = {}  # worker id -> free GPU indices, ascending
+        self.sizes: list[int] = [0]  # sizes[f] = number of workers with exactly f free
+        self.heaps: list[list[_Key]] = [[]]  # heaps[f] = rank keys, lazily pruned
         self.mask = 0  # bit f set <=> sizes[f] > 0
 
     def best_free(self) -> int:
         """Most free GPUs of this group on one worker."""
         return max(self.mask.bit_length() - 1, 0)
+
+    def add(self, key: _Key, total: int, free: list[int] | None, keys: dict[str, _Key]) -> None:
+        """Count a worker with ``total`` GPUs of this group, ``free`` (ascending) of them free."""
+        self.totals[key[1]] = total
+        self.by_total[total] = self.by_total.get(total, 0) + 1
+        if total > self.max_total:
+            extra = total + 1 - len(self.sizes)
+            if extra > 0:
+                self.sizes += [0] * extra
+                self.heaps += [[] for _ in range(extra)]
+            self.max_total = total
+        if free:
+            self.free_idx[key[1]] = free
+            self.enter(key, len(free), keys)
+
+    def remove(self, worker_id: str) -> bool:
+        """Forget a worker; True when no worker has a GPU of this group any more."""
+        total = self.totals.pop(worker_id)
+        left = self.by_total[total] - 1
+        if left:
+            self.by_total[total] = left
+        else:
+            del self.by_total[total]
+            if total == self.max_total:
+                self.max_total = max(self.by_total, default=0)
+        free = self.free_idx.pop(worker_id, None)
+        if free is not None:
+            self.leave(len(free))
+        return not self.totals
+
+    def enter(self, key: _Key, f: int, keys: dict[str, _Key]) -> None:
+        """Put a worker into bucket ``f`` (its free list must already have ``f`` entries)."""
+        self.sizes[f] += 1
+        self.mask |= 1 << f
+        heap = self.heaps[f]
+        heappush(heap, key)
+        if len(heap) > 2 * self.sizes[f] + 8:
+            heap[:] = sorted({k for k in heap if self.live(k, f, keys)})
+
+    def leave(self, f: int) -> None:
+        """Take a worker out of bucket ``f``; its heap entry goes stale."""
+        self.sizes[f] -= 1
+        if not self.sizes[f]:
+            self.mask &= ~(1 << f)
+            self.heaps[f].clear()  # every entry left is stale
+
+    def live(self, key: _Key, f: int, keys: dict[str, _Key]) -> bool:
+        """True when ``key`` is a current entry of bucket ``f``."""
+        free = self.free_idx.get(key[1])
+        return free is not None and len(free) == f and keys.get(key[1]) is key
 
 
 class _Filter:
@@ -198,46 +278,6 @@ class _Filter:
         # Smallest gang size known to fail this pass; free capacity only shrinks.
         self.fail_at = 0 if static is not None else self.max_total + 1
         self.reasons: dict[int, tuple[int, tuple[Rejection, ...]]] = {}  # n -> (version, reasons)
-
-
-def _build_groups(
-    workers: tuple[WorkerCapacity, ...],
-) -> tuple[list[str], list[int], list[_Group]]:
-    """Index the fleet; returns worker ids and reliabilities in rank order (most reliable
-    first, then by id, so a bucket's heap top is the preferred worker) and the groups."""
-    ordered = sorted(workers, key=lambda w: (-w.reliability_permille, w.worker_id))
-    ids = [w.worker_id for w in ordered]
-    if len(set(ids)) != len(ids):
-        raise ValueError("duplicate worker_id in snapshot")
-    groups: dict[tuple[str, int, int], _Group] = {}
-    for rank, worker in enumerate(ordered):
-        if len({gpu.index for gpu in worker.gpus}) != len(worker.gpus):
-            raise ValueError(f"duplicate GPU index on worker {worker.worker_id}")
-        totals: dict[_Group, int] = {}
-        for gpu in worker.gpus:
-            key = (gpu.model, gpu.vram_mb, gpu.price_micros_per_gpu_hour)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = _Group(*key)
-            totals[group] = totals.get(group, 0) + 1
-            if gpu.free:
-                free = group.free_idx.get(rank)
-                if free is None:
-                    group.free_idx[rank] = [gpu.index]
-                else:
-                    free.append(gpu.index)
-        for group, total in totals.items():
-            group.max_total = max(group.max_total, total)
-    for group in groups.values():
-        group.sizes = [0] * (group.max_total + 1)
-        group.heaps = [[] for _ in range(group.max_total + 1)]
-        for rank, free in group.free_idx.items():  # ranks ascend, so every heap stays sorted
-            free.sort()
-            group.sizes[len(free)] += 1
-            group.heaps[len(free)].append(rank)
-            group.mask |= 1 << len(free)
-    reliability = [w.reliability_permille for w in ordered]
-    return ids, reliability, sorted(groups.values(), key=lambda g: (g.price, g.vram, g.model))
 
 
 def _make_filter(groups: list[_Group], model: str, min_vram: int, cap: int) -> _Filter:
@@ -308,11 +348,123 @@ def _count_rejection(job: JobRequest, filt: _Filter) -> Rejection:
 # --- the pass ----------------------------------------------------------------------------------
 
 
+class FleetIndex:
+    """The free-capacity index of :func:`place`, kept between passes.
+
+    :func:`place` builds one from its snapshot every pass, which costs O(GPUs). A caller that
+    runs many passes over a fleet that changes a little between them (``BrokerCore``) keeps
+    one instead: :meth:`update` a worker whenever the :class:`WorkerCapacity` it would show
+    the scheduler changes (GPUs taken or freed, reliability, prices, registration),
+    :meth:`remove` it when it leaves the snapshot (offline, draining), and call
+    :meth:`place` with the pending jobs. ``index.place(pending)`` returns exactly what
+    ``place(Snapshot(now, pending, workers))`` returns for the workers the index was told
+    about. An update costs O(GPUs of that worker x log workers); a pass costs O(jobs) plus
+    O(groups) per distinct filter, whatever the fleet's size.
+
+    :meth:`place` takes the GPUs it places out of the index, so afterwards the index shows
+    the fleet with those placements bound. Updating the bound workers with their new
+    capacity, as the core does, leaves it unchanged.
+    """
+
+    __slots__ = ("_groups", "_keys", "_member_of", "_order")
+
+    def __init__(self, workers: Iterable[WorkerCapacity] = ()) -> None:
+        """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats."""
+        self._groups: dict[tuple[str, int, int], _Group] = {}
+        self._keys: dict[str, _Key] = {}  # worker id -> rank key, the object heaps hold
+        self._member_of: dict[str, tuple[_Group, ...]] = {}  # worker id -> groups it is in
+        self._order: list[_Group] | None = None  # groups cheapest first; None after a change
+        # In rank order every heap push lands at the end of its heap: no sifting.
+        for worker in sorted(workers, key=lambda w: (-w.reliability_permille, w.worker_id)):
+            if worker.worker_id in self._keys:
+                raise ValueError("duplicate worker_id in snapshot")
+            self.update(worker)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._keys
+
+    def update(self, worker: WorkerCapacity) -> None:
+        """Add a worker, or replace what the index knows of it."""
+        wid = worker.worker_id
+        if len({gpu.index for gpu in worker.gpus}) != len(worker.gpus):
+            raise ValueError(f"duplicate GPU index on worker {wid}")
+        self.remove(wid)
+        totals: dict[tuple[str, int, int], int] = {}
+        free: dict[tuple[str, int, int], list[int]] = {}
+        for gpu in worker.gpus:
+            gkey = (gpu.model, gpu.vram_mb, gpu.price_micros_per_gpu_hour)
+            totals[gkey] = totals.get(gkey, 0) + 1
+            if gpu.free:
+                indices = free.get(gkey)
+                if indices is None:
+                    free[gkey] = [gpu.index]
+                else:
+                    indices.append(gpu.index)
+        key = self._keys[wid] = (-worker.reliability_permille, wid)
+        member = []
+        for gkey, total in totals.items():
+            group = self._groups.get(gkey)
+            if group is None:
+                group = self._groups[gkey] = _Group(*gkey)
+                self._order = None
+            indices = free.get(gkey)
+            if indices is not None:
+                indices.sort()
+            group.add(key, total, indices, self._keys)
+            member.append(group)
+        self._member_of[wid] = tuple(member)
+
+    def remove(self, worker_id: str) -> None:
+        """Forget a worker (no-op if the index does not have it)."""
+        if self._keys.pop(worker_id, None) is None:
+            return
+        for group in self._member_of.pop(worker_id):
+            if group.remove(worker_id):
+                del self._groups[(group.model, group.vram, group.price)]
+                self._order = None
+
+    def place(self, pending: Iterable[JobRequest]) -> SchedulingResult:
+        """Place ``pending`` greedily in order, as :func:`place` does, taking the GPUs."""
+        if self._order is None:
+            self._order = sorted(self._groups.values(), key=lambda g: (g.price, g.vram, g.model))
+        groups = self._order
+        keys = self._keys
+        filters: dict[tuple[str, int, int], _Filter] = {}
+        placements: list[Placement] = []
+        unplaced: list[Unplaced] = []
+        version = 0  # placements so far; cached count reasons are valid while it is unchanged
+
+        for job in pending:
+            n = job.gpu_count
+            fkey = (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour)
+            filt = filters.get(fkey)
+            if filt is None:
+                filt = filters[fkey] = _make_filter(groups, *fkey)
+            if 0 < n < filt.fail_at:
+                took = _take(filt, n, keys)
+                if took is not None:
+                    group, worker_id, taken = took
+                    placements.append(Placement(job.job_id, worker_id, taken, group.price))
+                    version += 1
+                    continue
+                filt.fail_at = n  # and every larger gang with these filters, for this pass
+            cached = filt.reasons.get(n)
+            if cached is None or (cached[0] != version and filt.static is None):
+                reason = filt.static if filt.static is not None else _count_rejection(job, filt)
+                cached = filt.reasons[n] = (version, (reason,))
+            unplaced.append(Unplaced(job.job_id, cached[1]))
+
+        return SchedulingResult(tuple(placements), tuple(unplaced))
+
+
 def _take(
-    filt: _Filter, n: int, ids: list[str], rel: list[int]
-) -> tuple[_Group, int, tuple[int, ...]] | None:
+    filt: _Filter, n: int, keys: dict[str, _Key]
+) -> tuple[_Group, str, tuple[int, ...]] | None:
     """Choose by :func:`choice_key` among the qualifying groups and take the gang from the
-    index; returns (group, worker rank, GPU indices) or None if no worker has ``n`` free."""
+    index; returns (group, worker id, GPU indices) or None if no worker has ``n`` free."""
     best: _Group | None = None
     best_key: tuple[int, int, int, str, int, str] | None = None
     best_free = 0
@@ -324,28 +476,25 @@ def _take(
             continue
         free = n + (fits & -fits).bit_length() - 1  # smallest bucket >= n: best fit
         heap = group.heaps[free]
-        free_idx = group.free_idx
-        while len(free_idx[heap[0]]) != free:  # drop workers that have moved down since
+        while not group.live(heap[0], free, keys):  # drop entries gone stale since
             heappop(heap)
-        top = heap[0]
-        key = choice_key(group.price, free, n, ids[top], group.vram, group.model, rel[top])
+        rel, worker_id = heap[0]
+        key = choice_key(group.price, free, n, worker_id, group.vram, group.model, -rel)
         if best_key is None or key < best_key:
             best, best_key, best_free = group, key, free
     if best is None:
         return None
     rank = heappop(best.heaps[best_free])
-    free_list = best.free_idx[rank]
+    worker_id = rank[1]
+    free_list = best.free_idx[worker_id]
     taken = tuple(free_list[:n])
     del free_list[:n]
-    best.sizes[best_free] -= 1
-    if not best.sizes[best_free]:
-        best.mask &= ~(1 << best_free)
-    left = best_free - n
-    if left:
-        best.sizes[left] += 1
-        best.mask |= 1 << left
-        heappush(best.heaps[left], rank)
-    return best, rank, taken
+    best.leave(best_free)
+    if best_free > n:
+        best.enter(rank, best_free - n, keys)
+    else:
+        del best.free_idx[worker_id]
+    return best, worker_id, taken
 
 
 def place(snapshot: Snapshot) -> SchedulingResult:
@@ -353,30 +502,4 @@ def place(snapshot: Snapshot) -> SchedulingResult:
 
     Raises ValueError if the snapshot repeats a worker_id or a GPU index on one worker.
     """
-    ids, rel, groups = _build_groups(snapshot.workers)
-    filters: dict[tuple[str, int, int], _Filter] = {}
-    placements: list[Placement] = []
-    unplaced: list[Unplaced] = []
-    version = 0  # placements so far; cached count reasons are valid while it is unchanged
-
-    for job in snapshot.pending:
-        n = job.gpu_count
-        fkey = (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour)
-        filt = filters.get(fkey)
-        if filt is None:
-            filt = filters[fkey] = _make_filter(groups, *fkey)
-        if 0 < n < filt.fail_at:
-            took = _take(filt, n, ids, rel)
-            if took is not None:
-                group, rank, taken = took
-                placements.append(Placement(job.job_id, ids[rank], taken, group.price))
-                version += 1
-                continue
-            filt.fail_at = n  # and every larger gang with these filters, for the rest of the pass
-        cached = filt.reasons.get(n)
-        if cached is None or (cached[0] != version and filt.static is None):
-            reason = filt.static if filt.static is not None else _count_rejection(job, filt)
-            cached = filt.reasons[n] = (version, (reason,))
-        unplaced.append(Unplaced(job.job_id, cached[1]))
-
-    return SchedulingResult(tuple(placements), tuple(unplaced))
+    return FleetIndex(snapshot.workers).place(snapshot.pending)
