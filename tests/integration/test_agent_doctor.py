@@ -7,7 +7,6 @@ reading, a fixed disk usage) so that both outcomes are tested on any machine.
 
 from __future__ import annotations
 
-import datetime
 import json
 import socket
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 from broker_harness import RunningBroker, start_broker
 from click.testing import CliRunner, Result
+from pki import make_pki
 
 from worker_agent.cli import agent_group
 from worker_agent.doctor import (
@@ -153,52 +153,10 @@ def test_the_config_file_install_writes_is_checked(
 # -- TLS ---------------------------------------------------------------------------------
 
 
-def _pki(tmp_path: Path) -> Path:
-    """A CA and a server certificate for localhost, written as ca.crt, server.crt/key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def cert(name: str, issuer: Any = None, issuer_key: Any = None) -> tuple[Any, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer.subject if issuer else subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
-        )
-        if issuer is not None:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-            )
-        return builder.sign(issuer_key or key, hashes.SHA256()), key
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = cert("doctor test CA")
-    server, server_key = cert("localhost", ca, ca_key)
-    pem = serialization.Encoding.PEM
-    (tmp_path / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "server.crt").write_bytes(server.public_bytes(pem))
-    (tmp_path / "server.key").write_bytes(
-        server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return tmp_path
-
-
 def test_tls_handshake_with_the_ca_and_plaintext_broker_refusing_it(
     tmp_path: Path, broker_address: str
 ) -> None:
-    pki = _pki(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     tls_broker = start_broker(
         tmp_path / "tls-broker",
         listen="localhost:0",

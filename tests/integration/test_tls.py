@@ -2,73 +2,35 @@
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import grpc
 import pytest
 from broker_harness import start_broker
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki import make_pki
 
 from client import Client
 from client.errors import RigshiftError
 
 
-def _cert(name: str, issuer=None, issuer_key=None, ca=False):
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return cert, key
-
-
-def _write(path: Path, cert, key=None) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.with_suffix(".key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
-    ca, ca_key = _cert("rigshift test CA", ca=True)
-    server, server_key = _cert("localhost", ca, ca_key)
-    client, client_key = _cert("client", ca, ca_key)
-    _write(tmp_path / "ca", ca)
-    _write(tmp_path / "server", server, server_key)
-    _write(tmp_path / "client", client, client_key)
-    return tmp_path
+    return make_pki(tmp_path / "pki")
 
 
-def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki: Path, tmp_path: Path):
-    rb = start_broker(
-        tmp_path / "b",
+def tls_broker(pki: Path, home: Path, **extra: str):  # type: ignore[no-untyped-def]
+    """A real broker serving TLS on localhost with the test CA's server certificate."""
+    return start_broker(
+        home,
         listen="localhost:0",
         tls_cert=str(pki / "server.crt"),
         tls_key=str(pki / "server.key"),
+        **extra,
     )
+
+
+def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki: Path, tmp_path: Path):
+    rb = tls_broker(pki, tmp_path / "b")
     try:
         with Client(rb.address, tls_ca=str(pki / "ca.crt"), api_key=rb.admin_key) as rs:
             assert rs.list_jobs().jobs == []
@@ -80,13 +42,7 @@ def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki: Path, t
 
 
 def test_mutual_tls_requires_a_client_certificate(pki: Path, tmp_path: Path):
-    rb = start_broker(
-        tmp_path / "b",
-        listen="localhost:0",
-        tls_cert=str(pki / "server.crt"),
-        tls_key=str(pki / "server.key"),
-        tls_client_ca=str(pki / "ca.crt"),
-    )
+    rb = tls_broker(pki, tmp_path / "b", tls_client_ca=str(pki / "ca.crt"))
     try:
         ca = (pki / "ca.crt").read_bytes()
         with_cert = grpc.ssl_channel_credentials(
@@ -117,12 +73,7 @@ def test_an_agent_dials_a_tls_broker_with_its_ca_and_runs_a_job(pki: Path, tmp_p
     from worker_agent.executor import LocalExecutor
     from worker_agent.gpu import SimulatedBackend
 
-    rb = start_broker(
-        tmp_path / "b",
-        listen="localhost:0",
-        tls_cert=str(pki / "server.crt"),
-        tls_key=str(pki / "server.key"),
-    )
+    rb = tls_broker(pki, tmp_path / "b")
     try:
         with Client(rb.address, tls_ca=str(pki / "ca.crt"), api_key=rb.admin_key) as rs:
             farm = rs.create_farm("tls-farm")
@@ -167,13 +118,7 @@ def test_an_agent_with_a_client_certificate_passes_mutual_tls(pki: Path, tmp_pat
     from worker_agent.agent import broker_channel
     from worker_agent.config import AgentConfig
 
-    rb = start_broker(
-        tmp_path / "b",
-        listen="localhost:0",
-        tls_cert=str(pki / "server.crt"),
-        tls_key=str(pki / "server.key"),
-        tls_client_ca=str(pki / "ca.crt"),
-    )
+    rb = tls_broker(pki, tmp_path / "b", tls_client_ca=str(pki / "ca.crt"))
 
     async def check(**tls: Path) -> bool:
         config = AgentConfig(broker_address=rb.address, enrollment_token="t", **tls)  # type: ignore[arg-type]
