@@ -510,7 +510,11 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             raise InvalidArgument.of([FieldViolation("group_by", "unknown grouping")])
         since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
         return earnings_pb(
-            self.svc.core, farm_id=farm_id, since=since, group_by=groups[request.group_by]
+            self.svc.core,
+            farm_id=farm_id,
+            since=since,
+            group_by=groups[request.group_by],
+            farm_name=lambda fid: self.svc.store.get_farm(fid).display_name,
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.core import Attempt, BrokerCore, Job, Worker
@@ -210,9 +212,15 @@ def assignment_pb(job: Job, attempt: Attempt) -> worker_service_pb2.Assignment:
 
 
 def earnings_pb(
-    core: BrokerCore, *, farm_id: str = "", since: float = 0.0, group_by: str = "farm"
+    core: BrokerCore,
+    *,
+    farm_id: str = "",
+    since: float = 0.0,
+    group_by: str = "farm",
+    farm_name: Callable[[str], str] = str,
 ) -> farm_service_pb2.GetEarningsResponse:
-    """``GetEarnings``'s answer from a core (the broker's own, or one loaded from a database)."""
+    """``GetEarnings``'s answer from a core (the broker's own, or one loaded from a database);
+    ``farm_name`` maps a farm id to its display name."""
     from broker.earnings import earnings
 
     rows = []
@@ -236,6 +244,7 @@ def earnings_pb(
                 revenue_usd_per_kwh=line.revenue_usd_per_kwh,
                 mining_usd_per_kwh=mining,
                 attempts=line.attempts,
+                farm_display_name=farm_name(line.farm_id),
             )
         )
     return farm_service_pb2.GetEarningsResponse(rows=rows)

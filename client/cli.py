@@ -715,14 +715,18 @@ def _earnings_from_db(
     try:
         core = BrokerCore()
         store.load(core)
+        farm = farm_id.removeprefix("farms/")
+        if farm and farm not in core.farms:
+            raise click.ClickException(f"farms/{farm} not found in {db_url}")
+        return earnings_pb(
+            core,
+            farm_id=farm,
+            since=since.timestamp() if since else 0.0,
+            group_by=group_by,
+            farm_name=lambda fid: store.get_farm(fid).display_name,
+        )
     finally:
         store.close()
-    farm = farm_id.removeprefix("farms/")
-    if farm and farm not in core.farms:
-        raise click.ClickException(f"farms/{farm} not found in {db_url}")
-    return earnings_pb(
-        core, farm_id=farm, since=since.timestamp() if since else 0.0, group_by=group_by
-    )
 
 
 # -- groups owned by other packages ------------------------------------------------

@@ -401,9 +401,10 @@ def earnings_table(rows: Sequence[farm_service_pb2.EarningsRow], group_by: str =
     table = []
     for r in rows:
         ai_below = r.energy_joules > 0 and r.revenue_usd_per_kwh < r.mining_usd_per_kwh
-        cells = [r.key]
+        name = r.farm_display_name or r.farm
+        cells = [name if group_by == "farm" else r.key]
         if group_by != "farm":
-            cells.append(r.farm)
+            cells.append(name)
         cells += [
             r.gpu_model or "-",
             str(milliseconds_to_hours(r.gpu_milliseconds)),

@@ -41,7 +41,7 @@ class GetEarningsRequest(_message.Message):
     def __init__(self, parent: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Union[GetEarningsRequest.GroupBy, str]] = ...) -> None: ...
 
 class EarningsRow(_message.Message):
-    __slots__ = ("key", "farm", "gpu_model", "gpu_milliseconds", "energy_joules", "kwh", "revenue_micros", "energy_cost_micros", "margin_micros", "revenue_usd_per_kwh", "mining_usd_per_kwh", "attempts")
+    __slots__ = ("key", "farm", "gpu_model", "gpu_milliseconds", "energy_joules", "kwh", "revenue_micros", "energy_cost_micros", "margin_micros", "revenue_usd_per_kwh", "mining_usd_per_kwh", "attempts", "farm_display_name")
     KEY_FIELD_NUMBER: _ClassVar[int]
     FARM_FIELD_NUMBER: _ClassVar[int]
     GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class EarningsRow(_message.Message):
     REVENUE_USD_PER_KWH_FIELD_NUMBER: _ClassVar[int]
     MINING_USD_PER_KWH_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FARM_DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     key: str
     farm: str
     gpu_model: str
@@ -66,7 +67,8 @@ class EarningsRow(_message.Message):
     revenue_usd_per_kwh: float
     mining_usd_per_kwh: float
     attempts: int
-    def __init__(self, key: _Optional[str] = ..., farm: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpu_milliseconds: _Optional[int] = ..., energy_joules: _Optional[int] = ..., kwh: _Optional[float] = ..., revenue_micros: _Optional[int] = ..., energy_cost_micros: _Optional[int] = ..., margin_micros: _Optional[int] = ..., revenue_usd_per_kwh: _Optional[float] = ..., mining_usd_per_kwh: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
+    farm_display_name: str
+    def __init__(self, key: _Optional[str] = ..., farm: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpu_milliseconds: _Optional[int] = ..., energy_joules: _Optional[int] = ..., kwh: _Optional[float] = ..., revenue_micros: _Optional[int] = ..., energy_cost_micros: _Optional[int] = ..., margin_micros: _Optional[int] = ..., revenue_usd_per_kwh: _Optional[float] = ..., mining_usd_per_kwh: _Optional[float] = ..., attempts: _Optional[int] = ..., farm_display_name: _Optional[str] = ...) -> None: ...
 
 class GetEarningsResponse(_message.Message):
     __slots__ = ("rows",)

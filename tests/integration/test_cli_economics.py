@@ -307,7 +307,7 @@ def test_earnings_after_a_job_ran(broker_address: str, agents: list[ProtocolAgen
     farm = create(broker_address, "earn-1", *ECONOMICS)
     agent = register(agents, broker_address, farm["enrollment_token"], n=1, price=3_600_000)
     empty = ok(rs(broker_address, "farm", "earnings", "--farm", farm["name"])).stdout
-    assert empty.startswith("no earnings yet") or "farms/" in empty
+    assert empty.startswith("no earnings yet") or empty.splitlines()[1].startswith("earn-1 ")
 
     job = as_json(rs(broker_address, "job", "submit", "--json", "--", "python", "train.py"))
     a = agent.next_of("assignment")
@@ -331,6 +331,7 @@ def test_earnings_after_a_job_ran(broker_address: str, agents: list[ProtocolAgen
     earnings = as_json(rs(broker_address, "farm", "earnings", "--farm", farm["name"], "--json"))
     (row,) = earnings["rows"]
     assert row["key"] == farm["name"] and row["farm"] == farm["name"]
+    assert row["farm_display_name"] == "earn-1"
     assert micros(row["revenue_micros"]) > 0
     assert micros(row["revenue_micros"]) < micros(got["cost_micros"])  # less the 10% fee
     assert micros(row["energy_joules"]) == 360_000
@@ -352,7 +353,7 @@ def test_earnings_after_a_job_ran(broker_address: str, agents: list[ProtocolAgen
         assert row_by["revenue_micros"] == row["revenue_micros"]
 
     table = ok(rs(broker_address, "farm", "earnings", "--since", "1h")).stdout
-    line = next(x for x in table.splitlines() if x.startswith(farm["name"]))
+    line = next(x for x in table.splitlines() if x.startswith("earn-1 "))  # the display name
     assert "$0.0800" in line
     later = as_json(
         rs(broker_address, "farm", "earnings", "--farm", farm["name"], "--since", "0s", "--json")
