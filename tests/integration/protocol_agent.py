@@ -110,21 +110,31 @@ class ProtocolAgent:
     def heartbeat(self) -> ws.HeartbeatResponse:
         return self.stub.Heartbeat(ws.HeartbeatRequest(worker=self.worker), metadata=self.metadata)
 
-    def connect(self) -> None:
-        """Open StreamInstructions; instructions land in self.instructions."""
+    def connect(self, timeout: float = 10.0) -> None:
+        """Open StreamInstructions; instructions land in self.instructions.
+
+        Returns once the stream is open at the broker (its first message, the
+        Reconcile, has arrived and is queued): an assignment made after this
+        arrives as an Assignment, never folded into that Reconcile.
+        """
         self._stream = self.stub.StreamInstructions(
             ws.StreamInstructionsRequest(worker=self.worker), metadata=self.metadata
         )
+        opened = threading.Event()
 
         def pump() -> None:
             try:
                 for instruction in self._stream:
                     self.instructions.put(instruction)
+                    opened.set()
             except grpc.RpcError:
                 pass
+            finally:
+                opened.set()
 
         self._thread = threading.Thread(target=pump, daemon=True)
         self._thread.start()
+        opened.wait(timeout)
 
     def next_instruction(self, timeout: float = 10.0) -> ws.Instruction:
         return self.instructions.get(timeout=timeout)
