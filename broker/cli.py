@@ -180,6 +180,10 @@ async def serve_replica(config, internal_listen: str, advertise_host: str) -> No
     click.echo(
         f"rigshift broker replica {replica.replica_id} listening on {replica.address} ({role})"
     )
+    if replica.admin_key and config.write_credentials:
+        from client.credentials import credentials_path
+
+        click.echo(f"rigshift broker created an admin key; saved to {credentials_path()}")
     if replica.metrics_address:
         click.echo(f"rigshift broker metrics on http://{replica.metrics_address}/metrics")
     stop = asyncio.Event()

@@ -357,3 +357,17 @@ def test_a_leader_that_loses_its_lock_session_fences_itself(
     finally:
         second.stop()
         first.stop()
+
+
+def test_clients_can_be_given_every_replica_in_one_target(tmp_path: Path):
+    """`--broker ipv4:A,B` (gRPC's own multi-address target): a dead first address is skipped."""
+    from client import Client
+
+    rb = start_broker(tmp_path / "b")
+    try:
+        target = f"ipv4:127.0.0.1:{_port()},{rb.address}"
+        with Client(target, api_key=rb.admin_key, timeout_s=10) as rs:
+            farm = rs.create_farm("multi-address")
+            assert rs.get_farm(farm.name).display_name == "multi-address"
+    finally:
+        rb.stop()
