@@ -147,6 +147,8 @@ def isolation(tmp_path_factory: pytest.TempPathFactory) -> Isolation:
     try:
         found = resolve(SandboxPolicy(mode="bwrap", hide=(str(state),)))
     except SandboxError as err:
+        if os.environ.get("CI"):  # .ci/run installs bubblewrap: a broken one is a failure there
+            raise
         pytest.skip(f"no working bubblewrap here: {err}")
     return found
 
