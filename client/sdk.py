@@ -18,11 +18,8 @@ take either the bare id (``"abc"``) or the resource name (``"jobs/abc"``).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
-import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +44,7 @@ from rigshift.v1 import (
     job_service_pb2,
     job_service_pb2_grpc,
 )
+from worker_agent.workdir import ArchiveError, pack_directory
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -234,39 +232,15 @@ def build_working_dir_archive(path: str | os.PathLike[str], *, max_bytes: int) -
             reason="WORKING_DIR_NOT_A_DIRECTORY",
             field_violations=[("working_dir", "not a directory")],
         )
-    too_large = InvalidArgument(
-        f"working_dir: archive of {str(root)!r} is over the {max_bytes} byte limit",
-        reason="WORKING_DIR_TOO_LARGE",
-        metadata={"max_bytes": str(max_bytes)},
-        field_violations=[("working_dir", f"archive larger than {max_bytes} bytes")],
-    )
-    buffer = io.BytesIO()
-    with (
-        gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as gz,
-        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
-    ):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            base = Path(dirpath)
-            for entry in sorted([*dirnames, *filenames]):
-                full = base / entry
-                info = tar.gettarinfo(str(full), arcname=full.relative_to(root).as_posix())
-                if info is None:  # sockets, fifos: nothing a job can use
-                    continue
-                info.mtime = 0
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                if info.isfile():
-                    with full.open("rb") as f:
-                        tar.addfile(info, f)
-                else:
-                    tar.addfile(info)
-                if buffer.tell() > max_bytes:
-                    raise too_large
-    data = buffer.getvalue()
-    if len(data) > max_bytes:
-        raise too_large
-    return data
+    try:
+        return pack_directory(root, max_bytes=max_bytes)  # the same bytes the agent packs
+    except ArchiveError as err:
+        raise InvalidArgument(
+            f"working_dir: archive of {str(root)!r} is over the {max_bytes} byte limit",
+            reason="WORKING_DIR_TOO_LARGE",
+            metadata={"max_bytes": str(max_bytes)},
+            field_violations=[("working_dir", f"archive larger than {max_bytes} bytes")],
+        ) from err
 
 
 class Client:
