@@ -38,7 +38,7 @@ from typing import Any
 
 from worker_agent.process import descendants
 
-__all__ = ["FleetError", "LocalFleet", "ManagedProcess", "rigshift_argv"]
+__all__ = ["FleetError", "LocalFleet", "ManagedProcess", "rigshift_argv", "start_time"]
 
 
 class FleetError(RuntimeError):
@@ -70,7 +70,7 @@ class ManagedProcess:
         """Record the current process tree (Ray's processes may outlive their parent)."""
         if self.proc.poll() is None:
             for pid in descendants(self.proc.pid):
-                start = _start_time(pid)
+                start = start_time(pid)
                 if start is not None:
                     self.seen.setdefault(pid, start)
 
@@ -78,7 +78,7 @@ class ManagedProcess:
         """Pids of this process and of the processes it started that still run (same pid,
         same start time: a reused pid is never mistaken for ours)."""
         out = [self.proc.pid] if self.proc.poll() is None else []
-        out += [pid for pid, start in self.seen.items() if _start_time(pid) == start]
+        out += [pid for pid, start in self.seen.items() if start_time(pid) == start]
         return out
 
     def log_tail(self, lines: int = 30) -> str:
@@ -338,7 +338,7 @@ def _flags(options: dict[str, object]) -> list[str]:
     return out
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     """Start time of a live (non-zombie) process in clock ticks since boot, from /proc."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from worker_agent.fleet import start_time
 from worker_agent.process import descendants
 
 DRIVER = textwrap.dedent(
@@ -63,15 +64,6 @@ def _free_port() -> int:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rfind(b")") + 2 :].split()[19])
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["rigshift-resources", "plain-gpus"])
@@ -115,10 +107,10 @@ def test_executor_joins_a_token_protected_cluster(tmp_path: Path, pinned: bool) 
         (work / "train.py").write_text("print('hi')\n")
         deadline = time.monotonic() + 60
         while not _listening(port) and time.monotonic() < deadline:
-            seen.update({p: _start_time(p) for p in descendants(head.pid)})
+            seen.update({p: start_time(p) for p in descendants(head.pid)})
             time.sleep(0.2)
         time.sleep(2.0)  # the head's raylet registers after the GCS listens
-        seen.update({p: _start_time(p) for p in descendants(head.pid)})
+        seen.update({p: start_time(p) for p in descendants(head.pid)})
         driver = subprocess.run(
             [sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(token), str(work)],
             env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")},
@@ -126,7 +118,7 @@ def test_executor_joins_a_token_protected_cluster(tmp_path: Path, pinned: bool) 
             text=True,
             timeout=90,
         )
-        seen.update({p: _start_time(p) for p in descendants(head.pid)})
+        seen.update({p: start_time(p) for p in descendants(head.pid)})
         result = (
             json.loads(driver.stdout.strip().splitlines()[-1]) if driver.returncode == 0 else None
         )
@@ -139,7 +131,7 @@ def test_executor_joins_a_token_protected_cluster(tmp_path: Path, pinned: bool) 
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         for pid, start in seen.items():
-            if start is not None and _start_time(pid) == start:
+            if start is not None and start_time(pid) == start:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result["exit"] == 0
