@@ -514,7 +514,7 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             farm_id=farm_id,
             since=since,
             group_by=groups[request.group_by],
-            farm_name=lambda fid: self.svc.store.get_farm(fid).display_name,
+            farm_name=self.svc.farm_names,
         )
 
 

@@ -210,7 +210,7 @@ class Broker:
         store = self.store
         farm_name = FarmNames(lambda farm_id: store.get_farm(farm_id).display_name)
         metrics = self.metrics = BrokerMetrics(core, self.registry, farm_name=farm_name)
-        svc = self.service = BrokerService(core, self.store, metrics=metrics)
+        svc = self.service = BrokerService(core, self.store, metrics=metrics, farm_names=farm_name)
         svc.rate_limiter = RateLimiter(cfg.rate_limit_per_s, 2 * cfg.rate_limit_per_s)
         if cfg.metrics_listen:
             self._metrics_server = MetricsServer(self.registry, metrics.sd_targets)

@@ -22,7 +22,7 @@ from broker.convert import assignment_pb
 from broker.core import BrokerCore
 from broker.errors import StaleWriter, Unauthenticated
 from broker.events import AppendLog, Assign, Cancel, Command, Event, SchedulePass, Tick
-from broker.metrics import BrokerMetrics
+from broker.metrics import BrokerMetrics, FarmNames
 from rigshift.v1 import worker_service_pb2
 
 __all__ = ["GC_YOUNG_THRESHOLD", "BrokerService", "sha256_hex", "tune_gc"]
@@ -66,11 +66,16 @@ class BrokerService:
         *,
         clock: Callable[[], float] = time.time,
         metrics: BrokerMetrics | None = None,
+        farm_names: Callable[[str], str] | None = None,
     ):
         self.core = core
         self.store = store
         self.clock = clock
         self.metrics = metrics
+        #: Farm id -> display name, cached (the broker shares one with its metrics).
+        self.farm_names: Callable[[str], str] = farm_names or FarmNames(
+            lambda farm_id: store.get_farm(farm_id).display_name
+        )
         self._lock = asyncio.Lock()
         self.stale = False
         self.on_stale: Callable[[], None] | None = None
