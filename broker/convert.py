@@ -7,6 +7,7 @@ from collections.abc import Callable
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.core import Attempt, BrokerCore, Job, Worker
+from broker.earnings import earnings
 from broker.economics import FarmTerms, charge_micros, floor_price
 from broker.model import JobSpec
 from broker.store import FarmRow, farm_terms
@@ -221,8 +222,6 @@ def earnings_pb(
 ) -> farm_service_pb2.GetEarningsResponse:
     """``GetEarnings``'s answer from a core (the broker's own, or one loaded from a database);
     ``farm_name`` maps a farm id to its display name."""
-    from broker.earnings import earnings
-
     rows = []
     for line in earnings(core, farm_id=farm_id, since=since, group_by=group_by):
         terms = core.farms.get(line.farm_id)
