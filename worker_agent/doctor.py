@@ -260,6 +260,17 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _broker_channel(inp: DoctorInput) -> Any:
+    """The channel the agent would open: TLS with ``tls_ca`` when given (OSError if it
+    cannot be read), else plaintext."""
+    import grpc
+
+    if inp.tls_ca is None:
+        return grpc.insecure_channel(inp.broker_address)
+    creds = grpc.ssl_channel_credentials(root_certificates=inp.tls_ca.read_bytes())
+    return grpc.secure_channel(inp.broker_address, creds)
+
+
 def check_broker(inp: DoctorInput) -> Finding:
     """The standard gRPC health check, on the channel the agent would open."""
     import grpc
@@ -273,14 +284,10 @@ def check_broker(inp: DoctorInput) -> Finding:
             f"no broker address (got {address!r})" if address else "no broker address given",
             "pass --broker HOST:PORT or --config /etc/rigshift/agent.toml",
         )
-    if inp.tls_ca is not None:
-        try:
-            creds = grpc.ssl_channel_credentials(root_certificates=inp.tls_ca.read_bytes())
-        except OSError as err:
-            return Finding("broker", "FAIL", f"cannot read --tls-ca: {err}", "pass a CA file")
-        channel = grpc.secure_channel(address, creds)
-    else:
-        channel = grpc.insecure_channel(address)
+    try:
+        channel = _broker_channel(inp)
+    except OSError as err:
+        return Finding("broker", "FAIL", f"cannot read --tls-ca: {err}", "pass a CA file")
     transport = "TLS" if inp.tls_ca is not None else "plaintext"
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -531,14 +538,7 @@ def broker_clock_offset(inp: DoctorInput) -> float | None:
     if ":" not in inp.broker_address:
         return None
     try:
-        channel = (
-            grpc.secure_channel(
-                inp.broker_address,
-                grpc.ssl_channel_credentials(root_certificates=inp.tls_ca.read_bytes()),
-            )
-            if inp.tls_ca is not None
-            else grpc.insecure_channel(inp.broker_address)
-        )
+        channel = _broker_channel(inp)
     except OSError:
         return None
     with channel:
