@@ -73,7 +73,6 @@ from broker.scheduler import (
     SchedulingResult,
     Snapshot,
     WorkerCapacity,
-    place,
 )
 
 __all__ = [
@@ -786,11 +785,9 @@ class BrokerCore:
         :class:`FleetIndex` so that it costs what changed since the last pass, not the fleet.
 
         The index takes the GPUs it places; ``_bind`` then marks those workers changed, so the
-        next pass re-reads them from the truth. A subclass that overrides :meth:`snapshot`
-        (the trace replay's lean view) gets ``place()`` of its own snapshot.
+        next pass re-reads them from the truth. A subclass with a snapshot of its own (the
+        trace replay's lean view) overrides this with ``place(self.snapshot(now))``.
         """
-        if type(self).snapshot is not BrokerCore.snapshot:
-            return place(self.snapshot(now))
         fleet = self._fleet
         if fleet is None:
             online = (w for w in self.workers.values() if w.state == WorkerState.ONLINE)

@@ -16,7 +16,7 @@ from broker.core import BrokerCore, Job
 from broker.events import Command, Event, Transition
 from broker.model import JobState, WorkerState
 from broker.policy import FIFO, Fifo, ShortFirst
-from broker.scheduler import JobRequest, Snapshot, WorkerCapacity, place
+from broker.scheduler import JobRequest, SchedulingResult, Snapshot, WorkerCapacity, place
 
 __all__ = ["ReplayCore"]
 
@@ -169,6 +169,11 @@ class ReplayCore(BrokerCore):
         if self._widest is not None and self._widest not in {c.worker_id for c in shown}:
             shown.append(self._capacity_of(self.workers[self._widest], now))
         return tuple(shown)
+
+    def _place(self, now: float) -> SchedulingResult:
+        # This view chooses what the scheduler sees, so it places from its own snapshot
+        # instead of the core's kept index.
+        return place(self.snapshot(now))
 
     def snapshot(self, now: float) -> Snapshot:
         if not self.lean:

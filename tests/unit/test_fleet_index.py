@@ -36,7 +36,7 @@ from broker.scheduler import (
     FleetIndex,
     JobRequest,
     Rejection,
-    Snapshot,
+    SchedulingResult,
     WorkerCapacity,
     place,
 )
@@ -234,11 +234,10 @@ def test_churn_keeps_heaps_bounded() -> None:
 
 
 class SnapshotCore(BrokerCore):
-    """The core as it was: every pass is ``place(self.snapshot(now))`` (overriding
-    ``snapshot`` turns the kept index off)."""
+    """The core as it was: every pass is ``place(self.snapshot(now))``, no kept index."""
 
-    def snapshot(self, now: float) -> Snapshot:
-        return super().snapshot(now)
+    def _place(self, now: float) -> SchedulingResult:
+        return place(self.snapshot(now))
 
 
 class LockstepCoreMachine(CoreMachine):
