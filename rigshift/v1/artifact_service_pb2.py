@@ -24,21 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"rigshift/v1/artifact_service.proto\x12\x0brigshift.v1\".\n\x08\x41rtifact\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"I\n\x15UploadArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\")\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x1d\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xb8\x01\n\x0f\x41rtifactService\x12M\n\x0eUploadArtifact\x12\".rigshift.v1.UploadArtifactRequest\x1a\x15.rigshift.v1.Artifact(\x01\x12V\n\x10\x44ownloadArtifact\x12$.rigshift.v1.DownloadArtifactRequest\x1a\x1a.rigshift.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"rigshift/v1/artifact_service.proto\x12\x0brigshift.v1\"(\n\x16GetUploadStatusRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"H\n\x0cUploadStatus\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03\".\n\x08\x41rtifact\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\x88\x01\n\x15UploadArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12-\n\x07purpose\x18\x05 \x01(\x0e\x32\x1c.rigshift.v1.ArtifactPurpose\")\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x1d\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*J\n\x0f\x41rtifactPurpose\x12 \n\x1c\x41RTIFACT_PURPOSE_UNSPECIFIED\x10\x00\x12\t\n\x05INPUT\x10\x01\x12\n\n\x06OUTPUT\x10\x02\x32\x8b\x02\n\x0f\x41rtifactService\x12M\n\x0eUploadArtifact\x12\".rigshift.v1.UploadArtifactRequest\x1a\x15.rigshift.v1.Artifact(\x01\x12V\n\x10\x44ownloadArtifact\x12$.rigshift.v1.DownloadArtifactRequest\x1a\x1a.rigshift.v1.ArtifactChunk0\x01\x12Q\n\x0fGetUploadStatus\x12#.rigshift.v1.GetUploadStatusRequest\x1a\x19.rigshift.v1.UploadStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rigshift.v1.artifact_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ARTIFACT']._serialized_start=51
-  _globals['_ARTIFACT']._serialized_end=97
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=99
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=172
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=174
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=215
-  _globals['_ARTIFACTCHUNK']._serialized_start=217
-  _globals['_ARTIFACTCHUNK']._serialized_end=246
-  _globals['_ARTIFACTSERVICE']._serialized_start=249
-  _globals['_ARTIFACTSERVICE']._serialized_end=433
+  _globals['_ARTIFACTPURPOSE']._serialized_start=428
+  _globals['_ARTIFACTPURPOSE']._serialized_end=502
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=51
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=91
+  _globals['_UPLOADSTATUS']._serialized_start=93
+  _globals['_UPLOADSTATUS']._serialized_end=165
+  _globals['_ARTIFACT']._serialized_start=167
+  _globals['_ARTIFACT']._serialized_end=213
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=216
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=352
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=354
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=395
+  _globals['_ARTIFACTCHUNK']._serialized_start=397
+  _globals['_ARTIFACTCHUNK']._serialized_end=426
+  _globals['_ARTIFACTSERVICE']._serialized_start=505
+  _globals['_ARTIFACTSERVICE']._serialized_end=772
 # @@protoc_insertion_point(module_scope)

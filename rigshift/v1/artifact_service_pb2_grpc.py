@@ -45,6 +45,11 @@ class ArtifactServiceStub:
                 request_serializer=rigshift_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_artifact__service__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.GetUploadStatus = channel.unary_unary(
+                '/rigshift.v1.ArtifactService/GetUploadStatus',
+                request_serializer=rigshift_dot_v1_dot_artifact__service__pb2.GetUploadStatusRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_artifact__service__pb2.UploadStatus.FromString,
+                _registered_method=True)
 
 
 class ArtifactServiceServicer:
@@ -67,6 +72,14 @@ class ArtifactServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUploadStatus(self, request, context):
+        """Says whether an archive is stored, or how many bytes of an interrupted upload
+        the broker kept, so that the upload can resume from there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ArtifactServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +92,11 @@ def add_ArtifactServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=rigshift_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_artifact__service__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'GetUploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadStatus,
+                    request_deserializer=rigshift_dot_v1_dot_artifact__service__pb2.GetUploadStatusRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_artifact__service__pb2.UploadStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +154,33 @@ class ArtifactService:
             '/rigshift.v1.ArtifactService/DownloadArtifact',
             rigshift_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.SerializeToString,
             rigshift_dot_v1_dot_artifact__service__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.ArtifactService/GetUploadStatus',
+            rigshift_dot_v1_dot_artifact__service__pb2.GetUploadStatusRequest.SerializeToString,
+            rigshift_dot_v1_dot_artifact__service__pb2.UploadStatus.FromString,
             options,
             channel_credentials,
             insecure,

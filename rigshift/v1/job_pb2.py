@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rigshift/v1/job.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x05\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.rigshift.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.rigshift.v1.Job.State\x12\r\n\x05owner\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rattempt_count\x18\x07 \x01(\x05\x12&\n\x08\x61ttempts\x18\x08 \x03(\x0b\x32\x14.rigshift.v1.Attempt\x12\x36\n\x0fpending_reasons\x18\t \x03(\x0b\x32\x1d.rigshift.v1.SchedulingReason\x12\x16\n\x0estatus_message\x18\n \x01(\t\x12\x11\n\texit_code\x18\x0b \x01(\x05\x12-\n\x07history\x18\x0c \x03(\x0b\x32\x1c.rigshift.v1.StateTransition\x12\x12\n\nrequest_id\x18\r \x01(\t\x12)\n\nsla_events\x18\x0e \x03(\x0b\x32\x15.rigshift.v1.SlaEvent\x12\x13\n\x0b\x63ost_micros\x18\x0f \x01(\x03\x12\x15\n\rcredit_micros\x18\x10 \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\x11 \x01(\t\x12\x33\n\x0f\x63heckpoint_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tSCHEDULED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tCANCELLED\x10\x06\"\xdb\x02\n\x07JobSpec\x12\x0f\n\x07\x63ommand\x18\x01 \x03(\t\x12*\n\x03\x65nv\x18\x02 \x03(\x0b\x32\x1d.rigshift.v1.JobSpec.EnvEntry\x12\x11\n\tgpu_count\x18\x03 \x01(\x05\x12\x11\n\tgpu_model\x18\x04 \x01(\t\x12\x13\n\x0bmin_vram_mb\x18\x05 \x01(\x03\x12%\n\x1dmax_price_micros_per_gpu_hour\x18\x06 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x07 \x01(\x03\x12\x1a\n\x12working_dir_sha256\x18\x08 \x01(\t\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12\x1f\n\x04tier\x18\x0b \x01(\x0e\x32\x11.rigshift.v1.Tier\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf7\x03\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\x05\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.rigshift.v1.Attempt.State\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\texit_code\x18\x07 \x01(\x05\x12\x15\n\renergy_joules\x18\x08 \x01(\x03\x12\x18\n\x10gpu_milliseconds\x18\t \x01(\x03\x12!\n\x19price_micros_per_gpu_hour\x18\n \x01(\x03\x12\x31\n\rschedule_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcharge_micros\x18\x0c \x01(\x03\"}\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\r\n\tSCHEDULED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x08\n\x04LOST\x10\x06\x12\r\n\tPREEMPTED\x10\x07\"\x94\x02\n\x08SlaEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.rigshift.v1.SlaEvent.Kind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x03\x12\x15\n\rcredit_micros\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"k\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15START_DEADLINE_MISSED\x10\x01\x12\x10\n\x0cINTERRUPTION\x10\x02\x12\r\n\tLOST_WORK\x10\x03\x12\x11\n\rHEARTBEAT_GAP\x10\x04\"o\n\x10SchedulingReason\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x11\n\trequested\x18\x02 \x01(\t\x12\x11\n\tavailable\x18\x03 \x01(\t\x12\x12\n\nresolvable\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xa1\x01\n\x0fStateTransition\x12*\n\nfrom_state\x18\x01 \x01(\x0e\x32\x16.rigshift.v1.Job.State\x12(\n\x08to_state\x18\x02 \x01(\x0e\x32\x16.rigshift.v1.Job.State\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t*6\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0e\n\nGUARANTEED\x10\x01\x12\x08\n\x04SPOT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rigshift/v1/job.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x05\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.rigshift.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.rigshift.v1.Job.State\x12\r\n\x05owner\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rattempt_count\x18\x07 \x01(\x05\x12&\n\x08\x61ttempts\x18\x08 \x03(\x0b\x32\x14.rigshift.v1.Attempt\x12\x36\n\x0fpending_reasons\x18\t \x03(\x0b\x32\x1d.rigshift.v1.SchedulingReason\x12\x16\n\x0estatus_message\x18\n \x01(\t\x12\x11\n\texit_code\x18\x0b \x01(\x05\x12-\n\x07history\x18\x0c \x03(\x0b\x32\x1c.rigshift.v1.StateTransition\x12\x12\n\nrequest_id\x18\r \x01(\t\x12)\n\nsla_events\x18\x0e \x03(\x0b\x32\x15.rigshift.v1.SlaEvent\x12\x13\n\x0b\x63ost_micros\x18\x0f \x01(\x03\x12\x15\n\rcredit_micros\x18\x10 \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\x11 \x01(\t\x12\x33\n\x0f\x63heckpoint_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tSCHEDULED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tCANCELLED\x10\x06\"\xeb\x03\n\x07JobSpec\x12\x0f\n\x07\x63ommand\x18\x01 \x03(\t\x12*\n\x03\x65nv\x18\x02 \x03(\x0b\x32\x1d.rigshift.v1.JobSpec.EnvEntry\x12\x11\n\tgpu_count\x18\x03 \x01(\x05\x12\x11\n\tgpu_model\x18\x04 \x01(\t\x12\x13\n\x0bmin_vram_mb\x18\x05 \x01(\x03\x12%\n\x1dmax_price_micros_per_gpu_hour\x18\x06 \x01(\x03\x12\x1c\n\x14max_duration_seconds\x18\x07 \x01(\x03\x12\x1a\n\x12working_dir_sha256\x18\x08 \x01(\t\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12\x1f\n\x04tier\x18\x0b \x01(\x0e\x32\x11.rigshift.v1.Tier\x12-\n\x0b\x65nvironment\x18\x0c \x01(\x0b\x32\x18.rigshift.v1.Environment\x12\x30\n\x06inputs\x18\r \x03(\x0b\x32 .rigshift.v1.JobSpec.InputsEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x0b\x45nvironment\x12\x1b\n\x13python_requirements\x18\x01 \x01(\t\x12\x1b\n\x13requirements_sha256\x18\x02 \x01(\t\"\x96\x01\n\tJobOutput\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nover_limit\x18\x05 \x01(\x08\x12\x0f\n\x07message\x18\x06 \x01(\t\"\xb4\x04\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\x05\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.rigshift.v1.Attempt.State\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\texit_code\x18\x07 \x01(\x05\x12\x15\n\renergy_joules\x18\x08 \x01(\x03\x12\x18\n\x10gpu_milliseconds\x18\t \x01(\x03\x12!\n\x19price_micros_per_gpu_hour\x18\n \x01(\x03\x12\x31\n\rschedule_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcharge_micros\x18\x0c \x01(\x03\x12\x1a\n\x12setup_milliseconds\x18\r \x01(\x03\x12\x0f\n\x07message\x18\x0e \x01(\t\"\x8c\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\r\n\tSCHEDULED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x08\n\x04LOST\x10\x06\x12\r\n\tPREEMPTED\x10\x07\x12\r\n\tPREPARING\x10\x08\"\x94\x02\n\x08SlaEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.rigshift.v1.SlaEvent.Kind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x03\x12\x15\n\rcredit_micros\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"k\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15START_DEADLINE_MISSED\x10\x01\x12\x10\n\x0cINTERRUPTION\x10\x02\x12\r\n\tLOST_WORK\x10\x03\x12\x11\n\rHEARTBEAT_GAP\x10\x04\"o\n\x10SchedulingReason\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x11\n\trequested\x18\x02 \x01(\t\x12\x11\n\tavailable\x18\x03 \x01(\t\x12\x12\n\nresolvable\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xa1\x01\n\x0fStateTransition\x12*\n\nfrom_state\x18\x01 \x01(\x0e\x32\x16.rigshift.v1.Job.State\x12(\n\x08to_state\x18\x02 \x01(\x0e\x32\x16.rigshift.v1.Job.State\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t*6\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0e\n\nGUARANTEED\x10\x01\x12\x08\n\x04SPOT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=2204
-  _globals['_TIER']._serialized_end=2258
+  _globals['_JOBSPEC_INPUTSENTRY']._loaded_options = None
+  _globals['_JOBSPEC_INPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_TIER']._serialized_start=2635
+  _globals['_TIER']._serialized_end=2689
   _globals['_JOB']._serialized_start=72
   _globals['_JOB']._serialized_end=790
   _globals['_JOB_STATE']._serialized_start=677
   _globals['_JOB_STATE']._serialized_end=790
   _globals['_JOBSPEC']._serialized_start=793
-  _globals['_JOBSPEC']._serialized_end=1140
-  _globals['_JOBSPEC_ENVENTRY']._serialized_start=1098
-  _globals['_JOBSPEC_ENVENTRY']._serialized_end=1140
-  _globals['_ATTEMPT']._serialized_start=1143
-  _globals['_ATTEMPT']._serialized_end=1646
-  _globals['_ATTEMPT_STATE']._serialized_start=1521
-  _globals['_ATTEMPT_STATE']._serialized_end=1646
-  _globals['_SLAEVENT']._serialized_start=1649
-  _globals['_SLAEVENT']._serialized_end=1925
-  _globals['_SLAEVENT_KIND']._serialized_start=1818
-  _globals['_SLAEVENT_KIND']._serialized_end=1925
-  _globals['_SCHEDULINGREASON']._serialized_start=1927
-  _globals['_SCHEDULINGREASON']._serialized_end=2038
-  _globals['_STATETRANSITION']._serialized_start=2041
-  _globals['_STATETRANSITION']._serialized_end=2202
+  _globals['_JOBSPEC']._serialized_end=1284
+  _globals['_JOBSPEC_ENVENTRY']._serialized_start=1195
+  _globals['_JOBSPEC_ENVENTRY']._serialized_end=1237
+  _globals['_JOBSPEC_INPUTSENTRY']._serialized_start=1239
+  _globals['_JOBSPEC_INPUTSENTRY']._serialized_end=1284
+  _globals['_ENVIRONMENT']._serialized_start=1286
+  _globals['_ENVIRONMENT']._serialized_end=1357
+  _globals['_JOBOUTPUT']._serialized_start=1360
+  _globals['_JOBOUTPUT']._serialized_end=1510
+  _globals['_ATTEMPT']._serialized_start=1513
+  _globals['_ATTEMPT']._serialized_end=2077
+  _globals['_ATTEMPT_STATE']._serialized_start=1937
+  _globals['_ATTEMPT_STATE']._serialized_end=2077
+  _globals['_SLAEVENT']._serialized_start=2080
+  _globals['_SLAEVENT']._serialized_end=2356
+  _globals['_SLAEVENT_KIND']._serialized_start=2249
+  _globals['_SLAEVENT_KIND']._serialized_end=2356
+  _globals['_SCHEDULINGREASON']._serialized_start=2358
+  _globals['_SCHEDULINGREASON']._serialized_end=2469
+  _globals['_STATETRANSITION']._serialized_start=2472
+  _globals['_STATETRANSITION']._serialized_end=2633
 # @@protoc_insertion_point(module_scope)

@@ -76,8 +76,15 @@ class Job(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., pending_reasons: _Optional[_Iterable[_Union[SchedulingReason, _Mapping]]] = ..., status_message: _Optional[str] = ..., exit_code: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., request_id: _Optional[str] = ..., sla_events: _Optional[_Iterable[_Union[SlaEvent, _Mapping]]] = ..., cost_micros: _Optional[int] = ..., credit_micros: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("command", "env", "gpu_count", "gpu_model", "min_vram_mb", "max_price_micros_per_gpu_hour", "max_duration_seconds", "working_dir_sha256", "max_attempts", "display_name", "tier")
+    __slots__ = ("command", "env", "gpu_count", "gpu_model", "min_vram_mb", "max_price_micros_per_gpu_hour", "max_duration_seconds", "working_dir_sha256", "max_attempts", "display_name", "tier", "environment", "inputs")
     class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +102,8 @@ class JobSpec(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     gpu_count: int
@@ -106,10 +115,36 @@ class JobSpec(_message.Message):
     max_attempts: int
     display_name: str
     tier: Tier
-    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+    environment: Environment
+    inputs: _containers.ScalarMap[str, str]
+    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., environment: _Optional[_Union[Environment, _Mapping]] = ..., inputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Environment(_message.Message):
+    __slots__ = ("python_requirements", "requirements_sha256")
+    PYTHON_REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUIREMENTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    python_requirements: str
+    requirements_sha256: str
+    def __init__(self, python_requirements: _Optional[str] = ..., requirements_sha256: _Optional[str] = ...) -> None: ...
+
+class JobOutput(_message.Message):
+    __slots__ = ("attempt", "sha256", "size_bytes", "create_time", "over_limit", "message")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    sha256: str
+    size_bytes: int
+    create_time: _timestamp_pb2.Timestamp
+    over_limit: bool
+    message: str
+    def __init__(self, attempt: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., over_limit: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Attempt(_message.Message):
-    __slots__ = ("number", "worker", "gpu_indices", "state", "start_time", "end_time", "exit_code", "energy_joules", "gpu_milliseconds", "price_micros_per_gpu_hour", "schedule_time", "charge_micros")
+    __slots__ = ("number", "worker", "gpu_indices", "state", "start_time", "end_time", "exit_code", "energy_joules", "gpu_milliseconds", "price_micros_per_gpu_hour", "schedule_time", "charge_micros", "setup_milliseconds", "message")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Attempt.State]
@@ -120,6 +155,7 @@ class Attempt(_message.Message):
         CANCELLED: _ClassVar[Attempt.State]
         LOST: _ClassVar[Attempt.State]
         PREEMPTED: _ClassVar[Attempt.State]
+        PREPARING: _ClassVar[Attempt.State]
     STATE_UNSPECIFIED: Attempt.State
     SCHEDULED: Attempt.State
     RUNNING: Attempt.State
@@ -128,6 +164,7 @@ class Attempt(_message.Message):
     CANCELLED: Attempt.State
     LOST: Attempt.State
     PREEMPTED: Attempt.State
+    PREPARING: Attempt.State
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +177,8 @@ class Attempt(_message.Message):
     PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_TIME_FIELD_NUMBER: _ClassVar[int]
     CHARGE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    SETUP_MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     number: int
     worker: str
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
@@ -152,7 +191,9 @@ class Attempt(_message.Message):
     price_micros_per_gpu_hour: int
     schedule_time: _timestamp_pb2.Timestamp
     charge_micros: int
-    def __init__(self, number: _Optional[int] = ..., worker: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[Attempt.State, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., gpu_milliseconds: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., charge_micros: _Optional[int] = ...) -> None: ...
+    setup_milliseconds: int
+    message: str
+    def __init__(self, number: _Optional[int] = ..., worker: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[Attempt.State, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., gpu_milliseconds: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., charge_micros: _Optional[int] = ..., setup_milliseconds: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SlaEvent(_message.Message):
     __slots__ = ("kind", "time", "attempt", "seconds", "credit_micros", "detail")

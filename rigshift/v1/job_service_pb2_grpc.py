@@ -71,6 +71,16 @@ class JobServiceStub:
                 request_serializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobOutputs = channel.unary_unary(
+                '/rigshift.v1.JobService/ListJobOutputs',
+                request_serializer=rigshift_dot_v1_dot_job__service__pb2.ListJobOutputsRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_job__service__pb2.ListJobOutputsResponse.FromString,
+                _registered_method=True)
+        self.DownloadJobOutput = channel.unary_stream(
+                '/rigshift.v1.JobService/DownloadJobOutput',
+                request_serializer=rigshift_dot_v1_dot_job__service__pb2.DownloadJobOutputRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_job__service__pb2.DownloadJobOutputResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -126,6 +136,20 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobOutputs(self, request, context):
+        """Lists what the job's attempts wrote to `$RIGSHIFT_OUTPUT_DIR`. Owner and admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadJobOutput(self, request, context):
+        """Streams one attempt's output archive (a tar.gz). Owner and admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +187,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.QuoteJob,
                     request_deserializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_job__service__pb2.QuoteJobResponse.SerializeToString,
+            ),
+            'ListJobOutputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobOutputs,
+                    request_deserializer=rigshift_dot_v1_dot_job__service__pb2.ListJobOutputsRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_job__service__pb2.ListJobOutputsResponse.SerializeToString,
+            ),
+            'DownloadJobOutput': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadJobOutput,
+                    request_deserializer=rigshift_dot_v1_dot_job__service__pb2.DownloadJobOutputRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_job__service__pb2.DownloadJobOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +389,60 @@ class JobService:
             '/rigshift.v1.JobService/QuoteJob',
             rigshift_dot_v1_dot_job__service__pb2.QuoteJobRequest.SerializeToString,
             rigshift_dot_v1_dot_job__service__pb2.QuoteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.JobService/ListJobOutputs',
+            rigshift_dot_v1_dot_job__service__pb2.ListJobOutputsRequest.SerializeToString,
+            rigshift_dot_v1_dot_job__service__pb2.ListJobOutputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadJobOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rigshift.v1.JobService/DownloadJobOutput',
+            rigshift_dot_v1_dot_job__service__pb2.DownloadJobOutputRequest.SerializeToString,
+            rigshift_dot_v1_dot_job__service__pb2.DownloadJobOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

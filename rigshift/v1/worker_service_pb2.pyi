@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -56,16 +57,26 @@ class RegisterWorkerResponse(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., credential: _Optional[str] = ..., lease_ttl_seconds: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker",)
+    __slots__ = ("worker", "status")
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     worker: str
-    def __init__(self, worker: _Optional[str] = ...) -> None: ...
+    status: WorkerStatus
+    def __init__(self, worker: _Optional[str] = ..., status: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("environments",)
+    ENVIRONMENTS_FIELD_NUMBER: _ClassVar[int]
+    environments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, environments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_expire_time",)
+    __slots__ = ("lease_expire_time", "status_wanted")
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_WANTED_FIELD_NUMBER: _ClassVar[int]
     lease_expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    status_wanted: bool
+    def __init__(self, lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status_wanted: _Optional[bool] = ...) -> None: ...
 
 class StreamInstructionsRequest(_message.Message):
     __slots__ = ("worker",)
@@ -104,8 +115,15 @@ class Assignment(_message.Message):
     def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[AssignedSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., checkpoint_sha256: _Optional[str] = ...) -> None: ...
 
 class AssignedSpec(_message.Message):
-    __slots__ = ("command", "env", "working_dir_sha256", "max_duration_seconds")
+    __slots__ = ("command", "env", "working_dir_sha256", "max_duration_seconds", "python_requirements", "requirements_sha256", "inputs", "max_output_bytes")
     class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -116,11 +134,19 @@ class AssignedSpec(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_SHA256_FIELD_NUMBER: _ClassVar[int]
     MAX_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUIREMENTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     working_dir_sha256: str
     max_duration_seconds: int
-    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir_sha256: _Optional[str] = ..., max_duration_seconds: _Optional[int] = ...) -> None: ...
+    python_requirements: str
+    requirements_sha256: str
+    inputs: _containers.ScalarMap[str, str]
+    max_output_bytes: int
+    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir_sha256: _Optional[str] = ..., max_duration_seconds: _Optional[int] = ..., python_requirements: _Optional[str] = ..., requirements_sha256: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
 
 class Cancellation(_message.Message):
     __slots__ = ("job", "attempt", "reason")
@@ -141,7 +167,7 @@ class ReportJobEventsRequest(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job", "attempt", "sequence", "time", "started", "log", "progress", "finished", "checkpoint")
+    __slots__ = ("job", "attempt", "sequence", "time", "started", "log", "progress", "finished", "checkpoint", "preparing", "output")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +177,8 @@ class JobEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    PREPARING_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     job: str
     attempt: int
     sequence: int
@@ -160,7 +188,25 @@ class JobEvent(_message.Message):
     progress: Progress
     finished: Finished
     checkpoint: Checkpointed
-    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., log: _Optional[_Union[LogOutput, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpointed, _Mapping]] = ...) -> None: ...
+    preparing: Preparing
+    output: OutputUploaded
+    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., log: _Optional[_Union[LogOutput, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpointed, _Mapping]] = ..., preparing: _Optional[_Union[Preparing, _Mapping]] = ..., output: _Optional[_Union[OutputUploaded, _Mapping]] = ...) -> None: ...
+
+class Preparing(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OutputUploaded(_message.Message):
+    __slots__ = ("sha256", "size_bytes", "over_limit", "message")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size_bytes: int
+    over_limit: bool
+    message: str
+    def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., over_limit: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Checkpointed(_message.Message):
     __slots__ = ("sha256", "size_bytes")
@@ -171,8 +217,10 @@ class Checkpointed(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("setup_milliseconds",)
+    SETUP_MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
+    setup_milliseconds: int
+    def __init__(self, setup_milliseconds: _Optional[int] = ...) -> None: ...
 
 class LogOutput(_message.Message):
     __slots__ = ("data",)
@@ -187,14 +235,26 @@ class Progress(_message.Message):
     def __init__(self, energy_joules: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("exit_code", "energy_joules", "message")
+    __slots__ = ("exit_code", "energy_joules", "message", "cause", "setup_milliseconds")
+    class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CAUSE_UNSPECIFIED: _ClassVar[Finished.Cause]
+        SETUP_CLIENT: _ClassVar[Finished.Cause]
+        SETUP_RIG: _ClassVar[Finished.Cause]
+    CAUSE_UNSPECIFIED: Finished.Cause
+    SETUP_CLIENT: Finished.Cause
+    SETUP_RIG: Finished.Cause
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    SETUP_MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
     exit_code: int
     energy_joules: int
     message: str
-    def __init__(self, exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    cause: Finished.Cause
+    setup_milliseconds: int
+    def __init__(self, exit_code: _Optional[int] = ..., energy_joules: _Optional[int] = ..., message: _Optional[str] = ..., cause: _Optional[_Union[Finished.Cause, str]] = ..., setup_milliseconds: _Optional[int] = ...) -> None: ...
 
 class ReportJobEventsResponse(_message.Message):
     __slots__ = ("applied", "stale")
