@@ -7,6 +7,7 @@ anything else is a bug, logged and answered ``INTERNAL``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -22,13 +23,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker import validation as v
-from broker.artifacts import CHUNK_BYTES, ArtifactStore
+from broker.artifacts import CHUNK_BYTES, ArtifactStore, Purpose
 from broker.auth import Principal, Role, authorize, current, set_current
 from broker.convert import earnings_pb, farm_pb, job_pb, timestamp, worker_pb
-from broker.core import BrokerCore, Job
+from broker.core import Attempt, BrokerCore, Job
 from broker.economics import FarmTerms
 from broker.errors import (
     BrokerError,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -39,6 +41,8 @@ from broker.events import (
     AttemptCheckpointed,
     AttemptFinished,
     AttemptLog,
+    AttemptOutputReported,
+    AttemptPreparing,
     AttemptProgress,
     AttemptReport,
     AttemptStarted,
@@ -50,7 +54,7 @@ from broker.events import (
     JobSubmitted,
     WorkerRegistered,
 )
-from broker.model import TERMINAL_JOB_STATES, JobSpec, JobState
+from broker.model import TERMINAL_JOB_STATES, JobSpec, JobState, SetupCause
 from broker.scheduler import place
 from broker.service import BrokerService, cancellation, sha256_hex
 from broker.store import FarmRow
@@ -246,9 +250,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     SERVICE = "JobService"
 
-    def __init__(self, svc: BrokerService, default_max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        svc: BrokerService,
+        default_max_attempts: int = 3,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
         self.svc = svc
         self.default_max_attempts = default_max_attempts
+        self.artifacts = artifacts  # where attempt outputs are kept
 
     @unary
     async def CreateJob(self, request, context):  # type: ignore[no-untyped-def]
@@ -329,6 +339,93 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 if not request.follow or done:
                     return
                 await changed.wait()
+
+    @unary
+    async def ListJobOutputs(self, request, context):  # type: ignore[no-untyped-def]
+        job = _own_job(self.svc, request.name)
+        return job_service_pb2.ListJobOutputsResponse(
+            outputs=[
+                job_pb2.JobOutput(
+                    attempt=a.number,
+                    sha256=a.output.sha256,
+                    size_bytes=a.output.size_bytes,
+                    create_time=timestamp(a.output.time),
+                    over_limit=a.output.over_limit,
+                    message=a.output.message,
+                )
+                for a in job.attempts
+                if a.output is not None
+            ]
+        )
+
+    @streaming
+    async def DownloadJobOutput(self, request, context):  # type: ignore[no-untyped-def]
+        job = _own_job(self.svc, request.name)
+        attempt = _output_attempt(job, request.attempt)
+        assert attempt.output is not None and self.artifacts is not None
+        sha256 = attempt.output.sha256
+        try:
+            size = self.artifacts.size(sha256)
+        except NotFound:
+            raise NotFound(
+                f"the output of jobs/{job.job_id} attempt {attempt.number} is no longer kept "
+                "(removed after the retention period)",
+                reason="OUTPUT_EXPIRED",
+                metadata={"attempt": str(attempt.number), "sha256": sha256},
+            ) from None
+        if not 0 <= request.offset <= size:
+            raise InvalidArgument.of(
+                [FieldViolation("offset", f"must be between 0 and the size ({size})")]
+            )
+        first = job_service_pb2.DownloadJobOutputResponse(
+            sha256=sha256, size_bytes=size, attempt=attempt.number
+        )
+        for data in self.artifacts.read(sha256, request.offset):
+            if first is not None:
+                first.data = data
+                yield first
+                first = None
+            else:
+                yield job_service_pb2.DownloadJobOutputResponse(data=data)
+        if first is not None:  # nothing left after the offset: still say what it is
+            yield first
+
+
+def _output_attempt(job: Job, number: int) -> Attempt:
+    """The attempt whose kept output DownloadJobOutput serves (0: the latest one)."""
+    if number < 0:
+        raise InvalidArgument.of([FieldViolation("attempt", "must be >= 0")])
+    if number == 0:
+        kept = [a for a in job.attempts if a.output and a.output.sha256 and not a.output.over_limit]
+        if not kept:
+            raise NotFound(
+                f"no attempt of jobs/{job.job_id} has kept an output",
+                reason="NO_OUTPUT",
+                metadata={"job": job.job_id},
+            )
+        return kept[-1]
+    if number > len(job.attempts) or job.attempts[number - 1].output is None:
+        raise NotFound(
+            f"attempt {number} of jobs/{job.job_id} has no output",
+            reason="NO_OUTPUT",
+            metadata={"job": job.job_id, "attempt": str(number)},
+        )
+    attempt = job.attempts[number - 1]
+    out = attempt.output
+    assert out is not None
+    if out.over_limit:
+        raise FailedPrecondition(
+            out.message or f"the output of attempt {number} was over the limit and not kept",
+            reason="OUTPUT_OVER_LIMIT",
+            metadata={"attempt": str(number), "size_bytes": str(out.size_bytes)},
+        )
+    if not out.sha256:
+        raise NotFound(
+            out.message or f"attempt {number} of jobs/{job.job_id} kept no output",
+            reason="NO_OUTPUT",
+            metadata={"job": job.job_id, "attempt": str(number)},
+        )
+    return attempt
 
 
 def _quote(core: BrokerCore, spec: JobSpec, now: float) -> job_service_pb2.QuoteJobResponse:
@@ -597,9 +694,15 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     @unary
     async def Heartbeat(self, request, context):  # type: ignore[no-untyped-def]
         worker_id = self._auth(request.worker, context)
-        await self.svc.apply(Heartbeat(self.svc.clock(), worker_id))
-        expiry = self.svc.core.workers[worker_id].lease_expires_at
-        return worker_service_pb2.HeartbeatResponse(lease_expire_time=timestamp(expiry))
+        environments = None
+        if request.HasField("status"):
+            environments = tuple(_sha_list(request.status.environments, "status.environments"))
+        await self.svc.apply(Heartbeat(self.svc.clock(), worker_id, environments))
+        worker = self.svc.core.workers[worker_id]
+        return worker_service_pb2.HeartbeatResponse(
+            lease_expire_time=timestamp(worker.lease_expires_at),
+            status_wanted=worker.environments is None,
+        )
 
     @streaming
     async def StreamInstructions(self, request, context):  # type: ignore[no-untyped-def]
@@ -649,8 +752,21 @@ def _report_event(
     if bad:
         raise InvalidArgument.of(bad)
     base = (now, worker_id, job_id, e.attempt, e.sequence)
+    if kind == "preparing":
+        return AttemptPreparing(*base)
     if kind == "started":
-        return AttemptStarted(*base)
+        return AttemptStarted(*base, setup_ms=max(0, e.started.setup_milliseconds))
+    if kind == "output":
+        out = e.output
+        if out.sha256:
+            _sha_list([out.sha256], f"events[{i}].output.sha256")
+        return AttemptOutputReported(
+            *base,
+            sha256=out.sha256,
+            size_bytes=max(0, out.size_bytes),
+            over_limit=out.over_limit,
+            message=out.message[:1024],
+        )
     if kind == "log":
         if len(e.log.data) > 1 << 20:
             raise InvalidArgument.of([FieldViolation(f"events[{i}].log.data", "at most 1 MiB")])
@@ -668,16 +784,30 @@ def _report_event(
                 ]
             )
         return AttemptCheckpointed(*base, sha256=sha)
+    cause = e.finished.cause
     return AttemptFinished(
         *base,
         exit_code=e.finished.exit_code,
         energy_joules=max(0, e.finished.energy_joules),
         message=e.finished.message[:1024],
+        cause=SetupCause(worker_service_pb2.Finished.Cause.Name(cause)) if cause else None,
+        setup_ms=max(0, e.finished.setup_milliseconds),
     )
 
 
+def _sha_list(values: Any, field: str) -> list[str]:
+    """Hex sha256 strings (at most 64), else InvalidArgument naming ``field``."""
+    out = list(values)
+    if len(out) > 64:
+        raise InvalidArgument.of([FieldViolation(field, "at most 64 entries")])
+    for sha in out:
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise InvalidArgument.of([FieldViolation(field, "must be 64 lowercase hex digits")])
+    return out
+
+
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
-    """rigshift.v1.ArtifactService: uploaded working directories."""
+    """rigshift.v1.ArtifactService: working directories, checkpoints, inputs and outputs."""
 
     SERVICE = "ArtifactService"
 
@@ -693,29 +823,77 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         try:
             async for chunk in request_iterator:
                 _malformed(chunk)
-                if writer is None:
-                    sha256, size = chunk.sha256, chunk.size_bytes
-                    writer = self.artifacts.writer(sha256, size)
                 if len(chunk.data) > CHUNK_BYTES:
                     raise InvalidArgument.of([FieldViolation("data", "at most 1 MiB per chunk")])
+                if writer is None:
+                    sha256, size = self.artifacts.check(chunk.sha256), chunk.size_bytes
+                    purpose = self._purpose(chunk.purpose)
+                    if self.artifacts.exists(sha256):  # the same data is not stored twice
+                        self.artifacts.touch(sha256)
+                        size = self.artifacts.size(sha256)
+                        return artifact_service_pb2.Artifact(sha256=sha256, size_bytes=size)
+                    writer = self.artifacts.writer(
+                        sha256, size, purpose=purpose, offset=chunk.offset
+                    )
+                    if chunk.offset:
+                        await asyncio.to_thread(writer.rehash)
                 writer.write(chunk.data)
             if writer is None:
                 raise InvalidArgument.of([FieldViolation("sha256", "no chunks were sent")])
-            writer.commit()
-            writer = None
+            done, writer = writer, None
+            done.commit()  # keeps a short upload for a resume, drops a wrong one
+        except BrokerError:
+            if writer is not None:
+                writer.discard()
+            raise
         finally:
             if writer is not None:
-                writer.abort()
+                writer.keep()  # the stream broke: what arrived stays for a resume
         return artifact_service_pb2.Artifact(sha256=sha256, size_bytes=size)
 
+    @staticmethod
+    def _purpose(value: int) -> Purpose:
+        """The upload's purpose; only workers upload attempt outputs."""
+        try:
+            purpose = Purpose(value)
+        except ValueError:
+            violation = FieldViolation("purpose", f"unknown purpose {value}")
+            raise InvalidArgument.of([violation]) from None
+        if purpose == Purpose.OUTPUT and current().role != Role.WORKER:
+            raise PermissionDenied(
+                "only agents upload attempt outputs", reason="OUTPUT_UPLOAD_NOT_ALLOWED"
+            )
+        return purpose
+
+    @unary
+    async def GetUploadStatus(self, request, context):  # type: ignore[no-untyped-def]
+        sha256 = self.artifacts.check(request.sha256)
+        complete, received = self.artifacts.status(sha256)
+        return artifact_service_pb2.UploadStatus(
+            sha256=sha256, complete=complete, received_bytes=received
+        )
+
     def _may_read(self, who: Principal, sha256: str) -> bool:
-        """Workers read what their live attempts need; clients what their jobs refer to."""
+        """Workers read what their live attempts need, clients what their jobs refer to:
+        working directory, checkpoint and inputs.
+
+        An attempt's output is read by its job's owner through JobService.DownloadJobOutput;
+        naming another client's output in a job of one's own does not make it readable.
+        """
         core = self.svc.core
         if who.role == Role.WORKER:
             jobs = [job for job, _ in core.live_attempts(who.name)]
         else:
             jobs = [j for j in core.jobs.values() if j.owner == who.name]
-        return any(sha256 in (j.spec.working_dir_sha256, j.checkpoint_sha256) for j in jobs)
+        readers = {j.owner for j in jobs if sha256 in _artifacts_needed(j)}
+        if not readers:
+            return False
+        producers = {
+            j.owner
+            for j in core.jobs.values()
+            if any(a.output is not None and a.output.sha256 == sha256 for a in j.attempts)
+        }
+        return not producers or bool(readers & producers)
 
     @streaming
     async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
@@ -729,6 +907,15 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             raise NotFound(f"artifact {request.sha256[:80]} not found")
         for chunk in self.artifacts.read(request.sha256):
             yield artifact_service_pb2.ArtifactChunk(data=chunk)
+
+
+def _artifacts_needed(job: Job) -> tuple[str, ...]:
+    """What a job's attempts download: its working directory, checkpoint and inputs."""
+    return (
+        job.spec.working_dir_sha256,
+        job.checkpoint_sha256,
+        *(sha for _, sha in job.spec.inputs),
+    )
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):

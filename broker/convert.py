@@ -39,6 +39,13 @@ def spec_pb(spec: JobSpec) -> job_pb2.JobSpec:
         max_attempts=spec.max_attempts,
         display_name=spec.display_name,
         tier=spec.tier.value,
+        environment=job_pb2.Environment(
+            python_requirements=spec.python_requirements,
+            requirements_sha256=spec.requirements_sha256,
+        )
+        if spec.python_requirements
+        else None,
+        inputs=dict(spec.inputs),
     )
 
 
@@ -57,6 +64,8 @@ def attempt_pb(a: Attempt, now: float) -> job_pb2.Attempt:
         price_micros_per_gpu_hour=a.price_micros_per_gpu_hour,
         schedule_time=timestamp(a.schedule_time),
         charge_micros=a.charge_micros,
+        setup_milliseconds=a.setup_ms,
+        message=a.message,
     )
 
 
@@ -195,8 +204,10 @@ def _floor_pb(terms: FarmTerms, model: str, watts: int) -> farm_pb2.PriceFloor:
     )
 
 
-def assignment_pb(job: Job, attempt: Attempt) -> worker_service_pb2.Assignment:
-    """What the agent needs to run one attempt."""
+def assignment_pb(
+    job: Job, attempt: Attempt, max_output_bytes: int = 0
+) -> worker_service_pb2.Assignment:
+    """What the agent needs to run one attempt (``max_output_bytes`` 0: keep no outputs)."""
     spec = job.spec
     return worker_service_pb2.Assignment(
         job=f"jobs/{job.job_id}",
@@ -206,6 +217,10 @@ def assignment_pb(job: Job, attempt: Attempt) -> worker_service_pb2.Assignment:
             env=dict(spec.env),
             working_dir_sha256=spec.working_dir_sha256,
             max_duration_seconds=spec.max_duration_seconds,
+            python_requirements=spec.python_requirements,
+            requirements_sha256=spec.requirements_sha256,
+            inputs=dict(spec.inputs),
+            max_output_bytes=max_output_bytes,
         ),
         gpu_indices=list(attempt.gpu_indices),
         checkpoint_sha256=job.checkpoint_sha256,

@@ -36,6 +36,8 @@ from broker.events import (
     AttemptCheckpointed,
     AttemptFinished,
     AttemptLog,
+    AttemptOutputReported,
+    AttemptPreparing,
     AttemptProgress,
     AttemptReport,
     AttemptStarted,
@@ -60,6 +62,7 @@ from broker.model import (
     GpuInfo,
     JobSpec,
     JobState,
+    SetupCause,
     SlaKind,
     Tier,
     WorkerState,
@@ -107,6 +110,17 @@ class HistoryEntry:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptOutput:
+    """The archive of an attempt's ``$RIGSHIFT_OUTPUT_DIR`` as the agent reported it."""
+
+    sha256: str  # empty when nothing was kept
+    size_bytes: int
+    time: float
+    over_limit: bool = False
+    message: str = ""
+
+
 @dataclass(slots=True)
 class Attempt:
     """One placement of a job on a worker's GPUs."""
@@ -127,6 +141,8 @@ class Attempt:
     charge_micros: int = 0
     settled: bool = False
     last_checkpoint_time: float | None = None
+    setup_ms: int = 0  # environment, inputs and working directory, before the process
+    output: AttemptOutput | None = None  # what it wrote to $RIGSHIFT_OUTPUT_DIR, once reported
 
     @property
     def live(self) -> bool:
@@ -210,6 +226,8 @@ class Worker:
     offline_since: float | None = None
     offline_log: list[tuple[float, float]] = field(default_factory=list)
     outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (time, ok) per attempt
+    # requirements_sha256 of the Python environments the rig holds; None until it says.
+    environments: frozenset[str] | None = None
 
 
 class BrokerCore:
@@ -472,6 +490,9 @@ class BrokerCore:
         worker = self.worker(ev.worker_id)
         worker.lease_expires_at = ev.now + self.lease_ttl_s
         worker.last_heartbeat = ev.now
+        if ev.environments is not None and frozenset(ev.environments) != worker.environments:
+            worker.environments = frozenset(ev.environments)
+            self._worker_changed(worker.worker_id)  # the locality score reads them
         if worker.state == WorkerState.OFFLINE:
             if worker.offline_since is not None:
                 worker.offline_log.append((worker.offline_since, ev.now))
@@ -564,7 +585,9 @@ class BrokerCore:
             raise AssertionError(f"unbalanced transaction {entries[0].txn}")
         self.ledger.extend(entries)
 
-    def _end_attempt(self, attempt: Attempt, state: AttemptState, now: float, msg: str) -> None:
+    def _end_attempt(
+        self, attempt: Attempt, state: AttemptState, now: float, msg: str, rig_fault: bool = False
+    ) -> None:
         worker = self.workers[attempt.worker_id]
         attempt.state = state
         attempt.end_time = now
@@ -577,7 +600,7 @@ class BrokerCore:
             if gpu is not None and gpu.holder == (attempt.job_id, attempt.number):
                 gpu.holder = None
         if state != AttemptState.PREEMPTED:
-            worker.outcomes.append((now, state != AttemptState.LOST))
+            worker.outcomes.append((now, state != AttemptState.LOST and not rig_fault))
         if self._spot_live is not None and self.jobs[attempt.job_id].spec.tier == Tier.SPOT:
             left = self._spot_live[worker.worker_id] - 1
             if left:
@@ -639,8 +662,18 @@ class BrokerCore:
                 return []
             return [Cancel(ev.worker_id, ev.job_id, ev.attempt, f"attempt {attempt.state}")]
         match ev:
+            case AttemptPreparing():
+                if attempt.state == AttemptState.SCHEDULED:
+                    attempt.state = AttemptState.PREPARING
+                return []
             case AttemptStarted():
+                attempt.setup_ms = max(0, ev.setup_ms)
                 return self._started(job, attempt, ev.now)
+            case AttemptOutputReported():
+                attempt.output = AttemptOutput(
+                    ev.sha256, max(0, ev.size_bytes), ev.now, ev.over_limit, ev.message
+                )
+                return []
             case AttemptLog():
                 return [AppendLog(job.job_id, attempt.number, ev.sequence, ev.data)]
             case AttemptProgress():
@@ -656,7 +689,7 @@ class BrokerCore:
         raise TypeError(f"unknown report {ev!r}")
 
     def _started(self, job: Job, attempt: Attempt, now: float) -> list[Command]:
-        if attempt.state != AttemptState.SCHEDULED:
+        if attempt.state not in (AttemptState.SCHEDULED, AttemptState.PREPARING):
             return []
         attempt.state = AttemptState.RUNNING
         attempt.start_time = now
@@ -666,13 +699,17 @@ class BrokerCore:
 
     def _finished(self, job: Job, attempt: Attempt, ev: AttemptFinished) -> list[Command]:
         cmds: list[Command] = []
-        if attempt.start_time is None:
+        if ev.setup_ms:
+            attempt.setup_ms = ev.setup_ms
+        if ev.cause is None and attempt.start_time is None:
             attempt.start_time = ev.now
         attempt.exit_code = ev.exit_code
         attempt.energy_joules = max(attempt.energy_joules, ev.energy_joules)
         if job.state == S.CANCELLED:
             self._end_attempt(attempt, AttemptState.CANCELLED, ev.now, ev.message or "cancelled")
             return cmds
+        if ev.cause is not None and attempt.start_time is None:
+            return self._setup_failed(job, attempt, ev)
         if job.state == S.SCHEDULED:
             cmds.append(self._transition(job, S.RUNNING, ev.now, "finished before start report"))
         ok = ev.exit_code == 0
@@ -685,6 +722,21 @@ class BrokerCore:
             why = ev.message or f"exited with status {ev.exit_code}"
             cmds.append(self._transition(job, S.FAILED, ev.now, why))
         return cmds
+
+    def _setup_failed(self, job: Job, attempt: Attempt, ev: AttemptFinished) -> list[Command]:
+        """Setup failed before the process started (no GPU time to charge). The client's
+        fault fails the job at once; the rig's requeues it while attempts are left."""
+        why = f"setup failed: {ev.message}" if ev.message else "setup failed"
+        rig = ev.cause == SetupCause.SETUP_RIG
+        self._end_attempt(attempt, AttemptState.FAILED, ev.now, why, rig_fault=rig)
+        job.exit_code = ev.exit_code
+        n = job.counted_attempts
+        if rig and n < job.spec.max_attempts:
+            reason = f"{why} (the rig's fault); requeued after attempt {n}"
+            return [self._transition(job, S.PENDING, ev.now, reason)]
+        if rig:
+            why += f" (the rig's fault); no attempts left ({n}/{job.spec.max_attempts})"
+        return [self._transition(job, S.FAILED, ev.now, why)]
 
     # --- scheduling -----------------------------------------------------------
 
@@ -745,7 +797,9 @@ class BrokerCore:
         cap = s.max_price_micros_per_gpu_hour
         if cap and s.tier == Tier.SPOT:
             cap = cap * 1000 // self.spot_permille  # the cap applies to the discounted price
-        return JobRequest(job.job_id, s.gpu_count, s.gpu_model, s.min_vram_mb, cap)
+        return JobRequest(
+            job.job_id, s.gpu_count, s.gpu_model, s.min_vram_mb, cap, s.requirements_sha256
+        )
 
     def price_for(self, job: Job, ask_micros: int, floor_micros: int = 0) -> int:
         """What a job pays per GPU-hour on a GPU with this ask: spot is discounted, but
@@ -776,7 +830,12 @@ class BrokerCore:
                 if slot is None:
                     slot = interned[key] = GpuSlot(*key)
                 slots.append(slot)
-            cap = WorkerCapacity(worker.worker_id, tuple(slots), self.reliability(worker, now))
+            cap = WorkerCapacity(
+                worker.worker_id,
+                tuple(slots),
+                self.reliability(worker, now),
+                worker.environments or frozenset(),
+            )
             self._capacity[worker.worker_id] = cap
         return cap
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.economics import FarmTerms
-from broker.model import GpuInfo, JobSpec, JobState, WorkerState
+from broker.model import GpuInfo, JobSpec, JobState, SetupCause, WorkerState
 
 __all__ = [
     "AppendLog",
@@ -20,6 +20,8 @@ __all__ = [
     "AttemptCheckpointed",
     "AttemptFinished",
     "AttemptLog",
+    "AttemptOutputReported",
+    "AttemptPreparing",
     "AttemptProgress",
     "AttemptReport",
     "AttemptStarted",
@@ -80,9 +82,10 @@ class WorkerRegistered(Event):
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Event):
-    """A lease renewal."""
+    """A lease renewal; ``environments`` when the agent sent its status, else None."""
 
     worker_id: str
+    environments: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +116,25 @@ class AttemptReport(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptPreparing(AttemptReport):
+    """The agent began setting the attempt up (environment, inputs, working directory)."""
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptStarted(AttemptReport):
-    """The attempt's process started."""
+    """The attempt's process started, after ``setup_ms`` of setup."""
+
+    setup_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptOutputReported(AttemptReport):
+    """The agent archived the attempt's output directory (``sha256`` empty: not kept)."""
+
+    sha256: str = ""
+    size_bytes: int = 0
+    over_limit: bool = False
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +172,8 @@ class AttemptFinished(AttemptReport):
     exit_code: int = 0
     energy_joules: int = 0
     message: str = ""
+    cause: SetupCause | None = None  # set when setup failed before the process started
+    setup_ms: int = 0
 
 
 # --- commands ---------------------------------------------------------------

@@ -15,6 +15,7 @@ __all__ = [
     "GpuInfo",
     "JobSpec",
     "JobState",
+    "SetupCause",
     "SlaKind",
     "Tier",
     "WorkerState",
@@ -45,9 +46,19 @@ class AttemptState(StrEnum):
     CANCELLED = "CANCELLED"
     LOST = "LOST"
     PREEMPTED = "PREEMPTED"
+    PREPARING = "PREPARING"
 
 
-LIVE_ATTEMPT_STATES = frozenset({AttemptState.SCHEDULED, AttemptState.RUNNING})
+LIVE_ATTEMPT_STATES = frozenset(
+    {AttemptState.SCHEDULED, AttemptState.PREPARING, AttemptState.RUNNING}
+)
+
+
+class SetupCause(StrEnum):
+    """Whose fault a failed setup was; names match ``rigshift.v1.Finished.Cause``."""
+
+    SETUP_CLIENT = "SETUP_CLIENT"  # the job's spec: fail the job, no further attempts
+    SETUP_RIG = "SETUP_RIG"  # the rig: requeue the job while it has attempts left
 
 
 class Tier(StrEnum):
@@ -89,6 +100,12 @@ class JobSpec:
     max_attempts: int = 3
     display_name: str = ""
     tier: Tier = Tier.GUARANTEED
+    python_requirements: str = ""
+    """Normalised pip requirements (one per line); empty: the rig's own Python."""
+    requirements_sha256: str = ""
+    """sha256 of ``python_requirements``; empty when there are none."""
+    inputs: tuple[tuple[str, str], ...] = ()
+    """(name, sha256 of the uploaded archive), sorted by name."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,13 @@ scheduling framework:
    group on one worker). A job nothing survives for gets one :class:`Rejection`
    naming the first filter that eliminated everything.
 2. **score** — among the survivors the choice is the smallest
-   :func:`choice_key`: ``(price, leftover, worker_id, vram_mb, model)``, i.e.
-   cheapest first, then best fit (fewest free GPUs left in that worker's group
-   after placing), then lowest ``worker_id``; the last two only break ties
-   between groups of one worker. The gang takes the lowest free indices.
+   :func:`choice_key`: ``(price, -locality, leftover, -reliability, worker_id,
+   vram_mb, model)``, i.e. cheapest first, then a worker that already holds the
+   job's Python environment (:func:`locality_score`, Kubernetes' ``ImageLocality``:
+   no setup to wait for), then best fit (fewest free GPUs left in that worker's
+   group after placing), then the most reliable, then lowest ``worker_id``; the last
+   two only break ties between groups of one worker. The gang takes the lowest
+   free indices.
 3. **bind** — the caller's job. This module does no I/O and reads no clock; the
    same snapshot always gives the same result.
 
@@ -55,6 +58,7 @@ __all__ = [
     "best_fit_leftover",
     "choice_key",
     "format_micros",
+    "locality_score",
     "place",
 ]
 
@@ -77,6 +81,7 @@ class WorkerCapacity:
     worker_id: str
     gpus: tuple[GpuSlot, ...]
     reliability_permille: int = 1000  # recent uptime x attempt success; higher is preferred
+    environments: frozenset[str] = frozenset()  # requirements_sha256 of environments it holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,7 @@ class JobRequest:
     gpu_model: str = ""
     min_vram_mb: int = 0
     max_price_micros_per_gpu_hour: int = 0
+    environment: str = ""  # requirements_sha256 of its Python environment, for locality
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +154,12 @@ def best_fit_leftover(free_in_group: int, gpu_count: int) -> int:
     return free_in_group - gpu_count
 
 
+def locality_score(environments: frozenset[str], environment: str) -> int:
+    """1 when the worker already holds the job's Python environment (its setup installs
+    nothing), else 0; a job without an environment scores 0 everywhere."""
+    return 1 if environment and environment in environments else 0
+
+
 def choice_key(
     price_micros: int,
     free_in_group: int,
@@ -156,11 +168,14 @@ def choice_key(
     vram_mb: int,
     model: str,
     reliability_permille: int = 1000,
-) -> tuple[int, int, int, str, int, str]:
-    """Total order over candidate (worker, group) pairs; the smallest wins:
-    cheapest, then tightest fit, then most reliable worker, then worker id."""
+    locality: int = 0,
+) -> tuple[int, int, int, int, str, int, str]:
+    """Total order over candidate (worker, group) pairs; the smallest wins: cheapest,
+    then one holding the job's environment, then tightest fit, then most reliable
+    worker, then worker id. Price comes first: the client pays it, a cold setup costs
+    the client nothing (setup is not charged at the GPU price)."""
     leftover = best_fit_leftover(free_in_group, gpu_count)
-    return (price_micros, leftover, -reliability_permille, worker_id, vram_mb, model)
+    return (price_micros, -locality, leftover, -reliability_permille, worker_id, vram_mb, model)
 
 
 def format_micros(micros: int) -> str:
@@ -269,10 +284,11 @@ class _Group:
 class _Filter:
     """Groups that pass one job's model/vram/price filters, cheapest first, plus caches."""
 
-    __slots__ = ("fail_at", "groups", "max_total", "reasons", "static")
+    __slots__ = ("fail_at", "group_ids", "groups", "max_total", "reasons", "static")
 
     def __init__(self, groups: list[_Group], static: Rejection | None) -> None:
         self.groups = groups
+        self.group_ids = {id(g) for g in groups}
         self.static = static
         self.max_total = max((g.max_total for g in groups), default=0)
         # Smallest gang size known to fail this pass; free capacity only shrinks.
@@ -366,7 +382,7 @@ class FleetIndex:
     capacity, as the core does, leaves it unchanged.
     """
 
-    __slots__ = ("_groups", "_keys", "_member_of", "_order")
+    __slots__ = ("_groups", "_holders", "_keys", "_member_of", "_order")
 
     def __init__(self, workers: Iterable[WorkerCapacity] = ()) -> None:
         """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats."""
@@ -374,6 +390,7 @@ class FleetIndex:
         self._keys: dict[str, _Key] = {}  # worker id -> rank key, the object heaps hold
         self._member_of: dict[str, tuple[_Group, ...]] = {}  # worker id -> groups it is in
         self._order: list[_Group] | None = None  # groups cheapest first; None after a change
+        self._holders: dict[str, set[str]] = {}  # environment -> workers holding it
         # In rank order every heap push lands at the end of its heap: no sifting.
         for worker in sorted(workers, key=lambda w: (-w.reliability_permille, w.worker_id)):
             if worker.worker_id in self._keys:
@@ -416,11 +433,17 @@ class FleetIndex:
             group.add(key, total, indices, self._keys)
             member.append(group)
         self._member_of[wid] = tuple(member)
+        for env in worker.environments:
+            self._holders.setdefault(env, set()).add(wid)
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker (no-op if the index does not have it)."""
         if self._keys.pop(worker_id, None) is None:
             return
+        for env in [e for e, holders in self._holders.items() if worker_id in holders]:
+            self._holders[env].discard(worker_id)
+            if not self._holders[env]:
+                del self._holders[env]
         for group in self._member_of.pop(worker_id):
             if group.remove(worker_id):
                 del self._groups[(group.model, group.vram, group.price)]
@@ -444,7 +467,7 @@ class FleetIndex:
             if filt is None:
                 filt = filters[fkey] = _make_filter(groups, *fkey)
             if 0 < n < filt.fail_at:
-                took = _take(filt, n, keys)
+                took = _take(filt, n, keys, self._local(job.environment, filt, n))
                 if took is not None:
                     group, worker_id, taken = took
                     placements.append(Placement(job.job_id, worker_id, taken, group.price))
@@ -459,15 +482,38 @@ class FleetIndex:
 
         return SchedulingResult(tuple(placements), tuple(unplaced))
 
+    def _local(self, environment: str, filt: _Filter, n: int) -> list[tuple[_Group, _Key, int]]:
+        """(group, rank key, free count) of every worker holding ``environment`` with ``n``
+        free GPUs in a group that passes ``filt``; costs the holders, not the fleet."""
+        holders = self._holders.get(environment) if environment else None
+        if not holders:
+            return []
+        out = []
+        for wid in holders:
+            for group in self._member_of[wid]:
+                free = group.free_idx.get(wid)
+                if free is not None and len(free) >= n and id(group) in filt.group_ids:
+                    out.append((group, self._keys[wid], len(free)))
+        return out
+
+
+_ChoiceKey = tuple[int, int, int, int, str, int, str]
+
 
 def _take(
-    filt: _Filter, n: int, keys: dict[str, _Key]
+    filt: _Filter, n: int, keys: dict[str, _Key], local: list[tuple[_Group, _Key, int]]
 ) -> tuple[_Group, str, tuple[int, ...]] | None:
     """Choose by :func:`choice_key` among the qualifying groups and take the gang from the
-    index; returns (group, worker id, GPU indices) or None if no worker has ``n`` free."""
+    index; returns (group, worker id, GPU indices) or None if no worker has ``n`` free.
+
+    Per group the best candidate without locality is the top of its best-fit bucket's heap;
+    ``local`` lists every candidate holding the job's environment, each scored with it. The
+    smallest key of both is the choice, as a scan of every (worker, group) would find."""
     best: _Group | None = None
-    best_key: tuple[int, int, int, str, int, str] | None = None
+    best_key: _ChoiceKey | None = None
+    best_rank: _Key | None = None
     best_free = 0
+    local_ids = {rank[1] for _, rank, _ in local}
     for group in filt.groups:  # cheapest first
         if best_key is not None and group.price > best_key[0]:
             break
@@ -479,12 +525,18 @@ def _take(
         while not group.live(heap[0], free, keys):  # drop entries gone stale since
             heappop(heap)
         rel, worker_id = heap[0]
-        key = choice_key(group.price, free, n, worker_id, group.vram, group.model, -rel)
+        near = 1 if worker_id in local_ids else 0
+        key = choice_key(group.price, free, n, worker_id, group.vram, group.model, -rel, near)
         if best_key is None or key < best_key:
-            best, best_key, best_free = group, key, free
-    if best is None:
+            best, best_key, best_rank, best_free = group, key, heap[0], free
+    for group, rank, free in local:
+        key = choice_key(group.price, free, n, rank[1], group.vram, group.model, -rank[0], 1)
+        if best_key is None or key < best_key:
+            best, best_key, best_rank, best_free = group, key, rank, free
+    if best is None or best_rank is None:
         return None
-    rank = heappop(best.heaps[best_free])
+    # The chosen worker's heap entry goes stale once its free count changes (lazy pruning).
+    rank = best_rank
     worker_id = rank[1]
     free_list = best.free_idx[worker_id]
     taken = tuple(free_list[:n])

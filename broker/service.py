@@ -33,6 +33,8 @@ SCHEDULE_REST = 3.0
 """After a scheduling pass of d seconds the loop rests SCHEDULE_REST * d before the next."""
 SCHEDULE_REST_MAX_S = 0.5
 """The rest never exceeds this, however long a pass took."""
+DEFAULT_MAX_OUTPUT_BYTES = 1 << 30
+"""Default of ``rigshift broker serve --max-output-bytes``."""
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections in a broker process (CPython: 700)."""
 
@@ -89,6 +91,8 @@ class BrokerService:
         self.reload_api_keys()
         self.rate_limiter = RateLimiter()
         self._tasks: list[asyncio.Task[None]] = []
+        self.max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES
+        """Largest output archive kept per attempt; sent to agents with each assignment."""
 
     # --- state changes -----------------------------------------------------------
 
@@ -132,7 +136,9 @@ class BrokerService:
                     attempt = job.attempts[cmd.attempt - 1]
                     self._push(
                         cmd.worker_id,
-                        worker_service_pb2.Instruction(assignment=assignment_pb(job, attempt)),
+                        worker_service_pb2.Instruction(
+                            assignment=assignment_pb(job, attempt, self.max_output_bytes)
+                        ),
                     )
                 case Cancel():
                     self._push(cmd.worker_id, cancellation(cmd))
@@ -177,7 +183,9 @@ class BrokerService:
         self._streams[worker_id] = queue
         live = self.core.live_attempts(worker_id)
         reconcile = worker_service_pb2.Reconcile(
-            assignments=[assignment_pb(job, attempt) for job, attempt in live]
+            assignments=[
+                assignment_pb(job, attempt, self.max_output_bytes) for job, attempt in live
+            ]
         )
         queue.put_nowait(worker_service_pb2.Instruction(reconcile=reconcile))
         return queue

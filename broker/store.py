@@ -8,6 +8,7 @@ Rows here are store models only: the core never sees them (STYLE.md 9).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ from sqlalchemy import BigInteger, UniqueConstraint, delete, event, func, insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from broker.core import Attempt, BrokerCore, Gpu, HistoryEntry, Job, SlaEvent, Worker
+from broker.core import Attempt, AttemptOutput, BrokerCore, Gpu, HistoryEntry, Job, SlaEvent, Worker
 from broker.economics import FarmTerms, LedgerEntry, TariffWindow
 from broker.errors import AlreadyExists, NotFound, StaleWriter
 from broker.events import AppendLog
@@ -153,6 +154,8 @@ class AttemptRow(SQLModel, table=True):
     charge_micros: int = _big()
     settled: bool = False
     last_checkpoint_time: float | None = None
+    setup_ms: int = _big()
+    output_json: str = ""  # {"sha256", "size_bytes", "time", "over_limit", "message"} or ""
 
 
 class JobEventRow(SQLModel, table=True):
@@ -590,6 +593,8 @@ class Store:
                         a.charge_micros,
                         a.settled,
                         a.last_checkpoint_time,
+                        a.setup_ms,
+                        AttemptOutput(**json.loads(a.output_json)) if a.output_json else None,
                     )
                 )
             history: dict[str, list[HistoryEntry]] = {}
@@ -766,6 +771,8 @@ def _attempt_values(job_id: str, a: Attempt) -> dict[str, Any]:
         "charge_micros": a.charge_micros,
         "settled": a.settled,
         "last_checkpoint_time": a.last_checkpoint_time,
+        "setup_ms": a.setup_ms,
+        "output_json": json.dumps(dataclasses.asdict(a.output), sort_keys=True) if a.output else "",
     }
 
 
@@ -813,6 +820,9 @@ def _spec_to_json(spec: JobSpec) -> str:
             "max_attempts": spec.max_attempts,
             "display_name": spec.display_name,
             "tier": spec.tier.value,
+            "python_requirements": spec.python_requirements,
+            "requirements_sha256": spec.requirements_sha256,
+            "inputs": [list(kv) for kv in spec.inputs],
         },
         sort_keys=True,
     )
@@ -823,4 +833,5 @@ def _spec_from_json(text: str) -> JobSpec:
     d["command"] = tuple(d["command"])
     d["env"] = tuple((k, v) for k, v in d["env"])
     d["tier"] = Tier(d.get("tier", "GUARANTEED"))
+    d["inputs"] = tuple((k, v) for k, v in d.get("inputs", ()))
     return JobSpec(**d)

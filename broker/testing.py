@@ -58,6 +58,8 @@ def make_worker(
     price_micros_per_gpu_hour: int = DEFAULT_PRICE_MICROS,
     busy: Collection[int] = (),
     gpus: Iterable[GpuSlot] | None = None,
+    reliability_permille: int = 1000,
+    environments: Collection[str] = (),
 ) -> WorkerCapacity:
     """A worker with ``gpu_count`` identical GPUs indexed 0.., those in ``busy`` taken.
 
@@ -75,7 +77,7 @@ def make_worker(
             )
             for i in range(gpu_count)
         )
-    return WorkerCapacity(worker_id, tuple(gpus))
+    return WorkerCapacity(worker_id, tuple(gpus), reliability_permille, frozenset(environments))
 
 
 def make_job(
@@ -85,9 +87,12 @@ def make_job(
     gpu_model: str = "",
     min_vram_mb: int = 0,
     max_price_micros_per_gpu_hour: int = 0,
+    environment: str = "",
 ) -> JobRequest:
-    """A pending job; by default one GPU of any model, any VRAM, any price."""
-    return JobRequest(job_id, gpu_count, gpu_model, min_vram_mb, max_price_micros_per_gpu_hour)
+    """A pending job; by default one GPU of any model, any VRAM, any price, no environment."""
+    return JobRequest(
+        job_id, gpu_count, gpu_model, min_vram_mb, max_price_micros_per_gpu_hour, environment
+    )
 
 
 def make_snapshot(

@@ -11,6 +11,7 @@ import re
 from broker.economics import FarmTerms, TariffWindow, floor_price, format_usd
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import GpuInfo, JobSpec, Tier
+from broker.requirements import Requirements, RequirementsError, parse_requirements
 from rigshift.v1 import farm_pb2, job_pb2, worker_service_pb2
 
 __all__ = [
@@ -36,6 +37,7 @@ LIMITS = {
     "gpus_per_worker": 64,
     "price_micros_per_gpu_hour": 1_000_000_000,  # $1000 per GPU-hour
     "max_duration_seconds": 30 * 86400,
+    "inputs": 16,
 }
 ID_RE = _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -116,6 +118,22 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
     _text(v, "spec.display_name", spec.display_name, LIMITS["string_chars"])
     if spec.tier not in job_pb2.Tier.values():
         v.append(FieldViolation("spec.tier", f"unknown tier {spec.tier}"))
+    requirements = Requirements(())
+    try:
+        requirements = parse_requirements(spec.environment.python_requirements)
+    except RequirementsError as err:
+        v.append(FieldViolation("spec.environment.python_requirements", str(err)))
+    if len(spec.inputs) > LIMITS["inputs"]:
+        v.append(FieldViolation("spec.inputs", f"at most {LIMITS['inputs']} inputs"))
+    for name, sha256 in sorted(spec.inputs.items())[: LIMITS["inputs"]]:
+        if not _ID.match(name) or name in (".", ".."):
+            v.append(
+                FieldViolation(
+                    f"spec.inputs[{name[:40]!r}]", "name must be 1-64 of letters, digits, `_.-`"
+                )
+            )
+        if not _SHA256.match(sha256):
+            v.append(FieldViolation(f"spec.inputs[{name[:40]!r}]", "must be 64 lowercase hex"))
     _raise(v)
     tier = Tier.SPOT if spec.tier == job_pb2.SPOT else Tier.GUARANTEED
     return JobSpec(
@@ -130,6 +148,9 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
         max_attempts=spec.max_attempts or default_max_attempts,
         display_name=spec.display_name,
         tier=tier,
+        python_requirements=requirements.text,
+        requirements_sha256=requirements.sha256,
+        inputs=tuple(sorted(spec.inputs.items())),
     )
 
 
