@@ -69,6 +69,8 @@ POLICY: dict[str, frozenset[Role] | None] = {
             "WatchJob",
             "StreamJobLogs",
             "QuoteJob",
+            "ListJobOutputs",
+            "DownloadJobOutput",
         )
     },
     "FarmService/CreateFarm": frozenset({A}),
@@ -85,6 +87,7 @@ POLICY: dict[str, frozenset[Role] | None] = {
     },
     "ArtifactService/UploadArtifact": frozenset({C, A, W}),
     "ArtifactService/DownloadArtifact": frozenset({C, A, W}),
+    "ArtifactService/GetUploadStatus": frozenset({C, A, W}),
     **{
         f"AdminService/{m}": frozenset({A}) for m in ("CreateApiKey", "ListApiKeys", "RevokeApiKey")
     },

@@ -62,6 +62,27 @@ def broker_group() -> None:
     type=click.Choice(["fifo", "short-first"]),
     help="Order of pending jobs; short-first: smallest declared GPU time first, aged.",
 )
+@click.option(
+    "--max-input-bytes",
+    default=10 << 30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest input archive a client may upload (job submit --input).",
+)
+@click.option(
+    "--max-output-bytes",
+    default=1 << 30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest output archive kept per attempt; a larger one is reported, not kept.",
+)
+@click.option(
+    "--artifact-retention-days",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Remove archives older than this that no job needs (hourly); 0: keep everything.",
+)
 @click.option("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS.")
 @click.option("--tls-key", default="", help="PEM private key for --tls-cert.")
 @click.option("--tls-client-ca", default="", help="PEM CA: require client certificates.")
@@ -96,6 +117,9 @@ def serve(
     broker_fee_percent: float,
     rate_limit_per_s: float,
     queue_policy: str,
+    max_input_bytes: int,
+    max_output_bytes: int,
+    artifact_retention_days: int,
     tls_cert: str,
     tls_key: str,
     tls_client_ca: str,
@@ -123,6 +147,9 @@ def serve(
             broker_fee_permille=round(broker_fee_percent * 10),
             rate_limit_per_s=rate_limit_per_s,
             queue_policy=queue_policy,
+            max_input_bytes=max_input_bytes,
+            max_output_bytes=max_output_bytes,
+            artifact_retention_days=artifact_retention_days,
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,

@@ -8,6 +8,7 @@ returns, ``stop()`` drains in-flight RPCs and is safe to call twice, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ from broker.api import (
     SafeDecodeInterceptor,
     WorkerServicer,
 )
-from broker.artifacts import ArtifactStore
+from broker.artifacts import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES, ArtifactStore
 from broker.auth import RateLimiter, Role
 from broker.core import BrokerCore
 from broker.metrics import BrokerMetrics, FarmNames, default_registry
 from broker.metrics_http import MetricsServer
 from broker.policy import QUEUE_POLICIES
+from broker.retention import retention_loop
 from broker.service import BrokerService
 from broker.store import Store
 from rigshift.v1 import (
@@ -95,7 +97,13 @@ class BrokerConfig:
     max_message_bytes: int = 4 << 20
     """Largest gRPC message accepted."""
     max_artifact_bytes: int = 100 << 20
-    """Largest uploaded archive."""
+    """Largest uploaded working directory or checkpoint archive."""
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    """Largest uploaded input archive (``JobSpec.inputs``)."""
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    """Largest output archive kept per attempt (agents are told it with each assignment)."""
+    artifact_retention_days: int = 30
+    """Archives older than this that no job needs are removed (hourly); 0: keep everything."""
     grace_s: float = 5.0
     """How long stop() lets in-flight RPCs finish."""
     rate_limit_per_s: float = 50.0
@@ -177,6 +185,8 @@ class Broker:
         self._metrics_server: MetricsServer | None = None
         self.store: Store | None = None
         self.service: BrokerService | None = None
+        self.artifacts: ArtifactStore | None = None
+        self._retention: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._stopped = asyncio.Event()
@@ -215,9 +225,13 @@ class Broker:
         if cfg.metrics_listen:
             self._metrics_server = MetricsServer(self.registry, metrics.sd_targets)
             await self._metrics_server.start(cfg.metrics_listen)
-        artifacts = ArtifactStore(
-            cfg.artifact_dir or Path(cfg.home) / "artifacts", cfg.max_artifact_bytes
+        artifacts = self.artifacts = ArtifactStore(
+            cfg.artifact_dir or Path(cfg.home) / "artifacts",
+            cfg.max_artifact_bytes,
+            max_input_bytes=cfg.max_input_bytes,
+            max_output_bytes=cfg.max_output_bytes,
         )
+        svc.max_output_bytes = artifacts.max_output_bytes
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -227,7 +241,7 @@ class Broker:
             options=options, interceptors=[metrics.interceptor(), SafeDecodeInterceptor()]
         )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(svc, cfg.default_max_attempts), server
+            JobServicer(svc, cfg.default_max_attempts, artifacts), server
         )
         farm_service_pb2_grpc.add_FarmServiceServicer_to_server(FarmServicer(svc), server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
@@ -248,6 +262,11 @@ class Broker:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         svc.start_loops(tick_interval_s=min(1.0, cfg.lease_ttl_s / 4))
+        if cfg.artifact_retention_days > 0:
+            self._retention = asyncio.create_task(
+                retention_loop(core, artifacts, cfg.artifact_retention_days * 86400.0),
+                name="rigshift-artifact-retention",
+            )
         log.info(
             "broker serving on %s (db %s, %d jobs, %d workers loaded)",
             self.address,
@@ -281,6 +300,10 @@ class Broker:
         try:
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
+            if self._retention is not None:
+                self._retention.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._retention
             if self.service is not None:
                 await self.service.stop_loops()
             if self._server is not None:
