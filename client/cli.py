@@ -10,16 +10,19 @@ exit 1; usage mistakes exit 2 (click's convention).
 from __future__ import annotations
 
 import importlib
+import json
 import shlex
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Any
 
 import click
 
 from client import output
-from client.errors import RigshiftError, Unavailable
-from client.sdk import DEFAULT_BROKER, Client
+from client.errors import InvalidArgument, RigshiftError, Unavailable
+from client.progress import ProgressBar
+from client.sdk import DEFAULT_BROKER, Client, check_input_name
 from client.units import (
     gb_to_mib,
     parse_model_price,
@@ -74,6 +77,32 @@ def _env_pair(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
         env[key] = value
     return env
+
+
+def _input_pairs(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, Path]:
+    """Repeated NAME=PATH options → ``{name: path}``; the path must be a file or directory."""
+    inputs: dict[str, Path] = {}
+    for item in values:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise click.BadParameter(f"expected NAME=PATH, got {item!r}", ctx, param)
+        try:
+            check_input_name(name)
+        except InvalidArgument:
+            raise click.BadParameter(
+                f"input name {name!r}: 1-64 of letters, digits, '_', '.', '-' "
+                "(starting with a letter or digit)",
+                ctx,
+                param,
+            ) from None
+        if name in inputs:
+            raise click.BadParameter(f"input {name!r} given twice", ctx, param)
+        if not Path(path).exists():
+            raise click.BadParameter(f"{path!r}: no such file or directory", ctx, param)
+        inputs[name] = Path(path)
+    return inputs
 
 
 def _price_map(
@@ -259,6 +288,15 @@ def _spec_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @job_group.command(name="submit", context_settings={"allow_interspersed_args": False})
 @_spec_options
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    callback=_input_pairs,
+    metavar="NAME=PATH",
+    help="Upload a file or directory as input NAME; the job reads it at "
+    "$RIGSHIFT_INPUT_DIR/NAME (repeatable).",
+)
 @click.option("--request-id", default="", help="Idempotency key; a uuid4 when omitted.")
 @_json_option
 @_broker_option
@@ -274,6 +312,7 @@ def job_submit(
     max_attempts: int,
     max_duration_s: int,
     display_name: str,
+    inputs: dict[str, Path],
     request_id: str,
     as_json: bool,
     command: tuple[str, ...],
@@ -282,8 +321,14 @@ def job_submit(
     client = _client()
     sha256 = ""
     if working_dir:
-        sha256 = client.upload_working_dir(working_dir)
+        with _upload_bar(working_dir) as bar:
+            sha256 = client.upload_working_dir(working_dir, progress=bar)
         click.echo(f"uploaded {working_dir} (sha256:{sha256})", err=True)
+    input_shas = {}
+    for name, path in inputs.items():
+        with _upload_bar(f"input {name}") as bar:
+            input_shas[name] = client.upload_input(path, progress=bar)
+        click.echo(f"uploaded input {name} from {path} (sha256:{input_shas[name]})", err=True)
     job = client.create_job(
         command,
         gpu_count=gpu_count,
@@ -297,6 +342,7 @@ def job_submit(
         display_name=display_name,
         tier=tier,
         request_id=request_id,
+        inputs=input_shas,
     )
     if as_json:
         _echo_json(job)
@@ -399,6 +445,53 @@ def job_cancel(job_id: str, as_json: bool) -> None:
         _echo_json(job)
         return
     click.echo(f"{job.name} {job_pb2.Job.State.Name(job.state)}")
+
+
+def _upload_bar(label: str) -> ProgressBar:
+    """Upload progress on stderr: a bar on a terminal, one line elsewhere."""
+    return ProgressBar(label, skipped="already on the broker")  # on stderr
+
+
+@job_group.command(name="outputs")
+@click.argument("job_id", metavar="ID")
+@click.option(
+    "--download",
+    "download_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Download an output and unpack it into DIR (new or empty).",
+)
+@click.option(
+    "--attempt",
+    type=click.IntRange(min=0),
+    default=0,
+    help="With --download: this attempt's output [default: the latest one kept].",
+)
+@click.option("--json", "as_json", is_flag=True, help="List the outputs as JSON.")
+@_broker_option
+def job_outputs(job_id: str, download_dir: Path | None, attempt: int, as_json: bool) -> None:
+    """List what a job's attempts wrote to $RIGSHIFT_OUTPUT_DIR, or download one.
+
+    Outputs are kept for the broker's retention period after the job ends; an
+    output over the job's limit is listed but was not kept.
+    """
+    client = _client()
+    if download_dir is None:
+        if attempt:
+            raise click.UsageError("--attempt goes with --download")
+        outputs = client.list_outputs(job_id)
+        if as_json:
+            click.echo(json.dumps(output.outputs_json(outputs), indent=2))
+            return
+        click.echo(output.outputs_table(outputs) if outputs else "no outputs yet")
+        return
+    if as_json:
+        raise click.UsageError("--json lists outputs; it does not go with --download")
+    label = f"output of {_short_id(job_id)}" + (f" attempt {attempt}" if attempt else "")
+    with ProgressBar(label) as bar:  # on stderr
+        path = client.download_outputs(job_id, download_dir, attempt, progress=bar)
+    click.echo(f"downloaded the {label} into {path}")
 
 
 @job_group.command(name="watch")

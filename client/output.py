@@ -12,6 +12,7 @@ from datetime import UTC
 
 from google.protobuf import json_format, message, timestamp_pb2
 
+from client.progress import format_bytes
 from client.units import (
     format_permille_percent,
     format_price_per_gpu_hour,
@@ -30,6 +31,8 @@ __all__ = [
     "gpu_summary",
     "job_line",
     "job_table",
+    "outputs_json",
+    "outputs_table",
     "quote_summary",
     "render_table",
     "to_json",
@@ -423,3 +426,41 @@ def earnings_table(rows: Sequence[farm_service_pb2.EarningsRow], group_by: str =
     headers += ["MODEL", "GPU-HOURS", "KWH", "REVENUE", "ENERGY COST", "MARGIN"]
     headers += ["AI $/KWH", "MINING $/KWH", "NOTE"]
     return render_table(headers, table)
+
+
+def _output_note(out: job_pb2.JobOutput) -> str:
+    if out.over_limit:
+        return "over limit, not kept" + (f": {out.message}" if out.message else "")
+    if not out.sha256:
+        return out.message or "nothing kept"
+    return out.message
+
+
+def outputs_table(outputs: Iterable[job_pb2.JobOutput]) -> str:
+    """``job outputs``: one row per attempt that reported its output directory."""
+    rows = [
+        [
+            str(out.attempt),
+            format_bytes(out.size_bytes),
+            out.sha256[:12] or "-",
+            format_time(out.create_time),
+            _output_note(out) or "-",
+        ]
+        for out in outputs
+    ]
+    return render_table(["ATTEMPT", "SIZE", "SHA256", "CREATED", "NOTE"], rows)
+
+
+def outputs_json(outputs: Iterable[job_pb2.JobOutput]) -> list[dict[str, object]]:
+    """``job outputs --json``: one object per attempt (times as RFC 3339, sizes as integers)."""
+    return [
+        {
+            "attempt": out.attempt,
+            "sha256": out.sha256,
+            "size_bytes": out.size_bytes,
+            "create_time": out.create_time.ToJsonString() if out.HasField("create_time") else None,
+            "over_limit": out.over_limit,
+            "message": out.message,
+        }
+        for out in outputs
+    ]
