@@ -22,6 +22,23 @@ with ``ErrorInfo`` and ``BadRequest`` details): ``code``, ``message``,
 ``metadata`` (``ErrorInfo.metadata``) and ``field_violations`` as
 ``(field, description)`` pairs. ``str(exc)`` is one readable line, e.g.
 ``INVALID_ARGUMENT: spec.gpu_count: must be between 1 and 64 (got 0)``.
+
+The class follows the code; ``reason`` says more. Those of artifact transfers::
+
+    ResourceExhausted   ARTIFACT_TOO_LARGE       over the purpose's limit (metadata limit_bytes)
+    FailedPrecondition  UPLOAD_OFFSET_MISMATCH   resume offset != kept bytes (received_bytes)
+                        UPLOAD_IN_PROGRESS       the same sha256 is being uploaded; retry
+                        OUTPUT_OVER_LIMIT        that attempt's output was too large to keep
+    PermissionDenied    OUTPUT_UPLOAD_NOT_ALLOWED  only agents upload outputs
+                        NOT_YOUR_ARTIFACT        no job of the caller refers to the archive
+    NotFound            NO_OUTPUT                the attempt (or job) kept no output
+                        OUTPUT_EXPIRED           removed after the retention period
+    InvalidArgument     DOWNLOAD_DIR_NOT_EMPTY   (raised by the SDK) the target has files
+    Unavailable         UPLOAD_STALLED           (SDK) five tries in a row moved nothing
+    InternalError       OUTPUT_DIGEST_MISMATCH   (SDK, code DATA_LOSS) a corrupt download
+
+The upload and download methods of :class:`client.sdk.Client` already retry
+UNAVAILABLE, UPLOAD_OFFSET_MISMATCH and UPLOAD_IN_PROGRESS themselves.
 """
 
 from __future__ import annotations
