@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from broker.artifacts import DEFAULT_MAX_OUTPUT_BYTES
 from broker.auth import Principal, RateLimiter, Role, bearer, new_api_key
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
@@ -33,8 +34,6 @@ SCHEDULE_REST = 3.0
 """After a scheduling pass of d seconds the loop rests SCHEDULE_REST * d before the next."""
 SCHEDULE_REST_MAX_S = 0.5
 """The rest never exceeds this, however long a pass took."""
-DEFAULT_MAX_OUTPUT_BYTES = 1 << 30
-"""Default of ``rigshift broker serve --max-output-bytes``."""
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections in a broker process (CPython: 700)."""
 
