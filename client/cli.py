@@ -22,7 +22,7 @@ import click
 from client import output
 from client.errors import InvalidArgument, RigshiftError, Unavailable
 from client.progress import ProgressBar
-from client.sdk import DEFAULT_BROKER, Client, check_input_name
+from client.sdk import DEFAULT_BROKER, Client, check_input_name, requirements_text
 from client.units import (
     gb_to_mib,
     parse_model_price,
@@ -297,6 +297,20 @@ def _spec_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="Upload a file or directory as input NAME; the job reads it at "
     "$RIGSHIFT_INPUT_DIR/NAME (repeatable).",
 )
+@click.option(
+    "--requirements",
+    "requirements_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="pip requirements file: the rig builds (and caches) a Python environment with it "
+    "before the job starts; the job runs with it first on PATH.",
+)
+@click.option(
+    "--pip",
+    "pip_specs",
+    multiple=True,
+    metavar="SPEC",
+    help="One requirement, on top of --requirements, e.g. 'numpy==2.1' (repeatable).",
+)
 @click.option("--request-id", default="", help="Idempotency key; a uuid4 when omitted.")
 @_json_option
 @_broker_option
@@ -313,12 +327,15 @@ def job_submit(
     max_duration_s: int,
     display_name: str,
     inputs: dict[str, Path],
+    requirements_file: str | None,
+    pip_specs: tuple[str, ...],
     request_id: str,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
     """Submit COMMAND (everything after the options, or after `--`) as a job."""
     client = _client()
+    python_requirements = requirements_text(requirements_file, pip_specs)
     sha256 = ""
     if working_dir:
         with _upload_bar(working_dir) as bar:
@@ -343,6 +360,7 @@ def job_submit(
         tier=tier,
         request_id=request_id,
         inputs=input_shas,
+        python_requirements=python_requirements,
     )
     if as_json:
         _echo_json(job)

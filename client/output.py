@@ -139,6 +139,7 @@ def _attempt_rows(job: job_pb2.Job) -> list[list[str]]:
                 a.worker or "-",
                 ",".join(str(i) for i in a.gpu_indices) or "-",
                 _state_name(job_pb2.Attempt.State, a.state),
+                f"{a.setup_milliseconds // 1000}.{a.setup_milliseconds % 1000:03d}",
                 format_time(a.start_time),
                 format_time(a.end_time),
                 str(a.exit_code) if exited else "-",
@@ -206,6 +207,15 @@ def describe_job(job: job_pb2.Job) -> str:
         ("max attempts", str(spec.max_attempts) if spec.max_attempts else "broker default"),
         ("working dir", f"sha256:{spec.working_dir_sha256}" if spec.working_dir_sha256 else "-"),
     ]
+    if spec.environment.python_requirements:
+        reqs = spec.environment.python_requirements.splitlines()
+        shown = ", ".join(reqs[:5]) + (f", … ({len(reqs)} in all)" if len(reqs) > 5 else "")
+        sha = spec.environment.requirements_sha256[:12]
+        fields.append(("requirements", f"{shown} (sha256:{sha}…)"))
+    if spec.inputs:
+        fields.append(
+            ("inputs", " ".join(f"{k}=sha256:{v[:12]}…" for k, v in sorted(spec.inputs.items())))
+        )
     if spec.env:
         fields.append(("env", " ".join(f"{k}={v}" for k, v in sorted(spec.env.items()))))
     if job.owner:
@@ -240,7 +250,7 @@ def describe_job(job: job_pb2.Job) -> str:
     width = max(len(k) for k, _ in fields) + 1
     lines = [f"{(k + ':').ljust(width)}  {v}" for k, v in fields]
     if job.attempts:
-        headers = ["#", "WORKER", "GPUS", "STATE", "STARTED", "ENDED", "EXIT", "ENERGY"]
+        headers = ["#", "WORKER", "GPUS", "STATE", "SETUP-S", "STARTED", "ENDED", "EXIT", "ENERGY"]
         headers += ["GPU-SECONDS", "PRICE", "CHARGE"]
         lines += ["", "attempts:", _indent(render_table(headers, _attempt_rows(job)))]
     if job.sla_events:

@@ -71,6 +71,7 @@ __all__ = [
     "build_update_farm_request",
     "build_working_dir_archive",
     "group_by_value",
+    "requirements_text",
     "tier_value",
 ]
 
@@ -157,6 +158,7 @@ def _job_spec(
     display_name: str = "",
     tier: str | int = "guaranteed",
     inputs: Mapping[str, str] | None = None,
+    python_requirements: str = "",
 ) -> job_pb2.JobSpec:
     if isinstance(command, str):
         raise TypeError("command is an argv list, e.g. ['python', 'train.py'], not a str")
@@ -173,7 +175,29 @@ def _job_spec(
         display_name=display_name,
         tier=cast(Any, tier_value(tier)),
         inputs=dict(inputs or {}),
+        environment=job_pb2.Environment(python_requirements=python_requirements)
+        if python_requirements
+        else None,
     )
+
+
+def requirements_text(
+    requirements_file: str | os.PathLike[str] | None = None, pip: Sequence[str] = ()
+) -> str:
+    """A requirements file's text plus one line per extra spec (``--pip numpy==2.1``)."""
+    text = ""
+    if requirements_file is not None:
+        try:
+            text = Path(requirements_file).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidArgument(
+                f"requirements: cannot read {str(requirements_file)!r}: {err}",
+                reason="BAD_REQUIREMENTS_FILE",
+                field_violations=[("spec.environment.python_requirements", str(err))],
+            ) from None
+        if text and not text.endswith("\n"):
+            text += "\n"
+    return text + "".join(f"{spec}\n" for spec in pip)
 
 
 def _tariff_windows(windows: Sequence[tuple[int, int, int]]) -> list[farm_pb2.TariffWindow]:
@@ -430,6 +454,7 @@ class Client:
         tier: str | int = "guaranteed",
         request_id: str = "",
         inputs: Mapping[str, str | os.PathLike[str]] | None = None,
+        python_requirements: str = "",
     ) -> job_pb2.Job:
         """Submit a job and return it (normally PENDING).
 
@@ -443,6 +468,12 @@ class Client:
         file or directory, packed and uploaded with :meth:`upload_input`) or to the
         sha256 that :meth:`upload_input` returned; the job finds each at
         ``$RIGSHIFT_INPUT_DIR/<name>``.
+
+        ``python_requirements`` is the text of a pip requirements file (see
+        :func:`requirements_text` to build it from a file and extra specs): the rig
+        builds a virtual environment with it before the process starts (cached there,
+        so a second job with the same requirements installs nothing), and the
+        process runs with that environment first on ``PATH``.
         """
         input_shas = self._resolve_inputs(inputs or {})
         spec = _job_spec(
@@ -458,6 +489,7 @@ class Client:
             display_name=display_name,
             tier=tier,
             inputs=input_shas,
+            python_requirements=python_requirements,
         )
         request = job_service_pb2.CreateJobRequest(
             spec=spec, request_id=request_id or str(uuid.uuid4())
