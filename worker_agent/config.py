@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_SIMULATE_SPEC",
     "AgentConfig",
     "ConfigError",
+    "EnvironmentsConfig",
     "MiningConfig",
     "MiningModel",
     "effective_heartbeat_s",
@@ -132,6 +133,50 @@ class MiningConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EnvironmentsConfig:
+    """How the agent builds the Python environments of jobs with requirements (the
+    ``[environments]`` table; see ``worker_agent/environments.py``).
+
+    Package sources given here come before those of ``$PIP_INDEX_URL``,
+    ``$PIP_EXTRA_INDEX_URL`` and ``$PIP_FIND_LINKS``, which uv would not read itself.
+    """
+
+    max_cache_gb: float = 20.0
+    """Disk all cached environments may take (GB, 10**9 bytes); least recently used go first."""
+
+    index_url: str = ""
+    """The main package index (``--index-url``); empty: ``$PIP_INDEX_URL`` or PyPI."""
+
+    extra_index_urls: tuple[str, ...] = ()
+    """More package indexes (``--extra-index-url``); uv prefers them to the main one."""
+
+    find_links: tuple[str, ...] = ()
+    """Directories or pages of wheels to install from (``--find-links``), e.g. local builds."""
+
+    max_setup_s: float = 900.0
+    """One build may take this long; past it, it is killed and fails as the rig's fault."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for name, unit in (("max_cache_gb", "GB"), ("max_setup_s", "seconds")):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+                problems.append(
+                    f"environments.{name} must be a positive number of {unit}, got {value!r}"
+                )
+        if not isinstance(self.index_url, str):
+            problems.append(f"environments.index_url must be a string, got {self.index_url!r}")
+        for name in ("extra_index_urls", "find_links"):
+            value = getattr(self, name)
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                object.__setattr__(self, name, tuple(value))
+            else:
+                problems.append(f"environments.{name} must be a list of strings, got {value!r}")
+        if problems:
+            raise ConfigError("invalid agent config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything one worker agent process needs to know.
 
@@ -238,6 +283,9 @@ class AgentConfig:
     mining: MiningConfig | None = None
     """The mining fallback for idle GPUs (the ``[mining]`` table of the config file); None: off."""
 
+    environments: EnvironmentsConfig = field(default_factory=EnvironmentsConfig)
+    """How jobs' Python environments are built and cached (the ``[environments]`` table)."""
+
     def __post_init__(self) -> None:
         problems: list[str] = []
         if ":" not in self.broker_address:
@@ -333,6 +381,8 @@ def load_config_file(path: Path) -> dict[str, object]:
             out["price_micros_per_gpu_hour"] = _usd_micros(path, key, value)
         elif key == "mining":
             out["mining"] = _mining_table(path, value)
+        elif key == "environments":
+            out["environments"] = _environments_table(path, value)
         elif key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         else:
@@ -420,3 +470,17 @@ def _mining_model(path: Path, model: str, entry: object) -> MiningModel:
         None if revenue is None else _usd_micros(path, f'mining.models."{model}".revenue', revenue)
     )
     return MiningModel(command=command, revenue_micros_per_kwh=micros)
+
+
+_ENVIRONMENTS_KEYS = tuple(f.name for f in fields(EnvironmentsConfig))
+
+
+def _environments_table(path: Path, table: object) -> EnvironmentsConfig:
+    """``[environments]`` as an :class:`EnvironmentsConfig` (validated by it)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: environments must be a table ([environments])")
+    for key in table:
+        if key not in _ENVIRONMENTS_KEYS:
+            known = ", ".join(sorted(_ENVIRONMENTS_KEYS))
+            raise ConfigError(f"{path}: unknown key environments.{key!r}; known: {known}")
+    return EnvironmentsConfig(**table)

@@ -1,12 +1,19 @@
-"""AgentConfig: units in names, refused combinations, the heartbeat rule."""
+"""AgentConfig: units in names, refused combinations, the heartbeat rule, [environments]."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from worker_agent.config import AgentConfig, ConfigError, effective_heartbeat_s
+from worker_agent.config import (
+    AgentConfig,
+    ConfigError,
+    EnvironmentsConfig,
+    effective_heartbeat_s,
+    load_config_file,
+)
 
 
 def make(**kw) -> AgentConfig:  # type: ignore[no-untyped-def]
@@ -73,3 +80,66 @@ def test_effective_heartbeat_takes_the_strictest() -> None:
     assert effective_heartbeat_s(cfg, broker_interval_s=1, broker_ttl_s=15) == 1.0
     # a broker with a 4.5 s lease: at most 1.5 s between heartbeats
     assert effective_heartbeat_s(cfg, broker_interval_s=3, broker_ttl_s=4.5) == 1.5
+
+
+def test_environments_table(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'broker_address = "b:1"\n'
+        'enrollment_token = "t"\n'
+        "[environments]\n"
+        "max_cache_gb = 50\n"
+        'index_url = "https://pypi.internal/simple"\n'
+        'extra_index_urls = ["https://download.pytorch.org/whl/cpu"]\n'
+        'find_links = ["/opt/wheels", "/srv/wheels"]\n'
+        "max_setup_s = 1800.5\n"
+    )
+    cfg = AgentConfig(**load_config_file(path))  # type: ignore[arg-type]
+    assert cfg.environments == EnvironmentsConfig(
+        max_cache_gb=50,
+        index_url="https://pypi.internal/simple",
+        extra_index_urls=("https://download.pytorch.org/whl/cpu",),
+        find_links=("/opt/wheels", "/srv/wheels"),
+        max_setup_s=1800.5,
+    )
+    # without the table: the defaults
+    assert make().environments == EnvironmentsConfig()
+    assert (make().environments.max_cache_gb, make().environments.max_setup_s) == (20, 900)
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ("max_cache_gb = 0", "environments.max_cache_gb must be a positive number of GB"),
+        ("max_setup_s = -1", "environments.max_setup_s must be a positive number of seconds"),
+        ('max_setup_s = "900"', "environments.max_setup_s must be a positive"),
+        ("max_setup_s = true", "environments.max_setup_s must be a positive"),
+        ("index_url = 1", "environments.index_url must be a string"),
+        ('find_links = "/opt/wheels"', "environments.find_links must be a list of strings"),
+        ("extra_index_urls = [1]", "environments.extra_index_urls must be a list of strings"),
+        ("cache_gb = 3", r"unknown key environments.'cache_gb'; known: extra_index_urls, "),
+    ],
+)
+def test_environments_table_refuses(tmp_path: Path, table: str, words: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[environments]\n{table}\n")
+    with pytest.raises(ConfigError, match=words):
+        load_config_file(path)
+
+
+def test_environments_config_is_frozen_and_lists_become_tuples() -> None:
+    cfg = EnvironmentsConfig(find_links=["/opt/wheels"])  # type: ignore[arg-type]
+    assert cfg.find_links == ("/opt/wheels",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_cache_gb = 1  # type: ignore[misc]
+
+
+def test_every_environments_field_is_documented() -> None:
+    import inspect
+
+    import worker_agent.config as module
+
+    source = inspect.getsource(module.EnvironmentsConfig)
+    for f in dataclasses.fields(EnvironmentsConfig):
+        after = source.split(f"    {f.name}:", 1)[1].split("\n", 2)[1]
+        assert after.strip().startswith('"""'), f"{f.name} has no docstring"

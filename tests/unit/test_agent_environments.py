@@ -1,0 +1,757 @@
+"""EnvironmentCache with the real uv binary, offline: wheels come from a find-links dir.
+
+Nothing here uses the network: the environment uv runs with has ``UV_OFFLINE=1``
+and ``PIP_NO_INDEX=1`` (mapped to ``--no-index``) and its own ``UV_CACHE_DIR``,
+except the unreachable-index case, which dials a closed port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import uv
+
+from worker_agent.config import EnvironmentsConfig
+from worker_agent.environments import (
+    Environment,
+    EnvironmentCache,
+    SetupError,
+    _source_args,
+    classify_failure,
+    environment_key,
+)
+from worker_agent.process import alive
+
+pytestmark = pytest.mark.timeout(120)
+
+REAL_UV = uv.find_uv_bin()
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_wheel(directory: Path, name: str = "rigshift-testpkg", version: str = "1.0") -> Path:
+    """A pure-Python wheel by hand: a package, a console script, METADATA, WHEEL, RECORD."""
+    dist = name.replace("-", "_")
+    info = f"{dist}-{version}.dist-info"
+    files = {
+        f"{dist}/__init__.py": b"VALUE = 42\n\ndef main():\n    print('hello', VALUE)\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+        f"{info}/entry_points.txt": f"[console_scripts]\n{name} = {dist}:main\n".encode(),
+    }
+
+    def record(path: str, data: bytes) -> str:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        return f"{path},sha256={digest},{len(data)}"
+
+    rows = [record(path, data) for path, data in files.items()] + [f"{info}/RECORD,,"]
+    wheel = directory / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+        z.writestr(f"{info}/RECORD", "\n".join(rows) + "\n")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("wheels")
+    write_wheel(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("uv-cache")
+
+
+@pytest.fixture
+def environ(uv_cache: Path, tmp_path: Path) -> dict[str, str]:
+    """What uv sees: no network, no index, no config files, a cache of the tests' own."""
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "UV_CACHE_DIR": str(uv_cache),
+        "UV_NO_CONFIG": "1",
+        "UV_OFFLINE": "1",
+        "PIP_NO_INDEX": "1",
+        "UV_HTTP_RETRIES": "0",
+    }
+
+
+def config(wheels: Path, **kw: object) -> EnvironmentsConfig:
+    return EnvironmentsConfig(find_links=(str(wheels),), **kw)  # type: ignore[arg-type]
+
+
+def counting_uv(tmp_path: Path, before_exec: str = "") -> tuple[str, Path]:
+    """A uv wrapper that notes each call in a file, runs ``before_exec``, then execs the real uv."""
+    calls = tmp_path / "uv-calls.log"
+    script = tmp_path / "uv-wrapper"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n{before_exec}\nexec "{REAL_UV}" "$@"\n')
+    script.chmod(0o755)
+    return str(script), calls
+
+
+def installs(calls: Path) -> int:
+    if not calls.exists():
+        return 0
+    return sum(1 for line in calls.read_text().splitlines() if line.startswith("pip install"))
+
+
+class Log:
+    """Collects what the cache writes into a job's log."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+
+    def __call__(self, text: str) -> None:
+        self.chunks.append(text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+async def acquire(cache: EnvironmentCache, requirements: str, log: Log) -> Environment:
+    """use() entered and left at once."""
+    async with cache.use(sha(requirements), requirements, log) as env:
+        return env
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if ".building-" in p.name)
+
+
+def gone(pid: int, within_s: float = 10.0) -> bool:
+    """True once ``pid`` has died (SIGKILL takes effect a moment after kill() returns)."""
+    deadline = time.monotonic() + within_s
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def tree_bytes(root: Path) -> int:
+    seen: set[int] = set()
+    total = 0
+    for path in root.rglob("*"):
+        st = path.lstat()
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_size
+    return total
+
+
+# --- keys and environment variables ------------------------------------------------------
+
+
+def test_environment_key_differs_per_requirements_and_is_stable() -> None:
+    a, b = sha("torch==2.13.0\n"), sha("numpy\n")
+    assert environment_key(a) == environment_key(a)
+    assert environment_key(a) != environment_key(b)
+    assert environment_key(a) != a  # the interpreter is part of the key
+    assert len(environment_key(a)) == 64 and int(environment_key(a), 16) >= 0
+
+
+def test_env_vars_put_the_venv_first() -> None:
+    env = Environment("k", "s", Path("/envs/k"), built=True)
+    out = env.env_vars({"PATH": "/usr/bin:/bin", "PYTHONHOME": "/x", "HOME": "/root"})
+    assert out == {"PATH": "/envs/k/bin:/usr/bin:/bin", "VIRTUAL_ENV": "/envs/k", "HOME": "/root"}
+    assert env.env_vars({})["PATH"] == "/envs/k/bin"
+
+
+@pytest.mark.parametrize(
+    ("cfg", "environ", "expected"),
+    [
+        (EnvironmentsConfig(), {}, []),
+        # pip's settings become flags; uv would not read them
+        (
+            EnvironmentsConfig(),
+            {
+                "PIP_INDEX_URL": "https://mirror/simple",
+                "PIP_EXTRA_INDEX_URL": "https://a/simple https://b/simple",
+                "PIP_FIND_LINKS": "/opt/wheels /srv/wheels",
+            },
+            [
+                *("--index-url", "https://mirror/simple"),
+                *("--extra-index-url", "https://a/simple"),
+                *("--extra-index-url", "https://b/simple"),
+                *("--find-links", "/opt/wheels"),
+                *("--find-links", "/srv/wheels"),
+            ],
+        ),
+        # the config comes first, the index URL of the config wins, duplicates go
+        (
+            EnvironmentsConfig(
+                index_url="https://own/simple",
+                extra_index_urls=("https://x/simple",),
+                find_links=("/data/wheels",),
+            ),
+            {
+                "PIP_INDEX_URL": "https://mirror/simple",
+                "PIP_EXTRA_INDEX_URL": "https://x/simple",
+                "PIP_FIND_LINKS": "/opt/wheels",
+            },
+            [
+                *("--index-url", "https://own/simple"),
+                *("--extra-index-url", "https://x/simple"),
+                *("--find-links", "/data/wheels"),
+                *("--find-links", "/opt/wheels"),
+            ],
+        ),
+        # a flag replaces uv's own variable, so uv's values are repeated as flags
+        (
+            EnvironmentsConfig(find_links=("/data/wheels",)),
+            {"UV_FIND_LINKS": "/uv/a,/uv/b", "UV_INDEX_URL": "https://uv/simple"},
+            ["--find-links", "/data/wheels", "--find-links", "/uv/a", "--find-links", "/uv/b"],
+        ),
+        (EnvironmentsConfig(), {"UV_DEFAULT_INDEX": "https://uv/simple", "PIP_INDEX_URL": "x"}, []),
+        (EnvironmentsConfig(), {"PIP_NO_INDEX": "1"}, ["--no-index"]),
+        (EnvironmentsConfig(), {"PIP_NO_INDEX": "off"}, []),
+    ],
+)
+def test_package_sources(
+    cfg: EnvironmentsConfig, environ: dict[str, str], expected: list[str]
+) -> None:
+    assert _source_args(cfg, environ) == expected
+
+
+# --- building, reusing, restarting ------------------------------------------------------
+
+
+def test_build_offline_then_reuse_then_restart(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    root = tmp_path / "environments"
+    wrapper, calls = counting_uv(tmp_path)
+    cache = EnvironmentCache(root, config(wheels), environ=environ, uv=wrapper)
+    requirements = "# the job's requirements\nrigshift-testpkg\n"
+    first, second = Log(), Log()
+
+    async def main() -> tuple[Environment, Environment]:
+        return await acquire(cache, requirements, first), await acquire(cache, requirements, second)
+
+    built, reused = asyncio.run(main())
+
+    key = environment_key(sha(requirements))
+    assert built.built and built.key == key and built.path == root / key
+    assert built.requirements_sha256 == sha(requirements)
+    assert f"[rigshift-agent] environment {key[:12]}: installing 1 requirement with uv " in (
+        first.text
+    )
+    assert "rigshift-testpkg==1.0" in first.text  # uv's own output, streamed
+    assert f"[rigshift-agent] environment {key[:12]} ready in " in first.text
+    assert all(chunk.endswith("\n") for chunk in first.chunks)
+    assert leftovers(root) == []
+
+    # The venv's python has the package; env_vars puts the venv first on PATH, and the
+    # console script still finds its interpreter after the rename (a relocatable venv).
+    env = built.env_vars({"PATH": os.environ["PATH"], "PYTHONHOME": "/nowhere"})
+    probe = "import sys, rigshift_testpkg; print(rigshift_testpkg.VALUE, sys.prefix)"
+    out = subprocess.run(["python", "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["42", str(built.path)], out.stderr
+    script = subprocess.run(["rigshift-testpkg"], env=env, capture_output=True, text=True)
+    assert script.stdout == "hello 42\n", script.stderr
+
+    assert not reused.built and reused.path == built.path
+    assert second.text == (
+        f"[rigshift-agent] environment {key[:12]} reused (cached), nothing installed\n"
+    )
+    assert installs(calls) == 1
+    assert cache.held() == [sha(requirements)]
+
+    # A restart finds it again, and clears what a crash would have left behind.
+    (root / f"{key}.building-dead").mkdir()
+    (root / ("f" * 64)).mkdir()  # a directory without metadata
+    (root / f"{key}.json.tmp-dead").write_text("{")
+    other = {"requirements_sha256": "e" * 64, "size_bytes": 1, "last_used": 1.0}
+    (root / ("e" * 64)).mkdir()  # another interpreter's: its key is not ours for "e" * 64
+    (root / f"{'e' * 64}.json").write_text(json.dumps(other))
+    (root / f"{'d' * 64}.json").write_text(json.dumps(other))  # metadata without a venv
+    again = EnvironmentCache(root, config(wheels), environ=environ, uv=wrapper)
+    assert again.held() == [sha(requirements)]
+    assert sorted(p.name for p in root.iterdir()) == [key, f"{key}.json"]
+    third = Log()
+    assert not asyncio.run(acquire(again, requirements, third)).built
+    assert "reused (cached), nothing installed" in third.text
+    assert installs(calls) == 1
+
+
+def test_pip_find_links_from_the_environment_is_used(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    # No find_links in the config: only $PIP_FIND_LINKS says where the wheel is.
+    environ = {**environ, "PIP_FIND_LINKS": str(wheels)}
+    cache = EnvironmentCache(tmp_path / "envs", EnvironmentsConfig(), environ=environ)
+    env = asyncio.run(acquire(cache, "rigshift-testpkg==1.0\n", Log()))
+    assert env.built and (env.bin_dir() / "rigshift-testpkg").exists()
+
+
+def test_concurrent_uses_share_one_build(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    wrapper, calls = counting_uv(tmp_path)
+    cache = EnvironmentCache(tmp_path / "envs", config(wheels), environ=environ, uv=wrapper)
+    requirements = "rigshift-testpkg\n"
+    logs = [Log(), Log(), Log()]
+
+    async def main() -> list[Environment]:
+        return list(await asyncio.gather(*(acquire(cache, requirements, log) for log in logs)))
+
+    envs = asyncio.run(main())
+    assert installs(calls) == 1
+    assert len({env.path for env in envs}) == 1
+    assert [env.built for env in envs] == [True, False, False]
+    for log in logs[1:]:
+        assert "waiting for the build already under way" in log.text
+        assert "(built for a concurrent attempt)" in log.text
+
+
+def test_concurrent_failure_is_shared(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    wrapper, calls = counting_uv(tmp_path)
+    root = tmp_path / "envs"
+    cache = EnvironmentCache(root, config(wheels), environ=environ, uv=wrapper)
+
+    async def attempt() -> SetupError:
+        with pytest.raises(SetupError) as err:
+            await acquire(cache, "rigshift-testpkg==9.9\n", Log())
+        return err.value
+
+    async def main() -> list[SetupError]:
+        return list(await asyncio.gather(attempt(), attempt()))
+
+    first, second = asyncio.run(main())
+    assert first is second
+    assert installs(calls) == 1
+    assert first.cause == "client"
+
+
+# --- eviction ----------------------------------------------------------------------------
+
+
+def test_lru_eviction_never_removes_an_environment_in_use(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    # The size of one such environment, measured on a probe; the cache holds 2.5 of them.
+    prober = EnvironmentCache(tmp_path / "probe", config(wheels), environ=environ)
+    probe = asyncio.run(acquire(prober, "rigshift-testpkg\n", Log()))
+    size = tree_bytes(probe.path)
+    root = tmp_path / "envs"
+    cache = EnvironmentCache(root, config(wheels, max_cache_gb=2.5 * size / 1e9), environ=environ)
+    a, b, c, d = (f"rigshift-testpkg{spec}\n" for spec in ("==1.0", ">=1", "<2", "~=1.0"))
+    removed: list[list[str]] = []
+
+    async def main() -> None:
+        async with cache.use(sha(a), a, Log()):
+            await acquire(cache, b, Log())
+            await acquire(cache, c, Log())  # 3 of them: B, least recently used, goes
+            removed.append(cache.evict())
+            assert set(cache.held()) == {sha(a), sha(c)}
+        # A, released after C, is now more recent than C: C goes when D comes
+        await acquire(cache, d, Log())
+
+    asyncio.run(main())
+    assert removed == [[]]  # nothing more to remove once B was gone
+    assert cache.held() == [sha(d), sha(a)]
+    on_disk = {p.name for p in root.iterdir() if p.is_dir()}
+    assert on_disk == {environment_key(sha(d)), environment_key(sha(a))}
+
+
+def test_an_environment_in_use_stays_even_over_the_limit(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    cache = EnvironmentCache(tmp_path / "envs", config(wheels, max_cache_gb=1e-9), environ=environ)
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with cache.use(sha("rigshift-testpkg\n"), "rigshift-testpkg\n", Log()):
+            during = cache.evict()
+        return during, cache.evict()
+
+    during, after = asyncio.run(main())
+    assert during == []
+    assert after == [environment_key(sha("rigshift-testpkg\n"))]
+    assert cache.held() == [] and list((tmp_path / "envs").iterdir()) == []
+
+
+# --- failures ----------------------------------------------------------------------------
+
+
+def test_unresolvable_requirement_is_the_clients_fault(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    root = tmp_path / "envs"
+    cache = EnvironmentCache(root, config(wheels), environ=environ)
+    log = Log()
+    with pytest.raises(SetupError) as err:
+        asyncio.run(acquire(cache, "rigshift-testpkg==9.9\n", log))
+    assert err.value.cause == "client"
+    assert err.value.message == "no version of `rigshift-testpkg==9.9` in the package index"
+    assert "No solution found" in log.text  # the job's log shows uv's own words
+    assert list(root.iterdir()) == [] and cache.held() == []
+
+
+def test_unreachable_index_is_the_rigs_fault(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    environ = {k: v for k, v in environ.items() if k not in ("UV_OFFLINE", "PIP_NO_INDEX")}
+    cfg = EnvironmentsConfig(index_url="http://127.0.0.1:9/simple")
+    cache = EnvironmentCache(tmp_path / "envs", cfg, environ=environ)
+    with pytest.raises(SetupError) as err:
+        asyncio.run(acquire(cache, "rigshift-not-anywhere\n", Log()))
+    assert err.value.cause == "rig"
+    assert err.value.message.startswith("package index unreachable: http://127.0.0.1:9/simple/")
+    assert "Connection refused" in err.value.message
+
+
+def test_missing_uv_is_the_rigs_fault(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    cache = EnvironmentCache(
+        tmp_path / "envs", config(wheels), environ=environ, uv=str(tmp_path / "no-uv")
+    )
+    with pytest.raises(SetupError) as err:
+        asyncio.run(acquire(cache, "rigshift-testpkg\n", Log()))
+    assert err.value.cause == "rig" and "uv not found" in err.value.message
+
+
+# A grandchild that does not hold the output pipe: only killing the group ends it.
+SLEEP_IN_INSTALL = """case "$1 $2" in
+  "pip install") sleep 60 >/dev/null 2>&1 & echo $! > "{pidfile}"; wait; exit 1;;
+esac"""
+
+
+def test_timeout_kills_the_build_and_leaves_nothing(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "sleep.pid"
+    wrapper, _ = counting_uv(tmp_path, SLEEP_IN_INSTALL.format(pidfile=pidfile))
+    root = tmp_path / "envs"
+    cache = EnvironmentCache(root, config(wheels, max_setup_s=3), environ=environ, uv=wrapper)
+    with pytest.raises(SetupError) as err:
+        asyncio.run(acquire(cache, "rigshift-testpkg\n", Log()))
+    assert (err.value.cause, err.value.message) == ("rig", "setup took longer than 3 s")
+    assert list(root.iterdir()) == []
+    if pidfile.exists():  # (a very slow machine may time out before the install starts)
+        assert gone(int(pidfile.read_text()))
+
+
+def test_cancelling_the_attempt_kills_the_build(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "sleep.pid"
+    wrapper, _ = counting_uv(tmp_path, SLEEP_IN_INSTALL.format(pidfile=pidfile))
+    root = tmp_path / "envs"
+    cache = EnvironmentCache(root, config(wheels), environ=environ, uv=wrapper)
+
+    async def main() -> None:
+        task = asyncio.create_task(acquire(cache, "rigshift-testpkg\n", Log()))
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            await asyncio.sleep(0.02)
+        assert leftovers(root) != []  # the half-built venv is there now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Checked before asyncio.run ends (which would cancel a build left running).
+        assert gone(int(pidfile.read_text()))  # the installer's whole group was killed
+        assert list(root.iterdir()) == []
+
+    asyncio.run(main())
+
+
+# --- classify_failure, on output of real uv runs -----------------------------------------
+
+# Each was produced by running uv (0.13.9, and 0.5.31 for the older boxed style) against a
+# find-links dir of hand-made wheels with UV_OFFLINE=1, against a closed or silent local
+# port, against an unresolvable host, on a 64 KiB tmpfs, or against PyPI (torch==9.9).
+UV_OUTPUTS: list[tuple[str, str, str, str]] = [
+    (
+        "0.13 no such version",
+        """Using Python 3.11.7 environment at: v1
+error: No solution found when resolving dependencies
+  cause: Because there is no version of rigshift-testpkg==9.9 and you require rigshift-testpkg==9.9, we can conclude that your requirements are unsatisfiable.
+""",  # noqa: E501
+        "client",
+        "no version of `rigshift-testpkg==9.9` in the package index",
+    ),
+    (
+        "0.13 no such package on PyPI",
+        """Using Python 3.11.7 environment at: tv
+error: No solution found when resolving dependencies
+  cause: Because nonexistent-pkg-xyz-rigshift-zz was not found in the package registry and you require nonexistent-pkg-xyz-rigshift-zz, we can conclude that your requirements are unsatisfiable.
+""",  # noqa: E501
+        "client",
+        "no version of `nonexistent-pkg-xyz-rigshift-zz` in the package index",
+    ),
+    (
+        "0.13 no such package in find-links",
+        """error: No solution found when resolving dependencies
+  cause: Because nonexistent-pkg-xyz was not found in the provided package locations and you require nonexistent-pkg-xyz, we can conclude that your requirements are unsatisfiable.
+""",  # noqa: E501
+        "client",
+        "no version of `nonexistent-pkg-xyz` in the package index",
+    ),
+    (
+        "0.13 only an older version",
+        """Using Python 3.11.7 environment at: v1
+error: No solution found when resolving dependencies
+  cause: Because only rigshift-testpkg==1.0 is available and you require rigshift-testpkg>=2, we can conclude that your requirements are unsatisfiable.
+""",  # noqa: E501
+        "client",
+        "no version of `rigshift-testpkg>=2` in the package index "
+        "(only rigshift-testpkg==1.0 is there)",
+    ),
+    (
+        "0.13 conflict",
+        """Using Python 3.11.7 environment at: v1
+error: No solution found when resolving dependencies
+  cause: Because all versions of pkg-b depend on pkg-c==2.0 and all versions of pkg-a depend on pkg-c==1.0, we can conclude that all versions of pkg-a and all versions of pkg-b are incompatible.
+         And because you require pkg-a and pkg-b, we can conclude that your requirements are unsatisfiable.
+""",  # noqa: E501
+        "client",
+        "conflicting requirements: Because all versions of pkg-b depend on pkg-c==2.0 and all "
+        "versions of pkg-a depend on pkg-c==1.0, we can conclude that all versions of pkg-a and "
+        "all versions of pkg-b are incompatible. And because you require pkg-a and pkg-b, we "
+        "can conclude that your requirements are unsatisfiable.",
+    ),
+    (
+        "0.13 build backend fails",
+        """Using Python 3.11.7 environment at: v1
+   Building badpkg2==1.0
+error: Failed to build `badpkg2==1.0`
+  cause: The build backend returned an error
+  cause: Call to `backend.build_wheel` failed (exit status: 1)
+
+         [stderr]
+         Traceback (most recent call last):
+           File "<string>", line 11, in <module>
+           File "/root/.cache/uv/sdists-v11/index/e1776917174dae1d/badpkg2/1.0/Uxv6cmARA_YEsJj5/src/backend.py", line 2, in build_wheel
+             raise RuntimeError("this package does not build")
+         RuntimeError: this package does not build
+
+hint: Build failures usually indicate a problem with the package or the build environment
+""",  # noqa: E501
+        "client",
+        "`badpkg2==1.0` failed to build: RuntimeError: this package does not build",
+    ),
+    (
+        "0.13 build requirements missing from the rig's sources",
+        """Using Python 3.11.7 environment at: v1
+error: Failed to download and build `badpkg==1.0`
+  cause: Failed to resolve requirements from `setup.py` build
+  cause: No solution found when resolving: `setuptools>=40.8.0`
+  cause: Because setuptools was not found in the provided package locations and you require setuptools>=40.8.0, we can conclude that your requirements are unsatisfiable.
+""",  # noqa: E501
+        "rig",
+        "build requirements of `badpkg==1.0` unavailable: Because setuptools was not found in "
+        "the provided package locations and you require setuptools>=40.8.0, we can conclude that "
+        "your requirements are unsatisfiable.",
+    ),
+    (
+        "0.13 unparsable requirement",
+        """error: Couldn't parse requirement in `r5.txt` at position 0
+  cause: Expected one of `@`, `(`, `<`, `=`, `>`, `~`, `!`, `;`, found `b`
+         foo bar baz ==
+             ^
+""",
+        "client",
+        "invalid requirements: Couldn't parse requirement in `r5.txt` at position 0: "
+        "Expected one of `@`, `(`, `<`, `=`, `>`, `~`, `!`, `;`, found `b`",
+    ),
+    (
+        "0.13 connection refused (after retries)",
+        """Using Python 3.11.7 environment at: v1
+error: Request failed after 3 retries in 10.2s
+  cause: Failed to fetch: http://127.0.0.1:9/simple/nonexistent-pkg-xyz/
+  cause: error sending request for url (http://127.0.0.1:9/simple/nonexistent-pkg-xyz/)
+  cause: client error (Connect)
+  cause: tcp connect error
+  cause: Connection refused (os error 111)
+""",
+        "rig",
+        "package index unreachable: http://127.0.0.1:9/simple/nonexistent-pkg-xyz/ "
+        "(Connection refused (os error 111))",
+    ),
+    (
+        "0.13 dns",
+        """Using Python 3.11.7 environment at: v1
+error: Failed to fetch: http://nonexistent.invalid/simple/nonexistent-pkg-xyz/
+  cause: error sending request for url (http://nonexistent.invalid/simple/nonexistent-pkg-xyz/)
+  cause: client error (Connect)
+  cause: dns error
+  cause: error resolving DNS
+  cause: failed to lookup address information: Name or service not known
+""",
+        "rig",
+        "package index unreachable: http://nonexistent.invalid/simple/nonexistent-pkg-xyz/ "
+        "(failed to lookup address information: Name or service not known)",
+    ),
+    (
+        "0.13 silent index",
+        """Using Python 3.11.7 environment at: v1
+error: Failed to fetch: http://127.0.0.1:18765/simple/nonexistent-pkg-xyz/
+  cause: error sending request for url (http://127.0.0.1:18765/simple/nonexistent-pkg-xyz/)
+  cause: operation timed out
+""",
+        "rig",
+        "package index unreachable: http://127.0.0.1:18765/simple/nonexistent-pkg-xyz/ "
+        "(operation timed out)",
+    ),
+    (
+        "0.13 offline, not in uv's cache",
+        """Using Python 3.11.7 environment at: v1
+error: No solution found when resolving dependencies
+  cause: Because nonexistent-pkg-xyz was not found in the cache and you require nonexistent-pkg-xyz, we can conclude that your requirements are unsatisfiable.
+
+hint: Packages were unavailable because the network was disabled. When the network is disabled, registry packages may only be read from the cache.
+""",  # noqa: E501
+        "rig",
+        "package not available offline: `nonexistent-pkg-xyz` is not in uv's cache",
+    ),
+    (
+        "0.13 disk full while installing",
+        """Using Python 3.11.7 environment at: small/v
+Resolved 1 package in 1ms
+Prepared 1 package in 1ms
+warning: Failed to hardlink files; falling back to full copy. This may lead to degraded performance.
+         If the cache and target directories are on different filesystems, hardlinking may not be supported.
+         If this is intentional, set `export UV_LINK_MODE=copy` or use `--link-mode=copy` to suppress this warning.
+error: Failed to install: bigpkg-1.0-py3-none-any.whl (bigpkg==1.0)
+  cause: Failed to copy to `/tmp/uvexp/small/v/lib/python3.11/site-packages/bigpkg-1.0.dist-info/METADATA`
+  cause: failed to copy file from /root/.cache/uv/archive-v0/cGGHoez8OfBIolYJ/bigpkg-1.0.dist-info/METADATA to /tmp/uvexp/small/v/lib/python3.11/site-packages/bigpkg-1.0.dist-info/.tmpt6hgDj: No space left on device (os error 28)
+""",  # noqa: E501
+        "rig",
+        "disk full: failed to copy file from /root/.cache/uv/archive-v0/cGGHoez8OfBIolYJ/"
+        "bigpkg-1.0.dist-info/METADATA to /tmp/uvexp/small/v/lib/python3.11/site-packages/"
+        "bigpkg-1.0.dist-info/.tmpt6hgDj: No space left on device (os error 28)",
+    ),
+    (
+        "0.13 disk full in the cache",
+        """error: Failed to initialize cache at `small/cache`
+  cause: failed to write to file `/tmp/uvexp/small/cache/CACHEDIR.TAG`: No space left on device (os error 28)
+""",  # noqa: E501
+        "rig",
+        "disk full: failed to write to file `/tmp/uvexp/small/cache/CACHEDIR.TAG`: "
+        "No space left on device (os error 28)",
+    ),
+    (
+        "0.13 unknown",
+        "error: File not found: /nonexistent.txt\n",
+        "rig",
+        "File not found: /nonexistent.txt",
+    ),
+    (
+        "0.5 no such version, wrapped",
+        """Using Python 3.11.7 environment at: v1
+  × No solution found when resolving dependencies:
+  ╰─▶ Because there is no version of rigshift-testpkg==9.9 and you require
+      rigshift-testpkg==9.9, we can conclude that your requirements are
+      unsatisfiable.
+""",  # noqa: RUF001
+        "client",
+        "no version of `rigshift-testpkg==9.9` in the package index",
+    ),
+    (
+        "0.5 no such version on PyPI",
+        """Using Python 3.11.7 environment at: v1
+  × No solution found when resolving dependencies:
+  ╰─▶ Because there is no version of torch==9.9 and you require torch==9.9, we
+      can conclude that your requirements are unsatisfiable.
+""",  # noqa: RUF001
+        "client",
+        "no version of `torch==9.9` in the package index",
+    ),
+    (
+        "0.5 no such package",
+        """Using Python 3.11.7 environment at: v1
+  × No solution found when resolving dependencies:
+  ╰─▶ Because nonexistent-pkg-xyz was not found in the provided package
+      locations and you require nonexistent-pkg-xyz, we can conclude that your
+      requirements are unsatisfiable.
+""",  # noqa: RUF001
+        "client",
+        "no version of `nonexistent-pkg-xyz` in the package index",
+    ),
+    (
+        "0.5 conflict",
+        """Using Python 3.11.7 environment at: v1
+  × No solution found when resolving dependencies:
+  ╰─▶ Because only pkg-a==1.0 is available and pkg-a==1.0 depends on
+      pkg-c==1.0, we can conclude that all versions of pkg-a depend on
+      pkg-c==1.0.
+      And because pkg-b==1.0 depends on pkg-c==2.0 and only pkg-b==1.0 is
+      available, we can conclude that all versions of pkg-a and all versions
+      of pkg-b are incompatible.
+      And because you require pkg-a and pkg-b, we can conclude that your
+      requirements are unsatisfiable.
+""",  # noqa: RUF001
+        "client",
+        "conflicting requirements: Because only pkg-a==1.0 is available and pkg-a==1.0 depends "
+        "on pkg-c==1.0, we can conclude that all versions of pkg-a depend on pkg-c==1.0. And "
+        "because pkg-b==1.0 depends on pkg-c==2.0 and only pkg-b==1.0 is available, we can "
+        "conclude that all versions of pkg-a and all versions of pkg-b are incompatible. And "
+        "because you require pkg-a and pkg-b, we can conclude that your requirements are "
+        "unsatisfiable.",
+    ),
+    (
+        "0.5 connection refused",
+        """Using Python 3.11.7 environment at: v1
+error: Failed to fetch: `http://127.0.0.1:9/simple/nonexistent-pkg-xyz/`
+  Caused by: Request failed after 3 retries
+  Caused by: error sending request for url (http://127.0.0.1:9/simple/nonexistent-pkg-xyz/)
+  Caused by: client error (Connect)
+  Caused by: tcp connect error: Connection refused (os error 111)
+  Caused by: Connection refused (os error 111)
+""",
+        "rig",
+        "package index unreachable: http://127.0.0.1:9/simple/nonexistent-pkg-xyz/ "
+        "(Connection refused (os error 111))",
+    ),
+    (
+        "0.5 dns",
+        """Using Python 3.11.7 environment at: v1
+error: Failed to fetch: `http://nonexistent.invalid/simple/torch/`
+  Caused by: Could not connect, are you offline?
+  Caused by: Request failed after 3 retries
+  Caused by: error sending request for url (http://nonexistent.invalid/simple/torch/)
+  Caused by: client error (Connect)
+  Caused by: dns error: failed to lookup address information: Name or service not known
+  Caused by: failed to lookup address information: Name or service not known
+""",
+        "rig",
+        "package index unreachable: http://nonexistent.invalid/simple/torch/ "
+        "(failed to lookup address information: Name or service not known)",
+    ),
+    ("no output at all", "", "rig", "the installer failed without saying why"),
+]
+
+
+@pytest.mark.parametrize(
+    ("output", "cause", "message"),
+    [case[1:] for case in UV_OUTPUTS],
+    ids=[case[0] for case in UV_OUTPUTS],
+)
+def test_classify_failure(output: str, cause: str, message: str) -> None:
+    assert classify_failure(output) == (cause, message)
+
+
+def test_setup_error_refuses_an_unknown_cause() -> None:
+    err = SetupError("disk full: x", "rig")
+    assert (err.message, err.cause, str(err)) == ("disk full: x", "rig", "disk full: x")
+    with pytest.raises(ValueError, match="cause"):
+        SetupError("x", "nobody")
