@@ -6,7 +6,10 @@ What it does, all with real processes on loopback:
 2. creates two farms and starts two simulated rigs on each (``rigshift agent run
    --simulate …``, one process and one Ray head per rig);
 3. uploads ``examples/mlp_numpy`` and submits a dozen training jobs asking for
-   1, 2 and 4 GPUs;
+   1, 2 and 4 GPUs, plus one job that brings its own Python requirements
+   (``tabulate``, which Rigshift itself does not install): its rig builds a
+   virtual environment for it with uv first, and the job writes a report to
+   ``$RIGSHIFT_OUTPUT_DIR``, which the demo downloads at the end;
 4. prints every state change as it happens, then a summary: each job's state,
    rig, GPU-seconds, energy and final accuracy, and energy per farm;
 5. stops every process it started (agents drain, then the broker) and exits 0
@@ -45,6 +48,18 @@ MINING_MICROS_PER_KWH = {
     "RTX 3070": 160_000,
     "A4000": 180_000,
 }
+#: The job that brings its own environment: a package Rigshift does not depend on.
+REPORT_REQUIREMENTS = "tabulate==0.9.0\n"
+REPORT_SCRIPT = """\
+import os, platform, sys
+from tabulate import tabulate
+rows = [["python", sys.executable], ["virtual env", os.environ.get("VIRTUAL_ENV", "-")],
+        ["gpus", os.environ["CUDA_VISIBLE_DEVICES"]], ["host", platform.node()]]
+report = tabulate(rows, headers=["what", "value"])
+print(report)
+with open(os.path.join(os.environ["RIGSHIFT_OUTPUT_DIR"], "report.txt"), "w") as f:
+    f.write(report + "\\n")
+"""
 
 
 def _state_name(state: int) -> str:
@@ -224,12 +239,44 @@ def _run(
         )
         jobs[job.name] = gpus
     echo(f"[{_clock(t0)}] submitted {len(jobs)} jobs: {dict(Counter(GPU_COUNTS))} (GPUs: jobs)")
+    report = client.create_job(
+        ["python", "-c", REPORT_SCRIPT],
+        gpu_count=1,
+        python_requirements=REPORT_REQUIREMENTS,
+        display_name="report",
+    )
+    jobs[report.name] = 1
+    echo(
+        f"[{_clock(t0)}] submitted {report.spec.display_name}: its own requirements "
+        f"({REPORT_REQUIREMENTS.strip()}), built on the rig with uv before it starts"
+    )
 
     final = _follow(client, jobs, worker_names, t0, timeout_s)
     _summary(client, final, worker_names, farm_of)
-    return all(j.state == _state_value("SUCCEEDED") for j in final.values()) and len(final) == len(
-        jobs
+    ok = _report_output(client, final[report.name], fleet.root / "outputs", t0)
+    return (
+        ok
+        and all(j.state == _state_value("SUCCEEDED") for j in final.values())
+        and len(final) == len(jobs)
     )
+
+
+def _report_output(client: Any, job: Any, into: Path, t0: float) -> bool:
+    """Download what the report job wrote to its output directory and show it."""
+    echo = click.echo
+    if job.state != _state_value("SUCCEEDED"):
+        echo(f"[{_clock(t0)}] {job.spec.display_name} did not succeed: {job.status_message}")
+        return False
+    setup_s = job.attempts[-1].setup_milliseconds / 1000
+    path = client.download_outputs(job.name, into)
+    report = (path / "report.txt").read_text()
+    echo(
+        f"[{_clock(t0)}] {job.spec.display_name}: environment ready after {setup_s:.1f} s of "
+        f"setup (not billed); its output, downloaded to {path}/report.txt:"
+    )
+    for line in report.splitlines():
+        echo(f"    {line}")
+    return "virtual env" in report
 
 
 def _state_value(name: str) -> int:

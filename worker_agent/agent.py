@@ -49,6 +49,7 @@ from worker_agent.backoff import Backoff
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig, effective_heartbeat_s
 from worker_agent.energy import EnergyMeter
+from worker_agent.environments import EnvironmentCache
 from worker_agent.executor import Executor, RayExecutor
 from worker_agent.gpu import GpuBackend, open_backend
 from worker_agent.metrics import AgentMetrics, serve_metrics
@@ -254,6 +255,8 @@ class Agent:
                 interval_s=cfg.checkpoint_scan_interval_s,
                 max_bytes=cfg.max_checkpoint_bytes,
             ),
+            environments=EnvironmentCache(cfg.state_dir / "environments", cfg.environments),
+            upload_output=self._upload_output,
         )
         self.mining = MiningSupervisor(
             cfg.mining,
@@ -427,14 +430,24 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         assert self._stub is not None and self.runner is not None
         failing = False
+        status_wanted, status_sent = True, None
         while True:
             t0 = time.monotonic()
+            request = ws.HeartbeatRequest(worker=self.worker)
+            # Full status only when it changed or the broker asked (it restarted, or this
+            # is a new registration): most heartbeats stay a few bytes.
+            held = self.runner.environments.held() if self.runner.environments else []
+            if status_wanted or held != status_sent:
+                request.status.environments.extend(held)
             try:
-                await self._stub.Heartbeat(
-                    ws.HeartbeatRequest(worker=self.worker),
+                response = await self._stub.Heartbeat(
+                    request,
                     metadata=self._metadata(),
                     timeout=max(1.0, self.heartbeat_interval_s),
                 )
+                if request.HasField("status"):
+                    status_sent = held
+                status_wanted = response.status_wanted
                 self.last_heartbeat_rtt_s = time.monotonic() - t0
                 if self.metrics is not None:
                     self.metrics.heartbeat_rtt.observe(self.last_heartbeat_rtt_s)
@@ -632,8 +645,15 @@ class Agent:
         async for chunk in call:
             yield chunk.data
 
-    async def _upload(self, sha256: str, data: bytes) -> None:
-        """Store an archive (a checkpoint) in the broker's artifact store, 1 MiB per chunk."""
+    async def _upload_output(self, sha256: str, data: bytes) -> None:
+        """Store an attempt's output archive (purpose OUTPUT: the broker's output limit)."""
+        from rigshift.v1 import artifact_service_pb2
+
+        await self._upload(sha256, data, purpose=artifact_service_pb2.OUTPUT)
+
+    async def _upload(self, sha256: str, data: bytes, purpose: int = 0) -> None:
+        """Store an archive (a checkpoint, an output) in the broker's artifact store,
+        1 MiB per chunk."""
         from rigshift.v1 import artifact_service_pb2, artifact_service_pb2_grpc
 
         assert self._channel is not None
@@ -646,6 +666,7 @@ class Agent:
                 )
                 if start == 0:
                     request.sha256, request.size_bytes = sha256, len(data)
+                    request.purpose = purpose
                 yield request
 
         stub = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)

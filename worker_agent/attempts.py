@@ -2,16 +2,27 @@
 
 One :class:`AttemptRunner` per agent. For each assignment it
 
-1. makes a fresh working directory and fills it from the job's archive
-   (sha256-verified, safely extracted), restores a checkpoint into
-   ``$RIGSHIFT_CHECKPOINT_DIR`` when the broker names one and the directory is empty;
-2. launches the process through the executor with the job's environment;
+1. reports ``preparing`` and sets the attempt up, every step's output going to the
+   job's logs: the job's Python environment (built or reused by
+   :class:`~worker_agent.environments.EnvironmentCache`; held in use until the attempt
+   ends), its inputs (each archive fetched and extracted once per rig into
+   ``inputs/<sha256>``, linked read-only as ``$RIGSHIFT_INPUT_DIR/<name>``), a fresh
+   working directory filled from the job's archive (sha256-verified, safely
+   extracted), an empty ``$RIGSHIFT_OUTPUT_DIR``, and a checkpoint restored into
+   ``$RIGSHIFT_CHECKPOINT_DIR`` when the broker names one and the directory is empty.
+   A setup that fails ends the attempt with ``finished`` carrying its cause (the
+   client's spec, or the rig) so that the broker fails or requeues the job;
+2. launches the process through the executor with the job's environment, and reports
+   ``started`` with how long setup took;
 3. turns process events into job events in the :class:`~worker_agent.outbox.Outbox`
    (``started``, ``log``, periodic ``progress``, ``finished``) and switches the
    GPUs' load so the simulated power model follows the job;
 4. meters the energy of its GPUs from the assignment until the process has ended
    (the attempt holds them all that time; they draw idle power until it starts);
-5. uploads the checkpoint directory whenever it changes (``checkpoints.py``).
+5. uploads the checkpoint directory whenever it changes (``checkpoints.py``);
+6. when the process has ended, whatever its outcome, archives ``$RIGSHIFT_OUTPUT_DIR``
+   and uploads it (``output`` event before ``finished``); an archive over the
+   assignment's ``max_output_bytes`` is not uploaded at all and the event says so.
 
 Stopping an attempt (cancel, reconcile, stale, drain hand-back) asks the executor
 to kill the process tree; whether a ``finished`` event is reported depends on why:
@@ -23,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -39,17 +51,48 @@ from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig
 from worker_agent.energy import EnergyMeter
+from worker_agent.environments import EnvironmentCache, SetupError
 from worker_agent.executor import Execution, Executor, LaunchSpec, job_environment
 from worker_agent.gpu import GpuBackend, Load
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.process import ProcExited, ProcOutput, ProcStarted
-from worker_agent.workdir import ArchiveError, Workspace, safe_extract, save_verified
+from worker_agent.workdir import (
+    ArchiveError,
+    Workspace,
+    directory_bytes,
+    pack_directory,
+    safe_extract,
+    save_verified,
+)
 
 __all__ = ["AttemptRunner"]
 
 log = logging.getLogger("rigshift.agent.attempts")
 
 Downloader = Callable[[str], AsyncIterator[bytes]]
+OutputUploader = Callable[[str, bytes], Coroutine[Any, Any, None]]
+"""``upload(sha256, data)``: store an attempt's output archive in the broker's artifact store."""
+
+#: Tries (with 1, 2 s pauses) to upload an output archive before reporting it as not kept.
+OUTPUT_UPLOAD_TRIES = 3
+
+#: Exit status reported for an attempt whose setup failed (its process never ran).
+SETUP_FAILED_EXIT = 127
+
+
+def _read_only(root: Path) -> None:
+    """Make a shared input cache read-only for job users (the sandbox also binds it
+    read-only; a job running as root without a sandbox could still write it)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o444)
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o555)
+    os.chmod(root, 0o555)
 
 
 class _Refused(Exception):
@@ -66,8 +109,10 @@ class _Run:
     report: bool = True
     started: bool = False
     checkpoint_dir: Path | None = None
+    output_dir: Path | None = None
     watch: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    held: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
 
 class AttemptRunner:
@@ -84,6 +129,8 @@ class AttemptRunner:
         download: Downloader,
         wake: asyncio.Event,
         checkpoints: CheckpointWatcher | None = None,
+        environments: EnvironmentCache | None = None,
+        upload_output: OutputUploader | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -94,6 +141,8 @@ class AttemptRunner:
         self.download = download
         self.wake = wake
         self.checkpoints = checkpoints
+        self.environments = environments
+        self.upload_output = upload_output
         self.runs: dict[AttemptKey, _Run] = {}
         self.accepting = True
         self.started_total = 0
@@ -153,7 +202,7 @@ class AttemptRunner:
 
     # --- one attempt -------------------------------------------------------------------
 
-    async def _fetch(self, sha256: str, into: Path) -> None:
+    async def _fetch(self, sha256: str, into: Path, max_bytes: int = 0) -> None:
         archive = self.workspace.archive_path(sha256)
         # Attempts that need the same archive at once wait for one download.
         async with self._download_locks.setdefault(sha256, asyncio.Lock()):
@@ -162,9 +211,49 @@ class AttemptRunner:
                     self.download(sha256),
                     sha256,
                     archive,
-                    max_bytes=self.config.max_working_dir_bytes,
+                    max_bytes=max_bytes or self.config.max_working_dir_bytes,
                 )
         await asyncio.to_thread(safe_extract, archive, into)
+
+    def _setup_log(self, key: AttemptKey) -> Callable[[str], None]:
+        def emit(text: str) -> None:
+            self.outbox.log(key, text, time.time())
+            self.wake.set()
+
+        return emit
+
+    async def _inputs(self, run: _Run) -> tuple[Path | None, list[str]]:
+        """Fetch each input once per rig and link it into a fresh ``$RIGSHIFT_INPUT_DIR``;
+        returns that directory (None without inputs) and the directories to bind read-only."""
+        a = run.assignment
+        if not a.spec.inputs:
+            return None, []
+        view = self.workspace.input_view(a.job, a.attempt)
+        readonly = [str(view.resolve())]
+        for name, sha256 in sorted(a.spec.inputs.items()):
+            if not name or "/" in name or name in (".", ".."):
+                raise _Refused(f"bad input name {name!r}")
+            cache = self.workspace.input_cache(sha256)
+            async with self._download_locks.setdefault(f"input:{sha256}", asyncio.Lock()):
+                if not cache.is_dir():
+                    t0 = time.monotonic()
+                    part = cache.with_name(f"{cache.name}.part")
+                    shutil.rmtree(part, ignore_errors=True)
+                    await self._fetch(sha256, part, max_bytes=1 << 62)
+                    await asyncio.to_thread(_read_only, part)
+                    os.replace(part, cache)
+                    self._setup_log(run.key)(
+                        f"[rigshift-agent] input {name}: {sha256[:12]} fetched in "
+                        f"{time.monotonic() - t0:.1f} s\n"
+                    )
+                else:
+                    self._setup_log(run.key)(
+                        f"[rigshift-agent] input {name}: {sha256[:12]} cached on this rig\n"
+                    )
+            os.utime(cache)  # last use, for whoever clears the cache
+            (view / name).symlink_to(cache.resolve(), target_is_directory=True)
+            readonly.append(str(cache.resolve()))
+        return view, readonly
 
     async def _prepare(self, run: _Run) -> LaunchSpec:
         a = run.assignment
@@ -179,6 +268,21 @@ class AttemptRunner:
             )
         if not a.spec.command:
             raise _Refused("the job has no command")
+        venv = None
+        if a.spec.python_requirements:
+            if self.environments is None:
+                raise SetupError("this agent does not build Python environments", "rig")
+            venv = await run.held.enter_async_context(
+                self.environments.use(
+                    a.spec.requirements_sha256,
+                    a.spec.python_requirements,
+                    self._setup_log(run.key),
+                )
+            )
+        input_dir, readonly = await self._inputs(run)
+        if venv is not None:
+            readonly.append(str(venv.path))
+        run.output_dir = self.workspace.output_dir(a.job, a.attempt)
         cwd = self.workspace.attempt_dir(a.job, a.attempt)
         if a.spec.working_dir_sha256:
             await self._fetch(a.spec.working_dir_sha256, cwd)
@@ -205,6 +309,11 @@ class AttemptRunner:
             checkpoint_dir=str(checkpoint_dir.resolve()),
             gpu_indices=indices,
         )
+        env["RIGSHIFT_OUTPUT_DIR"] = str(run.output_dir.resolve())
+        if input_dir is not None:
+            env["RIGSHIFT_INPUT_DIR"] = str(input_dir.resolve())
+        if venv is not None:
+            env = venv.env_vars(env)
         return LaunchSpec(
             job=a.job,
             attempt=a.attempt,
@@ -213,16 +322,22 @@ class AttemptRunner:
             cwd=str(cwd.resolve()),
             gpu_indices=indices,
             max_duration_s=float(a.spec.max_duration_seconds),
+            readonly=tuple(readonly),
         )
 
     async def _run(self, run: _Run) -> None:
         key = run.key
         indices = list(run.assignment.gpu_indices)
         code, message = 127, ""
+        cause, setup_ms = 0, 0
         # The attempt holds its GPUs from the assignment on: their energy is its energy.
         self.meter.start(key, [i for i in indices if i in self._gpu_indices])
+        t_setup = time.monotonic()
+        self.outbox.preparing(key, time.time())
+        self.wake.set()
         try:
             spec = await self._prepare(run)
+            setup_ms = int((time.monotonic() - t_setup) * 1000)
             if run.stop_reason:
                 code = -signal.SIGTERM
                 return
@@ -238,7 +353,7 @@ class AttemptRunner:
                             self.checkpoints.watch(key, run.checkpoint_dir)
                         )
                     self.backend.set_load(indices, Load.TRAINING)
-                    self.outbox.started(key, time.time())
+                    self.outbox.started(key, time.time(), setup_ms)
                     self.wake.set()
                     log.info("%s attempt %d started (pid %d on GPUs %s)", *key, event.pid, indices)
                 elif isinstance(event, ProcOutput):
@@ -247,6 +362,13 @@ class AttemptRunner:
                 elif isinstance(event, ProcExited):
                     code, message = event.exit_code, event.message
             self.outbox.log(key, decoder.decode(b"", final=True), time.time())
+            await self._upload_output(run)
+        except SetupError as err:
+            code, message = SETUP_FAILED_EXIT, err.message
+            cause = ws.Finished.SETUP_CLIENT if err.cause == "client" else ws.Finished.SETUP_RIG
+            setup_ms = int((time.monotonic() - t_setup) * 1000)
+            self.outbox.log(key, f"[rigshift-agent] setup failed: {message}\n", time.time())
+            log.warning("%s attempt %d setup failed (%s): %s", key[0], key[1], err.cause, message)
         except (_Refused, ArchiveError, OSError, ValueError) as err:
             message = f"failed to start: {err}"
             log.warning("%s attempt %d %s", key[0], key[1], message)
@@ -261,9 +383,47 @@ class AttemptRunner:
                     await run.execution.cancel("agent stopped")
             raise
         finally:
-            self._finish(run, code, message)
+            with contextlib.suppress(Exception):
+                await run.held.aclose()  # the environment is no longer in use
+            self._finish(run, code, message, cause, setup_ms)
 
-    def _finish(self, run: _Run, code: int, message: str) -> None:
+    async def _upload_output(self, run: _Run) -> None:
+        """Archive ``$RIGSHIFT_OUTPUT_DIR`` and upload it; the ``output`` event says what was
+        kept. Nothing is sent for an attempt handed back (it is not reported at all)."""
+        limit = run.assignment.spec.max_output_bytes
+        out = run.output_dir
+        if not limit or out is None or self.upload_output is None or not run.report:
+            return
+        key = run.key
+        try:
+            data = await asyncio.to_thread(pack_directory, out, max_bytes=limit)
+        except ArchiveError:
+            size = await asyncio.to_thread(directory_bytes, out)
+            why = (
+                f"output directory holds {size} bytes, over the limit of {limit} bytes "
+                "per attempt: nothing was kept"
+            )
+            self.outbox.output(key, "", size, time.time(), over_limit=True, message=why)
+            self.outbox.log(key, f"[rigshift-agent] {why}\n", time.time())
+            return
+        sha256 = hashlib.sha256(data).hexdigest()
+        for attempt in range(OUTPUT_UPLOAD_TRIES):
+            try:
+                await self.upload_output(sha256, data)
+                break
+            except grpc.aio.AioRpcError as err:
+                why = f"output not uploaded: {err.code().name} {err.details()}"
+                if attempt + 1 == OUTPUT_UPLOAD_TRIES:
+                    self.outbox.output(key, "", len(data), time.time(), message=why)
+                    log.warning("%s attempt %d: %s", key[0], key[1], why)
+                    return
+                await asyncio.sleep(1.0 + attempt)
+        self.outbox.output(key, sha256, len(data), time.time())
+        log.info("%s attempt %d: output %s… uploaded (%d bytes)", *key, sha256[:12], len(data))
+
+    def _finish(
+        self, run: _Run, code: int, message: str, cause: int = 0, setup_ms: int = 0
+    ) -> None:
         key = run.key
         if run.watch is not None:
             run.watch.cancel()
@@ -274,7 +434,9 @@ class AttemptRunner:
         if run.stop_reason:
             message = run.stop_reason
         if run.report:
-            self.outbox.finished(key, code, energy, message, time.time())
+            self.outbox.finished(
+                key, code, energy, message, time.time(), cause=cause, setup_ms=setup_ms
+            )
         else:
             self.outbox.forget(key)
         self.wake.set()

@@ -112,6 +112,8 @@ class LaunchSpec:
     gpu_indices: list[int]
     max_duration_s: float = 0
     labels: dict[str, str] = field(default_factory=dict)
+    readonly: tuple[str, ...] = ()
+    """Directories the job reads from the agent's state directory (environment, inputs)."""
 
 
 def job_environment(
@@ -143,9 +145,10 @@ def job_environment(
 
 
 def _writable(spec: LaunchSpec) -> tuple[str, ...]:
-    """Directories besides the working directory a job may write: its checkpoint directory."""
-    checkpoint_dir = spec.env.get("RIGSHIFT_CHECKPOINT_DIR", "")
-    return (checkpoint_dir,) if checkpoint_dir else ()
+    """Directories besides the working directory a job may write: its checkpoint and
+    output directories."""
+    names = ("RIGSHIFT_CHECKPOINT_DIR", "RIGSHIFT_OUTPUT_DIR")
+    return tuple(spec.env[n] for n in names if spec.env.get(n))
 
 
 async def _resolve_isolation(policy: SandboxPolicy | None) -> Isolation | None:
@@ -209,6 +212,7 @@ class _ThreadExecution:
             stop=self._stop,
             isolation=isolation,
             writable=_writable(spec),
+            readonly=spec.readonly,
         )
 
         def pump() -> None:
@@ -305,6 +309,7 @@ def _ray_entry(
     archive: bytes | None = None,
     isolation: Isolation | None = None,
     writable: tuple[str, ...] = (),
+    readonly: tuple[str, ...] = (),
 ) -> Any:
     """Body of the Ray task: run the process where Ray placed us, yield its events.
 
@@ -324,6 +329,7 @@ def _ray_entry(
             kill_grace_s=kill_grace_s,
             isolation=isolation,
             writable=writable,
+            readonly=readonly,
         )
         return
     with tempfile.TemporaryDirectory(prefix="rigshift-attempt-") as work:
@@ -344,6 +350,7 @@ def _ray_entry(
             kill_grace_s=kill_grace_s,
             isolation=isolation,
             writable=writable,
+            readonly=readonly,
         )
 
 
@@ -569,6 +576,7 @@ class RayExecutor:
             archive,
             self.isolation,
             _writable(spec),
+            spec.readonly,
         )
 
     def launch(self, spec: LaunchSpec) -> Execution:

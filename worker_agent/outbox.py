@@ -39,11 +39,15 @@ _MARKER = "[rigshift-agent:"
 
 @dataclass(slots=True)
 class _Pending:
-    kind: str  # started | log | progress | finished | checkpoint
+    kind: str  # preparing | started | log | progress | output | finished | checkpoint
     time: float
     text: str = ""
-    number: int = 0  # energy in joules, or a checkpoint's size in bytes
+    number: int = 0  # energy in joules, an archive's size in bytes, or setup milliseconds
     exit_code: int = 0
+    setup_ms: int = 0  # finished: how long setup ran
+    cause: int = 0  # finished: ws.Finished.Cause when setup failed
+    over_limit: bool = False  # output: too large to keep
+    message: str = ""  # output: why nothing was kept
 
 
 class Outbox:
@@ -64,9 +68,27 @@ class Outbox:
         self._pending.setdefault(key, []).append(item)
         self._next_seq.setdefault(key, 1)
 
-    def started(self, key: AttemptKey, now: float) -> None:
-        """The attempt's process started."""
-        self._add(key, _Pending("started", now))
+    def preparing(self, key: AttemptKey, now: float) -> None:
+        """The agent began the attempt's setup (environment, inputs, working directory)."""
+        self._add(key, _Pending("preparing", now))
+
+    def started(self, key: AttemptKey, now: float, setup_ms: int = 0) -> None:
+        """The attempt's process started after ``setup_ms`` of setup."""
+        self._add(key, _Pending("started", now, number=setup_ms))
+
+    def output(
+        self,
+        key: AttemptKey,
+        sha256: str,
+        size_bytes: int,
+        now: float,
+        *,
+        over_limit: bool = False,
+        message: str = "",
+    ) -> None:
+        """The attempt's output directory was archived (and uploaded unless ``sha256`` is "")."""
+        item = _Pending("output", now, sha256, size_bytes, over_limit=over_limit, message=message)
+        self._add(key, item)
 
     def log(self, key: AttemptKey, text: str, now: float) -> None:
         """Output of the attempt (merged with unsent output before it)."""
@@ -121,13 +143,21 @@ class Outbox:
         items.append(_Pending("progress", now, number=energy_joules))
 
     def finished(
-        self, key: AttemptKey, exit_code: int, energy_joules: int, message: str, now: float
+        self,
+        key: AttemptKey,
+        exit_code: int,
+        energy_joules: int,
+        message: str,
+        now: float,
+        *,
+        cause: int = 0,
+        setup_ms: int = 0,
     ) -> None:
-        """The process ended; the last event of the attempt."""
+        """The process ended (or setup failed: ``cause``); the last event of the attempt."""
         items = self._pending.setdefault(key, [])
         self._next_seq.setdefault(key, 1)
         items[:] = [it for it in items if it.kind != "progress"]
-        items.append(_Pending("finished", now, message, energy_joules, exit_code))
+        items.append(_Pending("finished", now, message, energy_joules, exit_code, setup_ms, cause))
 
     def checkpointed(self, key: AttemptKey, sha256: str, size_bytes: int, now: float) -> None:
         """The agent uploaded a checkpoint archive of the attempt."""
@@ -138,7 +168,7 @@ class Outbox:
     def has_urgent(self) -> bool:
         """True when a start, finish or checkpoint is waiting (worth sending without delay)."""
         return any(
-            it.kind in ("started", "finished", "checkpoint")
+            it.kind in ("preparing", "started", "output", "finished", "checkpoint")
             for items in self._pending.values()
             for it in items
         )
@@ -174,8 +204,11 @@ class Outbox:
         ts = Timestamp()
         ts.FromNanoseconds(int(item.time * 1e9))
         event = ws.JobEvent(job=key[0], attempt=key[1], sequence=seq, time=ts)
-        if item.kind == "started":
+        if item.kind == "preparing":
+            event.preparing.SetInParent()
+        elif item.kind == "started":
             event.started.SetInParent()
+            event.started.setup_milliseconds = item.number
         elif item.kind == "log":
             event.log.data = item.text
         elif item.kind == "progress":
@@ -183,10 +216,17 @@ class Outbox:
         elif item.kind == "checkpoint":
             event.checkpoint.sha256 = item.text
             event.checkpoint.size_bytes = item.number
+        elif item.kind == "output":
+            event.output.sha256 = item.text
+            event.output.size_bytes = item.number
+            event.output.over_limit = item.over_limit
+            event.output.message = item.message[:1024]
         else:
             event.finished.exit_code = item.exit_code
             event.finished.energy_joules = item.number
             event.finished.message = item.text[:1024]
+            event.finished.cause = item.cause  # type: ignore[assignment]
+            event.finished.setup_milliseconds = item.setup_ms
         return event
 
     def ack(self) -> None:

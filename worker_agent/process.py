@@ -115,6 +115,7 @@ def run_process(
     stop: threading.Event | None = None,
     isolation: Isolation | None = None,
     writable: Sequence[str] = (),
+    readonly: Sequence[str] = (),
 ) -> Iterator[ProcEvent]:
     """Spawn ``argv`` and yield its events until it exits (see the module docstring).
 
@@ -135,7 +136,13 @@ def run_process(
         except OSError as err:
             yield ProcExited(127, f"failed to start: cannot prepare the job's directories: {err}")
             return
-        command = wrap(argv, cwd=cwd, writable=dirs[1:], isolation=for_this_host(isolation))
+        command = wrap(
+            argv,
+            cwd=cwd,
+            writable=dirs[1:],
+            isolation=for_this_host(isolation),
+            readonly=[r for r in readonly if os.path.isdir(r)],
+        )
         spare_leader = bool(isolation.bwrap)
     prefix = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
     try:

@@ -148,12 +148,19 @@ class Isolation:
 
 
 def wrap(
-    argv: Sequence[str], *, cwd: str, writable: Sequence[str], isolation: Isolation
+    argv: Sequence[str],
+    *,
+    cwd: str,
+    writable: Sequence[str],
+    isolation: Isolation,
+    readonly: Sequence[str] = (),
 ) -> list[str]:
     """The argv that runs ``argv`` in ``cwd`` isolated as ``isolation`` says (pure).
 
-    ``writable`` are further directories the job may write (its checkpoint
-    directory); every path must exist. Without isolation ``argv`` comes back as is.
+    ``writable`` are further directories the job may write (its checkpoint and output
+    directories); ``readonly`` are directories it may only read although they lie in a
+    hidden one (its Python environment and inputs, cached in the agent's state
+    directory). Every path must exist. Without isolation ``argv`` comes back as is.
     """
     out: list[str] = []
     if isolation.bwrap:
@@ -167,12 +174,15 @@ def wrap(
         for path in isolation.masked:
             out += ["--ro-bind", "/dev/null", path]
         binds = list(dict.fromkeys([cwd, *writable]))
+        ro_binds = [p for p in dict.fromkeys(readonly) if p not in binds]
         # bwrap makes missing parents of a mount point 0700: the job user could not reach
         # its directories inside a hidden one, so those parents are made 0755 first.
-        for parent in _parents_inside(binds, isolation.hidden):
+        for parent in _parents_inside([*binds, *ro_binds], isolation.hidden):
             out += ["--perms", "0755", "--dir", parent]
         for path in binds:
             out += ["--bind", path, path]
+        for path in ro_binds:
+            out += ["--ro-bind", path, path]
         out += [
             "--chdir",
             cwd,

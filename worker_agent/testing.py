@@ -92,6 +92,10 @@ def make_assignment(
     env: dict[str, str] | None = None,
     working_dir_sha256: str = "",
     max_duration_seconds: int = 0,
+    inputs: dict[str, str] | None = None,
+    max_output_bytes: int = 0,
+    python_requirements: str = "",
+    requirements_sha256: str = "",
 ) -> ws.Assignment:
     """An Assignment as the broker would send it."""
     return ws.Assignment(
@@ -103,6 +107,10 @@ def make_assignment(
             env=env or {},
             working_dir_sha256=working_dir_sha256,
             max_duration_seconds=max_duration_seconds,
+            inputs=inputs or {},
+            max_output_bytes=max_output_bytes,
+            python_requirements=python_requirements,
+            requirements_sha256=requirements_sha256,
         ),
     )
 

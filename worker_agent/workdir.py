@@ -5,6 +5,10 @@ Layout under the agent's state directory::
     artifacts/<sha256>.tar.gz        downloaded archives, kept only once verified
     attempts/<job_id>-<attempt>/     the job's working directory (removed afterwards)
     checkpoints/<job_id>/            $RIGSHIFT_CHECKPOINT_DIR, shared by the job's attempts
+    outputs/<job_id>-<attempt>/      $RIGSHIFT_OUTPUT_DIR (archived and uploaded at the end)
+    inputs/<sha256>/                 an input archive, extracted once and shared, read-only
+    input-views/<job_id>-<attempt>/  $RIGSHIFT_INPUT_DIR: NAME -> ../../inputs/<sha256>
+    environments/<key>/              Python environments (worker_agent.environments)
 
 An archive is streamed from ``ArtifactService.DownloadArtifact`` into a temporary
 file while its sha256 is computed; it is kept only when the digest matches and
@@ -29,6 +33,7 @@ from pathlib import Path, PurePosixPath
 __all__ = [
     "ArchiveError",
     "Workspace",
+    "directory_bytes",
     "fingerprint",
     "pack_directory",
     "safe_extract",
@@ -174,11 +179,43 @@ class Workspace:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def output_dir(self, job: str, attempt: int) -> Path:
+        """A fresh, empty ``$RIGSHIFT_OUTPUT_DIR`` for one attempt."""
+        return _fresh(self.root / "outputs" / f"{_job_id(job)}-{attempt}")
+
+    def input_view(self, job: str, attempt: int) -> Path:
+        """A fresh, empty ``$RIGSHIFT_INPUT_DIR`` for one attempt (filled with links)."""
+        return _fresh(self.root / "input-views" / f"{_job_id(job)}-{attempt}")
+
+    def input_cache(self, sha256: str) -> Path:
+        """Where an input archive is extracted once for every attempt that names it."""
+        return self.root / "inputs" / sha256.lower()
+
     def clean_attempt(self, job: str, attempt: int, *, succeeded: bool) -> None:
-        """Remove an attempt's working directory; a succeeded job's checkpoints too."""
-        shutil.rmtree(self.root / "attempts" / f"{_job_id(job)}-{attempt}", ignore_errors=True)
+        """Remove an attempt's working, output and input directories; a succeeded job's
+        checkpoints too."""
+        name = f"{_job_id(job)}-{attempt}"
+        for sub in ("attempts", "outputs", "input-views"):
+            shutil.rmtree(self.root / sub / name, ignore_errors=True)
         if succeeded:
             shutil.rmtree(self.root / "checkpoints" / _job_id(job), ignore_errors=True)
+
+
+def _fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def directory_bytes(root: Path) -> int:
+    """Total size of the regular files under ``root``."""
+    total = 0
+    for dirpath, _dirs, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += (Path(dirpath) / name).lstat().st_size
+    return total
 
 
 def _job_id(job: str) -> str:

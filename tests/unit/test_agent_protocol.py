@@ -259,7 +259,8 @@ def test_job_runs_with_its_environment_and_sequenced_events(tmp_path: Path) -> N
     assert "RIGSHIFT_JOB_ID j1\nRIGSHIFT_ATTEMPT 1\nCUDA_VISIBLE_DEVICES 1,3\nFOO x\n" in out
     assert "checkpoint dir exists True" in out and "token hidden True" in out
     kinds = fake.kinds("jobs/j1")
-    assert kinds[0] == "started" and kinds[-1] == "finished" and "progress" in kinds
+    assert kinds[:2] == ["preparing", "started"]
+    assert kinds[-1] == "finished" and "progress" in kinds
     seqs = [e.sequence for e in fake.applied[("jobs/j1", 1)]]
     assert seqs == list(range(1, len(seqs) + 1))
     finished = fake.finished("jobs/j1")
@@ -458,7 +459,7 @@ def test_working_dir_is_fetched_verified_and_used(tmp_path: Path) -> None:
     assert fake.output("jobs/w") == "from the archive\n"
     x = fake.finished("jobs/x")
     assert x is not None and x.exit_code == 127 and "digest mismatch" in x.message
-    assert fake.kinds("jobs/x") == ["finished"]
+    assert fake.kinds("jobs/x") == ["preparing", "finished"]
     y = fake.finished("jobs/y")
     assert y is not None and y.exit_code == 127 and "NOT_FOUND" in y.message
     assert not list((tmp_path / "agent" / "attempts").iterdir())  # cleaned up

@@ -401,3 +401,43 @@ def test_python_job_runs_in_the_sandbox(isolation: Isolation, dirs) -> None:  # 
     out, exited = run(isolation, f"{PY} -c 'import os; print(os.getcwd(), os.getuid())'", cwd, ckpt)
     assert exited.exit_code == 0, out
     assert out.split()[0] == str(cwd)
+
+
+def test_environment_and_inputs_are_readable_not_writable(isolation: Isolation, dirs) -> None:  # type: ignore[no-untyped-def]
+    """The job's Python environment and inputs live in the hidden state dir: bound back
+    read-only, and its output directory writable."""
+    cwd, ckpt = dirs
+    state = Path(isolation.hidden[0])
+    venv = state / "environments" / f"env-{cwd.name}"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "tool").write_text("#!/bin/sh\necho from-the-env\n")
+    (venv / "bin" / "tool").chmod(0o755)
+    inputs = state / "inputs" / f"in-{cwd.name}"
+    inputs.mkdir(parents=True)
+    (inputs / "data.txt").write_text("rows\n")
+    out_dir = state / "outputs" / cwd.name
+    out_dir.mkdir(parents=True)
+    script = f"""
+{venv}/bin/tool
+cat {inputs}/data.txt
+if (echo x >> {inputs}/data.txt) 2>/dev/null; then echo WROTE-INPUT; else echo refused-input; fi
+if (echo x > {venv}/bin/new) 2>/dev/null; then echo WROTE-ENV; else echo refused-env; fi
+echo model > "$RIGSHIFT_OUTPUT_DIR/model.bin" && echo wrote-output
+"""
+    env_extra = {"RIGSHIFT_OUTPUT_DIR": str(out_dir)}
+    events = list(
+        run_process(
+            [SH, "-c", script],
+            {"PATH": os.environ["PATH"], "RIGSHIFT_CHECKPOINT_DIR": str(ckpt), **env_extra},
+            str(cwd),
+            isolation=isolation,
+            writable=[str(ckpt), str(out_dir)],
+            readonly=[str(venv), str(inputs)],
+        )
+    )
+    out = b"".join(e.data for e in events if isinstance(e, ProcOutput)).decode()
+    assert events[-1] == ProcExited(0, ""), out
+    assert "from-the-env" in out and "rows" in out and "wrote-output" in out
+    assert "refused-input" in out and "refused-env" in out
+    assert (inputs / "data.txt").read_text() == "rows\n"
+    assert (out_dir / "model.bin").read_text() == "model\n"
