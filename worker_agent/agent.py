@@ -49,7 +49,7 @@ from worker_agent.backoff import Backoff
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig, effective_heartbeat_s
 from worker_agent.energy import EnergyMeter
-from worker_agent.environments import EnvironmentCache
+from worker_agent.environments import EnvironmentCache, job_python
 from worker_agent.executor import Executor, RayExecutor
 from worker_agent.gpu import GpuBackend, open_backend
 from worker_agent.metrics import AgentMetrics, serve_metrics
@@ -255,7 +255,15 @@ class Agent:
                 interval_s=cfg.checkpoint_scan_interval_s,
                 max_bytes=cfg.max_checkpoint_bytes,
             ),
-            environments=EnvironmentCache(cfg.state_dir / "environments", cfg.environments),
+            environments=EnvironmentCache(
+                cfg.state_dir / "environments",
+                cfg.environments,
+                python=job_python(
+                    cfg.environments.python,
+                    _job_uid(getattr(self.executor, "isolation", None)),
+                    log.warning,
+                ),
+            ),
             upload_output=self._upload_output,
         )
         self.mining = MiningSupervisor(
@@ -671,6 +679,11 @@ class Agent:
 
         stub = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
         await stub.UploadArtifact(chunks(), metadata=self._metadata(), timeout=300.0)
+
+
+def _job_uid(isolation: Any) -> int | None:
+    """The uid jobs run as when the executor's isolation changes it, else None."""
+    return getattr(isolation, "uid", None) if isolation is not None else None
 
 
 def resp_ids(resp: ws.RegisterWorkerResponse) -> tuple[str, str]:

@@ -156,6 +156,10 @@ class EnvironmentsConfig:
     max_setup_s: float = 900.0
     """One build may take this long; past it, it is killed and fails as the rig's fault."""
 
+    python: str = ""
+    """Interpreter the environments are built on; empty: the agent's own, or a system
+    Python when jobs run as a user who cannot execute the agent's (``job_python``)."""
+
     def __post_init__(self) -> None:
         problems: list[str] = []
         for name, unit in (("max_cache_gb", "GB"), ("max_setup_s", "seconds")):
@@ -164,8 +168,10 @@ class EnvironmentsConfig:
                 problems.append(
                     f"environments.{name} must be a positive number of {unit}, got {value!r}"
                 )
-        if not isinstance(self.index_url, str):
-            problems.append(f"environments.index_url must be a string, got {self.index_url!r}")
+        for name in ("index_url", "python"):
+            if not isinstance(getattr(self, name), str):
+                value = getattr(self, name)
+                problems.append(f"environments.{name} must be a string, got {value!r}")
         for name in ("extra_index_urls", "find_links"):
             value = getattr(self, name)
             if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):

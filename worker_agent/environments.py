@@ -71,6 +71,7 @@ import platform
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import sysconfig
 import time
@@ -87,6 +88,7 @@ __all__ = [
     "SetupError",
     "classify_failure",
     "environment_key",
+    "interpreter_identity",
 ]
 
 #: Prefix of the lines the agent itself writes into a job's logs.
@@ -106,20 +108,82 @@ _REQUIREMENTS_FILE = "rigshift-requirements.txt"
 Log = Callable[[str], None]
 
 
-def environment_key(requirements_sha256: str) -> str:
+_IDENTITY_CODE = (
+    "import platform, sys, sysconfig; "
+    "print(platform.python_version(), sysconfig.get_platform(), sys.implementation.name, "
+    "sep='\\0')"
+)
+
+
+def interpreter_identity(python: str = sys.executable) -> str:
+    """``version\\0platform\\0implementation`` of an interpreter (asks it unless it is
+    this one); raises OSError or subprocess.SubprocessError when it cannot be run."""
+    if python == sys.executable:
+        return "\0".join(
+            (platform.python_version(), sysconfig.get_platform(), sys.implementation.name)
+        )
+    done = subprocess.run(
+        [python, "-c", _IDENTITY_CODE], capture_output=True, text=True, timeout=30, check=True
+    )
+    return done.stdout.strip()
+
+
+def environment_key(requirements_sha256: str, interpreter: str | None = None) -> str:
     """The cache directory name of an environment for these requirements.
 
-    sha256 hex of ``requirements_sha256`` and this interpreter's Python version
+    sha256 hex of ``requirements_sha256`` and the interpreter's Python version
     (major.minor.micro), platform (``sysconfig.get_platform()``) and
-    implementation, so that a Python upgrade never reuses an old environment.
+    implementation (:func:`interpreter_identity`, default this one), so that a
+    Python upgrade never reuses an old environment.
     """
-    parts = (
-        requirements_sha256,
-        platform.python_version(),
-        sysconfig.get_platform(),
-        sys.implementation.name,
+    identity = interpreter if interpreter is not None else interpreter_identity()
+    return hashlib.sha256(f"{requirements_sha256}\0{identity}".encode()).hexdigest()
+
+
+def _usable_by_others(path: str) -> bool:
+    """True when any user may execute ``path``: every directory on its real path is
+    searchable (o+x) and the file itself executable (o+x)."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.stat().st_mode & 0o001:
+            return False
+        return all(parent.stat().st_mode & 0o001 for parent in real.parents)
+    except OSError:
+        return False
+
+
+#: Where a rig's system Python usually is, tried when the agent's own is private.
+SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
+def job_python(configured: str, job_uid: int | None, log: Callable[[str], None]) -> str:
+    """The interpreter job environments are built on.
+
+    ``[environments] python`` when set; else the agent's own, unless jobs run as another
+    user (``job_uid``) who cannot execute it (a Python under ``/root/.pyenv``, mode
+    0700): then the first system Python that any user can run, with a warning through
+    ``log``. An environment's ``bin/python`` links to that interpreter, so the job user
+    must be able to run it or every job with requirements fails with "Permission denied".
+    """
+    if configured:
+        return configured
+    own = sys.executable
+    if job_uid is None or job_uid == os.geteuid() or _usable_by_others(own):
+        return own
+    for candidate in SYSTEM_PYTHONS:
+        if os.path.exists(candidate) and _usable_by_others(candidate):
+            log(
+                f"job environments: the agent's Python {own} is not usable by the job user "
+                f"(uid {job_uid}); building them on {candidate} "
+                "(set [environments] python to choose)"
+            )
+            return candidate
+    log(
+        f"job environments: the agent's Python {own} is not usable by the job user "
+        f"(uid {job_uid}) and no system Python is; jobs with requirements will fail to "
+        "start (set [environments] python, or run the agent from a system-wide Python)"
     )
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return own
 
 
 # --- the cache ---------------------------------------------------------------------------
@@ -180,7 +244,8 @@ class _Build:
 class EnvironmentCache:
     """Python environments on this rig, one per requirements file, built once and reused.
 
-    ``python`` is the interpreter the venvs are made with (the agent's own),
+    ``python`` is the interpreter the venvs are made with (the agent's own by default;
+    see :func:`job_python` for a rig whose jobs run as another user),
     ``environ`` the environment uv runs with (default ``os.environ``), ``uv`` a
     path to the uv binary to use instead of looking for one (tests pass a wrapper).
     All methods are called from one event loop.
@@ -198,6 +263,7 @@ class EnvironmentCache:
         self.root = root
         self.config = config
         self._python = python
+        self._identity = interpreter_identity(python)
         self._environ = environ if environ is not None else os.environ
         self._uv = uv
         self._uv_version: str | None = None
@@ -224,7 +290,7 @@ class EnvironmentCache:
         ``... ready in 4.2 s``, ``... reused (cached), nothing installed``).
         Cancelling the last caller of a build kills it. Raises SetupError.
         """
-        key = environment_key(requirements_sha256)
+        key = environment_key(requirements_sha256, self._identity)
         self._in_use[key] += 1
         try:
             env = await self._acquire(key, requirements_sha256, requirements, log)
@@ -446,7 +512,7 @@ class EnvironmentCache:
             entry = _read_metadata(path)
             if (
                 entry is not None
-                and environment_key(entry.requirements_sha256) == key  # this interpreter's
+                and environment_key(entry.requirements_sha256, self._identity) == key
                 and (self.root / key).is_dir()
             ):
                 self._entries[key] = entry
