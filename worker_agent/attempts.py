@@ -250,9 +250,14 @@ class AttemptRunner:
                     self._setup_log(run.key)(
                         f"[rigshift-agent] input {name}: {sha256[:12]} cached on this rig\n"
                     )
-            os.utime(cache)  # last use, for whoever clears the cache
+            os.utime(cache)  # its last use: the cache drops the least recently used first
             (view / name).symlink_to(cache.resolve(), target_is_directory=True)
             readonly.append(str(cache.resolve()))
+        in_use = {sha for r in self.runs.values() for sha in r.assignment.spec.inputs.values()}
+        limit = int(self.config.environments.max_cache_gb * 1e9)
+        removed = await asyncio.to_thread(self.workspace.evict_inputs, limit, in_use)
+        if removed:
+            log.info("input cache over %d bytes: removed %d input(s)", limit, len(removed))
         return view, readonly
 
     async def _prepare(self, run: _Run) -> LaunchSpec:

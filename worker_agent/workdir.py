@@ -191,6 +191,30 @@ class Workspace:
         """Where an input archive is extracted once for every attempt that names it."""
         return self.root / "inputs" / sha256.lower()
 
+    def evict_inputs(self, max_bytes: int, in_use: set[str]) -> list[str]:
+        """Remove the least recently used extracted inputs (by the mtime each use sets)
+        that no running attempt names, until all of them fit ``max_bytes``; the sha256s
+        removed. The same rule as the environments' cache."""
+        root = self.root / "inputs"
+        if not root.is_dir():
+            return []
+        entries = []
+        for path in root.iterdir():
+            if path.is_dir() and not path.name.endswith(".part"):
+                with contextlib.suppress(OSError):
+                    entries.append((path.stat().st_mtime, path.name, directory_bytes(path)))
+        total = sum(size for _, _, size in entries)
+        removed = []
+        for _, name, size in sorted(entries):
+            if total <= max_bytes:
+                break
+            if name in in_use:
+                continue
+            _remove_read_only(root / name)
+            total -= size
+            removed.append(name)
+        return removed
+
     def clean_attempt(self, job: str, attempt: int, *, succeeded: bool) -> None:
         """Remove an attempt's working, output and input directories; a succeeded job's
         checkpoints too."""
@@ -199,6 +223,14 @@ class Workspace:
             shutil.rmtree(self.root / sub / name, ignore_errors=True)
         if succeeded:
             shutil.rmtree(self.root / "checkpoints" / _job_id(job), ignore_errors=True)
+
+
+def _remove_read_only(path: Path) -> None:
+    """rmtree of a tree made read-only (inputs): directories get u+w back first."""
+    for dirpath, _dirs, _files in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o755)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _fresh(path: Path) -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,19 @@ def test_workspace_layout(tmp_path: Path) -> None:
     assert not ckpt.exists()
     with pytest.raises(ValueError):
         ws.checkpoint_dir("jobs/..")
+
+
+def test_input_cache_drops_the_least_recently_used_not_in_use(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    for age, name in ((300, "a" * 64), (200, "b" * 64), (100, "c" * 64)):
+        d = ws.input_cache(name)
+        d.mkdir(parents=True)
+        (d / "data").write_bytes(b"x" * 1000)
+        os.chmod(d / "data", 0o444)
+        os.chmod(d, 0o555)  # as the agent leaves them: read-only
+        os.utime(d, (time.time() - age, time.time() - age))
+    # Room for two: "a" is the oldest but in use, so "b" (the next oldest) goes.
+    assert ws.evict_inputs(2000, in_use={"a" * 64}) == ["b" * 64]
+    assert sorted(p.name for p in (tmp_path / "inputs").iterdir()) == ["a" * 64, "c" * 64]
+    assert ws.evict_inputs(2000, in_use=set()) == []  # fits now
+    assert ws.evict_inputs(0, in_use={"c" * 64}) == ["a" * 64]
