@@ -242,6 +242,8 @@ class AttemptRunner:
                     await self._fetch(sha256, part, max_bytes=1 << 62)
                     await asyncio.to_thread(_read_only, part)
                     os.replace(part, cache)
+                    # Extracted once for good: the archive would only take the disk twice.
+                    self.workspace.archive_path(sha256).unlink(missing_ok=True)
                     self._setup_log(run.key)(
                         f"[rigshift-agent] input {name}: {sha256[:12]} fetched in "
                         f"{time.monotonic() - t0:.1f} s\n"

@@ -108,6 +108,7 @@ def test_inputs_are_fetched_once_and_read_only_at_their_names(tmp_path: Path) ->
         assert fake.finished(job).exit_code == 0, fake.output(job)
         assert "rows more" in fake.output(job)
     assert fake.downloads == 1  # one fetch per rig, however many attempts name it
+    assert not (tmp_path / "agent" / "artifacts" / f"{sha}.tar.gz").exists()  # extracted
     outputs = fake.output("jobs/i1") + fake.output("jobs/i2")
     assert "fetched in" in outputs and "cached on this rig" in outputs
     cached = tmp_path / "agent" / "inputs" / sha
