@@ -41,7 +41,7 @@ Money is integer micro-dollars throughout (STYLE.md item 10).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
@@ -382,7 +382,7 @@ class FleetIndex:
     capacity, as the core does, leaves it unchanged.
     """
 
-    __slots__ = ("_groups", "_holders", "_keys", "_member_of", "_order")
+    __slots__ = ("_envs_of", "_groups", "_holders", "_keys", "_member_of", "_order")
 
     def __init__(self, workers: Iterable[WorkerCapacity] = ()) -> None:
         """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats."""
@@ -391,6 +391,7 @@ class FleetIndex:
         self._member_of: dict[str, tuple[_Group, ...]] = {}  # worker id -> groups it is in
         self._order: list[_Group] | None = None  # groups cheapest first; None after a change
         self._holders: dict[str, set[str]] = {}  # environment -> workers holding it
+        self._envs_of: dict[str, frozenset[str]] = {}  # worker id -> its environments
         # In rank order every heap push lands at the end of its heap: no sifting.
         for worker in sorted(workers, key=lambda w: (-w.reliability_permille, w.worker_id)):
             if worker.worker_id in self._keys:
@@ -433,16 +434,19 @@ class FleetIndex:
             group.add(key, total, indices, self._keys)
             member.append(group)
         self._member_of[wid] = tuple(member)
-        for env in worker.environments:
-            self._holders.setdefault(env, set()).add(wid)
+        if worker.environments:
+            self._envs_of[wid] = worker.environments
+            for env in worker.environments:
+                self._holders.setdefault(env, set()).add(wid)
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker (no-op if the index does not have it)."""
         if self._keys.pop(worker_id, None) is None:
             return
-        for env in [e for e, holders in self._holders.items() if worker_id in holders]:
-            self._holders[env].discard(worker_id)
-            if not self._holders[env]:
+        for env in self._envs_of.pop(worker_id, ()):
+            holders = self._holders[env]
+            holders.discard(worker_id)
+            if not holders:
                 del self._holders[env]
         for group in self._member_of.pop(worker_id):
             if group.remove(worker_id):
@@ -467,7 +471,8 @@ class FleetIndex:
             if filt is None:
                 filt = filters[fkey] = _make_filter(groups, *fkey)
             if 0 < n < filt.fail_at:
-                took = _take(filt, n, keys, self._local(job.environment, filt, n))
+                local = self._local(job.environment, filt, n) if job.environment else ()
+                took = _take(filt, n, keys, local)
                 if took is not None:
                     group, worker_id, taken = took
                     placements.append(Placement(job.job_id, worker_id, taken, group.price))
@@ -501,7 +506,7 @@ _ChoiceKey = tuple[int, int, int, int, str, int, str]
 
 
 def _take(
-    filt: _Filter, n: int, keys: dict[str, _Key], local: list[tuple[_Group, _Key, int]]
+    filt: _Filter, n: int, keys: dict[str, _Key], local: Sequence[tuple[_Group, _Key, int]]
 ) -> tuple[_Group, str, tuple[int, ...]] | None:
     """Choose by :func:`choice_key` among the qualifying groups and take the gang from the
     index; returns (group, worker id, GPU indices) or None if no worker has ``n`` free.
@@ -513,7 +518,7 @@ def _take(
     best_key: _ChoiceKey | None = None
     best_rank: _Key | None = None
     best_free = 0
-    local_ids = {rank[1] for _, rank, _ in local}
+    local_ids = {rank[1] for _, rank, _ in local} if local else None
     for group in filt.groups:  # cheapest first
         if best_key is not None and group.price > best_key[0]:
             break
@@ -525,7 +530,7 @@ def _take(
         while not group.live(heap[0], free, keys):  # drop entries gone stale since
             heappop(heap)
         rel, worker_id = heap[0]
-        near = 1 if worker_id in local_ids else 0
+        near = 1 if local_ids is not None and worker_id in local_ids else 0
         key = choice_key(group.price, free, n, worker_id, group.vram, group.model, -rel, near)
         if best_key is None or key < best_key:
             best, best_key, best_rank, best_free = group, key, heap[0], free

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
     rule,
 )
 from test_core_stateful import CoreMachine
-from test_scheduler import _flatten, _reference, workers
+from test_scheduler import ENVS, _flatten, _reference, workers
 
 from broker.core import BrokerCore
 from broker.events import Command, Event
@@ -55,6 +55,7 @@ def jobs(draw: st.DrawFn) -> list[JobRequest]:
             gpu_model=draw(st.sampled_from(["", "", "RTX 3090", "RTX 3060", "A4000", "A100"])),
             min_vram_mb=draw(st.sampled_from([0, 0, 10_000, 16_384, 30_000])),
             max_price_micros_per_gpu_hour=draw(st.sampled_from([0, 0, 200_000, 250_000, 100_000])),
+            environment=draw(st.sampled_from(["", "", *ENVS])),
         )
         for k in range(draw(st.integers(0, 12)))
     ]

@@ -23,6 +23,7 @@ from broker.scheduler import (
     WorkerCapacity,
     choice_key,
     format_micros,
+    locality_score,
     place,
 )
 from broker.testing import make_gpu, make_job, make_snapshot, make_worker
@@ -315,6 +316,7 @@ def test_duplicate_gpu_index_is_refused() -> None:
 
 # --- properties --------------------------------------------------------------------------------
 
+ENVS = ("e" * 64, "f" * 64)  # requirements_sha256 of two Python environments
 KINDS = [  # (model, vram_mb, price): a few homogeneous groups, two sharing a model
     ("RTX 3060", W3060, 150_000),
     ("RTX 3090", W3090, 250_000),
@@ -338,7 +340,7 @@ def workers(draw: st.DrawFn) -> WorkerCapacity:
         for i in indices
         for model, vram, price in [draw(st.sampled_from(KINDS))]
     ]
-    return make_worker(gpus=gpus)
+    return make_worker(gpus=gpus, environments=draw(st.sets(st.sampled_from(ENVS))))
 
 
 @st.composite
@@ -352,6 +354,7 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
             gpu_model=draw(st.sampled_from(["", "", "RTX 3090", "RTX 3060", "A100"])),
             min_vram_mb=draw(st.sampled_from([0, 0, 10_000, 16_384, 30_000])),
             max_price_micros_per_gpu_hour=draw(st.sampled_from([0, 0, 200_000, 250_000, 100_000])),
+            environment=draw(st.sampled_from(["", "", *ENVS])),
         )
         for k in range(draw(st.integers(0, 14)))
     ]
@@ -361,6 +364,7 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
 def _reference(snapshot: Snapshot) -> list[tuple[str, object]]:
     """Brute force over every worker for every job; (job_id, placement or reason fields)."""
     free = {(w.worker_id, g.index): g.free for w in snapshot.workers for g in w.gpus}
+    envs = {w.worker_id: w.environments for w in snapshot.workers}
     everything = [(w.worker_id, g) for w in snapshot.workers for g in w.gpus]
     out: list[tuple[str, object]] = []
     for job in snapshot.pending:
@@ -388,7 +392,12 @@ def _reference(snapshot: Snapshot) -> list[tuple[str, object]]:
             out.append((job.job_id, ("gpu_count", str(best_free), resolvable)))
         else:
             fits = [(k, v) for k, v in groups.items() if len(v) >= n]
-            (w, _, _, price), idx = min(fits, key=lambda kv: _key(kv[0], len(kv[1]), n))
+            (w, _, _, price), idx = min(
+                fits,
+                key=lambda kv: _key(
+                    kv[0], len(kv[1]), n, locality_score(envs[kv[0][0]], job.environment)
+                ),
+            )
             taken = tuple(sorted(idx)[:n])
             for i in taken:
                 free[(w, i)] = False
@@ -397,10 +406,10 @@ def _reference(snapshot: Snapshot) -> list[tuple[str, object]]:
 
 
 def _key(
-    group: tuple[str, str, int, int], free: int, n: int
-) -> tuple[int, int, int, str, int, str]:
+    group: tuple[str, str, int, int], free: int, n: int, locality: int = 0
+) -> tuple[int, int, int, int, str, int, str]:
     worker_id, model, vram, price = group
-    return choice_key(price, free, n, worker_id, vram, model)
+    return choice_key(price, free, n, worker_id, vram, model, locality=locality)
 
 
 def _flatten(result: SchedulingResult) -> dict[str, object]:
@@ -453,7 +462,7 @@ def test_properties(snapshot: Snapshot, rnd: random.Random) -> None:
 
     # deterministic, and independent of the order workers and GPUs are listed in
     shuffled = [
-        WorkerCapacity(w.worker_id, tuple(rnd.sample(w.gpus, len(w.gpus))))
+        dataclasses.replace(w, gpus=tuple(rnd.sample(w.gpus, len(w.gpus))))
         for w in snapshot.workers
     ]
     rnd.shuffle(shuffled)
