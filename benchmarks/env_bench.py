@@ -20,13 +20,26 @@ Every install gets ``--find-links`` for each directory in ``$PIP_FIND_LINKS``. p
 version check is off (``PIP_DISABLE_PIP_VERSION_CHECK=1``), so it does not add a request
 to PyPI. Venv and cache live on one file system, so uv hard-links from its cache.
 
+End to end (``--e2e``, on unless ``--no-e2e``): a real broker and ONE real agent
+(:class:`worker_agent.fleet.LocalFleet`, ``RTX3090x2`` simulated, heartbeat 1 s, lease 6 s as
+in the e2e suite, a new empty ``UV_CACHE_DIR``). One cold job with ``E2E_REQUIREMENTS``
+builds the environment; then ``--e2e-jobs`` pairs, alternately a job without requirements
+(``sys.executable -c``) and one with the same requirements (``python -c``, the
+environment's; its logs must say "reused (cached), nothing installed"), each submitted once
+the previous one has finished, so the queue and the rig are idle. Per job: submit -> process
+start (the attempt's ``start_time`` minus the job's ``create_time``, both the broker's clock)
+and the attempt's ``setup_milliseconds``. The difference of the warm and no-requirements
+medians is what a warm environment adds to submit -> process start.
+
 Reported per case: venv creation, install and total seconds (median of ``--repeat`` runs),
-and the ratios against the goals: uv cold / pip cold at most 0.5; warm reuse under 1 s.
-With ``--json`` the last line is one JSON object.
+and the ratios against the goals: uv cold / pip cold at most 0.5; warm reuse under 1 s
+(``EnvironmentCache.use()`` alone, and end to end). With ``--json`` the last line is one
+JSON object.
 
 Usage::
 
     .venv/bin/python benchmarks/env_bench.py [--json] [--repeat 3] [--sets small torch]
+        [--no-agent] [--no-e2e] [--e2e-jobs 10]
 """
 
 from __future__ import annotations
@@ -61,6 +74,12 @@ GOAL_REUSE_S = 1.0
 
 #: Cases in the order they run within one repeat of a set.
 CASES = ("uv cold", "uv warm", "pip cold", "pip fill", "pip warm")
+
+#: Requirements of the end-to-end jobs: one small pure-Python wheel from the index.
+E2E_REQUIREMENTS = "tabulate==0.9.0\n"
+
+#: What the agent logs when an attempt's environment is already there.
+REUSED_LINE = "reused (cached), nothing installed"
 
 
 @dataclass
@@ -263,6 +282,128 @@ def measure_set(name: str, uv: str, root: Path, repeat: int) -> dict[str, Any]:
     return out
 
 
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of ``values``, as ``dispatch_bench.py`` takes it."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def _seconds(t: Any) -> float:
+    """A protobuf ``Timestamp`` in seconds."""
+    return float(t.seconds + t.nanos / 1e9)
+
+
+def e2e_job(client: Any, argv: list[str], requirements: str, timeout_s: float) -> dict[str, Any]:
+    """Submit one one-GPU job, wait until it succeeds; its timings and logs.
+
+    ``start_ms``: submit -> process start (broker's clock at both ends); ``setup_ms``: the
+    attempt's setup (environment, inputs, working directory) as the agent measured it.
+    """
+    from rigshift.v1 import job_pb2
+
+    final = {job_pb2.Job.SUCCEEDED, job_pb2.Job.FAILED, job_pb2.Job.CANCELLED}
+    name = client.create_job(argv, gpu_count=1, python_requirements=requirements).name
+    deadline = time.monotonic() + timeout_s
+    while (job := client.get_job(name)).state not in final:
+        if time.monotonic() > deadline:
+            state = job_pb2.Job.State.Name(job.state)
+            raise RuntimeError(f"{name} is {state} after {timeout_s:g} s")
+        time.sleep(0.05)
+    logs = "".join(chunk.data for chunk in client.stream_logs(name))
+    if job.state != job_pb2.Job.SUCCEEDED:
+        state = job_pb2.Job.State.Name(job.state)
+        raise RuntimeError(f"{name} ended {state}: {job.status_message}\n{logs[-3000:]}")
+    attempt = job.attempts[-1]
+    start_s = _seconds(attempt.start_time) - _seconds(job.create_time)
+    return {
+        "start_ms": round(start_s * 1000, 1),
+        "setup_ms": int(attempt.setup_milliseconds),
+        "logs": logs,
+    }
+
+
+def _kind_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and p90 of submit -> start and of setup over one kind of job, and every run."""
+    start = [r["start_ms"] for r in runs]
+    setup = [r["setup_ms"] for r in runs]
+    return {
+        "start_p50_ms": round(statistics.median(start), 1),
+        "start_p90_ms": round(pct(start, 90), 1),
+        "setup_p50_ms": round(float(statistics.median(setup)), 1),
+        "setup_p90_ms": round(float(pct(setup, 90)), 1),
+        "runs_start_ms": start,
+        "runs_setup_ms": setup,
+    }
+
+
+def run_e2e(jobs: int) -> dict[str, Any]:
+    """A real broker and one real agent; what a warm environment adds to submit -> start.
+
+    One cold job with ``E2E_REQUIREMENTS`` (the agent builds its environment), then ``jobs``
+    pairs one after the other on an idle rig: no requirements, then the same requirements
+    (warm). The agent's uv cache starts empty. Stops every process of the fleet whatever
+    happens.
+    """
+    from worker_agent.fleet import LocalFleet
+
+    root = Path(tempfile.mkdtemp(prefix="env_bench-e2e-"))
+    # An empty uv cache of its own: the cold job downloads, as on a new rig.
+    fleet = LocalFleet(root, env={"UV_CACHE_DIR": str(root / "uv-cache")})
+    left: list[int] = []
+    try:
+        fleet.start_broker(lease_ttl_s=6, heartbeat_interval_s=1)
+        client = fleet.client()
+        farm = client.create_farm("env-bench")
+        fleet.start_agent(
+            "env-rig",
+            farm.enrollment_token,
+            simulate="RTX3090x2",
+            heartbeat_interval_s=1,
+            lease_ttl_s=6,
+            drain_grace_s=5,
+        )
+        fleet.wait_workers(1, timeout_s=120)
+        with_env = ["python", "-c", "print(1)"]  # the environment's python, first on PATH
+        without = [sys.executable, "-c", "print(1)"]
+        cold = e2e_job(client, with_env, E2E_REQUIREMENTS, timeout_s=600)
+        if REUSED_LINE in cold["logs"]:
+            raise RuntimeError("the first job found its environment already built")
+        print(f"  e2e cold: {cold['start_ms']:.0f} ms to start", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {"none": [], "warm": []}
+        for i in range(jobs):
+            for kind, argv, reqs in (("none", without, ""), ("warm", with_env, E2E_REQUIREMENTS)):
+                time.sleep(0.2)  # a quiet queue and rig before each submission
+                got = e2e_job(client, argv, reqs, timeout_s=120)
+                if (REUSED_LINE in got["logs"]) != (kind == "warm"):
+                    raise RuntimeError(f"{kind} job #{i + 1}: unexpected logs:\n{got['logs']}")
+                runs[kind].append(got)
+                print(
+                    f"  e2e {kind} #{i + 1}: {got['start_ms']:.0f} ms to start, "
+                    f"setup {got['setup_ms']} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        fleet.stop()
+        left = fleet.leftovers()
+        shutil.rmtree(root, ignore_errors=True)
+        if left:
+            print(f"  e2e: processes left running: {left}", file=sys.stderr)
+    if left:
+        raise RuntimeError(f"processes of the fleet left running: {left}")
+    none, warm = _kind_summary(runs["none"]), _kind_summary(runs["warm"])
+    return {
+        "requirements": E2E_REQUIREMENTS.split(),
+        "jobs_per_kind": jobs,
+        "cold": {"start_ms": cold["start_ms"], "setup_ms": cold["setup_ms"]},
+        "none": none,
+        "warm": warm,
+        "warm_adds_p50_ms": round(warm["start_p50_ms"] - none["start_p50_ms"], 1),
+        "warm_adds_p90_ms": round(warm["start_p90_ms"] - none["start_p90_ms"], 1),
+    }
+
+
 def version_of(cmd: list[str]) -> str:
     """First line of ``cmd``'s output (a tool's ``--version``)."""
     done = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
@@ -331,10 +472,39 @@ def table(report: dict[str, Any]) -> str:
             )
         elif "agent_error" in s:
             rows.append(f"{name}: warm reuse not measured: {s['agent_error']}")
+    e2e = report.get("e2e")
+    if e2e:
+        rows += ["", e2e_table(e2e)]
+    elif "e2e_error" in report:
+        rows.append(f"end to end not measured: {report['e2e_error']}")
     m = report["machine"]
     rows.append(
         f"machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, {m['uv']}, "
         f"{m['pip']} (in the venv), load {m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}"
+    )
+    return "\n".join(rows)
+
+
+def e2e_table(e2e: dict[str, Any]) -> str:
+    """The end-to-end figures as text: one row per kind of job, then the difference."""
+    reqs = " ".join(e2e["requirements"])
+    rows = [
+        f"end to end (broker + one agent), {e2e['jobs_per_kind']} jobs of each kind, ms:",
+        f"{'job':<22} {'start p50':>10} {'start p90':>10} {'setup p50':>10} {'setup p90':>10}",
+    ]
+    cold = e2e["cold"]
+    rows.append(f"{'cold (builds)':<22} {cold['start_ms']:>10.0f} {'':>10} {cold['setup_ms']:>10}")
+    for kind, label in (("none", "no requirements"), ("warm", f"warm ({reqs})")):
+        k = e2e[kind]
+        rows.append(
+            f"{label:<22} {k['start_p50_ms']:>10.1f} {k['start_p90_ms']:>10.1f} "
+            f"{k['setup_p50_ms']:>10.1f} {k['setup_p90_ms']:>10.1f}"
+        )
+    adds = e2e["warm_adds_p50_ms"]
+    verdict = "met" if adds < GOAL_REUSE_S * 1000 else "MISSED"
+    rows.append(
+        f"warm environment adds {adds:.1f} ms to submit -> start (difference of the medians; "
+        f"of the p90s {e2e['warm_adds_p90_ms']:.1f} ms) (goal < {GOAL_REUSE_S:g} s: {verdict})"
     )
     return "\n".join(rows)
 
@@ -346,7 +516,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each case (median)")
     ap.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS))
     ap.add_argument("--no-agent", action="store_true", help="skip EnvironmentCache reuse")
+    ap.add_argument(
+        "--e2e",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="submit -> process start with a real broker and agent (on by default)",
+    )
+    ap.add_argument("--e2e-jobs", type=int, default=10, help="end-to-end jobs of each kind")
     args = ap.parse_args(argv)
+    if args.e2e_jobs < 1:
+        ap.error("--e2e-jobs must be at least 1")
 
     import uv as uv_package
 
@@ -366,13 +545,18 @@ def main(argv: list[str] | None = None) -> int:
                 except ImportError as e:
                     result["agent_error"] = f"worker_agent.environments not importable ({e})"
             report["sets"][name] = result
+        if args.e2e:
+            try:
+                report["e2e"] = run_e2e(args.e2e_jobs)
+            except Exception as e:  # keep the figures measured so far
+                report["e2e_error"] = f"{type(e).__name__}: {e}"
         report["machine"]["loadavg_end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(table(report))
     if args.json:
         print(json.dumps(report))
-    return 0
+    return 1 if "e2e_error" in report else 0
 
 
 if __name__ == "__main__":
