@@ -113,6 +113,7 @@ class _Run:
     watch: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     held: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    preparing: asyncio.Task[LaunchSpec] | None = None
 
 
 class AttemptRunner:
@@ -175,6 +176,8 @@ class AttemptRunner:
         run.report = report
         if run.execution is not None:
             self._spawn(run.execution.cancel(reason))
+        elif run.preparing is not None:
+            run.preparing.cancel()  # an environment build or a download: stop it now
 
     async def stop_all(self, reason: str, *, report: bool, wait: bool) -> None:
         """Stop every attempt; with ``wait``, until their processes are gone."""
@@ -343,7 +346,14 @@ class AttemptRunner:
         self.outbox.preparing(key, time.time())
         self.wake.set()
         try:
-            spec = await self._prepare(run)
+            run.preparing = asyncio.create_task(self._prepare(run))
+            try:
+                spec = await run.preparing
+            except asyncio.CancelledError:
+                if not run.stop_reason:
+                    raise  # the agent itself is being stopped
+                code = -signal.SIGTERM  # cancelled while preparing: nothing ran
+                return
             setup_ms = int((time.monotonic() - t_setup) * 1000)
             if run.stop_reason:
                 code = -signal.SIGTERM
