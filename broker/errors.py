@@ -13,9 +13,15 @@ into the SDK's exceptions.
     │   └── InvalidTransition        (a job state change the state machine forbids)
     ├── PermissionDenied             PERMISSION_DENIED
     ├── Unauthenticated              UNAUTHENTICATED    missing or wrong credential
-    └── ResourceExhausted            RESOURCE_EXHAUSTED size or rate limits
+    ├── ResourceExhausted            RESOURCE_EXHAUSTED size or rate limits
+    └── Unavailable                  UNAVAILABLE        retry later (possibly elsewhere)
+        ├── StaleWriter              another broker leads now (replicas)
+        └── DatabaseUnavailable      the database cannot take a write now; carries RetryInfo
 
-Anything else escaping a servicer is a bug and is answered ``INTERNAL``.
+The store raises ``DatabaseUnavailable`` for every database fault (unreachable, connection
+lost, locked, read-only; see ``broker.store.database_error``), so a database outage is
+never answered ``INTERNAL``. Anything else escaping a servicer is a bug and is answered
+``INTERNAL``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import grpc
 __all__ = [
     "AlreadyExists",
     "BrokerError",
+    "DatabaseUnavailable",
     "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
@@ -35,7 +42,9 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "StaleWriter",
     "Unauthenticated",
+    "Unavailable",
 ]
 
 
@@ -154,3 +163,29 @@ class StaleWriter(Unavailable):
     """
 
     default_reason = "STALE_WRITER"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot take a write now (unreachable, connection lost, locked, read-only).
+
+    ``reason`` says which: ``DATABASE_UNAVAILABLE``, ``DATABASE_LOCKED`` or
+    ``DATABASE_READ_ONLY``. The answer carries ``google.rpc.RetryInfo`` with
+    ``retry_after_s`` (``broker.api.abort_with`` adds it, as for rate limits).
+    """
+
+    default_reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        retry_after_s: float = 1.0,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            reason=reason,
+            metadata={**(metadata or {}), "retry_after_s": f"{retry_after_s:.3f}"},
+        )
+        self.retry_after_s = retry_after_s

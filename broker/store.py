@@ -4,24 +4,30 @@ The store is the source of truth. The shell saves, in one transaction per
 batch, every job and worker the core marked dirty (``BrokerCore.take_dirty``)
 plus new log lines; a restarted broker rebuilds the core with :meth:`Store.load`.
 Rows here are store models only: the core never sees them (STYLE.md 9).
+
+Database faults leave the store in one form only: :class:`~broker.errors.DatabaseUnavailable`
+(gRPC ``UNAVAILABLE`` with RetryInfo), mapped from SQLAlchemy's errors by
+:func:`database_error` in :meth:`Store._session`, through which every query goes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import BigInteger, UniqueConstraint, delete, event, func, insert, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from broker.core import Attempt, AttemptOutput, BrokerCore, Gpu, HistoryEntry, Job, SlaEvent, Worker
 from broker.economics import FarmTerms, LedgerEntry, TariffWindow
-from broker.errors import AlreadyExists, NotFound, StaleWriter
+from broker.errors import AlreadyExists, DatabaseUnavailable, NotFound, StaleWriter
 from broker.events import AppendLog
 from broker.model import (
     TERMINAL_JOB_STATES,
@@ -35,7 +41,16 @@ from broker.model import (
 )
 from broker.scheduler import Rejection
 
-__all__ = ["ApiKeyRow", "FarmRow", "LedgerRow", "LogRow", "Store", "default_db_url", "farm_terms"]
+__all__ = [
+    "ApiKeyRow",
+    "FarmRow",
+    "LedgerRow",
+    "LogRow",
+    "Store",
+    "database_error",
+    "default_db_url",
+    "farm_terms",
+]
 
 
 def _big() -> int:
@@ -263,6 +278,53 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.close()
 
 
+PG_CONNECT_TIMEOUT_S = 5
+"""How long a new PostgreSQL connection may take (unless the URL sets ``connect_timeout``)."""
+
+_UNREACHABLE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,  # no pooled connection came free
+    sa_exc.DisconnectionError,
+)
+
+
+def database_error(err: BaseException) -> DatabaseUnavailable | None:
+    """The DatabaseUnavailable that a SQLAlchemy error stands for; None for anything else
+    (an IntegrityError or ProgrammingError is a bug, not an outage).
+
+    - read-only (SQLite ``SQLITE_READONLY*``, PostgreSQL SQLSTATE 25006 on a standby):
+      ``DATABASE_READ_ONLY``, retry in 5 s (an operator has to act; the broker resumes
+      by itself once the database takes writes again);
+    - locked beyond the busy timeout (SQLite ``SQLITE_BUSY``/``SQLITE_LOCKED``):
+      ``DATABASE_LOCKED``, retry in 1 s;
+    - unreachable, connection lost or refused, server shutting down, pool exhausted
+      (``OperationalError``, ``InterfaceError``, any ``DBAPIError`` that invalidated its
+      connection): ``DATABASE_UNAVAILABLE``, retry in 1 s.
+    """
+    orig = getattr(err, "orig", None)
+    sqlite_name = str(getattr(orig, "sqlite_errorname", "") or "")
+    sqlstate = str(getattr(orig, "sqlstate", "") or "")
+    lines = str(orig if orig is not None else err).strip().splitlines()
+    detail = (lines[0] if lines else type(err).__name__)[:200]
+    if sqlite_name.startswith("SQLITE_READONLY") or sqlstate == "25006":
+        return DatabaseUnavailable(
+            f"the broker's database is read-only ({detail}); changes are refused until an "
+            "operator makes it writable again",
+            reason="DATABASE_READ_ONLY",
+            retry_after_s=5.0,
+        )
+    if sqlite_name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return DatabaseUnavailable(
+            f"the broker's database is locked by another process ({detail})",
+            reason="DATABASE_LOCKED",
+        )
+    invalidated = isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated
+    if isinstance(err, _UNREACHABLE) or invalidated:
+        return DatabaseUnavailable(f"the broker's database cannot be reached ({detail})")
+    return None
+
+
 class Store:
     """All database access of the broker."""
 
@@ -271,12 +333,17 @@ class Store:
         if url.startswith("sqlite"):
             self.engine = create_engine(url, connect_args={"check_same_thread": False})
             _sqlite_pragmas(self.engine)
+        elif url.startswith("postgresql") and "connect_timeout" not in url:
+            self.engine = create_engine(
+                url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}
+            )
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
         if create:
             from broker.schema import ensure_schema
 
-            ensure_schema(self.engine)
+            with self._faults():
+                ensure_schema(self.engine)
         # What this store last committed per worker and per unfinished job (see save()).
         self._workers_written: dict[str, _WorkerWritten] = {}
         self._jobs_written: dict[str, _JobWritten] = {}
@@ -285,11 +352,56 @@ class Store:
         """Release the connection pool."""
         self.engine.dispose()
 
+    @contextlib.contextmanager
+    def _faults(self) -> Iterator[None]:
+        """Turn a database fault into DatabaseUnavailable (the one place that does)."""
+        try:
+            yield
+        except sa_exc.SQLAlchemyError as err:
+            mapped = database_error(err)
+            if mapped is None:
+                raise
+            if mapped.reason == "DATABASE_READ_ONLY":
+                # SQLite keeps a file it opened read-only read-only for the connection's
+                # life: drop the pooled connections, so a later try opens the file again.
+                self.engine.dispose()
+            raise mapped from err
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._faults(), Session(self.engine) as s:
+            yield s
+
+    def check_writable(self) -> None:
+        """Raise DatabaseUnavailable unless a write could commit now; nothing is written.
+
+        SQLite: write a row under the write lock and roll it back (a locked file, or one
+        opened read-only, fails here; merely reading would not tell). PostgreSQL: a round
+        trip to a server that is not read-only (a standby after a failover is).
+        """
+        with self._session() as s:
+            conn = s.connection()
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql(
+                    "INSERT INTO broker_leader (id, replica, address, epoch, since) "
+                    "VALUES (-1, '', '', 0, 0)"
+                )
+            elif conn.dialect.name == "postgresql":
+                if conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "on":
+                    raise DatabaseUnavailable(
+                        "the broker's database is read-only (a standby?)",
+                        reason="DATABASE_READ_ONLY",
+                        retry_after_s=5.0,
+                    )
+            else:
+                conn.exec_driver_sql("SELECT 1")
+            s.rollback()
+
     # --- farms ----------------------------------------------------------------
 
     def create_farm(self, row: FarmRow) -> FarmRow:
         """Insert a farm; AlreadyExists when the display name is taken."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             taken = s.exec(select(FarmRow).where(FarmRow.display_name == row.display_name)).first()
             if taken is not None:
                 raise AlreadyExists(
@@ -304,7 +416,7 @@ class Store:
 
     def get_farm(self, farm_id: str) -> FarmRow:
         """The farm, or NotFound."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             row = s.get(FarmRow, farm_id)
             if row is None:
                 raise NotFound(f"farm {farm_id} not found", metadata={"farm": farm_id})
@@ -312,7 +424,7 @@ class Store:
 
     def update_farm(self, farm_id: str, changes: dict[str, object]) -> FarmRow:
         """Set columns of a farm; NotFound / AlreadyExists as for create."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             row = s.get(FarmRow, farm_id)
             if row is None:
                 raise NotFound(f"farm {farm_id} not found", metadata={"farm": farm_id})
@@ -332,7 +444,7 @@ class Store:
 
     def farm_by_token(self, token_sha256: str) -> FarmRow | None:
         """The farm whose enrollment token hashes to this, if any."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             q = select(FarmRow).where(FarmRow.enrollment_token_sha256 == token_sha256)
             return s.exec(q).first()
 
@@ -340,7 +452,7 @@ class Store:
 
     def add_api_key(self, row: ApiKeyRow) -> ApiKeyRow:
         """Insert an API key row."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             s.add(row)
             s.commit()
             s.refresh(row)
@@ -348,12 +460,12 @@ class Store:
 
     def api_keys(self) -> list[ApiKeyRow]:
         """Every API key, oldest first."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             return list(s.exec(select(ApiKeyRow).order_by(col(ApiKeyRow.create_time))))
 
     def revoke_api_key(self, key_id: str) -> ApiKeyRow:
         """Mark a key revoked; NotFound when unknown."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             row = s.get(ApiKeyRow, key_id)
             if row is None:
                 raise NotFound(f"API key {key_id} not found", metadata={"api_key": key_id})
@@ -365,13 +477,13 @@ class Store:
 
     def set_worker_credential(self, worker_id: str, credential_sha256: str) -> None:
         """Store (or replace) a worker's credential hash."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             s.merge(WorkerCredentialRow(worker_id=worker_id, credential_sha256=credential_sha256))
             s.commit()
 
     def worker_credentials(self) -> dict[str, str]:
         """worker_id -> credential sha256, for every worker."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             rows = s.exec(select(WorkerCredentialRow)).all()
             return {r.worker_id: r.credential_sha256 for r in rows}
 
@@ -392,7 +504,7 @@ class Store:
         """
         workers_written: dict[str, _WorkerWritten] = {}
         jobs_written: dict[str, _JobWritten] = {}
-        with Session(self.engine) as s:
+        with self._session() as s:
             # Workers first: attempts and GPU holders refer to them.
             for worker_id in sorted(worker_ids):
                 workers_written[worker_id] = self._save_worker(s, core.workers[worker_id])
@@ -527,7 +639,7 @@ class Store:
     def load(self, core: BrokerCore, now: float | None = None) -> None:
         """Fill an empty core from the database. Live workers get a fresh lease (a grace period)."""
         now = time.time() if now is None else now
-        with Session(self.engine) as s:
+        with self._session() as s:
             for farm in s.exec(select(FarmRow)):
                 core.farms[farm.id] = farm_terms(farm)
             core.ledger = [
@@ -644,7 +756,7 @@ class Store:
 
     def logs(self, job_id: str, after_id: int = 0) -> list[LogRow]:
         """Log rows of a job with id > after_id, oldest first."""
-        with Session(self.engine) as s:
+        with self._session() as s:
             q = (
                 select(LogRow)
                 .where(LogRow.job_id == job_id, col(LogRow.id) > after_id)
