@@ -1,8 +1,9 @@
 """gRPC servicers: turn RPCs into core events and core state into messages.
 
 Errors cross one boundary here: every ``BrokerError`` becomes a gRPC status with
-``google.rpc.ErrorInfo`` and ``google.rpc.BadRequest`` details in ``abort_with``;
-anything else is a bug, logged and answered ``INTERNAL``.
+``google.rpc.ErrorInfo`` and ``google.rpc.BadRequest`` details in ``abort_with``
+(and ``google.rpc.RetryInfo`` when the error says when to retry: rate limits, a
+database outage); anything else is a bug, logged and answered ``INTERNAL``.
 """
 
 from __future__ import annotations
@@ -503,6 +504,7 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             terms = replace(terms, broker_fee_permille=self.svc.core.default_fee_permille)
         v.check_asks(terms, {})
         token = "rsft_" + secrets.token_urlsafe(24)
+        self.svc.ensure_writable()  # the row and the core's terms must not part
         row = FarmRow(
             id=farm_id,
             display_name=f.display_name.strip(),
@@ -553,6 +555,7 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         changes: dict[str, object] = dict(_terms_columns(terms))
         changes["display_name"] = merged.display_name.strip()
         changes["region"] = merged.region
+        self.svc.ensure_writable()
         row = self.svc.store.update_farm(farm_id, changes)
         await self.svc.apply(FarmConfigured(self.svc.clock(), terms))
         return self._farm(row)
@@ -566,7 +569,7 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     async def ListWorkers(self, request, context):  # type: ignore[no-untyped-def]
         limit, offset = v.check_page(request.page_size, request.page_token)
         farm_id = _farm_scope(request.parent)
-        if farm_id:
+        if farm_id and farm_id not in self.svc.core.farms:
             self.svc.store.get_farm(farm_id)  # NotFound for an unknown farm
         workers = sorted(
             (w for w in self.svc.core.workers.values() if not farm_id or w.farm_id == farm_id),
@@ -600,8 +603,8 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
     @unary
     async def GetEarnings(self, request, context):  # type: ignore[no-untyped-def]
         farm_id = _farm_scope(request.parent)
-        if farm_id:
-            self.svc.store.get_farm(farm_id)
+        if farm_id and farm_id not in self.svc.core.farms:
+            self.svc.store.get_farm(farm_id)  # NotFound for an unknown farm
         groups = {0: "farm", 1: "farm", 2: "worker", 3: "gpu"}
         if request.group_by not in groups:
             raise InvalidArgument.of([FieldViolation("group_by", "unknown grouping")])

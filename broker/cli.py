@@ -83,6 +83,13 @@ def broker_group() -> None:
     type=click.IntRange(min=0),
     help="Remove archives older than this that no job needs (hourly); 0: keep everything.",
 )
+@click.option(
+    "--db-outage-unhealthy-s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Health turns NOT_SERVING once the database has been away this long (0: never).",
+)
 @click.option("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS.")
 @click.option("--tls-key", default="", help="PEM private key for --tls-cert.")
 @click.option("--tls-client-ca", default="", help="PEM CA: require client certificates.")
@@ -120,6 +127,7 @@ def serve(
     max_input_bytes: int,
     max_output_bytes: int,
     artifact_retention_days: int,
+    db_outage_unhealthy_s: float,
     tls_cert: str,
     tls_key: str,
     tls_client_ca: str,
@@ -150,6 +158,7 @@ def serve(
             max_input_bytes=max_input_bytes,
             max_output_bytes=max_output_bytes,
             artifact_retention_days=artifact_retention_days,
+            db_outage_unhealthy_s=db_outage_unhealthy_s,
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
@@ -181,12 +190,15 @@ def serve(
         await stop.wait()
         await broker.stop()
 
+    from broker.errors import DatabaseUnavailable
     from broker.schema import SchemaOutOfDate
 
     try:
         asyncio.run(main())
     except ReplicaFenced as err:
         raise click.ClickException(str(err)) from err
+    except DatabaseUnavailable as err:  # at start: nothing to serve from yet
+        raise click.ClickException(f"cannot start: {err.message}") from err
     except SchemaOutOfDate as err:
         raise click.ClickException(err.message) from err
     except OSError as err:

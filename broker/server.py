@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from broker.api import (
 )
 from broker.artifacts import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES, ArtifactStore
 from broker.auth import RateLimiter, Role
+from broker.clock import BrokerClock
 from broker.core import BrokerCore
 from broker.metrics import BrokerMetrics, FarmNames, default_registry
 from broker.metrics_http import MetricsServer
@@ -120,10 +122,15 @@ class BrokerConfig:
     """host:port for ``/metrics`` and ``/sd`` (Prometheus); empty: off; port 0 picks a free port."""
     queue_policy: str = "fifo"
     """Order of pending jobs: ``fifo`` or ``short-first`` (``broker.policy.QUEUE_POLICIES``)."""
+    db_outage_unhealthy_s: float = 60.0
+    """The health service reports NOT_SERVING once the database has been unable to take a
+    write for this long (SERVING again when it is back); 0: never."""
 
     def __post_init__(self) -> None:
         if self.queue_policy not in QUEUE_POLICIES:
             raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}")
+        if self.db_outage_unhealthy_s < 0:
+            raise ValueError("db_outage_unhealthy_s must be >= 0 (0: never unhealthy)")
         if self.heartbeat_interval_s * 3 > self.lease_ttl_s:
             raise ValueError(
                 f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most a third of "
@@ -143,11 +150,19 @@ SERVER_TIME_KEY = "rigshift-server-time"
 ``rigshift agent doctor``'s clock-skew check; reading it has no side effects."""
 
 
+HEALTH_WATCH_INTERVAL_S = 0.5
+"""How often the broker compares the database outage with ``db_outage_unhealthy_s``."""
+
+
 class HealthWithTime(health.aio.HealthServicer):
     """The standard health service, plus the broker's time in the initial metadata."""
 
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.clock = clock
+
     async def Check(self, request, context):  # type: ignore[no-untyped-def]
-        await context.send_initial_metadata(((SERVER_TIME_KEY, f"{time.time():.6f}"),))
+        await context.send_initial_metadata(((SERVER_TIME_KEY, f"{self.clock():.6f}"),))
         return await super().Check(request, context)
 
 
@@ -189,6 +204,7 @@ class Broker:
         self._retention: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self._health_watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         self.admin_key = ""  # set when this start created the first admin key
@@ -216,11 +232,14 @@ class Broker:
             default_fee_permille=cfg.broker_fee_permille,
             queue_policy=QUEUE_POLICIES[cfg.queue_policy],
         )
-        self.store.load(core)
+        clock = BrokerClock()
+        self.store.load(core, now=clock())
         store = self.store
         farm_name = FarmNames(lambda farm_id: store.get_farm(farm_id).display_name)
         metrics = self.metrics = BrokerMetrics(core, self.registry, farm_name=farm_name)
-        svc = self.service = BrokerService(core, self.store, metrics=metrics, farm_names=farm_name)
+        svc = self.service = BrokerService(
+            core, self.store, clock=clock, metrics=metrics, farm_names=farm_name
+        )
         svc.rate_limiter = RateLimiter(cfg.rate_limit_per_s, 2 * cfg.rate_limit_per_s)
         if cfg.metrics_listen:
             self._metrics_server = MetricsServer(self.registry, metrics.sd_targets)
@@ -251,7 +270,7 @@ class Broker:
             ArtifactServicer(svc, artifacts), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(svc), server)
-        self._health = HealthWithTime()
+        self._health = HealthWithTime(clock)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -262,6 +281,7 @@ class Broker:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         svc.start_loops(tick_interval_s=min(1.0, cfg.lease_ttl_s / 4))
+        self._health_watch = asyncio.create_task(self._watch_database(svc), name="rigshift-health")
         if cfg.artifact_retention_days > 0:
             self._retention = asyncio.create_task(
                 retention_loop(core, artifacts, cfg.artifact_retention_days * 86400.0),
@@ -274,6 +294,32 @@ class Broker:
             len(core.jobs),
             len(core.workers),
         )
+
+    async def _watch_database(self, svc: BrokerService) -> None:
+        """NOT_SERVING once the database has been away for ``db_outage_unhealthy_s`` (so an
+        orchestrator replaces a broker that would otherwise serve stale state for good),
+        SERVING again as soon as it takes writes."""
+        assert self._health is not None
+        limit = self.config.db_outage_unhealthy_s
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+            down = svc.database_down_for()
+            healthy = down is None or limit <= 0 or down < limit
+            if healthy == serving:
+                continue
+            serving = healthy
+            if healthy:
+                log.info("database back: health SERVING")
+            else:
+                log.error("database away for %.0f s: health NOT_SERVING", down)
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if healthy
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in ("", *SERVICE_NAMES):
+                await self._health.set(name, status)
 
     def _first_admin_key(self, svc: BrokerService) -> None:
         """Create an admin key when the database has none, and save it for the local CLI."""
@@ -298,6 +344,10 @@ class Broker:
             return
         self._stopping = True
         try:
+            if self._health_watch is not None:
+                self._health_watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._health_watch
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
             if self._retention is not None:

@@ -4,6 +4,19 @@ Every state change goes through :meth:`BrokerService.apply`: events are handled
 by the core under a lock, what the core marked dirty is saved in one
 transaction, and only then are commands carried out (instructions pushed to
 agents, watchers woken) — so nothing an agent or client sees is lost by a crash.
+
+**When the database fails a write** the core is already ahead of the store. The
+service then keeps what that batch changed (job and worker ids, log lines, the
+ledger entries past ``core.ledger_saved``) and its commands, *held*, and enters an
+outage: every later change is refused with ``DatabaseUnavailable`` before the core
+sees it, except heartbeats (leases live in memory, so a database outage does not
+expire the fleet's leases; lease expiry and scheduling pause meanwhile). A probe
+every ``db_retry_interval_s`` waits for the database; once it takes writes, the held
+changes are written in one transaction and only then are the held commands carried
+out and changes accepted again — no restart, and nothing an agent or client was told
+rests on an uncommitted change. The caller whose write failed got UNAVAILABLE: its
+change is written on recovery, and its retry (same ``request_id`` or report
+sequence number) finds it applied once.
 """
 
 from __future__ import annotations
@@ -16,13 +29,24 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from broker.artifacts import DEFAULT_MAX_OUTPUT_BYTES
 from broker.auth import Principal, RateLimiter, Role, bearer, new_api_key
+from broker.clock import BrokerClock
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
-from broker.errors import StaleWriter, Unauthenticated
-from broker.events import AppendLog, Assign, Cancel, Command, Event, SchedulePass, Tick
+from broker.errors import DatabaseUnavailable, StaleWriter, Unauthenticated, Unavailable
+from broker.events import (
+    AppendLog,
+    Assign,
+    Cancel,
+    Command,
+    Event,
+    Heartbeat,
+    SchedulePass,
+    Tick,
+)
 from broker.metrics import BrokerMetrics, FarmNames
 from rigshift.v1 import worker_service_pb2
 
@@ -36,6 +60,10 @@ SCHEDULE_REST_MAX_S = 0.5
 """The rest never exceeds this, however long a pass took."""
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between young-generation collections in a broker process (CPython: 700)."""
+DB_PROBE_INTERVAL_S = 5.0
+"""While the database serves: how often it is probed, so an idle broker notices an outage."""
+DB_RETRY_INTERVAL_S = 1.0
+"""During an outage: how often the database is probed; writes resume within about this."""
 
 
 def tune_gc() -> None:
@@ -57,6 +85,20 @@ def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@dataclass
+class _Outage:
+    """The database failed: since when, why, and what the core holds that the store does not."""
+
+    since: float
+    """time.monotonic() of the first failure."""
+    cause: DatabaseUnavailable
+    jobs: set[str] = field(default_factory=set)
+    workers: set[str] = field(default_factory=set)
+    logs: list[AppendLog] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+    """Commands of the held changes, carried out once those are committed."""
+
+
 class BrokerService:
     """State, persistence and fan-out shared by all servicers of one broker process."""
 
@@ -65,13 +107,14 @@ class BrokerService:
         core: BrokerCore,
         store,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         metrics: BrokerMetrics | None = None,
         farm_names: Callable[[str], str] | None = None,
     ):
         self.core = core
         self.store = store
-        self.clock = clock
+        #: Unix seconds for every event; immune to steps of the wall clock (broker.clock).
+        self.clock: Callable[[], float] = clock if clock is not None else BrokerClock()
         self.metrics = metrics
         #: Farm id -> display name, cached (the broker shares one with its metrics).
         self.farm_names: Callable[[str], str] = farm_names or FarmNames(
@@ -92,14 +135,24 @@ class BrokerService:
         self._tasks: list[asyncio.Task[None]] = []
         self.max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES
         """Largest output archive kept per attempt; sent to agents with each assignment."""
+        self.db_probe_interval_s = DB_PROBE_INTERVAL_S
+        self.db_retry_interval_s = DB_RETRY_INTERVAL_S
+        self._outage: _Outage | None = None
 
     # --- state changes -----------------------------------------------------------
 
     async def apply(self, *events: Event) -> list[Command]:
-        """Handle events in order, persist, then carry out the commands."""
+        """Handle events in order, persist, then carry out the commands.
+
+        During a database outage only heartbeats are handled (in memory); anything else
+        is refused with DatabaseUnavailable before the core sees it.
+        """
         async with self._lock:
             if self.stale:
                 raise StaleWriter("this broker no longer leads; retry (another replica serves)")
+            in_memory = bool(events) and all(isinstance(ev, Heartbeat) for ev in events)
+            if self._outage is not None and not in_memory:
+                raise self._refusal()
             cmds: list[Command] = []
             try:
                 for ev in events:
@@ -110,22 +163,163 @@ class BrokerService:
                     cmds += new
             finally:
                 # Persist whatever was applied, even when a later event was refused.
-                jobs, workers = self.core.take_dirty()
-                logs = [c for c in cmds if isinstance(c, AppendLog)]
-                if jobs or workers or logs:
-                    try:
-                        self.store.save(self.core, jobs, workers, logs)
-                    except StaleWriter:
-                        # Another replica leads now; this core's memory is no longer true.
-                        self.stale = True
-                        if self.on_stale is not None:
-                            self.on_stale()
-                        raise
-                self._notify(jobs)
-                if self.core.needs_schedule:
-                    self._schedule_wanted.set()
+                committed = self._persist(cmds, in_memory)
+            if not committed:
+                return []  # heartbeats during an outage: held, carried out on recovery
             self._execute(cmds)
             return cmds
+
+    def _persist(self, cmds: list[Command], in_memory: bool) -> bool:
+        """Save what the core changed in one transaction; False when it was held instead.
+
+        A failed write holds the changes and starts an outage; it raises, except for
+        heartbeats (``in_memory``), which are answered from memory.
+        """
+        jobs, workers = self.core.take_dirty()
+        logs = [c for c in cmds if isinstance(c, AppendLog)]
+        if self._outage is not None:
+            self._hold(jobs, workers, logs, cmds)
+            return False
+        if jobs or workers or logs:
+            try:
+                self.store.save(self.core, jobs, workers, logs)
+            except StaleWriter:
+                # Another replica leads now; this core's memory is no longer true.
+                self.stale = True
+                if self.on_stale is not None:
+                    self.on_stale()
+                raise
+            except DatabaseUnavailable as err:
+                self._begin_outage(err)
+                self._hold(jobs, workers, logs, cmds)
+                if in_memory:
+                    return False
+                raise DatabaseUnavailable(
+                    f"{err.message}; this change is kept and written when the database is "
+                    "back: retry with the same request_id (or report sequence numbers)",
+                    reason=err.reason,
+                    retry_after_s=err.retry_after_s,
+                ) from err
+            except Exception as err:  # a bug: still, the core is ahead of the store
+                self._begin_outage(
+                    DatabaseUnavailable(f"the last write failed ({type(err).__name__}: {err})")
+                )
+                self._hold(jobs, workers, logs, cmds)
+                raise
+        self._notify(jobs)
+        if self.core.needs_schedule:
+            self._schedule_wanted.set()
+        return True
+
+    # --- database outages ----------------------------------------------------------
+
+    def database_down_for(self) -> float | None:
+        """Seconds since the database failed, while it has not taken a write again; else None."""
+        if self._outage is None:
+            return None
+        return time.monotonic() - self._outage.since
+
+    def ensure_writable(self) -> None:
+        """Raise DatabaseUnavailable during an outage (for calls that write the store
+        directly before they apply an event: a row written there would not match the core)."""
+        if self._outage is not None:
+            raise self._refusal()
+
+    def _begin_outage(self, cause: DatabaseUnavailable) -> None:
+        if self._outage is None:
+            log.warning(
+                "database outage: %s; refusing changes until it takes writes again "
+                "(heartbeats renew leases from memory)",
+                cause.message,
+            )
+            self._outage = _Outage(time.monotonic(), cause)
+        else:
+            self._outage.cause = cause
+
+    def _hold(
+        self, jobs: set[str], workers: set[str], logs: list[AppendLog], cmds: list[Command]
+    ) -> None:
+        assert self._outage is not None
+        self._outage.jobs |= jobs
+        self._outage.workers |= workers
+        self._outage.logs += logs
+        self._outage.commands += cmds
+
+    def _refusal(self) -> DatabaseUnavailable:
+        assert self._outage is not None
+        cause = self._outage.cause
+        down = time.monotonic() - self._outage.since
+        return DatabaseUnavailable(
+            f"{cause.message}; the broker refuses changes until the database is back "
+            f"(down {down:.0f} s): retry",
+            reason=cause.reason,
+            retry_after_s=cause.retry_after_s,
+        )
+
+    def _holds_changes_for(self, worker_id: str) -> bool:
+        """True when a held (uncommitted) change concerns this worker or its attempts."""
+        outage = self._outage
+        if outage is None:
+            return False
+        if worker_id in outage.workers:
+            return True
+        jobs = (self.core.jobs.get(job_id) for job_id in outage.jobs)
+        return any(a.worker_id == worker_id for job in jobs if job for a in job.attempts)
+
+    async def _recover(self) -> None:
+        """Write what the core holds; once committed, carry out the held commands."""
+        async with self._lock:
+            outage = self._outage
+            if outage is None or self.stale:
+                return
+            jobs, workers = self.core.take_dirty()
+            outage.jobs |= jobs
+            outage.workers |= workers
+            try:
+                if outage.jobs or outage.workers or outage.logs:
+                    self.store.save(self.core, outage.jobs, outage.workers, outage.logs)
+            except StaleWriter:
+                self.stale = True
+                if self.on_stale is not None:
+                    self.on_stale()
+                return
+            except DatabaseUnavailable as err:
+                outage.cause = err
+                return
+            except Exception as err:
+                log.exception("writing the changes held during the database outage failed")
+                outage.cause = DatabaseUnavailable(
+                    f"the last write failed ({type(err).__name__}: {err})"
+                )
+                return
+            self._outage = None
+            log.info(
+                "database back after %.1f s: wrote the %d job(s) and %d worker(s) held in "
+                "memory; accepting changes again",
+                time.monotonic() - outage.since,
+                len(outage.jobs),
+                len(outage.workers),
+            )
+            self._notify(outage.jobs)
+            self._schedule_wanted.set()
+            self._execute(outage.commands)
+
+    async def _database_loop(self) -> None:
+        """Probe the database: now and then while it serves (so an idle broker notices an
+        outage), every ``db_retry_interval_s`` during one, recovering once it takes writes."""
+        while True:
+            down = self._outage is not None
+            await asyncio.sleep(self.db_retry_interval_s if down else self.db_probe_interval_s)
+            try:
+                await asyncio.to_thread(self.store.check_writable)
+            except DatabaseUnavailable as err:
+                self._begin_outage(err)
+                continue
+            except Exception:
+                log.exception("database probe failed")
+                continue
+            if self._outage is not None:
+                await self._recover()
 
     def _execute(self, cmds: list[Command]) -> None:
         for cmd in cmds:
@@ -175,6 +369,10 @@ class BrokerService:
 
     def open_stream(self, worker_id: str) -> asyncio.Queue[worker_service_pb2.Instruction | None]:
         """Attach the instruction stream of a worker; an older stream is told to end."""
+        if self._holds_changes_for(worker_id):
+            # Its Reconcile would list attempts the store does not have (or omit cancelled
+            # ones): the agent reconnects once they are written.
+            raise self._refusal()
         old = self._streams.get(worker_id)
         if old is not None:
             old.put_nowait(None)
@@ -196,6 +394,7 @@ class BrokerService:
 
     def new_credential(self, worker_id: str) -> str:
         """Issue a fresh worker credential; only its hash is kept."""
+        self.ensure_writable()
         credential = "rswc_" + secrets.token_urlsafe(32)
         digest = sha256_hex(credential)
         self.store.set_worker_credential(worker_id, digest)
@@ -258,6 +457,7 @@ class BrokerService:
         self._tasks = [
             asyncio.create_task(self._schedule_loop(), name="rigshift-schedule"),
             asyncio.create_task(self._tick_loop(tick_interval_s), name="rigshift-tick"),
+            asyncio.create_task(self._database_loop(), name="rigshift-database"),
         ]
 
     async def stop_loops(self) -> None:
@@ -275,9 +475,13 @@ class BrokerService:
         while True:
             await self._schedule_wanted.wait()
             self._schedule_wanted.clear()
+            if self._outage is not None:
+                continue  # recovery asks for a pass again
             started = time.perf_counter()
             try:
                 await self.apply(SchedulePass(now=self.clock()))
+            except Unavailable:
+                continue  # the database failed (logged once) or another replica leads
             except Exception:  # a bug; keep scheduling the rest of the time
                 log.exception("scheduling pass failed")
                 await asyncio.sleep(1.0)
@@ -292,8 +496,12 @@ class BrokerService:
     async def _tick_loop(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
+            if self._outage is not None:
+                continue  # no expiry that could not be written; leases are renewed meanwhile
             try:
                 await self.apply(Tick(now=self.clock()))
+            except Unavailable:
+                pass  # the database failed (logged once) or another replica leads
             except Exception:
                 log.exception("lease tick failed")
 
