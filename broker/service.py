@@ -307,9 +307,12 @@ class BrokerService:
     async def _database_loop(self) -> None:
         """Probe the database: now and then while it serves (so an idle broker notices an
         outage), every ``db_retry_interval_s`` during one, recovering once it takes writes."""
+        probe_at = time.monotonic() + self.db_probe_interval_s
         while True:
-            down = self._outage is not None
-            await asyncio.sleep(self.db_retry_interval_s if down else self.db_probe_interval_s)
+            await asyncio.sleep(self.db_retry_interval_s)
+            if self._outage is None and time.monotonic() < probe_at:
+                continue
+            probe_at = time.monotonic() + self.db_probe_interval_s
             try:
                 await asyncio.to_thread(self.store.check_writable)
             except DatabaseUnavailable as err:
