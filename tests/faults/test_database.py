@@ -478,7 +478,9 @@ def test_sqlite_locked_by_another_process(tmp_path: Path):
             listed = jsg.JobServiceStub(ch).ListJobs(js.ListJobsRequest(), timeout=10)
         assert [j.state for j in listed.jobs] == [State.PENDING]  # held, shown from memory
         holder.execute("ROLLBACK")
+        released = time.monotonic()
         name = _create_when_writable(rb.address, "r1")
+        print(f"\nSQLite lock released: writes resumed {time.monotonic() - released:.2f} s later")
         assert listed.jobs[0].name == name
         assert _create_when_writable(rb.address, "r2") != name
         assert _jobs_by_request(db) == Counter({"r1": 1, "r2": 1})
@@ -524,7 +526,9 @@ def test_sqlite_read_only_database_file(tmp_path: Path):
             assert list(workers.workers) == []
             undo()
             writable = True
+            fixed = time.monotonic()
             _create_when_writable(rb.address, "r1")
+            print(f"\nSQLite file writable: writes resumed {time.monotonic() - fixed:.2f} s later")
         finally:
             rb.stop()
     finally:
