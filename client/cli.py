@@ -187,6 +187,12 @@ def _report(exc: RigshiftError, address: str) -> None:
     for field, description in exc.field_violations:
         if f"{field}: {description}" not in line:
             click.echo(f"  {field}: {description}", err=True)
+    if exc.request_id and isinstance(exc, Unavailable):
+        click.echo(
+            f"  the job may exist once the broker recovers: retry with --request-id "
+            f"{exc.request_id} (the same id never makes a second job)",
+            err=True,
+        )
 
 
 class _BrokerGroup(click.Group):

@@ -17,10 +17,12 @@ the broker (e.g. a working directory over the upload limit)::
     └── InternalError             any other code (INTERNAL, UNKNOWN, ABORTED, ...)
 
 Each carries the decoded rich status the broker sends (``google.rpc.Status``
-with ``ErrorInfo`` and ``BadRequest`` details): ``code``, ``message``,
+with ``ErrorInfo``, ``BadRequest`` and ``RetryInfo`` details): ``code``, ``message``,
 ``reason`` (a stable UPPER_SNAKE string to branch on, ``""`` if absent),
-``metadata`` (``ErrorInfo.metadata``) and ``field_violations`` as
-``(field, description)`` pairs. ``str(exc)`` is one readable line, e.g.
+``metadata`` (``ErrorInfo.metadata``), ``field_violations`` as
+``(field, description)`` pairs and ``retry_after_s`` (None without ``RetryInfo``).
+A ``create_job`` that failed sets ``request_id``: retrying with it can never make
+a second job. ``str(exc)`` is one readable line, e.g.
 ``INVALID_ARGUMENT: spec.gpu_count: must be between 1 and 64 (got 0)``.
 
 The class follows the code; ``reason`` says more. Those of artifact transfers::
@@ -79,8 +81,13 @@ class RigshiftError(Exception):
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
         field_violations: Iterable[tuple[str, str]] = (),
+        retry_after_s: float | None = None,
     ) -> None:
         self.code: grpc.StatusCode = code if code is not None else self.default_code
+        #: How long the broker asks the caller to wait before a retry (``google.rpc.RetryInfo``).
+        self.retry_after_s: float | None = retry_after_s
+        #: The idempotency key of a create that failed (retry with it to get the same job).
+        self.request_id: str = ""
         self.message: str = message
         self.reason: str = reason
         self.metadata: dict[str, str] = dict(metadata or {})
@@ -190,6 +197,7 @@ def from_rpc_error(err: grpc.RpcError) -> RigshiftError:
     reason = ""
     metadata: dict[str, str] = {}
     violations: list[tuple[str, str]] = []
+    retry_after_s: float | None = None
     try:
         status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
     except (ValueError, TypeError):  # rich status inconsistent with the call: ignore it
@@ -206,6 +214,17 @@ def from_rpc_error(err: grpc.RpcError) -> RigshiftError:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations.extend((v.field, v.description) for v in bad.field_violations)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after_s = retry.retry_delay.ToTimedelta().total_seconds()
 
     cls = _CLASS_BY_CODE.get(code, InternalError)
-    return cls(message, code=code, reason=reason, metadata=metadata, field_violations=violations)
+    return cls(
+        message,
+        code=code,
+        reason=reason,
+        metadata=metadata,
+        field_violations=violations,
+        retry_after_s=retry_after_s,
+    )

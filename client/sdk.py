@@ -23,7 +23,9 @@ take either the bare id (``"abc"``) or the resource name (``"jobs/abc"``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import random
 import re
 import shutil
 import tarfile
@@ -44,6 +46,7 @@ from client.errors import (
     FailedPrecondition,
     InternalError,
     InvalidArgument,
+    RigshiftError,
     Unavailable,
     from_rpc_error,
 )
@@ -82,8 +85,9 @@ MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 #: Largest input archive the client will upload (the broker's default limit).
 MAX_INPUT_BYTES = 10 * 1024**3
 _CHUNK_BYTES = 1024 * 1024
-_CREATE_ATTEMPTS = 4
+_CREATE_ATTEMPTS = 4  # at least this many tries, however small the budget
 _RETRY_BASE_DELAY_S = 0.2
+_RETRY_MAX_DELAY_S = 5.0
 _TRANSFER_TRIES = 5
 """Tries of an upload or download in a row that move no byte forward before giving up."""
 _MIN_UPLOAD_BYTES_PER_S = 512 * 1024
@@ -372,9 +376,12 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         api_key: str | None = None,
         tls_ca: str | None = None,
+        retry_budget_s: float = 60.0,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        #: How long idempotent calls (CreateJob with its request id) keep retrying UNAVAILABLE.
+        self.retry_budget_s = retry_budget_s
         # The key: explicit, else $RIGSHIFT_API_KEY, else $RIGSHIFT_HOME/credentials.
         key = api_key if api_key is not None else lookup_api_key(address)
         auth = (("authorization", f"Bearer {key}"),) if key else ()
@@ -417,14 +424,22 @@ class Client:
             raise from_rpc_error(err) from None
 
     def _retrying(self, call: Callable[[], T]) -> T:
-        """Run an idempotent call, retrying UNAVAILABLE with exponential backoff."""
-        for attempt in range(_CREATE_ATTEMPTS):
+        """Run an idempotent call, retrying UNAVAILABLE for up to ``retry_budget_s``:
+        the broker's ``RetryInfo`` delay when it sends one (e.g. 1 s with
+        ``DATABASE_UNAVAILABLE`` during a database outage; 0-20 % jitter added), else
+        exponential backoff (0.2 s doubling, at most 5 s)."""
+        deadline = time.monotonic() + self.retry_budget_s
+        for attempt in itertools.count():
             try:
                 return call()
-            except Unavailable:
-                if attempt == _CREATE_ATTEMPTS - 1:
+            except Unavailable as err:
+                if err.retry_after_s is not None:  # the broker knows best; jitter spreads clients
+                    delay = min(err.retry_after_s, _RETRY_MAX_DELAY_S) * random.uniform(1.0, 1.2)
+                else:
+                    delay = min(_RETRY_BASE_DELAY_S * 2**attempt, _RETRY_MAX_DELAY_S)
+                if attempt + 1 >= _CREATE_ATTEMPTS and time.monotonic() + delay > deadline:
                     raise
-                time.sleep(_RETRY_BASE_DELAY_S * 2**attempt)
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _stream(self, method: Callable[..., Any], request: object) -> Iterator[Any]:
@@ -494,7 +509,11 @@ class Client:
         request = job_service_pb2.CreateJobRequest(
             spec=spec, request_id=request_id or str(uuid.uuid4())
         )
-        return self._retrying(lambda: self._unary(self._jobs.CreateJob, request))
+        try:
+            return self._retrying(lambda: self._unary(self._jobs.CreateJob, request))
+        except RigshiftError as err:
+            err.request_id = request.request_id  # retry with it: never a second job
+            raise
 
     def quote_job(
         self,

@@ -237,3 +237,62 @@ def test_create_job_retries_unavailable_with_same_request_id(
 def test_bad_resource_names_are_refused_locally(bad: str) -> None:
     with Client("127.0.0.1:1") as client, pytest.raises(InvalidArgument):
         client.get_job(bad)
+
+
+class OutageJobs(job_service_pb2_grpc.JobServiceServicer):
+    """CreateJob answers as a broker whose database is down (UNAVAILABLE + RetryInfo)
+    ``failures`` times, then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.request_ids: list[str] = []
+
+    def CreateJob(self, request, context):
+        self.request_ids.append(request.request_id)
+        if len(self.request_ids) <= self.failures:
+            info = error_details_pb2.ErrorInfo(reason="DATABASE_UNAVAILABLE", domain="rigshift.dev")
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromMilliseconds(50)
+            status = status_pb2.Status(
+                code=code_pb2.UNAVAILABLE,
+                message="the database is unavailable",
+                details=[_packed(info), _packed(retry)],
+            )
+            context.abort_with_status(rpc_status.to_status(status))
+        return job_pb2.Job(name="jobs/1", spec=request.spec)
+
+
+def _serve(servicer: OutageJobs) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_create_job_keeps_retrying_through_an_outage_with_one_request_id() -> None:
+    servicer = OutageJobs(failures=8)  # more than the 4 tries the SDK once made
+    server, address = _serve(servicer)
+    try:
+        with Client(address, timeout_s=5) as client:
+            job = client.create_job(["true"])
+    finally:
+        server.stop(None)
+    assert job.name == "jobs/1" and len(servicer.request_ids) == 9
+    assert len(set(servicer.request_ids)) == 1
+
+
+def test_an_outage_past_the_budget_raises_with_retry_info_and_the_request_id() -> None:
+    servicer = OutageJobs(failures=10_000)
+    server, address = _serve(servicer)
+    try:
+        with (
+            Client(address, timeout_s=5, retry_budget_s=0.0) as client,
+            pytest.raises(Unavailable) as info,
+        ):
+            client.create_job(["true"], request_id="r-42")
+    finally:
+        server.stop(None)
+    err = info.value
+    assert err.reason == "DATABASE_UNAVAILABLE" and err.retry_after_s == 0.05
+    assert err.request_id == "r-42" and len(servicer.request_ids) == 4  # the minimum tries
