@@ -10,13 +10,23 @@ Each upload has a purpose, and each purpose a size limit: working directories an
 checkpoints (``Purpose.DEFAULT``), job inputs and attempt outputs. Blobs are never
 modified; :meth:`ArtifactStore.collect` removes old ones the caller no longer
 references (``broker.retention`` says which).
+
+A full disk (``ENOSPC``, or ``EDQUOT`` past a quota) refuses the upload with
+``RESOURCE_EXHAUSTED`` reason ``ARTIFACT_STORE_FULL``: up front when the declared
+size does not fit the free space, else as soon as a write, the ``fsync`` or the
+final rename fails. What that upload wrote is removed at once (space back, and
+nothing left to resume from), so a blob exists only after a complete, verified,
+synced write and its rename; the rest of the broker does not use this disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -48,6 +58,9 @@ DEFAULT_MAX_OUTPUT_BYTES = 1 << 30
 PARTIAL_MAX_AGE_S = 86400.0
 """An interrupted upload untouched for this long is removed by :meth:`ArtifactStore.collect`."""
 _PARTIAL_DIR = ".partial"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+log = logging.getLogger("rigshift.broker.artifacts")
 
 
 class Purpose(IntEnum):
@@ -69,6 +82,18 @@ class Collected:
 
 def _is_sha(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _store_full(root: Path, sha256: str, why: str) -> ResourceExhausted:
+    """The error of an upload refused because the store's disk is full (logged: the
+    operator has to free space)."""
+    log.warning("artifact store %s is full: upload of %s refused (%s)", root, sha256[:12], why)
+    return ResourceExhausted(
+        f"the broker's artifact store is full: {why}; nothing of this upload was kept, "
+        "retry once the operator has freed space",
+        reason="ARTIFACT_STORE_FULL",
+        metadata={"sha256": sha256},
+    )
 
 
 class ArtifactStore:
@@ -197,6 +222,12 @@ class ArtifactStore:
                     reason="UPLOAD_OFFSET_MISMATCH",
                     metadata={"received_bytes": str(kept), "sha256": sha256},
                 )
+        if not offset:
+            partial.unlink(missing_ok=True)  # a fresh start drops what an earlier try kept
+        free = shutil.disk_usage(self.root).free
+        if size_bytes - offset > free:
+            need = size_bytes - offset
+            raise _store_full(self.root, sha256, f"{free} bytes free, the upload needs {need}")
         return _Writer(self, sha256, size_bytes, offset)
 
     def read(self, sha256: str, offset: int = 0) -> Iterator[bytes]:
@@ -277,7 +308,13 @@ class _Writer:
         self.hash = hashlib.sha256()
         self.written = offset
         self.tmp = store.partial_path(sha256)
-        self.file = self.tmp.open("r+b" if offset else "wb")
+        try:
+            # Unbuffered: a full disk fails the write() that hit it, not a later close().
+            self.file = self.tmp.open("r+b" if offset else "wb", buffering=0)
+        except OSError as err:
+            if err.errno in _FULL:
+                raise _store_full(store.root, sha256, err.strerror or str(err)) from err
+            raise
         self.file.seek(offset)
         self.file.truncate()
         self._stale_hash = offset > 0
@@ -308,12 +345,21 @@ class _Writer:
             )
         self.written += len(data)
         self.hash.update(data)
-        self.file.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self.file.write(view) :]
+        except OSError as err:
+            raise self._failed(err) from err
 
     def commit(self) -> None:
         """Store the blob if it is whole and hashes right; a wrong hash drops what was kept."""
         assert not self._stale_hash, "rehash() first"
-        self._close()
+        try:
+            os.fsync(self.file.fileno())  # a disk that fills late says so here, not after
+            self._close()
+        except OSError as err:
+            raise self._failed(err) from err
         if self.written != self.size_bytes:
             # Kept: the client may resume (GetUploadStatus says how much arrived).
             raise InvalidArgument.of(
@@ -325,9 +371,22 @@ class _Writer:
                 [FieldViolation("sha256", f"content hashes to {self.hash.hexdigest()}")]
             )
         dest = self.store.path(self.sha256)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.tmp, dest)
-        os.utime(dest)  # its age counts from now
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp, dest)
+        except OSError as err:
+            raise self._failed(err) from err
+        with contextlib.suppress(OSError):
+            os.utime(dest)  # its age counts from now
+
+    def _failed(self, err: OSError) -> Exception:
+        """A write, sync or rename failed: drop the upload and what it wrote (never resumed:
+        it may hold less than was hashed); the error to raise."""
+        with contextlib.suppress(OSError):
+            self.discard()
+        if err.errno in _FULL:
+            return _store_full(self.store.root, self.sha256, err.strerror or str(err))
+        return err
 
     def keep(self) -> None:
         """The stream broke: keep what arrived, so the upload can resume from there."""
@@ -335,11 +394,15 @@ class _Writer:
 
     def discard(self) -> None:
         """Drop the upload and what it kept."""
-        self._close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def _close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.file.close()
-            self.store._active.discard(self.sha256)
+            try:
+                self.file.close()
+            finally:
+                self.store._active.discard(self.sha256)
