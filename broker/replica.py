@@ -46,7 +46,14 @@ from sqlalchemy.pool import NullPool
 
 from broker.metrics import default_registry, most_common_model
 from broker.metrics_http import MetricsServer
-from broker.server import SERVICE_NAMES, Broker, BrokerConfig, HealthWithTime, bind
+from broker.server import (
+    KEEPALIVE_OPTIONS,
+    SERVICE_NAMES,
+    Broker,
+    BrokerConfig,
+    HealthWithTime,
+    bind,
+)
 from broker.store import Store
 from rigshift.v1 import (
     admin_service_pb2,
@@ -269,6 +276,7 @@ class ReplicaBroker:
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            *KEEPALIVE_OPTIONS,
         ]
         server = self._server = grpc.aio.server(options=options)
         self._health = HealthWithTime()

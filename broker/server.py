@@ -52,6 +52,7 @@ from rigshift.v1 import (
 )
 
 __all__ = [
+    "KEEPALIVE_OPTIONS",
     "SERVER_TIME_KEY",
     "SERVICE_NAMES",
     "Broker",
@@ -143,6 +144,22 @@ class BrokerConfig:
             return self.db_url
         Path(self.home).mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{Path(self.home) / 'broker.db'}"
+
+
+KEEPALIVE_OPTIONS = (
+    # Ping each client after 30 s without a frame from it; no answer within 10 s closes the
+    # connection, so the streams of a rig whose link went silent end within 40 s.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # instruction streams are silent for hours
+    # Accept client pings every 5 s (agents ping every 10 s: worker_agent.config's
+    # keepalive_time_s, at least BROKER_MIN_PING_INTERVAL_S). Pings closer than this are
+    # strikes; after max_ping_strikes (2) the client gets GOAWAY too_many_pings.
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 2),
+)
+"""gRPC keepalive of the broker's public port (docs/reliability.md, "Faults")."""
 
 
 SERVER_TIME_KEY = "rigshift-server-time"
@@ -255,6 +272,7 @@ class Broker:
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *KEEPALIVE_OPTIONS,
         ]
         server = self._server = grpc.aio.server(
             options=options, interceptors=[metrics.interceptor(), SafeDecodeInterceptor()]
