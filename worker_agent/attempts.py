@@ -19,7 +19,8 @@ One :class:`AttemptRunner` per agent. For each assignment it
    GPUs' load so the simulated power model follows the job;
 4. meters the energy of its GPUs from the assignment until the process has ended
    (the attempt holds them all that time; they draw idle power until it starts);
-5. uploads the checkpoint directory whenever it changes (``checkpoints.py``);
+5. uploads consistent snapshots of the checkpoint directory at a bounded rate
+   (``checkpoints.py``);
 6. when the process has ended, whatever its outcome, archives ``$RIGSHIFT_OUTPUT_DIR``
    and uploads it (``output`` event before ``finished``); an archive over the
    assignment's ``max_output_bytes`` is not uploaded at all and the event says so.
@@ -367,7 +368,11 @@ class AttemptRunner:
                     run.started = True
                     if self.checkpoints is not None and run.checkpoint_dir is not None:
                         run.watch = asyncio.create_task(
-                            self.checkpoints.watch(key, run.checkpoint_dir)
+                            self.checkpoints.watch(
+                                key,
+                                run.checkpoint_dir,
+                                min_interval_s=self.config.checkpoint_min_interval_s,
+                            )
                         )
                     self.backend.set_load(indices, Load.TRAINING)
                     self.outbox.started(key, time.time(), setup_ms)

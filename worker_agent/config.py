@@ -273,6 +273,11 @@ class AgentConfig:
     checkpoint_scan_interval_s: float = 2.0
     """How often a running attempt's checkpoint directory is checked for changes to upload."""
 
+    checkpoint_min_interval_s: float = 10.0
+    """Checkpoint uploads of one attempt start at least this far apart, whatever the job's
+    cadence; a directory that keeps changing is uploaded (one consistent snapshot) once
+    its change has waited this long (``worker_agent/checkpoints.py``)."""
+
     max_checkpoint_bytes: int = 256 << 20
     """Largest checkpoint archive the agent uploads (it is packed in memory)."""
 

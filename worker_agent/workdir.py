@@ -5,6 +5,7 @@ Layout under the agent's state directory::
     artifacts/<sha256>.tar.gz        downloaded archives, kept only once verified
     attempts/<job_id>-<attempt>/     the job's working directory (removed afterwards)
     checkpoints/<job_id>/            $RIGSHIFT_CHECKPOINT_DIR, shared by the job's attempts
+    checkpoints/.<job_id>.snapshot/  hard links of one checkpoint while it is uploaded
     outputs/<job_id>-<attempt>/      $RIGSHIFT_OUTPUT_DIR (archived and uploaded at the end)
     inputs/<sha256>/                 an input archive, extracted once and shared, read-only
     input-views/<job_id>-<attempt>/  $RIGSHIFT_INPUT_DIR: NAME -> ../../inputs/<sha256>
@@ -34,7 +35,6 @@ __all__ = [
     "ArchiveError",
     "Workspace",
     "directory_bytes",
-    "fingerprint",
     "pack_directory",
     "safe_extract",
     "save_verified",
@@ -141,20 +141,6 @@ def pack_directory(root: Path, *, max_bytes: int) -> bytes:
     return data
 
 
-def fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
-    """(path, size, mtime_ns) of every file under ``root``, sorted; empty when there are none."""
-    out = []
-    for dirpath, _dirs, filenames in os.walk(root):
-        for name in filenames:
-            full = Path(dirpath) / name
-            try:
-                st = full.stat()
-            except OSError:  # removed while we looked
-                continue
-            out.append((full.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(out))
-
-
 class Workspace:
     """Directories of the attempts on this rig, under ``root`` (the agent's state directory)."""
 
@@ -221,6 +207,8 @@ class Workspace:
         name = f"{_job_id(job)}-{attempt}"
         for sub in ("attempts", "outputs", "input-views"):
             shutil.rmtree(self.root / sub / name, ignore_errors=True)
+        # What an upload of its checkpoint may have left (worker_agent/checkpoints.py).
+        shutil.rmtree(self.root / "checkpoints" / f".{_job_id(job)}.snapshot", ignore_errors=True)
         if succeeded:
             shutil.rmtree(self.root / "checkpoints" / _job_id(job), ignore_errors=True)
 

@@ -509,7 +509,9 @@ def test_checkpoints_are_uploaded_when_they_change_and_restored_elsewhere(tmp_pa
         fake.push(assignment=again)
         await until(lambda: fake.finished("jobs/k", 2), what="the reader")
 
-    fake = run_session(tmp_path, body, checkpoint_scan_interval_s=0.2)
+    fake = run_session(
+        tmp_path, body, checkpoint_scan_interval_s=0.2, checkpoint_min_interval_s=0.2
+    )
     kinds = fake.kinds("jobs/k")
     assert kinds.index("checkpoint") > kinds.index("started")
     assert kinds[-1] == "finished"
