@@ -12,6 +12,7 @@ One :class:`AttemptRunner` per agent. For each assignment it
    ``$RIGSHIFT_CHECKPOINT_DIR`` when the broker names one and the directory is empty.
    A setup that fails ends the attempt with ``finished`` carrying its cause (the
    client's spec, or the rig) so that the broker fails or requeues the job;
+   a full disk (``ENOSPC``/``EDQUOT``) is the rig's;
 2. launches the process through the executor with the job's environment, and reports
    ``started`` with how long setup took;
 3. turns process events into job events in the :class:`~worker_agent.outbox.Outbox`
@@ -28,6 +29,15 @@ One :class:`AttemptRunner` per agent. For each assignment it
 Stopping an attempt (cancel, reconcile, stale, drain hand-back) asks the executor
 to kill the process tree; whether a ``finished`` event is reported depends on why:
 a hand-back or a lost lease reports nothing, so the broker requeues the attempt.
+
+**A full state directory makes the rig unhealthy.** When the disk under the agent's
+state directory is full while an attempt is set up (``ENOSPC``/``EDQUOT`` from its
+environment, inputs, working directory, output or checkpoint directory), or a job
+that failed leaves less than :data:`DISK_FULL_BELOW_BYTES` free there, the runner
+sets :attr:`AttemptRunner.unhealthy` to the reason, calls
+:attr:`AttemptRunner.on_unhealthy` once with it (the agent drains the worker), and
+ends every assignment that arrives afterwards at once as a setup failure of the
+rig's, so the broker requeues it elsewhere. It stays so until the agent restarts.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -80,6 +91,37 @@ OUTPUT_UPLOAD_TRIES = 3
 #: Exit status reported for an attempt whose setup failed (its process never ran).
 SETUP_FAILED_EXIT = 127
 
+#: A failed job that leaves less than this free under its directories failed on a full disk.
+DISK_FULL_BELOW_BYTES = 1 << 20
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``err`` (itself, or what it was raised from)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _disk_full_message(err: OSError) -> str:
+    name = errno.errorcode.get(err.errno or 0, "ENOSPC")
+    where = f" ({err.filename})" if err.filename else ""
+    return f"the rig's disk is full: {name}, {err.strerror}{where}"
+
+
+def _free_bytes(paths: list[Path]) -> int:
+    """The least free space of the filesystems holding ``paths`` (those that exist)."""
+    free = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            free.append(shutil.disk_usage(path).free)
+    return min(free, default=DISK_FULL_BELOW_BYTES)
+
 
 def _read_only(root: Path) -> None:
     """Make a shared input cache read-only for job users (the sandbox also binds it
@@ -94,6 +136,14 @@ def _read_only(root: Path) -> None:
             if not os.path.islink(path):
                 os.chmod(path, 0o555)
     os.chmod(root, 0o555)
+
+
+def _remove_tree(root: Path) -> None:
+    """rmtree of a tree that may have been made read-only (:func:`_read_only`)."""
+    for dirpath, _dirs, _files in os.walk(root):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o755)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class _Refused(Exception):
@@ -111,6 +161,7 @@ class _Run:
     started: bool = False
     checkpoint_dir: Path | None = None
     output_dir: Path | None = None
+    cwd: Path | None = None
     watch: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     held: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
@@ -147,6 +198,11 @@ class AttemptRunner:
         self.upload_output = upload_output
         self.runs: dict[AttemptKey, _Run] = {}
         self.accepting = True
+        self.unhealthy = ""
+        """Why this rig takes no more work (its state directory's disk is full); "" while
+        healthy. Set once, by the runner; see the module docstring."""
+        self.on_unhealthy: Callable[[str], None] | None = None
+        """Called once, with the reason, when the rig becomes unhealthy (the agent drains)."""
         self.started_total = 0
         self._gpu_indices = {g.index for g in backend.gpus()}
         self._background: set[asyncio.Task[None]] = set()
@@ -158,6 +214,9 @@ class AttemptRunner:
         """Run an assignment unless it already runs here or the agent is draining."""
         key = (assignment.job, assignment.attempt)
         if key in self.runs:
+            return
+        if self.unhealthy:
+            self._refuse(key, f"rig unhealthy, takes no work: {self.unhealthy}")
             return
         if not self.accepting:
             log.info("draining: not starting %s attempt %d", *key)
@@ -190,6 +249,27 @@ class AttemptRunner:
             await asyncio.wait(waits, timeout=self.config.cancel_grace_s + 3.0)
             for w in waits:
                 w.cancel()
+
+    def _refuse(self, key: AttemptKey, why: str) -> None:
+        """End an assignment at once as a setup failure of the rig's (the broker requeues)."""
+        log.warning("%s attempt %d refused: %s", key[0], key[1], why)
+        now = time.time()
+        self.outbox.preparing(key, now)
+        self.outbox.log(key, f"[rigshift-agent] setup failed: {why}\n", now)
+        self.outbox.finished(key, SETUP_FAILED_EXIT, 0, why, now, cause=ws.Finished.SETUP_RIG)
+        self.wake.set()
+
+    def _mark_unhealthy(self, reason: str) -> None:
+        """The rig cannot take more work (see the module docstring); once."""
+        if self.unhealthy:
+            return
+        self.unhealthy = reason
+        log.error("rig unhealthy, taking no more work: %s", reason)
+        if self.on_unhealthy is not None:
+            try:
+                self.on_unhealthy(reason)
+            except Exception:
+                log.exception("on_unhealthy failed")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -243,9 +323,14 @@ class AttemptRunner:
                     t0 = time.monotonic()
                     part = cache.with_name(f"{cache.name}.part")
                     shutil.rmtree(part, ignore_errors=True)
-                    await self._fetch(sha256, part, max_bytes=1 << 62)
-                    await asyncio.to_thread(_read_only, part)
-                    os.replace(part, cache)
+                    try:
+                        await self._fetch(sha256, part, max_bytes=1 << 62)
+                        await asyncio.to_thread(_read_only, part)
+                        os.replace(part, cache)
+                    except BaseException:
+                        # Half an input is of no use, and on a full disk it holds the space.
+                        await asyncio.to_thread(_remove_tree, part)
+                        raise
                     # Extracted once for good: the archive would only take the disk twice.
                     self.workspace.archive_path(sha256).unlink(missing_ok=True)
                     self._setup_log(run.key)(
@@ -294,7 +379,7 @@ class AttemptRunner:
         if venv is not None:
             readonly.append(str(venv.path))
         run.output_dir = self.workspace.output_dir(a.job, a.attempt)
-        cwd = self.workspace.attempt_dir(a.job, a.attempt)
+        run.cwd = cwd = self.workspace.attempt_dir(a.job, a.attempt)
         if a.spec.working_dir_sha256:
             await self._fetch(a.spec.working_dir_sha256, cwd)
         checkpoint_dir = self.workspace.checkpoint_dir(a.job)
@@ -302,6 +387,10 @@ class AttemptRunner:
             try:
                 await self._fetch(a.checkpoint_sha256, checkpoint_dir)
             except (ArchiveError, OSError, grpc.aio.AioRpcError) as err:
+                # Never half a checkpoint: the next attempt here would resume from it.
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                if _disk_full(err) is not None:
+                    raise  # not the checkpoint's fault: the rig cannot set the attempt up
                 # Starting over beats failing the job: say so in its output.
                 why = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
                 note = (
@@ -309,7 +398,6 @@ class AttemptRunner:
                 )
                 self.outbox.log(run.key, note, time.time())
                 log.warning("%s attempt %d: %s", run.key[0], run.key[1], note.strip())
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
                 checkpoint_dir.mkdir(parents=True)
         run.checkpoint_dir = checkpoint_dir
         env = job_environment(
@@ -355,6 +443,11 @@ class AttemptRunner:
                     raise  # the agent itself is being stopped
                 code = -signal.SIGTERM  # cancelled while preparing: nothing ran
                 return
+            except (OSError, ArchiveError) as err:
+                full = _disk_full(err)
+                if full is None:
+                    raise
+                raise SetupError(_disk_full_message(full), "rig") from err
             setup_ms = int((time.monotonic() - t_setup) * 1000)
             if run.stop_reason:
                 code = -signal.SIGTERM
@@ -384,6 +477,8 @@ class AttemptRunner:
                 elif isinstance(event, ProcExited):
                     code, message = event.exit_code, event.message
             self.outbox.log(key, decoder.decode(b"", final=True), time.time())
+            if code != 0 and not run.stop_reason:
+                message = await self._disk_full_after(run, code, message)
             await self._upload_output(run)
         except SetupError as err:
             code, message = SETUP_FAILED_EXIT, err.message
@@ -391,6 +486,10 @@ class AttemptRunner:
             setup_ms = int((time.monotonic() - t_setup) * 1000)
             self.outbox.log(key, f"[rigshift-agent] setup failed: {message}\n", time.time())
             log.warning("%s attempt %d setup failed (%s): %s", key[0], key[1], err.cause, message)
+            if err.cause == "rig" and (
+                _disk_full(err) is not None or message.startswith("disk full")
+            ):
+                self._mark_unhealthy(message)
         except (_Refused, ArchiveError, OSError, ValueError) as err:
             message = f"failed to start: {err}"
             log.warning("%s attempt %d %s", key[0], key[1], message)
@@ -408,6 +507,21 @@ class AttemptRunner:
             with contextlib.suppress(Exception):
                 await run.held.aclose()  # the environment is no longer in use
             self._finish(run, code, message, cause, setup_ms)
+
+    async def _disk_full_after(self, run: _Run, code: int, message: str) -> str:
+        """The finished message of a failed process; when its directories' disk is full,
+        it says so (the job may have failed writing its outputs) and the rig is unhealthy."""
+        dirs = [d for d in (run.cwd, run.output_dir, run.checkpoint_dir) if d is not None]
+        free = await asyncio.to_thread(_free_bytes, dirs)
+        if free >= DISK_FULL_BELOW_BYTES:
+            return message
+        why = (
+            f"the rig's disk is full: ENOSPC, {free} bytes free under the agent's state "
+            f"directory when the job ended with status {code}"
+        )
+        self.outbox.log(run.key, f"[rigshift-agent] {why}\n", time.time())
+        self._mark_unhealthy(why)
+        return f"{message}; {why}" if message else why
 
     async def _upload_output(self, run: _Run) -> None:
         """Archive ``$RIGSHIFT_OUTPUT_DIR`` and upload it; the ``output`` event says what was
