@@ -9,13 +9,16 @@ Lifecycle (Temporal's ``Worker`` contract)::
         ...
     # elsewhere: agent.request_shutdown() (signal handlers), await agent.shutdown() (idempotent)
 
-Tasks while online::
+Tasks while online, each kept running by ``supervise`` (a loop that ends is logged and
+restarted; one that keeps ending stops the agent with an error, never with a drain)::
 
     heartbeat   Heartbeat every interval; UNAUTHENTICATED/NOT_FOUND → register again;
-                no lease for lease_ttl_s + lease_grace_s → stop the jobs (the broker requeued them)
+                a failure resets the instruction stream (it may be half-open)
+    lease       stops the running attempts before the broker may requeue them when no
+                heartbeat is answered (``lease.py``: fencing, on the monotonic clock)
     stream      StreamInstructions; the first message is a Reconcile (start what is missing,
                 stop what is not listed), then Assignment / Cancellation; reconnects with
-                backoff and full jitter whenever the stream breaks
+                backoff and full jitter whenever the stream breaks or is reset
     reporter    ReportJobEvents from the Outbox: starts and finishes at once, output batched;
                 a failed batch is retried unchanged; ``stale`` attempts are stopped
     meter       samples power for GPUs without an energy counter; cumulative energy progress
@@ -46,17 +49,20 @@ from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
 from worker_agent.attempts import AttemptRunner
 from worker_agent.backoff import Backoff
+from worker_agent.channel import broker_channel
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig, effective_heartbeat_s
 from worker_agent.energy import EnergyMeter
 from worker_agent.environments import EnvironmentCache, job_python
 from worker_agent.executor import Executor, RayExecutor
 from worker_agent.gpu import GpuBackend, open_backend
+from worker_agent.lease import STOP_MARGIN_S, Lease, is_refusal
 from worker_agent.metrics import AgentMetrics, serve_metrics
 from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.sandbox import policy_for
 from worker_agent.state import Identity, load_identity, save_identity
+from worker_agent.supervise import LoopFailed, stopping, supervise
 from worker_agent.workdir import Workspace
 
 __all__ = ["Agent", "AgentError"]
@@ -77,32 +83,6 @@ _FATAL_AT_REGISTRATION = {
 
 class AgentError(Exception):
     """The agent cannot go on (e.g. the broker refused the enrollment token)."""
-
-
-def _channel_options(config: AgentConfig) -> list[tuple[str, int]]:
-    # Reconnect quickly once the broker is back (gRPC's default backoff grows to 120 s).
-    return [
-        ("grpc.initial_reconnect_backoff_ms", int(config.reconnect_min_s * 1000)),
-        ("grpc.min_reconnect_backoff_ms", int(config.reconnect_min_s * 1000)),
-        ("grpc.max_reconnect_backoff_ms", int(config.reconnect_max_s * 1000)),
-        ("grpc.max_receive_message_length", 16 << 20),
-        ("grpc.max_send_message_length", 16 << 20),
-    ]
-
-
-def broker_channel(config: AgentConfig) -> grpc.aio.Channel:
-    """The agent's channel to the broker: TLS verified with ``tls_ca`` (and a client
-    certificate for mutual TLS) when set, else plaintext."""
-    if config.tls_ca is not None:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=config.tls_ca.read_bytes(),
-            private_key=config.tls_key.read_bytes() if config.tls_key else None,
-            certificate_chain=config.tls_cert.read_bytes() if config.tls_cert else None,
-        )
-        return grpc.aio.secure_channel(
-            config.broker_address, creds, options=_channel_options(config)
-        )
-    return grpc.aio.insecure_channel(config.broker_address, options=_channel_options(config))
 
 
 class Agent:
@@ -137,7 +117,18 @@ class Agent:
         self._wake = asyncio.Event()
         self._register_lock = asyncio.Lock()
         self._stream_call: grpc.aio.UnaryStreamCall | None = None
-        self._lease_ok_at = time.monotonic()
+        self._stream_reset = ""  # why the agent cancelled the stream call
+        self.lease = Lease(
+            config.lease_ttl_s,
+            config.lease_grace_s,
+            config.cancel_grace_s + STOP_MARGIN_S,
+            renewed_at=time.monotonic(),
+        )
+        self._registered_at = float("-inf")
+        # Attempts stopped because the lease ran out, and whether the broker must be asked
+        # again what this rig should run (a Reconcile) once it answers.
+        self._fenced: set[AttemptKey] = set()
+        self._resync = False
         self._run_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reported_finished: OrderedDict[AttemptKey, None] = OrderedDict()
@@ -190,7 +181,11 @@ class Agent:
         await asyncio.wait_for(self._registered.wait(), timeout_s)
 
     async def run(self) -> None:
-        """Serve until shutdown is requested, then drain; returns after the drain."""
+        """Serve until shutdown is requested, then drain; returns after the drain.
+
+        Raises :class:`AgentError` without a drain (running attempts are handed back) when
+        the broker refuses the enrollment token or a loop keeps failing (``supervise``).
+        """
         if self.state != "new":
             raise RuntimeError("Agent.run() may be called once")
         self.state = "starting"
@@ -198,21 +193,30 @@ class Agent:
             await self._start()
             if not self._stopping.is_set():
                 self.state = "online"
+                loops = {
+                    "heartbeat": self._heartbeat_loop,
+                    "lease": self._lease_loop,
+                    "stream": self._stream_loop,
+                    "reporter": self._reporter_loop,
+                    "meter": self._meter_loop,
+                    "mining": self._mining_loop,
+                }
                 self._tasks = [
-                    asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                    asyncio.create_task(self._stream_loop(), name="stream"),
-                    asyncio.create_task(self._reporter_loop(), name="reporter"),
-                    asyncio.create_task(self._meter_loop(), name="meter"),
-                    asyncio.create_task(self._mining_loop(), name="mining"),
+                    asyncio.create_task(supervise(name, loop), name=name)
+                    for name, loop in loops.items()
                 ]
                 stop = asyncio.create_task(self._stopping.wait())
                 await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
-                for task in self._tasks:  # a loop that died is a bug: surface it
-                    if task.done() and not task.cancelled() and task.exception():
-                        log.error(
-                            "agent task %s failed", task.get_name(), exc_info=task.exception()
-                        )
+                # Only a shutdown request drains. A supervisor ends only when its loop kept
+                # failing: stop with an error (exit non-zero, so systemd restarts the agent).
+                for task in self._tasks:
+                    if task.done():
+                        err = None if task.cancelled() else task.exception()
+                        log.error("agent task %s ended: stopping with an error", task.get_name())
+                        if isinstance(err, LoopFailed):
+                            raise AgentError(str(err)) from err
+                        raise AgentError(f"agent task {task.get_name()} ended") from err
                 await self._drain()
         finally:
             await self._close()
@@ -376,8 +380,9 @@ class Agent:
     async def _register(self, *, first: bool = False) -> None:
         """RegisterWorker until it works (backoff), keeping the saved worker name."""
         async with self._register_lock:
-            if not first and self._registered.is_set() and self._lease_fresh():
-                return
+            recent = time.monotonic() - self._registered_at < self.heartbeat_interval_s
+            if not first and self._registered.is_set() and recent:
+                return  # another loop registered again just now
             assert self._stub is not None and self._identity is not None
             cfg = self.config
             backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
@@ -390,6 +395,7 @@ class Agent:
                 metrics_address=self.metrics_address,
             )
             while not self._stopping.is_set():
+                sent_at = time.monotonic()
                 try:
                     resp = await self._stub.RegisterWorker(request, timeout=10.0)
                     break
@@ -411,8 +417,18 @@ class Agent:
             )
             self._identity = Identity(self._identity.rig_id, cfg.broker_address, *resp_ids(resp))
             save_identity(cfg.state_dir, self._identity)
-            self._lease_ok_at = time.monotonic()
+            self.lease.ttl_s = self.lease_ttl_s
+            self.lease.renewed(sent_at)
+            self._registered_at = time.monotonic()
             self._registered.set()
+            if self.lease.lead_s < self.lease.stop_lead_s:
+                log.warning(
+                    "the broker's lease TTL of %.0f s leaves %.1f s to stop jobs when it is "
+                    "unreachable, under cancel_grace_s + %.1f s: a job may briefly run twice",
+                    self.lease_ttl_s,
+                    self.lease.lead_s,
+                    STOP_MARGIN_S,
+                )
             log.info(
                 "registered as %s (%d GPUs, lease %.0f s, heartbeat every %.1f s)",
                 self.worker,
@@ -421,12 +437,9 @@ class Agent:
                 self.heartbeat_interval_s,
             )
 
-    def _lease_fresh(self) -> bool:
-        return time.monotonic() - self._lease_ok_at < self.heartbeat_interval_s
-
     async def _on_auth_error(self, err: grpc.aio.AioRpcError) -> None:
         log.warning("broker no longer accepts this worker (%s): registering again", err.code().name)
-        self._lease_ok_at = 0.0
+        self._registered_at = float("-inf")
         await self._register()
 
     # --- loops --------------------------------------------------------------------------
@@ -437,10 +450,10 @@ class Agent:
 
     async def _heartbeat_loop(self) -> None:
         assert self._stub is not None and self.runner is not None
-        failing = False
         status_wanted, status_sent = True, None
         while True:
             t0 = time.monotonic()
+            self._fence_if_due(t0)  # e.g. the process was frozen: before anything is sent
             request = ws.HeartbeatRequest(worker=self.worker)
             # Full status only when it changed or the broker asked (it restarted, or this
             # is a new registration): most heartbeats stay a few bytes.
@@ -459,30 +472,82 @@ class Agent:
                 self.last_heartbeat_rtt_s = time.monotonic() - t0
                 if self.metrics is not None:
                     self.metrics.heartbeat_rtt.observe(self.last_heartbeat_rtt_s)
-                self._lease_ok_at = t0
-                if failing:
-                    log.info("broker reachable again")
-                failing = False
+                self._on_heartbeat_answered(t0)
             except grpc.aio.AioRpcError as err:
                 if err.code() in _REREGISTER:
                     await self._on_auth_error(err)
                     continue
-                if not failing:
-                    log.warning("heartbeat failed (%s); jobs keep running", err.code().name)
-                    failing = True
-                    unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                    if err.code() in unreachable and self._stream_call is not None:
-                        self._stream_call.cancel()  # a half-open stream would hide the outage
-            lost_for = time.monotonic() - self._lease_ok_at - self.lease_ttl_s
-            if lost_for > self.config.lease_grace_s and self.runner.runs:
-                log.warning(
-                    "no lease for %.0f s past its TTL: stopping %d attempt(s), the broker has "
-                    "requeued them",
-                    lost_for,
-                    len(self.runner.runs),
-                )
-                await self.runner.stop_all("lease lost", report=False, wait=False)
+                self._on_heartbeat_failed(err)
             await asyncio.sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
+
+    def _on_heartbeat_answered(self, sent_at: float) -> None:
+        outage = self.lease.renewed(sent_at)
+        if outage is not None:
+            log.info("broker reachable again (no heartbeat answered for %.1f s)", outage)
+        if self._resync and not self._fenced.intersection(self.runner.runs if self.runner else ()):
+            # Attempts were stopped or not started while the lease was in doubt: ask the
+            # broker again what this rig runs (a new stream begins with a Reconcile).
+            self._resync = False
+            self._fenced.clear()
+            self._reset_stream("the lease is renewed: reconcile")
+
+    def _on_heartbeat_failed(self, err: grpc.aio.AioRpcError) -> None:
+        now = time.monotonic()
+        refused = is_refusal(err.details())
+        was_down = self.lease.broker_down
+        if self.lease.failed(now, refused=refused):
+            runs = len(self.runner.runs) if self.runner else 0
+            log.warning(
+                "broker unreachable (heartbeat %s%s): %d attempt(s) keep running, until %.1f s "
+                "from now unless it answers",
+                err.code().name,
+                ": connection refused" if refused else "",
+                runs,
+                self.lease.stop_at - now,
+            )
+            # A half-open stream would hide the outage until keepalive finds it.
+            self._reset_stream(f"heartbeat {err.code().name}")
+        elif refused != was_down:
+            log.warning(
+                "broker %s: attempts are stopped %.1f s from now unless it answers",
+                "refuses connections (not running)" if refused else "unreachable again",
+                self.lease.stop_at - now,
+            )
+
+    async def _lease_loop(self) -> None:
+        """Stop the running attempts when the lease runs out (``Lease.stop_at``)."""
+        while True:
+            now = time.monotonic()
+            self._fence_if_due(now)
+            await asyncio.sleep(min(0.25, max(0.02, self.lease.stop_at - now)))
+
+    def _fence_if_due(self, now: float) -> None:
+        runner = self.runner
+        if runner is None or not self.lease.must_stop(now):
+            return
+        keys = [key for key, run in runner.runs.items() if not run.stop_reason]
+        if not keys:
+            return
+        log.warning(
+            "no heartbeat answered for %.1f s (lease TTL %.0f s): stopping %d attempt(s) %s",
+            now - self.lease.renewed_at,
+            self.lease.ttl_s,
+            len(keys),
+            "after the lease grace (the broker refuses connections)"
+            if self.lease.broker_down
+            else "before the broker may requeue them",
+        )
+        self._fenced.update(keys)
+        self._resync = True
+        for key in keys:
+            runner.stop(key, "lease lost: the broker was unreachable", report=False)
+
+    def _reset_stream(self, why: str) -> None:
+        """Make the instruction stream reconnect (its loop reads the cancellation as that)."""
+        call = self._stream_call
+        if call is not None and not call.done():
+            self._stream_reset = why
+            call.cancel()
 
     async def _stream_loop(self) -> None:
         assert self._stub is not None and self.runner is not None
@@ -491,17 +556,27 @@ class Agent:
             call = self._stub.StreamInstructions(
                 ws.StreamInstructionsRequest(worker=self.worker), metadata=self._metadata()
             )
-            self._stream_call = call
+            self._stream_call, self._stream_reset = call, ""
             try:
                 async for instruction in call:
                     backoff.reset()
                     self._on_instruction(instruction)
                 log.info("the broker ended the instruction stream; reconnecting")
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError out of a call that was cancelled, here by
+                # _reset_stream. Only the agent stopping (this task cancelled) ends the loop.
+                if stopping():
+                    raise
+                log.info("instruction stream reset (%s); reconnecting", self._stream_reset)
             except grpc.aio.AioRpcError as err:
                 if err.code() in _REREGISTER:
                     await self._on_auth_error(err)
-                elif err.code() != grpc.StatusCode.CANCELLED:
-                    log.info("instruction stream broke (%s); reconnecting", err.code().name)
+                else:
+                    log.info(
+                        "instruction stream broke (%s: %s); reconnecting",
+                        err.code().name,
+                        err.details(),
+                    )
             finally:
                 call.cancel()
                 self._stream_call = None
@@ -541,6 +616,11 @@ class Agent:
         assert runner is not None
         key = (assignment.job, assignment.attempt)
         if key in runner.runs or key in self._pending:
+            return
+        if self.lease.must_stop(time.monotonic()):
+            # It would be stopped at once; the broker is asked again once it answers.
+            log.info("%s attempt %d not started: no heartbeat answered lately", *key)
+            self._resync = True
             return
         indices = list(assignment.gpu_indices)
         if mining is None or not mining.mining_on(indices) or not runner.accepting:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BROKER_MIN_PING_INTERVAL_S",
     "DEFAULT_SIMULATE_SPEC",
     "AgentConfig",
     "ConfigError",
@@ -32,6 +33,10 @@ DEFAULT_SIMULATE_SPEC = "RTX3060x2"
 
 #: At least this many heartbeats must fit in one lease TTL.
 HEARTBEATS_PER_TTL = 3
+
+#: The broker's ``grpc.http2.min_ping_interval_without_data_ms`` in seconds
+#: (``broker/server.py``): a client that pings more often is sent GOAWAY ``too_many_pings``.
+BROKER_MIN_PING_INTERVAL_S = 5.0
 
 
 class ConfigError(ValueError):
@@ -238,7 +243,20 @@ class AgentConfig:
     """Lease TTL the agent expects; the broker's value replaces it at registration."""
 
     lease_grace_s: float = 15.0
-    """After the lease has been expired this long with no broker, running jobs are stopped."""
+    """How long past the lease TTL running jobs are kept while the broker *refuses*
+    connections (it is not running, so nobody can requeue them; a broker that starts gives
+    live workers a fresh lease). An unreachable broker (timeouts: it may be alive and
+    requeue them) gets no grace: the jobs are stopped before the TTL (``worker_agent/lease.py``).
+    """
+
+    keepalive_time_s: float = 10.0
+    """gRPC keepalive: ping the broker after this long without a frame from it, so a
+    half-open connection (packets dropped, no reset) is found and replaced. At least
+    ``BROKER_MIN_PING_INTERVAL_S``: the broker answers more frequent pings with GOAWAY."""
+
+    keepalive_timeout_s: float = 5.0
+    """gRPC keepalive: a ping not acknowledged within this long closes the connection; its
+    calls fail with UNAVAILABLE and the agent reconnects on a new one."""
 
     report_flush_s: float = 0.1
     """Output is batched this long before it is sent; start and finish are sent at once."""
@@ -321,6 +339,13 @@ class AgentConfig:
             )
         if self.reconnect_min_s > self.reconnect_max_s:
             problems.append("reconnect_min_s must not exceed reconnect_max_s")
+        keepalive = self.keepalive_time_s
+        if isinstance(keepalive, int | float) and 0 < keepalive < BROKER_MIN_PING_INTERVAL_S:
+            problems.append(
+                f"keepalive_time_s={self.keepalive_time_s:g} is under the broker's minimum ping "
+                f"interval of {BROKER_MIN_PING_INTERVAL_S:g} s: the broker would close the "
+                "connection (GOAWAY too_many_pings)"
+            )
         if self.sandbox not in ("auto", "bwrap", "none"):
             problems.append(f"sandbox must be auto, bwrap or none, got {self.sandbox!r}")
         if not problems:
