@@ -28,6 +28,10 @@ a second job. ``str(exc)`` is one readable line, e.g.
 The class follows the code; ``reason`` says more. Those of artifact transfers::
 
     ResourceExhausted   ARTIFACT_TOO_LARGE       over the purpose's limit (metadata limit_bytes)
+                        ARTIFACT_STORE_FULL      the broker's disk is full; nothing was kept
+    Unavailable         DATABASE_UNAVAILABLE     the broker's database is away (retry_after_s)
+                        DATABASE_LOCKED          SQLite locked by another process (retry_after_s)
+                        DATABASE_READ_ONLY       the database takes no writes now (retry_after_s)
     FailedPrecondition  UPLOAD_OFFSET_MISMATCH   resume offset != kept bytes (received_bytes)
                         UPLOAD_IN_PROGRESS       the same sha256 is being uploaded; retry
                         OUTPUT_OVER_LIMIT        that attempt's output was too large to keep
