@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,15 +228,24 @@ class LocalFleet:
     # --- agents ---------------------------------------------------------------------
 
     def start_agent(
-        self, name: str, token: str, *extra: str, broker: str = "", **options: object
+        self,
+        name: str,
+        token: str,
+        *extra: str,
+        broker: str = "",
+        wrap: Sequence[str] = (),
+        **options: object,
     ) -> ManagedProcess:
         """``rigshift agent run`` with its state under root/agents/NAME; returns at once.
 
         Jobs run unsandboxed as the caller (see the module docstring); pass e.g.
-        ``sandbox="auto", job_user=""`` for the isolation of a real rig.
+        ``sandbox="auto", job_user=""`` for the isolation of a real rig. ``wrap`` goes
+        before the agent's argv and must exec it (so the managed pid stays the agent's),
+        e.g. ``["ip", "netns", "exec", "rig-ns"]`` to run the agent in a network namespace.
         """
         options = {"sandbox": "none", "job_user": _current_user(), **options}
         argv = [
+            *wrap,
             *rigshift_argv(),
             "agent",
             "run",
