@@ -15,7 +15,7 @@ import signal
 import time
 
 import pytest
-from conftest import FaultFleet
+from netfaults import FaultFleet
 
 from rigshift.v1 import farm_pb2, job_pb2
 

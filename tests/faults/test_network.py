@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import FaultFleet, NetNs, p99
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from netfaults import FaultFleet, NetNs, p99
 
 from rigshift.v1 import farm_pb2, job_pb2
 from worker_agent.channel import channel_options
