@@ -270,6 +270,7 @@ class Agent:
             ),
             upload_output=self._upload_output,
         )
+        self.runner.on_unhealthy = self._on_unhealthy
         self.mining = MiningSupervisor(
             cfg.mining,
             self.backend,
@@ -341,10 +342,11 @@ class Agent:
             log.warning("stopping with job events the broker has not acknowledged")
         log.info("drained")
 
-    async def _ask_broker_to_drain(self) -> None:
-        """Best effort: FarmService.DrainWorker so the broker stops placing work here."""
+    async def _ask_broker_to_drain(self) -> bool:
+        """Best effort: FarmService.DrainWorker so the broker stops placing work here;
+        whether the broker took it."""
         if not self.worker or self._channel is None:
-            return
+            return False
         try:
             await farm_service_pb2_grpc.FarmServiceStub(self._channel).DrainWorker(
                 farm_service_pb2.DrainWorkerRequest(name=self.worker),
@@ -353,6 +355,24 @@ class Agent:
             )
         except grpc.aio.AioRpcError as err:
             log.info("broker did not take the drain request: %s", err.code().name)
+            return False
+        return True
+
+    def _on_unhealthy(self, reason: str) -> None:
+        """The rig can take no work (``AttemptRunner.on_unhealthy``: e.g. its state
+        directory is full): have the broker place nothing more here. Running attempts go
+        on; the agent itself does not drain (a restart brings the worker back ONLINE)."""
+        task = asyncio.create_task(self._drain_on_broker(reason), name="unhealthy")
+        self._pending_tasks.add(task)
+        task.add_done_callback(self._pending_tasks.discard)
+
+    async def _drain_on_broker(self, reason: str) -> None:
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        while not self._stopping.is_set():
+            if await self._ask_broker_to_drain():
+                log.warning("rig unhealthy (%s): the broker places no more work here", reason)
+                return
+            await self._sleep_or_stop(backoff.next_delay())
 
     # --- registration -------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ import pytest
 
 from rigshift.v1 import artifact_service_pb2 as art
 from rigshift.v1 import artifact_service_pb2_grpc as artg
+from rigshift.v1 import farm_pb2
+from rigshift.v1 import farm_service_pb2_grpc as fsg
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
 from worker_agent.agent import Agent, AgentError
@@ -37,7 +39,7 @@ PY = sys.executable
 AUTH = ("authorization", "Bearer cred-1")
 
 
-class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer):
+class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer, fsg.FarmServiceServicer):
     """Scripted broker: records every call, applies each (job, attempt, sequence) once."""
 
     def __init__(self) -> None:
@@ -56,6 +58,8 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer):
         self.downloads = 0
         self.credential = "cred-1"
         self.server: grpc.aio.Server | None = None
+        self.drains: list[str] = []
+        self.fail_drains = 0
         self.port = 0
 
     def _check(self, context: grpc.aio.ServicerContext) -> bool:
@@ -110,6 +114,15 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer):
         stale, self.stale = self.stale, []
         return ws.ReportJobEventsResponse(applied=applied, stale=stale)
 
+    async def DrainWorker(self, request, context):  # type: ignore[no-untyped-def]
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        if self.fail_drains:
+            self.fail_drains -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
+        self.drains.append(request.name)
+        return farm_pb2.Worker(name=request.name, state=farm_pb2.Worker.DRAINING)
+
     async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
         if not self._check(context):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
@@ -139,6 +152,7 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer):
         self.server = grpc.aio.server()
         wsg.add_WorkerServiceServicer_to_server(self, self.server)
         artg.add_ArtifactServiceServicer_to_server(self, self.server)
+        fsg.add_FarmServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self.server.start()
 
@@ -592,6 +606,28 @@ def test_a_loop_that_keeps_failing_stops_the_agent_with_an_error(
     with pytest.raises(AgentError, match="agent loop mining keeps ending"):
         run_session(tmp_path, body)
     assert states == ["stopped"]  # not drained: the process exits with an error
+
+
+def test_an_unhealthy_rig_has_the_broker_drain_it_and_keeps_running(tmp_path: Path) -> None:
+    """AttemptRunner.on_unhealthy (a full state directory) asks the broker to place
+    nothing more on the rig, until it takes the request; the agent itself goes on."""
+    cmd = script("import time; time.sleep(1.5); print('done')")
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        a = make_assignment("jobs/u", command=cmd)
+        fake.reconcile = [a]
+        fake.push(assignment=a)
+        await until(lambda: "started" in fake.kinds("jobs/u"), what="started")
+        fake.fail_drains = 2  # the broker does not take the first two requests
+        assert agent.runner is not None and agent.runner.on_unhealthy is not None
+        agent.runner.on_unhealthy("the rig's disk is full: ENOSPC")
+        await until(lambda: fake.drains, what="DrainWorker")
+        await until(lambda: fake.finished("jobs/u"), what="the running job to finish")
+        assert agent.state == "online"
+        assert fake.drains == ["workers/w1"]  # once taken, not asked again
+
+    fake = run_session(tmp_path, body)
+    assert fake.finished("jobs/u").exit_code == 0  # type: ignore[union-attr]
 
 
 def test_drain_lets_running_jobs_finish_and_refuses_new_ones(tmp_path: Path) -> None:
