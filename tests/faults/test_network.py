@@ -29,6 +29,7 @@ FINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED)
 BROKER_RPC = "rigshift_grpc_request_duration_seconds"
 AGENT_RPCS = r"^rigshift\.v1\.WorkerService/(Heartbeat|ReportJobEvents)$"
 HEARTBEAT_RTT = "rigshift_agent_heartbeat_rtt_seconds"
+LOSS_S = 30.0
 
 
 def _workers(faults: FaultFleet) -> dict[str, str]:
@@ -164,7 +165,7 @@ def test_a_black_hole_shorter_than_the_ttl(netns: NetNs, faults: FaultFleet) -> 
 
 @pytest.mark.timeout(120)
 def test_twenty_percent_loss(netns: NetNs, faults: FaultFleet) -> None:
-    """20 % of the packets between rig-a and the broker are lost, each way, for 40 s while
+    """20 % of the packets between rig-a and the broker are lost, each way, for 30 s while
     short jobs run on rig-a (behind the lossy link) and rig-b: every job ends SUCCEEDED
     exactly once, no attempt is settled twice, nothing runs twice at once."""
     faults.start_broker(host=netns.host_ip)
@@ -180,7 +181,7 @@ def test_twenty_percent_loss(netns: NetNs, faults: FaultFleet) -> None:
     start = time.time()
     netns.loss(20)
     jobs: list[str] = []
-    while time.time() < start + 40.0:
+    while time.time() < start + LOSS_S:
         for _ in range(3):
             jobs.append(faults.submit(1.5, max_attempts=5))
         time.sleep(1.5)
@@ -205,7 +206,7 @@ def test_twenty_percent_loss(netns: NetNs, faults: FaultFleet) -> None:
     broker_p99, rtt_p99 = p99(before, during), p99(rtt_before, rtt_during)
     unreachable = len(faults.log_lines(rig_a, r"broker unreachable", start))
     print(
-        f"\n20 % loss each way for 40 s, {len(jobs)} jobs of 1.5 s on 2 rigs "
+        f"\n20 % loss each way for {LOSS_S:.0f} s, {len(jobs)} jobs of 1.5 s on 2 rigs "
         f"({on_a} behind the lossy link): all SUCCEEDED, {retried} needed a second attempt"
         f"\n  broker p99 of the agents' Heartbeat/ReportJobEvents (server side): {_ms(broker_p99)}"
         f"\n  rig-a's p99 heartbeat round trip (answered ones): {_ms(rtt_p99)}"
