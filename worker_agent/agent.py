@@ -54,7 +54,9 @@ from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig, effective_heartbeat_s
 from worker_agent.energy import EnergyMeter
 from worker_agent.environments import EnvironmentCache, job_python
-from worker_agent.executor import Executor, RayExecutor
+from worker_agent.executor import Executor, LocalExecutor, RayExecutor
+from worker_agent.fence import FENCE_FILE, write_deadline
+from worker_agent.fence import clock as fence_clock
 from worker_agent.gpu import GpuBackend, open_backend
 from worker_agent.lease import STOP_MARGIN_S, Lease, is_refusal
 from worker_agent.metrics import AgentMetrics, serve_metrics
@@ -242,6 +244,8 @@ class Agent:
                 kill_grace_s=cfg.cancel_grace_s,
                 sandbox=policy_for(cfg),
             )
+        if isinstance(self.executor, LocalExecutor | RayExecutor):
+            self.executor.fence_file = str(cfg.state_dir / FENCE_FILE)  # jobs' lease fences
         await self.executor.start()
         self.runner = AttemptRunner(
             cfg,
@@ -439,6 +443,7 @@ class Agent:
             save_identity(cfg.state_dir, self._identity)
             self.lease.ttl_s = self.lease_ttl_s
             self.lease.renewed(sent_at)
+            self._write_fence()
             self._registered_at = time.monotonic()
             self._registered.set()
             if self.lease.lead_s < self.lease.stop_lead_s:
@@ -500,8 +505,20 @@ class Agent:
                 self._on_heartbeat_failed(err)
             await asyncio.sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
 
+    def _write_fence(self) -> None:
+        """Write the lease's stop time for the jobs' fences (``fence.py``); when it cannot
+        be written the file goes, so no fence acts on a stale time (the agent's own stays)."""
+        path = self.config.state_dir / FENCE_FILE
+        try:
+            write_deadline(path, self.lease.fence_at(time.monotonic(), fence_clock()))
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            log.warning("lease fence file %s not written (%s): jobs unfenced", path, err)
+
     def _on_heartbeat_answered(self, sent_at: float) -> None:
         outage = self.lease.renewed(sent_at)
+        self._write_fence()
         if outage is not None:
             log.info("broker reachable again (no heartbeat answered for %.1f s)", outage)
         if self._resync and not self._fenced.intersection(self.runner.runs if self.runner else ()):
@@ -515,7 +532,10 @@ class Agent:
         now = time.monotonic()
         refused = is_refusal(err.details())
         was_down = self.lease.broker_down
-        if self.lease.failed(now, refused=refused):
+        first = self.lease.failed(now, refused=refused)
+        if refused != was_down:
+            self._write_fence()  # a refusing broker (not running) extends it by the grace
+        if first:
             runs = len(self.runner.runs) if self.runner else 0
             log.warning(
                 "broker unreachable (heartbeat %s%s): %d attempt(s) keep running, until %.1f s "

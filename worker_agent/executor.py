@@ -41,6 +41,10 @@ resolves it when it starts (logging what is in effect) and every attempt runs
 through :func:`worker_agent.sandbox.wrap`, with its working directory and its
 ``$RIGSHIFT_CHECKPOINT_DIR`` writable. Without a policy jobs run unwrapped.
 
+Lease fence: with ``fence_file`` set (the agent sets its ``state_dir/lease-deadline``),
+every attempt's process gets a lease fence (``fence.py``); a RayExecutor passes it to
+a local head's tasks only (a site cluster's node may be another machine).
+
 :class:`LocalExecutor` runs the same generator in a thread of the agent, without
 Ray: the agent's unit tests use it, and the benchmark uses it as the baseline.
 """
@@ -197,7 +201,12 @@ class Executor(Protocol):
 
 class _ThreadExecution:
     def __init__(
-        self, spec: LaunchSpec, flush_s: float, kill_grace_s: float, isolation: Isolation | None
+        self,
+        spec: LaunchSpec,
+        flush_s: float,
+        kill_grace_s: float,
+        isolation: Isolation | None,
+        fence_file: str | None = None,
     ) -> None:
         self._stop = threading.Event()
         self._queue: asyncio.Queue[ProcEvent] = asyncio.Queue()
@@ -213,6 +222,7 @@ class _ThreadExecution:
             isolation=isolation,
             writable=_writable(spec),
             readonly=spec.readonly,
+            fence_file=fence_file,
         )
 
         def pump() -> None:
@@ -249,6 +259,8 @@ class LocalExecutor:
         self._kill_grace_s = kill_grace_s
         self._sandbox = sandbox
         self.isolation: Isolation | None = None
+        self.fence_file: str | None = None
+        """The agent's lease-deadline file: each job gets a lease fence (``fence.py``)."""
 
     async def start(self) -> None:
         """Resolve the job isolation (nothing else to start)."""
@@ -256,7 +268,9 @@ class LocalExecutor:
 
     def launch(self, spec: LaunchSpec) -> Execution:
         """Spawn the process from a thread of the agent."""
-        return _ThreadExecution(spec, self._flush_s, self._kill_grace_s, self.isolation)
+        return _ThreadExecution(
+            spec, self._flush_s, self._kill_grace_s, self.isolation, self.fence_file
+        )
 
     async def close(self) -> None:
         """Nothing to stop (attempts are cancelled by the agent)."""
@@ -310,6 +324,7 @@ def _ray_entry(
     isolation: Isolation | None = None,
     writable: tuple[str, ...] = (),
     readonly: tuple[str, ...] = (),
+    fence_file: str | None = None,
 ) -> Any:
     """Body of the Ray task: run the process where Ray placed us, yield its events.
 
@@ -330,6 +345,7 @@ def _ray_entry(
             isolation=isolation,
             writable=writable,
             readonly=readonly,
+            fence_file=fence_file,
         )
         return
     with tempfile.TemporaryDirectory(prefix="rigshift-attempt-") as work:
@@ -442,6 +458,8 @@ class RayExecutor:
         self.temp_dir = temp_dir
         self.sandbox = sandbox
         self.isolation: Isolation | None = None
+        self.fence_file: str | None = None
+        """The agent's lease-deadline file: each job of a local head gets a lease fence."""
         self.dashboard_url = ""
         self._ray: Any = None
         self._remote: Any = None
@@ -577,6 +595,7 @@ class RayExecutor:
             self.isolation,
             _writable(spec),
             spec.readonly,
+            self.fence_file if self.is_local else None,
         )
 
     def launch(self, spec: LaunchSpec) -> Execution:

@@ -21,6 +21,10 @@ One case differs: a broker whose port *refuses* connections is not running, so n
 can expire the lease, and a broker that starts gives every live worker a fresh lease.
 While the last failure was a refusal the attempts are kept until ``renewed_at + ttl_s +
 grace_s`` (``lease_grace_s``), so a broker restart does not cost the fleet its jobs.
+
+The same instant, moved onto the system-wide ``CLOCK_BOOTTIME`` (:meth:`Lease.fence_at`),
+is what the agent writes for its jobs' lease fences (``fence.py``): processes of their
+own that kill the jobs at that time even when the agent process cannot run.
 """
 
 from __future__ import annotations
@@ -91,6 +95,10 @@ class Lease:
         if self.broker_down:
             return self.expires_at + self.grace_s
         return self.expires_at - self.lead_s
+
+    def fence_at(self, now: float, clock_now: float) -> float:
+        """:attr:`stop_at` on another clock that reads ``clock_now`` at monotonic ``now``."""
+        return clock_now + (self.stop_at - now)
 
     def must_stop(self, now: float) -> bool:
         """Whether the attempts must be stopped (or not started) now."""

@@ -21,6 +21,12 @@ sandbox and/or as the job user (``sandbox.py``); the pid it reports is then
 bwrap's. A cancel sends SIGTERM to the job's processes but not to bwrap (whose
 death would end the whole sandbox at once, leaving the job no grace), then
 SIGKILL to bwrap, which takes the job's pid namespace with it.
+
+With a ``fence_file`` (the agent's ``state_dir/lease-deadline``) every job gets a lease
+fence, a small process of its own that kills the job's tree when the agent's lease
+lapses even while the agent itself cannot run (``fence.py``); it runs outside the
+sandbox as the caller's user and is killed when the job ends. A job the fence killed
+ends with ``ProcExited`` saying "lease lost", never with status 0.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from worker_agent.fence import FENCED_EXIT, FENCED_LINE
 from worker_agent.sandbox import Isolation, exit_status, for_this_host, prepare_dirs, wrap
 
 __all__ = [
@@ -48,7 +55,9 @@ __all__ = [
     "alive",
     "descendants",
     "kill_tree",
+    "process_start",
     "run_process",
+    "stop_tree",
 ]
 
 #: Output is sent at the latest after this many bytes, even inside a flush window.
@@ -116,6 +125,7 @@ def run_process(
     isolation: Isolation | None = None,
     writable: Sequence[str] = (),
     readonly: Sequence[str] = (),
+    fence_file: str | None = None,
 ) -> Iterator[ProcEvent]:
     """Spawn ``argv`` and yield its events until it exits (see the module docstring).
 
@@ -123,6 +133,7 @@ def run_process(
     ``max_duration_s`` > 0 kills it after that long with a "time limit" message.
     ``isolation`` runs it sandboxed (see ``sandbox.py``) with ``cwd`` and the
     ``writable`` directories that exist (its checkpoint directory) writable.
+    ``fence_file``: watch the job with a lease fence reading that deadline file.
     """
     if not argv or _resolve(argv[0], env, cwd) is None:
         yield ProcExited(127, f"failed to start: {argv[:1]} not found or not executable")
@@ -158,6 +169,7 @@ def run_process(
     except OSError as err:
         yield ProcExited(127, f"failed to start {argv[:1]}: {err}")
         return
+    fence = _start_fence(fence_file, proc.pid, kill_grace_s, spare_leader) if fence_file else None
     chunks: queue.Queue[bytes | None] = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc, chunks), daemon=True)
     reader.start()
@@ -183,6 +195,11 @@ def run_process(
         code = exit_status(proc.wait(), isolation)
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)  # background leftovers of the job's group
+        if fence is not None and _end_fence(fence, kill_grace_s):
+            # The agent's lease lapsed and the fence killed the job: whatever its status
+            # (a job may exit 0 on SIGTERM), it did not succeed and its copy may run again.
+            code = code or -signal.SIGTERM
+            message = "lease lost: the lease fence stopped the job (no renewal by its deadline)"
         reader.join(timeout=1.0)
         rest = _drain(chunks)
         if rest:
@@ -191,8 +208,64 @@ def run_process(
     finally:
         if proc.poll() is None:
             kill_tree(proc, kill_grace_s, spare_leader=spare_leader)
+        if fence is not None:
+            _end_fence(fence, kill_grace_s)
         with contextlib.suppress(OSError):
             proc.stdout.close()  # type: ignore[union-attr]
+
+
+#: Where ``python -m worker_agent.fence`` finds this package, whatever the cwd.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start_fence(
+    path: str, pid: int, grace_s: float, spare_leader: bool
+) -> subprocess.Popen[bytes] | None:
+    """The lease fence of the job ``pid`` (``fence.py``); None when it cannot start (the
+    agent's own fence still applies)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    argv = [sys.executable, "-m", "worker_agent.fence", path, str(pid), f"{grace_s:g}"]
+    if spare_leader:
+        argv.append("--spare-leader")
+    prefix = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
+    try:
+        return subprocess.Popen(
+            [*prefix, *argv],
+            env=env,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError:
+        return None
+
+
+def _end_fence(fence: subprocess.Popen[bytes], grace_s: float) -> bool:
+    """Stop the fence of a job that has ended; True when the fence had killed it.
+
+    The fence writes its line before its first signal, so once the job is gone the
+    line is there if the fence caused it; it is then left to finish its kill.
+    """
+    if fence.stdout is None or fence.stdout.closed:  # already ended
+        return fence.returncode == FENCED_EXIT
+    try:
+        os.set_blocking(fence.stdout.fileno(), False)
+        said = fence.stdout.read() or b""
+    except OSError:
+        said = b""
+    fired = said.startswith(FENCED_LINE)
+    if fired:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            fence.wait(timeout=grace_s + 1.0)
+    if fence.poll() is None:
+        with contextlib.suppress(OSError):
+            fence.kill()
+    fence.wait()
+    with contextlib.suppress(OSError):
+        fence.stdout.close()
+    return fired or fence.returncode == FENCED_EXIT
 
 
 def _pump(proc: subprocess.Popen[bytes], chunks: queue.Queue[bytes | None]) -> None:
@@ -308,6 +381,41 @@ def kill_tree(proc: subprocess.Popen[bytes], grace_s: float, *, spare_leader: bo
         if left or proc.poll() is None:
             _signal_all(proc.pid, left, signal.SIGKILL)
     return proc.wait()
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (a zombie's too: it still holds its
+    pid and process group); None once it is gone. Tells a pid from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(b")") + 2 :].split()[19])
+
+
+def stop_tree(pid: int, born: int, grace_s: float, *, spare_leader: bool = False) -> None:
+    """:func:`kill_tree` for a process that is not our child, known by its pid and start
+    time ``born`` (:func:`process_start`): nothing is signalled once that pid is another
+    process. The leader's descendants are found first and checked the same way."""
+    tree = [(p, process_start(p)) for p in descendants(pid)]
+
+    def mine() -> bool:
+        return process_start(pid) == born
+
+    def left() -> list[int]:
+        return [p for p, t in tree if t is not None and process_start(p) == t and alive(p)]
+
+    if not mine():
+        return
+    _signal_all(0 if spare_leader else pid, left(), signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end and (alive(pid) or left()):
+        time.sleep(0.05)
+    if mine():
+        _signal_all(pid, left(), signal.SIGKILL)
+    else:
+        _signal_all(0, left(), signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:

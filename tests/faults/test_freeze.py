@@ -2,10 +2,12 @@
 
 The signal goes to the agent's main process only, as when a stalled kernel or an
 operator's debugger stops it: its job's process (a child in a session of its own, with
-``--executor local``) runs on, the broker expires the lease after the TTL and starts the
-job again on another rig. Once it runs again, the agent must find on its own (monotonic)
-clock that the lease ran out, stop the old attempt without reporting it, and stay in
-the market; the ledger settles each attempt once.
+``--executor local``) is not stopped, and the code of the agent that would stop it cannot
+run. The job's lease fence (``worker_agent/fence.py``, a process of its own) kills it
+at the deadline the agent last wrote, before the broker expires the lease at the TTL and
+starts the job again on another rig: the two copies never overlap. Once it runs again,
+the agent must find on its own (monotonic) clock that the lease ran out, not report the
+old attempt, and stay in the market; the ledger settles each attempt once.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ def test_a_frozen_agent_stops_its_requeued_attempt_when_it_resumes(faults: Fault
     (old_start, old_end, _), (new_start, new_end, _) = runs
     assert old_end < new_end  # the old copy was stopped, it did not run to its end
     assert old_end - old_start < 19.0
+    # Never two live copies: the fence stopped the old one while its agent was frozen,
+    # before the broker requeued the job.
+    assert not faults.overlaps(), faults.overlaps()
+    assert old_end < resumed
+    gap = new_start - old_end
+    assert gap > 0
     ok, out = faults.verify_ledger()
     assert ok, out
     # rig-a stayed up and is back in the market.
@@ -79,9 +87,8 @@ def test_a_frozen_agent_stops_its_requeued_attempt_when_it_resumes(faults: Fault
     print(
         f"\nagent frozen (SIGSTOP) 10 s, TTL 6 s:"
         f"\n  broker requeued, copy on rig-b began      {new_start - frozen:5.2f} s after the stop"
-        f"\n  rig-a stopped its copy (log)               {stopped:5.2f} s after SIGCONT"
-        f"\n  the old copy's last heartbeat              {old_end - resumed:5.2f} s after SIGCONT"
+        f"\n  the old copy's last heartbeat (fenced)     {old_end - frozen:5.2f} s after the stop"
+        f"\n  gap: old copy's last heartbeat to the new copy's start {gap:5.2f} s (no overlap)"
+        f"\n  rig-a stopped its attempt (log)            {stopped:5.2f} s after SIGCONT"
         f"\n  heartbeats answered again                  {back:5.2f} s after SIGCONT"
-        f"\n  both copies alive (the frozen agent cannot stop its job) for "
-        f"{max(0.0, old_end - new_start):.2f} s"
     )
