@@ -186,6 +186,27 @@ def p99(before: dict[float, float], after: dict[float, float]) -> float | None:
     return lower
 
 
+def histogram(address: str, metric: str, method_re: str = "") -> dict[float, float]:
+    """Buckets (cumulative) of a Prometheus histogram at ``http://address/metrics``, summed
+    over its series whose ``method`` label matches ``method_re``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != metric:
+            continue
+        for s in family.samples:
+            if not s.name.endswith("_bucket"):
+                continue
+            if method_re and not re.search(method_re, s.labels.get("method", "")):
+                continue
+            le = float(s.labels["le"])
+            buckets[le] = buckets.get(le, 0.0) + s.value
+    return buckets
+
+
 class FaultFleet:
     """A broker, agents (``--executor local``, one simulated GPU each) and marker jobs."""
 
@@ -330,25 +351,8 @@ class FaultFleet:
         raise AssertionError(f"{p.name} did not log {pattern!r}:\n{p.log_tail(40)}")
 
     def histogram(self, metric: str, address: str = "", method_re: str = "") -> dict[float, float]:
-        """Buckets (cumulative) of a Prometheus histogram at ``address`` (the broker's
-        /metrics by default), summed over its series whose ``method`` matches ``method_re``."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://{address or self.metrics_address}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        buckets: dict[float, float] = {}
-        for family in text_string_to_metric_families(text):
-            if family.name != metric:
-                continue
-            for s in family.samples:
-                if not s.name.endswith("_bucket"):
-                    continue
-                if method_re and not re.search(method_re, s.labels.get("method", "")):
-                    continue
-                le = float(s.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + s.value
-        return buckets
+        """:func:`histogram` of this fleet's broker by default."""
+        return histogram(address or self.metrics_address, metric, method_re)
 
     def agent_metrics_address(self, p: ManagedProcess) -> str:
         """``host:port`` of an agent's /metrics (from its log)."""
