@@ -63,7 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker_agent.fleet import LocalFleet, ManagedProcess
+from worker_agent.fleet import MARKER_JOB, LocalFleet, ManagedProcess, marker_runs
 
 __all__ = ["FAULTS", "ChaosPlan", "ChaosReport", "max_overlap", "run_chaos"]
 
@@ -76,21 +76,6 @@ BROKER_RPC = "rigshift_grpc_request_duration_seconds"
 AGENT_RPCS = r"^rigshift\.v1\.WorkerService/(Heartbeat|ReportJobEvents)$"
 #: An agent's heartbeat round trip as the agent measures it (the network included).
 HEARTBEAT_RTT = "rigshift_agent_heartbeat_rtt_seconds"
-
-#: What each job runs: record its start, then a heartbeat every 50 ms until its time is up.
-JOB = r"""
-import os, sys, time, pathlib
-out = pathlib.Path(sys.argv[1])
-seconds = float(sys.argv[2])
-tag = f"{os.environ['RIGSHIFT_JOB_ID']}.{os.environ['RIGSHIFT_ATTEMPT']}.{os.getpid()}"
-(out / f"{tag}.start").write_text(repr(time.time()))
-alive = out / f"{tag}.alive"
-end = time.time() + seconds
-while time.time() < end:
-    alive.write_text(repr(time.time()))
-    time.sleep(0.05)
-alive.write_text(repr(time.time()))
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,18 +160,6 @@ def _kill_tree(p: ManagedProcess) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     p.proc.wait(timeout=10)
-
-
-def _runs(out: Path) -> dict[str, list[tuple[float, float, str]]]:
-    """Each job's runs as (began, last heartbeat, label), from the files its processes wrote."""
-    runs: dict[str, list[tuple[float, float, str]]] = {}
-    for start in out.glob("*.start"):
-        job_id, attempt, pid = start.name.split(".")[:3]
-        alive = start.with_name(f"{job_id}.{attempt}.{pid}.alive")
-        began = float(start.read_text())
-        ended = float(alive.read_text()) if alive.exists() else began
-        runs.setdefault(job_id, []).append((began, ended, f"attempt {attempt} pid {pid}"))
-    return runs
 
 
 def _settled_twice(db: Path) -> int:
@@ -353,7 +326,7 @@ def run_chaos(
     out = root / "out"
     out.mkdir(parents=True)
     script = root / "job.py"
-    script.write_text(JOB)
+    script.write_text(MARKER_JOB)
     faults = _Faults(plan, rnd)
     port = _free_port()
     # Rigs in namespaces reach the broker through their veth: it listens on every address.
@@ -478,7 +451,7 @@ def run_chaos(
         report.jobs_with_retries = sum(1 for n in per_job if n > 1)
 
     # No job ran in two processes at once.
-    runs = _runs(out)
+    runs = marker_runs(out)
     report.jobs_that_ran = len(runs)
     for job_id, intervals in sorted(runs.items()):
         intervals.sort()

@@ -39,7 +39,50 @@ from typing import Any
 
 from worker_agent.process import descendants
 
-__all__ = ["FleetError", "LocalFleet", "ManagedProcess", "rigshift_argv", "start_time"]
+__all__ = [
+    "MARKER_JOB",
+    "FleetError",
+    "LocalFleet",
+    "ManagedProcess",
+    "marker_runs",
+    "rigshift_argv",
+    "start_time",
+]
+
+#: A job for the chaos benchmark and the fault tests (``python job.py OUT SECONDS``): it
+#: records its start, then a heartbeat every 50 ms until its time is up, so the runs of
+#: one job can be checked for overlap (:func:`marker_runs`). Markers are written by
+#: rename, so a process killed while writing leaves no empty file.
+MARKER_JOB = r"""
+import os, sys, time, pathlib
+out = pathlib.Path(sys.argv[1])
+seconds = float(sys.argv[2])
+tag = f"{os.environ['RIGSHIFT_JOB_ID']}.{os.environ['RIGSHIFT_ATTEMPT']}.{os.getpid()}"
+
+def mark(name):
+    tmp = out / f".{tag}.{name}.tmp"
+    tmp.write_text(repr(time.time()))
+    os.replace(tmp, out / f"{tag}.{name}")
+
+mark("start")
+end = time.time() + seconds
+while time.time() < end:
+    mark("alive")
+    time.sleep(0.05)
+mark("alive")
+"""
+
+
+def marker_runs(out: Path) -> dict[str, list[tuple[float, float, str]]]:
+    """Each job's runs as (began, last heartbeat, label), from :data:`MARKER_JOB`'s files."""
+    runs: dict[str, list[tuple[float, float, str]]] = {}
+    for start in out.glob("*.start"):
+        job_id, attempt, pid = start.name.split(".")[:3]
+        alive = start.with_name(f"{job_id}.{attempt}.{pid}.alive")
+        began = float(start.read_text())
+        ended = float(alive.read_text()) if alive.exists() else began
+        runs.setdefault(job_id, []).append((began, ended, f"attempt {attempt} pid {pid}"))
+    return runs
 
 
 class FleetError(RuntimeError):

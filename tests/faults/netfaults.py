@@ -22,29 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker_agent.fleet import LocalFleet, ManagedProcess, rigshift_argv
-
-#: What each job runs (as in benchmarks/chaos.py): record its start, then a heartbeat
-#: every 50 ms until its time is up, so the runs of one job can be checked for overlap.
-#: Written by rename, so a process killed while writing leaves no empty marker.
-JOB = r"""
-import os, sys, time, pathlib
-out = pathlib.Path(sys.argv[1])
-seconds = float(sys.argv[2])
-tag = f"{os.environ['RIGSHIFT_JOB_ID']}.{os.environ['RIGSHIFT_ATTEMPT']}.{os.getpid()}"
-
-def mark(name):
-    tmp = out / f".{tag}.{name}.tmp"
-    tmp.write_text(repr(time.time()))
-    os.replace(tmp, out / f"{tag}.{name}")
-
-mark("start")
-end = time.time() + seconds
-while time.time() < end:
-    mark("alive")
-    time.sleep(0.05)
-mark("alive")
-"""
+from worker_agent.fleet import MARKER_JOB, LocalFleet, ManagedProcess, marker_runs, rigshift_argv
 
 #: Lease of the fault tests' brokers and agents (as in tests/e2e).
 LEASE = {"lease_ttl_s": 6, "heartbeat_interval_s": 1}
@@ -215,7 +193,7 @@ class FaultFleet:
         self.out = root / "out"
         self.out.mkdir(parents=True)
         self.script = root / "job.py"
-        self.script.write_text(JOB)
+        self.script.write_text(MARKER_JOB)
         self.fleet = LocalFleet(root / "fleet")
         self.metrics_address = ""
 
@@ -287,14 +265,7 @@ class FaultFleet:
 
     def runs(self) -> dict[str, list[tuple[float, float, str]]]:
         """Each job's runs as (began, last heartbeat, label), from the marker files."""
-        runs: dict[str, list[tuple[float, float, str]]] = {}
-        for start in self.out.glob("*.start"):
-            job_id, attempt, pid = start.name.split(".")[:3]
-            alive = start.with_name(f"{job_id}.{attempt}.{pid}.alive")
-            began = float(start.read_text())
-            ended = float(alive.read_text()) if alive.exists() else began
-            runs.setdefault(job_id, []).append((began, ended, f"attempt {attempt} pid {pid}"))
-        return runs
+        return marker_runs(self.out)
 
     def overlaps(self) -> list[str]:
         """Runs of one job that were alive at the same time (must be none)."""
