@@ -777,15 +777,7 @@ def _report_event(
     if kind == "progress":
         return AttemptProgress(*base, energy_joules=max(0, e.progress.energy_joules))
     if kind == "checkpoint":
-        sha = e.checkpoint.sha256
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise InvalidArgument.of(
-                [
-                    FieldViolation(
-                        f"events[{i}].checkpoint.sha256", "must be 64 lowercase hex digits"
-                    )
-                ]
-            )
+        (sha,) = _sha_list([e.checkpoint.sha256], f"events[{i}].checkpoint.sha256")
         return AttemptCheckpointed(*base, sha256=sha)
     cause = e.finished.cause
     return AttemptFinished(
@@ -804,8 +796,7 @@ def _sha_list(values: Any, field: str) -> list[str]:
     if len(out) > 64:
         raise InvalidArgument.of([FieldViolation(field, "at most 64 entries")])
     for sha in out:
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise InvalidArgument.of([FieldViolation(field, "must be 64 lowercase hex digits")])
+        ArtifactStore.check(sha, field)
     return out
 
 
