@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -30,13 +31,16 @@ from broker.convert import earnings_pb, farm_pb, job_pb, timestamp, worker_pb
 from broker.core import Attempt, BrokerCore, Job
 from broker.economics import FarmTerms
 from broker.errors import (
+    AlreadyExists,
     BrokerError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from broker.events import (
     AttemptCheckpointed,
@@ -75,6 +79,8 @@ from rigshift.v1 import (
 )
 
 __all__ = [
+    "ERROR_DOMAIN",
+    "STATUS_CODES",
     "AdminServicer",
     "ArtifactServicer",
     "FarmServicer",
@@ -82,17 +88,43 @@ __all__ = [
     "SafeDecodeInterceptor",
     "WorkerServicer",
     "abort_with",
+    "status_code",
+    "to_status",
 ]
 
 log = logging.getLogger("rigshift.broker.api")
 ERROR_DOMAIN = "rigshift.dev"
 
 
-async def abort_with(context: grpc.aio.ServicerContext, err: BrokerError) -> None:
-    """End the RPC with the status that ``err`` stands for (raises AbortError)."""
+#: The gRPC status each error class stands for; a subclass answers its nearest listed base.
+STATUS_CODES: dict[type[BrokerError], grpc.StatusCode] = {
+    BrokerError: grpc.StatusCode.UNKNOWN,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(err: BrokerError) -> grpc.StatusCode:
+    """The gRPC status code that ``err`` is answered with."""
+    for cls in type(err).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    raise AssertionError(f"{type(err).__name__} is not a BrokerError")  # pragma: no cover
+
+
+def to_status(err: BrokerError) -> grpc.Status:
+    """The rich status for ``err``: ErrorInfo, then BadRequest (field violations), then
+    RetryInfo (when the error says when to retry: rate limits, a database outage)."""
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN)
     info.metadata.update(err.metadata)
-    details = [info]
+    details: list[Message] = [info]
     if err.violations:
         details.append(
             error_details_pb2.BadRequest(
@@ -104,9 +136,8 @@ async def abort_with(context: grpc.aio.ServicerContext, err: BrokerError) -> Non
                 ]
             )
         )
-    retry = err.metadata.get("retry_after_s")
-    if retry is not None:
-        seconds = float(retry)
+    if err.retry_after_s is not None:
+        seconds = err.retry_after_s
         details.append(
             error_details_pb2.RetryInfo(
                 retry_delay=duration_pb2.Duration(
@@ -119,9 +150,13 @@ async def abort_with(context: grpc.aio.ServicerContext, err: BrokerError) -> Non
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
-    status = rpc_status.to_status(
-        status_pb2.Status(code=err.code.value[0], message=err.message, details=packed)
-    )
+    code = status_code(err).value[0]
+    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=packed))
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: BrokerError) -> None:
+    """End the RPC with the status that ``err`` stands for (raises AbortError)."""
+    status = to_status(err)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 

@@ -163,6 +163,6 @@ class RateLimiter:
                 f"rate limit of {self.rate_per_s:g} calls/s exceeded for {who}; "
                 f"retry in {wait:.2f} s",
                 reason="RATE_LIMITED",
-                metadata={"retry_after_s": f"{wait:.3f}"},
+                retry_after_s=wait,
             )
         self._buckets[who] = (tokens - 1.0, now)

@@ -1,22 +1,27 @@
-"""The broker's exception tree. Everything the core, the store or validation raises
-for a caller's mistake is a :class:`BrokerError`; ``broker.api`` maps it to a gRPC
-status in one place (``abort_with``), and ``client.errors`` turns the status back
+"""The broker's exception tree: plain Python exceptions, no transport in sight.
+
+Everything the core, the store, the artifact store or validation raises for a caller's
+mistake (or for a moment the broker cannot serve) is a :class:`BrokerError`. An error is
+plain data: a message, a stable UPPER_SNAKE ``reason``, string ``metadata``, the invalid
+request fields (``violations``) and, when the caller should wait before a retry,
+``retry_after_s``. Which gRPC status each class stands for is decided at the API
+boundary only (``broker.api.boundary``), and ``client.errors`` turns the status back
 into the SDK's exceptions.
 
 ::
 
-    BrokerError                      (base; carries reason + field violations)
-    ├── InvalidArgument              INVALID_ARGUMENT   bad field values
-    ├── NotFound                     NOT_FOUND          no such job / farm / worker / artifact
-    ├── AlreadyExists                ALREADY_EXISTS     unique name taken
-    ├── FailedPrecondition           FAILED_PRECONDITION  valid request, wrong moment
-    │   └── InvalidTransition        (a job state change the state machine forbids)
-    ├── PermissionDenied             PERMISSION_DENIED
-    ├── Unauthenticated              UNAUTHENTICATED    missing or wrong credential
-    ├── ResourceExhausted            RESOURCE_EXHAUSTED size or rate limits
-    └── Unavailable                  UNAVAILABLE        retry later (possibly elsewhere)
-        ├── StaleWriter              another broker leads now (replicas)
-        └── DatabaseUnavailable      the database cannot take a write now; carries RetryInfo
+    BrokerError                    (base; reason, metadata, violations, retry_after_s)
+    ├── InvalidArgument            bad field values (``InvalidArgument.of(violations)``)
+    ├── NotFound                   no such job / farm / worker / artifact / API key
+    ├── AlreadyExists              unique name taken
+    ├── FailedPrecondition         valid request, wrong moment
+    │   └── InvalidTransition      a job state change the transition table forbids
+    ├── PermissionDenied           the caller is known but may not do this
+    ├── Unauthenticated            missing or wrong credential
+    ├── ResourceExhausted          size or rate limits (rate limits carry retry_after_s)
+    └── Unavailable                retry later (possibly elsewhere)
+        ├── StaleWriter            another broker leads now (replicas)
+        └── DatabaseUnavailable    the database cannot take a write now (retry_after_s)
 
 The store raises ``DatabaseUnavailable`` for every database fault (unreachable, connection
 lost, locked, read-only; see ``broker.store.database_error``), so a database outage is
@@ -26,10 +31,8 @@ never answered ``INTERNAL``. Anything else escaping a servicer is a bug and is a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import grpc
 
 __all__ = [
     "AlreadyExists",
@@ -57,9 +60,12 @@ class FieldViolation:
 
 
 class BrokerError(Exception):
-    """Base of every error the broker reports to a caller as a non-INTERNAL status."""
+    """Base of every error the broker reports to a caller as a non-INTERNAL status.
 
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    ``retry_after_s``, when given, is kept to the millisecond and also stated in
+    ``metadata["retry_after_s"]`` (last), as the caller sees it.
+    """
+
     default_reason = "ERROR"
 
     def __init__(
@@ -68,19 +74,24 @@ class BrokerError(Exception):
         *,
         reason: str | None = None,
         violations: Sequence[FieldViolation] = (),
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.violations = tuple(violations)
         self.metadata = dict(metadata or {})
+        self.retry_after_s: float | None = None
+        if retry_after_s is not None:
+            stated = f"{retry_after_s:.3f}"
+            self.metadata["retry_after_s"] = stated
+            self.retry_after_s = float(stated)
 
 
 class InvalidArgument(BrokerError):
     """A request field has a value the broker cannot accept."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
     @classmethod
@@ -94,21 +105,18 @@ class InvalidArgument(BrokerError):
 class NotFound(BrokerError):
     """The named resource does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
     default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(BrokerError):
     """A resource with that unique name already exists."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(BrokerError):
     """The request is well-formed but the system is not in a state to accept it."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
 
 
@@ -131,28 +139,24 @@ class InvalidTransition(FailedPrecondition):
 class PermissionDenied(BrokerError):
     """The caller is known but may not do this."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
 
 
 class Unauthenticated(BrokerError):
     """The call carries no credential, or one the broker does not know."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
     default_reason = "UNAUTHENTICATED"
 
 
 class ResourceExhausted(BrokerError):
-    """A size or rate limit was hit."""
+    """A size or rate limit was hit (a rate limit says when to retry)."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(BrokerError):
     """The broker cannot serve this now; the caller should retry (possibly elsewhere)."""
 
-    code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
 
 
@@ -169,11 +173,11 @@ class DatabaseUnavailable(Unavailable):
     """The database cannot take a write now (unreachable, connection lost, locked, read-only).
 
     ``reason`` says which: ``DATABASE_UNAVAILABLE``, ``DATABASE_LOCKED`` or
-    ``DATABASE_READ_ONLY``. The answer carries ``google.rpc.RetryInfo`` with
-    ``retry_after_s`` (``broker.api.abort_with`` adds it, as for rate limits).
+    ``DATABASE_READ_ONLY``; ``retry_after_s`` (1 s unless said) is always set.
     """
 
     default_reason = "DATABASE_UNAVAILABLE"
+    retry_after_s: float
 
     def __init__(
         self,
@@ -181,11 +185,6 @@ class DatabaseUnavailable(Unavailable):
         *,
         reason: str | None = None,
         retry_after_s: float = 1.0,
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(
-            message,
-            reason=reason,
-            metadata={**(metadata or {}), "retry_after_s": f"{retry_after_s:.3f}"},
-        )
-        self.retry_after_s = retry_after_s
+        super().__init__(message, reason=reason, metadata=metadata, retry_after_s=retry_after_s)

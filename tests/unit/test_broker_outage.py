@@ -19,7 +19,7 @@ import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from sqlalchemy import exc as sa_exc
 
-from broker.api import ERROR_DOMAIN, abort_with
+from broker.api import ERROR_DOMAIN, abort_with, status_code
 from broker.core import BrokerCore
 from broker.errors import DatabaseUnavailable
 from broker.events import (
@@ -267,7 +267,7 @@ def test_a_read_only_sqlite_file_is_database_read_only(tmp_path: Path):
     with pytest.raises(DatabaseUnavailable) as err:
         store.check_writable()  # reading would succeed: the probe writes and rolls back
     assert err.value.reason == "DATABASE_READ_ONLY"
-    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert status_code(err.value) == grpc.StatusCode.UNAVAILABLE
     assert err.value.retry_after_s == 5.0
     store.close()
 
