@@ -1,0 +1,255 @@
+"""rigshift.v1.JobService: clients submit, list, watch, cancel and quote jobs, read logs
+and download outputs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+from broker import validation as v
+from broker.api.common import own_job, page, streaming, unary
+from broker.artifacts import ArtifactStore
+from broker.auth import Role, current
+from broker.convert import job_pb, timestamp
+from broker.core import Attempt, BrokerCore, Job
+from broker.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from broker.events import (
+    CancelRequested,
+    JobSubmitted,
+)
+from broker.model import TERMINAL_JOB_STATES, JobSpec, JobState
+from broker.scheduler import place
+from broker.service import BrokerService
+from rigshift.v1 import (
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+)
+
+
+class JobServicer(job_service_pb2_grpc.JobServiceServicer):
+    """rigshift.v1.JobService."""
+
+    SERVICE = "JobService"
+
+    def __init__(
+        self,
+        svc: BrokerService,
+        default_max_attempts: int = 3,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
+        self.svc = svc
+        self.default_max_attempts = default_max_attempts
+        self.artifacts = artifacts  # where attempt outputs are kept
+
+    @unary
+    async def CreateJob(self, request, context):  # type: ignore[no-untyped-def]
+        request_id = v.check_request_id(request.request_id)
+        if not request.HasField("spec"):
+            raise InvalidArgument.of([FieldViolation("spec", "is required")])
+        spec = v.check_job_spec(request.spec, self.default_max_attempts)
+        job_id = uuid.uuid4().hex[:16]
+        owner = current().name
+        await self.svc.apply(JobSubmitted(self.svc.clock(), job_id, owner, spec, request_id))
+        if request_id:
+            job_id = self.svc.core.requests[(owner, request_id)]
+        return job_pb(self.svc.core.job(job_id), self.svc.clock())
+
+    @unary
+    async def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+        return job_pb(own_job(self.svc, request.name), self.svc.clock())
+
+    @unary
+    async def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+        limit, offset = v.check_page(request.page_size, request.page_token)
+        states = set()
+        for i, s in enumerate(request.states):
+            if s == job_pb2.Job.STATE_UNSPECIFIED or s not in job_pb2.Job.State.values():
+                raise InvalidArgument.of([FieldViolation(f"states[{i}]", f"unknown state {s}")])
+            states.add(JobState(job_pb2.Job.State.Name(s)))
+        who = current()
+        jobs = [
+            j
+            for j in self.svc.core.jobs.values()
+            if (not states or j.state in states) and (who.role == Role.ADMIN or j.owner == who.name)
+        ]
+        jobs.sort(key=lambda j: (-j.create_time, j.job_id))
+        shown, token = page(jobs, limit, offset)
+        now = self.svc.clock()
+        return job_service_pb2.ListJobsResponse(
+            jobs=[job_pb(j, now) for j in shown], next_page_token=token
+        )
+
+    @unary
+    async def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
+        job = own_job(self.svc, request.name)
+        await self.svc.apply(CancelRequested(self.svc.clock(), job.job_id))
+        return job_pb(job, self.svc.clock())
+
+    @unary
+    async def QuoteJob(self, request, context):  # type: ignore[no-untyped-def]
+        if not request.HasField("spec"):
+            raise InvalidArgument.of([FieldViolation("spec", "is required")])
+        spec = v.check_job_spec(request.spec, self.default_max_attempts)
+        return _quote(self.svc.core, spec, self.svc.clock())
+
+    @streaming
+    async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
+        job = own_job(self.svc, request.name)
+        with self.svc.subscribe(job.job_id) as changed:
+            while True:
+                changed.clear()
+                yield job_pb(job, self.svc.clock())
+                if job.state in TERMINAL_JOB_STATES and not (job.current and job.current.live):
+                    return
+                await changed.wait()
+
+    @streaming
+    async def StreamJobLogs(self, request, context):  # type: ignore[no-untyped-def]
+        job = own_job(self.svc, request.name)
+        job_id = job.job_id
+        last_id = 0
+        with self.svc.subscribe(job_id) as changed:
+            while True:
+                changed.clear()
+                done = job.state in TERMINAL_JOB_STATES and not (job.current and job.current.live)
+                for row in self.svc.store.logs(job_id, last_id):
+                    last_id = row.id or last_id
+                    yield job_service_pb2.LogChunk(attempt=row.attempt, data=row.data)
+                if not request.follow or done:
+                    return
+                await changed.wait()
+
+    @unary
+    async def ListJobOutputs(self, request, context):  # type: ignore[no-untyped-def]
+        job = own_job(self.svc, request.name)
+        return job_service_pb2.ListJobOutputsResponse(
+            outputs=[
+                job_pb2.JobOutput(
+                    attempt=a.number,
+                    sha256=a.output.sha256,
+                    size_bytes=a.output.size_bytes,
+                    create_time=timestamp(a.output.time),
+                    over_limit=a.output.over_limit,
+                    message=a.output.message,
+                )
+                for a in job.attempts
+                if a.output is not None
+            ]
+        )
+
+    @streaming
+    async def DownloadJobOutput(self, request, context):  # type: ignore[no-untyped-def]
+        job = own_job(self.svc, request.name)
+        attempt = _output_attempt(job, request.attempt)
+        assert attempt.output is not None and self.artifacts is not None
+        sha256 = attempt.output.sha256
+        try:
+            size = self.artifacts.size(sha256)
+        except NotFound:
+            raise NotFound(
+                f"the output of jobs/{job.job_id} attempt {attempt.number} is no longer kept "
+                "(removed after the retention period)",
+                reason="OUTPUT_EXPIRED",
+                metadata={"attempt": str(attempt.number), "sha256": sha256},
+            ) from None
+        if not 0 <= request.offset <= size:
+            raise InvalidArgument.of(
+                [FieldViolation("offset", f"must be between 0 and the size ({size})")]
+            )
+        first = job_service_pb2.DownloadJobOutputResponse(
+            sha256=sha256, size_bytes=size, attempt=attempt.number
+        )
+        for data in self.artifacts.read(sha256, request.offset):
+            if first is not None:
+                first.data = data
+                yield first
+                first = None
+            else:
+                yield job_service_pb2.DownloadJobOutputResponse(data=data)
+        if first is not None:  # nothing left after the offset: still say what it is
+            yield first
+
+
+def _output_attempt(job: Job, number: int) -> Attempt:
+    """The attempt whose kept output DownloadJobOutput serves (0: the latest one)."""
+    if number < 0:
+        raise InvalidArgument.of([FieldViolation("attempt", "must be >= 0")])
+    if number == 0:
+        kept = [a for a in job.attempts if a.output and a.output.sha256 and not a.output.over_limit]
+        if not kept:
+            raise NotFound(
+                f"no attempt of jobs/{job.job_id} has kept an output",
+                reason="NO_OUTPUT",
+                metadata={"job": job.job_id},
+            )
+        return kept[-1]
+    if number > len(job.attempts) or job.attempts[number - 1].output is None:
+        raise NotFound(
+            f"attempt {number} of jobs/{job.job_id} has no output",
+            reason="NO_OUTPUT",
+            metadata={"job": job.job_id, "attempt": str(number)},
+        )
+    attempt = job.attempts[number - 1]
+    out = attempt.output
+    assert out is not None
+    if out.over_limit:
+        raise FailedPrecondition(
+            out.message or f"the output of attempt {number} was over the limit and not kept",
+            reason="OUTPUT_OVER_LIMIT",
+            metadata={"attempt": str(number), "size_bytes": str(out.size_bytes)},
+        )
+    if not out.sha256:
+        raise NotFound(
+            out.message or f"attempt {number} of jobs/{job.job_id} kept no output",
+            reason="NO_OUTPUT",
+            metadata={"job": job.job_id, "attempt": str(number)},
+        )
+    return attempt
+
+
+def _quote(core: BrokerCore, spec: JobSpec, now: float) -> job_service_pb2.QuoteJobResponse:
+    """What a spec would pay and how much of the fleet matches it; changes nothing."""
+    probe = Job("quote", "", spec, now)
+    request = core._request(probe)
+    snap = core.snapshot(now)
+    result = place(replace(snap, pending=(replace(request, job_id="quote"),)))
+    matching = free = 0
+    prices = []
+    for worker in snap.workers:
+        rig = core.workers[worker.worker_id]
+        for g in worker.gpus:
+            if spec.gpu_model and g.model != spec.gpu_model:
+                continue
+            if g.vram_mb < spec.min_vram_mb:
+                continue
+            price = core.price_for(probe, g.price_micros_per_gpu_hour, core.floor_of(rig, g.index))
+            cap = spec.max_price_micros_per_gpu_hour
+            if cap and price > cap:
+                continue
+            matching += 1
+            free += g.free
+            prices.append(price)
+    reasons = result.unplaced[0].reasons if result.unplaced else ()
+    return job_service_pb2.QuoteJobResponse(
+        matching_gpus=matching,
+        free_matching_gpus=free,
+        min_price_micros_per_gpu_hour=min(prices, default=0),
+        max_price_micros_per_gpu_hour=max(prices, default=0),
+        placeable_now=bool(result.placements),
+        reasons=[
+            job_pb2.SchedulingReason(
+                resource=r.resource,
+                requested=r.requested,
+                available=r.available,
+                resolvable=r.resolvable,
+                message=r.message,
+            )
+            for r in reasons
+        ],
+    )

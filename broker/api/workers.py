@@ -1,0 +1,208 @@
+"""rigshift.v1.WorkerService: the agent's session (register, heartbeat, the instruction
+stream, and the reports of its attempts turned into core events)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+
+from broker import validation as v
+from broker.api.common import streaming, unary
+from broker.artifacts import ArtifactStore
+from broker.auth import current
+from broker.convert import timestamp
+from broker.errors import (
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
+from broker.events import (
+    AttemptCheckpointed,
+    AttemptFinished,
+    AttemptLog,
+    AttemptOutputReported,
+    AttemptPreparing,
+    AttemptProgress,
+    AttemptReport,
+    AttemptStarted,
+    Cancel,
+    Heartbeat,
+    WorkerRegistered,
+)
+from broker.model import SetupCause
+from broker.service import BrokerService, cancellation, sha256_hex
+from rigshift.v1 import (
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+
+
+class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
+    """rigshift.v1.WorkerService: the agent's session."""
+
+    SERVICE = "WorkerService"
+
+    def __init__(self, svc: BrokerService, lease_ttl_s: float, heartbeat_interval_s: float):
+        self.svc = svc
+        self.lease_ttl_s = lease_ttl_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    def _auth(self, worker: str, context: grpc.aio.ServicerContext) -> str:
+        worker_id = v.parse_name(worker, "workers", "worker")
+        if current().name != worker_id:
+            raise PermissionDenied(
+                f"this credential does not belong to workers/{worker_id}",
+                reason="WRONG_WORKER_CREDENTIAL",
+            )
+        self.svc.core.worker(worker_id)
+        return worker_id
+
+    @unary
+    async def RegisterWorker(self, request, context):  # type: ignore[no-untyped-def]
+        violations = []
+        if not request.enrollment_token:
+            violations.append(FieldViolation("enrollment_token", "is required"))
+        if not request.hostname.strip() or len(request.hostname) > 253:
+            violations.append(FieldViolation("hostname", "must be 1-253 characters"))
+        if len(request.agent_version) > 64:
+            violations.append(FieldViolation("agent_version", "at most 64 characters"))
+        if len(request.metrics_address) > 253:
+            violations.append(FieldViolation("metrics_address", "at most 253 characters"))
+        if violations:
+            raise InvalidArgument.of(violations)
+        gpus = v.check_gpus(list(request.gpus))
+        farm = self.svc.store.farm_by_token(sha256_hex(request.enrollment_token))
+        if farm is None:
+            raise Unauthenticated("enrollment token not recognised", reason="BAD_ENROLLMENT_TOKEN")
+        worker_id = uuid.uuid4().hex[:12]
+        if request.worker:
+            wanted = v.parse_name(request.worker, "workers", "worker")
+            old = self.svc.core.workers.get(wanted)
+            if old is not None and old.farm_id == farm.id:
+                worker_id = wanted
+        credential = self.svc.new_credential(worker_id)
+        await self.svc.apply(
+            WorkerRegistered(
+                self.svc.clock(),
+                worker_id,
+                farm.id,
+                request.hostname.strip(),
+                request.agent_version,
+                gpus,
+                request.metrics_address,
+            )
+        )
+        return worker_service_pb2.RegisterWorkerResponse(
+            worker=f"workers/{worker_id}",
+            credential=credential,
+            lease_ttl_seconds=int(self.lease_ttl_s),
+            heartbeat_interval_seconds=max(1, int(self.heartbeat_interval_s)),
+        )
+
+    @unary
+    async def Heartbeat(self, request, context):  # type: ignore[no-untyped-def]
+        worker_id = self._auth(request.worker, context)
+        environments = None
+        if request.HasField("status"):
+            environments = tuple(_sha_list(request.status.environments, "status.environments"))
+        await self.svc.apply(Heartbeat(self.svc.clock(), worker_id, environments))
+        worker = self.svc.core.workers[worker_id]
+        return worker_service_pb2.HeartbeatResponse(
+            lease_expire_time=timestamp(worker.lease_expires_at),
+            status_wanted=worker.environments is None,
+        )
+
+    @streaming
+    async def StreamInstructions(self, request, context):  # type: ignore[no-untyped-def]
+        worker_id = self._auth(request.worker, context)
+        queue = self.svc.open_stream(worker_id)
+        try:
+            while True:
+                instruction = await queue.get()
+                if instruction is None:
+                    return
+                yield instruction
+        finally:
+            self.svc.close_stream(worker_id, queue)
+
+    @unary
+    async def ReportJobEvents(self, request, context):  # type: ignore[no-untyped-def]
+        worker_id = self._auth(request.worker, context)
+        if len(request.events) > 1000:
+            raise InvalidArgument.of([FieldViolation("events", "at most 1000 per call")])
+        now = self.svc.clock()
+        events: list[AttemptReport] = []
+        for i, e in enumerate(request.events):
+            events.append(_report_event(i, e, worker_id, now))
+        fresh = [e for e in events if not self.svc.core.is_duplicate(e)]
+        cmds = await self.svc.apply(*fresh)
+        stale = {}
+        for c in cmds:
+            if isinstance(c, Cancel) and c.worker_id == worker_id:
+                stale[(c.job_id, c.attempt)] = cancellation(c).cancellation
+        return worker_service_pb2.ReportJobEventsResponse(
+            applied=len(fresh), stale=list(stale.values())
+        )
+
+
+def _report_event(
+    i: int, e: worker_service_pb2.JobEvent, worker_id: str, now: float
+) -> AttemptReport:
+    job_id = v.parse_name(e.job, "jobs", f"events[{i}].job")
+    bad = []
+    if e.attempt < 1:
+        bad.append(FieldViolation(f"events[{i}].attempt", "must be >= 1"))
+    if e.sequence < 1:
+        bad.append(FieldViolation(f"events[{i}].sequence", "must be >= 1"))
+    kind = e.WhichOneof("kind")
+    if kind is None:
+        bad.append(FieldViolation(f"events[{i}].kind", "one of started/log/progress/finished"))
+    if bad:
+        raise InvalidArgument.of(bad)
+    base = (now, worker_id, job_id, e.attempt, e.sequence)
+    if kind == "preparing":
+        return AttemptPreparing(*base)
+    if kind == "started":
+        return AttemptStarted(*base, setup_ms=max(0, e.started.setup_milliseconds))
+    if kind == "output":
+        out = e.output
+        if out.sha256:
+            _sha_list([out.sha256], f"events[{i}].output.sha256")
+        return AttemptOutputReported(
+            *base,
+            sha256=out.sha256,
+            size_bytes=max(0, out.size_bytes),
+            over_limit=out.over_limit,
+            message=out.message[:1024],
+        )
+    if kind == "log":
+        if len(e.log.data) > 1 << 20:
+            raise InvalidArgument.of([FieldViolation(f"events[{i}].log.data", "at most 1 MiB")])
+        return AttemptLog(*base, data=e.log.data)
+    if kind == "progress":
+        return AttemptProgress(*base, energy_joules=max(0, e.progress.energy_joules))
+    if kind == "checkpoint":
+        (sha,) = _sha_list([e.checkpoint.sha256], f"events[{i}].checkpoint.sha256")
+        return AttemptCheckpointed(*base, sha256=sha)
+    cause = e.finished.cause
+    return AttemptFinished(
+        *base,
+        exit_code=e.finished.exit_code,
+        energy_joules=max(0, e.finished.energy_joules),
+        message=e.finished.message[:1024],
+        cause=SetupCause(worker_service_pb2.Finished.Cause.Name(cause)) if cause else None,
+        setup_ms=max(0, e.finished.setup_milliseconds),
+    )
+
+
+def _sha_list(values: Any, field: str) -> list[str]:
+    """Hex sha256 strings (at most 64), else InvalidArgument naming ``field``."""
+    out = list(values)
+    if len(out) > 64:
+        raise InvalidArgument.of([FieldViolation(field, "at most 64 entries")])
+    for sha in out:
+        ArtifactStore.check(sha, field)
+    return out
