@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from broker import validation as v
 from broker.api.common import unary
 from broker.auth import Role
@@ -11,6 +13,7 @@ from broker.errors import (
     InvalidArgument,
 )
 from broker.service import BrokerService
+from broker.store import ApiKeyRow
 from rigshift.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -26,7 +29,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self.svc = svc
 
     @staticmethod
-    def _key_pb(row, secret: str = "") -> admin_service_pb2.ApiKey:  # type: ignore[no-untyped-def]
+    def _key_pb(row: ApiKeyRow, secret: str = "") -> admin_service_pb2.ApiKey:
         return admin_service_pb2.ApiKey(
             name=f"apiKeys/{row.id}",
             role=row.role,
@@ -38,7 +41,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         )
 
     @unary
-    async def CreateApiKey(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateApiKey(
+        self, request: admin_service_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_service_pb2.ApiKey:
         bad = []
         roles = {
             admin_service_pb2.ApiKey.CLIENT: Role.CLIENT,
@@ -68,13 +73,17 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return self._key_pb(row, secret)
 
     @unary
-    async def ListApiKeys(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListApiKeys(
+        self, request: admin_service_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> admin_service_pb2.ListApiKeysResponse:
         return admin_service_pb2.ListApiKeysResponse(
             api_keys=[self._key_pb(r) for r in self.svc.store.api_keys()]
         )
 
     @unary
-    async def RevokeApiKey(self, request, context):  # type: ignore[no-untyped-def]
+    async def RevokeApiKey(
+        self, request: admin_service_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_service_pb2.ApiKey:
         row = self.svc.store.revoke_api_key(v.parse_name(request.name, "apiKeys"))
         self.svc.reload_api_keys()
         return self._key_pb(row)

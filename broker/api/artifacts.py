@@ -4,8 +4,11 @@ working directories, checkpoints, inputs and outputs, and who may read which."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
-from broker.api.boundary import well_formed
+import grpc
+
+from broker.api.boundary import MalformedRequest, well_formed
 from broker.api.common import streaming, unary
 from broker.artifacts import CHUNK_BYTES, ArtifactStore, Purpose
 from broker.auth import Principal, Role, current
@@ -34,7 +37,13 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         self.artifacts = artifacts
 
     @unary
-    async def UploadArtifact(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    async def UploadArtifact(
+        self,
+        request_iterator: AsyncIterator[
+            artifact_service_pb2.UploadArtifactRequest | MalformedRequest
+        ],
+        context: grpc.aio.ServicerContext,
+    ) -> artifact_service_pb2.Artifact:
         writer = None
         sha256 = ""
         size = 0
@@ -84,7 +93,11 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         return purpose
 
     @unary
-    async def GetUploadStatus(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetUploadStatus(
+        self,
+        request: artifact_service_pb2.GetUploadStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> artifact_service_pb2.UploadStatus:
         sha256 = self.artifacts.check(request.sha256)
         complete, received = self.artifacts.status(sha256)
         return artifact_service_pb2.UploadStatus(
@@ -114,7 +127,11 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         return not producers or bool(readers & producers)
 
     @streaming
-    async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+    async def DownloadArtifact(
+        self,
+        request: artifact_service_pb2.DownloadArtifactRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[artifact_service_pb2.ArtifactChunk]:
         self.artifacts.check(request.sha256)
         who = current()
         if who.role != Role.ADMIN and not self._may_read(who, request.sha256):

@@ -7,6 +7,9 @@ import json
 import secrets
 import uuid
 from dataclasses import replace
+from typing import TypedDict
+
+import grpc
 
 from broker import validation as v
 from broker.api.common import farm_scope, page, unary
@@ -53,7 +56,9 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         return farm_pb(row, token, self._watts(row.id))
 
     @unary
-    async def CreateFarm(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateFarm(
+        self, request: farm_service_pb2.CreateFarmRequest, context: grpc.aio.ServicerContext
+    ) -> farm_pb2.Farm:
         if not request.HasField("farm"):
             raise InvalidArgument.of([FieldViolation("farm", "is required")])
         f = request.farm
@@ -78,7 +83,9 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         return self._farm(row, token)
 
     @unary
-    async def UpdateFarm(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateFarm(
+        self, request: farm_service_pb2.UpdateFarmRequest, context: grpc.aio.ServicerContext
+    ) -> farm_pb2.Farm:
         if not request.HasField("farm"):
             raise InvalidArgument.of([FieldViolation("farm", "is required")])
         farm_id = farm_scope(request.farm.name, "farm.name") or v.parse_name(
@@ -121,12 +128,16 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         return self._farm(row)
 
     @unary
-    async def GetFarm(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetFarm(
+        self, request: farm_service_pb2.GetFarmRequest, context: grpc.aio.ServicerContext
+    ) -> farm_pb2.Farm:
         farm_id = farm_scope(request.name, "name") or v.parse_name(request.name, "farms")
         return self._farm(self.svc.store.get_farm(farm_id))
 
     @unary
-    async def ListWorkers(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListWorkers(
+        self, request: farm_service_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> farm_service_pb2.ListWorkersResponse:
         limit, offset = v.check_page(request.page_size, request.page_token)
         farm_id = farm_scope(request.parent)
         if farm_id and farm_id not in self.svc.core.farms:
@@ -142,7 +153,9 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         )
 
     @unary
-    async def DrainWorker(self, request, context):  # type: ignore[no-untyped-def]
+    async def DrainWorker(
+        self, request: farm_service_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> farm_pb2.Worker:
         worker_id = v.parse_name(request.name, "workers")
         caller = current()
         if caller.role == Role.WORKER:
@@ -159,7 +172,9 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         return worker_pb(self.svc.core.worker(worker_id), self.svc.core, self.svc.clock())
 
     @unary
-    async def GetEarnings(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetEarnings(
+        self, request: farm_service_pb2.GetEarningsRequest, context: grpc.aio.ServicerContext
+    ) -> farm_service_pb2.GetEarningsResponse:
         farm_id = farm_scope(request.parent)
         if farm_id and farm_id not in self.svc.core.farms:
             self.svc.store.get_farm(farm_id)  # NotFound for an unknown farm
@@ -176,7 +191,19 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
         )
 
 
-def _terms_columns(terms: FarmTerms) -> dict[str, object]:
+class TermsColumns(TypedDict):
+    """The columns of a ``FarmRow`` that hold the farm's economic terms."""
+
+    tariff_micros_per_kwh: int
+    pue_permille: int
+    broker_fee_permille: int
+    margin_micros_per_gpu_hour: int
+    mining_json: str
+    asks_json: str
+    tariff_windows_json: str
+
+
+def _terms_columns(terms: FarmTerms) -> TermsColumns:
     return {
         "tariff_micros_per_kwh": terms.tariff_micros_per_kwh,
         "pue_permille": terms.pue_permille,

@@ -4,7 +4,10 @@ and download outputs."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
+
+import grpc
 
 from broker import validation as v
 from broker.api.common import own_job, page, streaming, unary
@@ -48,7 +51,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self.artifacts = artifacts  # where attempt outputs are kept
 
     @unary
-    async def CreateJob(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateJob(
+        self, request: job_service_pb2.CreateJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_pb2.Job:
         request_id = v.check_request_id(request.request_id)
         if not request.HasField("spec"):
             raise InvalidArgument.of([FieldViolation("spec", "is required")])
@@ -61,11 +66,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return job_pb(self.svc.core.job(job_id), self.svc.clock())
 
     @unary
-    async def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetJob(
+        self, request: job_service_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_pb2.Job:
         return job_pb(own_job(self.svc, request.name), self.svc.clock())
 
     @unary
-    async def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListJobs(
+        self, request: job_service_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.ListJobsResponse:
         limit, offset = v.check_page(request.page_size, request.page_token)
         states = set()
         for i, s in enumerate(request.states):
@@ -86,20 +95,26 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         )
 
     @unary
-    async def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
+    async def CancelJob(
+        self, request: job_service_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_pb2.Job:
         job = own_job(self.svc, request.name)
         await self.svc.apply(CancelRequested(self.svc.clock(), job.job_id))
         return job_pb(job, self.svc.clock())
 
     @unary
-    async def QuoteJob(self, request, context):  # type: ignore[no-untyped-def]
+    async def QuoteJob(
+        self, request: job_service_pb2.QuoteJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.QuoteJobResponse:
         if not request.HasField("spec"):
             raise InvalidArgument.of([FieldViolation("spec", "is required")])
         spec = v.check_job_spec(request.spec, self.default_max_attempts)
         return _quote(self.svc.core, spec, self.svc.clock())
 
     @streaming
-    async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
+    async def WatchJob(
+        self, request: job_service_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[job_pb2.Job]:
         job = own_job(self.svc, request.name)
         with self.svc.subscribe(job.job_id) as changed:
             while True:
@@ -110,7 +125,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 await changed.wait()
 
     @streaming
-    async def StreamJobLogs(self, request, context):  # type: ignore[no-untyped-def]
+    async def StreamJobLogs(
+        self, request: job_service_pb2.StreamJobLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[job_service_pb2.LogChunk]:
         job = own_job(self.svc, request.name)
         job_id = job.job_id
         last_id = 0
@@ -126,7 +143,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 await changed.wait()
 
     @unary
-    async def ListJobOutputs(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListJobOutputs(
+        self, request: job_service_pb2.ListJobOutputsRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.ListJobOutputsResponse:
         job = own_job(self.svc, request.name)
         return job_service_pb2.ListJobOutputsResponse(
             outputs=[
@@ -144,7 +163,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         )
 
     @streaming
-    async def DownloadJobOutput(self, request, context):  # type: ignore[no-untyped-def]
+    async def DownloadJobOutput(
+        self, request: job_service_pb2.DownloadJobOutputRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[job_service_pb2.DownloadJobOutputResponse]:
         job = own_job(self.svc, request.name)
         attempt = _output_attempt(job, request.attempt)
         assert attempt.output is not None and self.artifacts is not None
@@ -162,8 +183,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             raise InvalidArgument.of(
                 [FieldViolation("offset", f"must be between 0 and the size ({size})")]
             )
-        first = job_service_pb2.DownloadJobOutputResponse(
-            sha256=sha256, size_bytes=size, attempt=attempt.number
+        first: job_service_pb2.DownloadJobOutputResponse | None = (
+            job_service_pb2.DownloadJobOutputResponse(
+                sha256=sha256, size_bytes=size, attempt=attempt.number
+            )
         )
         for data in self.artifacts.read(sha256, request.offset):
             if first is not None:

@@ -4,6 +4,7 @@ stream, and the reports of its attempts turned into core events)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -61,7 +62,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         return worker_id
 
     @unary
-    async def RegisterWorker(self, request, context):  # type: ignore[no-untyped-def]
+    async def RegisterWorker(
+        self, request: worker_service_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.RegisterWorkerResponse:
         violations = []
         if not request.enrollment_token:
             violations.append(FieldViolation("enrollment_token", "is required"))
@@ -103,7 +106,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         )
 
     @unary
-    async def Heartbeat(self, request, context):  # type: ignore[no-untyped-def]
+    async def Heartbeat(
+        self, request: worker_service_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.HeartbeatResponse:
         worker_id = self._auth(request.worker, context)
         environments = None
         if request.HasField("status"):
@@ -116,7 +121,11 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         )
 
     @streaming
-    async def StreamInstructions(self, request, context):  # type: ignore[no-untyped-def]
+    async def StreamInstructions(
+        self,
+        request: worker_service_pb2.StreamInstructionsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[worker_service_pb2.Instruction]:
         worker_id = self._auth(request.worker, context)
         queue = self.svc.open_stream(worker_id)
         try:
@@ -129,7 +138,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             self.svc.close_stream(worker_id, queue)
 
     @unary
-    async def ReportJobEvents(self, request, context):  # type: ignore[no-untyped-def]
+    async def ReportJobEvents(
+        self, request: worker_service_pb2.ReportJobEventsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.ReportJobEventsResponse:
         worker_id = self._auth(request.worker, context)
         if len(request.events) > 1000:
             raise InvalidArgument.of([FieldViolation("events", "at most 1000 per call")])
