@@ -4,8 +4,7 @@ stream, and the reports of its attempts turned into core events)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
@@ -209,7 +208,7 @@ def _report_event(
     )
 
 
-def _sha_list(values: Any, field: str) -> list[str]:
+def _sha_list(values: Iterable[str], field: str) -> list[str]:
     """Hex sha256 strings (at most 64), else InvalidArgument naming ``field``."""
     out = list(values)
     if len(out) > 64:
