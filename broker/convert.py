@@ -239,11 +239,6 @@ def earnings_pb(
     ``farm_name`` maps a farm id to its display name."""
     rows = []
     for line in earnings(core, farm_id=farm_id, since=since, group_by=group_by):
-        terms = core.farms.get(line.farm_id)
-        mining = line.mining_usd_per_kwh
-        if not line.energy_joules and terms and terms.mining_micros_per_kwh:
-            table = [m for _, m in terms.mining_micros_per_kwh]
-            mining = sum(table) / len(table) / 1e6  # no sales yet: the farm's average
         rows.append(
             farm_service_pb2.EarningsRow(
                 key=line.key,
@@ -256,7 +251,7 @@ def earnings_pb(
                 energy_cost_micros=line.energy_cost_micros,
                 margin_micros=line.margin_micros,
                 revenue_usd_per_kwh=line.revenue_usd_per_kwh,
-                mining_usd_per_kwh=mining,
+                mining_usd_per_kwh=line.mining_usd_per_kwh,
                 attempts=line.attempts,
                 farm_display_name=farm_name(line.farm_id),
             )

@@ -2,17 +2,58 @@
 
 Revenue is what the farm was paid (the ``payout`` legs of the ledger), energy
 cost is the attempt's metered joules at the farm's tariff x PUE, and mining per
-kWh is what the operator said the same GPUs earn mining, weighted by energy.
+kWh is :func:`mining_usd_per_kwh`: what mining would have paid per kWh for the
+same energy. The broker's ``rigshift_farm_mining_usd_per_kwh`` gauge uses the
+same function, so there is one definition of the figure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from broker.core import BrokerCore
+from broker.core import Attempt, BrokerCore, Worker
 from broker.economics import J_PER_KWH, FarmTerms, energy_cost_micros
 
-__all__ = ["EarningsLine", "earnings"]
+__all__ = ["EarningsLine", "earnings", "joules_by_model", "mining_usd_per_kwh"]
+
+
+def mining_usd_per_kwh(terms: FarmTerms | None, joules: Mapping[str, int]) -> float:
+    """What mining would have paid per kWh for this energy, in USD (display only).
+
+    ``joules`` is the energy that AI attempts drew in some period, by the GPU model that
+    drew it. Each kWh is valued at the farm's mining figure for its model (a model
+    without a figure counts as 0), so the result is energy-weighted:
+    ``sum(joules[m] x mining[m]) / sum(joules)``. A farm whose GPUs drew nothing in the
+    period gets the mean of its mining table (what an average kWh would earn mining);
+    0 when it set no mining figure (or ``terms`` is None).
+    """
+    if terms is None or not terms.mining_micros_per_kwh:
+        return 0.0
+    total = sum(joules.values())
+    if not total:
+        table = [micros for _, micros in terms.mining_micros_per_kwh]
+        return sum(table) / len(table) / 1e6
+    weighted = sum(j * terms.mining_for(model) for model, j in joules.items())
+    return weighted / total / 1e6
+
+
+def joules_by_model(worker: Worker, attempt: Attempt) -> dict[str, int]:
+    """The attempt's metered joules by GPU model, split evenly over its GPUs
+    (the way :func:`earnings` splits them; "?" for a GPU the worker no longer lists)."""
+    out: dict[str, int] = {}
+    n = len(attempt.gpu_indices)
+    if not n:
+        return out
+    for index, joules in zip(attempt.gpu_indices, _split(attempt.energy_joules, n), strict=True):
+        model = _model(worker, index)
+        out[model] = out.get(model, 0) + joules
+    return out
+
+
+def _model(worker: Worker, index: int) -> str:
+    gpu = worker.gpus.get(index)
+    return gpu.info.model if gpu else "?"
 
 
 @dataclass(slots=True)
@@ -27,7 +68,8 @@ class EarningsLine:
     revenue_micros: int = 0
     energy_cost_micros: int = 0
     attempts: int = 0
-    mining_micro_joules: int = 0  # sum of joules x mining micros/kWh, to weight the rate
+    mining_usd_per_kwh: float = 0.0  # see mining_usd_per_kwh(); display only
+    model_joules: dict[str, int] = field(default_factory=dict)  # energy by GPU model
     model_ms: dict[str, int] | None = None
 
     @property
@@ -45,13 +87,6 @@ class EarningsLine:
         """Revenue per kWh in USD (display only)."""
         return self.revenue_micros / 1e6 / self.kwh if self.energy_joules else 0.0
 
-    @property
-    def mining_usd_per_kwh(self) -> float:
-        """Energy-weighted mining alternative in USD per kWh (display only)."""
-        if not self.energy_joules:
-            return 0.0
-        return self.mining_micro_joules / self.energy_joules / 1e6
-
 
 def _split(total: int, parts: int) -> list[int]:
     base, rest = divmod(total, parts)
@@ -61,7 +96,11 @@ def _split(total: int, parts: int) -> list[int]:
 def earnings(
     core: BrokerCore, *, farm_id: str = "", since: float = 0.0, group_by: str = "farm"
 ) -> list[EarningsLine]:
-    """Rows sorted by key; every farm appears when grouping by farm, even with no sales."""
+    """Rows sorted by key; every farm appears when grouping by farm, even with no sales.
+
+    A row's ``mining_usd_per_kwh`` is :func:`mining_usd_per_kwh` of its farm's terms and
+    the row's energy by GPU model.
+    """
     payouts: dict[tuple[str, int], int] = {}
     for e in core.ledger:
         if e.kind == "payout":
@@ -92,8 +131,7 @@ def earnings(
                 strict=True,
             )
             for index, ms, joules, rev, cst in shares:
-                gpu = worker.gpus.get(index)
-                model = gpu.info.model if gpu else "?"
+                model = _model(worker, index)
                 key = {
                     "farm": f"farms/{worker.farm_id}",
                     "worker": f"workers/{worker.worker_id}",
@@ -104,7 +142,7 @@ def earnings(
                 row.energy_joules += joules
                 row.revenue_micros += rev
                 row.energy_cost_micros += cst
-                row.mining_micro_joules += joules * terms.mining_for(model)
+                row.model_joules[model] = row.model_joules.get(model, 0) + joules
                 row.model_ms = row.model_ms or {}
                 row.model_ms[model] = row.model_ms.get(model, 0) + ms
             row_keys = {
@@ -115,6 +153,7 @@ def earnings(
             for key in row_keys:
                 rows[key].attempts += 1
     for row in rows.values():
+        row.mining_usd_per_kwh = mining_usd_per_kwh(core.farms.get(row.farm_id), row.model_joules)
         if row.model_ms:
             row.gpu_model = max(sorted(row.model_ms), key=lambda m: row.model_ms[m])  # type: ignore[index]
     return [rows[k] for k in sorted(rows)]

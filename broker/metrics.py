@@ -48,7 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from broker.core import BrokerCore, Job, Worker
-from broker.economics import BOARD_WATTS
+from broker.earnings import joules_by_model, mining_usd_per_kwh
 from broker.events import (
     Assign,
     Command,
@@ -195,7 +195,8 @@ _FLEET_FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "rigshift_farm_mining_usd_per_kwh",
         "gauge",
         ("farm",),
-        "What the farm's GPUs would earn per kWh mining (power-weighted; 0 when not set).",
+        "What mining would have paid per kWh for the energy in rigshift_farm_energy_joules "
+        "(energy-weighted by GPU model; 0 when not set).",
     ),
     (
         "rigshift_ledger_imbalance_micros",
@@ -254,7 +255,6 @@ class FleetCollector(Collector):
             out["rigshift_farm_gpu_power_limit_watts"][farm] = 0
             out["rigshift_farm_energy_joules"][farm] = 0
             out["rigshift_farm_revenue_usd"][farm] = 0.0
-            out["rigshift_farm_mining_usd_per_kwh"][farm] = self._mining_usd_per_kwh(farm_id)
             for ws in WorkerState:
                 out["rigshift_workers"][(*farm, _state_label(ws))] = 0
         self._jobs(out)
@@ -274,6 +274,7 @@ class FleetCollector(Collector):
         for kind in SLA_EVENT_KINDS:
             sla[(kind,)] = credits[(kind,)] = 0
         energy: dict[str, int] = collections.defaultdict(int)  # joules by farm id
+        models: dict[str, dict[str, int]] = collections.defaultdict(dict)  # ... and GPU model
         for job in core.jobs.values():
             tier = tier_of(job)
             jobs[(_state_label(job.state), tier)] += 1
@@ -284,13 +285,21 @@ class FleetCollector(Collector):
                 worker = core.workers.get(attempt.worker_id)
                 if attempt.settled and attempt.energy_joules and worker is not None:
                     energy[worker.farm_id] += attempt.energy_joules
+                    by_model = models[worker.farm_id]
+                    for model, joules in joules_by_model(worker, attempt).items():
+                        by_model[model] = by_model.get(model, 0) + joules
             for event in job.sla_events:
                 key = (_state_label(event.kind),)
                 if key in sla:
                     sla[key] += 1
                     credits[key] += event.credit_micros / MICROS_PER_USD
-        for farm_id, joules in energy.items():
-            out["rigshift_farm_energy_joules"][(self.farm_name(farm_id),)] += joules
+        farms = {w.farm_id for w in core.workers.values()} | set(core.farms)
+        for farm_id in farms:
+            farm = (self.farm_name(farm_id),)
+            out["rigshift_farm_energy_joules"][farm] += energy.get(farm_id, 0)
+            # The one definition of the figure, the one GetEarnings reports (broker.earnings).
+            mining = mining_usd_per_kwh(core.farms.get(farm_id), models.get(farm_id, {}))
+            out["rigshift_farm_mining_usd_per_kwh"][farm] = mining
 
     def _fleet(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
         workers, gpus = out["rigshift_workers"], out["rigshift_gpus"]
@@ -327,28 +336,6 @@ class FleetCollector(Collector):
         out["rigshift_ledger_imbalance_micros"][()] = self._ledger_sum
         for farm_id, micros in self._payouts.items():
             out["rigshift_farm_revenue_usd"][(self.farm_name(farm_id),)] = micros / MICROS_PER_USD
-
-    def _mining_usd_per_kwh(self, farm_id: str) -> float:
-        """The farm's mining alternative per kWh, weighted by the power of its GPUs.
-
-        Over the GPUs of its ONLINE and DRAINING workers (a model without a
-        mining figure counts as 0); with none of those, the mean of its table.
-        """
-        terms = self.core.farms.get(farm_id)
-        if terms is None or not terms.mining_micros_per_kwh:
-            return 0.0
-        weighted = watts = 0
-        for w in self.core.workers.values():
-            if w.farm_id != farm_id or w.state == WorkerState.OFFLINE:
-                continue
-            for gpu in w.gpus.values():
-                p = gpu.info.power_limit_watts or BOARD_WATTS.get(gpu.info.model, 250)
-                weighted += p * terms.mining_for(gpu.info.model)
-                watts += p
-        if not watts:
-            table = [micros for _, micros in terms.mining_micros_per_kwh]
-            return sum(table) / len(table) / MICROS_PER_USD
-        return weighted / watts / MICROS_PER_USD
 
 
 class BrokerMetrics:

@@ -192,9 +192,9 @@ def _measure(out: Outcome, core: ReplayCore, trace: Trace, fleet: Fleet) -> None
     rows = earnings(core, group_by="farm")
     revenue = sum(r.revenue_micros for r in rows)
     joules = sum(r.energy_joules for r in rows)
-    mining = sum(r.mining_micro_joules for r in rows)
+    mining = sum(r.mining_usd_per_kwh * r.energy_joules for r in rows)  # energy-weighted
     out.revenue_usd = revenue / 1e6
     out.kwh = joules / 3_600_000
     out.revenue_usd_per_kwh = revenue / 1e6 / out.kwh if joules else 0.0
-    out.mining_usd_per_kwh = mining / joules / 1e6 if joules else 0.0
+    out.mining_usd_per_kwh = mining / joules if joules else 0.0
     out.ledger_problems = ledger_problems(core)

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from broker.core import BrokerCore
+from broker.earnings import earnings, mining_usd_per_kwh
 from broker.economics import FarmTerms, LedgerEntry
 from broker.events import (
     Assign,
@@ -183,18 +184,50 @@ def test_ledger_imbalance_is_the_sum_of_all_entries(h: Harness):
     assert h.value("rigshift_ledger_imbalance_micros") == 0
 
 
-def test_mining_alternative_is_weighted_by_gpu_power(h: Harness):
-    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == 0  # not configured
+def test_mining_alternative_is_energy_weighted_like_earnings(h: Harness):
+    """The gauge is broker.earnings.mining_usd_per_kwh over the energy the farm counts in
+    rigshift_farm_energy_joules: the same figure as GetEarnings' farm row."""
+
+    def gauge() -> float | None:
+        return h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A")
+
+    def earnings_row() -> float:
+        (row,) = [r for r in earnings(h.core, group_by="farm") if r.farm_id == "f1"]
+        return row.mining_usd_per_kwh
+
+    assert gauge() == 0  # not configured (and no earnings row: the core knows no terms)
     mining = (("RTX 3090", 200_000), ("RTX 3060", 100_000))
     h.apply(FarmConfigured(1.0, FarmTerms("f1", mining_micros_per_kwh=mining)))
-    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == 0.2  # 2 x RTX 3090
+    assert gauge() == pytest.approx(0.15) == earnings_row()  # no energy yet: the table's mean
     rtx3060 = (GpuInfo(0, "u", "RTX 3060", 12288, 150, 300_000),)
     h.apply(WorkerRegistered(2.0, "w2", "f1", "rig-2", "1.0", rtx3060, ""))
-    # (2 x 350 W x $0.20 + 150 W x $0.10) / 850 W
-    expected = (2 * 350 * 0.2 + 150 * 0.1) / 850
-    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == pytest.approx(expected)
-    h.apply(Tick(100.0))  # every worker offline: the mean of the farm's table
-    assert h.value("rigshift_farm_mining_usd_per_kwh", farm="Farm A") == pytest.approx(0.15)
+    h.apply(JobSubmitted(3.0, "j1", "alice", spec(2, gpu_model="RTX 3090")))
+    h.apply(JobSubmitted(3.0, "j2", "alice", spec(1, gpu_model="RTX 3060")))
+    h.apply(SchedulePass(4.0))
+    h.apply(AttemptStarted(5.0, "w1", "j1", 1, 1))
+    h.apply(AttemptStarted(5.0, "w2", "j2", 1, 1))
+    h.apply(AttemptFinished(6.0, "w1", "j1", 1, 2, exit_code=0, energy_joules=2_000_000))
+    h.apply(AttemptFinished(6.0, "w2", "j2", 1, 2, exit_code=0, energy_joules=1_000_000))
+    assert h.value("rigshift_farm_energy_joules_total", farm="Farm A") == 3_000_000
+    # Energy-weighted: (2 000 000 J x $0.20 + 1 000 000 J x $0.10) / 3 000 000 J = $0.1667;
+    # weighting by power limits instead would give (700 W x 0.20 + 150 W x 0.10) / 850 W.
+    assert gauge() == pytest.approx((2_000_000 * 0.2 + 1_000_000 * 0.1) / 3_000_000)
+    assert gauge() == earnings_row()
+    h.apply(Tick(100.0))  # every worker offline: the energy, and so the figure, stays
+    assert gauge() == pytest.approx(0.5 / 3) == earnings_row()
+
+
+def test_mining_per_kwh_weights_each_kwh_by_its_gpu_model():
+    terms = FarmTerms("f", mining_micros_per_kwh=(("RTX 3090", 200_000), ("RTX 3060", 90_000)))
+    assert mining_usd_per_kwh(None, {"RTX 3090": 1}) == 0
+    assert mining_usd_per_kwh(FarmTerms("f"), {"RTX 3090": 1}) == 0  # no mining table
+    assert mining_usd_per_kwh(terms, {}) == pytest.approx(0.145)  # no energy: the mean
+    assert mining_usd_per_kwh(terms, {"RTX 3090": 0}) == pytest.approx(0.145)
+    assert mining_usd_per_kwh(terms, {"RTX 3090": 3_600_000}) == pytest.approx(0.2)
+    # 1 kWh at $0.20 + 3 kWh at $0.09 + 1 kWh of a model without a figure ($0) = $0.47 / 5 kWh
+    kwh = 3_600_000
+    mixed = {"RTX 3090": kwh, "RTX 3060": 3 * kwh, "A100": kwh}
+    assert mining_usd_per_kwh(terms, mixed) == pytest.approx(0.47 / 5)
 
 
 def test_sd_lists_online_and_draining_workers_with_an_address(h: Harness):
