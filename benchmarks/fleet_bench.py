@@ -61,18 +61,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc
 import psutil
 
+from rigshift.catalogue import CATALOGUE
 from rigshift.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
 
-GPU_MODELS = (  # model, VRAM MiB, board watts, ask micro-dollars per GPU-hour
-    ("RTX 3060", 12_288, 170, 120_000),
-    ("RTX 3070", 8_192, 220, 140_000),
-    ("RTX 3080", 10_240, 320, 180_000),
-    ("RTX 3090", 24_576, 350, 250_000),
-    ("RX 6800 XT", 16_384, 300, 150_000),
-    ("A4000", 16_384, 140, 220_000),
-)
+FLEET_MODELS = ("RTX 3060", "RTX 3070", "RTX 3080", "RTX 3090", "RX 6800 XT", "A4000")
+GPU_MODELS = tuple(m for m in CATALOGUE if m.name in FLEET_MODELS)  # the rigs' models, in turn
 AGENTS_PER_CHANNEL = 1_000  # agents sharing one grpc.aio channel (one HTTP/2 connection)
 REPORT_TIMEOUT_S = 30.0
 
@@ -155,15 +150,15 @@ class SimAgent:
         self.call: Any = None
 
     def gpus(self) -> list[ws.GpuInfo]:
-        model, vram, watts, ask = GPU_MODELS[self.number % len(GPU_MODELS)]
+        model = GPU_MODELS[self.number % len(GPU_MODELS)]
         return [
             ws.GpuInfo(
                 index=i,
                 uuid=f"SIM-{self.number}-{i}",
-                model=model,
-                vram_mb=vram,
-                power_limit_watts=watts,
-                price_micros_per_gpu_hour=ask,
+                model=model.name,
+                vram_mb=model.vram_mb,
+                power_limit_watts=model.board_power_w,
+                price_micros_per_gpu_hour=model.default_price_micros_per_gpu_hour,
                 pcie_link_width=1,
             )
             for i in range(self.gen.cfg.gpus_per_agent)
@@ -608,8 +603,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             address = broker.start()
             os.environ["RIGSHIFT_HOME"] = str(broker.cred_home)
             os.environ.pop("RIGSHIFT_API_KEY", None)
-            from client.credentials import lookup_api_key
             from client.sdk import Client
+            from rigshift.credentials import lookup_api_key
 
             api_key, token = "", "bare"
             if not args.bare_grpc:

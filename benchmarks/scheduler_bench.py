@@ -44,14 +44,13 @@ from broker.scheduler import (
     WorkerCapacity,
     place,
 )
+from rigshift.catalogue import CATALOGUE
 
-MODELS = {  # model: (VRAM MB, base ask in micro-dollars per GPU-hour)
-    "RTX 3060": (12_288, 120_000),
-    "RTX 3070": (8_192, 140_000),
-    "RTX 3080": (10_240, 180_000),
-    "RTX 3090": (24_576, 250_000),
-    "RX 6800 XT": (16_384, 150_000),
-    "A4000": (16_384, 220_000),
+FLEET_MODELS = ("RTX 3060", "RTX 3070", "RTX 3080", "RTX 3090", "RX 6800 XT", "A4000")
+MODELS = {  # model: (VRAM MB, base ask in micro-dollars per GPU-hour), from rigshift.catalogue
+    m.name: (m.vram_mb, m.default_price_micros_per_gpu_hour)
+    for m in CATALOGUE
+    if m.name in FLEET_MODELS
 }
 PRICE_STEPS = (-20_000, 0, 30_000)  # three price levels around each model's base ask
 SHAPES = ((1, 0.4), (2, 0.3), (4, 0.2), (8, 0.1))

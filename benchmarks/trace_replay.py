@@ -18,7 +18,7 @@ events a live broker would: ``FarmConfigured`` and ``WorkerRegistered`` at the s
 that share a virtual second (skipped when it could place nothing); ``AttemptStarted`` as
 soon as an ``Assign`` comes out; ``AttemptFinished`` (exit 0) the job's run time later,
 with the energy of a simple power model: board watts of the GPU model
-(``broker.economics.BOARD_WATTS``, or the rig's ``watts``) x run time x GPUs. So pricing,
+(``rigshift.catalogue``, or the rig's ``watts``) x run time x GPUs. So pricing,
 settlement into the ledger, SLA events and reliability run for real. No rig fails and no
 job is spot, so there are no preemptions.
 

@@ -1,4 +1,9 @@
-"""`rigshift broker …` commands."""
+"""``rigshift broker …`` and the broker's own ``rigshift admin …`` commands.
+
+The ``admin`` group here holds what works on the broker's database directly
+(``verify-ledger``); the API-key commands, which call the broker's API, are the
+client's (``client.cli_admin``), and the ``rigshift`` command shows both in one group.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import logging
 import signal
 
 import click
+
+from rigshift.credentials import credentials_path
+from rigshift.defaults import BROKER_ADDRESS, HEARTBEAT_INTERVAL_S, LEASE_TTL_S
 
 __all__ = ["admin_group", "broker_group"]
 
@@ -17,15 +25,15 @@ def broker_group() -> None:
 
 
 @broker_group.command("serve")
-@click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC host:port.")
+@click.option("--listen", default=BROKER_ADDRESS, show_default=True, help="gRPC host:port.")
 @click.option("--db", "db_url", default="", help="SQLAlchemy URL [default: SQLite in --home].")
 @click.option("--home", default=".rigshift", show_default=True, help="Data directory.")
 @click.option("--artifact-dir", default="", help="Archive store [default: HOME/artifacts].")
 @click.option(
     "--metrics-listen", default="", help="host:port for /metrics and /sd (off when empty)."
 )
-@click.option("--lease-ttl-s", default=15.0, show_default=True, type=float)
-@click.option("--heartbeat-interval-s", default=3.0, show_default=True, type=float)
+@click.option("--lease-ttl-s", default=LEASE_TTL_S, show_default=True, type=float)
+@click.option("--heartbeat-interval-s", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float)
 @click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 20))
 @click.option(
     "--spot-percent",
@@ -178,8 +186,6 @@ def serve(
         await broker.start()
         click.echo(f"rigshift broker listening on {broker.address}")
         if broker.admin_key:
-            from client.credentials import credentials_path
-
             click.echo(f"rigshift broker created an admin key; saved to {credentials_path()}")
         if broker.metrics_address:
             click.echo(f"rigshift broker metrics on http://{broker.metrics_address}/metrics")
@@ -220,8 +226,6 @@ async def serve_replica(config, internal_listen: str, advertise_host: str) -> No
         f"rigshift broker replica {replica.replica_id} listening on {replica.address} ({role})"
     )
     if replica.admin_key and config.write_credentials:
-        from client.credentials import credentials_path
-
         click.echo(f"rigshift broker created an admin key; saved to {credentials_path()}")
     if replica.metrics_address:
         click.echo(f"rigshift broker metrics on http://{replica.metrics_address}/metrics")
@@ -239,7 +243,7 @@ async def serve_replica(config, internal_listen: str, advertise_host: str) -> No
 
 @click.group("admin")
 def admin_group() -> None:
-    """Operate on the broker's database directly (ops)."""
+    """Operate on the broker's database directly (ops): the ledger."""
 
 
 @admin_group.command("verify-ledger")
@@ -309,81 +313,3 @@ def migrate_command(db_url: str, home: str, revision: str) -> None:
     finally:
         store.close()
     click.echo(f"schema at {after} (was {before or 'empty'})")
-
-
-@admin_group.command("create-key")
-@click.option("--client", "client_name", default="", help="A client key for this name.")
-@click.option("--operator", "operator_name", default="", help="An operator key (needs --farm).")
-@click.option("--admin", "admin_name", default="", help="An admin key for this name.")
-@click.option("--farm", default="", help="The operator's farm (id or farms/ID).")
-@click.option("--broker", envvar="RIGSHIFT_BROKER", default="127.0.0.1:50051", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the ApiKey as JSON.")
-def create_key_command(
-    client_name: str, operator_name: str, admin_name: str, farm: str, broker: str, as_json: bool
-) -> None:
-    """Issue an API key (needs an admin key). The secret is printed once; store it safely."""
-    from google.protobuf.json_format import MessageToJson
-
-    from client import Client
-    from client.errors import RigshiftError
-
-    chosen = [
-        (r, n)
-        for r, n in (("client", client_name), ("operator", operator_name), ("admin", admin_name))
-        if n
-    ]
-    if len(chosen) != 1:
-        raise click.UsageError("give exactly one of --client NAME, --operator NAME, --admin NAME")
-    role, name = chosen[0]
-    try:
-        with Client(broker) as rs:
-            key = rs.create_api_key(role, name, farm=farm)
-    except RigshiftError as err:
-        raise click.ClickException(str(err)) from err
-    if as_json:
-        click.echo(MessageToJson(key, preserving_proto_field_name=True))
-        return
-    click.echo(f"{key.name}  {role} {name!r}" + (f" of {key.farm}" if key.farm else ""))
-    click.echo(f"key: {key.key}")
-    click.echo("Use it as RIGSHIFT_API_KEY=... (it is not shown again).")
-
-
-@admin_group.command("list-keys")
-@click.option("--broker", envvar="RIGSHIFT_BROKER", default="127.0.0.1:50051", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def list_keys_command(broker: str, as_json: bool) -> None:
-    """List API keys (never their secrets)."""
-    from google.protobuf.json_format import MessageToJson
-
-    from client import Client
-    from client.errors import RigshiftError
-    from rigshift.v1 import admin_service_pb2
-
-    try:
-        with Client(broker) as rs:
-            resp = rs.list_api_keys()
-    except RigshiftError as err:
-        raise click.ClickException(str(err)) from err
-    if as_json:
-        click.echo(MessageToJson(resp, preserving_proto_field_name=True))
-        return
-    for k in resp.api_keys:
-        role = admin_service_pb2.ApiKey.Role.Name(k.role).lower()
-        state = "revoked" if k.revoked else "active"
-        click.echo(f"{k.name:<22} {role:<9} {k.principal:<20} {k.farm or '-':<20} {state}")
-
-
-@admin_group.command("revoke-key")
-@click.argument("name")
-@click.option("--broker", envvar="RIGSHIFT_BROKER", default="127.0.0.1:50051", show_default=True)
-def revoke_key_command(name: str, broker: str) -> None:
-    """Revoke an API key (apiKeys/ID or ID); calls with it fail from then on."""
-    from client import Client
-    from client.errors import RigshiftError
-
-    try:
-        with Client(broker) as rs:
-            key = rs.revoke_api_key(name)
-    except RigshiftError as err:
-        raise click.ClickException(str(err)) from err
-    click.echo(f"{key.name} revoked")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rigshift.catalogue import CATALOGUE, board_watts
+
 __all__ = [
     "BOARD_WATTS",
     "MS_PER_HOUR",
@@ -28,7 +30,6 @@ __all__ = [
     "credit_for_seconds",
     "energy_cost_micros",
     "floor_price",
-    "format_usd",
     "reliability_permille",
     "settlement_entries",
     "split_fee",
@@ -38,19 +39,9 @@ __all__ = [
 MS_PER_HOUR = 3_600_000
 J_PER_KWH = 3_600_000
 
-#: Typical board power of GPUs that mining farms own, used for floor prices when no
-#: GPU of the model has registered yet (a registered GPU's power limit wins).
-BOARD_WATTS: dict[str, int] = {
-    "RTX 3060": 170,
-    "RTX 3060 Ti": 200,
-    "RTX 3070": 220,
-    "RTX 3080": 320,
-    "RTX 3090": 350,
-    "RX 6800 XT": 300,
-    "A4000": 140,
-    "CMP 90HX": 250,
-}
-DEFAULT_WATTS = 250
+#: Board power of the catalogue's models by name (``rigshift.catalogue``), used for floor
+#: prices when no GPU of the model has registered yet (a registered GPU's power limit wins).
+BOARD_WATTS: dict[str, int] = {m.name: m.board_power_w for m in CATALOGUE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +105,6 @@ class LedgerEntry:
     time: float
 
 
-def format_usd(micros: int) -> str:
-    """``87500`` -> ``"$0.087500"``, integers only."""
-    sign = "-" if micros < 0 else ""
-    whole, frac = divmod(abs(micros), 1_000_000)
-    return f"{sign}${whole}.{frac:06d}"
-
-
 def _div_half_up(num: int, den: int) -> int:
     return (num + den // 2) // den
 
@@ -136,7 +120,7 @@ def tariff_at(terms: FarmTerms, epoch_s: float) -> int:
 
 def floor_price(terms: FarmTerms, model: str, watts: int | None = None) -> PriceFloor:
     """The lowest ask the farm may set for one GPU-hour of ``model`` (flat tariff, with PUE)."""
-    w = watts or BOARD_WATTS.get(model, DEFAULT_WATTS)
+    w = watts or board_watts(model)
     # W x 1 h = W/1000 kWh; x micros/kWh; x PUE/1000.
     energy = _div_half_up(w * terms.tariff_micros_per_kwh * terms.pue_permille, 1000 * 1000)
     mining = _div_half_up(w * terms.mining_for(model), 1000)

@@ -468,7 +468,7 @@ class ReplicaBroker:
         if broker.admin_key:
             self.admin_key = broker.admin_key
             if self.config.write_credentials:
-                from client.credentials import save_api_key
+                from rigshift.credentials import save_api_key
 
                 save_api_key(self.address, broker.admin_key)
         log.info(

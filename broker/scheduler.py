@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
+from rigshift.units import format_usd as format_micros
+
 __all__ = [
     "FleetIndex",
     "GpuSlot",
@@ -57,7 +59,6 @@ __all__ = [
     "WorkerCapacity",
     "best_fit_leftover",
     "choice_key",
-    "format_micros",
     "locality_score",
     "place",
 ]
@@ -176,13 +177,6 @@ def choice_key(
     the client nothing (setup is not charged at the GPU price)."""
     leftover = best_fit_leftover(free_in_group, gpu_count)
     return (price_micros, -locality, leftover, -reliability_permille, worker_id, vram_mb, model)
-
-
-def format_micros(micros: int) -> str:
-    """``250000`` -> ``"$0.250000"``, by integer arithmetic only."""
-    sign = "-" if micros < 0 else ""
-    whole, frac = divmod(abs(micros), 1_000_000)
-    return f"{sign}${whole}.{frac:06d}"
 
 
 # --- index -------------------------------------------------------------------------------------

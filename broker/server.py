@@ -38,6 +38,13 @@ from broker.policy import QUEUE_POLICIES
 from broker.retention import retention_loop
 from broker.service import BrokerService
 from broker.store import Store
+from rigshift.defaults import (
+    BROKER_ADDRESS,
+    BROKER_MIN_PING_INTERVAL_S,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEATS_PER_TTL,
+    LEASE_TTL_S,
+)
 from rigshift.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -77,7 +84,7 @@ SERVICE_NAMES = (
 class BrokerConfig:
     """Settings of one broker process."""
 
-    listen: str = "127.0.0.1:50051"
+    listen: str = BROKER_ADDRESS
     """host:port for gRPC; port 0 picks a free port."""
     home: str = ".rigshift"
     """Directory for the default SQLite database and the artifact store."""
@@ -85,9 +92,9 @@ class BrokerConfig:
     """SQLAlchemy URL; empty means ``sqlite:///<home>/broker.db``."""
     artifact_dir: str = ""
     """Where uploaded archives live; empty means ``<home>/artifacts``."""
-    lease_ttl_s: float = 15.0
+    lease_ttl_s: float = LEASE_TTL_S
     """A worker that has not renewed its lease for this long is offline."""
-    heartbeat_interval_s: float = 3.0
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     """How often agents are told to renew (must be well under the TTL)."""
     default_max_attempts: int = 3
     """Attempts a job gets when its spec does not say."""
@@ -132,10 +139,11 @@ class BrokerConfig:
             raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}")
         if self.db_outage_unhealthy_s < 0:
             raise ValueError("db_outage_unhealthy_s must be >= 0 (0: never unhealthy)")
-        if self.heartbeat_interval_s * 3 > self.lease_ttl_s:
+        if self.heartbeat_interval_s * HEARTBEATS_PER_TTL > self.lease_ttl_s:
             raise ValueError(
-                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most a third of "
-                f"lease_ttl_s ({self.lease_ttl_s}) so one lost heartbeat cannot expire a lease"
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most "
+                f"lease_ttl_s ({self.lease_ttl_s}) / {HEARTBEATS_PER_TTL} so one lost heartbeat "
+                "cannot expire a lease"
             )
 
     def resolved_db_url(self) -> str:
@@ -156,7 +164,7 @@ KEEPALIVE_OPTIONS = (
     # Accept client pings every 5 s (agents ping every 10 s: worker_agent.config's
     # keepalive_time_s, at least BROKER_MIN_PING_INTERVAL_S). Pings closer than this are
     # strikes; after max_ping_strikes (2) the client gets GOAWAY too_many_pings.
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", round(BROKER_MIN_PING_INTERVAL_S * 1000)),
     ("grpc.http2.max_ping_strikes", 2),
 )
 """gRPC keepalive of the broker's public port (docs/reliability.md, "Faults")."""
@@ -345,7 +353,7 @@ class Broker:
             return
         _, self.admin_key = svc.create_api_key(Role.ADMIN, "admin")
         if self.config.write_credentials:
-            from client.credentials import save_api_key
+            from rigshift.credentials import save_api_key
 
             path = save_api_key(self.address, self.admin_key)
             log.info("created the first admin key; saved to %s", path)

@@ -12,26 +12,17 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 
 from broker.scheduler import GpuSlot, JobRequest, Snapshot, WorkerCapacity
+from rigshift.catalogue import vram_mb as catalogue_vram_mb
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PRICE_MICROS",
-    "VRAM_MB",
     "make_gpu",
     "make_job",
     "make_snapshot",
     "make_worker",
 ]
 
-#: VRAM of the models a former mining farm typically runs.
-VRAM_MB: dict[str, int] = {
-    "RTX 3060": 12_288,
-    "RTX 3070": 8_192,
-    "RTX 3080": 10_240,
-    "RTX 3090": 24_576,
-    "RX 6800 XT": 16_384,
-    "A4000": 16_384,
-}
 DEFAULT_MODEL = "RTX 3090"
 DEFAULT_PRICE_MICROS = 250_000  # $0.25 per GPU-hour
 
@@ -44,8 +35,9 @@ def make_gpu(
     price_micros_per_gpu_hour: int = DEFAULT_PRICE_MICROS,
     free: bool = True,
 ) -> GpuSlot:
-    """One GPU; ``vram_mb`` defaults to the model's usual VRAM (16 GiB if unknown)."""
-    vram = VRAM_MB.get(model, 16_384) if vram_mb is None else vram_mb
+    """One GPU; ``vram_mb`` defaults to the model's VRAM in ``rigshift.catalogue`` (16 GiB
+    if unknown)."""
+    vram = catalogue_vram_mb(model) if vram_mb is None else vram_mb
     return GpuSlot(index, model, vram, price_micros_per_gpu_hour, free)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 
-from broker.economics import FarmTerms, TariffWindow, floor_price, format_usd
+from broker.economics import FarmTerms, TariffWindow, floor_price
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import GpuInfo, JobSpec, Tier
 from broker.requirements import Requirements, RequirementsError, parse_requirements
+from rigshift.units import format_usd
 from rigshift.v1 import farm_pb2, job_pb2, worker_service_pb2
 
 __all__ = [

@@ -863,11 +863,16 @@ def _attach(module: str, attr: str, name: str) -> None:
             raise
         return
     command = getattr(mod, attr, None)
-    if isinstance(command, click.Command):
+    existing = main.commands.get(name)
+    if isinstance(command, click.Group) and isinstance(existing, click.Group):
+        for sub_name, sub in command.commands.items():  # one group of both packages' commands
+            existing.add_command(sub, sub_name)
+    elif isinstance(command, click.Command):
         main.add_command(command, name)
 
 
 _attach("broker.cli", "broker_group", "broker")
+_attach("client.cli_admin", "admin_group", "admin")
 _attach("broker.cli", "admin_group", "admin")
 _attach("worker_agent.cli", "agent_group", "agent")
 _attach("client.demo", "demo_command", "demo")

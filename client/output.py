@@ -13,7 +13,7 @@ from datetime import UTC
 from google.protobuf import json_format, message, timestamp_pb2
 
 from client.progress import format_bytes
-from client.units import (
+from rigshift.units import (
     format_permille_percent,
     format_price_per_gpu_hour,
     format_usd,

@@ -40,7 +40,6 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from client.credentials import lookup_api_key
 from client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -50,6 +49,8 @@ from client.errors import (
     Unavailable,
     from_rpc_error,
 )
+from rigshift.archive import ArchiveError, pack_directory, safe_extract
+from rigshift.credentials import lookup_api_key
 from rigshift.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -62,7 +63,6 @@ from rigshift.v1 import (
     job_service_pb2,
     job_service_pb2_grpc,
 )
-from worker_agent.workdir import ArchiveError, pack_directory, safe_extract
 
 __all__ = [
     "DEFAULT_BROKER",

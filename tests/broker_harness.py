@@ -30,7 +30,7 @@ class RunningBroker:
     @property
     def admin_key(self) -> str:
         """The admin key the broker wrote to $RIGSHIFT_HOME/credentials."""
-        from client.credentials import lookup_api_key
+        from rigshift.credentials import lookup_api_key
 
         return self.broker.admin_key or lookup_api_key(self.address)
 

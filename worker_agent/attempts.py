@@ -59,6 +59,7 @@ from typing import Any
 
 import grpc
 
+from rigshift.archive import ArchiveError, pack_directory, safe_extract
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig
@@ -68,14 +69,7 @@ from worker_agent.executor import Execution, Executor, LaunchSpec, job_environme
 from worker_agent.gpu import GpuBackend, Load
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.process import ProcExited, ProcOutput, ProcStarted
-from worker_agent.workdir import (
-    ArchiveError,
-    Workspace,
-    directory_bytes,
-    pack_directory,
-    safe_extract,
-    save_verified,
-)
+from worker_agent.workdir import Workspace, directory_bytes, save_verified
 
 __all__ = ["AttemptRunner"]
 

@@ -10,7 +10,7 @@ starts (``attempts.py``).
 
 **When.** Two ways, chosen by the job:
 
-- *Signalled* (the job calls :func:`client.checkpoint.checkpoint_complete`, which
+- *Signalled* (the job calls :func:`rigshift.checkpoint.checkpoint_complete`, which
   writes ``.rigshift-complete`` listing the checkpoint's files): the marker is looked at
   every :data:`MARKER_POLL_S`; a new one is uploaded at once, if the directory still
   holds exactly the files it names (else the job has moved on, and the next signal
@@ -48,9 +48,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.checkpoint import FileState, directory_state, read_marker
+from rigshift.archive import ArchiveError, pack_directory
+from rigshift.checkpoint import FileState, directory_state, read_marker
 from worker_agent.outbox import AttemptKey, Outbox
-from worker_agent.workdir import ArchiveError, pack_directory
 
 __all__ = ["MARKER_POLL_S", "CheckpointWatcher", "Snapshot", "Uploader", "snapshot"]
 
@@ -71,7 +71,7 @@ class Snapshot:
     """A consistent archive of a checkpoint directory."""
 
     state: tuple[FileState, ...]
-    """The files it holds, as :func:`client.checkpoint.directory_state` lists them."""
+    """The files it holds, as :func:`rigshift.checkpoint.directory_state` lists them."""
 
     data: bytes
     """The deterministic tar.gz."""

@@ -22,7 +22,7 @@ class _Usd(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         """``"0.25"`` → ``250000``; a value that is not whole micro-dollars is a usage error."""
-        from client.units import usd_to_micros
+        from rigshift.units import usd_to_micros
 
         if isinstance(value, int):
             return value

@@ -5,6 +5,9 @@ Every duration is in seconds (``_s``), every price in integer micro-dollars
 cannot work together, most importantly a heartbeat interval that is not well
 under the lease TTL: with fewer than three heartbeats per TTL, one lost packet
 or one slow broker tick expires the lease and requeues every job on the rig.
+The lease defaults and that rule are shared with the broker (``rigshift.defaults``);
+money is parsed by ``rigshift.units`` and GPU models are matched as
+``rigshift.catalogue`` does.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from rigshift.catalogue import model_key
+from rigshift.defaults import (
+    BROKER_MIN_PING_INTERVAL_S,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEATS_PER_TTL,
+    LEASE_TTL_S,
+    max_heartbeat_interval_s,
+)
+from rigshift.units import usd_to_micros
+
 __all__ = [
-    "BROKER_MIN_PING_INTERVAL_S",
     "DEFAULT_SIMULATE_SPEC",
     "AgentConfig",
     "ConfigError",
@@ -25,27 +37,14 @@ __all__ = [
     "MiningModel",
     "effective_heartbeat_s",
     "load_config_file",
-    "model_key",
 ]
 
 #: What the agent simulates when no NVIDIA driver is present and no SPEC was given.
 DEFAULT_SIMULATE_SPEC = "RTX3060x2"
 
-#: At least this many heartbeats must fit in one lease TTL.
-HEARTBEATS_PER_TTL = 3
-
-#: The broker's ``grpc.http2.min_ping_interval_without_data_ms`` in seconds
-#: (``broker/server.py``): a client that pings more often is sent GOAWAY ``too_many_pings``.
-BROKER_MIN_PING_INTERVAL_S = 5.0
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid or inconsistent with another; the message says how."""
-
-
-def model_key(model: str) -> str:
-    """A GPU model name compared without spaces and case: ``RTX 3090`` == ``rtx3090``."""
-    return model.replace(" ", "").upper()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,10 +235,10 @@ class AgentConfig:
     price_micros_per_gpu_hour: int | None = None
     """Ask price for every GPU in micro-dollars per GPU-hour; None uses the model's default."""
 
-    heartbeat_interval_s: float = 3.0
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     """How often the lease is renewed (the broker's value wins when it is smaller)."""
 
-    lease_ttl_s: float = 15.0
+    lease_ttl_s: float = LEASE_TTL_S
     """Lease TTL the agent expects; the broker's value replaces it at registration."""
 
     lease_grace_s: float = 15.0
@@ -252,7 +251,8 @@ class AgentConfig:
     keepalive_time_s: float = 10.0
     """gRPC keepalive: ping the broker after this long without a frame from it, so a
     half-open connection (packets dropped, no reset) is found and replaced. At least
-    ``BROKER_MIN_PING_INTERVAL_S``: the broker answers more frequent pings with GOAWAY."""
+    ``rigshift.defaults.BROKER_MIN_PING_INTERVAL_S``: the broker answers more frequent
+    pings with GOAWAY."""
 
     keepalive_timeout_s: float = 5.0
     """gRPC keepalive: a ping not acknowledged within this long closes the connection; its
@@ -367,13 +367,14 @@ class AgentConfig:
 
 
 def check_heartbeat(heartbeat_interval_s: float, lease_ttl_s: float) -> None:
-    """Refuse a heartbeat interval that is not well under the lease TTL (at most TTL/3)."""
+    """Refuse a heartbeat interval that is not well under the lease TTL (at most
+    TTL / ``HEARTBEATS_PER_TTL``, ``rigshift.defaults``)."""
     if heartbeat_interval_s * HEARTBEATS_PER_TTL > lease_ttl_s:
         raise ConfigError(
             f"heartbeat_interval_s={heartbeat_interval_s:g} is not well under "
             f"lease_ttl_s={lease_ttl_s:g}: at least {HEARTBEATS_PER_TTL} heartbeats must fit "
             f"in one lease, so use a heartbeat interval of at most "
-            f"{lease_ttl_s / HEARTBEATS_PER_TTL:g} s (or a longer lease)"
+            f"{max_heartbeat_interval_s(lease_ttl_s):g} s (or a longer lease)"
         )
 
 
@@ -389,7 +390,7 @@ def effective_heartbeat_s(
     if broker_interval_s > 0:
         candidates.append(broker_interval_s)
     if broker_ttl_s > 0:
-        candidates.append(broker_ttl_s / HEARTBEATS_PER_TTL)
+        candidates.append(max_heartbeat_interval_s(broker_ttl_s))
     return min(candidates)
 
 
@@ -427,18 +428,16 @@ def load_config_file(path: Path) -> dict[str, object]:
 
 
 def _usd_micros(path: Path, key: str, value: object) -> int:
-    """A USD amount written as a string or integer (never a float) in integer micro-dollars."""
-    from decimal import Decimal, InvalidOperation
-
+    """A USD amount written as a string or integer (never a float) in integer micro-dollars
+    (:func:`rigshift.units.usd_to_micros`)."""
     if isinstance(value, float | bool):
         raise ConfigError(f'{path}: write {key} as a string, e.g. "0.25" (money is no float)')
+    if not isinstance(value, str | int):
+        raise ConfigError(f"{path}: {key} is not a number: {value!r}")
     try:
-        micros = Decimal(str(value)) * 1_000_000
-    except InvalidOperation as err:
-        raise ConfigError(f"{path}: {key} is not a number: {value!r}") from err
-    if not micros.is_finite() or micros != micros.to_integral_value():
-        raise ConfigError(f"{path}: {key} must be a whole number of micro-dollars")
-    return int(micros)
+        return usd_to_micros(value)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {key}: {err}") from err
 
 
 def _argv(path: Path, key: str, value: object) -> tuple[str, ...]:

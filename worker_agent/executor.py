@@ -70,9 +70,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from rigshift.archive import pack_directory
 from worker_agent.process import ProcEvent, ProcExited, ProcStarted, descendants, run_process
 from worker_agent.sandbox import Isolation, SandboxPolicy, resolve
-from worker_agent.workdir import pack_directory
 
 __all__ = [
     "Execution",
@@ -350,7 +350,7 @@ def _ray_entry(
         return
     with tempfile.TemporaryDirectory(prefix="rigshift-attempt-") as work:
         if archive:
-            from worker_agent.workdir import safe_extract
+            from rigshift.archive import safe_extract
 
             path = Path(work) / "archive.tar.gz"
             path.write_bytes(archive)

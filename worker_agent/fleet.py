@@ -253,8 +253,8 @@ class LocalFleet:
     def client(self) -> Any:
         """A :class:`client.sdk.Client` with the broker's admin key (written on its first start)."""
         if self._client is None:
-            from client.credentials import lookup_api_key
             from client.sdk import Client
+            from rigshift.credentials import lookup_api_key
 
             old = os.environ.get("RIGSHIFT_HOME")
             os.environ["RIGSHIFT_HOME"] = self.env["RIGSHIFT_HOME"]

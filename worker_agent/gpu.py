@@ -5,7 +5,7 @@ Both backends answer the same :class:`GpuBackend` protocol::
     GpuBackend
     ├── NvmlBackend        nvidia-ml-py: model, VRAM, UUID, power limit and draw, the
     │                      total-energy counter, temperature, utilisation, PCIe link
-    └── SimulatedBackend   a table of GPUs mining farms own (SIM_MODELS); power follows
+    └── SimulatedBackend   GPUs of the catalogue (``rigshift.catalogue``); power follows
                            the load the agent sets: idle watts when free, near the
                            board power while a job trains or the operator's miner runs
 
@@ -34,11 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from rigshift.catalogue import BY_KEY, GpuModel, lookup
+
 __all__ = [
-    "SIM_MODELS",
     "GpuBackend",
     "GpuInfo",
-    "GpuModel",
     "GpuTelemetry",
     "Load",
     "NvmlBackend",
@@ -57,43 +57,6 @@ class Load:
     TRAINING = "training"
     MINING = "mining"
 
-
-@dataclass(frozen=True, slots=True)
-class GpuModel:
-    """A GPU model of the simulation table."""
-
-    name: str
-    """Marketing name, as NVML would report it, e.g. ``RTX 3090``."""
-    vram_mb: int
-    """Memory in MiB."""
-    board_power_w: int
-    """Board power limit in watts (what the card draws flat out)."""
-    idle_w: int
-    """Draw at idle in watts."""
-    pcie_link_width: int
-    """PCIe lanes of the usual mounting: 1 on a mining riser, 4 for CMP cards, 16 in a slot."""
-    default_price_micros_per_gpu_hour: int
-    """Default ask price in micro-dollars per GPU-hour."""
-
-
-#: GPUs that mining farms actually own, keyed by a compact SPEC name.
-SIM_MODELS: dict[str, GpuModel] = {
-    m.name.replace(" ", "").upper(): m
-    for m in (
-        GpuModel("RTX 3060", 12_288, 170, 13, 1, 90_000),
-        GpuModel("RTX 3060 Ti", 8_192, 200, 14, 1, 100_000),
-        GpuModel("RTX 3070", 8_192, 220, 15, 1, 120_000),
-        GpuModel("RTX 3070 Ti", 8_192, 290, 17, 1, 130_000),
-        GpuModel("RTX 3080", 10_240, 320, 20, 1, 170_000),
-        GpuModel("RTX 3080 Ti", 12_288, 350, 22, 1, 200_000),
-        GpuModel("RTX 3090", 24_576, 350, 25, 1, 250_000),
-        GpuModel("RX 6700 XT", 12_288, 230, 8, 1, 80_000),
-        GpuModel("RX 6800 XT", 16_384, 300, 9, 1, 110_000),
-        GpuModel("A4000", 16_384, 140, 10, 16, 180_000),
-        GpuModel("A5000", 24_576, 230, 15, 16, 280_000),
-        GpuModel("CMP 90HX", 10_240, 250, 18, 4, 60_000),
-    )
-}
 
 _TRAIN_BASE = 0.90
 _MINING_RATIO = 0.95
@@ -171,16 +134,16 @@ def parse_spec(spec: str) -> list[GpuModel]:
             continue
         compact = part.replace(" ", "").upper()
         m = re.fullmatch(r"(.+)X(\d+)", compact)
-        if compact in SIM_MODELS or m is None:  # "RTX3080" is one GPU, not "RT" x 3080
+        if compact in BY_KEY or m is None:  # "RTX3080" is one GPU, not "RT" x 3080
             name, count = compact, 1
         else:
             name, count = m.group(1), int(m.group(2))
-        if name not in SIM_MODELS:
-            known = ", ".join(sorted(SIM_MODELS))
+        if name not in BY_KEY:
+            known = ", ".join(sorted(BY_KEY))
             raise ValueError(f"unknown GPU model {name!r} in {spec!r}; known: {known}")
         if not 1 <= count <= 64:
             raise ValueError(f"GPU count must be 1-64 in {part!r}")
-        out.extend([SIM_MODELS[name]] * count)
+        out.extend([BY_KEY[name]] * count)
     if not out:
         raise ValueError(f"empty GPU spec {spec!r}; e.g. RTX3090x4 or RTX3080x6,RTX3060x2")
     if len(out) > 64:
@@ -189,7 +152,7 @@ def parse_spec(spec: str) -> list[GpuModel]:
 
 
 class SimulatedBackend:
-    """GPUs from the simulation table whose power follows the load the agent sets.
+    """GPUs from the catalogue whose power follows the load the agent sets.
 
     ``clock`` is injectable (monotonic seconds) so tests can integrate exactly.
     """
@@ -336,7 +299,7 @@ class NvmlBackend:
         nvml = self._nvml
         name = _text(nvml.nvmlDeviceGetName(handle))
         model = _short_model(name)
-        table = SIM_MODELS.get(model.replace(" ", "").upper())
+        table = lookup(model)
         limit_mw = self._optional(nvml.nvmlDeviceGetPowerManagementLimit, handle)
         width = self._optional(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
         return GpuInfo(

@@ -51,9 +51,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from rigshift.catalogue import lookup
 from worker_agent.config import MiningConfig
 from worker_agent.energy import EnergyMeter
-from worker_agent.gpu import SIM_MODELS, GpuBackend, GpuInfo, Load
+from worker_agent.gpu import GpuBackend, GpuInfo, Load
 from worker_agent.process import ProcExited, ProcOutput, run_process
 
 __all__ = [
@@ -171,7 +172,7 @@ def ai_micros_per_kwh(price_micros_per_gpu_hour: int, gpu: GpuInfo) -> int:
     """
     watts = gpu.power_limit_watts
     if watts <= 0:
-        model = SIM_MODELS.get(gpu.model.replace(" ", "").upper())
+        model = lookup(gpu.model)
         watts = model.board_power_w if model else 0
     return price_micros_per_gpu_hour * 1000 // watts if watts > 0 else 0
 

@@ -13,39 +13,24 @@ Layout under the agent's state directory::
 
 An archive is streamed from ``ArtifactService.DownloadArtifact`` into a temporary
 file while its sha256 is computed; it is kept only when the digest matches and
-it is no bigger than the limit. Extraction refuses absolute paths, ``..``, links
-that leave the directory, and device files, and then uses tarfile's ``data``
-filter as a second line of defence.
+it is no bigger than the limit. The archive format itself (deterministic packing,
+safe extraction, :class:`~rigshift.archive.ArchiveError`) is shared with the client
+in :mod:`rigshift.archive`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
-import io
 import os
 import secrets
 import shutil
-import tarfile
 from collections.abc import AsyncIterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-__all__ = [
-    "ArchiveError",
-    "Workspace",
-    "directory_bytes",
-    "pack_directory",
-    "safe_extract",
-    "save_verified",
-]
+from rigshift.archive import ArchiveError
 
-#: Largest total size of the files inside one archive (guards against tar bombs).
-MAX_EXTRACTED_BYTES = 4 << 30
-
-
-class ArchiveError(Exception):
-    """An archive failed its digest, its size limit or a safety check."""
+__all__ = ["Workspace", "directory_bytes", "save_verified"]
 
 
 async def save_verified(
@@ -73,72 +58,6 @@ async def save_verified(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return dest
-
-
-def _check_member(member: tarfile.TarInfo, root: Path) -> None:
-    name = PurePosixPath(member.name)
-    if name.is_absolute() or ".." in name.parts:
-        raise ArchiveError(f"unsafe path in archive: {member.name!r}")
-    if member.isdev() or member.isfifo():
-        raise ArchiveError(f"device or fifo in archive: {member.name!r}")
-    if member.issym() or member.islnk():
-        target = PurePosixPath(member.linkname)
-        base = PurePosixPath(member.name).parent if member.issym() else PurePosixPath()
-        resolved = os.path.normpath(root / base / target)
-        if target.is_absolute() or not resolved.startswith(str(root) + os.sep):
-            raise ArchiveError(
-                f"link leaving the directory: {member.name!r} -> {member.linkname!r}"
-            )
-
-
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a .tar.gz into ``dest`` after checking every member (see the module docstring)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    with tarfile.open(archive, mode="r:*") as tar:
-        members = tar.getmembers()
-        total = 0
-        for member in members:
-            _check_member(member, root)
-            total += max(0, member.size)
-        if total > MAX_EXTRACTED_BYTES:
-            raise ArchiveError(f"archive expands to {total} bytes (limit {MAX_EXTRACTED_BYTES})")
-        tar.extractall(root, members=members, filter="data")
-
-
-def pack_directory(root: Path, *, max_bytes: int) -> bytes:
-    """A deterministic tar.gz of a directory, in memory (sorted, no mtimes, owners or gzip time).
-
-    The same tree always gives the same bytes, so an unchanged checkpoint has the
-    same sha256 and the broker stores it once. ArchiveError past ``max_bytes``.
-    """
-    buffer = io.BytesIO()
-    with (
-        gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as gz,
-        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
-    ):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            base = Path(dirpath)
-            for entry in sorted([*dirnames, *filenames]):
-                full = base / entry
-                info = tar.gettarinfo(str(full), arcname=full.relative_to(root).as_posix())
-                if info is None:  # sockets, fifos
-                    continue
-                info.mtime = 0
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                if info.isfile():
-                    with full.open("rb") as f:
-                        tar.addfile(info, f)
-                else:
-                    tar.addfile(info)
-                if buffer.tell() > max_bytes:
-                    raise ArchiveError(f"{root} packs to more than {max_bytes} bytes")
-    data = buffer.getvalue()
-    if len(data) > max_bytes:
-        raise ArchiveError(f"{root} packs to more than {max_bytes} bytes")
-    return data
 
 
 class Workspace:

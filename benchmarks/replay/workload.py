@@ -15,8 +15,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from broker.economics import BOARD_WATTS, FarmTerms, TariffWindow, floor_price
-from broker.testing import VRAM_MB
+from broker.economics import FarmTerms, TariffWindow, floor_price
+from rigshift.catalogue import board_watts, vram_mb
 
 __all__ = ["DEFAULT_FLEET", "Fleet", "Rig", "Trace", "TraceJob", "build_fleet", "load_trace"]
 
@@ -213,13 +213,13 @@ def build_fleet(spec: dict[str, Any], scale: float = 1.0) -> Fleet:
         farms.append(terms)
         for r in f["rigs"]:
             model = r["model"]
-            watts = int(r.get("watts", BOARD_WATTS.get(model, 250)))
+            watts = int(r.get("watts", board_watts(model)))
             ask = terms.ask_for(model)
             floor = floor_price(terms, model, watts).floor_micros
             if ask is not None and ask < floor:
                 raise SystemExit(f"farm {terms.farm_id}: ask {ask} for {model} under floor {floor}")
             for _ in range(round(int(r.get("count", 1)) * scale)):
                 worker_id = f"{terms.farm_id}-{len(rigs):04d}"
-                vram = int(r.get("vram_mb", VRAM_MB.get(model, 16_384)))
+                vram = int(r.get("vram_mb", vram_mb(model)))
                 rigs.append(Rig(worker_id, terms.farm_id, model, int(r["gpus"]), watts, vram))
     return Fleet(tuple(farms), tuple(rigs))

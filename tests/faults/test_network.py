@@ -19,9 +19,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from netfaults import FaultFleet, NetNs, p99
 
+from rigshift.defaults import BROKER_MIN_PING_INTERVAL_S
 from rigshift.v1 import farm_pb2, job_pb2
 from worker_agent.channel import channel_options
-from worker_agent.config import BROKER_MIN_PING_INTERVAL_S, AgentConfig
+from worker_agent.config import AgentConfig
 
 S = job_pb2.Job.State
 A = job_pb2.Attempt.State

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import grpc
 
-from client.credentials import lookup_api_key
+from rigshift.credentials import lookup_api_key
 from rigshift.v1 import farm_pb2, farm_service_pb2, farm_service_pb2_grpc
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg

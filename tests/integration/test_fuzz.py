@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_agent import ProtocolAgent, create_farm, gpus
 
-from client.credentials import lookup_api_key
+from rigshift.credentials import lookup_api_key
 from rigshift.v1 import (
     admin_service_pb2,
     artifact_service_pb2,

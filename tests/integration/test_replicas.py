@@ -32,7 +32,7 @@ from broker.events import JobSubmitted, SchedulePass
 from broker.model import JobSpec
 from broker.replica import LEADER_LOCK
 from broker.store import Store
-from client.credentials import lookup_api_key
+from rigshift.credentials import lookup_api_key
 from rigshift.v1 import job_pb2
 from rigshift.v1 import job_service_pb2 as js
 from rigshift.v1 import job_service_pb2_grpc as jsg

@@ -1,7 +1,8 @@
 """Checkpoint uploads (``worker_agent/checkpoints.py``) against real writer processes on a
 real directory: the rate bound whatever the job's cadence, snapshots of one instant, the
-``checkpoint_complete()`` signal (``client/checkpoint.py``). The uploader is a plain
-function that keeps what it is given, as the broker's artifact store would."""
+``checkpoint_complete()`` signal (``rigshift/checkpoint.py``; job code imports it from
+``client.checkpoint``). The uploader is a plain function that keeps what it is given, as
+the broker's artifact store would."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from client.checkpoint import MARKER, checkpoint_complete, directory_state, read_marker
+from rigshift.checkpoint import MARKER, checkpoint_complete, directory_state, read_marker
 from worker_agent.checkpoints import CheckpointWatcher, snapshot
 from worker_agent.outbox import Outbox
 

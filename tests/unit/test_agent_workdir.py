@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from worker_agent.workdir import ArchiveError, Workspace, safe_extract, save_verified
+from rigshift.archive import ArchiveError, safe_extract
+from worker_agent.workdir import Workspace, save_verified
 
 
 def tar_gz(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:

@@ -1,4 +1,4 @@
-"""The simulated GPU backend: SPEC parsing, the mining-farm table, the power model."""
+"""The simulated GPU backend: SPEC parsing, the power model (its table: test_shared_catalogue)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from worker_agent.gpu import SIM_MODELS, GpuBackend, Load, SimulatedBackend, parse_spec
+from worker_agent.gpu import GpuBackend, Load, SimulatedBackend, parse_spec
 from worker_agent.testing import FakeClock, numeric_integral_j
 
 
@@ -28,17 +28,6 @@ def test_parse_spec(spec: str, models: list[str]) -> None:
 def test_parse_spec_refuses(spec: str) -> None:
     with pytest.raises(ValueError):
         parse_spec(spec)
-
-
-def test_table_has_mining_farm_gpus() -> None:
-    for key in ("RTX3060", "RTX3060TI", "RTX3070", "RTX3080", "RTX3090", "RX6800XT", "A4000"):
-        assert key in SIM_MODELS
-    for m in SIM_MODELS.values():
-        assert 0 < m.idle_w < m.board_power_w
-        assert m.vram_mb >= 8192
-        assert m.pcie_link_width in (1, 4, 16)
-    assert SIM_MODELS["CMP90HX"].pcie_link_width == 4  # CMP cards are wired x4
-    assert SIM_MODELS["RTX3090"].pcie_link_width == 1  # on a mining riser
 
 
 def test_discovery() -> None:

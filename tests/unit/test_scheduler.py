@@ -22,7 +22,6 @@ from broker.scheduler import (
     Snapshot,
     WorkerCapacity,
     choice_key,
-    format_micros,
     locality_score,
     place,
 )
@@ -294,14 +293,6 @@ def test_reason_reflects_capacity_left_when_the_job_is_considered() -> None:
         ("j3", "2"),
         ("j5", "1"),
     ]
-
-
-@pytest.mark.parametrize(
-    ("micros", "text"),
-    [(0, "$0.000000"), (250_000, "$0.250000"), (1_234_567, "$1.234567"), (-5, "-$0.000005")],
-)
-def test_format_micros(micros: int, text: str) -> None:
-    assert format_micros(micros) == text
 
 
 def test_duplicate_worker_id_is_refused() -> None:

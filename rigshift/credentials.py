@@ -5,8 +5,9 @@ An INI file with one section per broker address and an optional ``[default]``::
     [127.0.0.1:50051]
     api_key = rsk_...
 
-``rigshift broker serve`` writes the admin key it creates on first start;
-the CLI and SDK read it when ``RIGSHIFT_API_KEY`` is not set.
+``rigshift broker serve`` writes the admin key it creates on first start
+(:func:`save_api_key`); the CLI and SDK read it when ``RIGSHIFT_API_KEY`` is not set
+(:func:`lookup_api_key`). The broker and the client share the file through this module.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Table-driven tests of client.units: money as integer micro-dollars, GB to MiB, PUE."""
+"""Table-driven tests of rigshift.units: money as integer micro-dollars, GB to MiB, PUE.
+
+The one definition of each conversion for the broker, the agent and the client; the
+broker's scheduler, economics and validation messages and the client's output format
+money with :func:`format_usd`, and ``client.units`` re-exports the module for SDK users.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ from decimal import Decimal
 
 import pytest
 
-from client.units import (
+import client.units
+import rigshift.units
+from rigshift.units import (
+    JOULES_PER_KWH,
+    MICROS_PER_USD,
     format_price_per_gpu_hour,
     format_usd,
     gb_to_mib,
@@ -78,6 +87,27 @@ def test_formatting(micros: int, text: str, price: str) -> None:
 def test_format_negative_usd() -> None:
     assert micros_to_usd(-1_500_000) == "-1.500000"
     assert format_usd(-1_500_000) == "-$1.500000"
+
+
+@pytest.mark.parametrize(
+    ("micros", "text"),
+    [(0, "$0.000000"), (250_000, "$0.250000"), (1_234_567, "$1.234567"), (-5, "-$0.000005")],
+)
+def test_format_usd(micros: int, text: str) -> None:
+    """What the scheduler's rejection reasons and the broker's validation messages print."""
+    assert format_usd(micros) == text
+
+
+def test_constants() -> None:
+    assert MICROS_PER_USD == 1_000_000
+    assert JOULES_PER_KWH == 3_600 * 1_000  # 1 kWh = 1000 W x 3600 s
+
+
+def test_client_units_is_the_shared_module() -> None:
+    """``from client.units import usd_to_micros`` (docs/client.md) gets the one definition."""
+    for name in rigshift.units.__all__:
+        assert getattr(client.units, name) is getattr(rigshift.units, name)
+    assert sorted(client.units.__all__) == sorted(rigshift.units.__all__)
 
 
 @pytest.mark.parametrize(
