@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from broker.core import Attempt, BrokerCore, Worker
-from broker.economics import J_PER_KWH, FarmTerms, energy_cost_micros
+from broker.economics import FarmTerms, energy_cost_micros
+from rigshift.units import JOULES_PER_KWH
 
 __all__ = ["EarningsLine", "earnings", "joules_by_model", "mining_usd_per_kwh"]
 
@@ -80,7 +81,7 @@ class EarningsLine:
     @property
     def kwh(self) -> float:
         """Energy in kWh (display only)."""
-        return self.energy_joules / J_PER_KWH
+        return self.energy_joules / JOULES_PER_KWH
 
     @property
     def revenue_usd_per_kwh(self) -> float:

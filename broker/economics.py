@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rigshift.catalogue import CATALOGUE, board_watts
+from rigshift.catalogue import board_watts
+from rigshift.units import JOULES_PER_KWH
 
 __all__ = [
-    "BOARD_WATTS",
     "MS_PER_HOUR",
     "FarmTerms",
     "LedgerEntry",
@@ -37,11 +37,6 @@ __all__ = [
 ]
 
 MS_PER_HOUR = 3_600_000
-J_PER_KWH = 3_600_000
-
-#: Board power of the catalogue's models by name (``rigshift.catalogue``), used for floor
-#: prices when no GPU of the model has registered yet (a registered GPU's power limit wins).
-BOARD_WATTS: dict[str, int] = {m.name: m.board_power_w for m in CATALOGUE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +114,11 @@ def tariff_at(terms: FarmTerms, epoch_s: float) -> int:
 
 
 def floor_price(terms: FarmTerms, model: str, watts: int | None = None) -> PriceFloor:
-    """The lowest ask the farm may set for one GPU-hour of ``model`` (flat tariff, with PUE)."""
+    """The lowest ask the farm may set for one GPU-hour of ``model`` (flat tariff, with PUE).
+
+    ``watts`` is a registered GPU's power limit; without one, the model's board power in
+    the GPU catalogue (``rigshift.catalogue``, 250 W for a model it does not hold).
+    """
     w = watts or board_watts(model)
     # W x 1 h = W/1000 kWh; x micros/kWh; x PUE/1000.
     energy = _div_half_up(w * terms.tariff_micros_per_kwh * terms.pue_permille, 1000 * 1000)
@@ -134,7 +133,7 @@ def energy_cost_micros(terms: FarmTerms, joules: int, start_s: float, end_s: flo
         return 0
     if not terms.tariff_windows or end_s <= start_s:
         price = tariff_at(terms, start_s)
-        return _div_half_up(joules * price * terms.pue_permille, J_PER_KWH * 1000)
+        return _div_half_up(joules * price * terms.pue_permille, JOULES_PER_KWH * 1000)
     # Split the interval at hour boundaries; each piece gets its share of the joules.
     total_ms = round((end_s - start_s) * 1000)
     acc = 0  # joule-micros per kWh, summed
@@ -144,7 +143,7 @@ def energy_cost_micros(terms: FarmTerms, joules: int, start_s: float, end_s: flo
         piece_ms = round((boundary - t) * 1000)
         acc += joules * piece_ms * tariff_at(terms, t)
         t = boundary
-    return _div_half_up(acc * terms.pue_permille, max(total_ms, 1) * J_PER_KWH * 1000)
+    return _div_half_up(acc * terms.pue_permille, max(total_ms, 1) * JOULES_PER_KWH * 1000)
 
 
 def charge_micros(gpu_milliseconds: int, price_micros_per_gpu_hour: int) -> int:

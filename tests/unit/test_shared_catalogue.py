@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.economics import BOARD_WATTS, FarmTerms, floor_price
+from broker.economics import FarmTerms, floor_price
 from broker.testing import make_gpu
 from rigshift.catalogue import (
     BY_KEY,
@@ -72,7 +72,6 @@ def test_the_simulated_rig_registers_catalogue_figures() -> None:
 def test_the_broker_prices_floors_with_catalogue_watts() -> None:
     terms = FarmTerms("f", tariff_micros_per_kwh=100_000)
     for m in CATALOGUE:
-        assert BOARD_WATTS[m.name] == m.board_power_w
         # W x 1 h = W/1000 kWh at $0.10/kWh, PUE 1: e.g. 350 W -> 35000 micro-dollars
         assert floor_price(terms, m.name).energy_cost_micros == m.board_power_w * 100
     assert floor_price(terms, "GTX 1080").watts == DEFAULT_BOARD_WATTS
