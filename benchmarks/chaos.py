@@ -63,7 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker_agent.fleet import MARKER_JOB, LocalFleet, ManagedProcess, marker_runs
+from harness.fleet import MARKER_JOB, LocalFleet, ManagedProcess, marker_runs
 
 __all__ = ["FAULTS", "ChaosPlan", "ChaosReport", "max_overlap", "run_chaos"]
 

@@ -44,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker_agent.fleet import LocalFleet
+from harness.fleet import LocalFleet
 
 
 def pct(values: list[float], q: float) -> float:

@@ -21,7 +21,7 @@ version check is off (``PIP_DISABLE_PIP_VERSION_CHECK=1``), so it does not add a
 to PyPI. Venv and cache live on one file system, so uv hard-links from its cache.
 
 End to end (``--e2e``, on unless ``--no-e2e``): a real broker and ONE real agent
-(:class:`worker_agent.fleet.LocalFleet`, ``RTX3090x2`` simulated, heartbeat 1 s, lease 6 s as
+(:class:`harness.fleet.LocalFleet`, ``RTX3090x2`` simulated, heartbeat 1 s, lease 6 s as
 in the e2e suite, a new empty ``UV_CACHE_DIR``). One cold job with ``E2E_REQUIREMENTS``
 builds the environment; then ``--e2e-jobs`` pairs, alternately a job without requirements
 (``sys.executable -c``) and one with the same requirements (``python -c``, the
@@ -345,7 +345,7 @@ def run_e2e(jobs: int) -> dict[str, Any]:
     (warm). The agent's uv cache starts empty. Stops every process of the fleet whatever
     happens.
     """
-    from worker_agent.fleet import LocalFleet
+    from harness.fleet import LocalFleet
 
     root = Path(tempfile.mkdtemp(prefix="env_bench-e2e-"))
     # An empty uv cache of its own: the cold job downloads, as on a new rig.

@@ -2,7 +2,7 @@
 
 The ``admin`` group here holds what works on the broker's database directly
 (``verify-ledger``); the API-key commands, which call the broker's API, are the
-client's (``client.cli_admin``), and the ``rigshift`` command shows both in one group.
+client's (``client.cli.admin``), and the ``rigshift`` command shows both in one group.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The agent simulates rigs from it and fills in what NVML does not report
 (``worker_agent.gpu``, ``worker_agent.mining``); the broker prices floors with its
 board power when no GPU of a model has registered yet (``broker.economics``); test
-fixtures and the benchmarks build fleets from it (``broker.testing``,
+fixtures and the benchmarks build fleets from it (``harness.broker_fixtures``,
 ``benchmarks/``). A model is matched without spaces and case
 (:func:`model_key`: ``RTX 3090`` == ``rtx3090``).
 

@@ -61,7 +61,7 @@ def test_hardening_and_restart_keys() -> None:
 
 def test_exec_start_uses_the_agent_cli() -> None:
     """`rigshift agent run` exists and takes --config (written by `rigshift agent install`)."""
-    from client.cli import main
+    from rigshift.cli import main
 
     words = shlex.split(_unit()["Service"]["ExecStart"])
     agent = main.commands.get("agent")

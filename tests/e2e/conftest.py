@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 from e2e_cluster import Cluster
 
-from worker_agent.fleet import LocalFleet
-from worker_agent.testing import TcpProxy
+from harness.agent_fixtures import TcpProxy
+from harness.fleet import LocalFleet
 
 
 @pytest.fixture(scope="session")

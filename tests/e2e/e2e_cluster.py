@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.agent_fixtures import TcpProxy
+from harness.fleet import LocalFleet, ManagedProcess
 from rigshift.v1 import job_pb2
-from worker_agent.fleet import LocalFleet, ManagedProcess
-from worker_agent.testing import TcpProxy
 
 TERMINAL = {job_pb2.Job.SUCCEEDED, job_pb2.Job.FAILED, job_pb2.Job.CANCELLED}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from e2e_cluster import Cluster, wait_until
 
+from harness.fleet import rigshift_argv
 from rigshift.v1 import farm_pb2, job_pb2
-from worker_agent.fleet import rigshift_argv
 from worker_agent.process import alive as _alive
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from worker_agent.fleet import rigshift_argv
+from harness.fleet import rigshift_argv
 
 
 def test_demo_passes_in_under_3_minutes(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ import time
 
 from e2e_cluster import Cluster, wait_until
 
+from harness.fleet import rigshift_argv
 from rigshift.v1 import job_pb2
-from worker_agent.fleet import rigshift_argv
 
 S = job_pb2.Job
 A = job_pb2.Attempt

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker_agent.fleet import MARKER_JOB, LocalFleet, ManagedProcess, marker_runs, rigshift_argv
+from harness.fleet import MARKER_JOB, LocalFleet, ManagedProcess, marker_runs, rigshift_argv
 
 #: Lease of the fault tests' brokers and agents (as in tests/e2e).
 LEASE = {"lease_ttl_s": 6, "heartbeat_interval_s": 1}

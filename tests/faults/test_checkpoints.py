@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.fleet import LocalFleet, ManagedProcess
 from rigshift.v1 import job_pb2
-from worker_agent.fleet import LocalFleet, ManagedProcess
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from client.cli import main
 from client.errors import InvalidArgument
 from client.sdk import Client, build_working_dir_archive
+from rigshift.cli import main
 from rigshift.v1 import job_pb2
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,6 +1,6 @@
 """``rigshift admin create-key | list-keys | revoke-key`` against a real broker.
 
-They live in the client (``client/cli_admin.py``: they call the broker's API) and the
+They live in the client (``client/cli/admin.py``: they call the broker's API) and the
 ``rigshift`` command shows them in one ``admin`` group with the broker's own
 ``verify-ledger``. The admin key is the one the broker wrote to $RIGSHIFT_HOME/credentials.
 """
@@ -12,7 +12,7 @@ import json
 import pytest
 from click.testing import CliRunner, Result
 
-from client.cli import main
+from rigshift.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

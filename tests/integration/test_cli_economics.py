@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from protocol_agent import ProtocolAgent, create_farm, gpus
 
-from client.cli import main
+from rigshift.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,9 +26,9 @@ from broker_harness import start_broker
 from click.testing import CliRunner
 from protocol_agent import ProtocolAgent, authed_channel, gpus
 
-from client.cli import main
 from client.errors import InvalidArgument, from_rpc_error
 from client.sdk import Client
+from rigshift.cli import main
 from rigshift.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,

@@ -15,9 +15,9 @@ import pytest
 from disk_helpers import tmpfs
 from test_agent_protocol import FakeBroker, run_session, script, until
 
+from harness.agent_fixtures import make_assignment
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.agent import Agent
-from worker_agent.testing import make_assignment
 
 pytestmark = pytest.mark.timeout(60)
 

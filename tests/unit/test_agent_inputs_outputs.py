@@ -12,9 +12,9 @@ from pathlib import Path
 
 from test_agent_protocol import FakeBroker, run_session, script, until
 
+from harness.agent_fixtures import make_assignment
 from rigshift.archive import pack_directory
 from worker_agent.agent import Agent
-from worker_agent.testing import make_assignment
 
 
 def _members(data: bytes) -> dict[str, bytes]:

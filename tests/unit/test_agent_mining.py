@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.agent_fixtures import FakeClock, numeric_integral_j
 from worker_agent.config import AgentConfig, ConfigError, MiningConfig, load_config_file
 from worker_agent.energy import EnergyMeter
 from worker_agent.gpu import Load, SimulatedBackend
@@ -27,7 +28,6 @@ from worker_agent.mining import (
     read_status,
 )
 from worker_agent.process import alive as _alive
-from worker_agent.testing import FakeClock, numeric_integral_j
 
 AI, MINING, IDLE = GpuState.AI, GpuState.MINING, GpuState.IDLE
 P_AI, P_MINING = Preference.AI, Preference.MINING

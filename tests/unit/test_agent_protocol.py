@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from harness.agent_fixtures import make_assignment
 from rigshift.v1 import artifact_service_pb2 as art
 from rigshift.v1 import artifact_service_pb2_grpc as artg
 from rigshift.v1 import farm_pb2
@@ -33,7 +34,6 @@ from worker_agent.config import AgentConfig
 from worker_agent.executor import LocalExecutor
 from worker_agent.gpu import SimulatedBackend
 from worker_agent.process import alive as _alive
-from worker_agent.testing import make_assignment
 
 PY = sys.executable
 AUTH = ("authorization", "Bearer cred-1")

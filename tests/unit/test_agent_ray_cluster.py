@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from worker_agent.fleet import start_time
+from harness.fleet import start_time
 from worker_agent.process import descendants
 
 DRIVER = textwrap.dedent(

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from test_agent_protocol import FakeBroker, run_session, until
 
+from harness.agent_fixtures import make_assignment
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.agent import Agent
 from worker_agent.config import EnvironmentsConfig
-from worker_agent.testing import make_assignment
 
 REQS = "humanize==4.9.0\n"
 SHA = hashlib.sha256(REQS.encode()).hexdigest()

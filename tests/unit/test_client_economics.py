@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from google.protobuf import timestamp_pb2
 
 from client import output
-from client.cli import main
 from client.errors import InvalidArgument
 from client.sdk import (
     UPDATABLE_FARM_FIELDS,
@@ -34,6 +33,7 @@ from client.units import (
     parse_tariff_file,
     percent_to_permille,
 )
+from rigshift.cli import main
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)

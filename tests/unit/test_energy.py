@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
+from harness.agent_fixtures import CounterlessBackend, FakeClock, numeric_integral_j
 from worker_agent.energy import EnergyMeter
 from worker_agent.gpu import Load, SimulatedBackend
-from worker_agent.testing import CounterlessBackend, FakeClock, numeric_integral_j
 
 
 def test_attempt_energy_is_the_integral_of_its_gpus_power() -> None:

@@ -40,7 +40,7 @@ from broker.scheduler import (
     WorkerCapacity,
     place,
 )
-from broker.testing import make_gpu, make_job, make_snapshot, make_worker
+from harness.broker_fixtures import make_gpu, make_job, make_snapshot, make_worker
 
 IDS = [f"w-{c}" for c in "abcdefg"]
 RELIABILITY = st.sampled_from([1000, 1000, 990, 900, 500])

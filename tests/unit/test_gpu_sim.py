@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from harness.agent_fixtures import FakeClock, numeric_integral_j
 from worker_agent.gpu import GpuBackend, Load, SimulatedBackend, parse_spec
-from worker_agent.testing import FakeClock, numeric_integral_j
 
 
 @pytest.mark.parametrize(

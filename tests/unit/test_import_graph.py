@@ -23,26 +23,8 @@ PRODUCTS = ("broker", "worker_agent", "client")
 SHARED = "rigshift"
 ASSEMBLY = "rigshift/cli.py"
 
-#: Edges that exist until the client-package change lands (helper "client" of issue 13):
-#: ``worker_agent/fleet.py`` moves out of the product packages, ``client/demo.py`` stops
-#: importing the fleet and the broker's store, the CLI's local-database fallback goes, and
-#: the groups are assembled by ``rigshift/cli.py``. (file, imported module) pairs.
-#: Empty this once that change is merged; the test fails on an entry that no longer exists.
-ALLOWED: frozenset[tuple[str, str]] = frozenset(
-    {
-        # moved by the client-package change
-        ("worker_agent/fleet.py", "client.sdk"),
-        # moved by the client-package change
-        ("client/demo.py", "worker_agent.fleet"),
-        ("client/demo.py", "broker.store"),
-        # moved by the client-package change
-        ("client/cli.py", "broker.store"),
-        ("client/cli.py", "broker.convert"),
-        ("client/cli.py", "broker.core"),
-        ("client/cli.py", "broker.cli"),
-        ("client/cli.py", "worker_agent.cli"),
-    }
-)
+#: Edges allowed besides the assembly: none. (file, imported module) pairs.
+ALLOWED: frozenset[tuple[str, str]] = frozenset()
 
 
 _MODULE_NAME = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+")

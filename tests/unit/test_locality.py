@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from broker.scheduler import FleetIndex, choice_key, locality_score, place
-from broker.testing import make_job, make_snapshot, make_worker
+from harness.broker_fixtures import make_job, make_snapshot, make_worker
 
 ENV = "a" * 64
 OTHER = "b" * 64

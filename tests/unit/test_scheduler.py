@@ -25,7 +25,7 @@ from broker.scheduler import (
     locality_score,
     place,
 )
-from broker.testing import make_gpu, make_job, make_snapshot, make_worker
+from harness.broker_fixtures import make_gpu, make_job, make_snapshot, make_worker
 
 W3090 = 24_576
 W3060 = 12_288

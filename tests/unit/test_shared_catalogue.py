@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from broker.economics import FarmTerms, floor_price
-from broker.testing import make_gpu
+from harness.broker_fixtures import make_gpu
 from rigshift.catalogue import (
     BY_KEY,
     CATALOGUE,

@@ -92,7 +92,7 @@ def _clock(start: float) -> str:
 )
 def demo_command(root: Path, epochs: int, samples: int, timeout_s: float, prometheus: bool) -> None:
     """Run a broker, two farms of two simulated rigs and a dozen jobs; print a summary."""
-    from worker_agent.fleet import FleetError, LocalFleet
+    from harness.fleet import FleetError, LocalFleet
 
     prom_binary = shutil.which("prometheus") if prometheus else None
     if prometheus and prom_binary is None:
