@@ -1,4 +1,8 @@
-"""Rigshift client: the Python SDK (:class:`Client`), its errors, and the ``rigshift`` CLI."""
+"""Rigshift client: the Python SDK (:class:`Client`), its errors, and the CLI's job and farm
+groups (:mod:`client.cli`; the ``rigshift`` command that adds them is :mod:`rigshift.cli`).
+
+The SDK has no dependency on the broker or the agent packages.
+"""
 
 from client.errors import (
     AlreadyExists,

@@ -15,8 +15,6 @@ Modules, from the outside in::
     state      the persisted worker identity
     metrics    Prometheus metrics of the agent
     config     AgentConfig (and its TOML file)
-    fleet      a local broker + agents as real processes (demo, e2e tests, benchmark)
-    testing    builders and fakes for tests
 
 Import :class:`Agent` and :class:`AgentConfig` from here; they load lazily, so
 ``import worker_agent`` stays cheap.
