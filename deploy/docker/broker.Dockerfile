@@ -27,6 +27,7 @@ COPY broker ./broker
 COPY worker_agent ./worker_agent
 COPY client ./client
 COPY rigshift ./rigshift
+COPY harness ./harness
 RUN /opt/rigshift/bin/pip install --no-cache-dir --no-deps . \
     && /opt/rigshift/bin/rigshift --help > /dev/null
 
