@@ -1,7 +1,7 @@
 """The ``rigshift`` command: the broker's, the agent's and the client's command groups in one.
 
 This is the one module allowed to import ``broker``, ``worker_agent`` and
-``client`` together (``docs/architecture.md``, "Packages"). It adds
+``client`` together: outside it, none of the three imports another. It adds
 
 - ``rigshift job …`` and ``rigshift farm …`` from :mod:`client.cli`;
 - ``rigshift broker …`` from :mod:`broker.cli`;
