@@ -397,7 +397,7 @@ def effective_heartbeat_s(
 _PATH_FIELDS = ("state_dir", "ray_auth_token_path", "tls_ca", "tls_cert", "tls_key")
 
 
-def load_config_file(path: Path) -> dict[str, object]:
+def load_config_file(path: Path) -> dict[str, Any]:
     """AgentConfig fields from a TOML file (e.g. ``/etc/rigshift/agent.toml``).
 
     Keys are AgentConfig field names; money may also be given as
