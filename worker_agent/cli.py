@@ -189,7 +189,7 @@ def run_command(
                 raise ConfigError(f"{flag} (or {key} in --config) is required")
         if values.get("simulate"):
             parse_spec(str(values["simulate"]))
-        config = AgentConfig(**values)  # type: ignore[arg-type]
+        config = AgentConfig(**values)
     except (ConfigError, ValueError) as err:
         raise click.UsageError(str(err)) from err
 
