@@ -63,7 +63,7 @@ from worker_agent.metrics import AgentMetrics, serve_metrics
 from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.sandbox import policy_for
-from worker_agent.state import Identity, load_identity, save_identity
+from worker_agent.identity import Identity, load_identity, save_identity
 from worker_agent.supervise import LoopFailed, stopping, supervise
 from worker_agent.workdir import Workspace
 
