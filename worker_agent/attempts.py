@@ -66,8 +66,8 @@ from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig
 from worker_agent.energy import EnergyMeter
 from worker_agent.environments import EnvironmentCache, SetupError
-from worker_agent.executor import Execution, Executor, LaunchSpec, job_environment
 from worker_agent.gpu import GpuBackend, Load
+from worker_agent.launch import Execution, Executor, LaunchSpec, job_environment
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.process import ProcExited, ProcOutput, ProcStarted
 from worker_agent.workdir import Workspace, directory_bytes, save_verified

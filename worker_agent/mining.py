@@ -267,7 +267,7 @@ class MiningSupervisor:
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from worker_agent.executor import SECRET_ENV
+        from worker_agent.launch import SECRET_ENV
 
         self.config = config or MiningConfig()
         self.enabled = config is not None
