@@ -62,12 +62,13 @@ from worker_agent.broker_calls import gpu_infos
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig
 from worker_agent.energy import EnergyMeter
-from worker_agent.environments import EnvironmentCache, job_python
+from worker_agent.environments import EnvironmentCache
 from worker_agent.executor import RayExecutor
 from worker_agent.fence import FENCE_FILE, write_deadline
 from worker_agent.fence import clock as fence_clock
 from worker_agent.gpu import GpuBackend, open_backend
 from worker_agent.identity import load_identity
+from worker_agent.interpreters import job_python
 from worker_agent.launch import Executor, LocalExecutor
 from worker_agent.lease import STOP_MARGIN_S, Lease
 from worker_agent.metrics import (
