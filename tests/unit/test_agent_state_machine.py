@@ -311,3 +311,40 @@ def test_an_assignment_waiting_for_miners_when_the_drain_starts_is_not_started()
     s.handle(DrainRequested())
     assert s.handle(MinersStopped(("jobs/w", 1))) == []
     assert s.busy_gpus() == set()
+
+
+def test_the_state_machine_imports_no_io() -> None:
+    """Pure: it and what it imports from the agent use no event loop, transport, clock,
+    process or file (read from their import statements)."""
+    import ast
+    import inspect
+
+    import worker_agent.lease
+    import worker_agent.outbox
+    import worker_agent.state_machine
+
+    def imports(module: object) -> set[str]:
+        tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+        names = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+
+    seen = set().union(
+        *(imports(m) for m in (worker_agent.state_machine, worker_agent.lease, worker_agent.outbox))
+    )
+    assert seen <= {
+        "__future__",
+        "collections",
+        "collections.abc",
+        "dataclasses",
+        "logging",
+        "typing",
+        "google.protobuf.timestamp_pb2",
+        "rigshift.v1",
+        "worker_agent.lease",
+        "worker_agent.outbox",
+    }, seen
