@@ -325,7 +325,7 @@ def test_the_state_machine_imports_no_io() -> None:
 
     def imports(module: object) -> set[str]:
         tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
-        names = set()
+        names: set[str] = set()
         for node in tree.body:
             if isinstance(node, ast.Import):
                 names.update(a.name for a in node.names)
