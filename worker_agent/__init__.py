@@ -2,19 +2,38 @@
 
 Modules, from the outside in::
 
-    cli        `rigshift agent run|gpus` (imports nothing heavy at import time)
-    agent      the session with the broker: register, heartbeat, instructions, reports, drain
-    attempts   prepare, launch, meter and stop the attempts on this rig
-    executor   where attempts run: Ray tasks on a local head (or a site cluster); LocalExecutor
-    process    one job process as a stream of events; kill a process tree
-    outbox     job events with per-attempt sequence numbers, coalesced and retried
-    backoff    exponential backoff with full jitter
-    gpu        GPU backends: NVML and simulated
-    energy     joules per attempt from per-GPU energy counters
-    workdir    working and checkpoint directories, verified archives, safe extraction
-    state      the persisted worker identity
-    metrics    Prometheus metrics of the agent
-    config     AgentConfig (and its TOML file)
+    cli            `rigshift agent run|gpus|doctor|install` (imports nothing heavy at import time)
+    install        the rig's config file and systemd unit (`agent install`)
+    doctor/        is this rig ready? findings, local checks, broker/TLS/clock checks
+    agent          Agent: lifecycle (run, drain, shutdown) and the shell that carries out
+                   the state machine's instructions
+    state_machine  AgentState: the agent's decisions, pure (events in, instructions out)
+    session        BrokerSession: register, heartbeat, instruction stream, reports
+    broker_calls   the calls that carry data: GPUs registered (one ask price), artifacts
+                   down and up, DrainWorker
+    lease          the lease as the agent sees it: when to stop attempts (pure)
+    fence          the lease fence: a process per job that kills it when the lease lapses
+    supervise      keeps the agent's loops alive
+    channel        the gRPC channel to the broker (keepalive, TLS)
+    backoff        exponential backoff with full jitter
+    outbox         job events with per-attempt sequence numbers, coalesced and retried
+    attempts       AttemptRunner: prepare, launch, meter and stop the attempts on this rig
+    setup_failures whose fault a failed setup was (the job's or the rig's)
+    environments   the cache of per-job Python environments, built with uv
+    interpreters   which Python they are built on, and the cache key
+    checkpoints    checkpoint directories uploaded while the job runs
+    workdir        working, input, output and checkpoint directories (the archive format: rigshift.archive)
+    launch         LaunchSpec, the Executor protocol, the job's environment; LocalExecutor
+    executor       RayExecutor: attempts as Ray tasks on a local head (or a site cluster)
+    process        one job process as a stream of events
+    proctree       process trees: find, signal and kill them (/proc)
+    sandbox        job isolation: bubblewrap and an unprivileged job user
+    gpu            GPU backends: NVML and simulated
+    energy         joules per attempt from per-GPU energy counters
+    mining         the mining fallback for idle GPUs: a pure policy and its shell
+    metrics        Prometheus metrics from a snapshot the event loop publishes
+    identity       the persisted worker identity (name, credential, rig id)
+    config         AgentConfig (and its TOML file)
 
 Import :class:`Agent` and :class:`AgentConfig` from here; they load lazily, so
 ``import worker_agent`` stays cheap.

@@ -1,4 +1,4 @@
-"""The agent's session with the broker: register, heartbeat, follow instructions, report.
+"""One rig's worker agent: its lifecycle, and the shell that carries out its decisions.
 
 Lifecycle (Temporal's ``Worker`` contract)::
 
@@ -9,22 +9,33 @@ Lifecycle (Temporal's ``Worker`` contract)::
         ...
     # elsewhere: agent.request_shutdown() (signal handlers), await agent.shutdown() (idempotent)
 
+Three parts::
+
+    AgentState     state_machine.py   the decisions: events in, instructions out, no I/O
+    BrokerSession  session.py         the broker: register, heartbeat, instructions,
+                                      reports; turns them into events
+    Agent          here               starts the parts, feeds every event to the state
+                                      (``_handle``) and carries out its instructions
+                                      (``_do``): the AttemptRunner, the miners, the
+                                      outbox, the lease fence file, the stream
+
 Tasks while online, each kept running by ``supervise`` (a loop that ends is logged and
 restarted; one that keeps ending stops the agent with an error, never with a drain)::
 
-    heartbeat   Heartbeat every interval; UNAUTHENTICATED/NOT_FOUND → register again;
-                a failure resets the instruction stream (it may be half-open)
+    heartbeat   BrokerSession.heartbeat_loop; a failure resets the instruction stream
     lease       stops the running attempts before the broker may requeue them when no
                 heartbeat is answered (``lease.py``: fencing, on the monotonic clock)
-    stream      StreamInstructions; the first message is a Reconcile (start what is missing,
-                stop what is not listed), then Assignment / Cancellation; reconnects with
-                backoff and full jitter whenever the stream breaks or is reset
-    reporter    ReportJobEvents from the Outbox: starts and finishes at once, output batched;
-                a failed batch is retried unchanged; ``stale`` attempts are stopped
-    meter       samples power for GPUs without an energy counter; cumulative energy progress
+    stream      BrokerSession.stream_loop: Reconcile, then Assignment / Cancellation
+    reporter    BrokerSession.reporter_loop: the Outbox's job events
+    meter       samples power for GPUs without an energy counter; cumulative energy progress;
+                reads the GPUs' sensors for the metrics
     mining      every ``mining.check_interval_s``: the mining policy for GPUs without an
                 attempt (``mining.py``); an assignment on a mining GPU waits until the
                 miner's process tree is gone before the attempt starts
+
+The metrics (``metrics.py``) never read the agent from Prometheus' scrape thread: the
+event loop publishes an immutable :class:`~worker_agent.metrics.AgentSnapshot` after
+every event, mining tick and sensor reading, and the collector reads that.
 
 Drain (SIGTERM, :meth:`request_shutdown`): accept nothing new and ask the broker
 to drain the worker, let running attempts finish for ``drain_grace_s``, then hand
@@ -39,52 +50,44 @@ import contextlib
 import logging
 import signal
 import time
-from collections import OrderedDict
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
 
-from rigshift.v1 import farm_service_pb2, farm_service_pb2_grpc
 from rigshift.v1 import worker_service_pb2 as ws
-from rigshift.v1 import worker_service_pb2_grpc as wsg
+from worker_agent import state_machine as sm
 from worker_agent.attempts import AttemptRunner
-from worker_agent.backoff import Backoff
-from worker_agent.channel import broker_channel
+from worker_agent.broker_calls import gpu_infos
 from worker_agent.checkpoints import CheckpointWatcher
-from worker_agent.config import AgentConfig, effective_heartbeat_s
+from worker_agent.config import AgentConfig
 from worker_agent.energy import EnergyMeter
-from worker_agent.environments import EnvironmentCache, job_python
-from worker_agent.executor import Executor, LocalExecutor, RayExecutor
+from worker_agent.environments import EnvironmentCache
+from worker_agent.executor import RayExecutor
 from worker_agent.fence import FENCE_FILE, write_deadline
 from worker_agent.fence import clock as fence_clock
 from worker_agent.gpu import GpuBackend, open_backend
-from worker_agent.lease import STOP_MARGIN_S, Lease, is_refusal
-from worker_agent.metrics import AgentMetrics, serve_metrics
+from worker_agent.identity import load_identity
+from worker_agent.interpreters import job_python
+from worker_agent.launch import Executor, LocalExecutor
+from worker_agent.lease import STOP_MARGIN_S, Lease
+from worker_agent.metrics import (
+    AgentMetrics,
+    AgentSnapshot,
+    GpuReading,
+    read_sensors,
+    serve_metrics,
+)
 from worker_agent.mining import MiningSupervisor
-from worker_agent.outbox import AttemptKey, Outbox
+from worker_agent.outbox import Outbox
 from worker_agent.sandbox import policy_for
-from worker_agent.state import Identity, load_identity, save_identity
-from worker_agent.supervise import LoopFailed, stopping, supervise
+from worker_agent.session import AgentError, BrokerSession
+from worker_agent.supervise import LoopFailed, supervise
 from worker_agent.workdir import Workspace
 
 __all__ = ["Agent", "AgentError"]
 
 log = logging.getLogger("rigshift.agent")
-
-_REREGISTER = {
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.NOT_FOUND,
-}
-_FATAL_AT_REGISTRATION = {
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-}
-
-
-class AgentError(Exception):
-    """The agent cannot go on (e.g. the broker refused the enrollment token)."""
 
 
 class Agent:
@@ -100,54 +103,91 @@ class Agent:
         self.config = config
         self.backend = backend
         self.executor = executor
-        self.worker = ""
-        self.heartbeat_interval_s = config.heartbeat_interval_s
-        self.lease_ttl_s = config.lease_ttl_s
-        self.last_heartbeat_rtt_s = 0.0
         self.state = "new"
         self.meter: EnergyMeter | None = None
         self.outbox = Outbox(max_log_backlog_bytes=config.max_log_backlog_bytes)
         self.runner: AttemptRunner | None = None
-        self._credential = ""
-        self._identity: Identity | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: wsg.WorkerServiceStub | None = None
+        self.mining: MiningSupervisor | None = None
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
-        self._registered = asyncio.Event()
         self._done = asyncio.Event()
         self._wake = asyncio.Event()
-        self._register_lock = asyncio.Lock()
-        self._stream_call: grpc.aio.UnaryStreamCall | None = None
-        self._stream_reset = ""  # why the agent cancelled the stream call
-        self.lease = Lease(
-            config.lease_ttl_s,
-            config.lease_grace_s,
-            config.cancel_grace_s + STOP_MARGIN_S,
-            renewed_at=time.monotonic(),
+        self.machine = sm.AgentState(
+            Lease(
+                config.lease_ttl_s,
+                config.lease_grace_s,
+                config.cancel_grace_s + STOP_MARGIN_S,
+                renewed_at=time.monotonic(),
+            )
         )
-        self._registered_at = float("-inf")
-        # Attempts stopped because the lease ran out, and whether the broker must be asked
-        # again what this rig should run (a Reconcile) once it answers.
-        self._fenced: set[AttemptKey] = set()
-        self._resync = False
+        """The agent's decisions (``state_machine.py``); this class carries them out."""
+        self.session = BrokerSession(
+            config,
+            self.outbox,
+            self._wake,
+            self._stopping,
+            handle=self._handle,
+            mining_gpus=self._mining_gpus,
+            environments=self._environments,
+            gpu_infos=self._gpu_infos,
+            on_rtt=self._observe_rtt,
+        )
+        """The connection to the broker (``session.py``)."""
         self._run_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._reported_finished: OrderedDict[AttemptKey, None] = OrderedDict()
         self.metrics: AgentMetrics | None = None
-        self.metrics_address = ""
         self._metrics_server: Any = None
-        self.mining: MiningSupervisor | None = None
-        # Assignments waiting for miners to stop on their GPUs, and why to drop one instead.
-        self._pending: dict[AttemptKey, ws.Assignment] = {}
-        self._pending_stops: dict[AttemptKey, str] = {}
-        self._pending_tasks: set[asyncio.Task[None]] = set()
+        self.snapshot = AgentSnapshot()
+        """What the metrics show, published by the event loop (read from the scrape thread)."""
+        self._readings: dict[int, GpuReading] = {}
+        self._asks: dict[int, int] = {}
+        # Background work the instructions start (stopping miners, asking for a drain).
+        self._background: set[asyncio.Task[object]] = set()
+
+    # --- what the session knows -----------------------------------------------------------
+
+    @property
+    def lease(self) -> Lease:
+        """The lease as the agent sees it (``lease.py``)."""
+        return self.machine.lease
+
+    @property
+    def worker(self) -> str:
+        """The worker's resource name ("" until registered)."""
+        return self.session.worker
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """The heartbeat interval in effect (the broker may ask for a shorter one)."""
+        return self.session.heartbeat_interval_s
+
+    @property
+    def lease_ttl_s(self) -> float:
+        """The broker's lease TTL."""
+        return self.session.lease_ttl_s
+
+    @property
+    def last_heartbeat_rtt_s(self) -> float:
+        """Round trip of the last answered heartbeat."""
+        return self.session.last_heartbeat_rtt_s
+
+    @property
+    def metrics_address(self) -> str:
+        """``host:port`` of ``/metrics`` ("" without ``metrics_listen``)."""
+        return self.session.metrics_address
+
+    @property
+    def _channel(self) -> grpc.aio.Channel | None:
+        return self.session.channel
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.session.metadata()
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Agent:
         self._run_task = asyncio.create_task(self.run(), name="agent.run")
-        ready = asyncio.create_task(self._registered.wait())
+        ready = asyncio.create_task(self.session.registered.wait())
         await asyncio.wait({ready, self._run_task}, return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         if self._run_task.done():
@@ -180,7 +220,7 @@ class Agent:
 
     async def wait_registered(self, timeout_s: float | None = None) -> None:
         """Wait until the agent holds a worker identity."""
-        await asyncio.wait_for(self._registered.wait(), timeout_s)
+        await asyncio.wait_for(self.session.registered.wait(), timeout_s)
 
     async def run(self) -> None:
         """Serve until shutdown is requested, then drain; returns after the drain.
@@ -196,10 +236,10 @@ class Agent:
             if not self._stopping.is_set():
                 self.state = "online"
                 loops = {
-                    "heartbeat": self._heartbeat_loop,
+                    "heartbeat": self.session.heartbeat_loop,
                     "lease": self._lease_loop,
-                    "stream": self._stream_loop,
-                    "reporter": self._reporter_loop,
+                    "stream": self.session.stream_loop,
+                    "reporter": self.session.reporter_loop,
                     "meter": self._meter_loop,
                     "mining": self._mining_loop,
                 }
@@ -228,10 +268,11 @@ class Agent:
     async def _start(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._identity = load_identity(cfg.state_dir)
+        identity = load_identity(cfg.state_dir)
         if self.backend is None:
-            self.backend = open_backend(cfg.simulate, seed=self._identity.rig_id)
+            self.backend = open_backend(cfg.simulate, seed=identity.rig_id)
         self.meter = EnergyMeter(self.backend)
+        self._asks = {g.index: g.price_micros_per_gpu_hour for g in self._gpu_infos()}
         if self.executor is None:
             self.executor = RayExecutor(
                 len(self.backend.gpus()),
@@ -247,6 +288,7 @@ class Agent:
         if isinstance(self.executor, LocalExecutor | RayExecutor):
             self.executor.fence_file = str(cfg.state_dir / FENCE_FILE)  # jobs' lease fences
         await self.executor.start()
+        session = self.session
         self.runner = AttemptRunner(
             cfg,
             self.backend,
@@ -254,10 +296,10 @@ class Agent:
             self.executor,
             self.outbox,
             Workspace(cfg.state_dir),
-            self._download,
+            session.download,
             self._wake,
             CheckpointWatcher(
-                self._upload,
+                session.upload,
                 self.outbox,
                 self._wake,
                 interval_s=cfg.checkpoint_scan_interval_s,
@@ -272,27 +314,26 @@ class Agent:
                     log.warning,
                 ),
             ),
-            upload_output=self._upload_output,
+            upload_output=session.upload_output,
         )
         self.runner.on_unhealthy = self._on_unhealthy
+        self.runner.on_started = lambda key: self._handle(sm.AttemptStarted(key))
+        self.runner.on_ended = lambda key: self._handle(sm.AttemptEnded(key))
         self.mining = MiningSupervisor(
             cfg.mining,
             self.backend,
             self.meter,
-            asks_micros_per_gpu_hour={
-                g.index: g.price_micros_per_gpu_hour for g in self._gpu_infos()
-            },
+            asks_micros_per_gpu_hour=self._asks,
             state_dir=cfg.state_dir,
         )
         if cfg.metrics_listen:
-            self.metrics = AgentMetrics(self)
+            self.metrics = AgentMetrics(lambda: self.snapshot)
+            self._read_sensors()
             self._metrics_server = serve_metrics(self.metrics, cfg.metrics_listen)
             host, port = self._metrics_server.server_address[:2]
-            self.metrics_address = f"{host}:{port}"
-            log.info("metrics on http://%s/metrics", self.metrics_address)
-        self._channel = broker_channel(cfg)
-        self._stub = wsg.WorkerServiceStub(self._channel)
-        await self._register(first=True)
+            session.metrics_address = f"{host}:{port}"
+            log.info("metrics on http://%s/metrics", session.metrics_address)
+        await session.open(identity)
 
     async def _close(self) -> None:
         for task in self._tasks:
@@ -300,10 +341,10 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for task in list(self._pending_tasks):
-            task.cancel()
+        for work in list(self._background):
+            work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await work
         if self.mining is not None:
             with contextlib.suppress(Exception):
                 await self.mining.close()
@@ -312,8 +353,7 @@ class Agent:
         if self.executor is not None:
             with contextlib.suppress(Exception):
                 await self.executor.close()
-        if self._channel is not None:
-            await self._channel.close()
+        await self.session.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -325,9 +365,11 @@ class Agent:
         self.state = "draining"
         runner = self.runner
         assert runner is not None
-        runner.accepting = False
-        log.info("draining: accepting no new work, %d attempt(s) running", len(runner.runs))
-        await self._ask_broker_to_drain()
+        for instruction in self.machine.handle(sm.DrainRequested()):
+            if isinstance(instruction, sm.AskBrokerToDrain) and not instruction.until_taken:
+                await self.session.ask_to_drain()  # before the grace: nothing new is placed
+            else:
+                self._do([instruction])
         deadline = time.monotonic() + self.config.drain_grace_s
         while runner.runs and time.monotonic() < deadline and not self._force.is_set():
             await asyncio.sleep(0.1)
@@ -337,7 +379,8 @@ class Agent:
                 self.config.drain_grace_s,
                 len(runner.runs),
             )
-            await runner.stop_all("handed back: agent shutting down", report=False, wait=True)
+            self._handle(sm.DrainGraceOver())
+            await runner.wait_all()
         deadline = time.monotonic() + 5.0
         while not self.outbox.empty() and time.monotonic() < deadline:
             self._wake.set()
@@ -346,164 +389,63 @@ class Agent:
             log.warning("stopping with job events the broker has not acknowledged")
         log.info("drained")
 
-    async def _ask_broker_to_drain(self) -> bool:
-        """Best effort: FarmService.DrainWorker so the broker stops placing work here;
-        whether the broker took it."""
-        if not self.worker or self._channel is None:
-            return False
-        try:
-            await farm_service_pb2_grpc.FarmServiceStub(self._channel).DrainWorker(
-                farm_service_pb2.DrainWorkerRequest(name=self.worker),
-                metadata=self._metadata(),
-                timeout=2.0,
-            )
-        except grpc.aio.AioRpcError as err:
-            log.info("broker did not take the drain request: %s", err.code().name)
-            return False
-        return True
-
     def _on_unhealthy(self, reason: str) -> None:
         """The rig can take no work (``AttemptRunner.on_unhealthy``: e.g. its state
-        directory is full): have the broker place nothing more here. Running attempts go
-        on; the agent itself does not drain (a restart brings the worker back ONLINE)."""
-        task = asyncio.create_task(self._drain_on_broker(reason), name="unhealthy")
-        self._pending_tasks.add(task)
-        task.add_done_callback(self._pending_tasks.discard)
+        directory is full): it refuses new assignments and has the broker place nothing
+        more here. Running attempts go on; the agent itself does not drain (a restart
+        brings the worker back ONLINE)."""
+        self._handle(sm.RigUnhealthy(reason))
 
-    async def _drain_on_broker(self, reason: str) -> None:
-        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
-        while not self._stopping.is_set():
-            if await self._ask_broker_to_drain():
-                log.warning("rig unhealthy (%s): the broker places no more work here", reason)
-                return
-            await self._sleep_or_stop(backoff.next_delay())
+    # --- the decisions, carried out -----------------------------------------------------
 
-    # --- registration -------------------------------------------------------------------
+    def _handle(self, event: sm.Event) -> None:
+        """Apply an event to the agent's state and carry out what it decides."""
+        self._do(self.machine.handle(event))
+        self._publish()
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self._credential}"),)
+    def _do(self, instructions: list[sm.Instruction]) -> None:
+        runner = self.runner
+        assert runner is not None
+        for i in instructions:
+            if isinstance(i, sm.StartAttempt):
+                runner.start(i.assignment)
+            elif isinstance(i, sm.StopAttempt):
+                runner.stop(i.key, i.reason, report=i.report)
+            elif isinstance(i, sm.StopMiners):
+                self._spawn(self._stop_miners(i.assignment), "{}#{}".format(*_key(i.assignment)))
+            elif isinstance(i, sm.RefuseAttempt):
+                runner.refuse(i.key, i.reason)
+            elif isinstance(i, sm.DropAttempt):
+                self.outbox.finished(i.key, -signal.SIGTERM, 0, i.reason, time.time())
+                self._wake.set()
+            elif isinstance(i, sm.WriteFence):
+                self._write_fence()
+            elif isinstance(i, sm.ResetStream):
+                self.session.reset_stream(i.why)
+            elif isinstance(i, sm.AskBrokerToDrain):
+                if i.until_taken:
+                    self._spawn(self.session.drain_until_taken(i.reason), "unhealthy")
+                else:
+                    self._spawn(self.session.ask_to_drain(), "drain")
+            else:  # pragma: no cover - every instruction is handled above
+                raise TypeError(f"unknown instruction {i!r}")
 
-    def _gpu_infos(self) -> list[ws.GpuInfo]:
-        assert self.backend is not None
-        price = self.config.price_micros_per_gpu_hour
-        return [
-            ws.GpuInfo(
-                index=g.index,
-                uuid=g.uuid,
-                model=g.model,
-                vram_mb=g.vram_mb,
-                power_limit_watts=g.power_limit_watts,
-                price_micros_per_gpu_hour=g.default_price_micros_per_gpu_hour
-                if price is None
-                else price,
-                pcie_link_width=g.pcie_link_width,
-            )
-            for g in self.backend.gpus()
-        ]
+    def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _register(self, *, first: bool = False) -> None:
-        """RegisterWorker until it works (backoff), keeping the saved worker name."""
-        async with self._register_lock:
-            recent = time.monotonic() - self._registered_at < self.heartbeat_interval_s
-            if not first and self._registered.is_set() and recent:
-                return  # another loop registered again just now
-            assert self._stub is not None and self._identity is not None
-            cfg = self.config
-            backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
-            request = ws.RegisterWorkerRequest(
-                enrollment_token=cfg.enrollment_token,
-                hostname=cfg.hostname,
-                agent_version=cfg.agent_version,
-                gpus=self._gpu_infos(),
-                worker=self.worker or self._identity.worker,
-                metrics_address=self.metrics_address,
-            )
-            while not self._stopping.is_set():
-                sent_at = time.monotonic()
-                try:
-                    resp = await self._stub.RegisterWorker(request, timeout=10.0)
-                    break
-                except grpc.aio.AioRpcError as err:
-                    if err.code() in _FATAL_AT_REGISTRATION:
-                        raise AgentError(
-                            f"the broker refused registration: {err.details()}"
-                        ) from err
-                    delay = backoff.next_delay()
-                    log.warning("cannot register (%s); retrying in %.1f s", err.code().name, delay)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), delay)
-            else:
-                return
-            self.worker, self._credential = resp.worker, resp.credential
-            self.lease_ttl_s = float(resp.lease_ttl_seconds or cfg.lease_ttl_s)
-            self.heartbeat_interval_s = effective_heartbeat_s(
-                cfg, float(resp.heartbeat_interval_seconds), self.lease_ttl_s
-            )
-            self._identity = Identity(self._identity.rig_id, cfg.broker_address, *resp_ids(resp))
-            save_identity(cfg.state_dir, self._identity)
-            self.lease.ttl_s = self.lease_ttl_s
-            self.lease.renewed(sent_at)
-            self._write_fence()
-            self._registered_at = time.monotonic()
-            self._registered.set()
-            if self.lease.lead_s < self.lease.stop_lead_s:
-                log.warning(
-                    "the broker's lease TTL of %.0f s leaves %.1f s to stop jobs when it is "
-                    "unreachable, under cancel_grace_s + %.1f s: a job may briefly run twice",
-                    self.lease_ttl_s,
-                    self.lease.lead_s,
-                    STOP_MARGIN_S,
-                )
-            log.info(
-                "registered as %s (%d GPUs, lease %.0f s, heartbeat every %.1f s)",
-                self.worker,
-                len(request.gpus),
-                self.lease_ttl_s,
-                self.heartbeat_interval_s,
-            )
-
-    async def _on_auth_error(self, err: grpc.aio.AioRpcError) -> None:
-        log.warning("broker no longer accepts this worker (%s): registering again", err.code().name)
-        self._registered_at = float("-inf")
-        await self._register()
-
-    # --- loops --------------------------------------------------------------------------
-
-    async def _sleep_or_stop(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-
-    async def _heartbeat_loop(self) -> None:
-        assert self._stub is not None and self.runner is not None
-        status_wanted, status_sent = True, None
-        while True:
-            t0 = time.monotonic()
-            self._fence_if_due(t0)  # e.g. the process was frozen: before anything is sent
-            request = ws.HeartbeatRequest(worker=self.worker)
-            # Full status only when it changed or the broker asked (it restarted, or this
-            # is a new registration): most heartbeats stay a few bytes.
-            held = self.runner.environments.held() if self.runner.environments else []
-            if status_wanted or held != status_sent:
-                request.status.environments.extend(held)
-            try:
-                response = await self._stub.Heartbeat(
-                    request,
-                    metadata=self._metadata(),
-                    timeout=max(1.0, self.heartbeat_interval_s),
-                )
-                if request.HasField("status"):
-                    status_sent = held
-                status_wanted = response.status_wanted
-                self.last_heartbeat_rtt_s = time.monotonic() - t0
-                if self.metrics is not None:
-                    self.metrics.heartbeat_rtt.observe(self.last_heartbeat_rtt_s)
-                self._on_heartbeat_answered(t0)
-            except grpc.aio.AioRpcError as err:
-                if err.code() in _REREGISTER:
-                    await self._on_auth_error(err)
-                    continue
-                self._on_heartbeat_failed(err)
-            await asyncio.sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
+    async def _stop_miners(self, assignment: ws.Assignment) -> None:
+        """Stop the miners on the assignment's GPUs, then tell the state they are gone."""
+        assert self.mining is not None
+        try:
+            await self.mining.release(list(assignment.gpu_indices))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._handle(sm.MinersStopped(_key(assignment), ok=False))
+            raise
+        self._handle(sm.MinersStopped(_key(assignment)))
 
     def _write_fence(self) -> None:
         """Write the lease's stop time for the jobs' fences (``fence.py``); when it cannot
@@ -516,227 +458,52 @@ class Agent:
                 path.unlink()
             log.warning("lease fence file %s not written (%s): jobs unfenced", path, err)
 
-    def _on_heartbeat_answered(self, sent_at: float) -> None:
-        outage = self.lease.renewed(sent_at)
-        self._write_fence()
-        if outage is not None:
-            log.info("broker reachable again (no heartbeat answered for %.1f s)", outage)
-        if self._resync and not self._fenced.intersection(self.runner.runs if self.runner else ()):
-            # Attempts were stopped or not started while the lease was in doubt: ask the
-            # broker again what this rig runs (a new stream begins with a Reconcile).
-            self._resync = False
-            self._fenced.clear()
-            self._reset_stream("the lease is renewed: reconcile")
+    # --- what the session and the metrics read -----------------------------------------
 
-    def _on_heartbeat_failed(self, err: grpc.aio.AioRpcError) -> None:
-        now = time.monotonic()
-        refused = is_refusal(err.details())
-        was_down = self.lease.broker_down
-        first = self.lease.failed(now, refused=refused)
-        if refused != was_down:
-            self._write_fence()  # a refusing broker (not running) extends it by the grace
-        if first:
-            runs = len(self.runner.runs) if self.runner else 0
-            log.warning(
-                "broker unreachable (heartbeat %s%s): %d attempt(s) keep running, until %.1f s "
-                "from now unless it answers",
-                err.code().name,
-                ": connection refused" if refused else "",
-                runs,
-                self.lease.stop_at - now,
-            )
-            # A half-open stream would hide the outage until keepalive finds it.
-            self._reset_stream(f"heartbeat {err.code().name}")
-        elif refused != was_down:
-            log.warning(
-                "broker %s: attempts are stopped %.1f s from now unless it answers",
-                "refuses connections (not running)" if refused else "unreachable again",
-                self.lease.stop_at - now,
-            )
+    def _gpu_infos(self) -> list[ws.GpuInfo]:
+        assert self.backend is not None
+        return gpu_infos(self.backend, self.config.price_micros_per_gpu_hour)
+
+    def _mining_gpus(self) -> frozenset[int]:
+        """GPUs a miner holds now (running or stopping)."""
+        return self.mining.held_by_miners() if self.mining is not None else frozenset()
+
+    def _environments(self) -> list[str]:
+        """The Python environments the rig holds (the heartbeat's status)."""
+        runner = self.runner
+        return runner.environments.held() if runner is not None and runner.environments else []
+
+    def _observe_rtt(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.heartbeat_rtt.observe(seconds)
+
+    def _read_sensors(self) -> None:
+        """Read the GPUs' sensors for the metrics (on the event loop) and publish them."""
+        if self.metrics is not None and self.backend is not None and self.meter is not None:
+            self._readings = read_sensors(self.backend, self.meter)
+            self._publish()
+
+    def _publish(self) -> None:
+        """Swap in a new snapshot for the metrics (the scrape thread reads only that)."""
+        if self.metrics is None or self.backend is None:
+            return
+        self.snapshot = AgentSnapshot.build(
+            self.backend.gpus(),
+            self._readings,
+            ai=self.machine.busy_gpus(started=True),
+            mining=self.mining.mining() if self.mining is not None else frozenset(),
+            asks=self._asks,
+            jobs_running=len(self.machine.running),
+        )
+
+    # --- loops --------------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
         """Stop the running attempts when the lease runs out (``Lease.stop_at``)."""
         while True:
             now = time.monotonic()
-            self._fence_if_due(now)
+            self._handle(sm.LeaseCheck(now))
             await asyncio.sleep(min(0.25, max(0.02, self.lease.stop_at - now)))
-
-    def _fence_if_due(self, now: float) -> None:
-        runner = self.runner
-        if runner is None or not self.lease.must_stop(now):
-            return
-        keys = [key for key, run in runner.runs.items() if not run.stop_reason]
-        if not keys:
-            return
-        log.warning(
-            "no heartbeat answered for %.1f s (lease TTL %.0f s): stopping %d attempt(s) %s",
-            now - self.lease.renewed_at,
-            self.lease.ttl_s,
-            len(keys),
-            "after the lease grace (the broker refuses connections)"
-            if self.lease.broker_down
-            else "before the broker may requeue them",
-        )
-        self._fenced.update(keys)
-        self._resync = True
-        for key in keys:
-            runner.stop(key, "lease lost: the broker was unreachable", report=False)
-
-    def _reset_stream(self, why: str) -> None:
-        """Make the instruction stream reconnect (its loop reads the cancellation as that)."""
-        call = self._stream_call
-        if call is not None and not call.done():
-            self._stream_reset = why
-            call.cancel()
-
-    async def _stream_loop(self) -> None:
-        assert self._stub is not None and self.runner is not None
-        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
-        while True:
-            call = self._stub.StreamInstructions(
-                ws.StreamInstructionsRequest(worker=self.worker), metadata=self._metadata()
-            )
-            self._stream_call, self._stream_reset = call, ""
-            try:
-                async for instruction in call:
-                    backoff.reset()
-                    self._on_instruction(instruction)
-                log.info("the broker ended the instruction stream; reconnecting")
-            except asyncio.CancelledError:
-                # grpc.aio raises CancelledError out of a call that was cancelled, here by
-                # _reset_stream. Only the agent stopping (this task cancelled) ends the loop.
-                if stopping():
-                    raise
-                log.info("instruction stream reset (%s); reconnecting", self._stream_reset)
-            except grpc.aio.AioRpcError as err:
-                if err.code() in _REREGISTER:
-                    await self._on_auth_error(err)
-                else:
-                    log.info(
-                        "instruction stream broke (%s: %s); reconnecting",
-                        err.code().name,
-                        err.details(),
-                    )
-            finally:
-                call.cancel()
-                self._stream_call = None
-            await asyncio.sleep(backoff.next_delay())
-
-    def _on_instruction(self, instruction: ws.Instruction) -> None:
-        runner = self.runner
-        assert runner is not None
-        kind = instruction.WhichOneof("kind")
-        if kind == "reconcile":
-            wanted = {(a.job, a.attempt): a for a in instruction.reconcile.assignments}
-            for key in list(runner.runs):
-                if key not in wanted:
-                    runner.stop(key, "not in the broker's reconcile", report=True)
-            for key in list(self._pending):
-                if key not in wanted:
-                    self._pending_stops[key] = "not in the broker's reconcile"
-            for key, assignment in wanted.items():
-                if key not in runner.runs and key not in self._reported_finished:
-                    self._start_attempt(assignment)
-            log.info("reconciled: %d attempt(s) to run", len(wanted))
-        elif kind == "assignment":
-            a = instruction.assignment
-            if (a.job, a.attempt) not in self._reported_finished:
-                self._start_attempt(a)
-        elif kind == "cancellation":
-            c = instruction.cancellation
-            key = (c.job, c.attempt)
-            if key in self._pending:
-                self._pending_stops[key] = f"cancelled: {c.reason}"
-            else:
-                runner.stop(key, f"cancelled: {c.reason}", report=True)
-
-    def _start_attempt(self, assignment: ws.Assignment) -> None:
-        """Start an attempt, after stopping the miners on its GPUs when any run there."""
-        runner, mining = self.runner, self.mining
-        assert runner is not None
-        key = (assignment.job, assignment.attempt)
-        if key in runner.runs or key in self._pending:
-            return
-        if self.lease.must_stop(time.monotonic()):
-            # It would be stopped at once; the broker is asked again once it answers.
-            log.info("%s attempt %d not started: no heartbeat answered lately", *key)
-            self._resync = True
-            return
-        indices = list(assignment.gpu_indices)
-        if mining is None or not mining.mining_on(indices) or not runner.accepting:
-            runner.start(assignment)
-            return
-        self._pending[key] = assignment  # its GPUs count as busy: no miner starts there again
-        self._pending_stops.pop(key, None)
-        task = asyncio.create_task(self._start_after_miners(assignment), name=f"{key[0]}#{key[1]}")
-        self._pending_tasks.add(task)
-        task.add_done_callback(self._pending_tasks.discard)
-
-    async def _start_after_miners(self, assignment: ws.Assignment) -> None:
-        assert self.mining is not None and self.runner is not None
-        key = (assignment.job, assignment.attempt)
-        try:
-            await self.mining.release(list(assignment.gpu_indices))
-        finally:
-            self._pending.pop(key, None)
-        reason = self._pending_stops.pop(key, None)
-        if reason is None:
-            self.runner.start(assignment)
-            return
-        # Stopped before it started: say so like a cancelled attempt (no energy: it held
-        # the GPUs only while the miners stopped, and that was mining).
-        log.info("%s attempt %d dropped before it started: %s", key[0], key[1], reason)
-        self.outbox.finished(key, -signal.SIGTERM, 0, reason, time.time())
-        self._wake.set()
-
-    def _busy_gpus(self) -> set[int]:
-        """GPUs held by an attempt, or by an assignment waiting for a miner to stop."""
-        busy: set[int] = set()
-        if self.runner is not None:
-            for run in list(self.runner.runs.values()):
-                busy.update(run.assignment.gpu_indices)
-        for assignment in self._pending.values():
-            busy.update(assignment.gpu_indices)
-        return busy
-
-    async def _reporter_loop(self) -> None:
-        assert self._stub is not None and self.runner is not None
-        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
-        while True:
-            if self.outbox.empty():
-                self._wake.clear()
-                await self._wake.wait()
-            if not self.outbox.has_urgent():
-                await asyncio.sleep(self.config.report_flush_s)
-            batch = self.outbox.batch()
-            if not batch:
-                continue
-            try:
-                resp = await self._stub.ReportJobEvents(
-                    ws.ReportJobEventsRequest(worker=self.worker, events=batch),
-                    metadata=self._metadata(),
-                    timeout=10.0,
-                )
-            except grpc.aio.AioRpcError as err:
-                if err.code() in _REREGISTER:
-                    await self._on_auth_error(err)
-                elif err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    log.error("broker rejected %d event(s): %s; dropped", len(batch), err.details())
-                    self.outbox.ack()
-                    continue
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            backoff.reset()
-            self.outbox.ack()
-            for event in batch:
-                if event.WhichOneof("kind") == "finished":
-                    key = (event.job, event.attempt)
-                    self._reported_finished[key] = None
-                    self.outbox.release(key)
-            while len(self._reported_finished) > 10_000:
-                self._reported_finished.popitem(last=False)
-            for c in resp.stale:
-                self.runner.stop((c.job, c.attempt), f"stale: {c.reason}", report=True)
 
     async def _meter_loop(self) -> None:
         assert self.meter is not None and self.runner is not None
@@ -745,6 +512,7 @@ class Agent:
         while True:
             await asyncio.sleep(min(cfg.energy_sample_interval_s, cfg.progress_interval_s))
             self.meter.sample()
+            self._read_sensors()
             if time.monotonic() >= next_progress:
                 next_progress += cfg.progress_interval_s
                 self.runner.report_progress()
@@ -754,58 +522,15 @@ class Agent:
         interval = self.mining.config.check_interval_s
         while True:
             if self.state != "draining":  # a rig going down starts no new miners
-                self.mining.tick(self._busy_gpus())
+                self.mining.tick(self.machine.busy_gpus())
+                self._publish()
             await asyncio.sleep(interval)
 
-    # --- helpers ------------------------------------------------------------------------
 
-    async def _download(self, sha256: str):  # type: ignore[no-untyped-def]
-        """Stream an artifact's bytes from the broker (used by the AttemptRunner)."""
-        from rigshift.v1 import artifact_service_pb2, artifact_service_pb2_grpc
-
-        assert self._channel is not None
-        stub = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
-        call = stub.DownloadArtifact(
-            artifact_service_pb2.DownloadArtifactRequest(sha256=sha256),
-            metadata=self._metadata(),
-            timeout=600.0,
-        )
-        async for chunk in call:
-            yield chunk.data
-
-    async def _upload_output(self, sha256: str, data: bytes) -> None:
-        """Store an attempt's output archive (purpose OUTPUT: the broker's output limit)."""
-        from rigshift.v1 import artifact_service_pb2
-
-        await self._upload(sha256, data, purpose=artifact_service_pb2.OUTPUT)
-
-    async def _upload(self, sha256: str, data: bytes, purpose: int = 0) -> None:
-        """Store an archive (a checkpoint, an output) in the broker's artifact store,
-        1 MiB per chunk."""
-        from rigshift.v1 import artifact_service_pb2, artifact_service_pb2_grpc
-
-        assert self._channel is not None
-        chunk = 1 << 20
-
-        def chunks():  # type: ignore[no-untyped-def]
-            for start in range(0, max(1, len(data)), chunk):
-                request = artifact_service_pb2.UploadArtifactRequest(
-                    data=data[start : start + chunk]
-                )
-                if start == 0:
-                    request.sha256, request.size_bytes = sha256, len(data)
-                    request.purpose = purpose
-                yield request
-
-        stub = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
-        await stub.UploadArtifact(chunks(), metadata=self._metadata(), timeout=300.0)
+def _key(assignment: ws.Assignment) -> tuple[str, int]:
+    return (assignment.job, assignment.attempt)
 
 
 def _job_uid(isolation: Any) -> int | None:
     """The uid jobs run as when the executor's isolation changes it, else None."""
     return getattr(isolation, "uid", None) if isolation is not None else None
-
-
-def resp_ids(resp: ws.RegisterWorkerResponse) -> tuple[str, str]:
-    """(worker name, credential) of a registration."""
-    return resp.worker, resp.credential

@@ -34,10 +34,11 @@ a hand-back or a lost lease reports nothing, so the broker requeues the attempt.
 state directory is full while an attempt is set up (``ENOSPC``/``EDQUOT`` from its
 environment, inputs, working directory, output or checkpoint directory), or a job
 that failed leaves less than :data:`DISK_FULL_BELOW_BYTES` free there, the runner
-sets :attr:`AttemptRunner.unhealthy` to the reason, calls
-:attr:`AttemptRunner.on_unhealthy` once with it (the agent drains the worker), and
-ends every assignment that arrives afterwards at once as a setup failure of the
-rig's, so the broker requeues it elsewhere. It stays so until the agent restarts.
+sets :attr:`AttemptRunner.unhealthy` to the reason and calls
+:attr:`AttemptRunner.on_unhealthy` once with it: the agent has the broker drain the
+worker and ends every assignment that arrives afterwards at once as a setup failure
+of the rig's (:meth:`AttemptRunner.refuse`), so the broker requeues it elsewhere. It
+stays so until the agent restarts.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig
 from worker_agent.energy import EnergyMeter
 from worker_agent.environments import EnvironmentCache, SetupError
-from worker_agent.executor import Execution, Executor, LaunchSpec, job_environment
 from worker_agent.gpu import GpuBackend, Load
+from worker_agent.launch import Execution, Executor, LaunchSpec, job_environment
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.process import ProcExited, ProcOutput, ProcStarted
 from worker_agent.workdir import Workspace, directory_bytes, save_verified
@@ -191,12 +192,16 @@ class AttemptRunner:
         self.environments = environments
         self.upload_output = upload_output
         self.runs: dict[AttemptKey, _Run] = {}
-        self.accepting = True
         self.unhealthy = ""
         """Why this rig takes no more work (its state directory's disk is full); "" while
         healthy. Set once, by the runner; see the module docstring."""
         self.on_unhealthy: Callable[[str], None] | None = None
-        """Called once, with the reason, when the rig becomes unhealthy (the agent drains)."""
+        """Called once, with the reason, when the rig becomes unhealthy (the agent refuses
+        new work and has the broker drain the worker)."""
+        self.on_started: Callable[[AttemptKey], None] | None = None
+        """Called when an attempt's process has started."""
+        self.on_ended: Callable[[AttemptKey], None] | None = None
+        """Called when an attempt has ended and left :attr:`runs`."""
         self.started_total = 0
         self._gpu_indices = {g.index for g in backend.gpus()}
         self._background: set[asyncio.Task[None]] = set()
@@ -205,15 +210,10 @@ class AttemptRunner:
     # --- control ------------------------------------------------------------------------
 
     def start(self, assignment: ws.Assignment) -> None:
-        """Run an assignment unless it already runs here or the agent is draining."""
+        """Run an assignment unless it already runs here (whether it should run at all is
+        the agent's decision: ``state_machine.py``)."""
         key = (assignment.job, assignment.attempt)
         if key in self.runs:
-            return
-        if self.unhealthy:
-            self._refuse(key, f"rig unhealthy, takes no work: {self.unhealthy}")
-            return
-        if not self.accepting:
-            log.info("draining: not starting %s attempt %d", *key)
             return
         run = _Run(key, assignment)
         self.runs[key] = run
@@ -235,16 +235,21 @@ class AttemptRunner:
 
     async def stop_all(self, reason: str, *, report: bool, wait: bool) -> None:
         """Stop every attempt; with ``wait``, until their processes are gone."""
-        runs = list(self.runs.values())
-        for run in runs:
+        for run in list(self.runs.values()):
             self.stop(run.key, reason, report=report)
-        if wait and runs:
+        if wait:
+            await self.wait_all()
+
+    async def wait_all(self) -> None:
+        """Wait until the attempts running now have ended (at most the kill grace + 3 s)."""
+        runs = list(self.runs.values())
+        if runs:
             waits = [asyncio.create_task(r.done.wait()) for r in runs]
             await asyncio.wait(waits, timeout=self.config.cancel_grace_s + 3.0)
             for w in waits:
                 w.cancel()
 
-    def _refuse(self, key: AttemptKey, why: str) -> None:
+    def refuse(self, key: AttemptKey, why: str) -> None:
         """End an assignment at once as a setup failure of the rig's (the broker requeues)."""
         log.warning("%s attempt %d refused: %s", key[0], key[1], why)
         now = time.time()
@@ -464,6 +469,8 @@ class AttemptRunner:
                     self.backend.set_load(indices, Load.TRAINING)
                     self.outbox.started(key, time.time(), setup_ms)
                     self.wake.set()
+                    if self.on_started is not None:
+                        self.on_started(key)
                     log.info("%s attempt %d started (pid %d on GPUs %s)", *key, event.pid, indices)
                 elif isinstance(event, ProcOutput):
                     self.outbox.log(key, decoder.decode(event.data), time.time())
@@ -583,3 +590,5 @@ class AttemptRunner:
             "" if run.report else " [not reported: handed back]",
         )
         run.done.set()
+        if self.on_ended is not None:
+            self.on_ended(key)

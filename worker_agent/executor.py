@@ -45,8 +45,9 @@ Lease fence: with ``fence_file`` set (the agent sets its ``state_dir/lease-deadl
 every attempt's process gets a lease fence (``fence.py``); a RayExecutor passes it to
 a local head's tasks only (a site cluster's node may be another machine).
 
-:class:`LocalExecutor` runs the same generator in a thread of the agent, without
-Ray: the agent's unit tests use it, and the benchmark uses it as the baseline.
+What every executor shares (:class:`LaunchSpec`, the ``Executor`` and ``Execution``
+protocols, :func:`job_environment`) and the :class:`LocalExecutor`, which runs the
+same generator in a thread of the agent without Ray, are in ``launch.py``.
 """
 
 from __future__ import annotations
@@ -62,19 +63,30 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rigshift.archive import pack_directory
+from worker_agent.launch import (
+    SECRET_ENV,
+    Execution,
+    Executor,
+    LaunchSpec,
+    LocalExecutor,
+    job_environment,
+    resolve_isolation,
+    writable_dirs,
+)
 from worker_agent.process import ProcEvent, ProcExited, ProcStarted, descendants, run_process
-from worker_agent.sandbox import Isolation, SandboxPolicy, resolve
+from worker_agent.sandbox import Isolation, SandboxPolicy
 
+# The base of every executor lives in ``launch.py``; these names are re-exported so
+# ``worker_agent.executor`` stays the one import for callers.
 __all__ = [
+    "SECRET_ENV",
     "Execution",
     "Executor",
     "LaunchSpec",
@@ -86,15 +98,6 @@ __all__ = [
 
 log = logging.getLogger("rigshift.agent.executor")
 
-#: Environment variables a job never inherits from the agent.
-SECRET_ENV = (
-    "RAY_AUTH_TOKEN",
-    "RAY_AUTH_TOKEN_PATH",
-    "RIGSHIFT_ENROLLMENT_TOKEN",
-    "RIGSHIFT_API_KEY",
-    "RIGSHIFT_CREDENTIAL",
-)
-
 GPU_RESOURCE = "rigshift_gpu_{}"
 
 #: How often a local Ray head is tried before the agent gives up.
@@ -102,178 +105,6 @@ HEAD_START_ATTEMPTS = 3
 
 #: Largest working directory shipped to a site-cluster node with the task.
 MAX_SHIPPED_BYTES = 512 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class LaunchSpec:
-    """One attempt to start: what, where, on which GPUs."""
-
-    job: str
-    attempt: int
-    argv: list[str]
-    env: Mapping[str, str]
-    cwd: str
-    gpu_indices: list[int]
-    max_duration_s: float = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    readonly: tuple[str, ...] = ()
-    """Directories the job reads from the agent's state directory (environment, inputs)."""
-
-
-def job_environment(
-    base: Mapping[str, str],
-    extra: Mapping[str, str],
-    *,
-    job: str,
-    attempt: int,
-    checkpoint_dir: str,
-    gpu_indices: list[int],
-) -> dict[str, str]:
-    """The job's environment: the agent's minus secrets, the job's own, then Rigshift's.
-
-    Rigshift's variables come last so that a job cannot override its GPU binding.
-    """
-    env = {k: v for k, v in base.items() if k not in SECRET_ENV and not k.startswith("RAY_AUTH")}
-    env.update(extra)
-    env.update(
-        {
-            "RIGSHIFT_JOB_ID": job.rpartition("/")[2],
-            "RIGSHIFT_ATTEMPT": str(attempt),
-            "RIGSHIFT_CHECKPOINT_DIR": checkpoint_dir,
-            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_indices),
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-            "PYTHONUNBUFFERED": env.get("PYTHONUNBUFFERED", "1"),
-        }
-    )
-    return env
-
-
-def _writable(spec: LaunchSpec) -> tuple[str, ...]:
-    """Directories besides the working directory a job may write: its checkpoint and
-    output directories."""
-    names = ("RIGSHIFT_CHECKPOINT_DIR", "RIGSHIFT_OUTPUT_DIR")
-    return tuple(spec.env[n] for n in names if spec.env.get(n))
-
-
-async def _resolve_isolation(policy: SandboxPolicy | None) -> Isolation | None:
-    """Check what isolation this rig gives (runs bwrap once) and log it."""
-    if policy is None:
-        return None
-    isolation = await asyncio.to_thread(resolve, policy)
-    for note in isolation.notes:
-        log.warning("%s", note)
-    log.info("%s", isolation.describe())
-    return isolation
-
-
-class Execution(Protocol):
-    """A launched attempt."""
-
-    def events(self) -> AsyncIterator[ProcEvent]:
-        """Started, output chunks, then exactly one ProcExited."""
-        ...
-
-    async def cancel(self, reason: str) -> None:
-        """Stop the process tree (SIGTERM, SIGKILL after the grace); returns at once."""
-        ...
-
-
-class Executor(Protocol):
-    """Where attempts run."""
-
-    name: str
-
-    async def start(self) -> None:
-        """Prepare (start Ray, warm workers)."""
-        ...
-
-    def launch(self, spec: LaunchSpec) -> Execution:
-        """Start one attempt."""
-        ...
-
-    async def close(self) -> None:
-        """Stop everything this executor started."""
-        ...
-
-
-# --- LocalExecutor ---------------------------------------------------------------------
-
-
-class _ThreadExecution:
-    def __init__(
-        self,
-        spec: LaunchSpec,
-        flush_s: float,
-        kill_grace_s: float,
-        isolation: Isolation | None,
-        fence_file: str | None = None,
-    ) -> None:
-        self._stop = threading.Event()
-        self._queue: asyncio.Queue[ProcEvent] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        gen = run_process(
-            spec.argv,
-            spec.env,
-            spec.cwd,
-            max_duration_s=spec.max_duration_s,
-            flush_s=flush_s,
-            kill_grace_s=kill_grace_s,
-            stop=self._stop,
-            isolation=isolation,
-            writable=_writable(spec),
-            readonly=spec.readonly,
-            fence_file=fence_file,
-        )
-
-        def pump() -> None:
-            for event in gen:
-                loop.call_soon_threadsafe(self._queue.put_nowait, event)
-
-        self._thread = threading.Thread(target=pump, name=f"attempt-{spec.job}", daemon=True)
-        self._thread.start()
-
-    async def events(self) -> AsyncIterator[ProcEvent]:
-        while True:
-            event = await self._queue.get()
-            yield event
-            if isinstance(event, ProcExited):
-                return
-
-    async def cancel(self, reason: str) -> None:
-        self._stop.set()
-
-
-class LocalExecutor:
-    """Runs attempts as plain subprocesses of the agent (tests and the benchmark baseline)."""
-
-    name = "local"
-
-    def __init__(
-        self,
-        *,
-        flush_s: float = 0.1,
-        kill_grace_s: float = 2.0,
-        sandbox: SandboxPolicy | None = None,
-    ) -> None:
-        self._flush_s = flush_s
-        self._kill_grace_s = kill_grace_s
-        self._sandbox = sandbox
-        self.isolation: Isolation | None = None
-        self.fence_file: str | None = None
-        """The agent's lease-deadline file: each job gets a lease fence (``fence.py``)."""
-
-    async def start(self) -> None:
-        """Resolve the job isolation (nothing else to start)."""
-        self.isolation = await _resolve_isolation(self._sandbox)
-
-    def launch(self, spec: LaunchSpec) -> Execution:
-        """Spawn the process from a thread of the agent."""
-        return _ThreadExecution(
-            spec, self._flush_s, self._kill_grace_s, self.isolation, self.fence_file
-        )
-
-    async def close(self) -> None:
-        """Nothing to stop (attempts are cancelled by the agent)."""
 
 
 # --- RayExecutor -----------------------------------------------------------------------
@@ -474,7 +305,7 @@ class RayExecutor:
 
     async def start(self) -> None:
         """Resolve the job isolation, start (or join) Ray with token auth, warm the workers."""
-        self.isolation = await _resolve_isolation(self.sandbox)
+        self.isolation = await resolve_isolation(self.sandbox)
         t0 = time.monotonic()
         await asyncio.to_thread(self._start_blocking)
         await self._warm()
@@ -593,7 +424,7 @@ class RayExecutor:
             not self._pinned,
             archive,
             self.isolation,
-            _writable(spec),
+            writable_dirs(spec),
             spec.readonly,
             self.fence_file if self.is_local else None,
         )

@@ -16,7 +16,7 @@ the job (``python -m worker_agent.fence FILE PID GRACE_S [--spare-leader]``):
 * the fence reads the file every :data:`POLL_S`; once the clock is past the deadline
   plus :data:`SLACK_S` (the agent, when it runs, stops its attempts itself at the
   deadline and does not report them: it goes first), it writes ``fenced`` on its
-  stdout, kills the job's tree (:func:`worker_agent.process.stop_tree`: SIGTERM to the
+  stdout, kills the job's tree (:func:`worker_agent.proctree.stop_tree`: SIGTERM to the
   group and descendants, SIGKILL after the grace; with ``--spare-leader`` bwrap gets
   only the SIGKILL) and exits with :data:`FENCED_EXIT`. Everything is dead by
   deadline + grace + about 0.2 s, within the 0.5 s (``STOP_MARGIN_S``) left before
@@ -29,7 +29,9 @@ the job (``python -m worker_agent.fence FILE PID GRACE_S [--spare-leader]``):
   so the fence still kills the group's leftovers at the deadline.
 
 It only reads a file and signals; it imports nothing but the standard library and
-``worker_agent.process`` (cheap), and sleeps between polls.
+``worker_agent.proctree`` (cheap), and sleeps between polls. The dependency goes one
+way: :mod:`worker_agent.process` starts fences and reads :data:`FENCED_EXIT` and
+:data:`FENCED_LINE` from here; this module never imports it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from worker_agent.proctree import process_start, stop_tree
 
 __all__ = [
     "FENCED_EXIT",
@@ -108,8 +112,6 @@ def watch(
     """Watch the job ``pid`` (its process group's leader) until it is gone (0) or the
     deadline in ``path`` passes: then kill its tree and return :data:`FENCED_EXIT`.
     ``out``: a file descriptor that gets :data:`FENCED_LINE` before the first signal."""
-    from worker_agent.process import process_start, stop_tree
-
     born = process_start(pid)
     if born is None:
         return 0

@@ -1,40 +1,128 @@
 """The agent's Prometheus metrics (the names and labels of ``docs/metrics.md``, "Agent metrics").
 
-Per-GPU series are read from the GPU backend and the energy meter at scrape
-time by a custom collector (STYLE.md 8), like NVIDIA's DCGM exporter; only the
-heartbeat round-trip histogram is fed as heartbeats happen. The registry is
+Per-GPU series come from a custom collector (STYLE.md 8), like NVIDIA's DCGM exporter;
+only the heartbeat round-trip histogram is fed as heartbeats happen. The registry is
 injected so tests read values with ``registry.get_sample_value(...)``.
+
+Prometheus scrapes from a thread of its own, so the collector never reads the agent's
+live objects: the agent's event loop publishes an immutable :class:`AgentSnapshot`
+(one attribute, swapped whole) after every event, mining tick and sensor reading
+(every ``energy_sample_interval_s``), and the collector reads whatever snapshot is
+current. This module does not import the agent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Set
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from worker_agent.agent import Agent
+from worker_agent.energy import EnergyMeter
+from worker_agent.gpu import GpuBackend, GpuInfo
 
-__all__ = ["AgentCollector", "AgentMetrics", "serve_metrics"]
+__all__ = [
+    "GPU_STATES",
+    "AgentCollector",
+    "AgentMetrics",
+    "AgentSnapshot",
+    "GpuReading",
+    "GpuSnapshot",
+    "read_sensors",
+    "serve_metrics",
+]
 
 log = logging.getLogger("rigshift.agent.metrics")
 
-GPU_STATES = ("ai", "mining", "idle", "quarantined")
+#: The values of the ``state`` label of ``rigshift_gpu_state``.
+GPU_STATES = ("ai", "mining", "idle")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One GPU's sensors, read on the event loop."""
+
+    power_watts: float
+    energy_joules: float
+    temperature_celsius: float | None = None
+    utilization_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSnapshot:
+    """One GPU as the metrics show it."""
+
+    index: int
+    model: str
+    state: str
+    """One of :data:`GPU_STATES`."""
+    ask_micros_per_gpu_hour: int
+    reading: GpuReading
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSnapshot:
+    """Everything the collector shows, published whole by the agent's event loop."""
+
+    jobs_running: int = 0
+    gpus: tuple[GpuSnapshot, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        gpus: list[GpuInfo],
+        readings: Mapping[int, GpuReading],
+        *,
+        ai: Set[int],
+        mining: Set[int],
+        asks: Mapping[int, int],
+        jobs_running: int,
+    ) -> AgentSnapshot:
+        """The snapshot of the GPUs whose sensors could be read. A GPU's state is ``ai``
+        when a started attempt holds it (``ai``), else ``mining`` when a miner runs there
+        (``mining``), else ``idle``."""
+        out = []
+        for gpu in gpus:
+            reading = readings.get(gpu.index)
+            if reading is None:
+                continue
+            state = "ai" if gpu.index in ai else "mining" if gpu.index in mining else "idle"
+            ask = asks.get(gpu.index, 0)
+            out.append(GpuSnapshot(gpu.index, gpu.model, state, ask, reading))
+        return cls(jobs_running, tuple(out))
+
+
+def read_sensors(backend: GpuBackend, meter: EnergyMeter) -> dict[int, GpuReading]:
+    """Every GPU's sensors now; a GPU whose telemetry fails is left out."""
+    readings = {}
+    for gpu in backend.gpus():
+        try:
+            t = backend.telemetry(gpu.index)
+        except Exception as err:  # a sensor failing must not break the metrics
+            log.debug("telemetry of GPU %d failed: %s", gpu.index, err)
+            continue
+        readings[gpu.index] = GpuReading(
+            t.power_watts,
+            meter.counter_millijoules(gpu.index) / 1000.0,
+            t.temperature_celsius,
+            t.utilization_ratio,
+        )
+    return readings
 
 
 class AgentCollector(Collector):
-    """Reads the agent's GPUs, meter and attempts when Prometheus scrapes."""
+    """Shows the agent's current snapshot when Prometheus scrapes."""
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        """Every agent series, read now (called by the registry on each scrape)."""
-        agent = self._agent
+        """Every agent series, from the snapshot current now (called on each scrape)."""
+        snap = self._snapshot()
         labels = ["gpu", "gpu_model"]
         power = GaugeMetricFamily(
             "rigshift_gpu_power_watts", "Power the GPU draws now.", labels=labels
@@ -52,7 +140,7 @@ class AgentCollector(Collector):
         )
         state = GaugeMetricFamily(
             "rigshift_gpu_state",
-            "1 for the GPU's current state (ai, mining, idle, quarantined), 0 for the others.",
+            "1 for the GPU's current state (ai, mining, idle), 0 for the others.",
             labels=[*labels, "state"],
         )
         price = GaugeMetricFamily(
@@ -61,47 +149,34 @@ class AgentCollector(Collector):
         running = GaugeMetricFamily(
             "rigshift_agent_jobs_running", "Attempts the agent is running now."
         )
-        backend, meter, runner, mining = agent.backend, agent.meter, agent.runner, agent.mining
-        busy: set[int] = set()
-        if runner is not None:
-            for run in list(runner.runs.values()):
-                if run.started:
-                    busy.update(run.assignment.gpu_indices)
-        running.add_metric([], len(runner.runs) if runner is not None else 0)
-        if backend is not None and meter is not None:
-            for gpu in backend.gpus():
-                lv = [str(gpu.index), gpu.model]
-                try:
-                    t = backend.telemetry(gpu.index)
-                except Exception as err:  # a sensor failing must not break the scrape
-                    log.debug("telemetry of GPU %d failed: %s", gpu.index, err)
-                    continue
-                power.add_metric(lv, t.power_watts)
-                energy.add_metric(lv, meter.counter_millijoules(gpu.index) / 1000.0)
-                if t.temperature_celsius is not None:
-                    temp.add_metric(lv, t.temperature_celsius)
-                if t.utilization_ratio is not None:
-                    util.add_metric(lv, t.utilization_ratio)
-                if gpu.index in busy:
-                    now = "ai"
-                elif mining is not None and mining.state(gpu.index) == "mining":
-                    now = "mining"
-                else:
-                    now = "idle"
-                for s in GPU_STATES:
-                    state.add_metric([*lv, s], 1.0 if s == now else 0.0)
-                ask = agent.config.price_micros_per_gpu_hour
-                micros = gpu.default_price_micros_per_gpu_hour if ask is None else ask
-                price.add_metric(lv, micros / 1_000_000)
+        running.add_metric([], snap.jobs_running)
+        for gpu in snap.gpus:
+            lv = [str(gpu.index), gpu.model]
+            r = gpu.reading
+            power.add_metric(lv, r.power_watts)
+            energy.add_metric(lv, r.energy_joules)
+            if r.temperature_celsius is not None:
+                temp.add_metric(lv, r.temperature_celsius)
+            if r.utilization_ratio is not None:
+                util.add_metric(lv, r.utilization_ratio)
+            for s in GPU_STATES:
+                state.add_metric([*lv, s], 1.0 if s == gpu.state else 0.0)
+            price.add_metric(lv, gpu.ask_micros_per_gpu_hour / 1_000_000)
         yield from (power, energy, temp, util, state, price, running)
 
 
 class AgentMetrics:
-    """The agent's registry: the scrape-time collector plus the heartbeat histogram."""
+    """The agent's registry: the snapshot collector plus the heartbeat histogram.
 
-    def __init__(self, agent: Agent, registry: CollectorRegistry | None = None) -> None:
+    ``snapshot`` returns the snapshot current now (called from the scrape thread: it
+    must only read one attribute).
+    """
+
+    def __init__(
+        self, snapshot: Callable[[], AgentSnapshot], registry: CollectorRegistry | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
-        self.registry.register(AgentCollector(agent))
+        self.registry.register(AgentCollector(snapshot))
         self.heartbeat_rtt = Histogram(
             "rigshift_agent_heartbeat_rtt_seconds",
             "Round-trip time of the agent's Heartbeat RPCs to the broker.",

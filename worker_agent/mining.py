@@ -7,7 +7,7 @@
     MiningSupervisor                                                   the shell
         tick(busy)        every check_interval_s: decide for each GPU, start or stop miners
         release(indices)  before an assignment starts: stop those GPUs' miners and wait
-        rows()            what ``rigshift agent gpus`` and the metrics show
+        rows()            what ``rigshift agent gpus`` shows; mining() for the metrics
 
 The broker decides AI work; this module decides only what an *idle* GPU does.
 Two things, each held for at least ``min_dwell_s`` so a GPU does not flap:
@@ -267,7 +267,7 @@ class MiningSupervisor:
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from worker_agent.executor import SECRET_ENV
+        from worker_agent.launch import SECRET_ENV
 
         self.config = config or MiningConfig()
         self.enabled = config is not None
@@ -306,9 +306,16 @@ class MiningSupervisor:
         gpu = self.gpus.get(index)
         return gpu.arbitration.state if gpu is not None else GpuState.IDLE
 
-    def mining_on(self, indices: list[int]) -> bool:
-        """Whether a miner (running or stopping) holds any of these GPUs."""
-        return any(self.gpus[i].miner is not None for i in indices if i in self.gpus)
+    def held_by_miners(self) -> frozenset[int]:
+        """GPUs a miner process holds (running or stopping): an assignment there waits
+        for :meth:`release`."""
+        return frozenset(i for i, gpu in self.gpus.items() if gpu.miner is not None)
+
+    def mining(self) -> frozenset[int]:
+        """GPUs whose state is ``mining`` (what the metrics show)."""
+        return frozenset(
+            i for i, gpu in self.gpus.items() if gpu.arbitration.state == GpuState.MINING
+        )
 
     def mining_joules(self, index: int) -> int:
         """Energy the GPU spent mining since the agent started, whole joules."""

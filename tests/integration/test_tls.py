@@ -115,7 +115,7 @@ def test_an_agent_with_a_client_certificate_passes_mutual_tls(pki: Path, tmp_pat
 
     import grpc
 
-    from worker_agent.agent import broker_channel
+    from worker_agent.channel import broker_channel
     from worker_agent.config import AgentConfig
 
     rb = tls_broker(pki, tmp_path / "b", tls_client_ca=str(pki / "ca.crt"))

@@ -36,6 +36,19 @@ def archive(files: dict[str, bytes]) -> tuple[str, bytes]:
     return hashlib.sha256(data).hexdigest(), data
 
 
+def watch_unhealthy(agent: Agent, calls: list[str]) -> None:
+    """Record each reason the runner gives the agent's ``on_unhealthy`` hook (which
+    still runs: the agent refuses new work and has the broker drain the worker)."""
+    assert agent.runner is not None and agent.runner.on_unhealthy is not None
+    hook = agent.runner.on_unhealthy
+
+    def record(reason: str) -> None:
+        calls.append(reason)
+        hook(reason)
+
+    agent.runner.on_unhealthy = record
+
+
 @pytest.mark.parametrize("where", ["attempts", "inputs", "checkpoints"])
 def test_a_full_disk_during_setup_fails_the_attempt_as_the_rigs_fault(
     tmp_path: Path, where: str
@@ -45,7 +58,7 @@ def test_a_full_disk_during_setup_fails_the_attempt_as_the_rigs_fault(
 
     async def body(fake: FakeBroker, agent: Agent) -> None:
         calls[:] = []
-        agent.runner.on_unhealthy = calls.append  # type: ignore[union-attr]
+        watch_unhealthy(agent, calls)
         fake.artifacts[sha] = data
         a = make_assignment("jobs/full", command=script("print('ran')"))
         if where == "attempts":
@@ -88,7 +101,7 @@ def test_a_job_that_fails_on_a_full_output_dir_says_so_and_the_rig_turns_unhealt
     calls: list[str] = []
 
     async def body(fake: FakeBroker, agent: Agent) -> None:
-        agent.runner.on_unhealthy = calls.append  # type: ignore[union-attr]
+        watch_unhealthy(agent, calls)
         a = make_assignment("jobs/out", command=write, max_output_bytes=8 << 20)
         fake.push(assignment=a)
         await until(lambda: fake.finished("jobs/out"), what="the attempt to end")

@@ -771,7 +771,7 @@ def _exe(path: Path) -> str:
 
 
 def test_job_python_prefers_the_configured_then_the_agents_own(tmp_path, monkeypatch) -> None:
-    from worker_agent.environments import job_python
+    from worker_agent.interpreters import job_python
 
     notes: list[str] = []
     assert job_python("/opt/py/bin/python3", 65534, notes.append) == "/opt/py/bin/python3"
@@ -783,8 +783,8 @@ def test_job_python_prefers_the_configured_then_the_agents_own(tmp_path, monkeyp
 def test_job_python_falls_back_to_a_system_python_the_job_user_can_run(
     tmp_path, monkeypatch, request
 ) -> None:
-    from worker_agent import environments
-    from worker_agent.environments import job_python
+    from worker_agent import interpreters
+    from worker_agent.interpreters import job_python
 
     private = tmp_path / "root-home"
     own = _exe(private / ".pyenv" / "bin" / "python3")
@@ -795,13 +795,13 @@ def test_job_python_falls_back_to_a_system_python_the_job_user_can_run(
     system = _exe(public / "usr" / "bin" / "python3")
     for d in (public / "usr", public / "usr" / "bin"):
         d.chmod(0o755)
-    monkeypatch.setattr(environments.sys, "executable", own)
-    monkeypatch.setattr(environments, "SYSTEM_PYTHONS", ("/nonexistent/python3", system))
+    monkeypatch.setattr(interpreters.sys, "executable", own)
+    monkeypatch.setattr(interpreters, "SYSTEM_PYTHONS", ("/nonexistent/python3", system))
     notes: list[str] = []
     assert job_python("", 65534, notes.append) == system
     assert "not usable by the job user" in notes[0] and system in notes[0]
     # No usable system Python either: say so, keep the agent's own.
-    monkeypatch.setattr(environments, "SYSTEM_PYTHONS", ())
+    monkeypatch.setattr(interpreters, "SYSTEM_PYTHONS", ())
     notes.clear()
     assert job_python("", 65534, notes.append) == own
     assert "will fail to start" in notes[0]
@@ -809,7 +809,7 @@ def test_job_python_falls_back_to_a_system_python_the_job_user_can_run(
 
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system Python here")
 def test_another_interpreter_names_other_environments() -> None:
-    from worker_agent.environments import interpreter_identity
+    from worker_agent.interpreters import interpreter_identity
 
     system = interpreter_identity("/usr/bin/python3")
     version = system.split("\0")[0]

@@ -423,6 +423,7 @@ def test_agent_mines_when_idle_and_stops_the_miner_for_an_assignment(tmp_path: P
             reconnect_max_s=0.3,
             drain_grace_s=3.0,
             cancel_grace_s=1.0,
+            metrics_listen="127.0.0.1:0",
             mining=MiningConfig(
                 command=miner_command(tmp_path),
                 revenue_micros_per_kwh=100_000,  # AI pays $0.53/kWh: mining only as a filler
@@ -444,7 +445,8 @@ def test_agent_mines_when_idle_and_stops_the_miner_for_an_assignment(tmp_path: P
 
         async def main() -> None:
             async with agent:
-                metrics = AgentMetrics(agent)
+                metrics = agent.metrics
+                assert metrics is not None
                 await wait_for(lambda: notes(tmp_path, 0), what="the idle GPU to start mining")
                 assert agent.mining is not None and agent.mining.state(0) == MINING
                 assert gpu_state(metrics, "mining") == 1.0 and gpu_state(metrics, "idle") == 0.0

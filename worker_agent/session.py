@@ -1,0 +1,348 @@
+"""The agent's connection to the broker: register, heartbeat, instructions, reports.
+
+:class:`BrokerSession` is the I/O half of the agent: it holds the channel, the worker's
+name and credential, and turns what the broker says into the events of the agent's
+state machine (``state_machine.py``), handed to ``handle``; it decides nothing itself
+beyond retrying. Its three loops run under the agent's ``supervise``::
+
+    heartbeat   Heartbeat every interval (a LeaseCheck first, so a frozen process stops
+                its attempts before it sends anything); answered -> HeartbeatAnswered,
+                failed -> HeartbeatFailed; UNAUTHENTICATED/NOT_FOUND -> register again
+    stream      StreamInstructions; the first message is a Reconcile, then Assignment /
+                Cancellation (-> Reconcile, Assigned, Cancelled); reconnects with backoff
+                and full jitter whenever the stream breaks or is reset (reset_stream)
+    reporter    ReportJobEvents from the Outbox: starts and finishes at once, output
+                batched; a failed batch is retried unchanged; acknowledged finishes ->
+                FinishedReported, ``stale`` attempts -> Stale
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from rigshift.v1 import artifact_service_pb2 as art
+from rigshift.v1 import worker_service_pb2 as ws
+from rigshift.v1 import worker_service_pb2_grpc as wsg
+from worker_agent.backoff import Backoff
+from worker_agent.broker_calls import ask_broker_to_drain, download_artifact, upload_artifact
+from worker_agent.channel import broker_channel
+from worker_agent.config import AgentConfig, effective_heartbeat_s
+from worker_agent.identity import Identity, save_identity
+from worker_agent.lease import is_refusal
+from worker_agent.outbox import AttemptKey, Outbox
+from worker_agent.state_machine import (
+    Assigned,
+    Cancelled,
+    Event,
+    FinishedReported,
+    HeartbeatAnswered,
+    HeartbeatFailed,
+    LeaseCheck,
+    Reconcile,
+    Registered,
+    Stale,
+)
+from worker_agent.supervise import stopping
+
+__all__ = ["AgentError", "BrokerSession"]
+
+log = logging.getLogger("rigshift.agent")
+
+_REREGISTER = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+}
+_FATAL_AT_REGISTRATION = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class AgentError(Exception):
+    """The agent cannot go on (e.g. the broker refused the enrollment token)."""
+
+
+class BrokerSession:
+    """One agent's session with the broker (see the module docstring).
+
+    ``handle`` takes the state machine's events; ``mining_gpus`` says which GPUs a miner
+    holds now (it goes on Reconcile and Assigned); ``environments`` lists the Python
+    environments the rig holds (the heartbeat's status); ``on_rtt`` gets each answered
+    heartbeat's round trip; ``stopping`` is set when the agent shuts down.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        outbox: Outbox,
+        wake: asyncio.Event,
+        stopping: asyncio.Event,
+        *,
+        handle: Callable[[Event], None],
+        mining_gpus: Callable[[], frozenset[int]],
+        environments: Callable[[], list[str]],
+        gpu_infos: Callable[[], list[ws.GpuInfo]],
+        on_rtt: Callable[[float], None],
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.wake = wake
+        self.stopping = stopping
+        self.handle = handle
+        self.mining_gpus = mining_gpus
+        self.environments = environments
+        self.gpu_infos = gpu_infos
+        self.on_rtt = on_rtt
+        self.worker = ""
+        self.credential = ""
+        self.identity: Identity | None = None
+        self.metrics_address = ""
+        self.heartbeat_interval_s = config.heartbeat_interval_s
+        self.lease_ttl_s = config.lease_ttl_s
+        self.last_heartbeat_rtt_s = 0.0
+        self.channel: grpc.aio.Channel | None = None
+        self.registered = asyncio.Event()
+        self._stub: wsg.WorkerServiceStub | None = None
+        self._register_lock = asyncio.Lock()
+        self._registered_at = float("-inf")
+        self._stream_call: grpc.aio.UnaryStreamCall | None = None
+        self._stream_reset = ""  # why the agent cancelled the stream call
+
+    # --- connection -------------------------------------------------------------------
+
+    async def open(self, identity: Identity) -> None:
+        """Dial the broker and register (retrying until it works or the agent stops)."""
+        self.identity = identity
+        self.channel = broker_channel(self.config)
+        self._stub = wsg.WorkerServiceStub(self.channel)
+        await self.register(first=True)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata: this worker's credential."""
+        return (("authorization", f"Bearer {self.credential}"),)
+
+    async def register(self, *, first: bool = False) -> None:
+        """RegisterWorker until it works (backoff), keeping the saved worker name."""
+        async with self._register_lock:
+            recent = time.monotonic() - self._registered_at < self.heartbeat_interval_s
+            if not first and self.registered.is_set() and recent:
+                return  # another loop registered again just now
+            assert self._stub is not None and self.identity is not None
+            cfg = self.config
+            backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+            request = ws.RegisterWorkerRequest(
+                enrollment_token=cfg.enrollment_token,
+                hostname=cfg.hostname,
+                agent_version=cfg.agent_version,
+                gpus=self.gpu_infos(),
+                worker=self.worker or self.identity.worker,
+                metrics_address=self.metrics_address,
+            )
+            while not self.stopping.is_set():
+                sent_at = time.monotonic()
+                try:
+                    resp = await self._stub.RegisterWorker(request, timeout=10.0)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if err.code() in _FATAL_AT_REGISTRATION:
+                        raise AgentError(
+                            f"the broker refused registration: {err.details()}"
+                        ) from err
+                    delay = backoff.next_delay()
+                    log.warning("cannot register (%s); retrying in %.1f s", err.code().name, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), delay)
+            else:
+                return
+            self.worker, self.credential = resp.worker, resp.credential
+            self.lease_ttl_s = float(resp.lease_ttl_seconds or cfg.lease_ttl_s)
+            self.heartbeat_interval_s = effective_heartbeat_s(
+                cfg, float(resp.heartbeat_interval_seconds), self.lease_ttl_s
+            )
+            self.identity = Identity(
+                self.identity.rig_id, cfg.broker_address, resp.worker, resp.credential
+            )
+            save_identity(cfg.state_dir, self.identity)
+            self.handle(Registered(sent_at, self.lease_ttl_s))
+            self._registered_at = time.monotonic()
+            self.registered.set()
+            log.info(
+                "registered as %s (%d GPUs, lease %.0f s, heartbeat every %.1f s)",
+                self.worker,
+                len(request.gpus),
+                self.lease_ttl_s,
+                self.heartbeat_interval_s,
+            )
+
+    async def _on_auth_error(self, err: grpc.aio.AioRpcError) -> None:
+        log.warning("broker no longer accepts this worker (%s): registering again", err.code().name)
+        self._registered_at = float("-inf")
+        await self.register()
+
+    # --- loops ------------------------------------------------------------------------
+
+    async def heartbeat_loop(self) -> None:
+        assert self._stub is not None
+        status_wanted, status_sent = True, None
+        while True:
+            t0 = time.monotonic()
+            self.handle(LeaseCheck(t0))  # e.g. the process was frozen: before anything is sent
+            request = ws.HeartbeatRequest(worker=self.worker)
+            # Full status only when it changed or the broker asked (it restarted, or this
+            # is a new registration): most heartbeats stay a few bytes.
+            held = self.environments()
+            if status_wanted or held != status_sent:
+                request.status.environments.extend(held)
+            try:
+                response = await self._stub.Heartbeat(
+                    request,
+                    metadata=self.metadata(),
+                    timeout=max(1.0, self.heartbeat_interval_s),
+                )
+                if request.HasField("status"):
+                    status_sent = held
+                status_wanted = response.status_wanted
+                self.last_heartbeat_rtt_s = time.monotonic() - t0
+                self.on_rtt(self.last_heartbeat_rtt_s)
+                self.handle(HeartbeatAnswered(t0))
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _REREGISTER:
+                    await self._on_auth_error(err)
+                    continue
+                refused = is_refusal(err.details())
+                self.handle(HeartbeatFailed(time.monotonic(), err.code().name, refused))
+            await asyncio.sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
+
+    def reset_stream(self, why: str) -> None:
+        """Make the instruction stream reconnect (its loop reads the cancellation as that)."""
+        call = self._stream_call
+        if call is not None and not call.done():
+            self._stream_reset = why
+            call.cancel()
+
+    async def stream_loop(self) -> None:
+        assert self._stub is not None
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        while True:
+            call = self._stub.StreamInstructions(
+                ws.StreamInstructionsRequest(worker=self.worker), metadata=self.metadata()
+            )
+            self._stream_call, self._stream_reset = call, ""
+            try:
+                async for instruction in call:
+                    backoff.reset()
+                    self._on_instruction(instruction)
+                log.info("the broker ended the instruction stream; reconnecting")
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError out of a call that was cancelled, here by
+                # reset_stream. Only the agent stopping (this task cancelled) ends the loop.
+                if stopping():
+                    raise
+                log.info("instruction stream reset (%s); reconnecting", self._stream_reset)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _REREGISTER:
+                    await self._on_auth_error(err)
+                else:
+                    log.info(
+                        "instruction stream broke (%s: %s); reconnecting",
+                        err.code().name,
+                        err.details(),
+                    )
+            finally:
+                call.cancel()
+                self._stream_call = None
+            await asyncio.sleep(backoff.next_delay())
+
+    def _on_instruction(self, instruction: ws.Instruction) -> None:
+        kind = instruction.WhichOneof("kind")
+        if kind == "reconcile":
+            assignments = tuple(instruction.reconcile.assignments)
+            self.handle(Reconcile(assignments, self.mining_gpus(), time.monotonic()))
+        elif kind == "assignment":
+            self.handle(Assigned(instruction.assignment, self.mining_gpus(), time.monotonic()))
+        elif kind == "cancellation":
+            c = instruction.cancellation
+            self.handle(Cancelled((c.job, c.attempt), c.reason))
+
+    async def reporter_loop(self) -> None:
+        assert self._stub is not None
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        while True:
+            if self.outbox.empty():
+                self.wake.clear()
+                await self.wake.wait()
+            if not self.outbox.has_urgent():
+                await asyncio.sleep(self.config.report_flush_s)
+            batch = self.outbox.batch()
+            if not batch:
+                continue
+            try:
+                resp = await self._stub.ReportJobEvents(
+                    ws.ReportJobEventsRequest(worker=self.worker, events=batch),
+                    metadata=self.metadata(),
+                    timeout=10.0,
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _REREGISTER:
+                    await self._on_auth_error(err)
+                elif err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error("broker rejected %d event(s): %s; dropped", len(batch), err.details())
+                    self.outbox.ack()
+                    continue
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self.outbox.ack()
+            finished: list[AttemptKey] = []
+            for event in batch:
+                if event.WhichOneof("kind") == "finished":
+                    finished.append((event.job, event.attempt))
+                    self.outbox.release(finished[-1])
+            self.handle(FinishedReported(tuple(finished)))
+            for c in resp.stale:
+                self.handle(Stale((c.job, c.attempt), c.reason))
+
+    # --- calls the rest of the agent makes --------------------------------------------
+
+    def download(self, sha256: str) -> AsyncIterator[bytes]:
+        """Stream an artifact's bytes from the broker (the AttemptRunner's downloader)."""
+        assert self.channel is not None
+        return download_artifact(self.channel, self.metadata(), sha256)
+
+    async def upload(self, sha256: str, data: bytes, purpose: int = 0) -> None:
+        """Store an archive (a checkpoint, an output) in the broker's artifact store."""
+        assert self.channel is not None
+        await upload_artifact(self.channel, self.metadata(), sha256, data, purpose)
+
+    async def upload_output(self, sha256: str, data: bytes) -> None:
+        """Store an attempt's output archive (purpose OUTPUT: the broker's output limit)."""
+        await self.upload(sha256, data, purpose=art.OUTPUT)
+
+    async def ask_to_drain(self) -> bool:
+        """Best effort: FarmService.DrainWorker so the broker stops placing work here;
+        whether the broker took it."""
+        if not self.worker or self.channel is None:
+            return False
+        return await ask_broker_to_drain(self.channel, self.metadata(), self.worker)
+
+    async def drain_until_taken(self, reason: str) -> None:
+        """:meth:`ask_to_drain` with backoff until the broker takes it (an unhealthy rig)."""
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        while not self.stopping.is_set():
+            if await self.ask_to_drain():
+                log.warning("rig unhealthy (%s): the broker places no more work here", reason)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff.next_delay())
