@@ -8,6 +8,7 @@ it refuses connections.
 
 from __future__ import annotations
 
+from harness.agent_fixtures import make_assignment
 from worker_agent.lease import Lease
 from worker_agent.state_machine import (
     HANDED_BACK,
@@ -38,7 +39,6 @@ from worker_agent.state_machine import (
     StopMiners,
     WriteFence,
 )
-from worker_agent.testing import make_assignment
 
 NO_MINERS: frozenset[int] = frozenset()
 
