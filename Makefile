@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint format proto bench clean
+.PHONY: install demo test test-unit test-ray lint format proto lock bench clean
 
 install: $(STAMP)
 
@@ -18,17 +18,21 @@ $(STAMP): requirements.lock pyproject.toml
 demo: install
 	$(BIN)/rigshift demo
 
-# Tests that start a Ray head inside the pytest process run in pytests of their own:
-# in the shared process, tearing that head down after the other suites had run
-# sometimes ended the whole run silently (see the closing note of the first session).
-IN_PROCESS_RAY := tests/unit/test_agent_executor.py tests/unit/test_agent_ray_cluster.py
+# The test tiers are described in tests/README.md. tests/ray starts Ray: each of its files
+# runs in a pytest of its own, after the rest, because Ray allows one driver per process
+# and tearing an in-process head down after the other suites had run sometimes ended the
+# whole run silently.
+RAY_TESTS := $(sort $(wildcard tests/ray/test_*.py))
 
 test: install
-	$(BIN)/pytest -q $(addprefix --ignore=,$(IN_PROCESS_RAY))
-	for f in $(IN_PROCESS_RAY); do $(BIN)/pytest -q $$f || exit 1; done
+	$(BIN)/pytest -q --ignore=tests/ray
+	$(MAKE) --no-print-directory test-ray
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
+
+test-ray: install
+	for f in $(RAY_TESTS); do $(BIN)/pytest -q $$f || exit 1; done
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,13 +3,12 @@
 The service runs on a real SQLite store behind ``FlakyStore``, a fake whose writes fail
 while ``down`` is set, exactly as the real store fails them (``DatabaseUnavailable``).
 The error mapping is checked against real drivers: a locked and a read-only SQLite
-file, and a PostgreSQL address nothing listens on.
+file (a PostgreSQL address nothing listens on is tests/integration/test_store_unreachable.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -269,20 +268,6 @@ def test_a_read_only_sqlite_file_is_database_read_only(tmp_path: Path):
     assert err.value.reason == "DATABASE_READ_ONLY"
     assert status_code(err.value) == grpc.StatusCode.UNAVAILABLE
     assert err.value.retry_after_s == 5.0
-    store.close()
-
-
-def test_an_unreachable_postgresql_is_database_unavailable():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    store = Store(f"postgresql+psycopg://rigshift@127.0.0.1:{port}/rigshift", create=False)
-    with pytest.raises(DatabaseUnavailable) as err:
-        store.check_writable()
-    assert err.value.reason == "DATABASE_UNAVAILABLE"
-    assert "cannot be reached" in err.value.message
-    with pytest.raises(DatabaseUnavailable):
-        store.get_farm("f")
     store.close()
 
 
