@@ -125,6 +125,7 @@ class BrokerService:
         self.on_stale: Callable[[], None] | None = None
         """Called once the store refused a write because another broker changed the row."""
         self._schedule_wanted = asyncio.Event()
+        self._pass_waiters: list[asyncio.Future[None]] = []
         self._subscribers: dict[str, set[asyncio.Event]] = {}
         self._streams: dict[str, asyncio.Queue[worker_service_pb2.Instruction | None]] = {}
         self._credentials: dict[str, str] = store.worker_credentials()
@@ -489,12 +490,24 @@ class BrokerService:
                 log.exception("scheduling pass failed")
                 await asyncio.sleep(1.0)
                 continue
+            waiters, self._pass_waiters = self._pass_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
             # A pass grows with the fleet (tens of ms at 10,000 rigs) and blocks the event
             # loop, which accepts RPCs only between callbacks. Rest SCHEDULE_REST times as
             # long as the pass took, so passes get at most a quarter of the loop and
             # submissions arriving meanwhile share the next pass (sub-ms on a small fleet).
             rest = SCHEDULE_REST * (time.perf_counter() - started)
             await asyncio.sleep(min(rest, SCHEDULE_REST_MAX_S))
+
+    async def scheduled(self) -> None:
+        """Ask for a scheduling pass and return once it has completed: every change made
+        before the call has been through a pass. Tests wait on this instead of sleeping."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pass_waiters.append(waiter)
+        self._schedule_wanted.set()
+        await waiter
 
     async def _tick_loop(self, interval_s: float) -> None:
         while True:
