@@ -7,12 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from broker.server import Broker, BrokerConfig
 
-__all__ = ["RunningBroker", "start_broker"]
+__all__ = ["ManualClock", "RunningBroker", "start_broker"]
+
+
+class ManualClock:
+    """A broker clock (Unix seconds) that moves only when the test advances it.
+
+    It starts a minute behind the wall clock, so that what a test advances stays in the
+    past of a client's own "now" (``--since 0s`` sees nothing the broker stamped).
+    Leases expire only when it is advanced past their deadline (on the broker's next tick).
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.t = time.time() - 60.0 if start is None else start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
 
 
 @dataclass
@@ -38,6 +58,12 @@ class RunningBroker:
         """Run a coroutine on the broker's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
+    def scheduled(self) -> None:
+        """Wait for a completed scheduling pass that saw every change made before the call
+        (e.g. a job that must still be PENDING after one): instead of sleeping."""
+        assert self.broker.service is not None, "the broker is not started"
+        self.call(self.broker.service.scheduled())
+
     def stop(self) -> None:
         """Stop the broker and its loop; safe to call twice (a test may stop it early)."""
         if not self.thread.is_alive():
@@ -47,8 +73,12 @@ class RunningBroker:
         self.thread.join(timeout=10)
 
 
-def start_broker(home: Path, **overrides) -> RunningBroker:  # type: ignore[no-untyped-def]
-    """Start a real broker on a free port with a SQLite DB under ``home``."""
+def start_broker(home: Path, clock: ManualClock | None = None, **overrides: Any) -> RunningBroker:
+    """Start a real broker on a free port with a SQLite DB under ``home``.
+
+    With ``clock`` the broker stamps every event with it from the first request on (billing
+    tests advance it instead of sleeping); without, the broker's own clock.
+    """
     overrides.setdefault("listen", "127.0.0.1:0")
     config = BrokerConfig(home=str(home), **overrides)
     broker = Broker(config)
@@ -66,4 +96,7 @@ def start_broker(home: Path, **overrides) -> RunningBroker:  # type: ignore[no-u
     ready.wait(10)
     running = RunningBroker(broker, loop, thread)
     running.call(broker.start())
+    if clock is not None:
+        assert broker.service is not None
+        broker.service.clock = clock
     return running

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker_harness import RunningBroker, start_broker
+from broker_harness import ManualClock, RunningBroker, start_broker
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,6 +31,16 @@ def running_broker(tmp_path: Path) -> Iterator[RunningBroker]:
     rb = start_broker(tmp_path / "broker", lease_ttl_s=3.0, heartbeat_interval_s=0.5)
     yield rb
     rb.stop()
+
+
+@pytest.fixture
+def broker_clock(running_broker: RunningBroker) -> ManualClock:
+    """The clock of ``running_broker``, from now on one that moves only when the test
+    advances it (billing: exact GPU-milliseconds instead of a sleep)."""
+    clock = ManualClock()
+    assert running_broker.broker.service is not None
+    running_broker.broker.service.clock = clock
+    return clock
 
 
 @pytest.fixture

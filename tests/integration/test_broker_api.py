@@ -109,9 +109,9 @@ def test_ten_jobs_run_through_the_whole_lifecycle(jobs, agent):
         assert job.attempts[0].price_micros_per_gpu_hour == 300_000
 
 
-def test_unknown_gpu_model_stays_pending_with_reason(jobs, agent):
+def test_unknown_gpu_model_stays_pending_with_reason(jobs, agent, running_broker):
     job = submit(jobs, gpu_model="A100")
-    time.sleep(0.3)
+    running_broker.scheduled()
     job = jobs.GetJob(js.GetJobRequest(name=job.name))
     assert job.state == State.PENDING
     assert job.pending_reasons[0].resource == "gpu_model"
@@ -119,11 +119,11 @@ def test_unknown_gpu_model_stays_pending_with_reason(jobs, agent):
     assert not job.pending_reasons[0].resolvable
 
 
-def test_too_many_gpus_says_best_available(jobs, agent):
+def test_too_many_gpus_says_best_available(jobs, agent, running_broker):
     first = submit(jobs, gpu_count=2)
     agent.next_of("assignment")
     second = submit(jobs, gpu_count=4)
-    time.sleep(0.3)
+    running_broker.scheduled()
     job = jobs.GetJob(js.GetJobRequest(name=second.name))
     assert job.state == State.PENDING
     reason = job.pending_reasons[0]
@@ -208,7 +208,7 @@ def test_cancel_finished_job_is_failed_precondition(jobs, agent):
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "JOB_FINISHED")
 
 
-def test_cancel_running_job_pushes_cancellation_and_frees_gpu_on_ack(jobs, agent):
+def test_cancel_running_job_pushes_cancellation_and_frees_gpu_on_ack(jobs, agent, running_broker):
     job = submit(jobs, gpu_count=4)
     a = agent.next_of("assignment")
     agent.start(a.job, a.attempt)
@@ -218,7 +218,7 @@ def test_cancel_running_job_pushes_cancellation_and_frees_gpu_on_ack(jobs, agent
     assert (c.job, c.attempt) == (job.name, 1)
     # GPUs stay held until the agent confirms: a new 4-GPU job must wait.
     waiting = submit(jobs, gpu_count=4)
-    time.sleep(0.3)
+    running_broker.scheduled()
     assert jobs.GetJob(js.GetJobRequest(name=waiting.name)).state == State.PENDING
     agent.finish(job.name, 1, exit_code=-15)
     assert agent.next_of("assignment").job == waiting.name
@@ -331,10 +331,10 @@ def test_farm_rpcs_and_errors(farms, agent):
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_drained_worker_gets_no_new_work(jobs, farms, agent):
+def test_drained_worker_gets_no_new_work(jobs, farms, agent, running_broker):
     farms.DrainWorker(farm_service_pb2.DrainWorkerRequest(name=agent.worker))
     job = submit(jobs)
-    time.sleep(0.3)
+    running_broker.scheduled()
     assert jobs.GetJob(js.GetJobRequest(name=job.name)).state == State.PENDING
 
 

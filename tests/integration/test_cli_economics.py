@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_harness import ManualClock
 from click.testing import CliRunner, Result
 from protocol_agent import ProtocolAgent, create_farm, gpus
 
@@ -303,7 +304,9 @@ def test_quote_validates_like_submit(broker_address: str) -> None:
 # -- earnings ------------------------------------------------------------------------
 
 
-def test_earnings_after_a_job_ran(broker_address: str, agents: list[ProtocolAgent]) -> None:
+def test_earnings_after_a_job_ran(
+    broker_address: str, broker_clock: ManualClock, agents: list[ProtocolAgent]
+) -> None:
     farm = create(broker_address, "earn-1", *ECONOMICS)
     agent = register(agents, broker_address, farm["enrollment_token"], n=1, price=3_600_000)
     empty = ok(rs(broker_address, "farm", "earnings", "--farm", farm["name"])).stdout
@@ -313,7 +316,7 @@ def test_earnings_after_a_job_ran(broker_address: str, agents: list[ProtocolAgen
     a = agent.next_of("assignment")
     assert a.job == job["name"]
     agent.start(a.job, a.attempt)
-    time.sleep(1.2)  # at $3.60/GPU-h a second earns 1000 micro-dollars
+    broker_clock.advance(1.0)  # at $3.60/GPU-h a second earns 1000 micro-dollars
     agent.finish(a.job, a.attempt, exit_code=0, energy=360_000)  # 0.1 kWh
 
     deadline = time.monotonic() + 10
@@ -323,7 +326,7 @@ def test_earnings_after_a_job_ran(broker_address: str, agents: list[ProtocolAgen
             break
         time.sleep(0.1)
     assert got["state"] == "SUCCEEDED"
-    assert micros(got.get("cost_micros")) > 0
+    assert micros(got.get("cost_micros")) == 1000
     assert micros(got["attempts"][0].get("charge_micros")) == micros(got["cost_micros"])
     human = ok(rs(broker_address, "job", "get", job["name"])).stdout
     assert f"${micros(got['cost_micros']) / 1e6:.6f}" in human
@@ -335,7 +338,7 @@ def test_earnings_after_a_job_ran(broker_address: str, agents: list[ProtocolAgen
     assert micros(row["revenue_micros"]) > 0
     assert micros(row["revenue_micros"]) < micros(got["cost_micros"])  # less the 10% fee
     assert micros(row["energy_joules"]) == 360_000
-    assert micros(row["gpu_milliseconds"]) >= 1000
+    assert micros(row["gpu_milliseconds"]) == 1000
     assert micros(row["margin_micros"]) == micros(row["revenue_micros"]) - micros(
         row["energy_cost_micros"]
     )

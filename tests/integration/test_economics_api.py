@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from broker_harness import start_broker
+from broker_harness import ManualClock, start_broker
 from google.protobuf import field_mask_pb2
 from protocol_agent import ProtocolAgent, authed_channel, gpus
 
@@ -24,9 +24,15 @@ State = job_pb2.Job.State
 
 
 @pytest.fixture
-def rb(tmp_path: Path):
+def clock() -> ManualClock:
+    """The broker's clock: billed time passes when a test advances it, not by sleeping."""
+    return ManualClock()
+
+
+@pytest.fixture
+def rb(tmp_path: Path, clock: ManualClock):
     b = start_broker(
-        tmp_path / "b", lease_ttl_s=3.0, heartbeat_interval_s=0.5, start_deadline_s=0.5
+        tmp_path / "b", clock, lease_ttl_s=3.0, heartbeat_interval_s=0.5, start_deadline_s=0.5
     )
     yield b
     b.stop()
@@ -95,7 +101,7 @@ def test_floor_prices_and_asks_under_the_floor(stubs):
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_attempt_is_charged_settled_once_and_shows_in_earnings(rb, stubs):
+def test_attempt_is_charged_settled_once_and_shows_in_earnings(rb, stubs, clock):
     jobs, farms = stubs
     farm = make_farm(
         farms,
@@ -113,13 +119,12 @@ def test_attempt_is_charged_settled_once_and_shows_in_earnings(rb, stubs):
     job = jobs.CreateJob(js.CreateJobRequest(spec=job_pb2.JobSpec(command=["t"], gpu_count=2)))
     a = agent.next_of("assignment")
     agent.start(a.job, 1)
-    time.sleep(0.5)
+    clock.advance(0.5)
     agent.finish(a.job, 1, energy=360_000)  # 0.1 kWh
     done = wait(jobs, job.name, lambda j: j.state == State.SUCCEEDED)
     attempt = done.attempts[0]
-    # 2 GPUs x ~0.5 s = ~1000 GPU-ms at 1000 micros per GPU-second -> ~1000 micros
-    assert attempt.charge_micros == round(attempt.gpu_milliseconds * 3_600_000 / 3_600_000)
-    assert attempt.charge_micros > 0
+    # 2 GPUs x 0.5 s = 1000 GPU-ms at 1000 micros per GPU-second -> 1000 micros
+    assert (attempt.gpu_milliseconds, attempt.charge_micros) == (1000, 1000)
     assert done.cost_micros == attempt.charge_micros
     rows = farms.GetEarnings(farm_service_pb2.GetEarningsRequest()).rows
     (row,) = rows
@@ -142,7 +147,7 @@ def test_attempt_is_charged_settled_once_and_shows_in_earnings(rb, stubs):
     agent.close()
 
 
-def test_spot_job_is_preempted_resumes_from_checkpoint_and_pays_only_what_ran(rb, stubs):
+def test_spot_job_is_preempted_resumes_from_checkpoint_and_pays_only_what_ran(rb, stubs, clock):
     jobs, farms = stubs
     farm = make_farm(farms)
     agent = ProtocolAgent(rb.address, farm.enrollment_token, gpus(1, price=1_000_000))
@@ -156,7 +161,7 @@ def test_spot_job_is_preempted_resumes_from_checkpoint_and_pays_only_what_ran(rb
     agent.start(spot.name, 1)
     sha = "ab" * 32
     agent.report(agent.event(spot.name, 1, checkpoint=ws.Checkpointed(sha256=sha, size_bytes=10)))
-    time.sleep(0.3)
+    clock.advance(0.3)
     gold = jobs.CreateJob(js.CreateJobRequest(spec=job_pb2.JobSpec(command=["g"], gpu_count=1)))
     cancel = agent.next_of("cancellation")
     assert (cancel.job, cancel.attempt) == (spot.name, 1)
@@ -181,7 +186,7 @@ def test_spot_job_is_preempted_resumes_from_checkpoint_and_pays_only_what_ran(rb
     agent.close()
 
 
-def test_guaranteed_job_that_loses_its_rig_is_credited_the_lost_work(rb, stubs):
+def test_guaranteed_job_that_loses_its_rig_is_credited_the_lost_work(rb, stubs, clock):
     jobs, farms = stubs
     farm = make_farm(farms)
     agent = ProtocolAgent(rb.address, farm.enrollment_token, gpus(1, price=3_600_000))
@@ -190,13 +195,16 @@ def test_guaranteed_job_that_loses_its_rig_is_credited_the_lost_work(rb, stubs):
     job = jobs.CreateJob(js.CreateJobRequest(spec=job_pb2.JobSpec(command=["g"], gpu_count=1)))
     agent.next_of("assignment")
     agent.start(job.name, 1)
-    time.sleep(0.6)
+    clock.advance(0.6)
     agent.heartbeat()  # the last sign of life: work up to here is billable and lost
+    clock.advance(3.5)  # past the lease TTL (3 s): the broker's next tick expires the lease
     lost = wait(jobs, job.name, lambda j: j.state == State.PENDING, timeout=8)
     kinds = [job_pb2.SlaEvent.Kind.Name(e.kind) for e in lost.sla_events]
     assert kinds == ["HEARTBEAT_GAP", "INTERRUPTION", "LOST_WORK"]
     lost_work = lost.sla_events[-1]
-    assert lost_work.seconds == 0 or lost_work.credit_micros > 0
+    # 0.6 s billed up to the last heartbeat ($3.60/h: 600 micros), all of it lost and credited
+    assert (lost.attempts[0].gpu_milliseconds, lost.attempts[0].charge_micros) == (600, 600)
+    assert (lost_work.seconds, lost_work.credit_micros) == (0, 600)
     assert lost.credit_micros == lost_work.credit_micros
     assert lost.attempts[0].state == job_pb2.Attempt.LOST
     store = Store(rb.broker.store.url)
@@ -226,7 +234,8 @@ def test_quote_says_what_matches_and_the_price_range(rb, stubs):
 
 
 def test_farm_terms_and_ledger_survive_a_restart(tmp_path: Path):
-    b = start_broker(tmp_path / "b")
+    clock = ManualClock()
+    b = start_broker(tmp_path / "b", clock)
     with authed_channel(b.address) as ch:
         farms = fsg.FarmServiceStub(ch)
         farm = make_farm(farms, tariff_micros_per_kwh=123_000, broker_fee_permille=50)
@@ -237,6 +246,7 @@ def test_farm_terms_and_ledger_survive_a_restart(tmp_path: Path):
         job = jobs.CreateJob(js.CreateJobRequest(spec=job_pb2.JobSpec(command=["x"], gpu_count=1)))
         agent.next_of("assignment")
         agent.start(job.name, 1)
+        clock.advance(1.0)  # a nonzero charge: the ledger gets a transaction
         agent.finish(job.name, 1)
         wait(jobs, job.name, lambda j: j.state == State.SUCCEEDED)
         agent.close()
@@ -261,7 +271,8 @@ def test_verify_ledger_command_passes_then_catches_a_tampered_entry(tmp_path: Pa
     from broker.store import LedgerRow
 
     home = tmp_path / "b"
-    b = start_broker(home)
+    clock = ManualClock()
+    b = start_broker(home, clock)
     with authed_channel(b.address) as ch:
         farm = make_farm(fsg.FarmServiceStub(ch))
         agent = ProtocolAgent(b.address, farm.enrollment_token, gpus(1, price=3_600_000))
@@ -271,7 +282,7 @@ def test_verify_ledger_command_passes_then_catches_a_tampered_entry(tmp_path: Pa
         job = jobs.CreateJob(js.CreateJobRequest(spec=job_pb2.JobSpec(command=["x"], gpu_count=1)))
         agent.next_of("assignment")
         agent.start(job.name, 1)
-        time.sleep(0.2)
+        clock.advance(0.2)  # a nonzero charge: the ledger gets a transaction
         agent.finish(job.name, 1)
         wait(jobs, job.name, lambda j: j.state == State.SUCCEEDED)
         agent.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def test_short_first_gives_a_freed_gpu_to_the_shorter_job(broker: RunningBroker)
         agent.start(first.job, first.attempt)
         long_job = submit("long", 10 * 3600)
         short_job = submit("short", 600)
-        time.sleep(0.3)  # a few scheduling passes: both must still wait
+        broker.scheduled()  # a completed scheduling pass saw both: they must still wait
         for name in (long_job, short_job):
             assert jobs.GetJob(js.GetJobRequest(name=name)).state == State.PENDING
         agent.finish(first.job, first.attempt)
