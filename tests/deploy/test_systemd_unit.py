@@ -64,14 +64,9 @@ def test_exec_start_uses_the_agent_cli() -> None:
     from rigshift.cli import main
 
     words = shlex.split(_unit()["Service"]["ExecStart"])
-    agent = main.commands.get("agent")
-    if agent is None:
-        pytest.skip("`rigshift agent` is not in the CLI yet")
-    run = agent.commands["run"]  # type: ignore[attr-defined]
+    run = main.commands["agent"].commands["run"]  # type: ignore[attr-defined]
     options = {opt for p in run.params for opt in p.opts}
-    if "--config" not in options:
-        pytest.skip("`rigshift agent run --config FILE` is not implemented yet")
-    assert words[1:3] == ["agent", "run"] and words[3] in options
+    assert words[1:3] == ["agent", "run"] and words[3] == "--config" and "--config" in options
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
