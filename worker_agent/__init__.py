@@ -22,7 +22,8 @@ Modules, from the outside in::
     environments   the cache of per-job Python environments, built with uv
     interpreters   which Python they are built on, and the cache key
     checkpoints    checkpoint directories uploaded while the job runs
-    workdir        working, input, output and checkpoint directories (the archive format: rigshift.archive)
+    workdir        working, input, output and checkpoint directories (the archive format:
+                   rigshift.archive)
     launch         LaunchSpec, the Executor protocol, the job's environment; LocalExecutor
     executor       RayExecutor: attempts as Ray tasks on a local head (or a site cluster)
     process        one job process as a stream of events
