@@ -1,8 +1,8 @@
 """Tests of broker.scheduler: table-driven choices and rejections, and a property test.
 
 Prices are micro-dollars per GPU-hour. The choice key is
-(price, leftover = free in group - gpu_count, worker_id, vram_mb, model); the
-comment on each case works it out.
+(price, -locality, leftover = free in group - gpu_count, -reliability, worker_id, vram_mb,
+model); the comment on each case works out the parts that decide it.
 """
 
 from __future__ import annotations

@@ -1,28 +1,4 @@
-"""The pure scheduler: which pending job runs on which GPUs of which worker.
-
-``place(snapshot)`` runs one pass in three steps, in the style of Kubernetes'
-scheduling framework:
-
-1. **filter** — a job's gang of ``gpu_count`` GPUs must come from ONE worker and
-   ONE homogeneous group (same model, VRAM and ask price). Filters, in order:
-   ``gpu_model`` (exact, when set), ``min_vram`` (VRAM >= the minimum), ``max_price``
-   (ask <= cap, when a cap is set) and ``gpu_count`` (that many free GPUs of the
-   group on one worker). A job nothing survives for gets one :class:`Rejection`
-   naming the first filter that eliminated everything.
-2. **score** — among the survivors the choice is the smallest
-   :func:`choice_key`: ``(price, -locality, leftover, -reliability, worker_id,
-   vram_mb, model)``, i.e. cheapest first, then a worker that already holds the
-   job's Python environment (:func:`locality_score`, Kubernetes' ``ImageLocality``:
-   no setup to wait for), then best fit (fewest free GPUs left in that worker's
-   group after placing), then the most reliable, then lowest ``worker_id``; the last
-   two only break ties between groups of one worker. The gang takes the lowest
-   free indices.
-3. **bind** — the caller's job. This module does no I/O and reads no clock; the
-   same snapshot always gives the same result.
-
-Jobs are taken in the snapshot's order (the caller sorts by priority, FIFO).
-Greedy with backfill: a job that does not fit is skipped and later, smaller
-jobs may still be placed.
+"""The free-capacity index behind every scheduling pass: :class:`FleetIndex` and :func:`place`.
 
 Cost per job does not depend on the fleet size. Free capacity is indexed per
 group as buckets of workers by free count (a bitmask says which buckets are
@@ -34,149 +10,40 @@ Reasons come from group aggregates, never from a rescan of the workers.
 ``place(snapshot)`` builds that index from the snapshot, O(GPUs) per pass.
 :class:`FleetIndex` is the same index kept between passes and updated one worker
 at a time; ``index.place(pending)`` gives what ``place()`` would give on a snapshot
-of the same workers. The broker core keeps one, so a pass costs what changed.
-
-Money is integer micro-dollars throughout (STYLE.md item 10).
+of the same workers. The broker core keeps one, so a pass costs what changed, and
+QuoteJob reads it (:meth:`FleetIndex.probe`, :meth:`FleetIndex.matching`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
-from rigshift.units import format_usd as format_micros
+from broker.scheduler.filters import count_rejection, static_filter
+from broker.scheduler.scores import ChoiceKey, choice_key
+from broker.scheduler.values import (
+    JobRequest,
+    Placement,
+    Rejection,
+    SchedulingResult,
+    Snapshot,
+    Unplaced,
+    WorkerCapacity,
+)
 
-__all__ = [
-    "FleetIndex",
-    "GpuSlot",
-    "JobRequest",
-    "Placement",
-    "Rejection",
-    "SchedulingResult",
-    "Snapshot",
-    "Unplaced",
-    "WorkerCapacity",
-    "best_fit_leftover",
-    "choice_key",
-    "locality_score",
-    "place",
-]
+__all__ = ["FleetIndex", "GroupSummary", "place"]
 
 
 @dataclass(frozen=True, slots=True)
-class GpuSlot:
-    """One GPU of a worker as the scheduler sees it."""
+class GroupSummary:
+    """One homogeneous group of the index that passes a job's static filters."""
 
-    index: int
     model: str
     vram_mb: int
     price_micros_per_gpu_hour: int
-    free: bool
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerCapacity:
-    """All GPUs of one online worker; busy ones have ``free=False``."""
-
-    worker_id: str
-    gpus: tuple[GpuSlot, ...]
-    reliability_permille: int = 1000  # recent uptime x attempt success; higher is preferred
-    environments: frozenset[str] = frozenset()  # requirements_sha256 of environments it holds
-
-
-@dataclass(frozen=True, slots=True)
-class JobRequest:
-    """A pending job. Empty or zero fields mean "any"."""
-
-    job_id: str
-    gpu_count: int
-    gpu_model: str = ""
-    min_vram_mb: int = 0
-    max_price_micros_per_gpu_hour: int = 0
-    environment: str = ""  # requirements_sha256 of its Python environment, for locality
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything one pass sees; ``pending`` is already in priority order."""
-
-    now: float
-    pending: tuple[JobRequest, ...]
-    workers: tuple[WorkerCapacity, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Decision: run ``job_id`` on these GPUs of ``worker_id`` at this price."""
-
-    job_id: str
-    worker_id: str
-    gpu_indices: tuple[int, ...]
-    price_micros_per_gpu_hour: int
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Why a filter eliminated every GPU for a job.
-
-    ``resolvable`` is True when matching GPUs exist but are busy now (waiting
-    may help), False when no registered GPU could ever satisfy the request.
-    """
-
-    resource: str
-    requested: str
-    available: str
-    resolvable: bool
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unplaced:
-    """A job left pending this pass, with at least one reason."""
-
-    job_id: str
-    reasons: tuple[Rejection, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulingResult:
-    """Output of one pass, both lists in the snapshot's pending order."""
-
-    placements: tuple[Placement, ...]
-    unplaced: tuple[Unplaced, ...]
-
-
-# --- scores ------------------------------------------------------------------------------------
-
-
-def best_fit_leftover(free_in_group: int, gpu_count: int) -> int:
-    """Free GPUs left in the worker's group after placing; lower packs tighter."""
-    return free_in_group - gpu_count
-
-
-def locality_score(environments: frozenset[str], environment: str) -> int:
-    """1 when the worker already holds the job's Python environment (its setup installs
-    nothing), else 0; a job without an environment scores 0 everywhere."""
-    return 1 if environment and environment in environments else 0
-
-
-def choice_key(
-    price_micros: int,
-    free_in_group: int,
-    gpu_count: int,
-    worker_id: str,
-    vram_mb: int,
-    model: str,
-    reliability_permille: int = 1000,
-    locality: int = 0,
-) -> tuple[int, int, int, int, str, int, str]:
-    """Total order over candidate (worker, group) pairs; the smallest wins: cheapest,
-    then one holding the job's environment, then tightest fit, then most reliable
-    worker, then worker id. Price comes first: the client pays it, a cold setup costs
-    the client nothing (setup is not charged at the GPU price)."""
-    leftover = best_fit_leftover(free_in_group, gpu_count)
-    return (price_micros, -locality, leftover, -reliability_permille, worker_id, vram_mb, model)
+    gpus: int  # GPUs of the group on the indexed workers, busy or free
+    free_gpus: int
 
 
 # --- index -------------------------------------------------------------------------------------
@@ -197,7 +64,9 @@ class _Group:
 
     __slots__ = (
         "by_total",
+        "free_gpus",
         "free_idx",
+        "gpus",
         "heaps",
         "mask",
         "max_total",
@@ -219,6 +88,8 @@ class _Group:
         self.sizes: list[int] = [0]  # sizes[f] = number of workers with exactly f free
         self.heaps: list[list[_Key]] = [[]]  # heaps[f] = rank keys, lazily pruned
         self.mask = 0  # bit f set <=> sizes[f] > 0
+        self.gpus = 0  # GPUs of this group, busy or free, on all its workers
+        self.free_gpus = 0  # of which free
 
     def best_free(self) -> int:
         """Most free GPUs of this group on one worker."""
@@ -227,6 +98,7 @@ class _Group:
     def add(self, key: _Key, total: int, free: list[int] | None, keys: dict[str, _Key]) -> None:
         """Count a worker with ``total`` GPUs of this group, ``free`` (ascending) of them free."""
         self.totals[key[1]] = total
+        self.gpus += total
         self.by_total[total] = self.by_total.get(total, 0) + 1
         if total > self.max_total:
             extra = total + 1 - len(self.sizes)
@@ -236,11 +108,13 @@ class _Group:
             self.max_total = total
         if free:
             self.free_idx[key[1]] = free
+            self.free_gpus += len(free)
             self.enter(key, len(free), keys)
 
     def remove(self, worker_id: str) -> bool:
         """Forget a worker; True when no worker has a GPU of this group any more."""
         total = self.totals.pop(worker_id)
+        self.gpus -= total
         left = self.by_total[total] - 1
         if left:
             self.by_total[total] = left
@@ -250,6 +124,7 @@ class _Group:
                 self.max_total = max(self.by_total, default=0)
         free = self.free_idx.pop(worker_id, None)
         if free is not None:
+            self.free_gpus -= len(free)
             self.leave(len(free))
         return not self.totals
 
@@ -291,68 +166,15 @@ class _Filter:
 
 
 def _make_filter(groups: list[_Group], model: str, min_vram: int, cap: int) -> _Filter:
-    """Apply the static filters in order model -> vram -> price; the first to empty the set
-    becomes the rejection."""
-    if not groups:  # empty fleet: nothing to filter; the count filter explains
-        return _Filter([], None)
-    what = model or "GPU"
-    matching = [g for g in groups if not model or g.model == model]
-    if not matching:
-        fleet = ", ".join(sorted({g.model for g in groups}))
-        rejection = Rejection(
-            "gpu_model",
-            model,
-            fleet,
-            False,
-            f"no GPU of model {model} is registered (fleet has {fleet})",
-        )
-        return _Filter([], rejection)
-    roomy = [g for g in matching if g.vram >= min_vram]
-    if not roomy:
-        largest = max(g.vram for g in matching)
-        rejection = Rejection(
-            "min_vram",
-            f"{min_vram} MB",
-            f"{largest} MB",
-            False,
-            f"no {what} has {min_vram} MB VRAM or more (largest has {largest} MB)",
-        )
-        return _Filter([], rejection)
-    cheap = [g for g in roomy if not cap or g.price <= cap]
-    if not cheap:
-        ask = format_micros(min(g.price for g in roomy))
-        rejection = Rejection(
-            "max_price",
-            f"{format_micros(cap)}/GPU-hour",
-            f"{ask}/GPU-hour",
-            False,
-            f"cheapest matching GPU asks {ask}/GPU-hour, above the cap {format_micros(cap)}",
-        )
-        return _Filter([], rejection)
-    return _Filter(cheap, None)
+    """The static filters (``broker.scheduler.filters``) over the index's groups."""
+    survivors, rejection = static_filter(groups, model, min_vram, cap)
+    return _Filter(survivors, rejection)
 
 
 def _count_rejection(job: JobRequest, filt: _Filter) -> Rejection:
     """The gpu_count rejection from group aggregates (never a rescan of workers)."""
-    n = job.gpu_count
-    what = job.gpu_model or ("GPU" if n == 1 else "GPUs")
-    qualifiers = []
-    if job.min_vram_mb:
-        qualifiers.append(f">= {job.min_vram_mb} MB")
-    if job.max_price_micros_per_gpu_hour:
-        qualifiers.append(f"<= {format_micros(job.max_price_micros_per_gpu_hour)}/GPU-hour")
-    if qualifiers:
-        what += f" ({', '.join(qualifiers)})"
     best = max((g.best_free() for g in filt.groups), default=0)
-    if n < 1:
-        return Rejection("gpu_count", str(n), str(best), False, f"gpu_count must be >= 1, got {n}")
-    message = f"no worker has {n} free {what}: best has {best}"
-    resolvable = n <= filt.max_total
-    if not filt.groups:
-        message = f"no worker has {n} free {what}: the fleet has no GPUs"
-    elif not resolvable:
-        message += f", and none has more than {filt.max_total} in total"
-    return Rejection("gpu_count", f"{n} x {job.gpu_model or 'GPU'}", str(best), resolvable, message)
+    return count_rejection(job, best, filt.max_total, bool(filt.groups))
 
 
 # --- the pass ----------------------------------------------------------------------------------
@@ -447,11 +269,12 @@ class FleetIndex:
                 del self._groups[(group.model, group.vram, group.price)]
                 self._order = None
 
-    def place(self, pending: Iterable[JobRequest]) -> SchedulingResult:
-        """Place ``pending`` greedily in order, as :func:`place` does, taking the GPUs."""
-        if self._order is None:
-            self._order = sorted(self._groups.values(), key=lambda g: (g.price, g.vram, g.model))
-        groups = self._order
+    def place(self, pending: Iterable[JobRequest], *, take: bool = True) -> SchedulingResult:
+        """Place ``pending`` greedily in order, as :func:`place` does, taking the GPUs.
+
+        With ``take=False`` nothing is taken: every job is placed as if it came first
+        (what :meth:`probe` needs)."""
+        groups = self._groups_in_order()
         keys = self._keys
         filters: dict[tuple[str, int, int], _Filter] = {}
         placements: list[Placement] = []
@@ -460,17 +283,17 @@ class FleetIndex:
 
         for job in pending:
             n = job.gpu_count
-            fkey = (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour)
+            fkey = _filter_key(job)
             filt = filters.get(fkey)
             if filt is None:
                 filt = filters[fkey] = _make_filter(groups, *fkey)
             if 0 < n < filt.fail_at:
                 local = self._local(job.environment, filt, n) if job.environment else ()
-                took = _take(filt, n, keys, local)
+                took = _take(filt, n, keys, local, take)
                 if took is not None:
                     group, worker_id, taken = took
                     placements.append(Placement(job.job_id, worker_id, taken, group.price))
-                    version += 1
+                    version += take
                     continue
                 filt.fail_at = n  # and every larger gang with these filters, for this pass
             cached = filt.reasons.get(n)
@@ -480,6 +303,27 @@ class FleetIndex:
             unplaced.append(Unplaced(job.job_id, cached[1]))
 
         return SchedulingResult(tuple(placements), tuple(unplaced))
+
+    def probe(self, job: JobRequest) -> SchedulingResult:
+        """Where ``job`` would go if a pass ran now, or why nowhere; takes nothing."""
+        return self.place((job,), take=False)
+
+    def matching(self, job: JobRequest) -> tuple[GroupSummary, ...]:
+        """The groups passing ``job``'s static filters, cheapest first (QuoteJob's figures);
+        costs the groups, not the fleet."""
+        groups, _ = static_filter(self._groups_in_order(), *_filter_key(job))
+        return tuple(GroupSummary(g.model, g.vram, g.price, g.gpus, g.free_gpus) for g in groups)
+
+    def workers_in(self, group: GroupSummary) -> Iterator[str]:
+        """Ids of the indexed workers with GPUs in ``group``."""
+        found = self._groups.get((group.model, group.vram_mb, group.price_micros_per_gpu_hour))
+        return iter(found.totals if found is not None else ())
+
+    def _groups_in_order(self) -> list[_Group]:
+        """Every group, cheapest first (then VRAM, then model): the order filters keep."""
+        if self._order is None:
+            self._order = sorted(self._groups.values(), key=lambda g: (g.price, g.vram, g.model))
+        return self._order
 
     def _local(self, environment: str, filt: _Filter, n: int) -> list[tuple[_Group, _Key, int]]:
         """(group, rank key, free count) of every worker holding ``environment`` with ``n``
@@ -496,20 +340,26 @@ class FleetIndex:
         return out
 
 
-_ChoiceKey = tuple[int, int, int, int, str, int, str]
+def _filter_key(job: JobRequest) -> tuple[str, int, int]:
+    return (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour)
 
 
 def _take(
-    filt: _Filter, n: int, keys: dict[str, _Key], local: Sequence[tuple[_Group, _Key, int]]
+    filt: _Filter,
+    n: int,
+    keys: dict[str, _Key],
+    local: Sequence[tuple[_Group, _Key, int]],
+    take: bool = True,
 ) -> tuple[_Group, str, tuple[int, ...]] | None:
     """Choose by :func:`choice_key` among the qualifying groups and take the gang from the
-    index; returns (group, worker id, GPU indices) or None if no worker has ``n`` free.
+    index (unless ``take`` is False); returns (group, worker id, GPU indices) or None if no
+    worker has ``n`` free.
 
     Per group the best candidate without locality is the top of its best-fit bucket's heap;
     ``local`` lists every candidate holding the job's environment, each scored with it. The
     smallest key of both is the choice, as a scan of every (worker, group) would find."""
     best: _Group | None = None
-    best_key: _ChoiceKey | None = None
+    best_key: ChoiceKey | None = None
     best_rank: _Key | None = None
     best_free = 0
     local_ids = {rank[1] for _, rank, _ in local} if local else None
@@ -539,7 +389,10 @@ def _take(
     worker_id = rank[1]
     free_list = best.free_idx[worker_id]
     taken = tuple(free_list[:n])
+    if not take:
+        return best, worker_id, taken
     del free_list[:n]
+    best.free_gpus -= n
     best.leave(best_free)
     if best_free > n:
         best.enter(rank, best_free - n, keys)

@@ -1,0 +1,103 @@
+"""The frozen values the scheduler reads and returns (STYLE.md 2, 9).
+
+The core turns its records into these (``broker.queue``); the scheduler never sees a
+core record, an ORM row or a protobuf message. Money is integer micro-dollars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "GpuSlot",
+    "JobRequest",
+    "Placement",
+    "Rejection",
+    "SchedulingResult",
+    "Snapshot",
+    "Unplaced",
+    "WorkerCapacity",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSlot:
+    """One GPU of a worker as the scheduler sees it."""
+
+    index: int
+    model: str
+    vram_mb: int
+    price_micros_per_gpu_hour: int
+    free: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCapacity:
+    """All GPUs of one online worker; busy ones have ``free=False``."""
+
+    worker_id: str
+    gpus: tuple[GpuSlot, ...]
+    reliability_permille: int = 1000  # recent uptime x attempt success; higher is preferred
+    environments: frozenset[str] = frozenset()  # requirements_sha256 of environments it holds
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A pending job. Empty or zero fields mean "any"."""
+
+    job_id: str
+    gpu_count: int
+    gpu_model: str = ""
+    min_vram_mb: int = 0
+    max_price_micros_per_gpu_hour: int = 0
+    environment: str = ""  # requirements_sha256 of its Python environment, for locality
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one pass sees; ``pending`` is already in priority order."""
+
+    now: float
+    pending: tuple[JobRequest, ...]
+    workers: tuple[WorkerCapacity, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Decision: run ``job_id`` on these GPUs of ``worker_id`` at this price."""
+
+    job_id: str
+    worker_id: str
+    gpu_indices: tuple[int, ...]
+    price_micros_per_gpu_hour: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a filter (or the preemption step) eliminated every GPU for a job.
+
+    ``resolvable`` is True when matching GPUs exist but are busy now (waiting
+    may help), False when no registered GPU could ever satisfy the request.
+    """
+
+    resource: str
+    requested: str
+    available: str
+    resolvable: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaced:
+    """A job left pending this pass, with at least one reason."""
+
+    job_id: str
+    reasons: tuple[Rejection, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingResult:
+    """Output of one pass, both lists in the snapshot's pending order."""
+
+    placements: tuple[Placement, ...]
+    unplaced: tuple[Unplaced, ...]
