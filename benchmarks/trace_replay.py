@@ -11,8 +11,9 @@ are counted as invalid. Jobs asking for more GPUs than the largest homogeneous g
 one rig cannot run on a marketplace that gangs a job on one rig; they are skipped and
 counted, never dropped silently.
 
-**What runs.** A ``BrokerCore`` (``broker/core.py``; ``ReplayCore`` in
-``benchmarks/replay/view.py`` changes only what the scheduler is shown) receives the
+**What runs.** The broker's ``BrokerCore`` (``broker/core.py``; ``LeanView`` in
+``benchmarks/replay/view.py``, injected through ``BrokerCore(view=...)``, changes only
+what the scheduler is shown) receives the
 events a live broker would: ``FarmConfigured`` and ``WorkerRegistered`` at the start;
 ``JobSubmitted`` at each submit time; one ``SchedulePass`` after each batch of events
 that share a virtual second (skipped when it could place nothing); ``AttemptStarted`` as
@@ -48,7 +49,7 @@ Without ``--fleet`` the :data:`DEFAULT_FLEET` below is used (six farms, 87 rigs,
   (``broker.policy.SHORT_FIRST``): smallest declared GPU time first with bounded aging.
   Philly declares no run-time limits, so each job is submitted with
   ``max_duration_seconds`` = what its owner's finished jobs predict
-  (``broker.policy.DurationEstimator``), never the trace's duration;
+  (``benchmarks/replay/estimator.py``), never the trace's duration;
 * ``short-first-oracle`` — the same order with the true run time declared: an oracle, a
   bound no broker can reach.
 

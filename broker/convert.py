@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker.core import Attempt, BrokerCore, Job, Worker
 from broker.earnings import earnings
 from broker.economics import FarmTerms, charge_micros, floor_price
+from broker.events import Assign
 from broker.model import JobSpec
 from broker.store import FarmRow, farm_terms
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, worker_service_pb2
@@ -204,14 +205,13 @@ def _floor_pb(terms: FarmTerms, model: str, watts: int) -> farm_pb2.PriceFloor:
     )
 
 
-def assignment_pb(
-    job: Job, attempt: Attempt, max_output_bytes: int = 0
-) -> worker_service_pb2.Assignment:
-    """What the agent needs to run one attempt (``max_output_bytes`` 0: keep no outputs)."""
-    spec = job.spec
+def assignment_pb(assign: Assign, max_output_bytes: int = 0) -> worker_service_pb2.Assignment:
+    """What the agent needs to run one attempt, from the core's ``Assign`` alone
+    (``max_output_bytes`` 0: keep no outputs)."""
+    spec = assign.spec
     return worker_service_pb2.Assignment(
-        job=f"jobs/{job.job_id}",
-        attempt=attempt.number,
+        job=f"jobs/{assign.job_id}",
+        attempt=assign.attempt,
         spec=worker_service_pb2.AssignedSpec(
             command=list(spec.command),
             env=dict(spec.env),
@@ -222,8 +222,8 @@ def assignment_pb(
             inputs=dict(spec.inputs),
             max_output_bytes=max_output_bytes,
         ),
-        gpu_indices=list(attempt.gpu_indices),
-        checkpoint_sha256=job.checkpoint_sha256,
+        gpu_indices=list(assign.gpu_indices),
+        checkpoint_sha256=assign.checkpoint_sha256,
     )
 
 

@@ -1,9 +1,22 @@
-"""The broker's pure core: a state machine over jobs, attempts and workers.
+"""The broker's pure core: a state machine over jobs, attempts and workers (STYLE.md 1).
 
-``BrokerCore.handle(event) -> list[Command]`` is the only way state changes.
-No clock, socket, database or ``await`` in here (STYLE.md 1): ``now`` comes on
-the event, the shell (``broker.service``) persists what ``take_dirty`` names
-and carries out the commands.
+**Events in, commands out.** ``BrokerCore.handle(event) -> list[Command]`` is the only
+way state changes and the only way anything leaves: the decisions (job and worker
+transitions, assignments with everything the agent needs, cancellations, log lines),
+then the ledger entries to write (``PostLedger``), the jobs and workers to write
+(``Persist``, by id: the store reads those records through :meth:`BrokerCore.job` and
+:meth:`BrokerCore.worker`) and whether a scheduling pass is wanted (``RequestSchedule``);
+``broker.events`` has the list. No clock, socket, database or ``await`` in here:
+``now`` comes on the event. The shell (``broker.service``) writes what the commands
+name, then carries out the rest.
+
+**Restore.** A restarted broker rebuilds its core with :meth:`BrokerCore.restore` from
+the records the store read (``StoredState``); the core rebuilds its queue, caches and
+indexes there, so every other method can rely on them.
+
+**Reads** (``job``, ``worker``, ``live_attempts``, ``assignments``, ``reliability``,
+``quote``, ``snapshot``, and the records in ``jobs``, ``workers``, ``farms``,
+``ledger``) change nothing.
 
 Job lifecycle (PRODUCT.md, AIP-216)::
 
@@ -13,34 +26,22 @@ Job lifecycle (PRODUCT.md, AIP-216)::
        (attempts left)       └──────cancel──────┴──────────────────▶ CANCELLED
 
 ``TRANSITIONS`` is the table; anything else raises ``InvalidTransition``.
+
+The state records are ``broker.records``; settlement and SLA credits
+``broker.settlement``; the queue and capacity caches ``broker.queue``; placement and
+the preemption plan ``broker.scheduler``; the handlers of workers ``broker.workers`` and
+of agent reports ``broker.reports``.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from broker.economics import (
-    FarmTerms,
-    LedgerEntry,
-    charge_micros,
-    credit_for_seconds,
-    floor_price,
-    reliability_permille,
-    settlement_entries,
-)
+from broker.economics import FarmTerms, LedgerEntry
 from broker.errors import FailedPrecondition, InvalidTransition, NotFound
 from broker.events import (
-    AppendLog,
     Assign,
-    AttemptCheckpointed,
-    AttemptFinished,
-    AttemptLog,
-    AttemptOutputReported,
-    AttemptPreparing,
-    AttemptProgress,
     AttemptReport,
-    AttemptStarted,
     Cancel,
     CancelRequested,
     Command,
@@ -49,38 +50,61 @@ from broker.events import (
     FarmConfigured,
     Heartbeat,
     JobSubmitted,
+    Persist,
+    PostLedger,
+    RequestSchedule,
     SchedulePass,
     Tick,
     Transition,
     WorkerRegistered,
-    WorkerTransition,
 )
 from broker.model import (
-    LIVE_ATTEMPT_STATES,
     TERMINAL_JOB_STATES,
     AttemptState,
-    GpuInfo,
     JobSpec,
     JobState,
-    SetupCause,
-    SlaKind,
     Tier,
     WorkerState,
 )
-from broker.policy import FIFO, Fifo, QueuedJob, ShortFirst
-from broker.scheduler import (
-    FleetIndex,
-    GpuSlot,
-    JobRequest,
-    Rejection,
-    SchedulingResult,
-    Snapshot,
-    WorkerCapacity,
+from broker.policy import FIFO, Fifo, ShortFirst
+from broker.queue import Capacities, KeptQueue, SchedulingView, job_request, priority
+from broker.records import (
+    Attempt,
+    AttemptOutput,
+    Gpu,
+    HistoryEntry,
+    Job,
+    Quote,
+    SlaEvent,
+    StoredState,
+    Worker,
+    reliability,
 )
+from broker.reports import Reports
+from broker.scheduler import (
+    JobRequest,
+    PreemptionCandidate,
+    PreemptionPlan,
+    Snapshot,
+    Victim,
+    WorkerCapacity,
+    preemption_plan,
+)
+from broker.settlement import (
+    credit_legs,
+    floor_of,
+    interruption,
+    lost_work,
+    price_for,
+    settlement,
+    start_deadline_missed,
+)
+from broker.workers import Workers
 
 __all__ = [
     "TRANSITIONS",
     "Attempt",
+    "AttemptOutput",
     "BrokerCore",
     "Gpu",
     "HistoryEntry",
@@ -101,137 +125,19 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 
 @dataclass(slots=True)
-class HistoryEntry:
-    """One state change of a job."""
+class _Effects:
+    """What the event being handled means for the shell, gathered while it is handled and
+    returned by ``handle`` as its last commands (an event that raises a ``BrokerError``
+    has changed nothing; what a bug left half done goes out with the next event)."""
 
-    time: float
-    from_state: JobState | None
-    to_state: JobState
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptOutput:
-    """The archive of an attempt's ``$RIGSHIFT_OUTPUT_DIR`` as the agent reported it."""
-
-    sha256: str  # empty when nothing was kept
-    size_bytes: int
-    time: float
-    over_limit: bool = False
-    message: str = ""
+    jobs: set[str] = field(default_factory=set)
+    workers: dict[str, None] = field(default_factory=dict)  # ordered: the caches follow it
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    schedule: bool = False
 
 
-@dataclass(slots=True)
-class Attempt:
-    """One placement of a job on a worker's GPUs."""
-
-    job_id: str
-    number: int
-    worker_id: str
-    gpu_indices: tuple[int, ...]
-    price_micros_per_gpu_hour: int
-    schedule_time: float
-    state: AttemptState = AttemptState.SCHEDULED
-    start_time: float | None = None
-    end_time: float | None = None
-    exit_code: int | None = None
-    energy_joules: int = 0
-    last_sequence: int = 0
-    message: str = ""
-    charge_micros: int = 0
-    settled: bool = False
-    last_checkpoint_time: float | None = None
-    setup_ms: int = 0  # environment, inputs and working directory, before the process
-    output: AttemptOutput | None = None  # what it wrote to $RIGSHIFT_OUTPUT_DIR, once reported
-
-    @property
-    def live(self) -> bool:
-        """True while the attempt holds its GPUs."""
-        return self.state in LIVE_ATTEMPT_STATES
-
-    def gpu_milliseconds(self, now: float) -> int:
-        """Wall-clock milliseconds the process ran, times its GPU count."""
-        if self.start_time is None:
-            return 0
-        end = self.end_time if self.end_time is not None else now
-        return max(0, round((end - self.start_time) * 1000)) * len(self.gpu_indices)
-
-
-@dataclass(slots=True)
-class SlaEvent:
-    """Something that went against a job's SLA, and the credit it caused."""
-
-    kind: SlaKind
-    time: float
-    attempt: int
-    seconds: int
-    credit_micros: int
-    detail: str
-
-
-@dataclass(slots=True)
-class Job:
-    """A job and everything that happened to it."""
-
-    job_id: str
-    owner: str
-    spec: JobSpec
-    create_time: float
-    request_id: str = ""
-    state: JobState = JobState.PENDING
-    update_time: float = 0.0
-    attempts: list[Attempt] = field(default_factory=list)
-    history: list[HistoryEntry] = field(default_factory=list)
-    pending_reasons: tuple[Rejection, ...] = ()
-    status_message: str = ""
-    exit_code: int = 0
-    sla_events: list[SlaEvent] = field(default_factory=list)
-    credit_micros: int = 0
-    checkpoint_sha256: str = ""
-    checkpoint_time: float | None = None
-
-    @property
-    def current(self) -> Attempt | None:
-        """The latest attempt, if any."""
-        return self.attempts[-1] if self.attempts else None
-
-    @property
-    def counted_attempts(self) -> int:
-        """Attempts that count against ``max_attempts`` (preemptions do not)."""
-        return sum(1 for a in self.attempts if a.state != AttemptState.PREEMPTED)
-
-
-@dataclass(slots=True)
-class Gpu:
-    """A GPU of a worker and the attempt holding it, if any."""
-
-    info: GpuInfo
-    holder: tuple[str, int] | None = None  # (job_id, attempt number)
-
-
-@dataclass(slots=True)
-class Worker:
-    """A rig running the agent."""
-
-    worker_id: str
-    farm_id: str
-    hostname: str
-    agent_version: str
-    state: WorkerState
-    lease_expires_at: float
-    last_heartbeat: float
-    gpus: dict[int, Gpu] = field(default_factory=dict)
-    metrics_address: str = ""
-    first_seen: float = 0.0
-    offline_since: float | None = None
-    offline_log: list[tuple[float, float]] = field(default_factory=list)
-    outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (time, ok) per attempt
-    # requirements_sha256 of the Python environments the rig holds; None until it says.
-    environments: frozenset[str] | None = None
-
-
-class BrokerCore:
-    """All broker decisions. Feed events to :meth:`handle`; read state from the attributes."""
+class BrokerCore(Workers, Reports):
+    """All broker decisions. Feed events to :meth:`handle`; read through the public reads."""
 
     def __init__(
         self,
@@ -243,7 +149,10 @@ class BrokerCore:
         reliability_window_s: float = 86400.0,
         default_fee_permille: int = 100,
         queue_policy: Fifo | ShortFirst = FIFO,
+        view: SchedulingView | None = None,
     ) -> None:
+        """``view`` decides what each scheduling pass places (``broker.queue``); the
+        default keeps the queue sorted and places on the core's kept index."""
         self.lease_ttl_s = lease_ttl_s
         self.default_max_attempts = default_max_attempts
         self.spot_permille = spot_permille
@@ -251,65 +160,85 @@ class BrokerCore:
         self.reliability_window_s = reliability_window_s
         self.default_fee_permille = default_fee_permille
         self.queue_policy = queue_policy
+        self.view: SchedulingView = view if view is not None else KeptQueue()
         self.farms: dict[str, FarmTerms] = {}
-        self.ledger: list[LedgerEntry] = []
-        self.ledger_saved = 0  # entries before this index are in the store
+        self.ledger: list[LedgerEntry] = []  # every entry posted, in order
         self.jobs: dict[str, Job] = {}
         self.workers: dict[str, Worker] = {}
         self.pending: dict[str, None] = {}  # ordered set of PENDING job ids
         self.requests: dict[tuple[str, str], str] = {}  # (owner, request_id) -> job_id
-        self.needs_schedule = False
-        self._dirty_jobs: set[str] = set()
-        self._dirty_workers: set[str] = set()
-        self._capacity: dict[str, WorkerCapacity] = {}
-        # Caches that keep a pass from costing O(everything); none of them is a decision.
-        self._queue: list[tuple[tuple, str]] = []  # (priority, job_id) sorted; may hold stale ids
-        self._queued: set[str] = set()  # job ids with an entry in _queue
-        self._requests: dict[str, JobRequest] = {}  # pending job -> what the scheduler sees
-        self._slots: dict[tuple[int, str, int, int, bool], GpuSlot] = {}  # interned GpuSlots
-        self._spot_live: dict[str, int] | None = None  # worker -> live spot attempts (lazy)
-        # The scheduler's free-capacity index of the ONLINE workers, built at the first pass
-        # and then brought up to date with the workers changed since (``_fleet_stale``).
-        self._fleet: FleetIndex | None = None
-        self._fleet_stale: set[str] = set()
+        self._caps = Capacities()  # what the scheduler sees of the ONLINE workers
+        self._spot_live: dict[str, int] = {}  # worker -> live spot attempts on it
+        self._out = _Effects()
 
-    # --- entry point --------------------------------------------------------
+    # --- the contract -------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Command]:
         """Apply one event and return the commands it causes, in order."""
         match event:
             case JobSubmitted():
-                return self._submit(event)
+                cmds = self._submit(event)
             case CancelRequested():
-                return self._cancel(event)
+                cmds = self._cancel(event)
             case WorkerRegistered():
-                return self._register(event)
+                cmds = self._register(event)
             case Heartbeat():
-                return self._heartbeat(event)
+                cmds = self._heartbeat(event)
             case DrainRequested():
-                return self._drain(event)
+                cmds = self._drain(event)
             case Tick():
-                return self._tick(event)
+                cmds = self._tick(event)
             case SchedulePass():
-                return self._schedule(event)
+                cmds = self._schedule(event)
             case FarmConfigured():
-                return self._configure_farm(event)
+                cmds = self._configure_farm(event)
             case AttemptReport():
-                return self._report(event)
-        raise TypeError(f"unknown event {event!r}")
+                cmds = self._report(event)
+            case _:
+                raise TypeError(f"unknown event {event!r}")
+        out = self._out
+        if out.workers:
+            self._refresh(out.workers, event.now)
+        if out.jobs or out.workers or out.ledger or out.schedule:
+            if out.ledger:
+                cmds.append(PostLedger(tuple(out.ledger)))
+            if out.jobs or out.workers:
+                cmds.append(Persist(frozenset(out.jobs), frozenset(out.workers)))
+            if out.schedule:
+                cmds.append(RequestSchedule())
+            self._out = _Effects()
+        return cmds
 
-    def take_dirty(self) -> tuple[set[str], set[str]]:
-        """Job ids and worker ids changed since the last call (the shell persists them)."""
-        jobs, workers = self._dirty_jobs, self._dirty_workers
-        self._dirty_jobs, self._dirty_workers = set(), set()
-        return jobs, workers
+    def restore(self, state: StoredState, now: float) -> None:
+        """Rebuild an empty core from the store's records; every worker gets a fresh lease
+        (a grace period to reconnect). The records become the core's own."""
+        if self.jobs or self.workers or self.farms or self.ledger:
+            raise ValueError("restore() needs a core that has handled nothing")
+        self.farms = {terms.farm_id: terms for terms in state.farms}
+        self.ledger = list(state.ledger)
+        for worker in state.workers:
+            worker.lease_expires_at = now + self.lease_ttl_s
+            self.workers[worker.worker_id] = worker
+        queued = []
+        for job in state.jobs:
+            self.jobs[job.job_id] = job
+            if job.request_id:
+                self.requests[(job.owner, job.request_id)] = job.job_id
+            if job.state == S.PENDING:
+                queued.append((priority(job, self.queue_policy), job))
+        queued.sort(key=lambda entry: entry[0])  # in order: each insert lands at the end
+        for key, job in queued:
+            self.pending[job.job_id] = None
+            self.view.job_queued(
+                job.job_id, key, job_request(job.job_id, job.spec, self.spot_permille)
+            )
+        for worker in self.workers.values():
+            for job, _ in self._held_attempts(worker):
+                if job.spec.tier == Tier.SPOT:
+                    self._spot_live[worker.worker_id] = self._spot_live.get(worker.worker_id, 0) + 1
+        self._refresh(self.workers, now)
 
-    def is_duplicate(self, report: AttemptReport) -> bool:
-        """True when this (job, attempt, sequence) was applied already."""
-        job = self.jobs.get(report.job_id)
-        if job is None or not 1 <= report.attempt <= len(job.attempts):
-            return False
-        return report.sequence <= job.attempts[report.attempt - 1].last_sequence
+    # --- reads ----------------------------------------------------------------------
 
     def job(self, job_id: str) -> Job:
         """The job, or NotFound."""
@@ -327,12 +256,81 @@ class BrokerCore:
                 f"worker {worker_id} not found", metadata={"worker": worker_id}
             ) from None
 
+    def is_duplicate(self, report: AttemptReport) -> bool:
+        """True when this (job, attempt, sequence) was applied already."""
+        job = self.jobs.get(report.job_id)
+        if job is None or not 1 <= report.attempt <= len(job.attempts):
+            return False
+        return report.sequence <= job.attempts[report.attempt - 1].last_sequence
+
     def live_attempts(self, worker_id: str) -> list[tuple[Job, Attempt]]:
         """Attempts this worker should be running now (a cancelled job's are excluded)."""
         held = self._held_attempts(self.worker(worker_id))
         return [(job, a) for job, a in held if job.state not in TERMINAL_JOB_STATES]
 
-    # --- jobs ---------------------------------------------------------------
+    def assignments(self, worker_id: str) -> tuple[Assign, ...]:
+        """What this worker should be running now, as the ``Assign`` commands that started
+        it (with the job's latest checkpoint): the Reconcile of a stream that opens."""
+        return tuple(_assign(job, a) for job, a in self.live_attempts(worker_id))
+
+    def reliability(self, worker: Worker, now: float) -> int:
+        """Reliability of a worker over the recent window, in thousandths (pure)."""
+        return reliability(worker, now, self.reliability_window_s)
+
+    def price_for(self, job: Job, ask_micros: int, floor_micros: int = 0) -> int:
+        """What ``job`` pays per GPU-hour on a GPU with this ask and floor."""
+        return price_for(job.spec.tier, ask_micros, floor_micros, self.spot_permille)
+
+    def floor_of(self, worker: Worker, index: int) -> int:
+        """Floor price per GPU-hour of one GPU (0 when its farm set no terms)."""
+        return floor_of(self.farms.get(worker.farm_id), worker, index)
+
+    def quote(self, spec: JobSpec) -> Quote:
+        """What a job of ``spec`` would find now (QuoteJob), from the kept fleet index and
+        the same filters as a placement: the GPUs that pass them, what it would pay on
+        them, and whether a pass now would place it (or why not)."""
+        request = job_request("quote", spec, self.spot_permille)
+        fleet = self._caps.fleet
+        probe = fleet.probe(request)
+        groups = fleet.matching(request)
+        prices = [g.price_micros_per_gpu_hour for g in groups]
+        if spec.tier == Tier.SPOT:  # each GPU's discount stops at its farm's floor
+            prices = []
+            for group in groups:
+                shape = (group.model, group.vram_mb, group.price_micros_per_gpu_hour)
+                for worker_id in fleet.workers_in(group):
+                    worker = self.workers[worker_id]
+                    terms = self.farms.get(worker.farm_id)
+                    for gpu in worker.gpus.values():
+                        i = gpu.info
+                        if (i.model, i.vram_mb, i.price_micros_per_gpu_hour) == shape:
+                            floor = floor_of(terms, worker, i.index)
+                            ask = i.price_micros_per_gpu_hour
+                            prices.append(price_for(Tier.SPOT, ask, floor, self.spot_permille))
+        return Quote(
+            matching_gpus=sum(g.gpus for g in groups),
+            free_matching_gpus=sum(g.free_gpus for g in groups),
+            min_price_micros_per_gpu_hour=min(prices, default=0),
+            max_price_micros_per_gpu_hour=max(prices, default=0),
+            placeable_now=bool(probe.placements),
+            reasons=probe.unplaced[0].reasons if probe.unplaced else (),
+        )
+
+    def snapshot(self, now: float) -> Snapshot:
+        """The frozen view a scheduling pass of the default view places: PENDING jobs in
+        ``queue_policy`` order (guaranteed before spot), ONLINE workers. Built per call
+        (tests, debugging); a pass itself places on the kept index."""
+        order = sorted(self.pending, key=lambda j: priority(self.jobs[j], self.queue_policy))
+        pending = tuple(job_request(j, self.jobs[j].spec, self.spot_permille) for j in order)
+        caps = self._caps.of
+        workers = tuple(caps[w] for w in self.workers if w in caps)
+        return Snapshot(now=now, pending=pending, workers=workers)
+
+    def _request(self, job: Job) -> JobRequest:
+        # Temporary, for broker.api's QuoteJob until it calls quote().
+        return job_request(job.job_id, job.spec, self.spot_permille)
+
+    # --- jobs -----------------------------------------------------------------------
 
     def _submit(self, ev: JobSubmitted) -> list[Command]:
         if ev.request_id and (ev.owner, ev.request_id) in self.requests:
@@ -346,32 +344,34 @@ class BrokerCore:
         if ev.request_id:
             self.requests[(ev.owner, ev.request_id)] = job.job_id
         job.history.append(HistoryEntry(ev.now, None, S.PENDING, "submitted"))
-        self.pending[job.job_id] = None
-        self._enqueue(job)
-        self._dirty_jobs.add(job.job_id)
-        self.needs_schedule = True
+        self._queue(job)
+        self._out.jobs.add(job.job_id)
         return [Transition(job.job_id, None, S.PENDING, "submitted")]
+
+    def _queue(self, job: Job) -> None:
+        self.pending[job.job_id] = None
+        request = job_request(job.job_id, job.spec, self.spot_permille)
+        self.view.job_queued(job.job_id, priority(job, self.queue_policy), request)
+        self._out.schedule = True
 
     def _transition(self, job: Job, to: JobState, now: float, reason: str) -> Transition:
         if to not in TRANSITIONS[job.state]:
             history = [f"{h.from_state}->{h.to_state} ({h.reason})" for h in job.history]
             raise InvalidTransition(job.job_id, job.state, to, history)
         cmd = Transition(job.job_id, job.state, to, reason)
+        if job.state == S.PENDING:
+            del self.pending[job.job_id]
+            self.view.job_dequeued(job.job_id)
         job.history.append(HistoryEntry(now, job.state, to, reason))
         job.state = to
         job.update_time = now
         if to == S.PENDING:
-            self.pending[job.job_id] = None
-            self._enqueue(job)
-            self.needs_schedule = True
-        else:
-            self.pending.pop(job.job_id, None)  # its _queue entry goes at the next snapshot
-            self._requests.pop(job.job_id, None)
+            self._queue(job)
         if to in TERMINAL_JOB_STATES or to == S.SCHEDULED:
             job.pending_reasons = ()
         if to in TERMINAL_JOB_STATES:
             job.status_message = reason
-        self._dirty_jobs.add(job.job_id)
+        self._out.jobs.add(job.job_id)
         return cmd
 
     def _cancel(self, ev: CancelRequested) -> list[Command]:
@@ -395,138 +395,25 @@ class BrokerCore:
                 cmds.append(Cancel(worker.worker_id, job.job_id, attempt.number, "cancelled"))
         return cmds
 
-    # --- workers ------------------------------------------------------------
+    def _worker_changed(self, worker_id: str) -> None:
+        """Everything that changes what the scheduler would see of a worker (GPUs held or
+        freed, state, prices, reliability history) calls this: the store writes the worker,
+        and the capacity caches take it up again at the end of the event."""
+        self._out.workers[worker_id] = None
 
-    def _register(self, ev: WorkerRegistered) -> list[Command]:
-        old = self.workers.get(ev.worker_id)
-        cmds: list[Command] = []
-        if old is not None:
-            # Registering again means a new agent process: whatever the old one ran is gone.
-            for job, attempt in self._held_attempts(old):
-                cmds += self._lose_attempt(job, attempt, ev.now, "agent restarted")
-        worker = Worker(
-            ev.worker_id,
-            ev.farm_id,
-            ev.hostname,
-            ev.agent_version,
-            WorkerState.ONLINE,
-            lease_expires_at=ev.now + self.lease_ttl_s,
-            last_heartbeat=ev.now,
-            gpus={g.index: Gpu(self._priced(ev.farm_id, g)) for g in ev.gpus},
-            metrics_address=ev.metrics_address,
-            first_seen=old.first_seen if old else ev.now,
-            offline_log=old.offline_log if old else [],
-            outcomes=old.outcomes if old else [],
-        )
-        if old is not None and old.offline_since is not None:
-            worker.offline_log.append((old.offline_since, ev.now))
-        self.workers[ev.worker_id] = worker
-        self._worker_changed(worker.worker_id)
-        self.needs_schedule = True
-        prev = old.state if old else None
-        if prev != WorkerState.ONLINE:
-            cmds.insert(0, WorkerTransition(worker.worker_id, prev, WorkerState.ONLINE))
-        return cmds
+    def _refresh(self, worker_ids: dict[str, None] | dict[str, Worker], now: float) -> None:
+        """Bring the capacity caches and the view up to date with these workers."""
+        caps, view = self._caps, self.view
+        for worker_id in worker_ids:
+            worker = self.workers.get(worker_id)
+            if worker is not None and worker.state == WorkerState.ONLINE:
+                cap = caps.update(worker, self.reliability(worker, now))
+                view.worker_changed(worker_id, cap)
+            else:
+                caps.remove(worker_id)
+                view.worker_changed(worker_id, None)
 
-    def _held_attempts(self, worker: Worker) -> list[tuple[Job, Attempt]]:
-        """Live attempts holding this worker's GPUs, each once, in GPU order."""
-        out: list[tuple[Job, Attempt]] = []
-        seen: set[tuple[str, int]] = set()
-        for index in sorted(worker.gpus):
-            holder = worker.gpus[index].holder
-            if holder is None or holder in seen:
-                continue
-            seen.add(holder)
-            job = self.jobs[holder[0]]
-            out.append((job, job.attempts[holder[1] - 1]))
-        return out
-
-    def _priced(self, farm_id: str, info: GpuInfo) -> GpuInfo:
-        """The farm's ask for the model wins; an agent's own ask is lifted to the floor."""
-        terms = self.farms.get(farm_id)
-        if terms is None:
-            return info
-        ask = terms.ask_for(info.model)
-        if ask is None:
-            floor = floor_price(terms, info.model, info.power_limit_watts or None)
-            ask = max(info.price_micros_per_gpu_hour, floor.floor_micros)
-        return replace(info, price_micros_per_gpu_hour=ask)
-
-    def _configure_farm(self, ev: FarmConfigured) -> list[Command]:
-        self.farms[ev.terms.farm_id] = ev.terms
-        for worker in self.workers.values():
-            if worker.farm_id != ev.terms.farm_id:
-                continue
-            for gpu in worker.gpus.values():
-                gpu.info = self._priced(worker.farm_id, gpu.info)
-            self._worker_changed(worker.worker_id)
-        self.needs_schedule = True
-        return []
-
-    def reliability(self, worker: Worker, now: float) -> int:
-        """Reliability of a worker over the recent window, in thousandths.
-
-        Outcomes and offline spans that ended before the window can never count again
-        (events only move the clock forward), so they are dropped here: the history kept,
-        and persisted, is the window's, not every attempt the rig ever ran.
-        """
-        horizon = now - self.reliability_window_s
-        outcomes = worker.outcomes
-        if outcomes and outcomes[0][0] < horizon:
-            del outcomes[: bisect_left(outcomes, (horizon,))]
-        log = worker.offline_log
-        if log and log[0][1] < horizon:
-            worker.offline_log = [span for span in log if span[1] >= horizon]
-        start = max(horizon, worker.first_seen)
-        spans = [*worker.offline_log]
-        if worker.offline_since is not None:
-            spans.append((worker.offline_since, now))
-        offline = sum(max(0.0, min(b, now) - max(a, start)) for a, b in spans)
-        recent = [ok for t, ok in worker.outcomes if t >= start]
-        ok = sum(recent)
-        return reliability_permille(now - start, offline, ok, len(recent) - ok)
-
-    def _heartbeat(self, ev: Heartbeat) -> list[Command]:
-        worker = self.worker(ev.worker_id)
-        worker.lease_expires_at = ev.now + self.lease_ttl_s
-        worker.last_heartbeat = ev.now
-        if ev.environments is not None and frozenset(ev.environments) != worker.environments:
-            worker.environments = frozenset(ev.environments)
-            self._worker_changed(worker.worker_id)  # the locality score reads them
-        if worker.state == WorkerState.OFFLINE:
-            if worker.offline_since is not None:
-                worker.offline_log.append((worker.offline_since, ev.now))
-                worker.offline_since = None
-            worker.state = WorkerState.ONLINE
-            self._worker_changed(worker.worker_id)
-            self.needs_schedule = True
-            return [WorkerTransition(worker.worker_id, WorkerState.OFFLINE, WorkerState.ONLINE)]
-        return []
-
-    def _drain(self, ev: DrainRequested) -> list[Command]:
-        worker = self.worker(ev.worker_id)
-        if worker.state != WorkerState.ONLINE:
-            return []
-        worker.state = WorkerState.DRAINING
-        self._worker_changed(worker.worker_id)
-        return [WorkerTransition(worker.worker_id, WorkerState.ONLINE, WorkerState.DRAINING)]
-
-    def _tick(self, ev: Tick) -> list[Command]:
-        cmds: list[Command] = []
-        for worker in self.workers.values():
-            if worker.state == WorkerState.OFFLINE or worker.lease_expires_at > ev.now:
-                continue
-            cmds.append(WorkerTransition(worker.worker_id, worker.state, WorkerState.OFFLINE))
-            worker.state = WorkerState.OFFLINE
-            worker.offline_since = worker.last_heartbeat
-            self._worker_changed(worker.worker_id)
-            gap = int(ev.now - worker.last_heartbeat)
-            for job, attempt in self._held_attempts(worker):
-                if job.current is attempt and job.state in (S.SCHEDULED, S.RUNNING):
-                    detail = f"no heartbeat from {worker.worker_id} for {gap} s"
-                    self._sla(job, SlaKind.HEARTBEAT_GAP, attempt.number, gap, 0, detail, ev.now)
-                cmds += self._lose_attempt(job, attempt, ev.now, "worker lease expired")
-        return cmds
+    # --- attempts ending: settlement and SLA credits ----------------------------------
 
     def _lose_attempt(self, job: Job, attempt: Attempt, now: float, why: str) -> list[Command]:
         self._end_attempt(attempt, AttemptState.LOST, now, why)
@@ -541,54 +428,29 @@ class BrokerCore:
 
     def _interrupted(self, job: Job, attempt: Attempt, now: float, why: str) -> None:
         """SLA events of an interruption; a guaranteed job is credited its lost work."""
-        self._sla(job, SlaKind.INTERRUPTION, attempt.number, 0, 0, why, now)
-        if attempt.start_time is None or attempt.end_time is None:
-            return
-        since = attempt.last_checkpoint_time or attempt.start_time
-        lost_s = max(0.0, attempt.end_time - since)
-        credit = 0
-        if job.spec.tier == Tier.GUARANTEED:
-            n = len(attempt.gpu_indices)
-            credit = credit_for_seconds(lost_s, n, attempt.price_micros_per_gpu_hour)
-        what = "the last checkpoint" if attempt.last_checkpoint_time else "the start"
-        detail = f"{int(lost_s)} s of work since {what} lost"
-        self._sla(job, SlaKind.LOST_WORK, attempt.number, int(lost_s), credit, detail, now)
+        self._sla(job, interruption(attempt, why, now))
+        lost = lost_work(job, attempt, now)
+        if lost is not None:
+            self._sla(job, lost)
 
-    def _sla(
-        self,
-        job: Job,
-        kind: SlaKind,
-        attempt: int,
-        seconds: int,
-        credit: int,
-        detail: str,
-        now: float,
-    ) -> None:
-        job.sla_events.append(SlaEvent(kind, now, attempt, seconds, credit, detail))
-        self._dirty_jobs.add(job.job_id)
-        if credit > 0:
-            job.credit_micros += credit
-            txn = f"credit:{job.job_id}:{attempt}:{kind.value}:{len(job.sla_events)}"
-            self._post(
-                [
-                    LedgerEntry(
-                        txn, f"client:{job.owner}", credit, "sla_credit", job.job_id, attempt, now
-                    ),
-                    LedgerEntry(
-                        txn, "broker:sla_credits", -credit, "sla_credit", job.job_id, attempt, now
-                    ),
-                ]
-            )
+    def _sla(self, job: Job, event: SlaEvent) -> None:
+        job.sla_events.append(event)
+        self._out.jobs.add(job.job_id)
+        if event.credit_micros > 0:
+            job.credit_micros += event.credit_micros
+            self._post(credit_legs(job, event, len(job.sla_events)))
 
     def _post(self, entries: list[LedgerEntry]) -> None:
         if sum(e.amount_micros for e in entries) != 0:
             raise AssertionError(f"unbalanced transaction {entries[0].txn}")
         self.ledger.extend(entries)
+        self._out.ledger.extend(entries)
 
     def _end_attempt(
         self, attempt: Attempt, state: AttemptState, now: float, msg: str, rig_fault: bool = False
     ) -> None:
         worker = self.workers[attempt.worker_id]
+        job = self.jobs[attempt.job_id]
         attempt.state = state
         attempt.end_time = now
         if state == AttemptState.LOST and attempt.start_time is not None:
@@ -601,394 +463,100 @@ class BrokerCore:
                 gpu.holder = None
         if state != AttemptState.PREEMPTED:
             worker.outcomes.append((now, state != AttemptState.LOST and not rig_fault))
-        if self._spot_live is not None and self.jobs[attempt.job_id].spec.tier == Tier.SPOT:
+        if job.spec.tier == Tier.SPOT:
             left = self._spot_live[worker.worker_id] - 1
             if left:
                 self._spot_live[worker.worker_id] = left
             else:
                 del self._spot_live[worker.worker_id]
-        self._settle(self.jobs[attempt.job_id], attempt, now)
+        self._settle(job, attempt, now)
         self._worker_changed(worker.worker_id)
-        self._dirty_jobs.add(attempt.job_id)
-        self.needs_schedule = True
+        self._out.jobs.add(attempt.job_id)
+        self._out.schedule = True
 
     def _settle(self, job: Job, attempt: Attempt, now: float) -> None:
         """Charge the client for the GPU time the attempt ran; exactly once per attempt."""
         if attempt.settled:
             raise AssertionError(f"attempt {job.job_id}#{attempt.number} settled twice")
-        charge = charge_micros(attempt.gpu_milliseconds(now), attempt.price_micros_per_gpu_hour)
         farm_id = self.workers[attempt.worker_id].farm_id
         terms = self.farms.get(farm_id)
         fee = terms.broker_fee_permille if terms else self.default_fee_permille
-        self._post(
-            settlement_entries(
-                owner=job.owner,
-                farm_id=farm_id,
-                job_id=job.job_id,
-                attempt=attempt.number,
-                charge=charge,
-                fee_permille=fee,
-                now=now,
-            )
-        )
+        charge, legs = settlement(job, attempt, farm_id, fee, now)
+        self._post(legs)
         attempt.charge_micros = charge
         attempt.settled = True
 
-    def _worker_changed(self, worker_id: str) -> None:
-        """Everything that changes what ``_capacity_of`` would give (GPUs held or freed,
-        state, prices, reliability) calls this: the store saves the worker, and the capacity
-        cache and the scheduler's index take it up again at the next pass."""
-        self._dirty_workers.add(worker_id)
-        self._capacity.pop(worker_id, None)
-        if self._fleet is not None:
-            self._fleet_stale.add(worker_id)
-
-    # --- agent reports --------------------------------------------------------
-
-    def _report(self, ev: AttemptReport) -> list[Command]:
-        job = self.jobs.get(ev.job_id)
-        attempt = None
-        if job is not None and 1 <= ev.attempt <= len(job.attempts):
-            attempt = job.attempts[ev.attempt - 1]
-        if job is None or attempt is None or attempt.worker_id != ev.worker_id:
-            return [Cancel(ev.worker_id, ev.job_id, ev.attempt, "unknown attempt")]
-        if ev.sequence <= attempt.last_sequence:
-            return []
-        attempt.last_sequence = ev.sequence
-        self._dirty_jobs.add(job.job_id)
-        if not attempt.live:
-            # The broker gave up on this attempt (lease lost); a finished report is fine.
-            if isinstance(ev, AttemptFinished):
-                return []
-            return [Cancel(ev.worker_id, ev.job_id, ev.attempt, f"attempt {attempt.state}")]
-        match ev:
-            case AttemptPreparing():
-                if attempt.state == AttemptState.SCHEDULED:
-                    attempt.state = AttemptState.PREPARING
-                return []
-            case AttemptStarted():
-                attempt.setup_ms = max(0, ev.setup_ms)
-                return self._started(job, attempt, ev.now)
-            case AttemptOutputReported():
-                attempt.output = AttemptOutput(
-                    ev.sha256, max(0, ev.size_bytes), ev.now, ev.over_limit, ev.message
-                )
-                return []
-            case AttemptLog():
-                return [AppendLog(job.job_id, attempt.number, ev.sequence, ev.data)]
-            case AttemptProgress():
-                attempt.energy_joules = max(attempt.energy_joules, ev.energy_joules)
-                return []
-            case AttemptCheckpointed():
-                job.checkpoint_sha256 = ev.sha256
-                job.checkpoint_time = ev.now
-                attempt.last_checkpoint_time = ev.now
-                return []
-            case AttemptFinished():
-                return self._finished(job, attempt, ev)
-        raise TypeError(f"unknown report {ev!r}")
-
-    def _started(self, job: Job, attempt: Attempt, now: float) -> list[Command]:
-        if attempt.state not in (AttemptState.SCHEDULED, AttemptState.PREPARING):
-            return []
-        attempt.state = AttemptState.RUNNING
-        attempt.start_time = now
-        if job.state == S.SCHEDULED:
-            return [self._transition(job, S.RUNNING, now, f"started on {attempt.worker_id}")]
-        return []
-
-    def _finished(self, job: Job, attempt: Attempt, ev: AttemptFinished) -> list[Command]:
-        cmds: list[Command] = []
-        if ev.setup_ms:
-            attempt.setup_ms = ev.setup_ms
-        if ev.cause is None and attempt.start_time is None:
-            attempt.start_time = ev.now
-        attempt.exit_code = ev.exit_code
-        attempt.energy_joules = max(attempt.energy_joules, ev.energy_joules)
-        if job.state == S.CANCELLED:
-            self._end_attempt(attempt, AttemptState.CANCELLED, ev.now, ev.message or "cancelled")
-            return cmds
-        if ev.cause is not None and attempt.start_time is None:
-            return self._setup_failed(job, attempt, ev)
-        if job.state == S.SCHEDULED:
-            cmds.append(self._transition(job, S.RUNNING, ev.now, "finished before start report"))
-        ok = ev.exit_code == 0
-        state = AttemptState.SUCCEEDED if ok else AttemptState.FAILED
-        self._end_attempt(attempt, state, ev.now, ev.message)
-        job.exit_code = ev.exit_code
-        if ok:
-            cmds.append(self._transition(job, S.SUCCEEDED, ev.now, "exited with status 0"))
-        else:
-            why = ev.message or f"exited with status {ev.exit_code}"
-            cmds.append(self._transition(job, S.FAILED, ev.now, why))
-        return cmds
-
-    def _setup_failed(self, job: Job, attempt: Attempt, ev: AttemptFinished) -> list[Command]:
-        """Setup failed before the process started (no GPU time to charge). The client's
-        fault fails the job at once; the rig's requeues it while attempts are left."""
-        why = f"setup failed: {ev.message}" if ev.message else "setup failed"
-        rig = ev.cause == SetupCause.SETUP_RIG
-        self._end_attempt(attempt, AttemptState.FAILED, ev.now, why, rig_fault=rig)
-        job.exit_code = ev.exit_code
-        n = job.counted_attempts
-        if rig and n < job.spec.max_attempts:
-            reason = f"{why} (the rig's fault); requeued after attempt {n}"
-            return [self._transition(job, S.PENDING, ev.now, reason)]
-        if rig:
-            why += f" (the rig's fault); no attempts left ({n}/{job.spec.max_attempts})"
-        return [self._transition(job, S.FAILED, ev.now, why)]
-
-    # --- scheduling -----------------------------------------------------------
-
-    def snapshot(self, now: float) -> Snapshot:
-        """The frozen view the scheduler sees: pending jobs in ``queue_policy`` order
-        (guaranteed before spot), ONLINE workers.
-
-        A scheduling pass does not build this (it keeps a :class:`FleetIndex`); QuoteJob and
-        tests do, and a subclass may override it to show the scheduler another view.
-        """
-        workers = tuple(
-            self._capacity_of(w, now)
-            for w in self.workers.values()
-            if w.state == WorkerState.ONLINE
-        )
-        return Snapshot(now=now, pending=self._pending_requests(), workers=workers)
-
-    def _pending_requests(self) -> tuple[JobRequest, ...]:
-        """PENDING jobs as the scheduler sees them, in ``queue_policy`` order.
-
-        Priorities are fixed when a job is submitted, so the queue is kept sorted as jobs
-        enter it (``_enqueue``) and only compacted here: no sort per pass.
-        """
-        pending = self.pending
-        queue = self._queue
-        live = [e for e in queue if e[1] in pending]
-        if len(live) != len(pending):  # PENDING jobs the core did not enqueue (Store.load)
-            live = sorted((self._priority(self.jobs[j]), j) for j in pending)
-            self._queued = set(pending)
-        elif len(live) != len(queue):
-            self._queued.difference_update(e[1] for e in queue if e[1] not in pending)
-        self._queue = live
-        requests = self._requests
-        order = []
-        for _, job_id in live:
-            request = requests.get(job_id)
-            if request is None:
-                request = requests[job_id] = self._request(self.jobs[job_id])
-            order.append(request)
-        return tuple(order)
-
-    def _priority(self, job: Job) -> tuple:
-        """Sort key of a pending job under ``queue_policy``; smallest first. It depends only
-        on what is fixed at submission (a requeued job keeps its place)."""
-        s = job.spec
-        queued = QueuedJob(
-            job.job_id, job.create_time, s.gpu_count, s.max_duration_seconds, s.tier == Tier.SPOT
-        )
-        return self.queue_policy.key(queued)
-
-    def _enqueue(self, job: Job) -> None:
-        if job.job_id not in self._queued:  # else its entry is still in _queue, same key
-            self._queued.add(job.job_id)
-            insort(self._queue, (self._priority(job), job.job_id))
-
-    def _request(self, job: Job) -> JobRequest:
-        s = job.spec
-        cap = s.max_price_micros_per_gpu_hour
-        if cap and s.tier == Tier.SPOT:
-            cap = cap * 1000 // self.spot_permille  # the cap applies to the discounted price
-        return JobRequest(
-            job.job_id, s.gpu_count, s.gpu_model, s.min_vram_mb, cap, s.requirements_sha256
-        )
-
-    def price_for(self, job: Job, ask_micros: int, floor_micros: int = 0) -> int:
-        """What a job pays per GPU-hour on a GPU with this ask: spot is discounted, but
-        never below the farm's floor (what the GPU would earn mining or cost in power)."""
-        if job.spec.tier == Tier.SPOT:
-            return min(ask_micros, max(ask_micros * self.spot_permille // 1000, floor_micros))
-        return ask_micros
-
-    def floor_of(self, worker: Worker, index: int) -> int:
-        """Floor price per GPU-hour of one GPU (0 when its farm set no terms)."""
-        terms = self.farms.get(worker.farm_id)
-        if terms is None:
-            return 0
-        info = worker.gpus[index].info
-        return floor_price(terms, info.model, info.power_limit_watts or None).floor_micros
-
-    def _capacity_of(self, worker: Worker, now: float) -> WorkerCapacity:
-        """The worker as the scheduler sees it; cached until ``_worker_changed``. GpuSlots
-        are frozen values, interned, so a rebuild allocates only the tuple."""
-        cap = self._capacity.get(worker.worker_id)
-        if cap is None:
-            interned = self._slots
-            slots = []
-            for gpu in sorted(worker.gpus.values(), key=lambda g: g.info.index):
-                i = gpu.info
-                key = (i.index, i.model, i.vram_mb, i.price_micros_per_gpu_hour, gpu.holder is None)
-                slot = interned.get(key)
-                if slot is None:
-                    slot = interned[key] = GpuSlot(*key)
-                slots.append(slot)
-            cap = WorkerCapacity(
-                worker.worker_id,
-                tuple(slots),
-                self.reliability(worker, now),
-                worker.environments or frozenset(),
-            )
-            self._capacity[worker.worker_id] = cap
-        return cap
-
-    def _place(self, now: float) -> SchedulingResult:
-        """The pass's decisions: ``place(self.snapshot(now))``, computed on the kept
-        :class:`FleetIndex` so that it costs what changed since the last pass, not the fleet.
-
-        The index takes the GPUs it places; ``_bind`` then marks those workers changed, so the
-        next pass re-reads them from the truth. A subclass with a snapshot of its own (the
-        trace replay's lean view) overrides this with ``place(self.snapshot(now))``.
-        """
-        fleet = self._fleet
-        if fleet is None:
-            online = (w for w in self.workers.values() if w.state == WorkerState.ONLINE)
-            fleet = self._fleet = FleetIndex(self._capacity_of(w, now) for w in online)
-        else:
-            for worker_id in self._fleet_stale:
-                worker = self.workers.get(worker_id)
-                if worker is not None and worker.state == WorkerState.ONLINE:
-                    fleet.update(self._capacity_of(worker, now))
-                else:
-                    fleet.remove(worker_id)
-        self._fleet_stale.clear()
-        return fleet.place(self._pending_requests())
+    # --- scheduling -------------------------------------------------------------------
 
     def _schedule(self, ev: SchedulePass) -> list[Command]:
-        self.needs_schedule = False
         if not self.pending:
             return []
-        result = self._place(ev.now)
+        result = self.view.place(self._caps.fleet, ev.now)
         cmds: list[Command] = []
         for p in result.placements:
-            cmds += self._bind(
-                self.jobs[p.job_id], p.worker_id, p.gpu_indices, p.price_micros_per_gpu_hour, ev.now
-            )
+            job = self.jobs[p.job_id]
+            cmds += self._bind(job, p.worker_id, p.gpu_indices, p.price_micros_per_gpu_hour, ev.now)
         for u in result.unplaced:
             job = self.jobs[u.job_id]
             reason = u.reasons[0] if u.reasons else None
             if (
-                job.spec.tier == Tier.GUARANTEED
+                self._spot_live  # else nothing could be preempted
+                and job.spec.tier == Tier.GUARANTEED
                 and reason is not None
                 and reason.resource == "gpu_count"
                 and reason.resolvable
             ):
-                plan = self._preemption_plan(job)
-                if plan is not None:
-                    worker_id, indices, ask, victims = plan
-                    for vjob, vattempt in victims:
-                        cmds += self._preempt(vjob, vattempt, job, ev.now)
-                    cmds += self._bind(job, worker_id, indices, ask, ev.now)
+                request = job_request(job.job_id, job.spec, self.spot_permille)
+                plan = preemption_plan(request, self._preemption_candidates())
+                if isinstance(plan, PreemptionPlan):
+                    for victim in plan.victims:
+                        vjob = self.jobs[victim.job_id]
+                        cmds += self._preempt(vjob, vjob.attempts[victim.attempt - 1], job, ev.now)
+                    ask = plan.price_micros_per_gpu_hour
+                    cmds += self._bind(job, plan.worker_id, plan.gpu_indices, ask, ev.now)
                     continue
             if job.pending_reasons != u.reasons:
                 job.pending_reasons = u.reasons
-                self._dirty_jobs.add(job.job_id)
+                self._out.jobs.add(job.job_id)
         return cmds
 
     def _bind(
         self, job: Job, worker_id: str, indices: tuple[int, ...], ask: int, now: float
     ) -> list[Command]:
         """The only step of scheduling that writes: hold the GPUs, open an attempt."""
-        price = self.price_for(job, ask, self.floor_of(self.workers[worker_id], indices[0]))
-        if not job.attempts and job.spec.tier == Tier.GUARANTEED:
-            delay = now - job.create_time - self.start_deadline_s
-            if delay > 0:
-                # Credit only when waiting was the fleet's fault, not an impossible spec.
-                fault = all(r.resolvable for r in job.pending_reasons)
-                credit = credit_for_seconds(delay, len(indices), price) if fault else 0
-                detail = f"started {int(delay)} s after its {int(self.start_deadline_s)} s deadline"
-                self._sla(job, SlaKind.START_DEADLINE_MISSED, 1, int(delay), credit, detail, now)
+        worker = self.workers[worker_id]
+        price = price_for(job.spec.tier, ask, self.floor_of(worker, indices[0]), self.spot_permille)
+        late = start_deadline_missed(job, len(indices), price, self.start_deadline_s, now)
+        if late is not None:
+            self._sla(job, late)
         attempt = Attempt(job.job_id, len(job.attempts) + 1, worker_id, indices, price, now)
         job.attempts.append(attempt)
-        worker = self.workers[worker_id]
         for index in indices:
             worker.gpus[index].holder = (job.job_id, attempt.number)
-        if self._spot_live is not None and job.spec.tier == Tier.SPOT:
+        if job.spec.tier == Tier.SPOT:
             self._spot_live[worker_id] = self._spot_live.get(worker_id, 0) + 1
         self._worker_changed(worker_id)
         gpus = ",".join(map(str, indices))
         reason = f"placed on {worker_id} GPUs {gpus} (attempt {attempt.number})"
-        return [
-            self._transition(job, S.SCHEDULED, now, reason),
-            Assign(worker_id, job.job_id, attempt.number, indices),
-        ]
+        return [self._transition(job, S.SCHEDULED, now, reason), _assign(job, attempt)]
 
-    def _preemption_plan(
-        self, job: Job
-    ) -> tuple[str, tuple[int, ...], int, list[tuple[Job, Attempt]]] | None:
-        """Cheapest way to make room for a guaranteed job by preempting spot attempts:
-        fewest victims, then lowest ask, then worker id. None when no worker can.
-
-        Only workers running a spot attempt can offer a victim, so only those are scanned
-        (``_spot_workers``): nothing at all while no spot job runs."""
-        spec = job.spec
-        best: tuple[tuple[int, int, str], str, tuple[int, ...], int, list] | None = None
-        for worker_id in self._spot_workers():
+    def _preemption_candidates(self) -> list[PreemptionCandidate]:
+        """The ONLINE workers running spot attempts that may be preempted (SCHEDULED or
+        RUNNING), as they are now. Only those can offer a victim, so only those are read:
+        nothing at all while no spot job runs."""
+        out = []
+        for worker_id in self._spot_live:
             worker = self.workers[worker_id]
             if worker.state != WorkerState.ONLINE:
                 continue
-            groups: dict[tuple[str, int, int], list[Gpu]] = {}
-            for gpu in worker.gpus.values():
-                i = gpu.info
-                if spec.gpu_model and i.model != spec.gpu_model:
-                    continue
-                if i.vram_mb < spec.min_vram_mb:
-                    continue
-                cap = spec.max_price_micros_per_gpu_hour
-                if cap and i.price_micros_per_gpu_hour > cap:
-                    continue
-                groups.setdefault((i.model, i.vram_mb, i.price_micros_per_gpu_hour), []).append(gpu)
-            for (_, _, ask), gpus in groups.items():
-                free = sorted(g.info.index for g in gpus if g.holder is None)
-                victims: dict[tuple[str, int], list[int]] = {}
-                for g in gpus:
-                    if g.holder is None:
-                        continue
-                    vjob = self.jobs[g.holder[0]]
-                    if vjob.spec.tier == Tier.SPOT and vjob.state in (S.SCHEDULED, S.RUNNING):
-                        victims.setdefault(g.holder, []).append(g.info.index)
-                # Least progress lost first: the most recently scheduled spot attempts.
-                order = sorted(
-                    victims,
-                    key=lambda h: (-self.jobs[h[0]].attempts[h[1] - 1].schedule_time, h),
-                )
-                chosen: list[tuple[str, int]] = []
-                room = list(free)
-                for holder in order:
-                    if len(room) >= spec.gpu_count:
-                        break
-                    chosen.append(holder)
-                    room += victims[holder]
-                if len(room) < spec.gpu_count or not chosen:
-                    continue
-                key = (len(chosen), ask, worker.worker_id)
-                if best is None or key < best[0]:
-                    indices = tuple(sorted(room)[: spec.gpu_count])
-                    pairs = [(self.jobs[h[0]], self.jobs[h[0]].attempts[h[1] - 1]) for h in chosen]
-                    best = (key, worker.worker_id, indices, ask, pairs)
-        if best is None:
-            return None
-        return best[1], best[2], best[3], best[4]
-
-    def _spot_workers(self) -> dict[str, int]:
-        """Worker id -> live spot attempts on it. Built on first use from the GPU holders
-        (so a core that ``Store.load`` filled directly is counted), then kept by
-        ``_bind`` and ``_end_attempt``."""
-        if self._spot_live is None:
-            live: dict[str, int] = {}
-            for worker in self.workers.values():
-                for job, _ in self._held_attempts(worker):
-                    if job.spec.tier == Tier.SPOT:
-                        live[worker.worker_id] = live.get(worker.worker_id, 0) + 1
-            self._spot_live = live
-        return self._spot_live
+            victims = tuple(
+                Victim(job.job_id, a.number, a.gpu_indices, a.schedule_time)
+                for job, a in self._held_attempts(worker)
+                if job.spec.tier == Tier.SPOT and job.state in (S.SCHEDULED, S.RUNNING)
+            )
+            capacity = WorkerCapacity(worker_id, self._caps.slots(worker))
+            out.append(PreemptionCandidate(capacity, victims))
+        return out
 
     def _preempt(self, victim: Job, attempt: Attempt, by: Job, now: float) -> list[Command]:
         why = f"preempted by guaranteed job {by.job_id}"
@@ -998,3 +566,16 @@ class BrokerCore:
             self._transition(victim, S.PENDING, now, why),
             Cancel(attempt.worker_id, victim.job_id, attempt.number, why),
         ]
+
+
+def _assign(job: Job, attempt: Attempt) -> Assign:
+    """The command that starts (or, in a Reconcile, continues) an attempt."""
+    return Assign(
+        attempt.worker_id,
+        job.job_id,
+        attempt.number,
+        attempt.gpu_indices,
+        job.spec,
+        attempt.price_micros_per_gpu_hour,
+        job.checkpoint_sha256,
+    )

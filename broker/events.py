@@ -2,16 +2,29 @@
 
 Every event is a frozen dataclass that carries ``now`` (seconds since the epoch,
 passed in by the shell); every command is a frozen dataclass the shell carries
-out (push to an agent, append a log line, notify watchers). Persistence is not
-a command: after each batch the shell saves what ``BrokerCore.take_dirty``
-names.
+out. ``BrokerCore.handle(event)`` returns them in order: first the decisions
+(:class:`Transition`, :class:`WorkerTransition`, :class:`Assign`, :class:`Cancel`,
+:class:`AppendLog`), then what the event means for the shell's own duties, each at
+most once per event and in this order:
+
+* :class:`PostLedger` -- ledger entries to write (settlements, SLA credits);
+* :class:`Persist` -- the ids of the jobs and workers to write. Ids, not copies: the
+  store reads those records through the core's public reads (``BrokerCore.job``,
+  ``BrokerCore.worker``) when it writes them, after the batch, so an event never pays
+  for copying a job, and a batch writes each record once however many of its events
+  changed it;
+* :class:`RequestSchedule` -- something changed that a scheduling pass may act on.
+
+:class:`Writes` folds the commands of a batch into what the store writes in one
+transaction (``Store.save``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from broker.economics import FarmTerms
+from broker.economics import FarmTerms, LedgerEntry
 from broker.model import GpuInfo, JobSpec, JobState, SetupCause, WorkerState
 
 __all__ = [
@@ -33,11 +46,15 @@ __all__ = [
     "FarmConfigured",
     "Heartbeat",
     "JobSubmitted",
+    "Persist",
+    "PostLedger",
+    "RequestSchedule",
     "SchedulePass",
     "Tick",
     "Transition",
     "WorkerRegistered",
     "WorkerTransition",
+    "Writes",
 ]
 
 
@@ -97,7 +114,8 @@ class DrainRequested(Event):
 
 @dataclass(frozen=True, slots=True)
 class Tick(Event):
-    """Periodic clock event: expires leases whose time has come."""
+    """Periodic clock event: expires leases whose time has come, and drops worker history
+    that left the reliability window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,12 +223,17 @@ class WorkerTransition(Command):
 
 @dataclass(frozen=True, slots=True)
 class Assign(Command):
-    """Tell a worker to start an attempt on these GPUs."""
+    """Tell a worker to start an attempt on these GPUs: everything the agent needs
+    (``broker.convert.assignment_pb`` builds the message from this alone). The shell adds
+    its own limits (the largest output archive it keeps)."""
 
     worker_id: str
     job_id: str
     attempt: int
     gpu_indices: tuple[int, ...]
+    spec: JobSpec
+    price_micros_per_gpu_hour: int
+    checkpoint_sha256: str = ""  # the job's latest checkpoint, to resume from
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,3 +254,62 @@ class AppendLog(Command):
     attempt: int
     sequence: int
     data: str
+
+
+@dataclass(frozen=True, slots=True)
+class PostLedger(Command):
+    """Write these ledger entries (whole balanced transactions, in order)."""
+
+    entries: tuple[LedgerEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Persist(Command):
+    """Write these jobs and workers as the core holds them (read through its public reads)."""
+
+    job_ids: frozenset[str] = frozenset()
+    worker_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSchedule(Command):
+    """Run a scheduling pass soon: jobs were queued, or capacity freed or changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Writes:
+    """What the commands of a batch ask the store to write, in one transaction."""
+
+    job_ids: frozenset[str] = frozenset()
+    worker_ids: frozenset[str] = frozenset()
+    ledger: tuple[LedgerEntry, ...] = ()
+    logs: tuple[AppendLog, ...] = ()
+
+    @classmethod
+    def of(cls, cmds: Iterable[Command]) -> Writes:
+        """Fold ``Persist``, ``PostLedger`` and ``AppendLog`` commands, in order."""
+        jobs: set[str] = set()
+        workers: set[str] = set()
+        ledger: list[LedgerEntry] = []
+        logs: list[AppendLog] = []
+        for cmd in cmds:
+            match cmd:
+                case Persist():
+                    jobs |= cmd.job_ids
+                    workers |= cmd.worker_ids
+                case PostLedger():
+                    ledger += cmd.entries
+                case AppendLog():
+                    logs.append(cmd)
+        return cls(frozenset(jobs), frozenset(workers), tuple(ledger), tuple(logs))
+
+    def __or__(self, later: Writes) -> Writes:
+        return Writes(
+            self.job_ids | later.job_ids,
+            self.worker_ids | later.worker_ids,
+            self.ledger + later.ledger,
+            self.logs + later.logs,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.job_ids or self.worker_ids or self.ledger or self.logs)

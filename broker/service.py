@@ -1,22 +1,24 @@
 """The shell around the pure core: one lock, persistence, pushes and notifications.
 
 Every state change goes through :meth:`BrokerService.apply`: events are handled
-by the core under a lock, what the core marked dirty is saved in one
-transaction, and only then are commands carried out (instructions pushed to
-agents, watchers woken) — so nothing an agent or client sees is lost by a crash.
+by the core under a lock; what their commands ask to write (``Persist``,
+``PostLedger``, ``AppendLog``, folded into one ``Writes``) is saved in one
+transaction, and only then are the other commands carried out (assignments and
+cancellations pushed to agents, watchers woken, a scheduling pass asked for by
+``RequestSchedule``) — so nothing an agent or client sees is lost by a crash. The
+shell reads the core only through its public reads.
 
 **When the database fails a write** the core is already ahead of the store. The
-service then keeps what that batch changed (job and worker ids, log lines, the
-ledger entries past ``core.ledger_saved``) and its commands, *held*, and enters an
-outage: every later change is refused with ``DatabaseUnavailable`` before the core
-sees it, except heartbeats (leases live in memory, so a database outage does not
-expire the fleet's leases; lease expiry and scheduling pause meanwhile). A probe
-every ``db_retry_interval_s`` waits for the database; once it takes writes, the held
-changes are written in one transaction and only then are the held commands carried
-out and changes accepted again — no restart, and nothing an agent or client was told
-rests on an uncommitted change. The caller whose write failed got UNAVAILABLE: its
-change is written on recovery, and its retry (same ``request_id`` or report
-sequence number) finds it applied once.
+service then keeps that batch's ``Writes`` (job and worker ids, ledger entries, log
+lines) and its commands, *held*, and enters an outage: every later change is refused
+with ``DatabaseUnavailable`` before the core sees it, except heartbeats (leases live
+in memory, so a database outage does not expire the fleet's leases; lease expiry and
+scheduling pause meanwhile). A probe every ``db_retry_interval_s`` waits for the
+database; once it takes writes, the held changes are written in one transaction and
+only then are the held commands carried out and changes accepted again — no
+restart, and nothing an agent or client was told rests on an uncommitted change. The
+caller whose write failed got UNAVAILABLE: its change is written on recovery, and its
+retry (same ``request_id`` or report sequence number) finds it applied once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from broker.artifacts import DEFAULT_MAX_OUTPUT_BYTES
@@ -44,8 +46,10 @@ from broker.events import (
     Command,
     Event,
     Heartbeat,
+    RequestSchedule,
     SchedulePass,
     Tick,
+    Writes,
 )
 from broker.metrics import BrokerMetrics, FarmNames
 from rigshift.v1 import worker_service_pb2
@@ -92,9 +96,8 @@ class _Outage:
     since: float
     """time.monotonic() of the first failure."""
     cause: DatabaseUnavailable
-    jobs: set[str] = field(default_factory=set)
-    workers: set[str] = field(default_factory=set)
-    logs: list[AppendLog] = field(default_factory=list)
+    writes: Writes = field(default_factory=Writes)
+    """What the store lacks: every batch's writes since the failure, in order."""
     commands: list[Command] = field(default_factory=list)
     """Commands of the held changes, carried out once those are committed."""
 
@@ -176,14 +179,13 @@ class BrokerService:
         A failed write holds the changes and starts an outage; it raises, except for
         heartbeats (``in_memory``), which are answered from memory.
         """
-        jobs, workers = self.core.take_dirty()
-        logs = [c for c in cmds if isinstance(c, AppendLog)]
+        writes = Writes.of(cmds)
         if self._outage is not None:
-            self._hold(jobs, workers, logs, cmds)
+            self._hold(writes, cmds)
             return False
-        if jobs or workers or logs:
+        if writes:
             try:
-                self.store.save(self.core, jobs, workers, logs)
+                self.store.save(self.core, writes)
             except StaleWriter:
                 # Another replica leads now; this core's memory is no longer true.
                 self.stale = True
@@ -192,7 +194,7 @@ class BrokerService:
                 raise
             except DatabaseUnavailable as err:
                 self._begin_outage(err)
-                self._hold(jobs, workers, logs, cmds)
+                self._hold(writes, cmds)
                 if in_memory:
                     return False
                 raise DatabaseUnavailable(
@@ -205,10 +207,10 @@ class BrokerService:
                 self._begin_outage(
                     DatabaseUnavailable(f"the last write failed ({type(err).__name__}: {err})")
                 )
-                self._hold(jobs, workers, logs, cmds)
+                self._hold(writes, cmds)
                 raise
-        self._notify(jobs)
-        if self.core.needs_schedule:
+        self._notify(writes.job_ids)
+        if any(type(c) is RequestSchedule for c in cmds):
             self._schedule_wanted.set()
         return True
 
@@ -237,13 +239,9 @@ class BrokerService:
         else:
             self._outage.cause = cause
 
-    def _hold(
-        self, jobs: set[str], workers: set[str], logs: list[AppendLog], cmds: list[Command]
-    ) -> None:
+    def _hold(self, writes: Writes, cmds: list[Command]) -> None:
         assert self._outage is not None
-        self._outage.jobs |= jobs
-        self._outage.workers |= workers
-        self._outage.logs += logs
+        self._outage.writes |= writes
         self._outage.commands += cmds
 
     def _refusal(self) -> DatabaseUnavailable:
@@ -262,10 +260,10 @@ class BrokerService:
         outage = self._outage
         if outage is None:
             return False
-        if worker_id in outage.workers:
+        if worker_id in outage.writes.worker_ids:
             return True
-        jobs = (self.core.jobs.get(job_id) for job_id in outage.jobs)
-        return any(a.worker_id == worker_id for job in jobs if job for a in job.attempts)
+        jobs = (self.core.job(job_id) for job_id in outage.writes.job_ids)
+        return any(a.worker_id == worker_id for job in jobs for a in job.attempts)
 
     async def _recover(self) -> None:
         """Write what the core holds; once committed, carry out the held commands."""
@@ -273,12 +271,9 @@ class BrokerService:
             outage = self._outage
             if outage is None or self.stale:
                 return
-            jobs, workers = self.core.take_dirty()
-            outage.jobs |= jobs
-            outage.workers |= workers
             try:
-                if outage.jobs or outage.workers or outage.logs:
-                    self.store.save(self.core, outage.jobs, outage.workers, outage.logs)
+                if outage.writes:
+                    self.store.save(self.core, outage.writes)
             except StaleWriter:
                 self.stale = True
                 if self.on_stale is not None:
@@ -298,10 +293,10 @@ class BrokerService:
                 "database back after %.1f s: wrote the %d job(s) and %d worker(s) held in "
                 "memory; accepting changes again",
                 time.monotonic() - outage.since,
-                len(outage.jobs),
-                len(outage.workers),
+                len(outage.writes.job_ids),
+                len(outage.writes.worker_ids),
             )
-            self._notify(outage.jobs)
+            self._notify(outage.writes.job_ids)
             self._schedule_wanted.set()
             self._execute(outage.commands)
 
@@ -329,14 +324,8 @@ class BrokerService:
         for cmd in cmds:
             match cmd:
                 case Assign():
-                    job = self.core.jobs[cmd.job_id]
-                    attempt = job.attempts[cmd.attempt - 1]
-                    self._push(
-                        cmd.worker_id,
-                        worker_service_pb2.Instruction(
-                            assignment=assignment_pb(job, attempt, self.max_output_bytes)
-                        ),
-                    )
+                    assignment = assignment_pb(cmd, self.max_output_bytes)
+                    self._push(cmd.worker_id, worker_service_pb2.Instruction(assignment=assignment))
                 case Cancel():
                     self._push(cmd.worker_id, cancellation(cmd))
                 case AppendLog():
@@ -350,7 +339,7 @@ class BrokerService:
 
     # --- watchers ----------------------------------------------------------------
 
-    def _notify(self, job_ids: set[str]) -> None:
+    def _notify(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             for ev in self._subscribers.get(job_id, ()):
                 ev.set()
@@ -382,10 +371,9 @@ class BrokerService:
             old.put_nowait(None)
         queue: asyncio.Queue[worker_service_pb2.Instruction | None] = asyncio.Queue()
         self._streams[worker_id] = queue
-        live = self.core.live_attempts(worker_id)
         reconcile = worker_service_pb2.Reconcile(
             assignments=[
-                assignment_pb(job, attempt, self.max_output_bytes) for job, attempt in live
+                assignment_pb(a, self.max_output_bytes) for a in self.core.assignments(worker_id)
             ]
         )
         queue.put_nowait(worker_service_pb2.Instruction(reconcile=reconcile))
@@ -423,7 +411,7 @@ class BrokerService:
             return principal
         worker_id = self._worker_by_digest.get(digest)
         if worker_id is not None and worker_id in self.core.workers:
-            return Principal(Role.WORKER, worker_id, self.core.workers[worker_id].farm_id)
+            return Principal(Role.WORKER, worker_id, self.core.worker(worker_id).farm_id)
         raise Unauthenticated("credential not recognised (revoked, or for another broker?)")
 
     def reload_api_keys(self) -> None:

@@ -1,8 +1,10 @@
 """Persistence on SQLModel: SQLite by default, any SQLAlchemy URL with ``--db``.
 
 The store is the source of truth. The shell saves, in one transaction per
-batch, every job and worker the core marked dirty (``BrokerCore.take_dirty``)
-plus new log lines; a restarted broker rebuilds the core with :meth:`Store.load`.
+batch, what the core's commands name (``broker.events.Writes``: the jobs and workers
+to write, ledger entries, log lines); a restarted broker rebuilds its core with
+:meth:`Store.load`, which reads the records (:meth:`Store.read_state`) and hands them
+to ``BrokerCore.restore``.
 Rows here are store models only: the core never sees them (STYLE.md 9).
 
 Database faults leave the store in one form only: :class:`~broker.errors.DatabaseUnavailable`
@@ -16,7 +18,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,10 +27,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from broker.core import Attempt, AttemptOutput, BrokerCore, Gpu, HistoryEntry, Job, SlaEvent, Worker
+from broker.core import BrokerCore
 from broker.economics import FarmTerms, LedgerEntry, TariffWindow
 from broker.errors import AlreadyExists, DatabaseUnavailable, NotFound, StaleWriter
-from broker.events import AppendLog
+from broker.events import Writes
 from broker.model import (
     TERMINAL_JOB_STATES,
     AttemptState,
@@ -38,6 +40,16 @@ from broker.model import (
     SlaKind,
     Tier,
     WorkerState,
+)
+from broker.records import (
+    Attempt,
+    AttemptOutput,
+    Gpu,
+    HistoryEntry,
+    Job,
+    SlaEvent,
+    StoredState,
+    Worker,
 )
 from broker.scheduler import Rejection
 
@@ -489,14 +501,10 @@ class Store:
 
     # --- the core's state -------------------------------------------------------
 
-    def save(
-        self,
-        core: BrokerCore,
-        job_ids: Iterable[str],
-        worker_ids: Iterable[str],
-        logs: Sequence[AppendLog] = (),
-    ) -> None:
-        """Write the named jobs and workers as the core holds them now, and new logs, atomically.
+    def save(self, core: BrokerCore, writes: Writes) -> None:
+        """Write what ``writes`` names, atomically: its jobs and workers as the core holds
+        them now (read through ``core.job`` and ``core.worker``), its ledger entries and
+        its log lines.
 
         The first write of a worker or job by this store merges (reads the row, then writes
         it); after that the store remembers what it committed and writes only the rows that
@@ -506,12 +514,11 @@ class Store:
         jobs_written: dict[str, _JobWritten] = {}
         with self._session() as s:
             # Workers first: attempts and GPU holders refer to them.
-            for worker_id in sorted(worker_ids):
-                workers_written[worker_id] = self._save_worker(s, core.workers[worker_id])
-            for job_id in sorted(job_ids):
-                jobs_written[job_id] = self._save_job(s, core.jobs[job_id])
-            new_entries = core.ledger[core.ledger_saved :]
-            for e in new_entries:
+            for worker_id in sorted(writes.worker_ids):
+                workers_written[worker_id] = self._save_worker(s, core.worker(worker_id))
+            for job_id in sorted(writes.job_ids):
+                jobs_written[job_id] = self._save_job(s, core.job(job_id))
+            for e in writes.ledger:
                 s.add(
                     LedgerRow(
                         txn=e.txn,
@@ -523,18 +530,17 @@ class Store:
                         time=e.time,
                     )
                 )
-            for log in logs:
+            for log in writes.logs:
                 s.add(
                     LogRow(
                         job_id=log.job_id, attempt=log.attempt, sequence=log.sequence, data=log.data
                     )
                 )
             s.commit()
-        core.ledger_saved += len(new_entries)
         # Remember only what is committed: a failed save leaves the memory as it was.
         self._workers_written.update(workers_written)
         for job_id, written in jobs_written.items():
-            job = core.jobs[job_id]
+            job = core.job(job_id)
             if job.state in TERMINAL_JOB_STATES and not (job.current and job.current.live):
                 self._jobs_written.pop(job_id, None)  # settled: rarely written again, merge then
             else:
@@ -637,16 +643,20 @@ class Store:
         return written
 
     def load(self, core: BrokerCore, now: float | None = None) -> None:
-        """Fill an empty core from the database. Live workers get a fresh lease (a grace period)."""
-        now = time.time() if now is None else now
+        """Rebuild an empty core from the database (``core.restore``); every worker gets a
+        fresh lease from ``now`` (a grace period to reconnect)."""
+        core.restore(self.read_state(), time.time() if now is None else now)
+
+    def read_state(self) -> StoredState:
+        """The core's records as the database holds them."""
         with self._session() as s:
-            for farm in s.exec(select(FarmRow)):
-                core.farms[farm.id] = farm_terms(farm)
-            core.ledger = [
+            farms = tuple(farm_terms(farm) for farm in s.exec(select(FarmRow)))
+            ledger = tuple(
                 LedgerEntry(r.txn, r.account, r.amount_micros, r.kind, r.job_id, r.attempt, r.time)
                 for r in s.exec(select(LedgerRow).order_by(col(LedgerRow.id)))
-            ]
-            core.ledger_saved = len(core.ledger)
+            )
+            workers: list[Worker] = []
+            jobs: list[Job] = []
             gpus: dict[str, dict[int, Gpu]] = {}
             gpu_rows: dict[str, dict[int, tuple[object, ...]]] = {}
             for g in s.exec(select(GpuRow)):
@@ -669,21 +679,22 @@ class Store:
                 # after a load (a failover) is then compare-and-set too. The row part is
                 # left empty, so the worker row is simply written again.
                 self._workers_written[w.id] = _WorkerWritten((), gpu_rows.get(w.id, {}))
-                state = WorkerState(w.state)
-                core.workers[w.id] = Worker(
-                    w.id,
-                    w.farm_id,
-                    w.hostname,
-                    w.agent_version,
-                    state,
-                    lease_expires_at=now + core.lease_ttl_s,
-                    last_heartbeat=w.last_heartbeat,
-                    gpus=gpus.get(w.id, {}),
-                    metrics_address=w.metrics_address,
-                    first_seen=w.first_seen,
-                    offline_since=w.offline_since,
-                    offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],  # type: ignore[misc]
-                    outcomes=[tuple(x) for x in json.loads(w.reliability_json)[1]],  # type: ignore[misc]
+                workers.append(
+                    Worker(
+                        w.id,
+                        w.farm_id,
+                        w.hostname,
+                        w.agent_version,
+                        WorkerState(w.state),
+                        lease_expires_at=0.0,  # restore() sets it
+                        last_heartbeat=w.last_heartbeat,
+                        gpus=gpus.get(w.id, {}),
+                        metrics_address=w.metrics_address,
+                        first_seen=w.first_seen,
+                        offline_since=w.offline_since,
+                        offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],  # type: ignore[misc]
+                        outcomes=[tuple(x) for x in json.loads(w.reliability_json)[1]],  # type: ignore[misc]
+                    )
                 )
             attempts: dict[str, list[Attempt]] = {}
             for a in s.exec(select(AttemptRow).order_by(col(AttemptRow.number))):
@@ -747,12 +758,8 @@ class Store:
                     checkpoint_sha256=j.checkpoint_sha256,
                     checkpoint_time=j.checkpoint_time,
                 )
-                core.jobs[j.id] = job
-                if j.request_id:
-                    core.requests[(j.owner, j.request_id)] = j.id
-                if job.state == JobState.PENDING:
-                    core.pending[j.id] = None
-        core.needs_schedule = bool(core.pending)
+                jobs.append(job)
+        return StoredState(farms, tuple(workers), tuple(jobs), ledger)
 
     def logs(self, job_id: str, after_id: int = 0) -> list[LogRow]:
         """Log rows of a job with id > after_id, oldest first."""

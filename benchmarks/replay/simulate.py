@@ -1,10 +1,12 @@
 """The replay loop: one policy over a whole trace in virtual time, and its figures.
 
-:func:`replay` feeds ``ReplayCore`` (``replay.view``) the events a live broker would get
-(farms and rigs at the start, each job at its submit time, one ``SchedulePass`` per virtual
-second with events, ``AttemptStarted`` on each ``Assign`` and ``AttemptFinished`` a run
-time later with the energy of a board-watts power model) and measures the result
-(:class:`Outcome`). ``benchmarks/trace_replay.py`` is the command line around it.
+:func:`replay` feeds a ``BrokerCore`` -- the broker's own, with the lean scheduling view
+of ``replay.view`` injected through ``BrokerCore(view=...)`` -- the events a live broker
+would get (farms and rigs at the start, each job at its submit time, one
+``SchedulePass`` per virtual second with events, ``AttemptStarted`` on each ``Assign``
+and ``AttemptFinished`` a run time later with the energy of a board-watts power model)
+and measures the result (:class:`Outcome`). ``benchmarks/trace_replay.py`` is the
+command line around it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from heapq import heappop, heappush
 from typing import Any
 
+from broker.core import BrokerCore
 from broker.earnings import earnings
 from broker.events import (
     Assign,
@@ -28,9 +31,10 @@ from broker.events import (
 )
 from broker.invariants import ledger_problems
 from broker.model import GpuInfo, JobSpec, SlaKind
-from broker.policy import FIFO, SHORT_FIRST, DurationEstimator
+from broker.policy import FIFO, SHORT_FIRST
 
-from .view import ReplayCore
+from .estimator import DurationEstimator
+from .view import LeanView
 from .workload import Fleet, Trace, TraceJob
 
 __all__ = ["DEFAULT_POLICIES", "POLICIES", "Outcome", "declared_limit", "replay"]
@@ -99,14 +103,15 @@ def declared_limit(policy: str, estimator: DurationEstimator, job: TraceJob) -> 
 
 def replay(
     trace: Trace, fleet: Fleet, policy: str, *, lean: bool = True
-) -> tuple[Outcome, ReplayCore]:
+) -> tuple[Outcome, BrokerCore]:
     """Run the whole trace under one policy; returns the figures and the final core."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
     started, cpu = time.perf_counter(), time.process_time()
     estimator = DurationEstimator()
     order = SHORT_FIRST if policy.startswith("short-first") else FIFO
-    core = ReplayCore(order, head_of_line=policy == "fifo", lean=lean)
+    view = LeanView(head_of_line=policy == "fifo", lean=lean)
+    core = BrokerCore(queue_policy=order, view=view)
     jobs = trace.jobs
     t0 = jobs[0].submit_s if jobs else 0.0
     for terms in fleet.farms:
@@ -145,7 +150,7 @@ def replay(
             handle(JobSubmitted(tj.submit_s, tj.job_id, tj.owner, spec))
             now = max(now, tj.submit_s)
             i += 1
-        if not core.worth_a_pass(now):
+        if not view.worth_a_pass():
             continue
         out.schedule_passes += 1
         for cmd in handle(SchedulePass(now)):
@@ -160,7 +165,7 @@ def replay(
     return out, core
 
 
-def _measure(out: Outcome, core: ReplayCore, trace: Trace, fleet: Fleet) -> None:
+def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet) -> None:
     busy = 0.0
     last = trace.jobs[0].submit_s if trace.jobs else 0.0
     queue: list[float] = []

@@ -1,9 +1,11 @@
-"""The broker core as the replay drives it: :class:`ReplayCore`, a lean scheduler view.
+"""The scheduling view the replay gives the broker core: :class:`LeanView`.
 
-Everything that decides (queue order, placement, binding, settlement, SLA events) is
-``broker.core.BrokerCore``; this subclass only shows ``place()`` less of the queue and the
-fleet when the rest cannot change the outcome, and can cut the queue at its first
-misfit (strict FIFO first fit, the ``fifo`` baseline).
+The replay runs the production ``broker.core.BrokerCore`` and injects this view through
+its public seam (``BrokerCore(view=...)``, ``broker.queue.SchedulingView``). Everything
+that decides (queue order, placement by ``broker.scheduler.place``, binding, preemption,
+settlement, SLA events) is the core's and the scheduler's; the view only shows
+``place()`` less of the queue and the fleet when the rest cannot change the outcome, and
+can cut the queue at its first misfit (strict FIFO first fit, the ``fifo`` baseline).
 """
 
 from __future__ import annotations
@@ -12,22 +14,26 @@ from bisect import insort
 from collections.abc import Sequence
 from heapq import heapify, heappop, heappush
 
-from broker.core import BrokerCore, Job
-from broker.events import Command, Event, Transition
-from broker.model import JobState, WorkerState
-from broker.policy import FIFO, Fifo, ShortFirst
-from broker.scheduler import JobRequest, SchedulingResult, Snapshot, WorkerCapacity, place
+from broker.scheduler import (
+    FleetIndex,
+    JobRequest,
+    SchedulingResult,
+    Snapshot,
+    WorkerCapacity,
+    place,
+)
 
-__all__ = ["ReplayCore"]
+__all__ = ["LeanView"]
 
 
-class ReplayCore(BrokerCore):
-    """``BrokerCore`` with a lean snapshot; the rest, queue order included, is the core.
+class LeanView:
+    """A ``SchedulingView`` that shows ``place()`` a lean snapshot; order is the core's.
 
-    What differs from ``BrokerCore`` (all of it in the view the scheduler gets):
+    What differs from the broker's own view (``broker.queue.KeptQueue``):
 
-    * **order** -- the core's own (``queue_policy``, ``BrokerCore._priority``), kept as one
-      sorted list per gang size so that jobs too wide for any free rig are skipped.
+    * **order** -- the core's own (``queue_policy``: the keys the core queues jobs with),
+      kept as one sorted list per gang size so that jobs too wide for any free rig are
+      skipped.
     * **head_of_line** (``fifo``) -- the view is cut after the first job that does not fit:
       strict FIFO first fit instead of the core's greedy backfill.
     * **lean** (default) -- the view holds only what can change the outcome, so a pass costs
@@ -48,19 +54,14 @@ class ReplayCore(BrokerCore):
     as ``replay.simulate.replay`` makes them.
     """
 
-    def __init__(
-        self,
-        queue_policy: Fifo | ShortFirst = FIFO,
-        *,
-        head_of_line: bool = False,
-        lean: bool = True,
-    ) -> None:
-        super().__init__(queue_policy=queue_policy)
+    def __init__(self, *, head_of_line: bool = False, lean: bool = True) -> None:
         self.head_of_line = head_of_line
         self.lean = lean
         self.queues: dict[int, list[tuple[tuple, str]]] = {}  # gang size -> sorted (key, job)
         self.pending_sizes: dict[int, int] = {}  # gang size -> PENDING jobs
+        self._pending: dict[str, JobRequest] = {}  # PENDING job -> what the scheduler sees
         self._keys: dict[str, tuple] = {}  # job id -> its entry's key, while queued
+        self._caps: dict[str, WorkerCapacity] = {}  # ONLINE worker -> what the scheduler sees
         self._changed: set[str] = set()  # workers changed since the last refresh
         self._free: dict[str, tuple] = {}  # online worker with free GPUs -> see _refresh
         self._by_group: dict[tuple, dict[str, tuple]] = {}  # the same, by group, cheapest first
@@ -68,35 +69,34 @@ class ReplayCore(BrokerCore):
         self._rigs_with: dict[int, int] = {}  # free GPUs -> online rigs with that many free
         self._room = 0  # free GPUs on online rigs
 
-    # --- hooks into the core -------------------------------------------------------------
+    # --- what the core tells the view (broker.queue.SchedulingView) ---------------------
 
-    def handle(self, event: Event) -> list[Command]:
-        cmds = super().handle(event)
-        for cmd in cmds:
-            if type(cmd) is not Transition:
-                continue
-            if cmd.to_state == JobState.PENDING:
-                n = self.jobs[cmd.job_id].spec.gpu_count
-                self.pending_sizes[n] = self.pending_sizes.get(n, 0) + 1
-            elif cmd.from_state == JobState.PENDING:
-                self.pending_sizes[self.jobs[cmd.job_id].spec.gpu_count] -= 1
-        return cmds
+    def job_queued(self, job_id: str, key: tuple, request: JobRequest) -> None:
+        self._pending[job_id] = request
+        n = request.gpu_count
+        self.pending_sizes[n] = self.pending_sizes.get(n, 0) + 1
+        if job_id not in self._keys:  # else its entry is still queued
+            self._keys[job_id] = key
+            insort(self.queues.setdefault(n, []), (key, job_id))
 
-    def _enqueue(self, job: Job) -> None:
-        # The lean view keeps its own queues (one per gang size) in place of the core's.
-        if not self.lean:
-            super()._enqueue(job)
-        if job.job_id not in self._keys:  # else its entry is still queued
-            key = self._keys[job.job_id] = self._priority(job)
-            insort(self.queues.setdefault(job.spec.gpu_count, []), (key, job.job_id))
+    def job_dequeued(self, job_id: str) -> None:
+        self.pending_sizes[self._pending.pop(job_id).gpu_count] -= 1
 
-    def _worker_changed(self, worker_id: str) -> None:
-        super()._worker_changed(worker_id)
+    def worker_changed(self, worker_id: str, capacity: WorkerCapacity | None) -> None:
+        if capacity is None:
+            self._caps.pop(worker_id, None)
+        else:
+            self._caps[worker_id] = capacity
         self._changed.add(worker_id)
+
+    def place(self, fleet: FleetIndex, now: float) -> SchedulingResult:
+        # This view chooses what the scheduler sees, so it places from its own snapshot
+        # instead of the core's kept index (which the core updates after the pass).
+        return place(self.snapshot(now))
 
     # --- the view --------------------------------------------------------------------------
 
-    def _refresh(self, now: float) -> None:
+    def _refresh(self) -> None:
         """Bring the free-capacity index up to date with the workers that changed."""
         for wid in self._changed:
             old = self._free.pop(wid, None)
@@ -104,11 +104,10 @@ class ReplayCore(BrokerCore):
                 del self._by_group[old[4]][wid]
                 self._rigs_with[old[3]] -= 1
                 self._room -= old[3]
-            worker = self.workers[wid]
-            if worker.state != WorkerState.ONLINE:
+            cap = self._caps.get(wid)
+            if cap is None:
                 continue
-            cap = self._capacity_of(worker, now)
-            if self._widest is None or len(self.workers[self._widest].gpus) < len(cap.gpus):
+            if self._widest is None or len(self._caps[self._widest].gpus) < len(cap.gpus):
                 self._widest = wid
             free = sum(1 for g in cap.gpus if g.free)
             if free:
@@ -127,26 +126,26 @@ class ReplayCore(BrokerCore):
         """The first PENDING job in queue order, dropping finished entries on the way."""
         best = None
         for q in self.queues.values():
-            while q and q[0][1] not in self.pending:
+            while q and q[0][1] not in self._pending:
                 del self._keys[q.pop(0)[1]]
             if q and (best is None or q[0] < best):
                 best = q[0]
         return best
 
-    def worth_a_pass(self, now: float) -> bool:
+    def worth_a_pass(self) -> bool:
         """False when a scheduling pass now could not place any job."""
-        if not self.pending:
+        if not self._pending:
             return False
         if not self.lean:
             return True
-        self._refresh(now)
+        self._refresh()
         widest = max((f for f, rigs in self._rigs_with.items() if rigs), default=0)
         if self.head_of_line:
             head = self._head()
-            return head is not None and self.jobs[head[1]].spec.gpu_count <= widest
+            return head is not None and self._pending[head[1]].gpu_count <= widest
         return 0 < min((n for n, c in self.pending_sizes.items() if c), default=0) <= widest
 
-    def _workers(self, jobs: Sequence[JobRequest], now: float) -> tuple[WorkerCapacity, ...]:
+    def _workers(self, jobs: Sequence[JobRequest]) -> tuple[WorkerCapacity, ...]:
         """The rigs a pass over ``jobs`` may touch, and the widest rig (see the class doc)."""
         k = len(jobs)
         widest_job = max((j.gpu_count for j in jobs), default=0)
@@ -167,25 +166,23 @@ class ReplayCore(BrokerCore):
             if cutoff is None and fitting >= k:
                 cutoff = group[0]
         if self._widest is not None and self._widest not in {c.worker_id for c in shown}:
-            shown.append(self._capacity_of(self.workers[self._widest], now))
+            shown.append(self._caps[self._widest])
         return tuple(shown)
 
-    def _place(self, now: float) -> SchedulingResult:
-        # This view chooses what the scheduler sees, so it places from its own snapshot
-        # instead of the core's kept index.
-        return place(self.snapshot(now))
-
     def snapshot(self, now: float) -> Snapshot:
+        """What ``place()`` sees this pass (the class docstring)."""
         if not self.lean:
-            snap = super().snapshot(now)
+            order = sorted(self._pending, key=self._keys.__getitem__)
+            pending = tuple(self._pending[j] for j in order)
+            snap = Snapshot(now, pending, tuple(self._caps.values()))
             if self.head_of_line and (result := place(snap)).unplaced:
                 first = result.unplaced[0].job_id
                 cut = next(i for i, r in enumerate(snap.pending) if r.job_id == first)
                 return Snapshot(now, snap.pending[: cut + 1], snap.workers)
             return snap
-        self._refresh(now)
+        self._refresh()
         jobs = self._presented(now)
-        return Snapshot(now, jobs, self._workers(jobs, now))
+        return Snapshot(now, jobs, self._workers(jobs))
 
     def _presented(self, now: float) -> tuple[JobRequest, ...]:
         """The pending jobs to show, in order (see the class docstring)."""
@@ -208,18 +205,16 @@ class ReplayCore(BrokerCore):
                 job_id = q[pos][1]
                 if pos + 1 < len(q):
                     heappush(heap, (q[pos + 1][0], n, pos + 1))
-                if job_id not in self.pending:
+                request = self._pending.get(job_id)
+                if request is None:
                     stale.append((n, pos))
                     continue
-                request = self._requests.get(job_id)
-                if request is None:
-                    request = self._requests[job_id] = self._request(self.jobs[job_id])
                 chosen.append(request)
                 wanted += n
             if len(chosen) <= 1 or (not heap and not self.head_of_line):
                 break  # one job, or every candidate is shown
             trial = tuple(chosen)
-            result = place(Snapshot(now, trial, self._workers(trial, now)))
+            result = place(Snapshot(now, trial, self._workers(trial)))
             if self.head_of_line:
                 if result.unplaced or not heap or len(chosen) > room:
                     if result.unplaced:

@@ -29,7 +29,6 @@ from broker.core import BrokerCore
 from broker.economics import FarmTerms
 from broker.errors import BrokerError
 from broker.events import (
-    AppendLog,
     AttemptCheckpointed,
     AttemptFinished,
     AttemptLog,
@@ -44,6 +43,7 @@ from broker.events import (
     SchedulePass,
     Tick,
     WorkerRegistered,
+    Writes,
 )
 from broker.model import GpuInfo, JobSpec, Tier
 from broker.service import GC_YOUNG_THRESHOLD, SCHEDULE_REST, BrokerService, tune_gc
@@ -191,8 +191,7 @@ def replay(history: list[list[Event]], save) -> BrokerCore:  # type: ignore[no-u
         for ev in events:
             with contextlib.suppress(BrokerError):
                 cmds += core.handle(ev)
-        jobs, workers = core.take_dirty()
-        save(core, jobs, workers, [c for c in cmds if isinstance(c, AppendLog)])
+        save(core, Writes.of(cmds))
     return core
 
 
@@ -204,9 +203,9 @@ def test_store_writes_only_changes_and_ends_like_full_merges(tmp_path: Path, see
     fast = new_store(fast_url)
     new_store(ref_url).close()
 
-    def save_fresh(core, jobs, workers, logs):  # type: ignore[no-untyped-def]
+    def save_fresh(core, writes):  # type: ignore[no-untyped-def]
         store = Store(ref_url)  # nothing remembered: every row merged, as before the change
-        store.save(core, jobs, workers, logs)
+        store.save(core, writes)
         store.close()
 
     core = replay(history, fast.save)
@@ -235,10 +234,11 @@ def test_store_remembers_only_committed_writes(tmp_path: Path, monkeypatch: pyte
     ref = new_store(ref_url)
     core = BrokerCore()
 
-    def step(*events: Event, fail: bool = False):  # type: ignore[no-untyped-def]
+    def step(*events: Event, fail: bool = False) -> Writes:
+        cmds = []
         for ev in events:
-            core.handle(ev)
-        jobs, workers = core.take_dirty()
+            cmds += core.handle(ev)
+        writes = Writes.of(cmds)
         if fail:
             with monkeypatch.context() as m:
 
@@ -247,24 +247,25 @@ def test_store_remembers_only_committed_writes(tmp_path: Path, monkeypatch: pyte
 
                 m.setattr(sqlmodel.Session, "commit", boom)
                 with pytest.raises(RuntimeError):
-                    store.save(core, jobs, workers)
-            return jobs, workers
-        store.save(core, jobs, workers)
-        ref.save(core, jobs, workers)
-        return jobs, workers
+                    store.save(core, writes)
+            return writes
+        store.save(core, writes)
+        ref.save(core, writes)
+        return writes
 
     step(WorkerRegistered(0.0, "w", "f", "rig", "1", gpus(0, 2)))
     step(JobSubmitted(1.0, "j", "alice", JobSpec(command=("x",)), ""), SchedulePass(1.0))
     # The start is lost with its transaction; the store must not believe it was written.
-    lost_jobs, lost_workers = step(AttemptStarted(2.0, "w", "j", 1, 1), fail=True)
-    jobs, workers = step(AttemptFinished(3.0, "w", "j", 1, 2, 0, energy_joules=5))
-    # the shell would save again what it failed to save; here: same ids, now with both changes
-    store.save(core, lost_jobs | jobs, lost_workers | workers)
-    ref.save(core, lost_jobs | jobs, lost_workers | workers)
+    lost = step(AttemptStarted(2.0, "w", "j", 1, 1), fail=True)
+    writes = step(AttemptFinished(3.0, "w", "j", 1, 2, 0, energy_joules=5))
+    # the shell would save again what it failed to save; here: the same ids (the ledger
+    # entries went with the second batch), now with both changes
+    again = Writes(lost.job_ids | writes.job_ids, lost.worker_ids | writes.worker_ids)
+    store.save(core, again)
+    ref.save(core, again)
     store.close()
     ref.close()
     got, want = dump(url), dump(ref_url)
-    del got["ledger"], want["ledger"]  # one core, two stores: only the first gets the ledger
     assert got == want
     row = got["attempts"][0]
     assert dict(row)["state"] == "SUCCEEDED" and dict(row)["start_time"] == 2.0  # the lost write

@@ -28,7 +28,7 @@ from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
 
 from broker.core import BrokerCore
 from broker.errors import StaleWriter
-from broker.events import JobSubmitted, SchedulePass
+from broker.events import JobSubmitted, SchedulePass, Writes
 from broker.model import JobSpec
 from broker.replica import LEADER_LOCK
 from broker.store import Store
@@ -310,9 +310,8 @@ def test_a_stale_writer_cannot_bind_a_gpu_twice(tmp_path: Path, backend: str, re
         )
         commands += stale.handle(SchedulePass(now))
         assert any(type(c).__name__ == "Assign" for c in commands), "the stale core binds GPU 0"
-        jobs, workers = stale.take_dirty()
         with pytest.raises(StaleWriter) as err:
-            stale_store.save(stale, jobs, workers)
+            stale_store.save(stale, Writes.of(commands))
         assert err.value.metadata["gpu_index"] == "0"
         # Nothing of the refused transaction was written: the job row rolled back too.
         engine = sqlalchemy.create_engine(db)

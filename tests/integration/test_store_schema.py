@@ -21,6 +21,7 @@ from broker.events import (
     JobSubmitted,
     SchedulePass,
     WorkerRegistered,
+    Writes,
 )
 from broker.invariants import validate_state
 from broker.model import GpuInfo, JobSpec, Tier
@@ -64,9 +65,7 @@ def test_core_state_round_trips_through_the_store(db_url: str):
         SchedulePass(6.0),
     ]
     for ev in events:
-        core.handle(ev)
-        jobs, workers = core.take_dirty()
-        store.save(core, jobs, workers)
+        store.save(core, Writes.of(core.handle(ev)))
     store.close()
 
     again = BrokerCore()

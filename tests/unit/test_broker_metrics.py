@@ -266,7 +266,8 @@ def test_tier_label(tier, label):
 
 
 def test_observe_never_raises(h: Harness, caplog):
-    h.metrics.observe(SchedulePass(1.0), [Assign("no-such-worker", "j", 1, (0,))], 0.0)
+    assign = Assign("no-such-worker", "j", 1, (0,), JobSpec(command=("x",)), 0)
+    h.metrics.observe(SchedulePass(1.0), [assign], 0.0)
     assert "cannot observe" in caplog.text
 
 

@@ -1,4 +1,9 @@
-"""Pure-core tests: each asserts the exact commands an event produces (STYLE.md 1)."""
+"""Pure-core tests: each asserts the exact commands an event produces (STYLE.md 1).
+
+Decisions come first, then what the shell must write and do: ``PostLedger`` (settlements,
+SLA credits), ``Persist`` (the ids of the jobs and workers that changed) and
+``RequestSchedule``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import pytest
 
 from broker.core import TRANSITIONS, BrokerCore
 from broker.errors import FailedPrecondition, InvalidTransition, NotFound
+from broker.economics import LedgerEntry
 from broker.events import (
     AppendLog,
     Assign,
@@ -18,6 +24,9 @@ from broker.events import (
     DrainRequested,
     Heartbeat,
     JobSubmitted,
+    Persist,
+    PostLedger,
+    RequestSchedule,
     SchedulePass,
     Tick,
     Transition,
@@ -47,6 +56,23 @@ def core() -> BrokerCore:
     return c
 
 
+def persist(jobs=(), workers=()) -> Persist:
+    return Persist(frozenset(jobs), frozenset(workers))
+
+
+def settle(job: str, attempt: int, charge: int, now: float, owner: str = "alice") -> PostLedger:
+    """The three legs settling an attempt on farm f1 (no terms: the 10% default fee)."""
+    fee = charge * 100 // 1000
+    txn = f"settle:{job}:{attempt}"
+    return PostLedger(
+        (
+            LedgerEntry(txn, f"client:{owner}", -charge, "charge", job, attempt, now),
+            LedgerEntry(txn, "farm:f1", charge - fee, "payout", job, attempt, now),
+            LedgerEntry(txn, "broker:fees", fee, "fee", job, attempt, now),
+        )
+    )
+
+
 def run(core: BrokerCore, event) -> list:
     cmds = core.handle(event)
     validate_state(core)
@@ -65,28 +91,37 @@ def test_transition_table_is_the_documented_lifecycle():
     assert all(not TRANSITIONS[s] for s in (OK, FAIL, CXL))
 
 
-def test_submit_makes_a_pending_job_and_asks_for_scheduling(core):
-    core.needs_schedule = False
-    assert run(core, JobSubmitted(1.0, "j1", "alice", spec())) == [
-        Transition("j1", None, P, "submitted")
+def test_register_brings_a_worker_online_and_asks_for_scheduling():
+    core = BrokerCore(lease_ttl_s=TTL)
+    assert run(core, WorkerRegistered(0.0, "w1", "f1", "rig-1", "1.0", gpus(1))) == [
+        WorkerTransition("w1", None, WorkerState.ONLINE),
+        persist(workers={"w1"}),
+        RequestSchedule(),
     ]
-    assert core.needs_schedule
-    assert core.take_dirty() == ({"j1"}, {"w1"})
+
+
+def test_submit_makes_a_pending_job_and_asks_for_scheduling(core):
+    assert run(core, JobSubmitted(1.0, "j1", "alice", spec())) == [
+        Transition("j1", None, P, "submitted"),
+        persist(jobs={"j1"}),
+        RequestSchedule(),
+    ]
 
 
 def test_submit_with_a_known_request_id_is_a_no_op(core):
     run(core, JobSubmitted(1.0, "j1", "alice", spec(), request_id="r"))
-    assert run(core, JobSubmitted(2.0, "j2", "alice", spec(), request_id="r")) == []
+    assert run(core, JobSubmitted(2.0, "j2", "alice", spec(), request_id="r")) == []  # no write
     assert list(core.jobs) == ["j1"]
     # Another owner may use the same key.
     assert run(core, JobSubmitted(2.0, "j3", "bob", spec(), request_id="r")) != []
 
 
-def test_schedule_pass_binds_lowest_gpus_and_assigns(core):
+def test_schedule_pass_binds_lowest_gpus_and_assigns_what_the_agent_needs(core):
     run(core, JobSubmitted(1.0, "j1", "alice", spec(2)))
     assert run(core, SchedulePass(2.0)) == [
         Transition("j1", P, SC, "placed on w1 GPUs 0,1 (attempt 1)"),
-        Assign("w1", "j1", 1, (0, 1)),
+        Assign("w1", "j1", 1, (0, 1), spec(2), 300_000),
+        persist(jobs={"j1"}, workers={"w1"}),
     ]
     assert core.workers["w1"].gpus[0].holder == ("j1", 1)
     assert core.jobs["j1"].current.price_micros_per_gpu_hour == 300_000
@@ -94,22 +129,37 @@ def test_schedule_pass_binds_lowest_gpus_and_assigns(core):
 
 def test_unplaceable_job_keeps_its_reasons(core):
     run(core, JobSubmitted(1.0, "j1", "alice", spec(8)))
-    assert run(core, SchedulePass(2.0)) == []
+    assert run(core, SchedulePass(2.0)) == [persist(jobs={"j1"})]  # its reasons changed
     (reason,) = core.jobs["j1"].pending_reasons
     assert (reason.resource, reason.requested, reason.available) == ("gpu_count", "8 x GPU", "4")
+    assert run(core, SchedulePass(3.0)) == []  # the same reasons: nothing to write
 
 
 def test_started_then_finished_ok(core):
     placed(core)
     assert run(core, AttemptStarted(3.0, "w1", "j1", 1, 1)) == [
-        Transition("j1", SC, R, "started on w1")
+        Transition("j1", SC, R, "started on w1"),
+        persist(jobs={"j1"}),
     ]
-    assert run(core, AttemptProgress(4.0, "w1", "j1", 1, 2, energy_joules=500)) == []
+    assert run(core, AttemptProgress(4.0, "w1", "j1", 1, 2, energy_joules=500)) == [
+        persist(jobs={"j1"})
+    ]
     assert run(core, AttemptLog(4.5, "w1", "j1", 1, 3, data="hi\n")) == [
-        AppendLog("j1", 1, 3, "hi\n")
+        AppendLog("j1", 1, 3, "hi\n"),
+        persist(jobs={"j1"}),  # its sequence number
     ]
+    # 10 s x $0.30/h = 10000 x 300000 / 3.6e6 = 833.3 -> 833; fee 10% = 83
     assert run(core, AttemptFinished(13.0, "w1", "j1", 1, 4, 0, energy_joules=900)) == [
-        Transition("j1", R, OK, "exited with status 0")
+        Transition("j1", R, OK, "exited with status 0"),
+        PostLedger(
+            (
+                LedgerEntry("settle:j1:1", "client:alice", -833, "charge", "j1", 1, 13.0),
+                LedgerEntry("settle:j1:1", "farm:f1", 750, "payout", "j1", 1, 13.0),
+                LedgerEntry("settle:j1:1", "broker:fees", 83, "fee", "j1", 1, 13.0),
+            )
+        ),
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),  # GPUs freed
     ]
     attempt = core.jobs["j1"].current
     assert (attempt.state, attempt.energy_joules, attempt.exit_code) == ("SUCCEEDED", 900, 0)
@@ -122,7 +172,12 @@ def test_non_zero_exit_fails_the_job_with_the_agents_message(core):
     placed(core)
     run(core, AttemptStarted(3.0, "w1", "j1", 1, 1))
     cmds = run(core, AttemptFinished(4.0, "w1", "j1", 1, 2, exit_code=3, message="boom"))
-    assert cmds == [Transition("j1", R, FAIL, "boom")]
+    assert cmds == [
+        Transition("j1", R, FAIL, "boom"),
+        settle("j1", 1, 83, 4.0),  # 1 s x $0.30/h
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),
+    ]
     assert core.jobs["j1"].exit_code == 3
 
 
@@ -131,6 +186,9 @@ def test_finished_without_start_report_passes_through_running(core):
     assert run(core, AttemptFinished(3.0, "w1", "j1", 1, 1, 0)) == [
         Transition("j1", SC, R, "finished before start report"),
         Transition("j1", R, OK, "exited with status 0"),
+        settle("j1", 1, 0, 3.0),  # started and ended at 3.0: nothing to charge
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),
     ]
 
 
@@ -147,14 +205,15 @@ def test_report_from_the_wrong_worker_is_told_to_stop(core):
     run(core, WorkerRegistered(2.0, "w2", "f1", "rig-2", "1.0", gpus(1)))
     assert run(core, AttemptStarted(3.0, "w2", "j1", 1, 1)) == [
         Cancel("w2", "j1", 1, "unknown attempt")
-    ]
+    ]  # and nothing to write
     assert core.jobs["j1"].state == SC
 
 
 def test_cancel_pending_job(core):
     run(core, JobSubmitted(1.0, "j1", "alice", spec(8)))
     assert run(core, CancelRequested(2.0, "j1")) == [
-        Transition("j1", P, CXL, "cancelled by client")
+        Transition("j1", P, CXL, "cancelled by client"),
+        persist(jobs={"j1"}),
     ]
     assert run(core, CancelRequested(3.0, "j1")) == []  # idempotent
 
@@ -165,9 +224,15 @@ def test_cancel_running_job_holds_gpus_until_agent_confirms(core):
     assert run(core, CancelRequested(3.0, "j1")) == [
         Transition("j1", R, CXL, "cancelled by client"),
         Cancel("w1", "j1", 1, "cancelled"),
+        persist(jobs={"j1"}),
     ]
     assert core.workers["w1"].gpus[3].holder == ("j1", 1)
-    assert run(core, AttemptFinished(4.0, "w1", "j1", 1, 2, exit_code=-15)) == []
+    # 2 s on 4 GPUs x $0.30/h = 8000 x 300000 / 3.6e6 = 666.7 -> 667
+    assert run(core, AttemptFinished(4.0, "w1", "j1", 1, 2, exit_code=-15)) == [
+        settle("j1", 1, 667, 4.0),
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),
+    ]
     assert core.jobs["j1"].current.state == AttemptState.CANCELLED
     assert core.workers["w1"].gpus[3].holder is None
 
@@ -198,19 +263,26 @@ def test_lease_expiry_requeues_then_fails_when_attempts_run_out():
     assert run(core, Tick(TTL)) == [
         WorkerTransition("w1", WorkerState.ONLINE, WorkerState.OFFLINE),
         Transition("j1", SC, P, "worker lease expired; requeued after attempt 1"),
+        settle("j1", 1, 0, TTL),  # never started
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),
     ]
     assert core.jobs["j1"].attempts[0].state == AttemptState.LOST
     assert run(core, Heartbeat(20.0, "w1")) == [
-        WorkerTransition("w1", WorkerState.OFFLINE, WorkerState.ONLINE)
+        WorkerTransition("w1", WorkerState.OFFLINE, WorkerState.ONLINE),
+        persist(workers={"w1"}),
+        RequestSchedule(),
     ]
-    assert run(core, SchedulePass(20.0))[1] == Assign("w1", "j1", 2, (0,))
+    assert run(core, SchedulePass(20.0))[1] == Assign(
+        "w1", "j1", 2, (0,), spec(max_attempts=2), 300_000
+    )
     assert run(core, Tick(20.0 + TTL))[1] == Transition(
         "j1", SC, FAIL, "worker lease expired; no attempts left (2/2)"
     )
 
 
 def test_heartbeat_extends_the_lease(core):
-    run(core, Heartbeat(10.0, "w1"))
+    assert run(core, Heartbeat(10.0, "w1")) == []  # leases live in memory: nothing to write
     assert core.workers["w1"].lease_expires_at == 10.0 + TTL
     assert run(core, Tick(TTL + 1)) == []
 
@@ -219,16 +291,18 @@ def test_reregistration_means_a_new_agent_process(core):
     placed(core)
     run(core, AttemptStarted(2.0, "w1", "j1", 1, 1))
     cmds = run(core, WorkerRegistered(3.0, "w1", "f1", "rig-1", "1.1", gpus(4)))
-    assert cmds == [Transition("j1", R, P, "agent restarted; requeued after attempt 1")]
+    assert cmds[0] == Transition("j1", R, P, "agent restarted; requeued after attempt 1")
+    assert cmds[2:] == [persist(jobs={"j1"}, workers={"w1"}), RequestSchedule()]
     assert core.workers["w1"].agent_version == "1.1"
 
 
 def test_drain_stops_new_placements(core):
     assert run(core, DrainRequested(1.0, "w1")) == [
-        WorkerTransition("w1", WorkerState.ONLINE, WorkerState.DRAINING)
+        WorkerTransition("w1", WorkerState.ONLINE, WorkerState.DRAINING),
+        persist(workers={"w1"}),
     ]
     run(core, JobSubmitted(2.0, "j1", "alice", spec()))
-    assert run(core, SchedulePass(2.0)) == []
+    assert run(core, SchedulePass(2.0)) == [persist(jobs={"j1"})]  # only its pending reasons
     assert core.jobs["j1"].pending_reasons
 
 
@@ -236,7 +310,7 @@ def test_fifo_order_across_requeues(core):
     run(core, JobSubmitted(1.0, "j-late", "a", spec(4)))
     run(core, JobSubmitted(0.5, "j-early", "a", spec(4)))
     cmds = run(core, SchedulePass(2.0))
-    assert cmds[1] == Assign("w1", "j-early", 1, (0, 1, 2, 3))
+    assert cmds[1] == Assign("w1", "j-early", 1, (0, 1, 2, 3), spec(4), 300_000)
 
 
 def test_invalid_transition_carries_history(core):

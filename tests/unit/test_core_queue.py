@@ -1,22 +1,31 @@
-"""Queue order in the core (``BrokerCore(queue_policy=...)``) and the caches that keep a
-scheduling pass cheap; each cache is checked against what the core computed without it."""
+"""Queue order in the core (``BrokerCore(queue_policy=...)``), the caches that keep a
+scheduling pass cheap, and what ``restore`` rebuilds of them; each cache is checked
+against what the core computes without it."""
 
 from __future__ import annotations
+
+import copy
+
+import pytest
 
 from broker.core import BrokerCore, Job
 from broker.events import (
     Assign,
     AttemptFinished,
     AttemptStarted,
+    Cancel,
     JobSubmitted,
+    Persist,
     SchedulePass,
     Tick,
     Transition,
     WorkerRegistered,
 )
 from broker.invariants import validate_state
-from broker.model import GpuInfo, JobSpec, JobState, Tier
+from broker.model import AttemptState, GpuInfo, JobSpec, JobState, Tier
 from broker.policy import FIFO, SHORT_FIRST, ShortFirst
+from broker.queue import priority
+from broker.records import StoredState
 from broker.scheduler import GpuSlot, WorkerCapacity
 
 P, SC = JobState.PENDING, JobState.SCHEDULED
@@ -48,15 +57,19 @@ def pending_order(core: BrokerCore, now: float) -> list[str]:
 
 
 def test_short_first_places_the_shorter_declared_job_when_the_gpu_frees() -> None:
+    specs = {"long": spec(10 * 3600), "short": spec(600)}
     for policy, first in ((FIFO, "long"), (SHORT_FIRST, "short")):
         core = one_busy_gpu(policy)
-        core.handle(JobSubmitted(2.0, "long", "c", spec(10 * 3600)))
-        core.handle(JobSubmitted(3.0, "short", "c", spec(600)))
-        assert core.handle(SchedulePass(3.0)) == []  # the GPU is busy
+        core.handle(JobSubmitted(2.0, "long", "c", specs["long"]))
+        core.handle(JobSubmitted(3.0, "short", "c", specs["short"]))
+        assert core.handle(SchedulePass(3.0)) == [  # the GPU is busy: reasons only
+            Persist(frozenset({"long", "short"}))
+        ]
         core.handle(AttemptFinished(50.0, "w1", "blocker", 1, 2, 0))
         assert core.handle(SchedulePass(50.0)) == [
             Transition(first, P, SC, "placed on w1 GPUs 0 (attempt 1)"),
-            Assign("w1", first, 1, (0,)),
+            Assign("w1", first, 1, (0,), specs[first], 300_000),
+            Persist(frozenset({first}), frozenset({"w1"})),
         ]
         validate_state(core)
 
@@ -70,7 +83,7 @@ def test_short_first_keys_are_the_declared_gpu_time_capped_at_48_hours() -> None
     core.handle(JobSubmitted(30.0, "month", "c", spec(30 * 86400)))  # 30 + 172800
     core.handle(JobSubmitted(40.0, "spot", "c", spec(1, tier=Tier.SPOT)))  # spot goes last
     assert pending_order(core, 50.0) == ["tiny", "unknown", "big", "month", "spot"]
-    assert core._priority(core.jobs["tiny"]) == (False, 140.0, 20.0, "tiny")
+    assert priority(core.jobs["tiny"], SHORT_FIRST) == (False, 140.0, 20.0, "tiny")
 
 
 def test_a_long_job_is_overtaken_only_by_jobs_submitted_within_48_hours_of_it() -> None:
@@ -102,8 +115,12 @@ def test_a_long_job_is_overtaken_only_by_jobs_submitted_within_48_hours_of_it() 
     assert max(core.jobs[j].create_time for j in before) <= 2.0 + 48 * HOUR
     # exactly the short jobs whose virtual submit time (submit + 2 h) is before the long
     # job's (2 s + 48 h) overtook it: those submitted in its first 46 hours
-    key = core._priority(core.jobs["long"])
-    ahead = {j.job_id for j in core.jobs.values() if j.job_id[0] == "s" and core._priority(j) < key}
+    key = priority(core.jobs["long"], SHORT_FIRST)
+    ahead = {
+        j.job_id
+        for j in core.jobs.values()
+        if j.job_id[0] == "s" and priority(j, SHORT_FIRST) < key
+    }
     assert before == ahead and len(ahead) == 91  # submitted at 1802 s, 3602 s, ... 163802 s
     assert started["long"] < 4 * 86400  # while short jobs are still arriving
 
@@ -120,48 +137,86 @@ def test_a_requeued_job_keeps_its_place() -> None:
     validate_state(core)
 
 
-def test_jobs_made_pending_outside_the_core_are_ordered_too() -> None:
-    """``Store.load`` fills ``jobs`` and ``pending`` directly; the next snapshot sorts them."""
+def restored(core: BrokerCore, now: float) -> BrokerCore:
+    """A fresh core restored from (copies of) ``core``'s records, as after a restart."""
+    state = StoredState(
+        tuple(core.farms.values()),
+        tuple(copy.deepcopy(list(core.workers.values()))),
+        tuple(copy.deepcopy(list(core.jobs.values()))),
+        tuple(core.ledger),
+    )
+    again = BrokerCore(
+        lease_ttl_s=core.lease_ttl_s,
+        queue_policy=core.queue_policy,
+        reliability_window_s=core.reliability_window_s,
+    )
+    again.restore(state, now)
+    validate_state(again)
+    return again
+
+
+def test_restore_queues_pending_jobs_in_policy_order() -> None:
+    jobs = tuple(
+        Job(job_id, "c", spec(limit), t, update_time=t)
+        for job_id, t, limit in (("x", 0.0, 7200), ("y", 5.0, 60), ("z", 9.0, 0))
+    )
     core = BrokerCore(queue_policy=ShortFirst())
-    for job_id, t, limit in (("x", 0.0, 7200), ("y", 5.0, 60), ("z", 9.0, 0)):
-        core.jobs[job_id] = Job(job_id, "c", spec(limit), t, update_time=t)
-        core.pending[job_id] = None
+    core.restore(StoredState(jobs=jobs), 10.0)
     assert pending_order(core, 10.0) == ["y", "z", "x"]  # 125, 7209, 14400
     core.handle(JobSubmitted(11.0, "w", "c", spec(1)))
     assert pending_order(core, 12.0) == ["w", "y", "z", "x"]
+    core.handle(WorkerRegistered(12.0, "w1", "f1", "rig", "1", gpus(1)))
+    assert core.handle(SchedulePass(12.0))[0] == Transition(
+        "w", P, SC, "placed on w1 GPUs 0 (attempt 1)"
+    )
 
 
-def test_preemption_finds_spot_attempts_the_core_did_not_bind_itself() -> None:
-    """The live-spot index is built lazily from GPU holders (as after ``Store.load``)."""
+def test_restore_gives_every_worker_a_fresh_lease_and_refuses_a_used_core() -> None:
+    core = BrokerCore(lease_ttl_s=10.0)
+    core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
+    again = restored(core, 500.0)
+    assert again.workers["w1"].lease_expires_at == 510.0
+    assert again.handle(Tick(509.0)) == []
+    with pytest.raises(ValueError, match="restore"):
+        again.restore(StoredState(), 0.0)
+
+
+def test_preemption_finds_spot_attempts_of_a_restored_core() -> None:
+    """The live-spot index is rebuilt by restore() from the GPU holders."""
     core = BrokerCore(lease_ttl_s=1e9)
     core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
     core.handle(JobSubmitted(0.0, "spot", "c", spec(tier=Tier.SPOT)))
     core.handle(SchedulePass(0.0))
-    core._spot_live = None  # forget the index, as a freshly loaded core has none
-    core.handle(JobSubmitted(1.0, "gold", "c", spec()))
-    cmds = core.handle(SchedulePass(1.0))
-    assert Assign("w1", "gold", 1, (0,)) in cmds
-    assert core.jobs["spot"].state == P
-    assert core._spot_live == {}
-    validate_state(core)
+    again = restored(core, 1.0)
+    again.handle(JobSubmitted(1.0, "gold", "c", spec()))
+    cmds = again.handle(SchedulePass(1.0))
+    why = "preempted by guaranteed job gold"
+    assert cmds[:4] == [
+        Transition("spot", SC, P, why),
+        Cancel("w1", "spot", 1, why),
+        Transition("gold", P, SC, "placed on w1 GPUs 0 (attempt 1)"),
+        Assign("w1", "gold", 1, (0,), spec(), 300_000),
+    ]
+    assert again.jobs["spot"].attempts[0].state == AttemptState.PREEMPTED
+    validate_state(again)
 
 
-def test_reliability_forgets_only_what_left_the_window() -> None:
+def test_reliability_is_a_pure_read_and_tick_forgets_what_left_the_window() -> None:
     core = BrokerCore(lease_ttl_s=1e9, reliability_window_s=100.0)
     core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
     worker = core.workers["w1"]
     worker.outcomes[:] = [(10.0, False), (50.0, True), (120.0, False), (150.0, True)]
     worker.offline_log[:] = [(5.0, 20.0), (60.0, 70.0), (140.0, 145.0)]
-    full = BrokerCore.reliability(core, _copy(worker), 160.0)
-    assert core.reliability(worker, 160.0) == full
+    kept = (list(worker.outcomes), list(worker.offline_log))
+    # window 60-160: 15 s offline of 100 (60-70, 140-145); 1 ok, 1 lost
+    # (85/100) x ((1+1)/(1+1+1)) = 0.85 x 0.667 = 567
+    assert core.reliability(worker, 160.0) == 567
+    assert (worker.outcomes, worker.offline_log) == kept  # reading changed nothing
+    assert core.handle(Tick(160.0)) == [Persist(frozenset(), frozenset({"w1"}))]
     assert worker.outcomes == [(120.0, False), (150.0, True)]
     assert worker.offline_log == [(60.0, 70.0), (140.0, 145.0)]  # 60-70 overlaps 60-160
-
-
-def _copy(worker):
-    from dataclasses import replace
-
-    return replace(worker, outcomes=list(worker.outcomes), offline_log=list(worker.offline_log))
+    assert core.reliability(worker, 160.0) == 567
+    assert core.handle(Tick(161.0)) == []  # nothing more left the window
 
 
 def test_capacity_reuses_equal_gpu_slots() -> None:

@@ -1,11 +1,13 @@
 """Setup is a phase of the attempt: PREPARING, its time, who is to blame when it fails,
-the output an attempt reports, and the environments a rig holds (pure core, exact commands)."""
+the output an attempt reports, and the environments a rig holds (pure core, exact commands:
+decisions, then ``PostLedger``, ``Persist`` and ``RequestSchedule``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from broker.core import AttemptOutput, BrokerCore
+from broker.economics import settlement_entries
 from broker.events import (
     Assign,
     AttemptFinished,
@@ -14,6 +16,9 @@ from broker.events import (
     AttemptStarted,
     Heartbeat,
     JobSubmitted,
+    Persist,
+    PostLedger,
+    RequestSchedule,
     SchedulePass,
     Transition,
     WorkerRegistered,
@@ -43,23 +48,44 @@ def run(core: BrokerCore, event) -> list:
     return cmds
 
 
+def persist(jobs=(), workers=()) -> Persist:
+    return Persist(frozenset(jobs), frozenset(workers))
+
+
+def unpaid(job_id: str, attempt: int, now: float) -> PostLedger:
+    """The settlement of an attempt that ran no process: every leg 0."""
+    legs = settlement_entries(
+        owner="alice",
+        farm_id="f1",
+        job_id=job_id,
+        attempt=attempt,
+        charge=0,
+        fee_permille=100,
+        now=now,
+    )
+    assert all(leg.amount_micros == 0 for leg in legs)
+    return PostLedger(tuple(legs))
+
+
 def submit(core: BrokerCore, job_id: str = "j1", **kw) -> None:
     spec = JobSpec(command=("sh", "run.sh"), requirements_sha256=ENV, **kw)
     run(core, JobSubmitted(1.0, job_id, "alice", spec))
     assert run(core, SchedulePass(1.0)) == [
         Transition(job_id, P, SC, "placed on w1 GPUs 0 (attempt 1)"),
-        Assign("w1", job_id, 1, (0,)),
+        Assign("w1", job_id, 1, (0,), spec, 360_000),
+        persist(jobs={job_id}, workers={"w1"}),
     ]
 
 
 def test_preparing_then_started_records_setup_time_and_bills_only_the_process(core):
     submit(core)
-    assert run(core, AttemptPreparing(2.0, "w1", "j1", 1, 1)) == []
+    assert run(core, AttemptPreparing(2.0, "w1", "j1", 1, 1)) == [persist(jobs={"j1"})]
     attempt = core.jobs["j1"].attempts[0]
     assert attempt.state == AttemptState.PREPARING
     assert core.jobs["j1"].state == SC  # the job stays SCHEDULED while its rig prepares
     assert run(core, AttemptStarted(12.0, "w1", "j1", 1, 2, setup_ms=10_000)) == [
-        Transition("j1", SC, R, "started on w1")
+        Transition("j1", SC, R, "started on w1"),
+        persist(jobs={"j1"}),
     ]
     assert (attempt.state, attempt.setup_ms, attempt.start_time) == (
         AttemptState.RUNNING,
@@ -90,7 +116,12 @@ def test_a_setup_the_client_caused_fails_the_job_at_once_without_charging(core):
         ),
     )
     why = "setup failed: no version of `torch==9.9` in the package index"
-    assert cmds == [Transition("j1", SC, FAIL, why)]
+    assert cmds == [
+        Transition("j1", SC, FAIL, why),
+        unpaid("j1", 1, 5.0),
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),
+    ]
     job = core.jobs["j1"]
     assert len(job.attempts) == 1 and job.status_message == why
     a = job.attempts[0]
@@ -112,7 +143,10 @@ def test_a_setup_the_rig_caused_requeues_until_attempts_run_out(core):
             SC,
             P,
             "setup failed: package index unreachable (the rig's fault); requeued after attempt 1",
-        )
+        ),
+        unpaid("j1", 1, 5.0),
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),
     ]
     assert core.workers["w1"].outcomes[-1] == (5.0, False)  # counts against the rig
     run(core, SchedulePass(6.0))
@@ -122,7 +156,10 @@ def test_a_setup_the_rig_caused_requeues_until_attempts_run_out(core):
             SC,
             FAIL,
             "setup failed: package index unreachable (the rig's fault); no attempts left (2/2)",
-        )
+        ),
+        unpaid("j1", 2, 7.0),
+        persist(jobs={"j1"}, workers={"w1"}),
+        RequestSchedule(),
     ]
 
 
@@ -130,11 +167,11 @@ def test_output_report_is_kept_on_the_attempt(core):
     submit(core)
     run(core, AttemptStarted(2.0, "w1", "j1", 1, 1))
     out = AttemptOutputReported(9.0, "w1", "j1", 1, 2, sha256="a" * 64, size_bytes=1234)
-    assert run(core, out) == []
+    assert run(core, out) == [persist(jobs={"j1"})]
     assert core.jobs["j1"].attempts[0].output == AttemptOutput("a" * 64, 1234, 9.0)
-    assert core.take_dirty()[0] == {"j1"}
-    # A retried report (same sequence) changes nothing.
-    run(core, AttemptOutputReported(10.0, "w1", "j1", 1, 2, sha256="b" * 64, size_bytes=1))
+    # A retried report (same sequence) changes nothing, and writes nothing.
+    retry = AttemptOutputReported(10.0, "w1", "j1", 1, 2, sha256="b" * 64, size_bytes=1)
+    assert run(core, retry) == []
     assert core.jobs["j1"].attempts[0].output.sha256 == "a" * 64
 
 
@@ -142,7 +179,7 @@ def test_heartbeat_status_sets_the_environments_the_scheduler_sees(core):
     assert core.workers["w1"].environments is None  # unknown: the broker asks for them
     run(core, Heartbeat(2.0, "w1"))
     assert core.workers["w1"].environments is None
-    run(core, Heartbeat(3.0, "w1", (ENV,)))
+    assert run(core, Heartbeat(3.0, "w1", (ENV,))) == [persist(workers={"w1"})]
     assert core.workers["w1"].environments == frozenset({ENV})
     assert core.snapshot(3.0).workers[0].environments == frozenset({ENV})
     run(core, Heartbeat(4.0, "w1", ()))
@@ -152,6 +189,10 @@ def test_heartbeat_status_sets_the_environments_the_scheduler_sees(core):
 def test_a_job_is_placed_where_its_environment_is(core):
     run(core, WorkerRegistered(0.0, "w0", "f1", "rig-0", "1.0", gpus(2)))
     run(core, Heartbeat(1.0, "w1", (ENV,)))
-    run(core, JobSubmitted(1.0, "j1", "alice", JobSpec(command=("x",), requirements_sha256=ENV)))
-    cmds = run(core, SchedulePass(1.0))
-    assert Assign("w1", "j1", 1, (0,)) in cmds  # w0 sorts first but holds nothing
+    spec = JobSpec(command=("x",), requirements_sha256=ENV)
+    run(core, JobSubmitted(1.0, "j1", "alice", spec))
+    assert run(core, SchedulePass(1.0)) == [  # w0 sorts first but holds nothing
+        Transition("j1", P, SC, "placed on w1 GPUs 0 (attempt 1)"),
+        Assign("w1", "j1", 1, (0,), spec, 360_000),
+        persist(jobs={"j1"}, workers={"w1"}),
+    ]

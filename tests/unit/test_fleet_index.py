@@ -8,8 +8,9 @@ Two Hypothesis state machines:
   alike, and every pass's result must also match brute force.
 * ``LockstepCoreMachine`` runs the core's own random event sequences
   (``test_core_stateful.CoreMachine``) through two cores at once: the real one (kept index)
-  and one that schedules with ``place(self.snapshot(now))`` as the core used to. Every
-  event must give both the same commands, and every job the same pending reasons.
+  and one given a view (``BrokerCore(view=SnapshotView())``) that places every pass with
+  ``place(Snapshot(...))`` of all it was told, as the core used to. Every event must give
+  both the same commands, and every job the same pending reasons.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from broker.scheduler import (
     JobRequest,
     Rejection,
     SchedulingResult,
+    Snapshot,
     WorkerCapacity,
     place,
 )
@@ -234,18 +236,38 @@ def test_churn_keeps_heaps_bounded() -> None:
 # --- the core: kept index versus a snapshot per pass ---------------------------------------------
 
 
-class SnapshotCore(BrokerCore):
-    """The core as it was: every pass is ``place(self.snapshot(now))``, no kept index."""
+class SnapshotView:
+    """A scheduling view without a kept index: every pass is ``place(Snapshot(...))`` of
+    the queue (in key order) and the workers it was told about."""
 
-    def _place(self, now: float) -> SchedulingResult:
-        return place(self.snapshot(now))
+    def __init__(self) -> None:
+        self.queue: dict[str, tuple[tuple, JobRequest]] = {}
+        self.workers: dict[str, WorkerCapacity] = {}
+
+    def job_queued(self, job_id: str, key: tuple, request: JobRequest) -> None:
+        self.queue[job_id] = (key, request)
+
+    def job_dequeued(self, job_id: str) -> None:
+        del self.queue[job_id]
+
+    def worker_changed(self, worker_id: str, capacity: WorkerCapacity | None) -> None:
+        if capacity is None:
+            self.workers.pop(worker_id, None)
+        else:
+            self.workers[worker_id] = capacity
+
+    def place(self, fleet: FleetIndex, now: float) -> SchedulingResult:
+        pending = tuple(r for _, r in sorted(self.queue.values(), key=lambda e: e[0]))
+        return place(Snapshot(now, pending, tuple(self.workers.values())))
 
 
 class LockstepCoreMachine(CoreMachine):
     @initialize()
     def setup(self) -> None:
         super().setup()
-        self.ref = SnapshotCore(lease_ttl_s=self.core.lease_ttl_s, start_deadline_s=5.0)
+        self.ref = BrokerCore(
+            lease_ttl_s=self.core.lease_ttl_s, start_deadline_s=5.0, view=SnapshotView()
+        )
 
     def _apply(self, event: Event) -> list[Command]:
         try:

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from broker.invariants import ledger_problems, validate_state
-from broker.policy import FIFO, SHORT_FIRST, DurationEstimator, QueuedJob, ShortFirst, order
+from broker.policy import FIFO, SHORT_FIRST, QueuedJob, ShortFirst
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import trace_replay as tr
+from replay.estimator import DurationEstimator, order
 
 ROWS = 200
 FLEET = {
@@ -148,7 +149,7 @@ def test_ask_under_the_floor_is_refused() -> None:
         tr.build_fleet({"farms": [farm]})
 
 
-# --- broker.policy ---------------------------------------------------------------------------
+# --- broker.policy and the replay's estimator ---------------------------------------------
 
 
 def test_short_first_orders_by_expected_gpu_time_and_bounds_the_delay() -> None:

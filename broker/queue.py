@@ -1,0 +1,155 @@
+"""The pending queue and the capacity caches: what a scheduling pass sees.
+
+The core keeps two views of its records for the scheduler, both caches (none of them
+is a decision, and each is rebuilt by ``BrokerCore.restore``):
+
+* :class:`Capacities` -- per ONLINE worker the :class:`WorkerCapacity` the scheduler
+  sees (GPU slots interned, so a rebuild allocates only the tuple), and the
+  :class:`FleetIndex` of them all, kept between passes. The core brings both up to
+  date at the end of every event for the workers that event changed, so a read
+  (``BrokerCore.quote``, ``snapshot``) never has to. A worker's reliability is taken
+  at the ``now`` of the event that last changed it: a value fixed by events, never by
+  when someone looked.
+* a :class:`SchedulingView` -- what a pass places. The core tells it which jobs are
+  queued (with their place under the queue policy, fixed at submission) and which
+  workers changed, and asks it for each pass's decisions. :class:`KeptQueue`, the
+  broker's, keeps the queue sorted as jobs enter it (no sort per pass) and places on
+  the core's kept index. Another view may be injected at construction
+  (``BrokerCore(view=...)``): the trace replay's lean view (``benchmarks/replay``) and
+  the tests' snapshot-per-pass reference do; binding, preemption and everything after
+  stay the core's.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from typing import Protocol
+
+from broker.model import JobSpec, Tier
+from broker.policy import Fifo, QueuedJob, ShortFirst
+from broker.records import Job, Worker
+from broker.scheduler import FleetIndex, GpuSlot, JobRequest, SchedulingResult, WorkerCapacity
+
+__all__ = ["Capacities", "KeptQueue", "SchedulingView", "job_request", "priority"]
+
+
+def job_request(job_id: str, spec: JobSpec, spot_permille: int) -> JobRequest:
+    """A job as the scheduler sees it. A spot job's price cap applies to the discounted
+    price, so the scheduler compares the ask with the cap scaled back up."""
+    cap = spec.max_price_micros_per_gpu_hour
+    if cap and spec.tier == Tier.SPOT:
+        cap = cap * 1000 // spot_permille
+    return JobRequest(
+        job_id, spec.gpu_count, spec.gpu_model, spec.min_vram_mb, cap, spec.requirements_sha256
+    )
+
+
+def priority(job: Job, policy: Fifo | ShortFirst) -> tuple:
+    """Sort key of a pending job under ``policy``; smallest first. It depends only on what
+    is fixed at submission (a requeued job keeps its place)."""
+    s = job.spec
+    queued = QueuedJob(
+        job.job_id, job.create_time, s.gpu_count, s.max_duration_seconds, s.tier == Tier.SPOT
+    )
+    return policy.key(queued)
+
+
+class SchedulingView(Protocol):
+    """What a scheduling pass places: told of the queue and the fleet by the core."""
+
+    def job_queued(self, job_id: str, key: tuple, request: JobRequest) -> None:
+        """A job became PENDING; ``key`` is its place in the queue (smallest first)."""
+
+    def job_dequeued(self, job_id: str) -> None:
+        """A job stopped being PENDING."""
+
+    def worker_changed(self, worker_id: str, capacity: WorkerCapacity | None) -> None:
+        """What the scheduler sees of a worker changed; None: it takes no work now."""
+
+    def place(self, fleet: FleetIndex, now: float) -> SchedulingResult:
+        """One pass's placements and rejections, in queue order. ``fleet`` is the core's
+        kept index of every ONLINE worker (a view may place on it: it takes the GPUs it
+        places, and the core updates the bound workers after the pass). Jobs a view
+        leaves out of the result keep their earlier pending reasons."""
+
+
+class KeptQueue:
+    """The broker's view: the queue kept sorted, placed on the core's kept index.
+
+    Entries of jobs that left the queue are dropped lazily, when a pass walks it; a job
+    queued again while its old entry is still there keeps that entry (same key).
+    """
+
+    __slots__ = ("_entries", "_live", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[tuple, str]] = []  # (key, job_id) sorted; may hold stale ids
+        self._entries: set[str] = set()  # job ids with an entry in _queue
+        self._live: dict[str, JobRequest] = {}  # queued job -> what the scheduler sees
+
+    def job_queued(self, job_id: str, key: tuple, request: JobRequest) -> None:
+        self._live[job_id] = request
+        if job_id not in self._entries:
+            self._entries.add(job_id)
+            insort(self._queue, (key, job_id))
+
+    def job_dequeued(self, job_id: str) -> None:
+        self._live.pop(job_id, None)
+
+    def worker_changed(self, worker_id: str, capacity: WorkerCapacity | None) -> None:
+        pass  # the core keeps the index this view places on
+
+    def requests(self) -> list[JobRequest]:
+        """The queued jobs in order (dropping the entries of jobs that left)."""
+        live = self._live
+        queue = self._queue
+        kept = [e for e in queue if e[1] in live]
+        if len(kept) != len(queue):
+            self._entries.difference_update(e[1] for e in queue if e[1] not in live)
+            self._queue = kept
+        return [live[e[1]] for e in kept]
+
+    def place(self, fleet: FleetIndex, now: float) -> SchedulingResult:
+        return fleet.place(self.requests())
+
+
+class Capacities:
+    """Per ONLINE worker, the capacity the scheduler sees, and their kept FleetIndex."""
+
+    __slots__ = ("_slots", "fleet", "of")
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[int, str, int, int, bool], GpuSlot] = {}  # interned values
+        self.of: dict[str, WorkerCapacity] = {}  # ONLINE worker id -> its capacity
+        self.fleet = FleetIndex()
+
+    def slots(self, worker: Worker) -> tuple[GpuSlot, ...]:
+        """The worker's GPUs as they are now, in index order (interned values)."""
+        interned = self._slots
+        out = []
+        for index in sorted(worker.gpus):
+            gpu = worker.gpus[index]
+            i = gpu.info
+            key = (i.index, i.model, i.vram_mb, i.price_micros_per_gpu_hour, gpu.holder is None)
+            slot = interned.get(key)
+            if slot is None:
+                slot = interned[key] = GpuSlot(*key)
+            out.append(slot)
+        return tuple(out)
+
+    def update(self, worker: Worker, reliability_permille: int) -> WorkerCapacity:
+        """Take up an ONLINE worker as it is now; returns what the scheduler sees of it."""
+        cap = WorkerCapacity(
+            worker.worker_id,
+            self.slots(worker),
+            reliability_permille,
+            worker.environments or frozenset(),
+        )
+        self.of[worker.worker_id] = cap
+        self.fleet.update(cap)
+        return cap
+
+    def remove(self, worker_id: str) -> None:
+        """Forget a worker that takes no work now (offline, draining)."""
+        if self.of.pop(worker_id, None) is not None:
+            self.fleet.remove(worker_id)

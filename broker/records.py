@@ -1,0 +1,230 @@
+"""The broker core's state records: jobs, attempts, workers and their GPUs.
+
+Mutable dataclasses that only ``BrokerCore`` changes (while it handles an event or
+restores); everyone else reads them through the core's public reads. The store turns
+them into rows and back (``broker.store``), ``broker.convert`` into messages.
+
+:class:`StoredState` is what the store hands ``BrokerCore.restore`` after a restart.
+Reads that the core answers with frozen values (QuoteJob's :class:`Quote`) live here
+too. :func:`reliability` is the pure score the scheduler ranks workers by.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+from broker.economics import FarmTerms, LedgerEntry, reliability_permille
+from broker.model import (
+    LIVE_ATTEMPT_STATES,
+    AttemptState,
+    GpuInfo,
+    JobSpec,
+    JobState,
+    SlaKind,
+    WorkerState,
+)
+from broker.scheduler import Rejection
+
+__all__ = [
+    "Attempt",
+    "AttemptOutput",
+    "Gpu",
+    "HistoryEntry",
+    "Job",
+    "Quote",
+    "SlaEvent",
+    "StoredState",
+    "Worker",
+    "reliability",
+    "trim_history",
+]
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    """One state change of a job."""
+
+    time: float
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptOutput:
+    """The archive of an attempt's ``$RIGSHIFT_OUTPUT_DIR`` as the agent reported it."""
+
+    sha256: str  # empty when nothing was kept
+    size_bytes: int
+    time: float
+    over_limit: bool = False
+    message: str = ""
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One placement of a job on a worker's GPUs."""
+
+    job_id: str
+    number: int
+    worker_id: str
+    gpu_indices: tuple[int, ...]
+    price_micros_per_gpu_hour: int
+    schedule_time: float
+    state: AttemptState = AttemptState.SCHEDULED
+    start_time: float | None = None
+    end_time: float | None = None
+    exit_code: int | None = None
+    energy_joules: int = 0
+    last_sequence: int = 0
+    message: str = ""
+    charge_micros: int = 0
+    settled: bool = False
+    last_checkpoint_time: float | None = None
+    setup_ms: int = 0  # environment, inputs and working directory, before the process
+    output: AttemptOutput | None = None  # what it wrote to $RIGSHIFT_OUTPUT_DIR, once reported
+
+    @property
+    def live(self) -> bool:
+        """True while the attempt holds its GPUs."""
+        return self.state in LIVE_ATTEMPT_STATES
+
+    def gpu_milliseconds(self, now: float) -> int:
+        """Wall-clock milliseconds the process ran, times its GPU count."""
+        if self.start_time is None:
+            return 0
+        end = self.end_time if self.end_time is not None else now
+        return max(0, round((end - self.start_time) * 1000)) * len(self.gpu_indices)
+
+
+@dataclass(slots=True)
+class SlaEvent:
+    """Something that went against a job's SLA, and the credit it caused."""
+
+    kind: SlaKind
+    time: float
+    attempt: int
+    seconds: int
+    credit_micros: int
+    detail: str
+
+
+@dataclass(slots=True)
+class Job:
+    """A job and everything that happened to it."""
+
+    job_id: str
+    owner: str
+    spec: JobSpec
+    create_time: float
+    request_id: str = ""
+    state: JobState = JobState.PENDING
+    update_time: float = 0.0
+    attempts: list[Attempt] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
+    pending_reasons: tuple[Rejection, ...] = ()
+    status_message: str = ""
+    exit_code: int = 0
+    sla_events: list[SlaEvent] = field(default_factory=list)
+    credit_micros: int = 0
+    checkpoint_sha256: str = ""
+    checkpoint_time: float | None = None
+
+    @property
+    def current(self) -> Attempt | None:
+        """The latest attempt, if any."""
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts that count against ``max_attempts`` (preemptions do not)."""
+        return sum(1 for a in self.attempts if a.state != AttemptState.PREEMPTED)
+
+
+@dataclass(slots=True)
+class Gpu:
+    """A GPU of a worker and the attempt holding it, if any."""
+
+    info: GpuInfo
+    holder: tuple[str, int] | None = None  # (job_id, attempt number)
+
+
+@dataclass(slots=True)
+class Worker:
+    """A rig running the agent."""
+
+    worker_id: str
+    farm_id: str
+    hostname: str
+    agent_version: str
+    state: WorkerState
+    lease_expires_at: float
+    last_heartbeat: float
+    gpus: dict[int, Gpu] = field(default_factory=dict)
+    metrics_address: str = ""
+    first_seen: float = 0.0
+    offline_since: float | None = None
+    offline_log: list[tuple[float, float]] = field(default_factory=list)
+    outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (time, ok) per attempt
+    # requirements_sha256 of the Python environments the rig holds; None until it says.
+    environments: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """Everything a restarted broker's core is rebuilt from (``BrokerCore.restore``).
+
+    The records become the core's own: the store builds them and keeps no reference.
+    A worker's ``lease_expires_at`` is set by ``restore`` (a grace period), whatever
+    it holds here.
+    """
+
+    farms: tuple[FarmTerms, ...] = ()
+    workers: tuple[Worker, ...] = ()
+    jobs: tuple[Job, ...] = ()
+    ledger: tuple[LedgerEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What a job of some spec would find now (QuoteJob); prices per GPU-hour, what the job
+    would pay (a spot job's discount and the farm's floor applied)."""
+
+    matching_gpus: int
+    free_matching_gpus: int
+    min_price_micros_per_gpu_hour: int
+    max_price_micros_per_gpu_hour: int
+    placeable_now: bool
+    reasons: tuple[Rejection, ...]
+
+
+def reliability(worker: Worker, now: float, window_s: float) -> int:
+    """Reliability of a worker over the ``window_s`` before ``now``, in thousandths: its
+    uptime share times its attempts' success share (``economics.reliability_permille``).
+    Pure: history older than the window is skipped here and dropped by
+    :func:`trim_history` (on ``Tick``)."""
+    start = max(now - window_s, worker.first_seen)
+    spans = worker.offline_log
+    if worker.offline_since is not None:
+        spans = [*spans, (worker.offline_since, now)]
+    offline = sum(max(0.0, min(b, now) - max(a, start)) for a, b in spans)
+    outcomes = worker.outcomes
+    recent = outcomes[bisect_left(outcomes, (start,)) :]  # (time, ok) with time >= start
+    ok = sum(1 for _, good in recent if good)
+    return reliability_permille(now - start, offline, ok, len(recent) - ok)
+
+
+def trim_history(worker: Worker, horizon: float) -> bool:
+    """Drop the outcomes and offline spans that ended before ``horizon`` (they can never
+    count again: events only move the clock forward); True when anything was dropped."""
+    trimmed = False
+    outcomes = worker.outcomes
+    if outcomes and outcomes[0][0] < horizon:
+        del outcomes[: bisect_left(outcomes, (horizon,))]
+        trimmed = True
+    log = worker.offline_log
+    if log and log[0][1] < horizon:
+        worker.offline_log = [span for span in log if span[1] >= horizon]
+        trimmed = True
+    return trimmed
