@@ -31,6 +31,7 @@ from broker.core import BrokerCore
 from broker.economics import FarmTerms, LedgerEntry, TariffWindow
 from broker.errors import AlreadyExists, DatabaseUnavailable, NotFound, StaleWriter
 from broker.events import Writes
+from broker.ledger import AttemptCharge
 from broker.model import (
     TERMINAL_JOB_STATES,
     AttemptState,
@@ -760,6 +761,17 @@ class Store:
                 )
                 jobs.append(job)
         return StoredState(farms, tuple(workers), tuple(jobs), ledger)
+
+    def ledger_rows(self) -> tuple[list[LedgerRow], list[AttemptCharge]]:
+        """Every ledger row, and every attempt as the ledger checker reads it
+        (``broker.ledger.verify_ledger``)."""
+        with self._session() as s:
+            legs = list(s.exec(select(LedgerRow).order_by(col(LedgerRow.id))))
+            attempts = [
+                AttemptCharge(a.job_id, a.number, a.state, a.charge_micros)
+                for a in s.exec(select(AttemptRow))
+            ]
+        return legs, attempts
 
     def logs(self, job_id: str, after_id: int = 0) -> list[LogRow]:
         """Log rows of a job with id > after_id, oldest first."""

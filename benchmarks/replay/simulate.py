@@ -29,7 +29,7 @@ from broker.events import (
     SchedulePass,
     WorkerRegistered,
 )
-from broker.invariants import ledger_problems
+from broker.ledger import charges_of, ledger_problems
 from broker.model import GpuInfo, JobSpec, SlaKind
 from broker.policy import FIFO, SHORT_FIRST
 
@@ -202,4 +202,4 @@ def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet) -> None
     out.kwh = joules / 3_600_000
     out.revenue_usd_per_kwh = revenue / 1e6 / out.kwh if joules else 0.0
     out.mining_usd_per_kwh = mining / joules if joules else 0.0
-    out.ledger_problems = ledger_problems(core)
+    out.ledger_problems = ledger_problems(core.ledger, charges_of(core.jobs.values()))
