@@ -210,7 +210,7 @@ def test_store_writes_only_changes_and_ends_like_full_merges(tmp_path: Path, see
 
     core = replay(history, fast.save)
     replay(history, save_fresh)
-    assert fast._workers_written  # the fast path was taken
+    assert fast._written.workers  # the fast path was taken
     fast.close()
     assert dump(fast_url) == dump(ref_url)
     again = BrokerCore(lease_ttl_s=30.0)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from broker.core import TRANSITIONS, BrokerCore
-from broker.errors import FailedPrecondition, InvalidTransition, NotFound
 from broker.economics import LedgerEntry
+from broker.errors import FailedPrecondition, InvalidTransition, NotFound
 from broker.events import (
     AppendLog,
     Assign,
