@@ -10,9 +10,9 @@ already busy. Jobs ask for 1, 2, 4 or 8 GPUs (40/30/20/10%); 30% name a model,
 20% a minimum VRAM, 20% a price cap. Building the snapshot is timed apart from
 place() (best of ``--repeat``); with ``--json`` the last line printed is one JSON object.
 
-``--core`` times the whole scheduling pass of ``broker.core.BrokerCore`` instead (snapshot,
-place, bind, preemption checks) on the same fleet (every GPU free at the start) and jobs, all
-GUARANTEED: one first pass
+``--core`` times the whole scheduling pass of ``broker.core.BrokerCore`` instead (place on the
+kept index, bind, preemption checks, the index brought up to date with the bound workers) on
+the same fleet (every GPU free at the start) and jobs, all GUARANTEED: one first pass
 that fills the fleet, then ``--passes`` steady passes, each after one attempt finished and
 one job arrived (what a live broker does all day); it reports the median steady pass.
 """

@@ -70,16 +70,16 @@ def preemption_plan(
         groups: dict[tuple[str, int, int], list[int]] = {}  # group -> GPU indices, in order
         for slot in sorted(worker.gpus, key=lambda s: s.index):
             if passes(job, slot.model, slot.vram_mb, slot.price_micros_per_gpu_hour):
-                key = (slot.model, slot.vram_mb, slot.price_micros_per_gpu_hour)
-                groups.setdefault(key, []).append(slot.index)
+                shape = (slot.model, slot.vram_mb, slot.price_micros_per_gpu_hour)
+                groups.setdefault(shape, []).append(slot.index)
         free_at = {slot.index for slot in worker.gpus if slot.free}
         for (_, _, ask), indices in groups.items():
             room = [i for i in indices if i in free_at]
             in_group: dict[Victim, list[int]] = {}
             for i in indices:
-                victim = held_by.get(i)
-                if victim is not None:
-                    in_group.setdefault(victim, []).append(i)
+                holder = held_by.get(i)
+                if holder is not None:
+                    in_group.setdefault(holder, []).append(i)
             # Least progress lost first: the most recently scheduled attempts.
             order = sorted(in_group, key=lambda v: (-v.schedule_time, v.job_id, v.attempt))
             chosen: list[Victim] = []
