@@ -35,6 +35,7 @@ of agent reports ``broker.reports``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from broker.economics import FarmTerms, LedgerEntry
@@ -401,7 +402,7 @@ class BrokerCore(Workers, Reports):
         and the capacity caches take it up again at the end of the event."""
         self._out.workers[worker_id] = None
 
-    def _refresh(self, worker_ids: dict[str, None] | dict[str, Worker], now: float) -> None:
+    def _refresh(self, worker_ids: Iterable[str], now: float) -> None:
         """Bring the capacity caches and the view up to date with these workers."""
         caps, view = self._caps, self.view
         for worker_id in worker_ids:
