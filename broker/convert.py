@@ -11,10 +11,21 @@ from broker.earnings import earnings
 from broker.economics import FarmTerms, charge_micros, floor_price
 from broker.events import Assign
 from broker.model import JobSpec
+from broker.records import Quote
+from broker.scheduler import Rejection
 from broker.store import FarmRow, farm_terms
-from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, worker_service_pb2
+from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2, worker_service_pb2
 
-__all__ = ["assignment_pb", "earnings_pb", "farm_pb", "job_pb", "timestamp", "worker_pb"]
+__all__ = [
+    "assignment_pb",
+    "earnings_pb",
+    "farm_pb",
+    "job_pb",
+    "quote_pb",
+    "reason_pb",
+    "timestamp",
+    "worker_pb",
+]
 
 
 def timestamp(t: float | None) -> Timestamp | None:
@@ -81,16 +92,7 @@ def job_pb(job: Job, now: float) -> job_pb2.Job:
         update_time=timestamp(job.update_time),
         attempt_count=len(job.attempts),
         attempts=[attempt_pb(a, now) for a in job.attempts],
-        pending_reasons=[
-            job_pb2.SchedulingReason(
-                resource=r.resource,
-                requested=r.requested,
-                available=r.available,
-                resolvable=r.resolvable,
-                message=r.message,
-            )
-            for r in job.pending_reasons
-        ],
+        pending_reasons=[reason_pb(r) for r in job.pending_reasons],
         status_message=job.status_message,
         exit_code=job.exit_code,
         history=[
@@ -224,6 +226,29 @@ def assignment_pb(assign: Assign, max_output_bytes: int = 0) -> worker_service_p
         ),
         gpu_indices=list(assign.gpu_indices),
         checkpoint_sha256=assign.checkpoint_sha256,
+    )
+
+
+def quote_pb(quote: Quote) -> job_service_pb2.QuoteJobResponse:
+    """The core's answer to QuoteJob (``BrokerCore.quote``) -> message."""
+    return job_service_pb2.QuoteJobResponse(
+        matching_gpus=quote.matching_gpus,
+        free_matching_gpus=quote.free_matching_gpus,
+        min_price_micros_per_gpu_hour=quote.min_price_micros_per_gpu_hour,
+        max_price_micros_per_gpu_hour=quote.max_price_micros_per_gpu_hour,
+        placeable_now=quote.placeable_now,
+        reasons=[reason_pb(r) for r in quote.reasons],
+    )
+
+
+def reason_pb(r: Rejection) -> job_pb2.SchedulingReason:
+    """A scheduler's rejection -> message."""
+    return job_pb2.SchedulingReason(
+        resource=r.resource,
+        requested=r.requested,
+        available=r.available,
+        resolvable=r.resolvable,
+        message=r.message,
     )
 
 

@@ -83,7 +83,6 @@ from broker.records import (
 )
 from broker.reports import Reports
 from broker.scheduler import (
-    JobRequest,
     PreemptionCandidate,
     PreemptionPlan,
     Snapshot,
@@ -278,10 +277,6 @@ class BrokerCore(Workers, Reports):
         """Reliability of a worker over the recent window, in thousandths (pure)."""
         return reliability(worker, now, self.reliability_window_s)
 
-    def price_for(self, job: Job, ask_micros: int, floor_micros: int = 0) -> int:
-        """What ``job`` pays per GPU-hour on a GPU with this ask and floor."""
-        return price_for(job.spec.tier, ask_micros, floor_micros, self.spot_permille)
-
     def floor_of(self, worker: Worker, index: int) -> int:
         """Floor price per GPU-hour of one GPU (0 when its farm set no terms)."""
         return floor_of(self.farms.get(worker.farm_id), worker, index)
@@ -326,10 +321,6 @@ class BrokerCore(Workers, Reports):
         caps = self._caps.of
         workers = tuple(caps[w] for w in self.workers if w in caps)
         return Snapshot(now=now, pending=pending, workers=workers)
-
-    def _request(self, job: Job) -> JobRequest:
-        # Temporary, for broker.api's QuoteJob until it calls quote().
-        return job_request(job.job_id, job.spec, self.spot_permille)
 
     # --- jobs -----------------------------------------------------------------------
 

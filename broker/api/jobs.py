@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import grpc
 
@@ -13,8 +12,8 @@ from broker import validation as v
 from broker.api.common import own_job, page, streaming, unary
 from broker.artifacts import ArtifactStore
 from broker.auth import Role, current
-from broker.convert import job_pb, timestamp
-from broker.core import Attempt, BrokerCore, Job
+from broker.convert import job_pb, quote_pb, timestamp
+from broker.core import Attempt, Job
 from broker.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -25,8 +24,7 @@ from broker.events import (
     CancelRequested,
     JobSubmitted,
 )
-from broker.model import TERMINAL_JOB_STATES, JobSpec, JobState
-from broker.scheduler import place
+from broker.model import TERMINAL_JOB_STATES, JobState
 from broker.service import BrokerService
 from rigshift.v1 import (
     job_pb2,
@@ -109,7 +107,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument.of([FieldViolation("spec", "is required")])
         spec = v.check_job_spec(request.spec, self.default_max_attempts)
-        return _quote(self.svc.core, spec, self.svc.clock())
+        return quote_pb(self.svc.core.quote(spec))
 
     @streaming
     async def WatchJob(
@@ -234,45 +232,3 @@ def _output_attempt(job: Job, number: int) -> Attempt:
             metadata={"job": job.job_id, "attempt": str(number)},
         )
     return attempt
-
-
-def _quote(core: BrokerCore, spec: JobSpec, now: float) -> job_service_pb2.QuoteJobResponse:
-    """What a spec would pay and how much of the fleet matches it; changes nothing."""
-    probe = Job("quote", "", spec, now)
-    request = core._request(probe)
-    snap = core.snapshot(now)
-    result = place(replace(snap, pending=(replace(request, job_id="quote"),)))
-    matching = free = 0
-    prices = []
-    for worker in snap.workers:
-        rig = core.workers[worker.worker_id]
-        for g in worker.gpus:
-            if spec.gpu_model and g.model != spec.gpu_model:
-                continue
-            if g.vram_mb < spec.min_vram_mb:
-                continue
-            price = core.price_for(probe, g.price_micros_per_gpu_hour, core.floor_of(rig, g.index))
-            cap = spec.max_price_micros_per_gpu_hour
-            if cap and price > cap:
-                continue
-            matching += 1
-            free += g.free
-            prices.append(price)
-    reasons = result.unplaced[0].reasons if result.unplaced else ()
-    return job_service_pb2.QuoteJobResponse(
-        matching_gpus=matching,
-        free_matching_gpus=free,
-        min_price_micros_per_gpu_hour=min(prices, default=0),
-        max_price_micros_per_gpu_hour=max(prices, default=0),
-        placeable_now=bool(result.placements),
-        reasons=[
-            job_pb2.SchedulingReason(
-                resource=r.resource,
-                requested=r.requested,
-                available=r.available,
-                resolvable=r.resolvable,
-                message=r.message,
-            )
-            for r in reasons
-        ],
-    )

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
 from broker.economics import FarmTerms
@@ -33,11 +31,6 @@ def gpus(n: int, price: int = 300_000, model: str = "RTX 3090") -> tuple[GpuInfo
     return tuple(GpuInfo(i, f"u{i}", model, 24576, 350, price) for i in range(n))
 
 
-@pytest.mark.xfail(
-    "import grpc" in (ROOT / "broker" / "errors.py").read_text(),
-    reason="broker/errors.py imports grpc until its plain-exceptions change is merged",
-    strict=True,
-)
 def test_importing_the_core_loads_no_transport_database_or_event_loop():
     code = (
         "import sys, broker.core; "
