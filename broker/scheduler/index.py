@@ -283,7 +283,7 @@ class FleetIndex:
 
         for job in pending:
             n = job.gpu_count
-            fkey = _filter_key(job)
+            fkey = (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour)
             filt = filters.get(fkey)
             if filt is None:
                 filt = filters[fkey] = _make_filter(groups, *fkey)
@@ -293,7 +293,7 @@ class FleetIndex:
                 if took is not None:
                     group, worker_id, taken = took
                     placements.append(Placement(job.job_id, worker_id, taken, group.price))
-                    version += take
+                    version += 1
                     continue
                 filt.fail_at = n  # and every larger gang with these filters, for this pass
             cached = filt.reasons.get(n)
