@@ -305,7 +305,8 @@ class FleetIndex:
         return SchedulingResult(tuple(placements), tuple(unplaced))
 
     def probe(self, job: JobRequest) -> SchedulingResult:
-        """Where ``job`` would go if a pass ran now, or why nowhere; takes nothing."""
+        """Where ``job`` would go if a pass ran now, or why nowhere; takes nothing (it may
+        drop heap entries that went stale, as any pass does: that changes no answer)."""
         return self.place((job,), take=False)
 
     def matching(self, job: JobRequest) -> tuple[GroupSummary, ...]:
