@@ -1,10 +1,9 @@
-"""The core's contract beyond single events: what leaves it (assignments, quotes), that
-its reads change nothing, and that importing it loads no transport or database."""
+"""The core's contract beyond single events: what leaves it (assignments, quotes), and
+that its reads change nothing. (That importing it loads no transport or database is
+``tests/integration/test_core_imports.py``: it starts a process.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from broker.convert import assignment_pb
@@ -29,18 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def gpus(n: int, price: int = 300_000, model: str = "RTX 3090") -> tuple[GpuInfo, ...]:
     return tuple(GpuInfo(i, f"u{i}", model, 24576, 350, price) for i in range(n))
-
-
-def test_importing_the_core_loads_no_transport_database_or_event_loop():
-    code = (
-        "import sys, broker.core; "
-        "print(sorted(m for m in ('grpc', 'sqlalchemy', 'sqlmodel', 'asyncio') "
-        "if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]"
 
 
 def test_assignments_repeat_the_assign_with_the_latest_checkpoint():
