@@ -142,7 +142,7 @@ class _Forwarder(grpc.GenericRpcHandler):
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             channel = await self._channel(context)
             try:
-                return await channel.unary_unary(method)(  # type: ignore[no-any-return]
+                return await channel.unary_unary(method)(
                     request, metadata=_forwardable(context), timeout=context.time_remaining()
                 )
             except grpc.aio.AioRpcError as err:
@@ -155,7 +155,7 @@ class _Forwarder(grpc.GenericRpcHandler):
         async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
             channel = await self._channel(context)
             try:
-                return await channel.stream_unary(method)(  # type: ignore[no-any-return]
+                return await channel.stream_unary(method)(
                     requests, metadata=_forwardable(context), timeout=context.time_remaining()
                 )
             except grpc.aio.AioRpcError as err:

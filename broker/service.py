@@ -379,7 +379,7 @@ class BrokerService:
         queue.put_nowait(worker_service_pb2.Instruction(reconcile=reconcile))
         return queue
 
-    def close_stream(self, worker_id: str, queue: asyncio.Queue) -> None:  # type: ignore[type-arg]
+    def close_stream(self, worker_id: str, queue: asyncio.Queue) -> None:
         """Detach a stream if it is still the current one."""
         if self._streams.get(worker_id) is queue:
             del self._streams[worker_id]

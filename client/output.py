@@ -76,7 +76,7 @@ def _state_name(enum_type: object, value: int) -> str:
     if value == 0:
         return "-"
     try:
-        return enum_type.Name(value)  # type: ignore[attr-defined, no-any-return]
+        return enum_type.Name(value)  # type: ignore[attr-defined]
     except ValueError:
         return str(value)
 

@@ -86,8 +86,8 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
                 metrics_address=w.metrics_address,
                 first_seen=w.first_seen,
                 offline_since=w.offline_since,
-                offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],  # type: ignore[misc]
-                outcomes=[tuple(x) for x in json.loads(w.reliability_json)[1]],  # type: ignore[misc]
+                offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],
+                outcomes=[tuple(x) for x in json.loads(w.reliability_json)[1]],
             )
         )
     attempts: dict[str, list[Attempt]] = {}

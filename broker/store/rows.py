@@ -36,7 +36,7 @@ __all__ = [
 
 def _big() -> int:
     """An int64 column (money in micro-dollars, energy in joules): BIGINT on PostgreSQL."""
-    return Field(default=0, sa_type=BigInteger)  # type: ignore[no-any-return]
+    return Field(default=0, sa_type=BigInteger)
 
 
 class FarmRow(SQLModel, table=True):
