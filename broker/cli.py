@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from broker.server import BrokerConfig
 
 from rigshift.credentials import credentials_path
 from rigshift.defaults import BROKER_ADDRESS, HEARTBEAT_INTERVAL_S, LEASE_TTL_S
@@ -215,7 +219,7 @@ class ReplicaFenced(Exception):
     """The replica stopped leading because it lost its lock or found a newer writer."""
 
 
-async def serve_replica(config, internal_listen: str, advertise_host: str) -> None:  # type: ignore[no-untyped-def]
+async def serve_replica(config: BrokerConfig, internal_listen: str, advertise_host: str) -> None:
     """Run one replica until SIGTERM/SIGINT; raise ReplicaFenced when it fenced itself off."""
     from broker.replica import ReplicaBroker
 

@@ -186,7 +186,9 @@ class HealthWithTime(health.aio.HealthServicer):
         super().__init__()
         self.clock = clock
 
-    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
         await context.send_initial_metadata(((SERVER_TIME_KEY, f"{self.clock():.6f}"),))
         return await super().Check(request, context)
 

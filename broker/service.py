@@ -30,8 +30,9 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from broker.artifacts import DEFAULT_MAX_OUTPUT_BYTES
 from broker.auth import Principal, RateLimiter, Role, bearer, new_api_key
@@ -53,6 +54,9 @@ from broker.events import (
 )
 from broker.metrics import BrokerMetrics, FarmNames
 from rigshift.v1 import worker_service_pb2
+
+if TYPE_CHECKING:
+    from broker.store import Store
 
 __all__ = ["GC_YOUNG_THRESHOLD", "BrokerService", "sha256_hex", "tune_gc"]
 
@@ -105,15 +109,15 @@ class _Outage:
 class BrokerService:
     """State, persistence and fan-out shared by all servicers of one broker process."""
 
-    def __init__(  # type: ignore[no-untyped-def]
+    def __init__(
         self,
         core: BrokerCore,
-        store,
+        store: Store,
         *,
         clock: Callable[[], float] | None = None,
         metrics: BrokerMetrics | None = None,
         farm_names: Callable[[str], str] | None = None,
-    ):
+    ) -> None:
         self.core = core
         self.store = store
         #: Unix seconds for every event; immune to steps of the wall clock (broker.clock).
@@ -345,7 +349,7 @@ class BrokerService:
                 ev.set()
 
     @contextlib.contextmanager
-    def subscribe(self, job_id: str):  # type: ignore[no-untyped-def]
+    def subscribe(self, job_id: str) -> Iterator[asyncio.Event]:
         """An asyncio.Event set whenever the job changes or gets output."""
         ev = asyncio.Event()
         self._subscribers.setdefault(job_id, set()).add(ev)

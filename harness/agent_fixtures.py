@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.gpu import GpuInfo, GpuTelemetry, SimulatedBackend
+
+T = TypeVar("T")
 
 __all__ = [
     "CounterlessBackend",
@@ -141,7 +144,7 @@ class TcpProxy:
         """``127.0.0.1:PORT`` to dial instead of the target."""
         return f"127.0.0.1:{self.port}"
 
-    def _call(self, coro):  # type: ignore[no-untyped-def]
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
 
     def start(self) -> TcpProxy:
