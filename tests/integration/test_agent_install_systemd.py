@@ -4,48 +4,15 @@ unit. The files install writes are tested in tests/unit/test_agent_install.py.""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import agent_install_helpers
 import pytest
-from click.testing import CliRunner, Result
+from agent_install_helpers import install
 
-from worker_agent.cli import agent_group
-
-TOKEN = "rsft_Secret-Token_0123456789abcdef"
-
-
-@pytest.fixture
-def systemctl_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fake ``systemctl`` first on PATH; each call appends its arguments to the log."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "systemctl.log"
-    fake = bin_dir / "systemctl"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return log
-
-
-def install(tmp_path: Path, *args: str, token: str = TOKEN) -> Result:
-    return CliRunner().invoke(
-        agent_group,
-        [
-            "install",
-            "--broker",
-            "broker.example:50051",
-            "--token",
-            token,
-            "--config-dir",
-            str(tmp_path / "etc"),
-            "--unit-dir",
-            str(tmp_path / "units"),
-            *args,
-        ],
-    )
+systemctl_log = agent_install_helpers.systemctl_log  # the fixture, by name
 
 
 def test_start_runs_daemon_reload_then_enable_now(tmp_path: Path, systemctl_log: Path) -> None:

@@ -9,44 +9,12 @@ from concurrent import futures
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from rich_status import packed, rich_status
 
 from client import Client, NotFound, Unavailable
 from rigshift.v1 import job_pb2, job_service_pb2_grpc
-
-
-def _packed(msg: object) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(msg)
-    return packed
-
-
-def rich_status(
-    code: int,
-    message: str,
-    reason: str = "",
-    violations: tuple[tuple[str, str], ...] = (),
-    metadata: dict[str, str] | None = None,
-) -> grpc.Status:
-    """A status the way the broker builds it: ErrorInfo, then BadRequest."""
-    details = []
-    if reason:
-        info = error_details_pb2.ErrorInfo(
-            reason=reason, domain="rigshift.dev", metadata=metadata or {}
-        )
-        details.append(_packed(info))
-    if violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in violations
-            ]
-        )
-        details.append(_packed(bad))
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
-
 
 # -- the SDK against an in-process server ---------------------------------------------
 
@@ -123,7 +91,7 @@ class OutageJobs(job_service_pb2_grpc.JobServiceServicer):
             status = status_pb2.Status(
                 code=code_pb2.UNAVAILABLE,
                 message="the database is unavailable",
-                details=[_packed(info), _packed(retry)],
+                details=[packed(info), packed(retry)],
             )
             context.abort_with_status(rpc_status.to_status(status))
         return job_pb2.Job(name="jobs/1", spec=request.spec)

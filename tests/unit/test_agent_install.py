@@ -8,13 +8,14 @@ processes: they are in tests/integration/test_agent_install_systemd.py.
 
 from __future__ import annotations
 
-import os
 import stat
 import sys
 from pathlib import Path
 
+import agent_install_helpers
 import pytest
-from click.testing import CliRunner, Result
+from agent_install_helpers import TOKEN, install
+from click.testing import CliRunner
 
 from worker_agent.cli import agent_group
 from worker_agent.config import AgentConfig, load_config_file
@@ -27,41 +28,11 @@ from worker_agent.install import (
     unit_template,
 )
 
+systemctl_log = agent_install_helpers.systemctl_log  # the fixture, by name
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY_UNIT = REPO / "deploy" / "systemd" / "rigshift-agent.service"
-TOKEN = "rsft_Secret-Token_0123456789abcdef"
 EXE = str(Path(sys.executable).parent / "rigshift")
-
-
-@pytest.fixture
-def systemctl_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fake ``systemctl`` first on PATH; each call appends its arguments to the log."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "systemctl.log"
-    fake = bin_dir / "systemctl"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return log
-
-
-def install(tmp_path: Path, *args: str, token: str = TOKEN) -> Result:
-    return CliRunner().invoke(
-        agent_group,
-        [
-            "install",
-            "--broker",
-            "broker.example:50051",
-            "--token",
-            token,
-            "--config-dir",
-            str(tmp_path / "etc"),
-            "--unit-dir",
-            str(tmp_path / "units"),
-            *args,
-        ],
-    )
 
 
 def test_dry_run_prints_both_files_with_the_token_masked_and_writes_nothing(

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.rpc import code_pb2
+from rich_status import rich_status
 
 from client import (
     AlreadyExists,
@@ -60,37 +59,6 @@ class FakeCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 
     def add_callback(self, callback: object) -> bool:
         return False
-
-
-def _packed(msg: object) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(msg)
-    return packed
-
-
-def rich_status(
-    code: int,
-    message: str,
-    reason: str = "",
-    violations: tuple[tuple[str, str], ...] = (),
-    metadata: dict[str, str] | None = None,
-) -> grpc.Status:
-    """A status the way the broker builds it: ErrorInfo, then BadRequest."""
-    details = []
-    if reason:
-        info = error_details_pb2.ErrorInfo(
-            reason=reason, domain="rigshift.dev", metadata=metadata or {}
-        )
-        details.append(_packed(info))
-    if violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in violations
-            ]
-        )
-        details.append(_packed(bad))
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
 
 
 def fake_call(status: grpc.Status) -> FakeCall:
