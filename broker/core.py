@@ -36,7 +36,6 @@ of agent reports ``broker.reports``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from broker.economics import FarmTerms, LedgerEntry
 from broker.errors import FailedPrecondition, InvalidTransition, NotFound
@@ -72,6 +71,7 @@ from broker.queue import Capacities, KeptQueue, SchedulingView, job_request, pri
 from broker.records import (
     Attempt,
     AttemptOutput,
+    Effects,
     Gpu,
     HistoryEntry,
     Job,
@@ -124,18 +124,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-@dataclass(slots=True)
-class _Effects:
-    """What the event being handled means for the shell, gathered while it is handled and
-    returned by ``handle`` as its last commands (an event that raises a ``BrokerError``
-    has changed nothing; what a bug left half done goes out with the next event)."""
-
-    jobs: set[str] = field(default_factory=set)
-    workers: dict[str, None] = field(default_factory=dict)  # ordered: the caches follow it
-    ledger: list[LedgerEntry] = field(default_factory=list)
-    schedule: bool = False
-
-
 class BrokerCore(Workers, Reports):
     """All broker decisions. Feed events to :meth:`handle`; read through the public reads."""
 
@@ -169,7 +157,7 @@ class BrokerCore(Workers, Reports):
         self.requests: dict[tuple[str, str], str] = {}  # (owner, request_id) -> job_id
         self._caps = Capacities()  # what the scheduler sees of the ONLINE workers
         self._spot_live: dict[str, int] = {}  # worker -> live spot attempts on it
-        self._out = _Effects()
+        self._out = Effects()
 
     # --- the contract -------------------------------------------------------------
 
@@ -206,7 +194,7 @@ class BrokerCore(Workers, Reports):
                 cmds.append(Persist(frozenset(out.jobs), frozenset(out.workers)))
             if out.schedule:
                 cmds.append(RequestSchedule())
-            self._out = _Effects()
+            self._out = Effects()
         return cmds
 
     def restore(self, state: StoredState, now: float) -> None:

@@ -29,6 +29,7 @@ from broker.scheduler import Rejection
 __all__ = [
     "Attempt",
     "AttemptOutput",
+    "Effects",
     "Gpu",
     "HistoryEntry",
     "Job",
@@ -228,3 +229,15 @@ def trim_history(worker: Worker, horizon: float) -> bool:
         worker.offline_log = [span for span in log if span[1] >= horizon]
         trimmed = True
     return trimmed
+
+
+@dataclass(slots=True)
+class Effects:
+    """What the event being handled means for the shell, gathered while it is handled and
+    returned by ``handle`` as its last commands (an event that raises a ``BrokerError``
+    has changed nothing; what a bug left half done goes out with the next event)."""
+
+    jobs: set[str] = field(default_factory=set)
+    workers: dict[str, None] = field(default_factory=dict)  # ordered: the caches follow it
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    schedule: bool = False

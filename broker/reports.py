@@ -30,10 +30,7 @@ from broker.events import (
     Transition,
 )
 from broker.model import AttemptState, JobState, SetupCause
-from broker.records import Attempt, AttemptOutput, Job
-
-if TYPE_CHECKING:
-    from broker.core import _Effects
+from broker.records import Attempt, AttemptOutput, Effects, Job
 
 __all__ = ["Reports"]
 
@@ -45,7 +42,7 @@ class Reports:
 
     if TYPE_CHECKING:
         jobs: dict[str, Job]
-        _out: _Effects
+        _out: Effects
 
         def _transition(self, job: Job, to: JobState, now: float, reason: str) -> Transition: ...
 

@@ -28,10 +28,7 @@ from broker.events import (
     WorkerTransition,
 )
 from broker.model import GpuInfo, JobState, SlaKind, WorkerState
-from broker.records import Attempt, Gpu, Job, SlaEvent, Worker, trim_history
-
-if TYPE_CHECKING:
-    from broker.core import _Effects
+from broker.records import Attempt, Effects, Gpu, Job, SlaEvent, Worker, trim_history
 
 __all__ = ["Workers"]
 
@@ -47,7 +44,7 @@ class Workers:
         farms: dict[str, FarmTerms]
         jobs: dict[str, Job]
         workers: dict[str, Worker]
-        _out: _Effects
+        _out: Effects
 
         def worker(self, worker_id: str) -> Worker: ...
 
