@@ -1,4 +1,4 @@
-"""A full state directory on the rig, against the scripted broker of ``test_agent_protocol``
+"""A full state directory on the rig, against the scripted broker of ``scripted_broker``
 (a real gRPC port) and real 2 MiB tmpfs mounts under the agent's state directory: the
 attempt fails as the rig's fault with ENOSPC named, the rig becomes unhealthy (its
 ``on_unhealthy`` hook is called once) and refuses what comes next as the rig's fault."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from disk_helpers import tmpfs
-from test_agent_protocol import FakeBroker, run_session, script, until
+from scripted_broker import FakeBroker, run_session, script, until
 
 from harness.agent_fixtures import make_assignment
 from rigshift.v1 import worker_service_pb2 as ws

@@ -1,5 +1,5 @@
 """The agent's side of inputs and outputs, against the scripted broker of
-``test_agent_protocol`` on a real gRPC port: inputs fetched once per rig and found
+``scripted_broker`` on a real gRPC port: inputs fetched once per rig and found
 read-only at ``$RIGSHIFT_INPUT_DIR/<name>``; ``$RIGSHIFT_OUTPUT_DIR`` archived and
 uploaded after the process, whatever its outcome, and never kept in part."""
 
@@ -10,7 +10,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from test_agent_protocol import FakeBroker, run_session, script, until
+from scripted_broker import FakeBroker, run_session, script, until
 
 from harness.agent_fixtures import make_assignment
 from rigshift.archive import pack_directory

@@ -1,4 +1,4 @@
-"""The agent's setup phase against the scripted broker of ``test_agent_protocol``: a
+"""The agent's setup phase against the scripted broker of ``scripted_broker``: a
 cancel that arrives while the environment is being built stops the build at once, and
 a build that fails because of the rig is reported with that cause."""
 
@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from test_agent_protocol import FakeBroker, run_session, until
+from scripted_broker import FakeBroker, run_session, until
 
 from harness.agent_fixtures import make_assignment
 from rigshift.v1 import worker_service_pb2 as ws
