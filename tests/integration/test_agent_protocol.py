@@ -7,7 +7,6 @@ rig, so these tests need no Ray; the Ray path is covered in tests/ray and tests/
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -129,11 +128,23 @@ def test_a_reconcile_does_not_rerun_a_finished_attempt(tmp_path: Path) -> None:
         fake.reconcile = [a]  # a broker that has not caught up yet
         fake.streams[-1].put_nowait(None)
         await until(lambda: len(fake.streams) >= 2, what="reconnect")
-        await asyncio.sleep(0.5)
+        # The agent handles a stream's instructions in order and begins attempts in that
+        # order (each reports `preparing` as it begins): once an assignment sent after the
+        # reconcile has finished and been reported, the reconcile was handled, and a rerun
+        # it began has had its `preparing` sent before.
+        after = make_assignment("jobs/after", gpus=[1], command=script("print('after')"))
+        fake.push(assignment=after)
+        await until(lambda: fake.finished("jobs/after"), what="an assignment after the reconcile")
 
     fake = run_session(tmp_path, body)
     assert fake.output("jobs/once") == "ran\n"
     assert fake.kinds("jobs/once").count("started") == 1
+    # A rerun would number its events from 1 again (the finished attempt's counter is
+    # released), which the fake drops as duplicates: look at everything the agent sent.
+    sent = [
+        e.WhichOneof("kind") for call in fake.report_calls for e in call if e.job == "jobs/once"
+    ]
+    assert sent.count("preparing") == 1
 
 
 def test_cancellation_kills_the_process_tree_within_5_s(tmp_path: Path) -> None:
