@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import worker_agent.checkpoints
 from rigshift.checkpoint import MARKER, checkpoint_complete, directory_state, read_marker
 from worker_agent.checkpoints import CheckpointWatcher, snapshot
 from worker_agent.outbox import Outbox
@@ -90,6 +91,21 @@ def writer(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
     for proc in procs:
         proc.kill()
         proc.wait()
+
+
+def count_marker_looks(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The directories whose ``.rigshift-complete`` a CheckpointWatcher looked at, one entry
+    a look: the first follows its taking what the directory holds as uploaded, then one
+    each turn (its poll). Lets a test wait for the watcher's turns instead of a time."""
+    looks: list[Path] = []
+    real = worker_agent.checkpoints.read_marker
+
+    def counted(directory: Path) -> object:
+        looks.append(Path(directory))
+        return real(directory)
+
+    monkeypatch.setattr(worker_agent.checkpoints, "read_marker", counted)
+    return looks
 
 
 def watch_until(directory: Path, count: int, *, min_interval_s: float, interval_s: float = 0.05):
@@ -183,19 +199,27 @@ def test_outside_rigshift_the_signal_does_nothing(monkeypatch: pytest.MonkeyPatc
     assert checkpoint_complete() == 0
 
 
-def test_a_restored_checkpoint_counts_as_uploaded(tmp_path: Path) -> None:
+def test_a_restored_checkpoint_counts_as_uploaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt = tmp_path / "c"
     ckpt.mkdir()
     (ckpt / "model.txt").write_text("restored")
     checkpoint_complete(ckpt)  # a signal left by an earlier attempt on this rig
     keeper = Keeper()
+    looks = count_marker_looks(monkeypatch)
 
     async def main() -> None:
         watcher = CheckpointWatcher(
             keeper, Outbox(), asyncio.Event(), interval_s=0.05, max_bytes=1 << 20
         )
         task = asyncio.create_task(watcher.watch(KEY, ckpt, min_interval_s=0.1))
-        await asyncio.sleep(1.0)
+        # The watcher's first look at the marker comes once it took the directory as it is;
+        # an upload decided on its second look is done before its third.
+        deadline = time.monotonic() + 30
+        while len(looks) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert len(looks) >= 3, "the watcher did not look at the marker three times"
         assert keeper.uploads == []  # nothing new
         (ckpt / "model.txt").write_text("trained")
         checkpoint_complete(ckpt)
