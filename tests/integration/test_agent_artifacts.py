@@ -9,8 +9,10 @@ import io
 import tarfile
 from pathlib import Path
 
+import pytest
 from scripted_broker import PY, FakeBroker, run_session, script, until
 
+import worker_agent.checkpoints
 from harness.agent_fixtures import make_assignment
 from worker_agent.agent import Agent
 
@@ -71,21 +73,59 @@ def test_attempts_sharing_an_archive_download_it_once(tmp_path: Path) -> None:
     assert fake.downloads == 1
 
 
-def test_checkpoints_are_uploaded_when_they_change_and_restored_elsewhere(tmp_path: Path) -> None:
+def marker_looks(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The directories whose ``.rigshift-complete`` the agent's checkpoint watcher looked at,
+    one entry a look: the first comes once it took what the directory holds as uploaded."""
+    looks: list[Path] = []
+    real = worker_agent.checkpoints.read_marker
+
+    def counted(directory: Path) -> object:
+        looks.append(Path(directory))
+        return real(directory)
+
+    monkeypatch.setattr(worker_agent.checkpoints, "read_marker", counted)
+    return looks
+
+
+def test_checkpoints_are_uploaded_when_they_change_and_restored_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job writes each checkpoint when the test says, and ends when told: the test waits
+    # for each upload, not for a time it hopes is long enough.
+    gate = tmp_path / "gate"
+    gate.mkdir()
     writer = script(
         "import os, time",
         "d = os.environ['RIGSHIFT_CHECKPOINT_DIR']",
+        "def wait(name):",
+        "    deadline = time.monotonic() + 60",
+        f"    while not os.path.exists(os.path.join({str(gate)!r}, name)):",
+        "        assert time.monotonic() < deadline, 'never told to ' + name",
+        "        time.sleep(0.02)",
         "for epoch in (1, 2):",
+        "    wait(f'write-{epoch}')",
         "    open(os.path.join(d, 'tmp'), 'w').write(f'epoch {epoch}')",
         "    os.replace(os.path.join(d, 'tmp'), os.path.join(d, 'ckpt.txt'))",
-        "    time.sleep(0.8)",
+        "wait('exit')",
     )
     reader = script(
         "import os; print(open(os.environ['RIGSHIFT_CHECKPOINT_DIR'] + '/ckpt.txt').read())"
     )
+    ckpt = tmp_path / "agent" / "checkpoints" / "k"
+    looks = marker_looks(monkeypatch)
 
     async def body(fake: FakeBroker, agent: Agent) -> None:
+        def uploaded() -> int:
+            return sum(e.HasField("checkpoint") for e in fake.applied.get(("jobs/k", 1), []))
+
         fake.push(assignment=make_assignment("jobs/k", command=writer))
+        # What the directory holds when the watcher starts counts as uploaded (a restored
+        # checkpoint), and it starts after the process: the job writes once it has looked.
+        await until(lambda: ckpt in looks, what="the checkpoint watcher's first look")
+        for epoch in (1, 2):
+            (gate / f"write-{epoch}").touch()
+            await until(lambda n=epoch: uploaded() >= n, what=f"checkpoint {epoch} uploaded")
+        (gate / "exit").touch()
         await until(lambda: fake.finished("jobs/k"), what="the writer")
         events = [e for e in fake.applied[("jobs/k", 1)] if e.HasField("checkpoint")]
         assert len(events) == 2
