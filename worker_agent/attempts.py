@@ -63,6 +63,7 @@ import grpc
 from rigshift.archive import ArchiveError, pack_directory, safe_extract
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.checkpoints import CheckpointWatcher
+from worker_agent.checkpoints import baseline as checkpoint_baseline
 from worker_agent.config import AgentConfig
 from worker_agent.energy import EnergyMeter
 from worker_agent.environments import EnvironmentCache, SetupError
@@ -451,6 +452,11 @@ class AttemptRunner:
             if run.stop_reason:
                 code = -signal.SIGTERM
                 return
+            # The checkpoint watcher starts with the process, but what the directory held
+            # before it ran is taken now: a checkpoint written at once is the job's own.
+            start = None
+            if self.checkpoints is not None and run.checkpoint_dir is not None:
+                start = await asyncio.to_thread(checkpoint_baseline, run.checkpoint_dir)
             run.execution = execution = self.executor.launch(spec)
             if run.stop_reason:  # stopped while launching
                 self._spawn(execution.cancel(run.stop_reason))
@@ -464,6 +470,7 @@ class AttemptRunner:
                                 key,
                                 run.checkpoint_dir,
                                 min_interval_s=self.config.checkpoint_min_interval_s,
+                                start=start,
                             )
                         )
                     self.backend.set_load(indices, Load.TRAINING)

@@ -52,7 +52,15 @@ from rigshift.archive import ArchiveError, pack_directory
 from rigshift.checkpoint import FileState, directory_state, read_marker
 from worker_agent.outbox import AttemptKey, Outbox
 
-__all__ = ["MARKER_POLL_S", "CheckpointWatcher", "Snapshot", "Uploader", "snapshot"]
+__all__ = [
+    "MARKER_POLL_S",
+    "Baseline",
+    "CheckpointWatcher",
+    "Snapshot",
+    "Uploader",
+    "baseline",
+    "snapshot",
+]
 
 log = logging.getLogger("rigshift.agent.checkpoints")
 
@@ -134,6 +142,17 @@ def snapshot(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+Baseline = tuple[tuple[FileState, ...], int | None]
+"""What a checkpoint directory holds (as uploaded), and the sequence of its marker, if any."""
+
+
+def baseline(directory: Path) -> Baseline:
+    """The directory's state and marker before the job runs: a restored checkpoint (or one
+    left by an earlier attempt here) counts as uploaded, its signal as seen."""
+    marker = read_marker(directory)
+    return directory_state(directory), (marker[0] if marker is not None else None)
+
+
 class CheckpointWatcher:
     """Uploads consistent checkpoint directories and queues ``checkpoint`` events."""
 
@@ -153,12 +172,24 @@ class CheckpointWatcher:
         self.max_bytes = max_bytes
         self.uploaded_total = 0
 
-    async def watch(self, key: AttemptKey, directory: Path, *, min_interval_s: float) -> None:
-        """Run until cancelled (the attempt ended); see the module docstring for the rule."""
+    async def watch(
+        self,
+        key: AttemptKey,
+        directory: Path,
+        *,
+        min_interval_s: float,
+        start: Baseline | None = None,
+    ) -> None:
+        """Run until cancelled (the attempt ended); see the module docstring for the rule.
+
+        ``start`` is what the directory held before the job's process was launched
+        (:func:`baseline`); without it the watcher looks now, and would take a checkpoint
+        the job wrote in its first instant as already uploaded.
+        """
         scratch = directory.with_name(f".{directory.name}.snapshot")
-        uploaded = await asyncio.to_thread(directory_state, directory)
-        marker = await asyncio.to_thread(read_marker, directory)
-        seen = marker[0] if marker is not None else None  # a signal left from before
+        if start is None:
+            start = await asyncio.to_thread(baseline, directory)
+        uploaded, seen = start  # seen: a signal left from before
         previous, pending_since = uploaded, 0.0
         last_sha, next_try = "", 0.0
         next_scan = time.monotonic() + self.interval_s

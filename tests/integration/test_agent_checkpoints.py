@@ -22,7 +22,7 @@ import pytest
 
 import worker_agent.checkpoints
 from rigshift.checkpoint import MARKER, checkpoint_complete, directory_state, read_marker
-from worker_agent.checkpoints import CheckpointWatcher, snapshot
+from worker_agent.checkpoints import Baseline, CheckpointWatcher, baseline, snapshot
 from worker_agent.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,7 +108,14 @@ def count_marker_looks(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return looks
 
 
-def watch_until(directory: Path, count: int, *, min_interval_s: float, interval_s: float = 0.05):
+def watch_until(
+    directory: Path,
+    count: int,
+    *,
+    min_interval_s: float,
+    interval_s: float = 0.05,
+    start: Baseline | None = None,
+):
     """Run a watcher on ``directory`` until ``count`` uploads (at most 60 s); the uploads and
     the outbox's checkpoint events."""
     keeper = Keeper()
@@ -118,7 +125,9 @@ def watch_until(directory: Path, count: int, *, min_interval_s: float, interval_
         watcher = CheckpointWatcher(
             keeper, outbox, asyncio.Event(), interval_s=interval_s, max_bytes=1 << 20
         )
-        task = asyncio.create_task(watcher.watch(KEY, directory, min_interval_s=min_interval_s))
+        task = asyncio.create_task(
+            watcher.watch(KEY, directory, min_interval_s=min_interval_s, start=start)
+        )
         deadline = time.monotonic() + 60
         while len(keeper.uploads) < count and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -232,3 +241,15 @@ def test_a_restored_checkpoint_counts_as_uploaded(
 
     asyncio.run(main())
     assert [members(d) for _, _, d in keeper.uploads] == [{"model.txt": b"trained"}]
+
+
+def test_a_checkpoint_written_before_the_watcher_looks_is_uploaded(tmp_path: Path) -> None:
+    # The agent takes the directory's baseline before it launches the job and starts the
+    # watcher once the process runs: a job that checkpoints in its first instant wrote
+    # before the watcher's first look, and that checkpoint is still the job's own.
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+    start = baseline(ckpt)  # before the launch: nothing
+    (ckpt / "model.txt").write_text("epoch 1")
+    uploads, _ = watch_until(ckpt, 1, min_interval_s=0.05, start=start)
+    assert [members(d) for _, _, d in uploads] == [{"model.txt": b"epoch 1"}]
