@@ -35,7 +35,7 @@ test-ray: install
 	for f in $(RAY_TESTS); do $(BIN)/pytest -q $$f || exit 1; done
 
 # mypy's settings are in pyproject.toml (untyped defs refused, unused ignores reported).
-MYPY_PACKAGES := broker worker_agent client rigshift harness
+MYPY_PACKAGES := broker worker_agent client rigshift harness rigshift_cli
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,5 +1,5 @@
 """Rigshift client: the Python SDK (:class:`Client`), its errors, and the CLI's job and farm
-groups (:mod:`client.cli`; the ``rigshift`` command that adds them is :mod:`rigshift.cli`).
+groups (:mod:`client.cli`; the ``rigshift`` command that adds them is :mod:`rigshift_cli`).
 
 The SDK has no dependency on the broker or the agent packages.
 """

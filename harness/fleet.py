@@ -97,7 +97,7 @@ def rigshift_argv() -> list[str]:
     found = shutil.which("rigshift")
     if found:
         return [found]
-    return [sys.executable, "-c", "from rigshift.cli import main; main()"]
+    return [sys.executable, "-c", "from rigshift_cli import main; main()"]
 
 
 @dataclass

@@ -16,6 +16,6 @@ checks it); what they must agree on lives here once, and imports none of them:
 =========================  ==============================================================
 
 The modules above need only the standard library. The ``rigshift`` command
-(``rigshift/cli.py``), which assembles the broker's, the agent's and the client's
+(``rigshift_cli/``), which assembles the broker's, the agent's and the client's
 command groups, is the one place allowed to import all three packages.
 """

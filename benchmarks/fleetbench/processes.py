@@ -50,7 +50,7 @@ class BrokerProcess:
 
     def start(self, timeout_s: float = 60.0) -> str:
         exe = Path(sys.executable).with_name("rigshift")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rigshift.cli"]
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rigshift_cli"]
         cmd += ["broker", "serve", "--listen", "127.0.0.1:0", "--home", str(self.home)]
         cmd += ["--rate-limit-per-s", "0", "--log-level", "WARNING", *self.extra_args]
         if self.bare:

@@ -6,7 +6,7 @@ Both talk to the broker through :class:`client.sdk.Client`; ``--broker`` (or
 returns a resource takes ``--json``, which prints the API response as proto
 JSON. Errors from the broker print ``error: …`` on stderr and exit 1; usage
 mistakes exit 2 (click's convention). The ``rigshift`` command itself, which
-adds the broker's and the agent's groups, is :mod:`rigshift.cli`.
+adds the broker's and the agent's groups, is :mod:`rigshift_cli`.
 """
 
 from client.cli.admin import admin_group

@@ -43,6 +43,7 @@ COPY worker_agent ./worker_agent
 COPY client ./client
 COPY rigshift ./rigshift
 COPY harness ./harness
+COPY rigshift_cli ./rigshift_cli
 RUN /opt/rigshift/bin/pip install --no-cache-dir --no-deps . \
     && /opt/rigshift/bin/rigshift --help > /dev/null
 

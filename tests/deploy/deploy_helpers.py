@@ -428,7 +428,7 @@ def parse_with_cli(words: list[str], env: dict[str, str] | None = None) -> click
 
     Unknown options, bad values and missing required options raise click's errors.
     """
-    from rigshift.cli import main
+    from rigshift_cli import main
 
     assert words[0] == "rigshift", words
     command: click.Command = main

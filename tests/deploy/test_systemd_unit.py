@@ -61,7 +61,7 @@ def test_hardening_and_restart_keys() -> None:
 
 def test_exec_start_uses_the_agent_cli() -> None:
     """`rigshift agent run` exists and takes --config (written by `rigshift agent install`)."""
-    from rigshift.cli import main
+    from rigshift_cli import main
 
     words = shlex.split(_unit()["Service"]["ExecStart"])
     run = main.commands["agent"].commands["run"]  # type: ignore[attr-defined]

@@ -19,8 +19,8 @@ from click.testing import CliRunner, Result
 
 from client.errors import InvalidArgument
 from client.sdk import Client, build_working_dir_archive
-from rigshift.cli import main
 from rigshift.v1 import job_pb2
+from rigshift_cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ import json
 import pytest
 from click.testing import CliRunner, Result
 
-from rigshift.cli import main
+from rigshift_cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,7 +19,7 @@ from broker_harness import ManualClock
 from click.testing import CliRunner, Result
 from protocol_agent import ProtocolAgent, create_farm, gpus
 
-from rigshift.cli import main
+from rigshift_cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

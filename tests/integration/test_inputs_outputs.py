@@ -28,7 +28,6 @@ from protocol_agent import ProtocolAgent, authed_channel, gpus
 
 from client.errors import InvalidArgument, from_rpc_error
 from client.sdk import Client
-from rigshift.cli import main
 from rigshift.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -42,6 +41,7 @@ from rigshift.v1 import (
     job_service_pb2_grpc,
 )
 from rigshift.v1 import worker_service_pb2 as ws
+from rigshift_cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

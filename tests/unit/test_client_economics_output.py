@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from google.protobuf import timestamp_pb2
 
 from client import output
-from rigshift.cli import main
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2
+from rigshift_cli import main
 
 # -- output ------------------------------------------------------------------------
 

@@ -1,0 +1,5 @@
+"""``python -m rigshift_cli``: the ``rigshift`` command."""
+
+from rigshift_cli import main
+
+main()
