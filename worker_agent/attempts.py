@@ -452,8 +452,7 @@ class AttemptRunner:
             if run.stop_reason:
                 code = -signal.SIGTERM
                 return
-            # The checkpoint watcher starts with the process, but what the directory held
-            # before it ran is taken now: a checkpoint written at once is the job's own.
+            # The watcher starts with the process; what the directory held before is taken now.
             start = None
             if self.checkpoints is not None and run.checkpoint_dir is not None:
                 start = await asyncio.to_thread(checkpoint_baseline, run.checkpoint_dir)
