@@ -79,7 +79,7 @@ class PriceFloor(_message.Message):
     def __init__(self, gpu_model: _Optional[str] = ..., watts: _Optional[int] = ..., energy_cost_micros_per_gpu_hour: _Optional[int] = ..., mining_micros_per_gpu_hour: _Optional[int] = ..., floor_micros_per_gpu_hour: _Optional[int] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus", "metrics_address", "reliability_permille")
+    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus", "metrics_address", "reliability_permille", "container_runtime")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Worker.State]
@@ -99,6 +99,7 @@ class Worker(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RELIABILITY_PERMILLE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     farm: str
     hostname: str
@@ -108,7 +109,16 @@ class Worker(_message.Message):
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     metrics_address: str
     reliability_permille: int
-    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., metrics_address: _Optional[str] = ..., reliability_permille: _Optional[int] = ...) -> None: ...
+    container_runtime: ContainerRuntime
+    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., metrics_address: _Optional[str] = ..., reliability_permille: _Optional[int] = ..., container_runtime: _Optional[_Union[ContainerRuntime, _Mapping]] = ...) -> None: ...
+
+class ContainerRuntime(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "state", "price_micros_per_gpu_hour", "job", "pcie_link_width")

@@ -120,12 +120,14 @@ class JobSpec(_message.Message):
     def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., environment: _Optional[_Union[Environment, _Mapping]] = ..., inputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("python_requirements", "requirements_sha256")
+    __slots__ = ("python_requirements", "requirements_sha256", "image")
     PYTHON_REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
     REQUIREMENTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     python_requirements: str
     requirements_sha256: str
-    def __init__(self, python_requirements: _Optional[str] = ..., requirements_sha256: _Optional[str] = ...) -> None: ...
+    image: str
+    def __init__(self, python_requirements: _Optional[str] = ..., requirements_sha256: _Optional[str] = ..., image: _Optional[str] = ...) -> None: ...
 
 class JobOutput(_message.Message):
     __slots__ = ("attempt", "sha256", "size_bytes", "create_time", "over_limit", "message")

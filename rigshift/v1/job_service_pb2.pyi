@@ -64,12 +64,14 @@ class QuoteJobResponse(_message.Message):
     def __init__(self, matching_gpus: _Optional[int] = ..., free_matching_gpus: _Optional[int] = ..., min_price_micros_per_gpu_hour: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., placeable_now: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_job_pb2.SchedulingReason, _Mapping]]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("spec", "request_id")
+    __slots__ = ("spec", "request_id", "registry_auth")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_AUTH_FIELD_NUMBER: _ClassVar[int]
     spec: _job_pb2.JobSpec
     request_id: str
-    def __init__(self, spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    registry_auth: bytes
+    def __init__(self, spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., registry_auth: _Optional[bytes] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("name",)

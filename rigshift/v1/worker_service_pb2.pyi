@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from rigshift.v1 import farm_pb2 as _farm_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -29,20 +30,22 @@ class GpuInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., pcie_link_width: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("enrollment_token", "hostname", "agent_version", "gpus", "worker", "metrics_address")
+    __slots__ = ("enrollment_token", "hostname", "agent_version", "gpus", "worker", "metrics_address", "container_runtime")
     ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_RUNTIME_FIELD_NUMBER: _ClassVar[int]
     enrollment_token: str
     hostname: str
     agent_version: str
     gpus: _containers.RepeatedCompositeFieldContainer[GpuInfo]
     worker: str
     metrics_address: str
-    def __init__(self, enrollment_token: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., worker: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    container_runtime: _farm_pb2.ContainerRuntime
+    def __init__(self, enrollment_token: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., worker: _Optional[str] = ..., metrics_address: _Optional[str] = ..., container_runtime: _Optional[_Union[_farm_pb2.ContainerRuntime, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("worker", "credential", "lease_ttl_seconds", "heartbeat_interval_seconds")
@@ -65,10 +68,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., status: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("environments",)
+    __slots__ = ("environments", "images")
     ENVIRONMENTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     environments: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, environments: _Optional[_Iterable[str]] = ...) -> None: ...
+    images: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, environments: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_expire_time", "status_wanted")
@@ -115,7 +120,7 @@ class Assignment(_message.Message):
     def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[AssignedSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., checkpoint_sha256: _Optional[str] = ...) -> None: ...
 
 class AssignedSpec(_message.Message):
-    __slots__ = ("command", "env", "working_dir_sha256", "max_duration_seconds", "python_requirements", "requirements_sha256", "inputs", "max_output_bytes")
+    __slots__ = ("command", "env", "working_dir_sha256", "max_duration_seconds", "python_requirements", "requirements_sha256", "inputs", "max_output_bytes", "image", "registry_auth")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +143,8 @@ class AssignedSpec(_message.Message):
     REQUIREMENTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_AUTH_FIELD_NUMBER: _ClassVar[int]
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     working_dir_sha256: str
@@ -146,7 +153,9 @@ class AssignedSpec(_message.Message):
     requirements_sha256: str
     inputs: _containers.ScalarMap[str, str]
     max_output_bytes: int
-    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir_sha256: _Optional[str] = ..., max_duration_seconds: _Optional[int] = ..., python_requirements: _Optional[str] = ..., requirements_sha256: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
+    image: str
+    registry_auth: bytes
+    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir_sha256: _Optional[str] = ..., max_duration_seconds: _Optional[int] = ..., python_requirements: _Optional[str] = ..., requirements_sha256: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ..., max_output_bytes: _Optional[int] = ..., image: _Optional[str] = ..., registry_auth: _Optional[bytes] = ...) -> None: ...
 
 class Cancellation(_message.Message):
     __slots__ = ("job", "attempt", "reason")
