@@ -61,6 +61,7 @@ from worker_agent.attempts import AttemptRunner
 from worker_agent.broker_calls import gpu_infos
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig
+from worker_agent.containers import detect as detect_containers
 from worker_agent.energy import EnergyMeter
 from worker_agent.environments import EnvironmentCache
 from worker_agent.executor import RayExecutor
@@ -68,6 +69,7 @@ from worker_agent.fence import FENCE_FILE, write_deadline
 from worker_agent.fence import clock as fence_clock
 from worker_agent.gpu import GpuBackend, open_backend
 from worker_agent.identity import load_identity
+from worker_agent.images import ImageCache
 from worker_agent.interpreters import job_python
 from worker_agent.launch import Executor, LocalExecutor
 from worker_agent.lease import STOP_MARGIN_S, Lease
@@ -131,6 +133,7 @@ class Agent:
             environments=self._environments,
             gpu_infos=self._gpu_infos,
             on_rtt=self._observe_rtt,
+            images=self._images,
         )
         """The connection to the broker (``session.py``)."""
         self._run_task: asyncio.Task[None] | None = None
@@ -289,6 +292,11 @@ class Agent:
             self.executor.fence_file = str(cfg.state_dir / FENCE_FILE)  # jobs' lease fences
         await self.executor.start()
         session = self.session
+        runtime = await asyncio.to_thread(detect_containers, cfg.containers)
+        images = None
+        if runtime is not None:
+            images = ImageCache(cfg.state_dir / "containers", runtime, cfg.containers)
+            session.container_runtime = (runtime.name, runtime.version)
         self.runner = AttemptRunner(
             cfg,
             self.backend,
@@ -315,6 +323,7 @@ class Agent:
                 ),
             ),
             upload_output=session.upload_output,
+            images=images,
         )
         self.runner.on_unhealthy = self._on_unhealthy
         self.runner.on_started = lambda key: self._handle(sm.AttemptStarted(key))
@@ -472,6 +481,11 @@ class Agent:
         """The Python environments the rig holds (the heartbeat's status)."""
         runner = self.runner
         return runner.environments.held() if runner is not None and runner.environments else []
+
+    def _images(self) -> list[str]:
+        """The container images the rig holds (the heartbeat's status)."""
+        runner = self.runner
+        return runner.images.held() if runner is not None and runner.images else []
 
     def _observe_rtt(self, seconds: float) -> None:
         if self.metrics is not None:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -65,9 +64,17 @@ from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.checkpoints import baseline as checkpoint_baseline
 from worker_agent.config import AgentConfig
+from worker_agent.containers import container_launch, container_name
+from worker_agent.diskspace import DISK_FULL_BELOW_BYTES
+from worker_agent.diskspace import disk_full as _disk_full
+from worker_agent.diskspace import disk_full_message as _disk_full_message
+from worker_agent.diskspace import free_bytes as _free_bytes
+from worker_agent.diskspace import read_only as _read_only
+from worker_agent.diskspace import remove_tree as _remove_tree
 from worker_agent.energy import EnergyMeter
 from worker_agent.environments import EnvironmentCache, SetupError
 from worker_agent.gpu import GpuBackend, Load
+from worker_agent.images import ImageCache
 from worker_agent.launch import Execution, Executor, LaunchSpec, job_environment
 from worker_agent.outbox import AttemptKey, Outbox
 from worker_agent.process import ProcExited, ProcOutput, ProcStarted
@@ -86,60 +93,6 @@ OUTPUT_UPLOAD_TRIES = 3
 
 #: Exit status reported for an attempt whose setup failed (its process never ran).
 SETUP_FAILED_EXIT = 127
-
-#: A failed job that leaves less than this free under its directories failed on a full disk.
-DISK_FULL_BELOW_BYTES = 1 << 20
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _disk_full(err: BaseException | None) -> OSError | None:
-    """The ENOSPC/EDQUOT error behind ``err`` (itself, or what it was raised from)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _DISK_FULL:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _disk_full_message(err: OSError) -> str:
-    name = errno.errorcode.get(err.errno or 0, "ENOSPC")
-    where = f" ({err.filename})" if err.filename else ""
-    return f"the rig's disk is full: {name}, {err.strerror}{where}"
-
-
-def _free_bytes(paths: list[Path]) -> int:
-    """The least free space of the filesystems holding ``paths`` (those that exist)."""
-    free = []
-    for path in paths:
-        with contextlib.suppress(OSError):
-            free.append(shutil.disk_usage(path).free)
-    return min(free, default=DISK_FULL_BELOW_BYTES)
-
-
-def _read_only(root: Path) -> None:
-    """Make a shared input cache read-only for job users (the sandbox also binds it
-    read-only; a job running as root without a sandbox could still write it)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o444)
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o555)
-    os.chmod(root, 0o555)
-
-
-def _remove_tree(root: Path) -> None:
-    """rmtree of a tree that may have been made read-only (:func:`_read_only`)."""
-    for dirpath, _dirs, _files in os.walk(root):
-        with contextlib.suppress(OSError):
-            os.chmod(dirpath, 0o755)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 class _Refused(Exception):
@@ -180,6 +133,7 @@ class AttemptRunner:
         checkpoints: CheckpointWatcher | None = None,
         environments: EnvironmentCache | None = None,
         upload_output: OutputUploader | None = None,
+        images: ImageCache | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -192,6 +146,8 @@ class AttemptRunner:
         self.checkpoints = checkpoints
         self.environments = environments
         self.upload_output = upload_output
+        self.images = images
+        """Pulled container images (``images.py``); None: this rig runs no image jobs."""
         self.runs: dict[AttemptKey, _Run] = {}
         self.unhealthy = ""
         """Why this rig takes no more work (its state directory's disk is full); "" while
@@ -231,6 +187,9 @@ class AttemptRunner:
         run.report = report
         if run.execution is not None:
             self._spawn(run.execution.cancel(reason))
+            if self.images is not None and run.assignment.spec.image:
+                grace = self.config.cancel_grace_s
+                self._spawn(self.images.stop_container(container_name(*key), grace))
         elif run.preparing is not None:
             run.preparing.cancel()  # an environment build or a download: stop it now
 
@@ -364,6 +323,19 @@ class AttemptRunner:
             )
         if not a.spec.command:
             raise _Refused("the job has no command")
+        image = None
+        if a.spec.image:
+            if self.images is None:
+                raise SetupError("this rig runs no containers (podman missing or off)", "rig")
+            if a.spec.python_requirements:
+                raise SetupError(
+                    "an image with python_requirements is not supported yet: "
+                    "install the requirements in the image",
+                    "client",
+                )
+            image = await run.held.enter_async_context(
+                self.images.use(a.spec.image, a.spec.registry_auth, self._setup_log(run.key))
+            )
         venv = None
         if a.spec.python_requirements:
             if self.environments is None:
@@ -413,7 +385,7 @@ class AttemptRunner:
             env["RIGSHIFT_INPUT_DIR"] = str(input_dir.resolve())
         if venv is not None:
             env = venv.env_vars(env)
-        return LaunchSpec(
+        spec = LaunchSpec(
             job=a.job,
             attempt=a.attempt,
             argv=list(a.spec.command),
@@ -422,6 +394,17 @@ class AttemptRunner:
             gpu_indices=indices,
             max_duration_s=float(a.spec.max_duration_seconds),
             readonly=tuple(readonly),
+        )
+        if image is None or self.images is None:
+            return spec
+        return container_launch(
+            spec,
+            podman=self.images.runtime.path,
+            image=image.image_id,
+            network=self.config.containers.network,
+            nvml=getattr(self.backend, "name", "") == "nvml",
+            job_env=a.spec.env,
+            agent_env=os.environ,
         )
 
     async def _run(self, run: _Run) -> None:
@@ -511,6 +494,8 @@ class AttemptRunner:
                     await run.execution.cancel("agent stopped")
             raise
         finally:
+            if self.images is not None and run.execution is not None and run.assignment.spec.image:
+                await self.images.remove_container(container_name(*key))  # gone, whatever the end
             with contextlib.suppress(Exception):
                 await run.held.aclose()  # the environment is no longer in use
             self._finish(run, code, message, cause, setup_ms)

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_SIMULATE_SPEC",
     "AgentConfig",
     "ConfigError",
+    "ContainersConfig",
     "EnvironmentsConfig",
     "MiningConfig",
     "MiningModel",
@@ -187,6 +188,48 @@ class EnvironmentsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ContainersConfig:
+    """How the agent runs jobs that bring a container image (the ``[containers]`` table;
+    see ``worker_agent/containers.py``). The agent passes its own environment
+    (``CONTAINERS_CONF``, ``CONTAINERS_REGISTRIES_CONF``, ...) on to podman unchanged."""
+
+    enabled: str = "auto"
+    """``auto``: run image jobs when podman is found and works; ``true``: the same, and the
+    agent says loudly when it is not; ``false``: never (image jobs are placed elsewhere)."""
+
+    podman: str = "podman"
+    """The podman executable: a name looked up on ``PATH`` or an absolute path."""
+
+    max_cache_gb: float = 50.0
+    """Disk the pulled images may take (GB, 10**9 bytes); least recently used go first,
+    never one a running attempt uses (``podman rmi``)."""
+
+    network: str = "none"
+    """The containers' network (``podman run --network``): ``none`` (no network at all),
+    or what the operator allows, e.g. ``slirp4netns`` or ``host``."""
+
+    max_pull_s: float = 900.0
+    """One pull may take this long; past it, it is killed and fails as the rig's fault."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.enabled not in ("auto", "true", "false"):
+            problems.append(f"containers.enabled must be auto, true or false, got {self.enabled!r}")
+        for name, unit in (("max_cache_gb", "GB"), ("max_pull_s", "seconds")):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+                problems.append(
+                    f"containers.{name} must be a positive number of {unit}, got {value!r}"
+                )
+        for name in ("podman", "network"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value and not value.startswith("-")):
+                problems.append(f"containers.{name} must be a non-empty string, got {value!r}")
+        if problems:
+            raise ConfigError("invalid agent config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything one worker agent process needs to know.
 
@@ -315,6 +358,9 @@ class AgentConfig:
     environments: EnvironmentsConfig = field(default_factory=EnvironmentsConfig)
     """How jobs' Python environments are built and cached (the ``[environments]`` table)."""
 
+    containers: ContainersConfig = field(default_factory=ContainersConfig)
+    """How jobs with a container image run (the ``[containers]`` table)."""
+
     def __post_init__(self) -> None:
         problems: list[str] = []
         if ":" not in self.broker_address:
@@ -420,6 +466,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
             out["mining"] = _mining_table(path, value)
         elif key == "environments":
             out["environments"] = _environments_table(path, value)
+        elif key == "containers":
+            out["containers"] = _containers_table(path, value)
         elif key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         else:
@@ -519,3 +567,20 @@ def _environments_table(path: Path, table: object) -> EnvironmentsConfig:
             known = ", ".join(sorted(_ENVIRONMENTS_KEYS))
             raise ConfigError(f"{path}: unknown key environments.{key!r}; known: {known}")
     return EnvironmentsConfig(**table)
+
+
+_CONTAINERS_KEYS = tuple(f.name for f in fields(ContainersConfig))
+
+
+def _containers_table(path: Path, table: object) -> ContainersConfig:
+    """``[containers]`` as a :class:`ContainersConfig` (validated by it); ``enabled`` may be
+    a TOML boolean."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: containers must be a table ([containers])")
+    for key in table:
+        if key not in _CONTAINERS_KEYS:
+            known = ", ".join(_CONTAINERS_KEYS)
+            raise ConfigError(f"{path}: unknown key containers.{key!r}; known: {known}")
+    if isinstance(table.get("enabled"), bool):
+        table = {**table, "enabled": "true" if table["enabled"] else "false"}
+    return ContainersConfig(**table)

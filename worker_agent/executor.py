@@ -423,7 +423,7 @@ class RayExecutor:
             self.kill_grace_s,
             not self._pinned,
             archive,
-            self.isolation,
+            None if spec.container else self.isolation,
             writable_dirs(spec),
             spec.readonly,
             self.fence_file if self.is_local else None,

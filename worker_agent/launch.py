@@ -59,6 +59,9 @@ class LaunchSpec:
     labels: dict[str, str] = field(default_factory=dict)
     readonly: tuple[str, ...] = ()
     """Directories the job reads from the agent's state directory (environment, inputs)."""
+    container: str = ""
+    """The container's name when the process is ``podman run`` (``containers.py``): it
+    runs outside the sandbox, the container being the isolation."""
 
 
 def job_environment(
@@ -160,7 +163,7 @@ class _ThreadExecution:
             flush_s=flush_s,
             kill_grace_s=kill_grace_s,
             stop=self._stop,
-            isolation=isolation,
+            isolation=None if spec.container else isolation,
             writable=writable_dirs(spec),
             readonly=spec.readonly,
             fence_file=fence_file,

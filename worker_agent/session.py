@@ -91,6 +91,7 @@ class BrokerSession:
         environments: Callable[[], list[str]],
         gpu_infos: Callable[[], list[ws.GpuInfo]],
         on_rtt: Callable[[float], None],
+        images: Callable[[], list[str]] = list,
     ) -> None:
         self.config = config
         self.outbox = outbox
@@ -99,6 +100,9 @@ class BrokerSession:
         self.handle = handle
         self.mining_gpus = mining_gpus
         self.environments = environments
+        self.images = images
+        self.container_runtime: tuple[str, str] | None = None
+        """``(name, version)`` of the rig's container runtime, told at registration."""
         self.gpu_infos = gpu_infos
         self.on_rtt = on_rtt
         self.worker = ""
@@ -150,6 +154,9 @@ class BrokerSession:
                 worker=self.worker or self.identity.worker,
                 metrics_address=self.metrics_address,
             )
+            if self.container_runtime is not None:
+                name, version = self.container_runtime
+                request.container_runtime.name, request.container_runtime.version = name, version
             while not self.stopping.is_set():
                 sent_at = time.monotonic()
                 try:
@@ -202,9 +209,10 @@ class BrokerSession:
             request = ws.HeartbeatRequest(worker=self.worker)
             # Full status only when it changed or the broker asked (it restarted, or this
             # is a new registration): most heartbeats stay a few bytes.
-            held = self.environments()
+            held = (self.environments(), self.images())
             if status_wanted or held != status_sent:
-                request.status.environments.extend(held)
+                request.status.environments.extend(held[0])
+                request.status.images.extend(held[1])
             try:
                 response = await self._stub.Heartbeat(
                     request,
