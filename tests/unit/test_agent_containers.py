@@ -1,0 +1,306 @@
+"""Container jobs, the pure parts: pull failures classified, the exact ``podman run``
+command, the ``[containers]`` table, what the heartbeat reports (no process started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker_agent.config import ConfigError, ContainersConfig, load_config_file
+from worker_agent.containers import (
+    PodmanRuntime,
+    classify_pull_failure,
+    container_launch,
+    container_name,
+    image_name,
+    podman_run_argv,
+)
+from worker_agent.images import MAX_REPORTED, Image, ImageCache
+from worker_agent.launch import LaunchSpec
+
+REF = "127.0.0.1:5055/rs-test:2"
+
+# podman 4.3.1's own output (captured on this machine; the denied lines from ghcr.io and
+# Docker Hub).
+PULL_FAILURES = [
+    (
+        "Trying to pull 127.0.0.1:5055/rs-test:2...\nError: initializing source "
+        "docker://127.0.0.1:5055/rs-test:2: reading manifest 2 in 127.0.0.1:5055/rs-test: "
+        "manifest unknown: manifest unknown\n",
+        "client",
+        "image 127.0.0.1:5055/rs-test:2 not found: initializing source",
+    ),
+    (
+        "Error: initializing source docker://ghcr.io/org/private:1: reading manifest 1 in "
+        "ghcr.io/org/private: denied\n",
+        "client",
+        "access to image 127.0.0.1:5055/rs-test:2 denied",
+    ),
+    (
+        "Error: initializing source docker://registry.example/x:1: reading manifest 1 in "
+        "registry.example/x: unauthorized: authentication required\n",
+        "client",
+        "access to image 127.0.0.1:5055/rs-test:2 denied",
+    ),
+    (
+        "Error: initializing source docker://x/y:1: requested access to the resource is denied\n",
+        "client",
+        "access to image",
+    ),
+    (
+        'time="2026-12-06T09:17:44Z" level=warning msg="Failed, retrying in 1s ... (2/3). '
+        "Error: initializing source docker://127.0.0.1:5056/nothing:1: pinging container "
+        'registry 127.0.0.1:5056: Get \\"http://127.0.0.1:5056/v2/\\": dial tcp '
+        '127.0.0.1:5056: connect: connection refused"\n'
+        "Error: initializing source docker://127.0.0.1:5056/nothing:1: pinging container "
+        'registry 127.0.0.1:5056: Get "http://127.0.0.1:5056/v2/": dial tcp 127.0.0.1:5056: '
+        "connect: connection refused\n",
+        "rig",
+        "registry of image 127.0.0.1:5055/rs-test:2 unreachable: initializing source",
+    ),
+    (
+        "Trying to pull nosuchhost.invalid/x:1...\nError: initializing source "
+        "docker://nosuchhost.invalid/x:1: pinging container registry nosuchhost.invalid: Get "
+        '"https://nosuchhost.invalid/v2/": dial tcp: lookup nosuchhost.invalid on '
+        "10.255.255.53:53: no such host\n",
+        "rig",
+        "unreachable",
+    ),
+    (
+        "Error: initializing source docker://r:5000/x:1: pinging container registry r:5000: "
+        'Get "https://r:5000/v2/": dial tcp 10.0.0.9:5000: i/o timeout\n',
+        "rig",
+        "unreachable",
+    ),
+    (
+        "Copying blob sha256:2007\nError: writing blob: storing blob to file "
+        '"/var/tmp/storage123/1": write /var/tmp/storage123/1: no space left on device\n',
+        "rig",
+        "disk full pulling image",
+    ),
+    ("Error: repository name must be lowercase\n", "client", "invalid image reference"),
+    ("Error: something new\n", "rig", "pulling image 127.0.0.1:5055/rs-test:2 failed"),
+    ("", "rig", "podman failed without saying why"),
+]
+
+
+@pytest.mark.parametrize(("output", "cause", "says"), PULL_FAILURES)
+def test_pull_failures_are_the_clients_or_the_rigs(output: str, cause: str, says: str) -> None:
+    got_cause, message = classify_pull_failure(REF, output)
+    assert (got_cause, says in message) == (cause, True), message
+    assert REF in message or not output
+
+
+@pytest.mark.parametrize(
+    ("reference", "name"),
+    [
+        ("127.0.0.1:5055/rs-test:1", "127.0.0.1:5055/rs-test"),
+        ("ghcr.io/org/train:1.4", "ghcr.io/org/train"),
+        ("registry.local:5000/x@sha256:abc", "registry.local:5000/x"),
+        ("registry.local:5000/x", "registry.local:5000/x"),
+        ("busybox", "busybox"),
+    ],
+)
+def test_image_name_drops_tag_and_digest(reference: str, name: str) -> None:
+    assert image_name(reference) == name
+
+
+def test_container_name_is_per_attempt_and_safe() -> None:
+    assert container_name("jobs/ab12", 3) == "rigshift-ab12-3"
+    assert container_name("jobs/a b;c", 1) == "rigshift-a_b_c-1"
+
+
+STATE = "/var/lib/rigshift"
+WD = f"{STATE}/attempts/j1-2/wd"
+OUT = f"{STATE}/attempts/j1-2/out"
+CKPT = f"{STATE}/checkpoints/j1"
+INPUTS = f"{STATE}/attempts/j1-2/inputs"
+CACHE = f"{STATE}/inputs/0123abcd"
+
+
+def _spec(gpus: list[int]) -> LaunchSpec:
+    env = {
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+        "CONTAINERS_CONF": "/etc/c.conf",
+        "RIGSHIFT_API_KEY": "secret-key",
+        "RAY_AUTH_TOKEN": "ray-secret",
+        "RIGSHIFT_JOB_ID": "j1",
+        "RIGSHIFT_ATTEMPT": "2",
+        "RIGSHIFT_CHECKPOINT_DIR": CKPT,
+        "RIGSHIFT_OUTPUT_DIR": OUT,
+        "RIGSHIFT_INPUT_DIR": INPUTS,
+        "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "PYTHONUNBUFFERED": "1",
+        "EPOCHS": "3",
+    }
+    return LaunchSpec(
+        job="jobs/j1",
+        attempt=2,
+        argv=["/bin/train", "--fast"],
+        env=env,
+        cwd=WD,
+        gpu_indices=gpus,
+        readonly=(INPUTS, CACHE),
+    )
+
+
+AGENT_ENV = {
+    "PATH": "/usr/bin",
+    "CONTAINERS_CONF": "/etc/c.conf",
+    "RIGSHIFT_ENROLLMENT_TOKEN": "enroll-secret",
+    "RAY_AUTH_TOKEN": "ray-secret",
+}
+
+MOUNTS = [
+    *("-v", f"{WD}:{WD}:rw"),
+    *("-v", f"{CKPT}:{CKPT}:rw"),
+    *("-v", f"{OUT}:{OUT}:rw"),
+    *("-v", f"{INPUTS}:{INPUTS}:ro"),
+    *("-v", f"{CACHE}:{CACHE}:ro"),
+]
+RIGSHIFT_ENV = [
+    *("-e", "CUDA_DEVICE_ORDER=PCI_BUS_ID"),
+    *("-e", "EPOCHS=3"),
+    *("-e", "PYTHONUNBUFFERED=1"),
+    *("-e", "RIGSHIFT_ATTEMPT=2"),
+    *("-e", f"RIGSHIFT_CHECKPOINT_DIR={CKPT}"),
+    *("-e", f"RIGSHIFT_INPUT_DIR={INPUTS}"),
+    *("-e", "RIGSHIFT_JOB_ID=j1"),
+    *("-e", f"RIGSHIFT_OUTPUT_DIR={OUT}"),
+]
+HEAD = ["/usr/bin/podman", "run", "--rm", "--name", "rigshift-j1-2", "--pull", "never"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "nvml", "network", "expected"),
+    [
+        # NVML rig: exactly the job's GPUs through CDI; no CUDA_VISIBLE_DEVICES (the
+        # container sees its GPUs alone).
+        (
+            [1, 3],
+            True,
+            "none",
+            [
+                *HEAD,
+                *("--network", "none"),
+                "--device=nvidia.com/gpu=1",
+                "--device=nvidia.com/gpu=3",
+                *MOUNTS,
+                *("--workdir", WD),
+                *RIGSHIFT_ENV,
+                "sha256:img",
+                "/bin/train",
+                "--fast",
+            ],
+        ),
+        # Simulated rig: no device, CUDA_VISIBLE_DEVICES as for any job.
+        (
+            [0],
+            False,
+            "slirp4netns",
+            [
+                *HEAD,
+                *("--network", "slirp4netns"),
+                *MOUNTS,
+                *("--workdir", WD),
+                *RIGSHIFT_ENV[:2],
+                *("-e", "CUDA_VISIBLE_DEVICES=0"),
+                *RIGSHIFT_ENV[2:],
+                "sha256:img",
+                "/bin/train",
+                "--fast",
+            ],
+        ),
+    ],
+)
+def test_container_launch_is_exactly_this_podman_run(
+    gpus: list[int], nvml: bool, network: str, expected: list[str]
+) -> None:
+    spec = _spec(gpus)
+    launched = container_launch(
+        spec,
+        podman="/usr/bin/podman",
+        image="sha256:img",
+        network=network,
+        nvml=nvml,
+        job_env={"EPOCHS": "3"},
+        agent_env=AGENT_ENV,
+    )
+    # Sorted env names; note CUDA_VISIBLE_DEVICES sorts between CUDA_DEVICE_ORDER and EPOCHS.
+    assert launched.argv == expected
+    assert launched.container == "rigshift-j1-2"
+    assert launched.readonly == ()  # no sandbox around podman: the container isolates
+    # podman itself runs with the agent's environment minus its secrets.
+    assert launched.env == {"PATH": "/usr/bin", "CONTAINERS_CONF": "/etc/c.conf"}
+    joined = " ".join(launched.argv)
+    for secret in ("secret-key", "ray-secret", "enroll-secret", "/root", "auth"):
+        assert secret not in joined
+    # Nothing of the state directory is mounted but the job's own directories.
+    mounted = [launched.argv[i + 1] for i, a in enumerate(launched.argv) if a == "-v"]
+    assert all(m.split(":")[0] in (WD, CKPT, OUT, INPUTS, CACHE) for m in mounted)
+    assert not any(m.split(":")[0] == STATE for m in mounted)
+
+
+def test_podman_run_argv_mounts_each_path_once() -> None:
+    argv = podman_run_argv(
+        podman="podman",
+        name="n",
+        image="i",
+        command=["true"],
+        network="none",
+        gpu_indices=[0],
+        nvml=False,
+        cwd="/w",
+        writable=["/w", "/o"],
+        readonly=["/o", "/r"],
+        env={},
+    )
+    assert argv == [
+        *("podman", "run", "--rm", "--name", "n", "--pull", "never", "--network", "none"),
+        *("-v", "/w:/w:rw", "-v", "/o:/o:rw", "-v", "/r:/r:ro"),
+        *("--workdir", "/w", "i", "true"),
+    ]
+
+
+def test_containers_table(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        '[containers]\nenabled = false\nmax_cache_gb = 5\nnetwork = "slirp4netns"\n'
+        'podman = "/usr/local/bin/podman"\n'
+    )
+    table = load_config_file(path)["containers"]
+    assert table == ContainersConfig(
+        enabled="false", max_cache_gb=5, network="slirp4netns", podman="/usr/local/bin/podman"
+    )
+    assert ContainersConfig() == ContainersConfig("auto", "podman", 50.0, "none", 900.0)
+    path.write_text("[containers]\nmax_cache_gib = 5\n")
+    with pytest.raises(ConfigError, match="unknown key containers.'max_cache_gib'"):
+        load_config_file(path)
+    with pytest.raises(ConfigError, match="containers.enabled must be auto, true or false"):
+        ContainersConfig(enabled="yes")
+    with pytest.raises(ConfigError, match="containers.network must be a non-empty string"):
+        ContainersConfig(network="--privileged")
+    with pytest.raises(ConfigError, match="containers.max_cache_gb must be a positive"):
+        ContainersConfig(max_cache_gb=0)
+
+
+def test_heartbeat_lists_images_most_recently_used_first(tmp_path: Path) -> None:
+    cache = ImageCache(
+        tmp_path / "containers", PodmanRuntime("/usr/bin/podman", "4.3.1"), ContainersConfig()
+    )
+    cache.images = {
+        "r/a:1": Image("r/a:1", "r/a@sha256:aa", "ida", 10, last_used=1.0),
+        "r/b:1": Image("r/b:1", "r/b@sha256:bb", "idb", 10, last_used=3.0),
+        "r/a@sha256:aa": Image("r/a@sha256:aa", "r/a@sha256:aa", "ida", 10, last_used=2.0),
+    }
+    assert cache.held() == ["r/b:1", "r/b@sha256:bb", "r/a@sha256:aa", "r/a:1"]
+    cache.images = {
+        f"r/{i}:1": Image(f"r/{i}:1", f"r/{i}@sha256:{i}", f"id{i}", 1, float(i)) for i in range(40)
+    }
+    held = cache.held()
+    assert len(held) == MAX_REPORTED
+    assert held[:2] == ["r/39:1", "r/39@sha256:39"]
+    assert (tmp_path / "containers").stat().st_mode & 0o777 == 0o700
