@@ -157,7 +157,8 @@ class ImageCache:
             if authfile is not None:
                 authfile.unlink(missing_ok=True)
         if code != 0:
-            raise SetupError(*classify_pull_failure(reference, output))
+            cause, message = classify_pull_failure(reference, output)
+            raise SetupError(message, cause)
         code, out = await self._podman(
             "image", "inspect", "--format", "{{.Id}} {{.Digest}} {{.Size}}", reference
         )

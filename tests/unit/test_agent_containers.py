@@ -277,13 +277,13 @@ def test_containers_table(tmp_path: Path) -> None:
     )
     assert ContainersConfig() == ContainersConfig("auto", "podman", 50.0, "none", 900.0)
     path.write_text("[containers]\nmax_cache_gib = 5\n")
-    with pytest.raises(ConfigError, match="unknown key containers.'max_cache_gib'"):
+    with pytest.raises(ConfigError, match=r"unknown key containers\.'max_cache_gib'"):
         load_config_file(path)
-    with pytest.raises(ConfigError, match="containers.enabled must be auto, true or false"):
+    with pytest.raises(ConfigError, match=r"containers\.enabled must be auto, true or false"):
         ContainersConfig(enabled="yes")
-    with pytest.raises(ConfigError, match="containers.network must be a non-empty string"):
+    with pytest.raises(ConfigError, match=r"containers\.network must be a non-empty string"):
         ContainersConfig(network="--privileged")
-    with pytest.raises(ConfigError, match="containers.max_cache_gb must be a positive"):
+    with pytest.raises(ConfigError, match=r"containers\.max_cache_gb must be a positive"):
         ContainersConfig(max_cache_gb=0)
 
 

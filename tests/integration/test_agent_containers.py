@@ -1,0 +1,294 @@
+"""Image jobs on a real podman, against the scripted broker of ``scripted_broker``: the
+agent pulls from a real loopback registry (Debian's ``docker-registry``) in PREPARING,
+runs the job in its image with its directories mounted, reports the image in its
+heartbeat, classifies failed pulls, removes containers, evicts images past its cache.
+
+podman is configured through its own files only (``CONTAINERS_CONF``,
+``CONTAINERS_REGISTRIES_CONF``, ``CONTAINERS_STORAGE_CONF`` with a storage of this test
+module's own), which the agent passes on from its environment. Skipped where podman,
+runc, docker-registry or busybox are missing; in CI (``CI`` set) that fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scripted_broker import FakeBroker, run_session, until
+
+from harness.agent_fixtures import make_assignment
+from rigshift.v1 import worker_service_pb2 as ws
+from worker_agent.agent import Agent
+from worker_agent.config import ContainersConfig
+
+pytestmark = pytest.mark.timeout(180)
+
+TOOLS = ("podman", "runc", "docker-registry", "busybox")
+
+HELLO = """#!/bin/sh
+echo "hello from the image, in $(pwd)"
+echo made-in-image > "$RIGSHIFT_OUTPUT_DIR/result.txt"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Podman:
+    """The test's podman setup: its environment, registry address, and pushed images."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.registry = f"127.0.0.1:{self.port}"
+        (root / "containers.conf").write_text(
+            "[containers]\n"
+            'default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n'
+            '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+        )
+        (root / "registries.conf").write_text(
+            f'[[registry]]\nlocation = "{self.registry}"\ninsecure = true\n'
+        )
+        (root / "storage.conf").write_text(
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{root}/storage"\nrunroot = "{root}/run"\n'
+        )
+        self.env = {
+            "CONTAINERS_CONF": str(root / "containers.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(root / "registries.conf"),
+            "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
+        }
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["podman", *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def push(self, name: str, extra: str = "") -> str:
+        """Build an image holding busybox and /bin/hello, push it, drop it locally."""
+        rootfs = self.root / f"rootfs-{name.replace(':', '-')}"
+        (rootfs / "bin").mkdir(parents=True)
+        shutil.copy(shutil.which("busybox") or "", rootfs / "bin" / "busybox")
+        (rootfs / "bin" / "sh").symlink_to("busybox")
+        (rootfs / "bin" / "hello").write_text(HELLO)
+        (rootfs / "bin" / "hello").chmod(0o755)
+        (rootfs / "extra").write_text(extra or name)
+        tar = self.root / f"{rootfs.name}.tar"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+        ref = f"{self.registry}/{name}"
+        self.run("import", "-q", str(tar), ref)
+        self.run("push", "-q", ref)
+        self.run("rmi", "-f", ref)
+        return ref
+
+    def containers(self) -> list[str]:
+        return self.run("ps", "-a", "--format", "{{.Names}}").stdout.split()
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{', '.join(missing)} not installed (`.ci/run` installs them)")
+        pytest.skip(f"{', '.join(missing)} not installed (apt-get install {' '.join(TOOLS)})")
+    root = tmp_path_factory.mktemp("podman")
+    pm = Podman(root)
+    (root / "reg.yml").write_text(
+        "version: 0.1\n"
+        f"storage: {{filesystem: {{rootdirectory: {root}/registry}}}}\n"
+        f"http: {{addr: {pm.registry}}}\n"
+    )
+    registry = subprocess.Popen(
+        ["docker-registry", "serve", str(root / "reg.yml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{pm.registry}/v2/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or registry.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield pm
+    finally:
+        registry.terminate()
+        registry.wait(timeout=10)
+        subprocess.run(
+            ["podman", "system", "reset", "--force"],
+            env={**os.environ, **pm.env},
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+
+
+@pytest.fixture
+def env(podman: Podman, monkeypatch: pytest.MonkeyPatch) -> Podman:
+    for key, value in podman.env.items():
+        monkeypatch.setenv(key, value)
+    return podman
+
+
+def _image_job(job: str, image: str, command: list[str], **kw: object) -> ws.Assignment:
+    a = make_assignment(job, command=command, **kw)  # type: ignore[arg-type]
+    a.spec.image = image
+    return a
+
+
+def test_an_image_job_runs_in_its_image_and_the_second_pulls_nothing(
+    env: Podman, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = env.push("hello:1")
+    statuses: list[ws.WorkerStatus] = []
+    heartbeat = FakeBroker.Heartbeat
+
+    async def record(self, request, context):  # type: ignore[no-untyped-def]
+        if request.HasField("status"):
+            statuses.append(request.status)
+        return await heartbeat(self, request, context)
+
+    monkeypatch.setattr(FakeBroker, "Heartbeat", record)
+    state = tmp_path / "agent"
+    # Only the mount points of the job's own directories exist under the state directory
+    # inside the container: not its identity, its fence file, nor the image cache.
+    peek = (
+        f"echo state holds: $(ls {state}); "
+        f"cat {state}/identity.json >/dev/null 2>&1 && echo IDENTITY-READ || echo no-identity"
+    )
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(
+            assignment=_image_job(
+                "jobs/c1", ref, ["/bin/hello"], max_output_bytes=1 << 20, env={"EPOCHS": "3"}
+            )
+        )
+        await until(lambda: fake.finished("jobs/c1"), 60, "the first image job")
+        fake.push(assignment=_image_job("jobs/c2", ref, ["/bin/sh", "-c", peek], gpus=[1]))
+        await until(lambda: fake.finished("jobs/c2"), 60, "the second image job")
+        await until(lambda: any(s.images for s in statuses), 10, "the images in a heartbeat")
+
+    fake = run_session(tmp_path, body)
+    first, second = fake.output("jobs/c1"), fake.output("jobs/c2")
+    assert fake.finished("jobs/c1").exit_code == 0, first
+    assert fake.registrations[0].container_runtime.name == "podman"
+    assert fake.registrations[0].container_runtime.version
+    assert f"pulling image {ref}" in first and "hello from the image" in first
+    assert f"in {state}" in first  # the working directory at the same path as on the rig
+    started = next(e for e in fake.applied[("jobs/c1", 1)] if e.HasField("started"))
+    assert started.started.setup_milliseconds > 0
+    out = next(e.output for e in fake.applied[("jobs/c1", 1)] if e.HasField("output"))
+    assert out.sha256 in fake.artifacts  # written inside the container, uploaded after
+    # The second job pulled nothing, and saw nothing of the agent's state directory.
+    assert fake.finished("jobs/c2").exit_code == 0, second
+    assert "pulling image" not in second and f"image {ref} held on this rig" in second
+    assert "no-identity" in second and "IDENTITY-READ" not in second
+    holds = next(line for line in second.splitlines() if line.startswith("state holds:"))
+    assert "identity" not in holds and "containers" not in holds and "lease" not in holds
+    assert (state / "identity.json").exists()  # it is there, on the rig
+    images = [s.images for s in statuses if s.images][-1]
+    assert images[0] == ref and images[1].startswith(f"{env.registry}/hello@sha256:")
+    assert not [c for c in env.containers() if c.startswith("rigshift-")]
+
+
+def test_registry_auth_goes_to_the_pull_only(env: Podman, tmp_path: Path) -> None:
+    ref = env.push("auth:1")
+    secret = b'{"auths": {"%s": {"auth": "dXNlcjpzM2NyM3QtcGFzcw=="}}}' % env.registry.encode()
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        a = _image_job("jobs/a", ref, ["/bin/sh", "-c", "env; ls -a /"])
+        a.spec.registry_auth = secret
+        fake.push(assignment=a)
+        await until(lambda: fake.finished("jobs/a"), 60, "the image job")
+
+    fake = run_session(tmp_path, body)
+    assert fake.finished("jobs/a").exit_code == 0, fake.output("jobs/a")
+    assert b"dXNlcjpzM2NyM3QtcGFzcw" not in fake.output("jobs/a").encode()
+    containers = tmp_path / "agent" / "containers"
+    assert not list(containers.glob("auth-*"))  # deleted right after the pull
+    assert containers.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_missing_image_fails_the_job_naming_it(env: Podman, tmp_path: Path) -> None:
+    env.push("present:1")
+    ref = f"{env.registry}/present:does-not-exist"
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=_image_job("jobs/m", ref, ["/bin/hello"]))
+        await until(lambda: fake.finished("jobs/m"), 60, "the failed pull")
+
+    fake = run_session(tmp_path, body)
+    finished = fake.finished("jobs/m")
+    assert finished.cause == ws.Finished.SETUP_CLIENT, finished
+    assert f"image {ref} not found" in finished.message
+    assert "started" not in fake.kinds("jobs/m")
+
+
+def test_an_unreachable_registry_is_the_rigs_fault(env: Podman, tmp_path: Path) -> None:
+    ref = f"127.0.0.1:{_free_port()}/nothing:1"  # nothing listens there
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=_image_job("jobs/u", ref, ["/bin/hello"]))
+        await until(lambda: fake.finished("jobs/u"), 60, "the failed pull")
+
+    fake = run_session(tmp_path, body)
+    finished = fake.finished("jobs/u")
+    assert finished.cause == ws.Finished.SETUP_RIG, finished
+    assert f"registry of image {ref} unreachable" in finished.message
+
+
+def test_cancel_stops_and_removes_the_container(env: Podman, tmp_path: Path) -> None:
+    ref = env.push("sleeper:1")
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=_image_job("jobs/k", ref, ["/bin/sh", "-c", "echo UP-NOW; sleep 60"]))
+        await until(lambda: "UP-NOW" in fake.output("jobs/k"), 60, "the container to run")
+        assert "rigshift-k-1" in env.containers()
+        fake.push(cancellation=ws.Cancellation(job="jobs/k", attempt=1, reason="by client"))
+        await until(lambda: fake.finished("jobs/k"), 30, "the cancelled attempt to end")
+
+    fake = run_session(tmp_path, body)
+    assert "by client" in fake.finished("jobs/k").message
+    assert "rigshift-k-1" not in env.containers()
+
+
+def test_the_cache_evicts_the_least_recently_used_image_not_in_use(
+    env: Podman, tmp_path: Path
+) -> None:
+    old, new = env.push("lru:1", "one"), env.push("lru:2", "two")
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=_image_job("jobs/l1", old, ["/bin/hello"]))
+        await until(lambda: fake.finished("jobs/l1"), 60, "the first job")
+        fake.push(assignment=_image_job("jobs/l2", new, ["/bin/hello"]))
+        await until(lambda: fake.finished("jobs/l2"), 60, "the second job")
+        assert agent.runner is not None and agent.runner.images is not None
+        # Over a 1-byte cache: the image in use stays, the older one goes.
+        assert list(agent.runner.images.images) == [new]
+
+    fake = run_session(tmp_path, body, containers=_tiny_cache())
+    assert fake.finished("jobs/l1").exit_code == 0 and fake.finished("jobs/l2").exit_code == 0
+    assert env.run("image", "exists", old, check=False).returncode != 0
+    assert env.run("image", "exists", new, check=False).returncode == 0
+
+
+def _tiny_cache() -> ContainersConfig:
+    return ContainersConfig(max_cache_gb=1e-9)
