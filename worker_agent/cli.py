@@ -472,6 +472,7 @@ def doctor_command(
         config_path=config_file,
         config_error=config_error,
         timeout_s=timeout_s,
+        **_containers_input(values.get("containers")),
     )
     extra: list[Finding] = []
     if config_file is None and not token:
@@ -495,3 +496,12 @@ def doctor_command(
         click.echo(findings_json(findings))
     if any(f.status == "FAIL" for f in findings):
         raise SystemExit(1)
+
+
+def _containers_input(table: object) -> dict[str, str]:
+    """The doctor's containers settings from a config file's ``[containers]`` table."""
+    from worker_agent.config import ContainersConfig
+
+    if not isinstance(table, ContainersConfig):
+        return {}
+    return {"podman": table.podman, "containers_enabled": table.enabled}

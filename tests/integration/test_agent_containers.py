@@ -292,3 +292,11 @@ def test_the_cache_evicts_the_least_recently_used_image_not_in_use(
 
 def _tiny_cache() -> ContainersConfig:
     return ContainersConfig(max_cache_gb=1e-9)
+
+
+def test_doctor_runs_a_trivial_container(env: Podman) -> None:
+    from worker_agent.doctor.containers import check_containers
+
+    finding = check_containers()  # the test's podman configuration, from the environment
+    assert finding.status in ("PASS", "WARN"), finding  # WARN: under 20 GiB free for images
+    assert "ran a trivial container" in finding.finding and env.root.name in finding.finding

@@ -304,3 +304,71 @@ def test_heartbeat_lists_images_most_recently_used_first(tmp_path: Path) -> None
     assert len(held) == MAX_REPORTED
     assert held[:2] == ["r/39:1", "r/39@sha256:39"]
     assert (tmp_path / "containers").stat().st_mode & 0o777 == 0o700
+
+
+def _doctor(tmp_path: Path, answers: dict[str, tuple[int, str]], **kw: object):  # type: ignore[no-untyped-def]
+    """check_containers with a fake podman: ``answers`` by subcommand (info, run)."""
+    import subprocess
+    from collections import namedtuple
+
+    from worker_agent.doctor.containers import check_containers
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "podman").write_text("#!/bin/sh\n")
+    (bin_dir / "podman").chmod(0o755)
+    (tmp_path / "busybox").write_bytes(b"\x7fELF")
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        code, out = answers[argv[1]]
+        return subprocess.CompletedProcess(argv, code, out if code == 0 else "", out)
+
+    usage = namedtuple("usage", "total used free")
+    kw.setdefault("busybox", str(tmp_path / "busybox"))
+    free = kw.pop("free", 100 << 30)
+    finding = check_containers(
+        env={"PATH": str(bin_dir)},
+        run=run,
+        usage=lambda _p: usage(0, 0, free),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+    return finding, calls
+
+
+INFO = '{"version": {"Version": "4.3.1"}, "store": {"graphRoot": "/var/lib/containers/storage"}}'
+
+
+@pytest.mark.parametrize(
+    ("answers", "kw", "status", "says"),
+    [
+        ({"info": (0, INFO), "run": (0, "")}, {}, "PASS", "podman 4.3.1: ran a trivial container"),
+        ({"info": (0, INFO)}, {"busybox": ""}, "WARN", "no static busybox"),
+        ({"info": (0, INFO), "run": (0, "")}, {"free": 1 << 30}, "WARN", "1.0 GiB free"),
+        ({"info": (125, "Error: cannot setup namespace")}, {}, "FAIL", "cannot setup namespace"),
+        (
+            {"info": (0, INFO), "run": (126, "Error: runc: operation not permitted")},
+            {},
+            "FAIL",
+            "cannot run a container: Error: runc",
+        ),
+        ({}, {"podman": "no-such-podman"}, "WARN", "no-such-podman not found"),
+        ({}, {"podman": "no-such-podman", "enabled": "true"}, "FAIL", "not found"),
+        ({}, {"enabled": "false"}, "PASS", "image jobs off"),
+    ],
+)
+def test_doctor_containers_check(
+    tmp_path: Path,
+    answers: dict[str, tuple[int, str]],
+    kw: dict[str, object],
+    status: str,
+    says: str,
+) -> None:
+    finding, calls = _doctor(tmp_path, answers, **kw)
+    assert (finding.check, finding.status) == ("containers", status), finding
+    assert says in finding.finding
+    for argv in calls:
+        if argv[1] == "run":  # the trivial container: no network, its own root filesystem
+            assert argv[2:6] == ["--rm", "--network", "none", "--rootfs"]
+            assert argv[7:] == ["/bin/busybox", "true"]

@@ -12,6 +12,7 @@ and never raises; :func:`run_checks` runs them in order::
     shm      free /dev/shm for Ray's object store
     clock    skew against the broker's clock, and the kernel's NTP state (adjtimex)
     disk     free space where the agent keeps working directories and checkpoints
+    containers  podman works (``podman info``), runs a trivial container, room for images
 
 A FAIL means the agent would not work (or would register fake GPUs); a WARN is
 worth knowing but does not stop it. ``rigshift agent doctor`` exits 1 on any FAIL.
@@ -30,6 +31,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from worker_agent.doctor.containers import check_containers
 from worker_agent.doctor.findings import DoctorInput, Finding, Status, findings_json, format_finding
 from worker_agent.doctor.local import (
     GIB,
@@ -58,6 +60,7 @@ __all__ = [
     "check_broker",
     "check_clock",
     "check_config",
+    "check_containers",
     "check_disk",
     "check_gpu",
     "check_power",
@@ -104,4 +107,5 @@ def run_checks(
     add(check_shm())
     add(check_clock(offset_s=broker_clock_offset(inp)))
     add(check_disk(inp.state_dir))
+    add(check_containers(podman=inp.podman, enabled=inp.containers_enabled))
     return findings

@@ -47,6 +47,10 @@ class DoctorInput:
     """Why that file did not load (the config check FAILs with it)."""
     timeout_s: float = 5.0
     """Per network check."""
+    podman: str = "podman"
+    """``[containers] podman``: the executable image jobs run with."""
+    containers_enabled: str = "auto"
+    """``[containers] enabled``: ``false`` skips the check, ``true`` fails without podman."""
 
 
 def format_finding(f: Finding) -> str:
