@@ -295,7 +295,10 @@ class Agent:
         runtime = await asyncio.to_thread(detect_containers, cfg.containers)
         images = None
         if runtime is not None:
-            images = ImageCache(cfg.state_dir / "containers", runtime, cfg.containers)
+            images = ImageCache(
+                cfg.state_dir / "containers", runtime, cfg.containers, rig=identity.rig_id
+            )
+            await images.remove_orphans()
             session.container_runtime = (runtime.name, runtime.version)
         self.runner = AttemptRunner(
             cfg,

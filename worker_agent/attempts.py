@@ -405,6 +405,7 @@ class AttemptRunner:
             nvml=getattr(self.backend, "name", "") == "nvml",
             job_env=a.spec.env,
             agent_env=os.environ,
+            rig=self.images.rig,
         )
 
     async def _run(self, run: _Run) -> None:

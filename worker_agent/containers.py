@@ -197,15 +197,20 @@ def podman_run_argv(
     writable: Sequence[str],
     readonly: Sequence[str],
     env: Mapping[str, str],
+    rig: str = "",
 ) -> list[str]:
     """The ``podman run`` command of one attempt.
 
     ``writable`` (working, checkpoint, output directories) and ``readonly`` (inputs and
     what they link to) are mounted at the same paths, nothing else; ``env`` is exactly
     what the container gets. ``--pull never``: the image was pulled in ``PREPARING``,
-    with the job's credentials, which are gone by now.
+    with the job's credentials, which are gone by now. ``rig`` labels the container
+    ``rigshift.rig=<rig>``, so that an agent restarted after a crash removes what it left.
     """
-    argv = [podman, "run", "--rm", "--name", name, "--pull", "never", "--network", network]
+    argv = [podman, "run", "--rm", "--name", name]
+    if rig:
+        argv += ["--label", f"rigshift.rig={rig}"]
+    argv += ["--pull", "never", "--network", network]
     if nvml:
         argv += [f"--device=nvidia.com/gpu={i}" for i in gpu_indices]
     seen: set[str] = set()
@@ -228,6 +233,7 @@ def container_launch(
     nvml: bool,
     job_env: Mapping[str, str],
     agent_env: Mapping[str, str],
+    rig: str = "",
 ) -> LaunchSpec:
     """The attempt ``spec`` (the job's own command, environment and directories) as a
     ``podman run`` of ``image``: the process the executor launches, outside the sandbox
@@ -249,6 +255,7 @@ def container_launch(
         writable=writable,
         readonly=spec.readonly,
         env=inner,
+        rig=rig,
     )
     outer = {
         k: v for k, v in agent_env.items() if k not in SECRET_ENV and not k.startswith("RAY_AUTH")

@@ -59,8 +59,11 @@ class ImageCache:
         runtime: PodmanRuntime,
         config: ContainersConfig,
         env: Mapping[str, str] | None = None,
+        rig: str = "",
     ) -> None:
         self.root = root
+        self.rig = rig
+        """This rig's id: its containers carry the label ``rigshift.rig=<rig>``."""
         self.runtime = runtime
         self.config = config
         self.env = dict(os.environ if env is None else env)
@@ -230,6 +233,22 @@ class ImageCache:
         if removed:
             await asyncio.to_thread(self._save)
         return removed
+
+    async def remove_orphans(self) -> list[str]:
+        """Remove the containers of this rig that no attempt runs (an agent that was killed
+        left them); called at start, before any attempt."""
+        if not self.rig:
+            return []
+        with contextlib.suppress(OSError, TimeoutError):
+            code, out = await self._podman(
+                "ps", "-a", "--filter", f"label=rigshift.rig={self.rig}", "--format", "{{.Names}}"
+            )
+            names = out.split() if code == 0 else []
+            for name in names:
+                log.warning("removing container %s left by an earlier agent", name)
+                await self.remove_container(name)
+            return names
+        return []
 
     async def stop_container(self, name: str, grace_s: float) -> None:
         """``podman stop --time <grace>`` (cancel: the job gets its grace, then SIGKILL)."""

@@ -11,6 +11,7 @@ runc, docker-registry or busybox are missing; in CI (``CI`` set) that fails inst
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -300,3 +301,61 @@ def test_doctor_runs_a_trivial_container(env: Podman) -> None:
     finding = check_containers()  # the test's podman configuration, from the environment
     assert finding.status in ("PASS", "WARN"), finding  # WARN: under 20 GiB free for images
     assert "ran a trivial container" in finding.finding and env.root.name in finding.finding
+
+
+def test_an_image_with_python_requirements_is_refused_as_the_clients(
+    env: Podman, tmp_path: Path
+) -> None:
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        a = _image_job("jobs/r", f"{env.registry}/any:1", ["/bin/hello"])
+        a.spec.python_requirements, a.spec.requirements_sha256 = "six\n", "0" * 64
+        fake.push(assignment=a)
+        await until(lambda: fake.finished("jobs/r"), 30, "the refusal")
+
+    fake = run_session(tmp_path, body)
+    finished = fake.finished("jobs/r")
+    assert finished.cause == ws.Finished.SETUP_CLIENT
+    assert "image with python_requirements is not supported yet" in finished.message
+
+
+def test_a_restarted_agent_removes_the_containers_it_left(env: Podman, tmp_path: Path) -> None:
+    ref = env.push("orphan:1")
+    env.run("pull", "-q", ref)
+    state = tmp_path / "agent"
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        return None
+
+    run_session(tmp_path, body)  # creates the rig's identity
+    rig = json.loads((state / "identity.json").read_text())["rig_id"]
+    # What a killed agent leaves: a container of this rig that no attempt runs.
+    env.run(
+        "run",
+        "-d",
+        "--name",
+        "rigshift-left-1",
+        "--label",
+        f"rigshift.rig={rig}",
+        ref,
+        "/bin/sh",
+        "-c",
+        "sleep 60",
+    )
+    env.run(
+        "run",
+        "-d",
+        "--name",
+        "other-rig-1",
+        "--label",
+        "rigshift.rig=other",
+        ref,
+        "/bin/sh",
+        "-c",
+        "sleep 60",
+    )
+    try:
+        run_session(tmp_path, body)
+        names = env.containers()
+        assert "rigshift-left-1" not in names and "other-rig-1" in names
+    finally:
+        env.run("rm", "-f", "--time", "0", "rigshift-left-1", "other-rig-1", check=False)

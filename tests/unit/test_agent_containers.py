@@ -171,7 +171,10 @@ RIGSHIFT_ENV = [
     *("-e", "RIGSHIFT_JOB_ID=j1"),
     *("-e", f"RIGSHIFT_OUTPUT_DIR={OUT}"),
 ]
-HEAD = ["/usr/bin/podman", "run", "--rm", "--name", "rigshift-j1-2", "--pull", "never"]
+HEAD = [
+    *("/usr/bin/podman", "run", "--rm", "--name", "rigshift-j1-2"),
+    *("--label", "rigshift.rig=rig-7", "--pull", "never"),
+]
 
 
 @pytest.mark.parametrize(
@@ -228,6 +231,7 @@ def test_container_launch_is_exactly_this_podman_run(
         nvml=nvml,
         job_env={"EPOCHS": "3"},
         agent_env=AGENT_ENV,
+        rig="rig-7",
     )
     # Sorted env names; note CUDA_VISIBLE_DEVICES sorts between CUDA_DEVICE_ORDER and EPOCHS.
     assert launched.argv == expected
