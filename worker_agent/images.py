@@ -197,7 +197,10 @@ class ImageCache:
             self._in_use[image.image_id] = self._in_use.get(image.image_id, 0) + 1
             await asyncio.to_thread(self._save)
         try:
-            await self.evict()
+            try:
+                await self.evict()
+            except OSError as err:  # a full cache is no reason to fail this attempt
+                log.warning("image cache eviction failed: %s", err)
             yield image
         finally:
             left = self._in_use.get(image.image_id, 1) - 1
