@@ -156,6 +156,7 @@ def _ray_entry(
     writable: tuple[str, ...] = (),
     readonly: tuple[str, ...] = (),
     fence_file: str | None = None,
+    container: str = "",
 ) -> Any:
     """Body of the Ray task: run the process where Ray placed us, yield its events.
 
@@ -177,6 +178,7 @@ def _ray_entry(
             writable=writable,
             readonly=readonly,
             fence_file=fence_file,
+            container=container,
         )
         return
     with tempfile.TemporaryDirectory(prefix="rigshift-attempt-") as work:
@@ -427,6 +429,7 @@ class RayExecutor:
             writable_dirs(spec),
             spec.readonly,
             self.fence_file if self.is_local else None,
+            spec.container,
         )
 
     def launch(self, spec: LaunchSpec) -> Execution:

@@ -5,7 +5,8 @@ that code runs in the agent: an agent process that is stopped (SIGSTOP, a debugg
 stalled kernel) while its job's process is not cannot stop anything, and the broker
 requeues the job elsewhere at the TTL. So every job process gets a small watcher
 process of its own, started by :func:`worker_agent.process.run_process` right after
-the job (``python -m worker_agent.fence FILE PID GRACE_S [--spare-leader]``):
+the job (``python -m worker_agent.fence FILE PID GRACE_S [--spare-leader]
+[--container PODMAN NAME]``):
 
 * the agent writes its **fencing deadline** to ``FILE`` (``state_dir/lease-deadline``)
   at every renewal of its lease, atomically (temporary file + rename): the instant its
@@ -18,8 +19,10 @@ the job (``python -m worker_agent.fence FILE PID GRACE_S [--spare-leader]``):
   deadline and does not report them: it goes first), it writes ``fenced`` on its
   stdout, kills the job's tree (:func:`worker_agent.proctree.stop_tree`: SIGTERM to the
   group and descendants, SIGKILL after the grace; with ``--spare-leader`` bwrap gets
-  only the SIGKILL) and exits with :data:`FENCED_EXIT`. Everything is dead by
-  deadline + grace + about 0.2 s, within the 0.5 s (``STOP_MARGIN_S``) left before
+  only the SIGKILL), removes the job's container when it runs in one (``podman rm -f``:
+  the container outlives a killed ``podman run``) and exits with :data:`FENCED_EXIT`.
+  Everything is dead by deadline + grace + about 0.2 s (a container: its removal, about
+  0.2 s more), within the 0.5 s (``STOP_MARGIN_S``) left before
   the broker may requeue;
 * a missing, unreadable or garbled file means "no fence" (jobs run without an agent,
   an agent not registered yet, a state directory too full to write it);
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,6 +112,7 @@ def watch(
     spare_leader: bool = False,
     poll_s: float = POLL_S,
     out: int | None = None,
+    container: tuple[str, str] | None = None,
 ) -> int:
     """Watch the job ``pid`` (its process group's leader) until it is gone (0) or the
     deadline in ``path`` passes: then kill its tree and return :data:`FENCED_EXIT`.
@@ -122,13 +127,26 @@ def watch(
                 with contextlib.suppress(OSError):
                     os.write(out, FENCED_LINE)
             stop_tree(pid, born, max(0.1, grace_s - SLACK_S), spare_leader=spare_leader)
+            if container is not None:  # (podman, name): the container outlives its client
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    rm = [container[0], "rm", "--force", "--ignore", "--time", "0", container[1]]
+                    subprocess.run(rm, capture_output=True, timeout=30, check=False)
             return FENCED_EXIT
         time.sleep(poll_s)
     return 0
 
 
 def main(argv: list[str]) -> int:
-    """``python -m worker_agent.fence FILE PID GRACE_S [--spare-leader]``."""
+    """``python -m worker_agent.fence FILE PID GRACE_S [--spare-leader] [--container PODMAN
+    NAME]``."""
+    container = None
+    if "--container" in argv:
+        at = argv.index("--container")
+        if len(argv) < at + 3:
+            print("--container needs PODMAN NAME", file=sys.stderr)
+            return 2
+        container = (argv[at + 1], argv[at + 2])
+        argv = argv[:at] + argv[at + 3 :]
     args = [a for a in argv if a != "--spare-leader"]
     if len(args) != 3:
         usage = "usage: python -m worker_agent.fence FILE PID GRACE_S [--spare-leader]"
@@ -140,6 +158,7 @@ def main(argv: list[str]) -> int:
         float(args[2]),
         spare_leader="--spare-leader" in argv,
         out=sys.stdout.fileno(),
+        container=container,
     )
 
 

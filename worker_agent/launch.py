@@ -167,6 +167,7 @@ class _ThreadExecution:
             writable=writable_dirs(spec),
             readonly=spec.readonly,
             fence_file=fence_file,
+            container=spec.container,
         )
 
         def pump() -> None:

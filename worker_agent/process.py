@@ -127,6 +127,7 @@ def run_process(
     writable: Sequence[str] = (),
     readonly: Sequence[str] = (),
     fence_file: str | None = None,
+    container: str = "",
 ) -> Iterator[ProcEvent]:
     """Spawn ``argv`` and yield its events until it exits (see the module docstring).
 
@@ -135,6 +136,8 @@ def run_process(
     ``isolation`` runs it sandboxed (see ``sandbox.py``) with ``cwd`` and the
     ``writable`` directories that exist (its checkpoint directory) writable.
     ``fence_file``: watch the job with a lease fence reading that deadline file.
+    ``container``: the job is ``podman run --name <container>`` (``argv[0]`` is podman);
+    the fence removes the container too.
     """
     if not argv or _resolve(argv[0], env, cwd) is None:
         yield ProcExited(127, f"failed to start: {argv[:1]} not found or not executable")
@@ -170,7 +173,12 @@ def run_process(
     except OSError as err:
         yield ProcExited(127, f"failed to start {argv[:1]}: {err}")
         return
-    fence = _start_fence(fence_file, proc.pid, kill_grace_s, spare_leader) if fence_file else None
+    boxed = (argv[0], container) if container else None
+    fence = (
+        _start_fence(fence_file, proc.pid, kill_grace_s, spare_leader, boxed)
+        if fence_file
+        else None
+    )
     chunks: queue.Queue[bytes | None] = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc, chunks), daemon=True)
     reader.start()
@@ -220,7 +228,11 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _start_fence(
-    path: str, pid: int, grace_s: float, spare_leader: bool
+    path: str,
+    pid: int,
+    grace_s: float,
+    spare_leader: bool,
+    container: tuple[str, str] | None = None,
 ) -> subprocess.Popen[bytes] | None:
     """The lease fence of the job ``pid`` (``fence.py``); None when it cannot start (the
     agent's own fence still applies)."""
@@ -229,6 +241,8 @@ def _start_fence(
     argv = [sys.executable, "-m", "worker_agent.fence", path, str(pid), f"{grace_s:g}"]
     if spare_leader:
         argv.append("--spare-leader")
+    if container is not None:
+        argv += ["--container", *container]
     prefix = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
     try:
         return subprocess.Popen(

@@ -359,3 +359,48 @@ def test_a_restarted_agent_removes_the_containers_it_left(env: Podman, tmp_path:
         assert "rigshift-left-1" not in names and "other-rig-1" in names
     finally:
         env.run("rm", "-f", "--time", "0", "rigshift-left-1", "other-rig-1", check=False)
+
+
+def test_the_lease_fence_removes_the_container(env: Podman, tmp_path: Path) -> None:
+    """The agent cannot act (frozen): the fence kills ``podman run`` and removes the
+    container, which would outlive its client (the job ignores SIGTERM)."""
+    from worker_agent.containers import podman_run_argv
+    from worker_agent.fence import clock, write_deadline
+    from worker_agent.process import ProcExited, ProcOutput, run_process
+
+    ref = env.push("fenced:1")
+    env.run("pull", "-q", ref)
+    fence = tmp_path / "lease-deadline"
+    write_deadline(fence, clock() + 3600)
+    argv = podman_run_argv(
+        podman=shutil.which("podman") or "podman",
+        name="rigshift-fenced-1",
+        image=ref,
+        command=["/bin/sh", "-c", "trap '' TERM; echo READY; while true; do sleep 1; done"],
+        network="none",
+        gpu_indices=[0],
+        nvml=False,
+        cwd=str(tmp_path),
+        writable=[],
+        readonly=[],
+        env={},
+    )
+    gen = run_process(
+        argv,
+        dict(os.environ),
+        str(tmp_path),
+        kill_grace_s=1.0,
+        fence_file=str(fence),
+        container="rigshift-fenced-1",
+    )
+    output = b""
+    for event in gen:
+        if isinstance(event, ProcOutput):
+            output += event.data
+            if b"READY" in output:
+                break
+    assert "rigshift-fenced-1" in env.containers()
+    write_deadline(fence, clock() - 1)
+    exited = list(gen)[-1]
+    assert isinstance(exited, ProcExited) and exited.message.startswith("lease lost")
+    assert "rigshift-fenced-1" not in env.containers()
