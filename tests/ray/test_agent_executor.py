@@ -226,3 +226,30 @@ def test_a_ray_head_that_times_out_is_started_again(monkeypatch: pytest.MonkeyPa
     assert ex._start_local_head(flaky, {}) == "context"
     assert (flaky.inits, flaky.shutdowns) == (2, 1)
     assert killed == [999_999]
+
+
+def test_a_container_job_runs_through_ray(ray_exec, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The process Ray runs is ``podman run`` (outside any sandbox): its output and status
+    come back as any job's. Skipped without podman and a static busybox (CI has both)."""
+    import shutil
+
+    podman, busybox = shutil.which("podman"), shutil.which("busybox")
+    if podman is None or busybox is None:
+        if os.environ.get("CI"):
+            pytest.fail("podman or busybox not installed (`.ci/run` installs them)")
+        pytest.skip("podman or busybox-static not installed")
+    ex, loop, root = ray_exec
+    conf = tmp_path / "containers.conf"
+    conf.write_text(
+        '[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n'
+        '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+    )
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy(busybox, rootfs / "bin" / "busybox")
+    argv = [podman, "run", "--rm", "--name", "rigshift-ray-1", "--network", "none"]
+    argv += ["--rootfs", str(rootfs), "/bin/busybox", "sh", "-c", "echo in-container; exit 5"]
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    launched = LaunchSpec("jobs/ray", 1, argv, env, str(root), [2], container="rigshift-ray-1")
+    _, out, end, _ = loop.run(drain(ex.launch(launched)))
+    assert "in-container" in out and end.exit_code == 5, out
