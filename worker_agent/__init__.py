@@ -21,6 +21,11 @@ Modules, from the outside in::
     setup_failures whose fault a failed setup was (the job's or the rig's)
     environments   the cache of per-job Python environments, built with uv
     interpreters   which Python they are built on, and the cache key
+    containers     image jobs: podman detected, pull failures classified, the podman run
+                   command (pure)
+    images         the images pulled for image jobs: pull in PREPARING, LRU cache, containers
+                   removed
+    diskspace      full-disk errors and free space under the attempts' directories
     checkpoints    checkpoint directories uploaded while the job runs
     workdir        working, input, output and checkpoint directories (the archive format:
                    rigshift.archive)

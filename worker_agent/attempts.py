@@ -3,7 +3,9 @@
 One :class:`AttemptRunner` per agent. For each assignment it
 
 1. reports ``preparing`` and sets the attempt up, every step's output going to the
-   job's logs: the job's Python environment (built or reused by
+   job's logs: the job's image (pulled unless held, ``images.py``; held in use until
+   the attempt ends; the process is then ``podman run``, ``containers.py``), its
+   Python environment (built or reused by
    :class:`~worker_agent.environments.EnvironmentCache`; held in use until the attempt
    ends), its inputs (each archive fetched and extracted once per rig into
    ``inputs/<sha256>``, linked read-only as ``$RIGSHIFT_INPUT_DIR/<name>``), a fresh
