@@ -299,6 +299,7 @@ class Agent:
                 cfg.state_dir / "containers", runtime, cfg.containers, rig=identity.rig_id
             )
             await images.remove_orphans()
+            await images.forget_missing()
             session.container_runtime = (runtime.name, runtime.version)
         self.runner = AttemptRunner(
             cfg,

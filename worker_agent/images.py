@@ -253,6 +253,19 @@ class ImageCache:
             return names
         return []
 
+    async def forget_missing(self) -> list[str]:
+        """Drop from the index the images no longer in podman's storage (an operator
+        removed them), so that the heartbeat reports only what the rig holds; at start."""
+        gone = []
+        for ref, image in list(self.images.items()):
+            with contextlib.suppress(OSError, TimeoutError):
+                if not await self._present(image):
+                    gone.append(ref)
+                    del self.images[ref]
+        if gone:
+            await asyncio.to_thread(self._save)
+        return gone
+
     async def stop_container(self, name: str, grace_s: float) -> None:
         """``podman stop --time <grace>`` (cancel: the job gets its grace, then SIGKILL)."""
         with contextlib.suppress(OSError, TimeoutError):

@@ -404,3 +404,22 @@ def test_the_lease_fence_removes_the_container(env: Podman, tmp_path: Path) -> N
     exited = list(gen)[-1]
     assert isinstance(exited, ProcExited) and exited.message.startswith("lease lost")
     assert "rigshift-fenced-1" not in env.containers()
+
+
+def test_images_kept_across_restarts_unless_removed(env: Podman, tmp_path: Path) -> None:
+    ref = env.push("kept:1")
+    held: list[list[str]] = []
+
+    async def pull(fake: FakeBroker, agent: Agent) -> None:
+        fake.push(assignment=_image_job("jobs/p", ref, ["/bin/hello"]))
+        await until(lambda: fake.finished("jobs/p"), 60, "the image job")
+
+    async def look(fake: FakeBroker, agent: Agent) -> None:
+        assert agent.runner is not None and agent.runner.images is not None
+        held.append(agent.runner.images.held())
+
+    run_session(tmp_path, pull)
+    run_session(tmp_path, look)  # the index survives the restart
+    env.run("rmi", "-f", ref)  # an operator removes the image
+    run_session(tmp_path, look)
+    assert held[0][0] == ref and held[1] == []
