@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from broker_harness import start_broker
 from click.testing import CliRunner, Result
 from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
 from test_broker_api import status_of
@@ -126,8 +127,10 @@ def test_registry_auth_reaches_only_the_assignment(running_broker, jobs, tmp_pat
 def test_list_workers_shows_the_runtime_and_held_images_win_the_placement(running_broker, jobs):
     address = running_broker.address
     farm = create_farm(address)
-    cold = podman_agent(address, farm.enrollment_token, hostname="rig-cold")
-    warm = podman_agent(address, farm.enrollment_token, hostname="rig-warm")
+    one = podman_agent(address, farm.enrollment_token, hostname="rig-1")
+    two = podman_agent(address, farm.enrollment_token, hostname="rig-2")
+    # The warm rig is the one with the larger id: without locality the other would win.
+    cold, warm = sorted([one, two], key=lambda a: a.worker)
     warm.stub.Heartbeat(
         ws.HeartbeatRequest(
             worker=warm.worker,
@@ -142,11 +145,11 @@ def test_list_workers_shows_the_runtime_and_held_images_win_the_placement(runnin
     runtimes = {
         w.hostname: (w.container_runtime.name, w.container_runtime.version) for w in listed.workers
     }
-    assert runtimes == {"rig-cold": ("podman", "4.3.1"), "rig-warm": ("podman", "4.3.1")}
+    assert runtimes == {"rig-1": ("podman", "4.3.1"), "rig-2": ("podman", "4.3.1")}
     job = create(jobs)
     running_broker.scheduled()
     placed = jobs.GetJob(js.GetJobRequest(name=job.name))
-    assert placed.attempts[-1].worker == warm.worker  # same price; it holds the image
+    assert placed.attempts[-1].worker == warm.worker  # same price, same fit; it holds the image
     cold.close()
     warm.close()
 
@@ -230,3 +233,42 @@ def test_cli_and_sdk_refuse_bad_image_input_before_or_at_the_broker(broker_addre
     assert err.value.reason == "BAD_REGISTRY_AUTH_FILE"
     job = client.create_job(["x"], image=IMAGE, registry_auth=AUTH)
     assert job.spec.environment.image == IMAGE and job.state == PENDING
+
+
+def test_a_restart_keeps_the_image_and_the_runtime_but_not_the_credentials(tmp_path: Path):
+    home = tmp_path / "b"
+    rb = start_broker(home)
+    farm = create_farm(rb.address)
+    agent = podman_agent(rb.address, farm.enrollment_token)
+    agent.connect()
+    with authed_channel(rb.address) as ch:
+        job = create(jsg.JobServiceStub(ch), auth=AUTH)
+    assert agent.next_of("assignment").spec.registry_auth == AUTH
+    agent.close()
+    rb.stop()
+
+    rb2 = start_broker(home)
+    try:
+        with authed_channel(rb2.address) as ch:
+            got = jsg.JobServiceStub(ch).GetJob(js.GetJobRequest(name=job.name))
+            assert got.spec.environment.image == IMAGE
+            (worker,) = (
+                farm_service_pb2_grpc.FarmServiceStub(ch)
+                .ListWorkers(farm_service_pb2.ListWorkersRequest())
+                .workers
+            )
+            assert (worker.container_runtime.name, worker.container_runtime.version) == (
+                "podman",
+                "4.3.1",
+            )
+        back = ProtocolAgent(rb2.address, farm.enrollment_token, gpus(2))
+        back.worker, back.credential = agent.worker, agent.credential
+        back.heartbeat()
+        back.connect()
+        (assignment,) = back.next_of("reconcile").assignments
+        # The credentials lived in the old process's memory only (the agent's pull fails,
+        # naming the reason, if it still needs them).
+        assert (assignment.spec.image, assignment.spec.registry_auth) == (IMAGE, b"")
+        back.close()
+    finally:
+        rb2.stop()
