@@ -54,8 +54,9 @@ def spec_pb(spec: JobSpec) -> job_pb2.JobSpec:
         environment=job_pb2.Environment(
             python_requirements=spec.python_requirements,
             requirements_sha256=spec.requirements_sha256,
+            image=spec.image,
         )
-        if spec.python_requirements
+        if spec.python_requirements or spec.image
         else None,
         inputs=dict(spec.inputs),
     )
@@ -162,6 +163,9 @@ def worker_pb(w: Worker, core: BrokerCore | None = None, now: float = 0.0) -> fa
         gpus=gpus,
         metrics_address=w.metrics_address,
         reliability_permille=core.reliability(w, now) if core is not None else 0,
+        container_runtime=farm_pb2.ContainerRuntime(name=w.runtime_name, version=w.runtime_version)
+        if w.runtime_name
+        else None,
     )
 
 
@@ -223,6 +227,7 @@ def assignment_pb(assign: Assign, max_output_bytes: int = 0) -> worker_service_p
             requirements_sha256=spec.requirements_sha256,
             inputs=dict(spec.inputs),
             max_output_bytes=max_output_bytes,
+            image=spec.image,
         ),
         gpu_indices=list(assign.gpu_indices),
         checkpoint_sha256=assign.checkpoint_sha256,

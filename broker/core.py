@@ -534,7 +534,9 @@ class BrokerCore(Workers, Reports):
                 for job, a in self._held_attempts(worker)
                 if job.spec.tier == Tier.SPOT and job.state in (S.SCHEDULED, S.RUNNING)
             )
-            capacity = WorkerCapacity(worker_id, self._caps.slots(worker))
+            capacity = WorkerCapacity(
+                worker_id, self._caps.slots(worker), containers=bool(worker.runtime_name)
+            )
             out.append(PreemptionCandidate(capacity, victims))
         return out
 

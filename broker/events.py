@@ -95,11 +95,14 @@ class WorkerRegistered(Event):
     agent_version: str
     gpus: tuple[GpuInfo, ...]
     metrics_address: str = ""
+    runtime_name: str = ""  # container runtime (e.g. "podman"); empty: runs no containers
+    runtime_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Event):
-    """A lease renewal; ``environments`` when the agent sent its status, else None."""
+    """A lease renewal; ``environments`` when the agent sent its status, else None: the
+    requirements_sha256 of its Python environments and the references of its images."""
 
     worker_id: str
     environments: tuple[str, ...] | None = None

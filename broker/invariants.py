@@ -40,8 +40,11 @@ def validate_state(core: BrokerCore) -> None:
             if attempt.live:
                 if held.get(key, set()) != gpus:
                     problems.append(f"{job.job_id}#{number}: live but GPUs not held exactly")
-                if core.workers[attempt.worker_id].state == WorkerState.OFFLINE:
+                worker = core.workers[attempt.worker_id]
+                if worker.state == WorkerState.OFFLINE:
                     problems.append(f"{job.job_id}#{number}: live on an OFFLINE worker")
+                if job.spec.image and not worker.runtime_name:
+                    problems.append(f"{job.job_id}#{number}: image job on a worker without runtime")
             elif key in held:
                 problems.append(f"{job.job_id}#{number}: ended but still holds GPUs")
             if attempt.live == attempt.settled:

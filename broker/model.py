@@ -106,6 +106,8 @@ class JobSpec:
     """sha256 of ``python_requirements``; empty when there are none."""
     inputs: tuple[tuple[str, str], ...] = ()
     """(name, sha256 of the uploaded archive), sorted by name."""
+    image: str = ""
+    """OCI image reference to run the command in; empty: no container."""
 
 
 @dataclass(frozen=True, slots=True)

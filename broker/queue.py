@@ -39,8 +39,16 @@ def job_request(job_id: str, spec: JobSpec, spot_permille: int) -> JobRequest:
     cap = spec.max_price_micros_per_gpu_hour
     if cap and spec.tier == Tier.SPOT:
         cap = cap * 1000 // spot_permille
+    # An image job's locality is the image (its requirements install on top of it).
+    environment = spec.image or spec.requirements_sha256
     return JobRequest(
-        job_id, spec.gpu_count, spec.gpu_model, spec.min_vram_mb, cap, spec.requirements_sha256
+        job_id,
+        spec.gpu_count,
+        spec.gpu_model,
+        spec.min_vram_mb,
+        cap,
+        environment,
+        bool(spec.image),
     )
 
 
@@ -144,6 +152,7 @@ class Capacities:
             self.slots(worker),
             reliability_permille,
             worker.environments or frozenset(),
+            bool(worker.runtime_name),
         )
         self.of[worker.worker_id] = cap
         self.fleet.update(cap)

@@ -168,8 +168,11 @@ class Worker:
     offline_since: float | None = None
     offline_log: list[tuple[float, float]] = field(default_factory=list)
     outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (time, ok) per attempt
-    # requirements_sha256 of the Python environments the rig holds; None until it says.
+    # requirements_sha256 of the Python environments and references of the container images
+    # the rig holds; None until it says.
     environments: frozenset[str] | None = None
+    runtime_name: str = ""  # container runtime (e.g. "podman"); empty: runs no containers
+    runtime_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

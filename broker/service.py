@@ -50,9 +50,11 @@ from broker.events import (
     RequestSchedule,
     SchedulePass,
     Tick,
+    Transition,
     Writes,
 )
 from broker.metrics import BrokerMetrics, FarmNames
+from broker.model import TERMINAL_JOB_STATES
 from rigshift.v1 import worker_service_pb2
 
 if TYPE_CHECKING:
@@ -138,6 +140,9 @@ class BrokerService:
         self._credentials: dict[str, str] = store.worker_credentials()
         self._worker_by_digest = {d: w for w, d in self._credentials.items()}
         self._api_keys: dict[str, Principal] = {}
+        # Registry credentials per job (CreateJob's registry_auth): in this process's memory
+        # only, never in the core, the store, a log or a response; dropped when the job ends.
+        self._registry_auth: dict[str, bytes] = {}
         self.reload_api_keys()
         self.rate_limiter = RateLimiter()
         self._tasks: list[asyncio.Task[None]] = []
@@ -328,12 +333,34 @@ class BrokerService:
         for cmd in cmds:
             match cmd:
                 case Assign():
-                    assignment = assignment_pb(cmd, self.max_output_bytes)
+                    assignment = self.assignment(cmd)
                     self._push(cmd.worker_id, worker_service_pb2.Instruction(assignment=assignment))
                 case Cancel():
                     self._push(cmd.worker_id, cancellation(cmd))
                 case AppendLog():
                     self._notify({cmd.job_id})
+                case Transition() if cmd.to_state in TERMINAL_JOB_STATES:
+                    self._registry_auth.pop(cmd.job_id, None)
+
+    def assignment(self, assign: Assign) -> worker_service_pb2.Assignment:
+        """The agent's Assignment for ``assign``, with the shell's limits and the job's
+        registry credentials (held in memory only) added."""
+        assignment = assignment_pb(assign, self.max_output_bytes)
+        auth = self._registry_auth.get(assign.job_id)
+        if auth:
+            assignment.spec.registry_auth = auth
+        return assignment
+
+    # --- registry credentials (memory only) -------------------------------------------
+
+    def hold_registry_auth(self, job_id: str, auth: bytes) -> None:
+        """Keep a job's registry credentials in memory, for its assignments."""
+        if auth:
+            self._registry_auth[job_id] = auth
+
+    def drop_registry_auth(self, job_id: str) -> None:
+        """Forget a job's registry credentials (no-op if it has none)."""
+        self._registry_auth.pop(job_id, None)
 
     def _push(self, worker_id: str, instruction: worker_service_pb2.Instruction) -> None:
         # No open stream: the next StreamInstructions starts with a full Reconcile.
@@ -376,9 +403,7 @@ class BrokerService:
         queue: asyncio.Queue[worker_service_pb2.Instruction | None] = asyncio.Queue()
         self._streams[worker_id] = queue
         reconcile = worker_service_pb2.Reconcile(
-            assignments=[
-                assignment_pb(a, self.max_output_bytes) for a in self.core.assignments(worker_id)
-            ]
+            assignments=[self.assignment(a) for a in self.core.assignments(worker_id)]
         )
         queue.put_nowait(worker_service_pb2.Instruction(reconcile=reconcile))
         return queue

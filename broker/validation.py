@@ -6,6 +6,7 @@ with one ``FieldViolation`` per bad field (``google.rpc.BadRequest`` on the wire
 
 from __future__ import annotations
 
+import json
 import re
 
 from broker.economics import FarmTerms, TariffWindow, floor_price
@@ -19,8 +20,10 @@ __all__ = [
     "LIMITS",
     "check_farm",
     "check_gpus",
+    "check_image",
     "check_job_spec",
     "check_page",
+    "check_registry_auth",
     "check_request_id",
     "parse_name",
 ]
@@ -39,10 +42,18 @@ LIMITS = {
     "price_micros_per_gpu_hour": 1_000_000_000,  # $1000 per GPU-hour
     "max_duration_seconds": 30 * 86400,
     "inputs": 16,
+    "image_chars": 512,
+    "registry_auth_bytes": 64 * 1024,
 }
 ID_RE = _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# OCI image references (distribution/reference): [registry[:port]/]path[:tag][@digest]
+_DOMAIN_PART = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+_REGISTRY = re.compile(rf"^{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]{{1,5}})?$")
+_PATH_PART = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def _raise(violations: list[FieldViolation]) -> None:
@@ -119,6 +130,9 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
     _text(v, "spec.display_name", spec.display_name, LIMITS["string_chars"])
     if spec.tier not in job_pb2.Tier.values():
         v.append(FieldViolation("spec.tier", f"unknown tier {spec.tier}"))
+    image_problem = check_image(spec.environment.image)
+    if image_problem:
+        v.append(FieldViolation("spec.environment.image", image_problem))
     requirements = Requirements(())
     try:
         requirements = parse_requirements(spec.environment.python_requirements)
@@ -152,7 +166,67 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
         python_requirements=requirements.text,
         requirements_sha256=requirements.sha256,
         inputs=tuple(sorted(spec.inputs.items())),
+        image=spec.environment.image,
     )
+
+
+def check_image(ref: str) -> str:
+    """What is wrong with an OCI image reference ``[registry[:port]/]path[:tag][@sha256:<hex>]``,
+    or "" when nothing is (an empty reference means no image)."""
+    if not ref:
+        return ""
+    if len(ref) > LIMITS["image_chars"]:
+        return f"must be at most {LIMITS['image_chars']} characters (got {len(ref)})"
+    if any(c.isspace() or not c.isprintable() for c in ref):
+        return "must not contain whitespace or control characters"
+    name, at, digest = ref.partition("@")
+    if at and not _DIGEST.match(digest):
+        return f"digest {digest[:80]!r} must be sha256: and 64 lowercase hex digits"
+    colon = name.rfind(":")
+    if colon > name.rfind("/"):
+        name, tag = name[:colon], name[colon + 1 :]
+        if not _TAG.match(tag):
+            return (
+                f"tag {tag[:80]!r} must be 1-128 of letters, digits, `_.-`, "
+                "not starting with `.` or `-`"
+            )
+    parts = name.split("/")
+    first = parts[0]
+    if len(parts) > 1 and ("." in first or ":" in first or first == "localhost"):
+        if not _REGISTRY.match(first):
+            return f"registry {first[:80]!r} must be a host name or address with an optional :port"
+        parts = parts[1:]
+    for part in parts:
+        if not _PATH_PART.match(part):
+            return (
+                f"path component {part[:80]!r} must be lower-case letters and digits, "
+                "separated by one `.`, one or two `_` or dashes"
+            )
+    if len(parts) == 1 and _SHA256.match(parts[0]):
+        return "must not be 64 hex digits (that is an image id, not a reference)"
+    return ""
+
+
+def check_registry_auth(auth: bytes, image: str) -> None:
+    """Registry credentials of CreateJob: only with an image, at most 64 KiB, a containers
+    auth file (a JSON object with an ``auths`` object). Never quotes the content."""
+    if not auth:
+        return
+    problem = ""
+    limit = LIMITS["registry_auth_bytes"]
+    if not image:
+        problem = "is allowed only with spec.environment.image"
+    elif len(auth) > limit:
+        problem = f"must be at most {limit} bytes (got {len(auth)})"
+    else:
+        try:
+            doc = json.loads(auth.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("auths"), dict):
+            problem = 'must be a JSON object (UTF-8) with an "auths" object'
+    if problem:
+        raise InvalidArgument.of([FieldViolation("registry_auth", problem)])
 
 
 FARM_FIELDS = (

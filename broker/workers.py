@@ -73,6 +73,8 @@ class Workers:
             last_heartbeat=ev.now,
             gpus={g.index: Gpu(self._priced(ev.farm_id, g)) for g in ev.gpus},
             metrics_address=ev.metrics_address,
+            runtime_name=ev.runtime_name,
+            runtime_version=ev.runtime_version,
             first_seen=old.first_seen if old else ev.now,
             offline_log=old.offline_log if old else [],
             outcomes=old.outcomes if old else [],

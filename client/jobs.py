@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from client.errors import RigshiftError
-from client.messages import job_spec, resource_name
+from client.messages import job_spec, registry_auth_bytes, resource_name
 from client.transfers import TransferMethods
 from rigshift.v1 import job_pb2, job_service_pb2
 
@@ -35,6 +35,8 @@ class JobMethods(TransferMethods):
         request_id: str = "",
         inputs: Mapping[str, str | os.PathLike[str]] | None = None,
         python_requirements: str = "",
+        image: str = "",
+        registry_auth: bytes | str | os.PathLike[str] = b"",
     ) -> job_pb2.Job:
         """Submit a job and return it (normally PENDING).
 
@@ -54,7 +56,16 @@ class JobMethods(TransferMethods):
         builds a virtual environment with it before the process starts (cached there,
         so a second job with the same requirements installs nothing), and the
         process runs with that environment first on ``PATH``.
+
+        ``image`` is an OCI image reference (``ghcr.io/org/train:1.4``,
+        ``registry:5000/x@sha256:...``): the command runs inside it, on a rig that runs
+        containers (podman); ``python_requirements`` then install on top of the image's
+        Python. ``registry_auth`` pulls it from a private registry: a containers auth file
+        (``{"auths": {...}}``, as ``podman login`` writes it), its content as ``bytes`` or a
+        path to it. The broker keeps it in memory only and sends it with this job's
+        assignments alone; it never appears in a response.
         """
+        auth = registry_auth_bytes(registry_auth) if registry_auth else b""
         input_shas = self._resolve_inputs(inputs or {})
         spec = job_spec(
             command,
@@ -70,9 +81,10 @@ class JobMethods(TransferMethods):
             tier=tier,
             inputs=input_shas,
             python_requirements=python_requirements,
+            image=image,
         )
         request = job_service_pb2.CreateJobRequest(
-            spec=spec, request_id=request_id or str(uuid.uuid4())
+            spec=spec, request_id=request_id or str(uuid.uuid4()), registry_auth=auth
         )
         try:
             return self._retrying(lambda: self._unary(self._jobs.CreateJob, request))
@@ -94,12 +106,13 @@ class JobMethods(TransferMethods):
         max_attempts: int = 0,
         display_name: str = "",
         tier: str | int = "guaranteed",
+        image: str = "",
     ) -> job_service_pb2.QuoteJobResponse:
         """What a job with this spec would find now: matching GPUs, free ones, price range.
 
         Takes the same arguments as :meth:`create_job` (the command matters
         only for validation) and submits nothing; ``reasons`` say why the job
-        could not be placed right now.
+        could not be placed right now (an ``image`` needs a rig that runs containers).
         """
         spec = job_spec(
             command,
@@ -113,6 +126,7 @@ class JobMethods(TransferMethods):
             max_attempts=max_attempts,
             display_name=display_name,
             tier=tier,
+            image=image,
         )
         request = job_service_pb2.QuoteJobRequest(spec=spec)
         return self._retrying(lambda: self._unary(self._jobs.QuoteJob, request))

@@ -97,6 +97,7 @@ def job_spec(
     tier: str | int = "guaranteed",
     inputs: Mapping[str, str] | None = None,
     python_requirements: str = "",
+    image: str = "",
 ) -> job_pb2.JobSpec:
     if isinstance(command, str):
         raise TypeError("command is an argv list, e.g. ['python', 'train.py'], not a str")
@@ -113,10 +114,26 @@ def job_spec(
         display_name=display_name,
         tier=cast(Any, tier_value(tier)),
         inputs=dict(inputs or {}),
-        environment=job_pb2.Environment(python_requirements=python_requirements)
-        if python_requirements
+        environment=job_pb2.Environment(python_requirements=python_requirements, image=image)
+        if python_requirements or image
         else None,
     )
+
+
+def registry_auth_bytes(auth: bytes | str | os.PathLike[str]) -> bytes:
+    """Registry credentials for CreateJob: ``bytes`` are the auth file's content, a ``str`` or
+    path names the file (e.g. ``${XDG_RUNTIME_DIR}/containers/auth.json`` after ``podman
+    login``). The content is never put into an error."""
+    if isinstance(auth, bytes):
+        return auth
+    try:
+        return Path(auth).read_bytes()
+    except OSError as err:
+        raise InvalidArgument(
+            f"registry auth: cannot read {str(auth)!r}: {err.strerror or err}",
+            reason="BAD_REGISTRY_AUTH_FILE",
+            field_violations=[("registry_auth", f"cannot read {str(auth)!r}")],
+        ) from None
 
 
 def requirements_text(

@@ -35,6 +35,7 @@ __all__ = [
     "outputs_table",
     "quote_summary",
     "render_table",
+    "runtime_text",
     "to_json",
     "worker_table",
 ]
@@ -207,6 +208,8 @@ def describe_job(job: job_pb2.Job) -> str:
         ("max attempts", str(spec.max_attempts) if spec.max_attempts else "broker default"),
         ("working dir", f"sha256:{spec.working_dir_sha256}" if spec.working_dir_sha256 else "-"),
     ]
+    if spec.environment.image:
+        fields.append(("image", spec.environment.image))
     if spec.environment.python_requirements:
         reqs = spec.environment.python_requirements.splitlines()
         shown = ", ".join(reqs[:5]) + (f", … ({len(reqs)} in all)" if len(reqs) > 5 else "")
@@ -358,7 +361,8 @@ def gpu_summary(worker: farm_pb2.Worker) -> str:
 
 
 def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
-    """One row per worker: worker, farm, hostname, state, GPUs, last heartbeat."""
+    """One row per worker: worker, farm, hostname, state, GPUs, reliability, container
+    runtime (``podman 4.3.1``, or ``-``), last heartbeat."""
     rows = [
         [
             w.name,
@@ -367,12 +371,27 @@ def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
             _state_name(farm_pb2.Worker.State, w.state),
             gpu_summary(w),
             format_permille_percent(w.reliability_permille) if w.reliability_permille else "-",
+            runtime_text(w.container_runtime),
             format_time(w.last_heartbeat_time),
         ]
         for w in workers
     ]
-    headers = ["WORKER", "FARM", "HOSTNAME", "STATE", "GPUS", "RELIABILITY", "LAST HEARTBEAT"]
+    headers = [
+        "WORKER",
+        "FARM",
+        "HOSTNAME",
+        "STATE",
+        "GPUS",
+        "RELIABILITY",
+        "RUNTIME",
+        "LAST HEARTBEAT",
+    ]
     return render_table(headers, rows)
+
+
+def runtime_text(runtime: farm_pb2.ContainerRuntime) -> str:
+    """A worker's container runtime as ``name version``; ``-`` when it runs none."""
+    return f"{runtime.name} {runtime.version}".strip() if runtime.name else "-"
 
 
 def _plural(n: int, word: str) -> str:

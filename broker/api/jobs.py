@@ -56,9 +56,17 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument.of([FieldViolation("spec", "is required")])
         spec = v.check_job_spec(request.spec, self.default_max_attempts)
+        v.check_registry_auth(request.registry_auth, spec.image)
         job_id = uuid.uuid4().hex[:16]
         owner = current().name
-        await self.svc.apply(JobSubmitted(self.svc.clock(), job_id, owner, spec, request_id))
+        # Held before the job exists, so the first assignment of it carries the credentials.
+        self.svc.hold_registry_auth(job_id, request.registry_auth)
+        try:
+            await self.svc.apply(JobSubmitted(self.svc.clock(), job_id, owner, spec, request_id))
+        finally:
+            created = self.svc.core.jobs.get(job_id)
+            if created is None or created.state in TERMINAL_JOB_STATES:
+                self.svc.drop_registry_auth(job_id)  # not created (a retry, or refused)
         if request_id:
             job_id = self.svc.core.requests[(owner, request_id)]
         return job_pb(self.svc.core.job(job_id), self.svc.clock())

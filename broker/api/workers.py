@@ -3,6 +3,7 @@ stream, and the reports of its attempts turned into core events)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
 
@@ -39,6 +40,8 @@ from rigshift.v1 import (
     worker_service_pb2_grpc,
 )
 
+_RUNTIME = re.compile(r"^[A-Za-z0-9_.-]*$")
+
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     """rigshift.v1.WorkerService: the agent's session."""
@@ -73,6 +76,13 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             violations.append(FieldViolation("agent_version", "at most 64 characters"))
         if len(request.metrics_address) > 253:
             violations.append(FieldViolation("metrics_address", "at most 253 characters"))
+        runtime = request.container_runtime
+        if len(runtime.name) > 64 or not _RUNTIME.match(runtime.name):
+            violations.append(
+                FieldViolation("container_runtime.name", "at most 64 of letters, digits, `_.-`")
+            )
+        if len(runtime.version) > 64 or not runtime.version.isprintable():
+            violations.append(FieldViolation("container_runtime.version", "at most 64 characters"))
         if violations:
             raise InvalidArgument.of(violations)
         gpus = v.check_gpus(list(request.gpus))
@@ -95,6 +105,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 request.agent_version,
                 gpus,
                 request.metrics_address,
+                runtime.name,
+                runtime.version if runtime.name else "",
             )
         )
         return worker_service_pb2.RegisterWorkerResponse(
@@ -112,6 +124,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         environments = None
         if request.HasField("status"):
             environments = tuple(_sha_list(request.status.environments, "status.environments"))
+            environments += tuple(_image_list(request.status.images))
         await self.svc.apply(Heartbeat(self.svc.clock(), worker_id, environments))
         worker = self.svc.core.workers[worker_id]
         return worker_service_pb2.HeartbeatResponse(
@@ -216,3 +229,13 @@ def _sha_list(values: Iterable[str], field: str) -> list[str]:
     for sha in out:
         ArtifactStore.check(sha, field)
     return out
+
+
+def _image_list(values: Iterable[str]) -> list[str]:
+    """The image references a rig holds (at most 128: 64 images, each by the reference it was
+    pulled by and by digest), else InvalidArgument. Entries that are not references are
+    dropped: they cannot match a job's image, and a heartbeat must not fail for them."""
+    out = list(values)
+    if len(out) > 128:
+        raise InvalidArgument.of([FieldViolation("status.images", "at most 128 entries")])
+    return [ref for ref in out if ref and not v.check_image(ref)]

@@ -4,8 +4,10 @@ One set of predicates serves every consumer of the pipeline: a scheduling pass
 (:class:`~broker.scheduler.FleetIndex`), the preemption step
 (:func:`~broker.scheduler.preemption_plan`) and QuoteJob (``BrokerCore.quote``).
 
-Static filters, in order, over homogeneous GPU groups (same model, VRAM and ask):
+Static filters, in order, over homogeneous GPU groups (same model, VRAM, ask and whether
+their workers run containers):
 
+* ``container_runtime`` -- a worker with a container runtime, when the job has an image;
 * ``gpu_model`` -- exact, when the job names one;
 * ``min_vram`` -- VRAM >= the job's minimum;
 * ``max_price`` -- ask <= the job's cap, when it sets one.
@@ -39,28 +41,46 @@ class Group(Protocol):
     @property
     def price(self) -> int: ...
 
+    @property
+    def containers(self) -> bool: ...
+
 
 G = TypeVar("G", bound=Group)
 
 
-def passes(job: JobRequest, model: str, vram_mb: int, price_micros: int) -> bool:
-    """True when a GPU of this model, VRAM and ask passes every static filter of ``job``."""
+def passes(
+    job: JobRequest, model: str, vram_mb: int, price_micros: int, containers: bool = False
+) -> bool:
+    """True when a GPU of this model, VRAM and ask, on a worker that runs containers or not,
+    passes every static filter of ``job``."""
     cap = job.max_price_micros_per_gpu_hour
     return (
-        (not job.gpu_model or model == job.gpu_model)
+        (containers or not job.containers)
+        and (not job.gpu_model or model == job.gpu_model)
         and vram_mb >= job.min_vram_mb
         and (not cap or price_micros <= cap)
     )
 
 
 def static_filter(
-    groups: Sequence[G], model: str, min_vram: int, cap: int
+    groups: Sequence[G],
+    model: str,
+    min_vram: int,
+    cap: int,
+    containers: bool = False,
+    workers: int = 0,
 ) -> tuple[list[G], Rejection | None]:
     """The groups that pass the static filters, in their given order, or the rejection of
-    the first filter that left none. An empty fleet yields ``([], None)``: there is nothing
+    the first filter that left none (``workers``: how many workers the groups span, for the
+    ``container_runtime`` message). An empty fleet yields ``([], None)``: there is nothing
     to filter, and the ``gpu_count`` filter explains."""
     if not groups:
         return [], None
+    if containers:
+        groups = [g for g in groups if g.containers]
+        if not groups:
+            message = f"no worker runs containers: 0 of {workers} have a container runtime"
+            return [], Rejection("container_runtime", "a container runtime", "0", False, message)
     what = model or "GPU"
     matching = [g for g in groups if not model or g.model == model]
     if not matching:

@@ -44,15 +44,18 @@ class GroupSummary:
     price_micros_per_gpu_hour: int
     gpus: int  # GPUs of the group on the indexed workers, busy or free
     free_gpus: int
+    containers: bool = False  # its workers run containers
 
 
 # --- index -------------------------------------------------------------------------------------
 
 _Key = tuple[int, str]  # a worker's rank, (-reliability_permille, worker_id): smallest preferred
+_GroupKey = tuple[str, int, int, bool]  # (model, vram, price, runs containers)
+_FilterKey = tuple[str, int, int, bool]  # (model, min vram, price cap, needs containers)
 
 
 class _Group:
-    """Free capacity of one homogeneous (model, vram, price) group across the fleet.
+    """Free capacity of one homogeneous (model, vram, price, containers) group across the fleet.
 
     Workers sit in buckets by how many GPUs of the group they have free; ``heaps[f]`` holds
     the rank keys of bucket ``f``, best first. Heaps are pruned lazily: an entry counts only
@@ -64,6 +67,7 @@ class _Group:
 
     __slots__ = (
         "by_total",
+        "containers",
         "free_gpus",
         "free_idx",
         "gpus",
@@ -77,10 +81,11 @@ class _Group:
         "vram",
     )
 
-    def __init__(self, model: str, vram: int, price: int) -> None:
+    def __init__(self, model: str, vram: int, price: int, containers: bool = False) -> None:
         self.model = model
         self.vram = vram
         self.price = price
+        self.containers = containers  # its workers have a container runtime
         self.totals: dict[str, int] = {}  # worker id -> its GPUs (busy or free) of this group
         self.by_total: dict[int, int] = {}  # such a total -> workers with it
         self.max_total = 0  # most GPUs (busy or free) of this group on one worker
@@ -165,9 +170,9 @@ class _Filter:
         self.reasons: dict[int, tuple[int, tuple[Rejection, ...]]] = {}  # n -> (version, reasons)
 
 
-def _make_filter(groups: list[_Group], model: str, min_vram: int, cap: int) -> _Filter:
+def _make_filter(groups: list[_Group], fkey: _FilterKey, workers: int) -> _Filter:
     """The static filters (``broker.scheduler.filters``) over the index's groups."""
-    survivors, rejection = static_filter(groups, model, min_vram, cap)
+    survivors, rejection = static_filter(groups, *fkey, workers=workers)
     return _Filter(survivors, rejection)
 
 
@@ -202,7 +207,7 @@ class FleetIndex:
 
     def __init__(self, workers: Iterable[WorkerCapacity] = ()) -> None:
         """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats."""
-        self._groups: dict[tuple[str, int, int], _Group] = {}
+        self._groups: dict[_GroupKey, _Group] = {}
         self._keys: dict[str, _Key] = {}  # worker id -> rank key, the object heaps hold
         self._member_of: dict[str, tuple[_Group, ...]] = {}  # worker id -> groups it is in
         self._order: list[_Group] | None = None  # groups cheapest first; None after a change
@@ -226,10 +231,11 @@ class FleetIndex:
         if len({gpu.index for gpu in worker.gpus}) != len(worker.gpus):
             raise ValueError(f"duplicate GPU index on worker {wid}")
         self.remove(wid)
-        totals: dict[tuple[str, int, int], int] = {}
-        free: dict[tuple[str, int, int], list[int]] = {}
+        totals: dict[_GroupKey, int] = {}
+        free: dict[_GroupKey, list[int]] = {}
+        containers = worker.containers
         for gpu in worker.gpus:
-            gkey = (gpu.model, gpu.vram_mb, gpu.price_micros_per_gpu_hour)
+            gkey = (gpu.model, gpu.vram_mb, gpu.price_micros_per_gpu_hour, containers)
             totals[gkey] = totals.get(gkey, 0) + 1
             if gpu.free:
                 indices = free.get(gkey)
@@ -266,7 +272,7 @@ class FleetIndex:
                 del self._holders[env]
         for group in self._member_of.pop(worker_id):
             if group.remove(worker_id):
-                del self._groups[(group.model, group.vram, group.price)]
+                del self._groups[(group.model, group.vram, group.price, group.containers)]
                 self._order = None
 
     def place(self, pending: Iterable[JobRequest], *, take: bool = True) -> SchedulingResult:
@@ -276,17 +282,23 @@ class FleetIndex:
         (what :meth:`probe` needs)."""
         groups = self._groups_in_order()
         keys = self._keys
-        filters: dict[tuple[str, int, int], _Filter] = {}
+        filters: dict[_FilterKey, _Filter] = {}
+        workers = len(keys)
         placements: list[Placement] = []
         unplaced: list[Unplaced] = []
         version = 0  # placements so far; cached count reasons are valid while it is unchanged
 
         for job in pending:
             n = job.gpu_count
-            fkey = (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour)
+            fkey = (
+                job.gpu_model,
+                job.min_vram_mb,
+                job.max_price_micros_per_gpu_hour,
+                job.containers,
+            )
             filt = filters.get(fkey)
             if filt is None:
-                filt = filters[fkey] = _make_filter(groups, *fkey)
+                filt = filters[fkey] = _make_filter(groups, fkey, workers)
             if 0 < n < filt.fail_at:
                 local = self._local(job.environment, filt, n) if job.environment else ()
                 took = _take(filt, n, keys, local, take)
@@ -312,18 +324,25 @@ class FleetIndex:
     def matching(self, job: JobRequest) -> tuple[GroupSummary, ...]:
         """The groups passing ``job``'s static filters, cheapest first (QuoteJob's figures);
         costs the groups, not the fleet."""
-        groups, _ = static_filter(self._groups_in_order(), *_filter_key(job))
-        return tuple(GroupSummary(g.model, g.vram, g.price, g.gpus, g.free_gpus) for g in groups)
+        fkey = _filter_key(job)
+        groups, _ = static_filter(self._groups_in_order(), *fkey, workers=len(self._keys))
+        return tuple(
+            GroupSummary(g.model, g.vram, g.price, g.gpus, g.free_gpus, g.containers)
+            for g in groups
+        )
 
     def workers_in(self, group: GroupSummary) -> Iterator[str]:
         """Ids of the indexed workers with GPUs in ``group``."""
-        found = self._groups.get((group.model, group.vram_mb, group.price_micros_per_gpu_hour))
+        gkey = (group.model, group.vram_mb, group.price_micros_per_gpu_hour, group.containers)
+        found = self._groups.get(gkey)
         return iter(found.totals if found is not None else ())
 
     def _groups_in_order(self) -> list[_Group]:
-        """Every group, cheapest first (then VRAM, then model): the order filters keep."""
+        """Every group, cheapest first (then VRAM, model, containers): the order filters keep."""
         if self._order is None:
-            self._order = sorted(self._groups.values(), key=lambda g: (g.price, g.vram, g.model))
+            self._order = sorted(
+                self._groups.values(), key=lambda g: (g.price, g.vram, g.model, g.containers)
+            )
         return self._order
 
     def _local(self, environment: str, filt: _Filter, n: int) -> list[tuple[_Group, _Key, int]]:
@@ -341,8 +360,8 @@ class FleetIndex:
         return out
 
 
-def _filter_key(job: JobRequest) -> tuple[str, int, int]:
-    return (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour)
+def _filter_key(job: JobRequest) -> _FilterKey:
+    return (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour, job.containers)
 
 
 def _take(

@@ -69,7 +69,8 @@ def preemption_plan(
                 held_by[index] = victim
         groups: dict[tuple[str, int, int], list[int]] = {}  # group -> GPU indices, in order
         for slot in sorted(worker.gpus, key=lambda s: s.index):
-            if passes(job, slot.model, slot.vram_mb, slot.price_micros_per_gpu_hour):
+            ask = slot.price_micros_per_gpu_hour
+            if passes(job, slot.model, slot.vram_mb, ask, worker.containers):
                 shape = (slot.model, slot.vram_mb, slot.price_micros_per_gpu_hour)
                 groups.setdefault(shape, []).append(slot.index)
         free_at = {slot.index for slot in worker.gpus if slot.free}

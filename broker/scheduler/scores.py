@@ -13,8 +13,10 @@ def best_fit_leftover(free_in_group: int, gpu_count: int) -> int:
 
 
 def locality_score(environments: frozenset[str], environment: str) -> int:
-    """1 when the worker already holds the job's Python environment (its setup installs
-    nothing), else 0; a job without an environment scores 0 everywhere."""
+    """1 when the worker already holds what the job's setup would fetch, else 0: its
+    container image (the job's reference among the references the rig reports, by tag or
+    by digest) for an image job, else its Python environment (requirements_sha256). A job
+    with neither scores 0 everywhere."""
     return 1 if environment and environment in environments else 0
 
 

@@ -38,7 +38,9 @@ class WorkerCapacity:
     worker_id: str
     gpus: tuple[GpuSlot, ...]
     reliability_permille: int = 1000  # recent uptime x attempt success; higher is preferred
-    environments: frozenset[str] = frozenset()  # requirements_sha256 of environments it holds
+    # requirements_sha256 of the environments and references of the images it holds
+    environments: frozenset[str] = frozenset()
+    containers: bool = False  # it has a container runtime (runs image jobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,9 @@ class JobRequest:
     gpu_model: str = ""
     min_vram_mb: int = 0
     max_price_micros_per_gpu_hour: int = 0
-    environment: str = ""  # requirements_sha256 of its Python environment, for locality
+    # for locality: its image reference, else the requirements_sha256 of its Python environment
+    environment: str = ""
+    containers: bool = False  # it runs in an image: only workers with a container runtime
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,8 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
                 last_heartbeat=w.last_heartbeat,
                 gpus=gpus.get(w.id, {}),
                 metrics_address=w.metrics_address,
+                runtime_name=w.runtime_name,
+                runtime_version=w.runtime_version,
                 first_seen=w.first_seen,
                 offline_since=w.offline_since,
                 offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],

@@ -82,6 +82,8 @@ class WorkerRow(SQLModel, table=True):
     state: str
     last_heartbeat: float = 0.0
     metrics_address: str = ""
+    runtime_name: str = ""  # container runtime, e.g. "podman"; empty: runs no containers
+    runtime_version: str = ""
     first_seen: float = 0.0
     offline_since: float | None = None
     reliability_json: str = "[[], []]"  # [offline spans, attempt outcomes] in the window
@@ -251,6 +253,7 @@ def spec_to_json(spec: JobSpec) -> str:
             "python_requirements": spec.python_requirements,
             "requirements_sha256": spec.requirements_sha256,
             "inputs": [list(kv) for kv in spec.inputs],
+            "image": spec.image,
         },
         sort_keys=True,
     )

@@ -215,6 +215,8 @@ def _worker_values(w: Worker) -> dict[str, Any]:
         "state": w.state.value,
         "last_heartbeat": w.last_heartbeat,
         "metrics_address": w.metrics_address,
+        "runtime_name": w.runtime_name,
+        "runtime_version": w.runtime_version,
         "first_seen": w.first_seen,
         "offline_since": w.offline_since,
         "reliability_json": json.dumps([w.offline_log, w.outcomes]),

@@ -297,7 +297,7 @@ def farm_get(farm_id: str, as_json: bool) -> None:
 @json_option
 @broker_option
 def farm_workers(farm_id: str, as_json: bool) -> None:
-    """List workers (rigs): state, GPUs, reliability and last heartbeat."""
+    """List workers (rigs): state, GPUs, reliability, container runtime, last heartbeat."""
     workers = list(broker_client().iter_workers(farm_id))
     if as_json:
         echo_json(farm_service_pb2.ListWorkersResponse(workers=workers))

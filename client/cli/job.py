@@ -129,6 +129,13 @@ def _spec_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--max-duration-s", type=click.IntRange(min=0), default=0, help="0: broker default."
         ),
         click.option("--name", "display_name", default="", help="Label shown in listings."),
+        click.option(
+            "--image",
+            default="",
+            metavar="REF",
+            help="OCI image to run COMMAND in, e.g. ghcr.io/org/train:1.4; only rigs that "
+            "run containers (podman) take the job.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -160,6 +167,15 @@ def _spec_options(f: Callable[..., Any]) -> Callable[..., Any]:
     metavar="SPEC",
     help="One requirement, on top of --requirements, e.g. 'numpy==2.1' (repeatable).",
 )
+@click.option(
+    "--registry-auth",
+    "registry_auth_file",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="FILE",
+    help="Credentials for pulling --image from a private registry: a containers auth file "
+    "as `podman login` writes it. The broker keeps it in memory only and gives it to the "
+    "rig for this job's pull alone.",
+)
 @click.option("--request-id", default="", help="Idempotency key; a uuid4 when omitted.")
 @json_option
 @broker_option
@@ -175,14 +191,18 @@ def job_submit(
     max_attempts: int,
     max_duration_s: int,
     display_name: str,
+    image: str,
     inputs: dict[str, Path],
     requirements_file: str | None,
     pip_specs: tuple[str, ...],
+    registry_auth_file: str | None,
     request_id: str,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
     """Submit COMMAND (everything after the options, or after `--`) as a job."""
+    if registry_auth_file and not image:
+        raise click.UsageError("--registry-auth needs --image")
     client = broker_client()
     python_requirements = requirements_text(requirements_file, pip_specs)
     sha256 = ""
@@ -210,6 +230,8 @@ def job_submit(
         request_id=request_id,
         inputs=input_shas,
         python_requirements=python_requirements,
+        image=image,
+        registry_auth=registry_auth_file or b"",
     )
     if as_json:
         echo_json(job)
@@ -234,6 +256,7 @@ def job_quote(
     max_attempts: int,
     max_duration_s: int,
     display_name: str,
+    image: str,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -254,6 +277,7 @@ def job_quote(
         max_attempts=max_attempts,
         display_name=display_name,
         tier=tier,
+        image=image,
     )
     click.echo(output.to_json(quote) if as_json else output.quote_summary(quote))
 

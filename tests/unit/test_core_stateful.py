@@ -57,10 +57,14 @@ class CoreMachine(RuleBasedStateMachine):
         n=st.integers(1, 4),
         model=st.sampled_from(MODELS),
         worker=st.sampled_from(["w1", "w2", "w3"]),
+        runtime=st.sampled_from(["", "podman"]),
     )
-    def register(self, n: int, model: str, worker: str) -> None:
+    def register(self, n: int, model: str, worker: str, runtime: str) -> None:
         infos = tuple(GpuInfo(i, f"u{i}", model, 12288, 200, 100_000 + i) for i in range(n))
-        self._apply(WorkerRegistered(self.now, worker, "f", worker, "1", infos))
+        version = "4.3.1" if runtime else ""
+        self._apply(
+            WorkerRegistered(self.now, worker, "f", worker, "1", infos, "", runtime, version)
+        )
 
     @precondition(lambda self: self.core.workers)
     @rule(data=st.data())
@@ -86,11 +90,17 @@ class CoreMachine(RuleBasedStateMachine):
         model=st.sampled_from(("", *MODELS)),
         attempts=st.integers(1, 3),
         tier=st.sampled_from(Tier),
+        image=st.sampled_from(["", "", "ghcr.io/org/train:1.4"]),
     )
-    def submit(self, gpus: int, model: str, attempts: int, tier: Tier) -> None:
+    def submit(self, gpus: int, model: str, attempts: int, tier: Tier, image: str) -> None:
         self.n_jobs += 1
         spec = JobSpec(
-            command=("x",), gpu_count=gpus, gpu_model=model, max_attempts=attempts, tier=tier
+            command=("x",),
+            gpu_count=gpus,
+            gpu_model=model,
+            max_attempts=attempts,
+            tier=tier,
+            image=image,
         )
         self._apply(JobSubmitted(self.now, f"j{self.n_jobs}", "c", spec))
 

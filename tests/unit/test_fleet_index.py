@@ -51,13 +51,18 @@ RELIABILITY = st.sampled_from([1000, 1000, 990, 900, 500])
 @st.composite
 def jobs(draw: st.DrawFn) -> list[JobRequest]:
     return [
-        make_job(
-            f"j{k}",
-            draw(st.integers(0, 10)),
-            gpu_model=draw(st.sampled_from(["", "", "RTX 3090", "RTX 3060", "A4000", "A100"])),
-            min_vram_mb=draw(st.sampled_from([0, 0, 10_000, 16_384, 30_000])),
-            max_price_micros_per_gpu_hour=draw(st.sampled_from([0, 0, 200_000, 250_000, 100_000])),
-            environment=draw(st.sampled_from(["", "", *ENVS])),
+        dataclasses.replace(
+            make_job(
+                f"j{k}",
+                draw(st.integers(0, 10)),
+                gpu_model=draw(st.sampled_from(["", "", "RTX 3090", "RTX 3060", "A4000", "A100"])),
+                min_vram_mb=draw(st.sampled_from([0, 0, 10_000, 16_384, 30_000])),
+                max_price_micros_per_gpu_hour=draw(
+                    st.sampled_from([0, 0, 200_000, 250_000, 100_000])
+                ),
+                environment=draw(st.sampled_from(["", "", *ENVS])),
+            ),
+            containers=draw(st.sampled_from([False, False, True])),  # an image job
         )
         for k in range(draw(st.integers(0, 12)))
     ]
@@ -66,13 +71,17 @@ def jobs(draw: st.DrawFn) -> list[JobRequest]:
 # Every gang size under every filter the workers() strategy can make matter: a pass on the
 # index must agree with place() on all of them, rejection texts included.
 PROBE = tuple(
-    make_job(f"p{i}", n, gpu_model=model, min_vram_mb=vram, max_price_micros_per_gpu_hour=cap)
-    for i, (n, model, vram, cap) in enumerate(
-        (n, model, vram, cap)
+    dataclasses.replace(
+        make_job(f"p{i}", n, gpu_model=model, min_vram_mb=vram, max_price_micros_per_gpu_hour=cap),
+        containers=containers,
+    )
+    for i, (n, model, vram, cap, containers) in enumerate(
+        (n, model, vram, cap, containers)
         for model in ("", "RTX 3090", "RTX 3060", "A4000", "A100")
         for vram in (0, 16_384, 30_000)
         for cap in (0, 200_000, 250_000)
         for n in (0, 1, 2, 3, 5, 8, 10)
+        for containers in (False, True)
     )
 )
 
@@ -91,11 +100,24 @@ class FleetIndexMachine(RuleBasedStateMachine):
         self.index.update(worker)
         self.peak = max(self.peak, len(self.index))
 
-    @rule(worker=workers(), worker_id=st.sampled_from(IDS), reliability=RELIABILITY)
-    def add_or_replace(self, worker: WorkerCapacity, worker_id: str, reliability: int) -> None:
-        """Registration (or a new agent process): the whole capacity may differ."""
+    @rule(
+        worker=workers(),
+        worker_id=st.sampled_from(IDS),
+        reliability=RELIABILITY,
+        containers=st.booleans(),
+    )
+    def add_or_replace(
+        self, worker: WorkerCapacity, worker_id: str, reliability: int, containers: bool
+    ) -> None:
+        """Registration (or a new agent process): the whole capacity may differ, the
+        container runtime too."""
         self._tell(
-            dataclasses.replace(worker, worker_id=worker_id, reliability_permille=reliability)
+            dataclasses.replace(
+                worker,
+                worker_id=worker_id,
+                reliability_permille=reliability,
+                containers=containers,
+            )
         )
 
     @rule(worker_id=st.sampled_from(IDS))

@@ -331,7 +331,8 @@ def workers(draw: st.DrawFn) -> WorkerCapacity:
         for i in indices
         for model, vram, price in [draw(st.sampled_from(KINDS))]
     ]
-    return make_worker(gpus=gpus, environments=draw(st.sets(st.sampled_from(ENVS))))
+    worker = make_worker(gpus=gpus, environments=draw(st.sets(st.sampled_from(ENVS))))
+    return dataclasses.replace(worker, containers=draw(st.booleans()))
 
 
 @st.composite
@@ -339,13 +340,18 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
     ids = draw(st.lists(st.sampled_from("abcdefgh"), unique=True, max_size=6))
     fleet = [dataclasses.replace(draw(workers()), worker_id=f"w-{i}") for i in ids]
     jobs = [
-        make_job(
-            f"j{k}",
-            draw(st.integers(0, 9)),
-            gpu_model=draw(st.sampled_from(["", "", "RTX 3090", "RTX 3060", "A100"])),
-            min_vram_mb=draw(st.sampled_from([0, 0, 10_000, 16_384, 30_000])),
-            max_price_micros_per_gpu_hour=draw(st.sampled_from([0, 0, 200_000, 250_000, 100_000])),
-            environment=draw(st.sampled_from(["", "", *ENVS])),
+        dataclasses.replace(
+            make_job(
+                f"j{k}",
+                draw(st.integers(0, 9)),
+                gpu_model=draw(st.sampled_from(["", "", "RTX 3090", "RTX 3060", "A100"])),
+                min_vram_mb=draw(st.sampled_from([0, 0, 10_000, 16_384, 30_000])),
+                max_price_micros_per_gpu_hour=draw(
+                    st.sampled_from([0, 0, 200_000, 250_000, 100_000])
+                ),
+                environment=draw(st.sampled_from(["", "", *ENVS])),
+            ),
+            containers=draw(st.sampled_from([False, False, True])),
         )
         for k in range(draw(st.integers(0, 14)))
     ]
@@ -356,11 +362,13 @@ def _reference(snapshot: Snapshot) -> list[tuple[str, object]]:
     """Brute force over every worker for every job; (job_id, placement or reason fields)."""
     free = {(w.worker_id, g.index): g.free for w in snapshot.workers for g in w.gpus}
     envs = {w.worker_id: w.environments for w in snapshot.workers}
+    runs = {w.worker_id: w.containers for w in snapshot.workers}
     everything = [(w.worker_id, g) for w in snapshot.workers for g in w.gpus]
     out: list[tuple[str, object]] = []
     for job in snapshot.pending:
         n = job.gpu_count
-        model_ok = [(w, g) for w, g in everything if not job.gpu_model or g.model == job.gpu_model]
+        eligible = [(w, g) for w, g in everything if runs[w] or not job.containers]
+        model_ok = [(w, g) for w, g in eligible if not job.gpu_model or g.model == job.gpu_model]
         vram_ok = [(w, g) for w, g in model_ok if g.vram_mb >= job.min_vram_mb]
         cap = job.max_price_micros_per_gpu_hour
         price_ok = [(w, g) for w, g in vram_ok if not cap or g.price_micros_per_gpu_hour <= cap]
@@ -372,7 +380,9 @@ def _reference(snapshot: Snapshot) -> list[tuple[str, object]]:
             if free[(w, g.index)]:
                 groups.setdefault(key, []).append(g.index)
         best_free = max((len(v) for v in groups.values()), default=0)
-        if everything and not model_ok:
+        if everything and not eligible:
+            out.append((job.job_id, ("container_runtime", False)))
+        elif everything and not model_ok:
             out.append((job.job_id, ("gpu_model", False)))
         elif everything and not vram_ok:
             out.append((job.job_id, ("min_vram", False)))
@@ -425,6 +435,7 @@ def test_properties(snapshot: Snapshot, rnd: random.Random) -> None:
     result = place(snapshot)
     gpus = {(w.worker_id, g.index): g for w in snapshot.workers for g in w.gpus}
     jobs = {j.job_id: j for j in snapshot.pending}
+    runs = {w.worker_id: w.containers for w in snapshot.workers}
 
     # every job is either placed or unplaced, exactly once, in pending order
     order = [j.job_id for j in snapshot.pending]
@@ -444,6 +455,7 @@ def test_properties(snapshot: Snapshot, rnd: random.Random) -> None:
         cap = job.max_price_micros_per_gpu_hour
         assert not cap or slots[0].price_micros_per_gpu_hour <= cap
         assert p.price_micros_per_gpu_hour == slots[0].price_micros_per_gpu_hour
+        assert not job.containers or runs[p.worker_id]
         for i in p.gpu_indices:  # no GPU placed twice
             assert (p.worker_id, i) not in taken
             taken.add((p.worker_id, i))
