@@ -36,10 +36,17 @@ and the ratios against the goals: uv cold / pip cold at most 0.5; warm reuse und
 (``EnvironmentCache.use()`` alone, and end to end). With ``--json`` the last line is one
 JSON object.
 
+Images (``--images``, instead of the requirements sets): cold pull, warm pull and warm
+start of a small and a large (``--large-mb``, 512 by default) image from a local registry
+with podman, and end to end what a warm image adds to submit -> process start (goal: under
+1.5 s); see ``benchmarks/image_bench.py``.
+
 Usage::
 
     .venv/bin/python benchmarks/env_bench.py [--json] [--repeat 3] [--sets small torch]
         [--no-agent] [--no-e2e] [--e2e-jobs 10]
+    .venv/bin/python benchmarks/env_bench.py --images [--image-repeat 3] [--large-mb 512]
+        [--no-e2e] [--e2e-jobs 10] [--json]
 """
 
 from __future__ import annotations
@@ -294,16 +301,19 @@ def _seconds(t: Any) -> float:
     return float(t.seconds + t.nanos / 1e9)
 
 
-def e2e_job(client: Any, argv: list[str], requirements: str, timeout_s: float) -> dict[str, Any]:
-    """Submit one one-GPU job, wait until it succeeds; its timings and logs.
+def e2e_job(
+    client: Any, argv: list[str], requirements: str, timeout_s: float, **spec: Any
+) -> dict[str, Any]:
+    """Submit one one-GPU job (``spec``: more of ``create_job``'s arguments, e.g. ``image``),
+    wait until it succeeds; its timings and logs.
 
     ``start_ms``: submit -> process start (broker's clock at both ends); ``setup_ms``: the
-    attempt's setup (environment, inputs, working directory) as the agent measured it.
+    attempt's setup (environment, image, inputs, working directory) as the agent measured it.
     """
     from rigshift.v1 import job_pb2
 
     final = {job_pb2.Job.SUCCEEDED, job_pb2.Job.FAILED, job_pb2.Job.CANCELLED}
-    name = client.create_job(argv, gpu_count=1, python_requirements=requirements).name
+    name = client.create_job(argv, gpu_count=1, python_requirements=requirements, **spec).name
     deadline = time.monotonic() + timeout_s
     while (job := client.get_job(name)).state not in final:
         if time.monotonic() > deadline:
@@ -412,19 +422,14 @@ def version_of(cmd: list[str]) -> str:
 
 def machine(uv: str, root: Path) -> dict[str, Any]:
     """What the figures were measured on."""
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    cpu = machine_cpu()
     probe = root / "pip-version-venv"
     subprocess.run([sys.executable, "-m", "venv", str(probe)], check=True, env=clean_env())
     pip = version_of([str(probe / "bin" / "python"), "-m", "pip", "--version"])
     shutil.rmtree(probe)
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": model,
+        "nproc": cpu["nproc"],
+        "cpu": cpu["cpu"],
         "python": platform.python_version(),
         "uv": version_of([uv, "--version"]),
         "pip": pip.split(" from ")[0],
@@ -523,9 +528,14 @@ def main(argv: list[str] | None = None) -> int:
         help="submit -> process start with a real broker and agent (on by default)",
     )
     ap.add_argument("--e2e-jobs", type=int, default=10, help="end-to-end jobs of each kind")
+    ap.add_argument("--images", action="store_true", help="container images instead of sets")
+    ap.add_argument("--image-repeat", type=int, default=3, help="runs of each image case")
+    ap.add_argument("--large-mb", type=int, default=512, help="random MiB in the large image")
     args = ap.parse_args(argv)
     if args.e2e_jobs < 1:
         ap.error("--e2e-jobs must be at least 1")
+    if args.images:
+        return images_main(args)
 
     import uv as uv_package
 
@@ -557,6 +567,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
     return 1 if "e2e_error" in report else 0
+
+
+def images_main(args: argparse.Namespace) -> int:
+    """``--images``: benchmarks/image_bench.py, with the machine it ran on."""
+    import image_bench
+
+    report = image_bench.run(args.image_repeat, args.large_mb, args.e2e, args.e2e_jobs)
+    report["machine"] = machine_cpu()
+    print(image_bench.table(report))
+    m = report["machine"]
+    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), load {m['loadavg']:.2f}")
+    if args.json:
+        print(json.dumps(report))
+    return 1 if "e2e_error" in report else 0
+
+
+def machine_cpu() -> dict[str, Any]:
+    """CPUs and load of the machine."""
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "loadavg": os.getloadavg()[0]}
 
 
 if __name__ == "__main__":

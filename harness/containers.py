@@ -225,10 +225,11 @@ class ContainerKit:
         random_mb: int = 0,
         keep_local: bool = False,
     ) -> str:
-        """Build an image of static busybox plus ``files`` (path in the image -> content;
-        executable when it starts with ``#!``), push it as ``REGISTRY/NAME:TAG`` and return
-        that reference. ``random_mb`` adds a file of that many MiB of random bytes (a
-        large layer that does not compress). The local copy is removed unless ``keep_local``.
+        """Build an image of static busybox (every applet linked in /bin) plus ``files``
+        (path in the image -> content; executable when it starts with ``#!``), push it as
+        ``REGISTRY/NAME:TAG`` and return that reference. ``random_mb`` adds a file of that
+        many MiB of random bytes (a large layer that does not compress). The local copy is
+        removed unless ``keep_local``.
         """
         work = self.root / "build" / f"{name}-{tag}-{secrets.token_hex(4)}"
         rootfs_tar = work / "rootfs.tar"
@@ -241,9 +242,10 @@ class ContainerKit:
                 info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
                 tar.addfile(info)
             tar.add(busybox, "bin/busybox")
-            link = tarfile.TarInfo("bin/sh")
-            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
-            tar.addfile(link)
+            for applet in _applets(busybox):  # sh, ls, cat, env, sleep, true, ...
+                link = tarfile.TarInfo(f"bin/{applet}")
+                link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+                tar.addfile(link)
             contents: dict[str, str | bytes] = {
                 "etc/rigshift-test-image": f"{name}:{tag}\n",
                 **(files or {}),
@@ -316,6 +318,12 @@ _MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
+
+
+def _applets(busybox: str) -> list[str]:
+    """The commands ``busybox`` provides (each becomes a link in the image's /bin)."""
+    out = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout
+    return sorted({a for a in out.split() if a and "/" not in a and a != "busybox"} | {"sh"})
 
 
 class _RandomBytes:
