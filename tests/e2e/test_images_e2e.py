@@ -307,12 +307,15 @@ def test_an_image_job_on_a_fleet_without_podman_stays_pending(
         assert worker.state == farm_pb2.Worker.ONLINE
         assert not worker.container_runtime.name
         name = client.create_job(["/opt/train.sh"], image=images.train).name
-        expected = "no worker runs containers: 0 of 1 have podman"
-        wait_until(
-            lambda: expected in client.get_job(name).status_message,
-            30,
-            f"the reason {expected!r} (got {client.get_job(name).status_message!r})",
-        )
+
+        def reasons() -> list[Any]:
+            return list(client.get_job(name).pending_reasons)
+
+        wait_until(reasons, 30, f"a reason why {name} is not placed")
+        (reason,) = reasons()
+        assert (reason.resource, reason.resolvable) == ("container_runtime", False)
+        # "no worker runs containers: 0 of 1 have podman" (or "... a container runtime")
+        assert reason.message.startswith("no worker runs containers: 0 of 1 have"), reason
         assert client.get_job(name).state == S.PENDING
         # And a job without an image runs there.
         plain = client.create_job(["/bin/sh", "-c", "echo ok"]).name
