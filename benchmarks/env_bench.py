@@ -327,6 +327,7 @@ def e2e_job(
     attempt = job.attempts[-1]
     start_s = _seconds(attempt.start_time) - _seconds(job.create_time)
     return {
+        "create_ms": _seconds(job.create_time) * 1000,
         "start_ms": round(start_s * 1000, 1),
         "setup_ms": int(attempt.setup_milliseconds),
         "logs": logs,

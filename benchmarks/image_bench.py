@@ -15,15 +15,20 @@ gzip cannot shrink). For each, ``--image-repeat`` times:
 
 End to end (``--e2e``): a real broker and one agent (``RTX3090x2`` simulated, heartbeat
 1 s), the fleet's environment carrying podman's configuration. One cold image job pulls
-``small``; then ``--e2e-jobs`` pairs, alternately a process job (``/bin/true`` on the rig)
-and an image job (``/bin/true`` in ``small``, warm), each submitted once the previous one
-has finished. Per job: submit -> process start (the attempt's ``start_time`` minus the
-job's ``create_time``, both the broker's clock) and ``setup_milliseconds``. The
-difference of the medians is what a warm image adds; the goal is under 1.5 s.
+``small``; then ``--e2e-jobs`` pairs, alternately a process job (``sh -c 'cat
+/proc/uptime'`` on the rig) and an image job (the same command in ``small``, warm), each
+submitted once the previous one has finished. Per job: submit -> process start as the
+broker records it (the attempt's ``start_time`` minus the job's ``create_time``: for an
+image job the start of ``podman run``, which the agent launches), submit -> the job's
+first instruction (the ``/proc/uptime`` it prints, the same clock inside a container,
+turned into wall time; 10 ms resolution), and ``setup_milliseconds``. The differences of
+the medians are what a warm image adds; the goal is under 1.5 s for the second (the
+job's own code running), which includes podman starting the container.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,8 +45,26 @@ from harness.containers import ContainerKit
 #: Seconds a warm image may add to submit -> process start.
 GOAL_WARM_IMAGE_S = 1.5
 
-#: What the small image runs end to end and in ``warm start``.
+#: What the small image's ``/opt/run.sh`` does (the cold end-to-end job).
 RUN_SH = "#!/bin/sh\necho image job\n"
+
+#: The end-to-end jobs, on the rig and in the image: print the seconds since boot.
+UPTIME = ["/bin/sh", "-c", "cat /proc/uptime"]
+
+
+def _boot_epoch() -> float:
+    """Wall-clock time of the boot, to turn ``/proc/uptime`` readings into wall time."""
+    with open("/proc/uptime") as f:
+        return time.time() - float(f.read().split()[0])
+
+
+def _seen_ms(got: dict[str, Any], boot: float) -> float:
+    """Submit -> the job's first instruction, from the uptime it printed."""
+    found = re.search(r"^(\d+\.\d+) \d+\.\d+$", got["logs"], re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no /proc/uptime line in the job's logs:\n{got['logs']}")
+    up = float(found.group(1))
+    return round((boot + up) * 1000 - got["create_ms"], 1)
 
 
 def _timed(kit: ContainerKit, *args: str) -> float:
@@ -88,7 +111,7 @@ def measure_image(kit: ContainerKit, ref: str, repeat: int) -> dict[str, Any]:
 
 def run_e2e(kit: ContainerKit, ref: str, jobs: int) -> dict[str, Any]:
     """A real broker and one agent: what a warm image adds to submit -> process start."""
-    from env_bench import _kind_summary, e2e_job
+    from env_bench import _kind_summary, e2e_job, pct
 
     from harness.fleet import LocalFleet
 
@@ -112,14 +135,17 @@ def run_e2e(kit: ContainerKit, ref: str, jobs: int) -> dict[str, Any]:
         cold = e2e_job(client, ["/opt/run.sh"], "", timeout_s=300, image=ref)
         print(f"  e2e cold image: {cold['start_ms']:.0f} ms to start", file=sys.stderr)
         runs: dict[str, list[dict[str, Any]]] = {"process": [], "image": []}
+        seen: dict[str, list[float]] = {"process": [], "image": []}
+        boot = _boot_epoch()
         for i in range(jobs):
             for kind, spec in (("process", {}), ("image", {"image": ref})):
                 time.sleep(0.2)  # a quiet queue and rig before each submission
-                got = e2e_job(client, ["/bin/true"], "", timeout_s=120, **spec)
+                got = e2e_job(client, UPTIME, "", timeout_s=120, **spec)
                 runs[kind].append(got)
+                seen[kind].append(_seen_ms(got, boot))
                 print(
                     f"  e2e {kind} #{i + 1}: {got['start_ms']:.0f} ms to start, "
-                    f"setup {got['setup_ms']} ms",
+                    f"{seen[kind][-1]:.0f} ms to the job's code, setup {got['setup_ms']} ms",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -130,6 +156,10 @@ def run_e2e(kit: ContainerKit, ref: str, jobs: int) -> dict[str, Any]:
     if left:
         raise RuntimeError(f"processes of the fleet left running: {left}")
     process, image = _kind_summary(runs["process"]), _kind_summary(runs["image"])
+    for kind, summary in (("process", process), ("image", image)):
+        summary["seen_p50_ms"] = round(statistics.median(seen[kind]), 1)
+        summary["seen_p90_ms"] = round(pct(seen[kind], 90), 1)
+        summary["runs_seen_ms"] = seen[kind]
     return {
         "jobs_per_kind": jobs,
         "cold": {"start_ms": cold["start_ms"], "setup_ms": cold["setup_ms"]},
@@ -137,6 +167,8 @@ def run_e2e(kit: ContainerKit, ref: str, jobs: int) -> dict[str, Any]:
         "image": image,
         "image_adds_p50_ms": round(image["start_p50_ms"] - process["start_p50_ms"], 1),
         "image_adds_p90_ms": round(image["start_p90_ms"] - process["start_p90_ms"], 1),
+        "image_adds_seen_p50_ms": round(image["seen_p50_ms"] - process["seen_p50_ms"], 1),
+        "image_adds_seen_p90_ms": round(image["seen_p90_ms"] - process["seen_p90_ms"], 1),
     }
 
 
@@ -198,25 +230,30 @@ def table(report: dict[str, Any]) -> str:
         rows += [
             "",
             f"end to end (broker + one agent), {e2e['jobs_per_kind']} jobs of each kind, ms:",
-            f"{'job':<22} {'start p50':>10} {'start p90':>10} {'setup p50':>10} {'setup p90':>10}",
+            f"{'job':<22} {'start p50':>10} {'start p90':>10} {'code p50':>10} {'code p90':>10} "
+            f"{'setup p50':>10} {'setup p90':>10}",
         ]
         cold = e2e["cold"]
         rows.append(
-            f"{'cold image (pulls)':<22} {cold['start_ms']:>10.0f} {'':>10} {cold['setup_ms']:>10}"
+            f"{'cold image (pulls)':<22} {cold['start_ms']:>10.0f} {'':>32} {cold['setup_ms']:>10}"
         )
         for kind, label in (("process", "process (no image)"), ("image", "warm image")):
             k = e2e[kind]
             rows.append(
                 f"{label:<22} {k['start_p50_ms']:>10.1f} {k['start_p90_ms']:>10.1f} "
+                f"{k['seen_p50_ms']:>10.1f} {k['seen_p90_ms']:>10.1f} "
                 f"{k['setup_p50_ms']:>10.1f} {k['setup_p90_ms']:>10.1f}"
             )
-        adds = e2e["image_adds_p50_ms"]
+        adds = e2e["image_adds_seen_p50_ms"]
         verdict = "met" if adds < GOAL_WARM_IMAGE_S * 1000 else "MISSED"
-        rows.append(
-            f"a warm image adds {adds:.1f} ms to submit -> start (difference of the medians; "
-            f"of the p90s {e2e['image_adds_p90_ms']:.1f} ms) "
-            f"(goal < {GOAL_WARM_IMAGE_S:g} s: {verdict})"
-        )
+        rows += [
+            "(start: the broker's start_time, for an image podman run's; code: the job's first "
+            "instruction, from /proc/uptime)",
+            f"a warm image adds {e2e['image_adds_p50_ms']:.1f} ms to submit -> start and "
+            f"{adds:.1f} ms to submit -> the job's code (differences of the medians; of the "
+            f"p90s {e2e['image_adds_seen_p90_ms']:.1f} ms) (goal < {GOAL_WARM_IMAGE_S:g} s: "
+            f"{verdict})",
+        ]
     elif "e2e_error" in report:
         rows.append(f"end to end not measured: {report['e2e_error']}")
     return "\n".join(rows)
