@@ -23,6 +23,7 @@ already holds, whichever image brought it).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -98,57 +99,100 @@ def _free_port() -> int:
 
 
 @dataclass
+class Registry:
+    """A running ``docker-registry``: its address, process and log (its access log too)."""
+
+    address: str  # host:port
+    proc: subprocess.Popen[bytes]
+    log: Path
+    creds: str = ""  # "user:password" when it asks for them
+
+    def log_tail(self) -> str:
+        """The last lines of its log, for error messages."""
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        return ""
+
+
+@dataclass
 class ContainerKit:
-    """podman's configuration under ``root``, a running registry, and what was pushed."""
+    """podman's configuration under ``root``, running registries, and what was pushed.
+
+    ``registry`` is open to anyone; with ``start(private=True)`` ``private_registry``
+    asks for a user and password (htpasswd), and ``auth_json`` is the containers auth
+    file (``{"auths": ...}``, as ``podman login`` writes it) that opens it.
+    """
 
     root: Path
-    registry: str  # host:port of the registry
     env: dict[str, str]  # the whole environment, with CONTAINERS_CONF and ..._REGISTRIES_CONF
-    registry_proc: subprocess.Popen[bytes] | None = None
+    registries: list[Registry] = field(default_factory=list)
     pushed: list[str] = field(default_factory=list)
+    auth_json: bytes = b""
 
     # --- starting and stopping ----------------------------------------------------------
 
     @classmethod
-    def start(cls, root: Path, *, timeout_s: float = 30.0) -> ContainerKit:
-        """Write the configuration, start the registry, wait until it answers."""
+    def start(cls, root: Path, *, private: bool = False, timeout_s: float = 30.0) -> ContainerKit:
+        """Write the configuration, start the registry (and the private one), wait until
+        they answer."""
         missing = missing_tools()
         if missing:
             raise ContainerKitError(f"not installed: {', '.join(missing)}")
         root.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
-        registry = f"127.0.0.1:{port}"
+        addresses = [f"127.0.0.1:{_free_port()}" for _ in range(2 if private else 1)]
         (root / "containers.conf").write_text(CONTAINERS_CONF)
         (root / "registries.conf").write_text(
-            f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n'
+            "".join(f'[[registry]]\nlocation = "{a}"\ninsecure = true\n\n' for a in addresses)
         )
-        storage = root / "registry-data"
-        (root / "registry.yml").write_text(
-            "version: 0.1\n"
-            "log: {level: info, accesslog: {disabled: false}}\n"
-            f"storage: {{filesystem: {{rootdirectory: {storage}}}, delete: {{enabled: true}}}}\n"
-            f"http: {{addr: {registry}}}\n"
-        )
+        # No credentials but the ones a pull is given: not root's own podman login.
+        (root / "no-auth.json").write_text('{"auths": {}}\n')
         env = {
             **os.environ,
             "CONTAINERS_CONF": str(root / "containers.conf"),
             "CONTAINERS_REGISTRIES_CONF": str(root / "registries.conf"),
+            "REGISTRY_AUTH_FILE": str(root / "no-auth.json"),
         }
-        kit = cls(root, registry, env)
-        with open(kit.registry_log, "ab") as log:
-            kit.registry_proc = subprocess.Popen(
-                ["docker-registry", "serve", str(root / "registry.yml")],
+        kit = cls(root, env)
+        try:
+            for i, address in enumerate(addresses):
+                kit.registries.append(kit._serve(f"registry-{i}", address, secured=i == 1))
+            for registry in kit.registries:
+                _wait_registry(registry, timeout_s)
+        except BaseException:
+            kit.stop()
+            raise
+        return kit
+
+    def _serve(self, name: str, address: str, *, secured: bool) -> Registry:
+        auth = ""
+        creds = ""
+        if secured:
+            user, password = "rigshift-test", secrets.token_urlsafe(12)
+            (self.root / f"{name}.htpasswd").write_text(f"{user}:{_bcrypt(password)}\n")
+            auth = (
+                "auth: {htpasswd: {realm: rigshift-test, "
+                f"path: {self.root / f'{name}.htpasswd'}}}}}\n"
+            )
+            creds = f"{user}:{password}"
+            token = base64.b64encode(creds.encode()).decode()
+            self.auth_json = json.dumps({"auths": {address: {"auth": token}}}).encode()
+        (self.root / f"{name}.yml").write_text(
+            "version: 0.1\n"
+            "log: {level: info, accesslog: {disabled: false}}\n"
+            f"storage: {{filesystem: {{rootdirectory: {self.root / name}}}, "
+            "delete: {enabled: true}}\n"
+            f"http: {{addr: {address}}}\n" + auth
+        )
+        log_path = self.root / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                ["docker-registry", "serve", str(self.root / f"{name}.yml")],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        try:
-            kit._wait_registry(timeout_s)
-        except BaseException:
-            kit.stop()
-            raise
-        return kit
+        return Registry(address, proc, log_path, creds)
 
     def __enter__(self) -> ContainerKit:
         return self
@@ -157,44 +201,36 @@ class ContainerKit:
         self.stop()
 
     @property
-    def registry_log(self) -> Path:
-        """The registry's output, its access log included."""
-        return self.root / "registry.log"
+    def registry(self) -> str:
+        """host:port of the open registry."""
+        return self.registries[0].address
 
-    def _wait_registry(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.registry_proc is not None
-            if self.registry_proc.poll() is not None:
-                raise ContainerKitError(f"docker-registry exited:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://{self.registry}/v2/", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                raise ContainerKitError(f"the registry did not answer:\n{self._log_tail()}")
-            time.sleep(0.05)
+    @property
+    def private_registry(self) -> str:
+        """host:port of the registry that asks for credentials (``start(private=True)``)."""
+        if len(self.registries) < 2:
+            raise ContainerKitError("start(private=True) for a private registry")
+        return self.registries[1].address
 
-    def _log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.registry_log.read_text(errors="replace").splitlines()[-20:])
-        return ""
+    def _registry_of(self, ref: str) -> Registry:
+        for registry in self.registries:
+            if ref.startswith(f"{registry.address}/"):
+                return registry
+        raise ContainerKitError(f"{ref} is not in one of the kit's registries")
 
     def stop(self) -> None:
-        """Stop the registry and remove the local copies of what the kit pushed (pulled
+        """Stop the registries and remove the local copies of what the kit pushed (pulled
         by the tests' agents into podman's storage)."""
         for ref in self.pushed:
             self.podman("rmi", "-f", ref, check=False)
-        proc = self.registry_proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for registry in self.registries:
+            if registry.proc.poll() is None:
+                registry.proc.terminate()
+                try:
+                    registry.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    registry.proc.kill()
+                    registry.proc.wait()
 
     # --- podman ---------------------------------------------------------------------------
 
@@ -224,12 +260,14 @@ class ContainerKit:
         tag: str = "1",
         random_mb: int = 0,
         keep_local: bool = False,
+        private: bool = False,
     ) -> str:
         """Build an image of static busybox (every applet linked in /bin) plus ``files``
         (path in the image -> content; executable when it starts with ``#!``), push it as
         ``REGISTRY/NAME:TAG`` and return that reference. ``random_mb`` adds a file of that
         many MiB of random bytes (a large layer that does not compress). The local copy is
-        removed unless ``keep_local``.
+        removed unless ``keep_local``. ``private`` pushes it to the registry that asks for
+        credentials.
         """
         work = self.root / "build" / f"{name}-{tag}-{secrets.token_hex(4)}"
         rootfs_tar = work / "rootfs.tar"
@@ -257,12 +295,13 @@ class ContainerKit:
                 info = tarfile.TarInfo("opt/random.bin")
                 info.size, info.mode = random_mb << 20, 0o644
                 tar.addfile(info, _RandomBytes())
-        ref = f"{self.registry}/{name}:{tag}"
+        registry = self.registries[1 if private else 0]
+        ref = f"{registry.address}/{name}:{tag}"
         local = f"localhost/{name}-build:{tag}"
         self.podman("import", "-q", str(rootfs_tar), local)
         rootfs_tar.unlink()
         self.podman("tag", local, ref)
-        self.podman("push", "-q", ref)
+        self.podman("push", "-q", *(("--creds", registry.creds) if private else ()), ref)
         self.pushed.append(ref)
         self.podman("rmi", "-f", local, *(() if keep_local else (ref,)))
         return ref
@@ -288,11 +327,15 @@ class ContainerKit:
     # --- the registry -----------------------------------------------------------------
 
     def layers(self, ref: str) -> list[str]:
-        """Digests of the layers of ``ref`` (one of this registry's), from its manifest."""
-        name, _, tag = ref.removeprefix(f"{self.registry}/").rpartition(":")
+        """Digests of the layers of ``ref`` (in one of the kit's registries), from its
+        manifest."""
+        registry = self._registry_of(ref)
+        name, _, tag = ref.removeprefix(f"{registry.address}/").rpartition(":")
+        headers = {"Accept": ", ".join(_MANIFEST_TYPES)}
+        if registry.creds:
+            headers["Authorization"] = "Basic " + base64.b64encode(registry.creds.encode()).decode()
         request = urllib.request.Request(
-            f"http://{self.registry}/v2/{name}/manifests/{tag}",
-            headers={"Accept": ", ".join(_MANIFEST_TYPES)},
+            f"http://{registry.address}/v2/{name}/manifests/{tag}", headers=headers
         )
         with urllib.request.urlopen(request, timeout=10) as r:
             manifest = json.loads(r.read())
@@ -302,9 +345,10 @@ class ContainerKit:
         """How many times the registry has served a layer of ``ref``, from its access log.
         A pull of an image podman already holds fetches none (``podman pull`` fetches the
         manifest and the small config blob again, never a layer it has)."""
-        name = ref.removeprefix(f"{self.registry}/").rpartition(":")[0]
+        registry = self._registry_of(ref)
+        name = ref.removeprefix(f"{registry.address}/").rpartition(":")[0]
         try:
-            text = self.registry_log.read_text(errors="replace")
+            text = registry.log.read_text(errors="replace")
         except OSError:
             return 0
         return sum(
@@ -318,6 +362,45 @@ _MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
+
+
+def _wait_registry(registry: Registry, timeout_s: float) -> None:
+    """Until the registry answers ``/v2/`` (200, or 401 when it asks for credentials)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if registry.proc.poll() is not None:
+            raise ContainerKitError(f"docker-registry exited:\n{registry.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://{registry.address}/v2/", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as err:
+            if err.code == 401:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise ContainerKitError(f"the registry did not answer:\n{registry.log_tail()}")
+        time.sleep(0.05)
+
+
+def _bcrypt(password: str) -> str:
+    """A bcrypt hash for an htpasswd file (the registry accepts no other), from the C
+    library's crypt(3) (``crypt`` is deprecated, and enough for a test's password)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+
+    salt = "$2b$05$" + "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(22))
+    hashed = crypt.crypt(password, salt)
+    if not hashed or not hashed.startswith("$2b$"):
+        raise ContainerKitError("the C library's crypt(3) does not do bcrypt")
+    return hashed
+
+
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def _applets(busybox: str) -> list[str]:

@@ -15,6 +15,7 @@ the test of a fleet without podman starts a second, small one whose agent has
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -76,6 +77,7 @@ class Images:
     rig: ManagedProcess
     train: str  # /opt/train.sh, /opt/probe.sh
     again: str  # used by the pull-once test only
+    private: str  # /opt/probe.sh, in the registry that asks for credentials
 
     @property
     def state_dir(self) -> Path:
@@ -124,7 +126,7 @@ def _kit_or_skip(root: Path) -> ContainerKit:
         if os.environ.get("CI"):
             pytest.fail(f"{what}: `.ci/run` installs them")
         pytest.skip(what)
-    return ContainerKit.start(root)
+    return ContainerKit.start(root, private=True)
 
 
 def _start_fleet(
@@ -161,8 +163,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     try:
         train = kit.build_image("train", {"opt/train.sh": TRAIN_SH, "opt/probe.sh": PROBE_SH})
         again = kit.build_image("again", {"opt/hello.sh": "#!/bin/sh\necho hello again\n"})
+        private = kit.build_image("private", {"opt/probe.sh": PROBE_SH}, private=True)
         fleet, rig = _start_fleet(root / "fleet", kit.env, "rig-img")
-        yield Images(kit, fleet, fleet.client(), rig, train, again)
+        yield Images(kit, fleet, fleet.client(), rig, train, again, private)
     finally:
         if fleet is not None:
             _stop_fleet(fleet)
@@ -285,6 +288,46 @@ def test_a_container_job_cannot_read_the_agents_state_dir(images: Images, tmp_pa
     everything += images.logs(name)
     assert credential not in everything
     assert "RIGSHIFT_CREDENTIAL" not in (out / "env.txt").read_text()
+
+
+def test_a_private_image_is_pulled_with_the_jobs_registry_auth_which_stays_secret(
+    images: Images, tmp_path: Path
+) -> None:
+    ref, kit = images.private, images.kit
+    # Without credentials the registry refuses: the client's fault, one attempt, named.
+    name = images.client.create_job(["/opt/probe.sh", "/x"], image=ref, max_attempts=3).name
+    job = images.wait(name)
+    assert job.state == S.FAILED and len(job.attempts) == 1, job.status_message
+    assert ref in job.status_message, job.status_message
+
+    auth = tmp_path / "auth.json"
+    auth.write_bytes(kit.auth_json)
+    token = json.loads(kit.auth_json)["auths"][kit.private_registry]["auth"]
+    password = base64.b64decode(token).decode().split(":", 1)[1]
+    submitted = images.cli(
+        "submit", "--json", "--image", ref, "--registry-auth", str(auth),
+        "--", "/opt/probe.sh", str(images.state_dir),
+    )  # fmt: skip
+    name = json.loads(submitted.stdout)["name"]
+    job = images.wait(name)
+    logs = images.logs(name)
+    assert job.state == S.SUCCEEDED, (job.status_message, logs[-3000:])
+    assert kit.layer_fetches(ref) >= 1
+    out = images.client.download_outputs(name, tmp_path / "out")
+
+    # The secret is nowhere a job or another client could read, nor on the broker's or the
+    # rig's disk: not in what the API answers, the job's logs, outputs or environment, the
+    # processes' logs, the broker's database, the agent's state directory.
+    shown = submitted.stdout + images.cli("get", "--json", name.rpartition("/")[2]).stdout
+    seen = [("the API's answers", shown), ("the job's logs", logs)]
+    seen += [(f"output {p.name}", p.read_text(errors="replace")) for p in out.iterdir()]
+    for where in ("logs", "broker", "agents"):
+        for path in sorted((images.fleet.root / where).rglob("*")):
+            if path.is_file() and path.stat().st_size < 64 << 20:
+                seen.append((str(path), path.read_bytes().decode(errors="replace")))
+    for what, text in seen:
+        assert token not in text and password not in text, f"the pull secret is in {what}"
+    assert "containers" not in (out / "ls-state.txt").read_text()
 
 
 def test_a_container_job_has_no_network(images: Images, tmp_path: Path) -> None:
