@@ -6,7 +6,9 @@ runs containers, with two quirks handled through podman's own configuration file
 (never through special cases in the agent, which passes its environment on to podman):
 crun refuses a hybrid cgroup layout, so ``runc`` is the runtime, and limits above the
 current ones are refused, so ``default_ulimits`` stay at 4096. A registry is Debian's
-``docker-registry`` on a free loopback port, declared insecure (plain HTTP)::
+``docker-registry`` on a free loopback port, declared insecure (plain HTTP); with
+``start(private=True)`` a second one asks for a user and password (an htpasswd file;
+``kit.auth_json`` is the containers auth file that opens it)::
 
     with ContainerKit.start(tmp / "kit") as kit:
         ref = kit.build_image("train", {"opt/train.sh": SCRIPT})   # pushed, not local

@@ -8,7 +8,9 @@ and ``CONTAINERS_REGISTRIES_CONF`` in the fleet's environment, which the agent p
 on. Without podman, the registry or a static busybox the tests are skipped; in CI
 (``CI`` set) they fail instead (`.ci/run` installs them).
 
-One fleet serves the module (broker, one agent ``rig-img`` with 2 simulated RTX 3090s);
+A second registry asks for a user and password (htpasswd), for the job that brings
+``--registry-auth``. One fleet serves the module (broker, one agent ``rig-img`` with 2
+simulated RTX 3090s);
 the test of a fleet without podman starts a second, small one whose agent has
 ``[containers] enabled = false``.
 """
