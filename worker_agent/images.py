@@ -5,8 +5,12 @@ the image is pulled unless this rig already holds it (podman's output going to t
 job's logs), then held in use until the attempt ends. A registry credential
 (``registry_auth``) goes to a 0600 file in the agent's own ``containers/`` directory
 (never mounted into a job), is passed as ``--authfile`` to that one pull and deleted
-right after it; it is never logged. A failed pull is a :class:`SetupError` whose cause
-:func:`~worker_agent.containers.classify_pull_failure` decides.
+right after it; it is never logged. An image pulled with credentials is *private*: a
+later job gets it only through a pull with its own credentials, which the registry
+checks (only the manifest moves, the layers are held), so a client without access cannot
+run an image another client's credentials brought onto the rig. A failed pull is a
+:class:`SetupError` whose cause :func:`~worker_agent.containers.classify_pull_failure`
+decides.
 
 The cache's index (``containers/images.json``: reference → ``name@sha256:digest``,
 image id, size, last use) survives restarts; :meth:`ImageCache.held` is what the
@@ -48,6 +52,8 @@ class Image:
     image_id: str
     size: int
     last_used: float
+    private: bool = False
+    """Pulled with registry credentials: reused only after the registry says yes again."""
 
 
 class ImageCache:
@@ -173,7 +179,8 @@ class ImageCache:
             f"[rigshift-agent] image {reference} pulled in {time.monotonic() - t0:.1f} s "
             f"({image_name(reference)}@{digest}, {size} bytes)\n"
         )
-        return Image(reference, f"{image_name(reference)}@{digest}", image_id, size, time.time())
+        ref = f"{image_name(reference)}@{digest}"
+        return Image(reference, ref, image_id, size, time.time(), private=bool(auth))
 
     async def _present(self, image: Image) -> bool:
         code, _ = await self._podman("image", "exists", image.image_id)
@@ -188,9 +195,12 @@ class ImageCache:
         """The image of ``reference``, pulled unless held, in use until the block ends."""
         async with self._locks.setdefault(reference, asyncio.Lock()):
             image = self.images.get(reference)
-            if image is not None and await self._present(image):
+            if image is not None and not image.private and await self._present(image):
                 emit(f"[rigshift-agent] image {reference} held on this rig ({image.digest_ref})\n")
             else:
+                # A private image is pulled again with this job's credentials (the registry
+                # checks them; the layers held are not fetched again): holding it on this rig
+                # must not let a client without access run it.
                 image = await self._pull(reference, auth, emit)
             image.last_used = time.time()
             self.images[reference] = image

@@ -331,6 +331,14 @@ def test_a_private_image_is_pulled_with_the_jobs_registry_auth_which_stays_secre
         assert token not in text and password not in text, f"the pull secret is in {what}"
     assert "containers" not in (out / "ls-state.txt").read_text()
 
+    # The rig holds the private image now; a job without credentials still cannot run it.
+    fetches = kit.layer_fetches(ref)
+    name = images.client.create_job(["/opt/probe.sh", "/x"], image=ref, max_attempts=3).name
+    job = images.wait(name)
+    assert job.state == S.FAILED and len(job.attempts) == 1, job.status_message
+    assert ref in job.status_message, job.status_message
+    assert kit.layer_fetches(ref) == fetches  # refused at the manifest: no layer moved
+
 
 def test_a_container_job_has_no_network(images: Images, tmp_path: Path) -> None:
     name = images.client.create_job(["/opt/probe.sh", "/nonexistent"], image=images.train).name
