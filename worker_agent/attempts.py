@@ -5,7 +5,8 @@ One :class:`AttemptRunner` per agent. For each assignment it
 1. reports ``preparing`` and sets the attempt up, every step's output going to the
    job's logs: the job's image (pulled unless held, ``images.py``; held in use until
    the attempt ends; the process is then ``podman run``, ``containers.py``), its
-   Python environment (built or reused by
+   Python environment (for an image job, its requirements installed for the image's own
+   Python, ``image_python.py``) (built or reused by
    :class:`~worker_agent.environments.EnvironmentCache`; held in use until the attempt
    ends), its inputs (each archive fetched and extracted once per rig into
    ``inputs/<sha256>``, linked read-only as ``$RIGSHIFT_INPUT_DIR/<name>``), a fresh
@@ -74,8 +75,9 @@ from worker_agent.diskspace import free_bytes as _free_bytes
 from worker_agent.diskspace import read_only as _read_only
 from worker_agent.diskspace import remove_tree as _remove_tree
 from worker_agent.energy import EnergyMeter
-from worker_agent.environments import EnvironmentCache, SetupError
+from worker_agent.environments import Environment, EnvironmentCache, SetupError
 from worker_agent.gpu import GpuBackend, Load
+from worker_agent.image_python import InstallTarget, install_target
 from worker_agent.images import ImageCache
 from worker_agent.launch import Execution, Executor, LaunchSpec, job_environment
 from worker_agent.outbox import AttemptKey, Outbox
@@ -329,26 +331,30 @@ class AttemptRunner:
         if a.spec.image:
             if self.images is None:
                 raise SetupError("this rig runs no containers (podman missing or off)", "rig")
-            if a.spec.python_requirements:
-                raise SetupError(
-                    "an image with python_requirements is not supported yet: "
-                    "install the requirements in the image",
-                    "client",
-                )
             image = await run.held.enter_async_context(
                 self.images.use(a.spec.image, a.spec.registry_auth, self._setup_log(run.key))
             )
-        venv = None
+        venv: Environment | None = None
+        site: Environment | None = None
+        target: InstallTarget | None = None
+        image_path = ""
         if a.spec.python_requirements:
             if self.environments is None:
                 raise SetupError("this agent does not build Python environments", "rig")
-            venv = await run.held.enter_async_context(
+            if image is not None and self.images is not None:
+                # On top of the image's own Python: installed here, mounted there.
+                python = await self.images.python(image, self._setup_log(run.key))
+                target = install_target(a.spec.image, image.digest_ref, python)
+                image_path = python.path
+            built = await run.held.enter_async_context(
                 self.environments.use(
                     a.spec.requirements_sha256,
                     a.spec.python_requirements,
                     self._setup_log(run.key),
+                    target,
                 )
             )
+            site, venv = (built, None) if target is not None else (None, built)
         input_dir, readonly = await self._inputs(run)
         if venv is not None:
             readonly.append(str(venv.path))
@@ -408,6 +414,8 @@ class AttemptRunner:
             job_env=a.spec.env,
             agent_env=os.environ,
             rig=self.images.rig,
+            site=str(site.path) if site is not None else "",
+            image_path=image_path,
         )
 
     async def _run(self, run: _Run) -> None:

@@ -15,7 +15,10 @@ allows (``[containers] network``, ``none`` by default). Never the agent's state
 directory, its tokens and credentials, nor the pull's auth file: nothing else is
 mounted. The process the executor launches is ``podman run`` itself, so logs, exit
 status, energy metering and the lease fence work as for any job; the agent removes the
-container when the attempt ends, whatever the way (``images.py``).
+container when the attempt ends, whatever the way (``images.py``). A job with
+``python_requirements`` also gets the directory they were installed into for the
+image's Python (``image_python.py``), read-only at :data:`SITE_DIR`, first on
+``PYTHONPATH`` (its ``bin`` first on the image's ``PATH``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from worker_agent.config import ContainersConfig
 from worker_agent.launch import SECRET_ENV, LaunchSpec
 
 __all__ = [
+    "SITE_DIR",
     "PodmanRuntime",
     "classify_pull_failure",
     "container_env_names",
@@ -159,6 +163,10 @@ def image_name(reference: str) -> str:
 
 # --- the run command -----------------------------------------------------------------
 
+#: Where an image job's requirements (installed on the rig for the image's Python) are
+#: mounted, read-only.
+SITE_DIR = "/opt/rigshift/site"
+
 
 def container_name(job: str, attempt: int) -> str:
     """``rigshift-<job id>-<attempt>``: one container per attempt, found again by name."""
@@ -198,6 +206,7 @@ def podman_run_argv(
     readonly: Sequence[str],
     env: Mapping[str, str],
     rig: str = "",
+    site: str = "",
 ) -> list[str]:
     """The ``podman run`` command of one attempt.
 
@@ -206,6 +215,8 @@ def podman_run_argv(
     what the container gets. ``--pull never``: the image was pulled in ``PREPARING``,
     with the job's credentials, which are gone by now. ``rig`` labels the container
     ``rigshift.rig=<rig>``, so that an agent restarted after a crash removes what it left.
+    ``site`` (the job's requirements for the image's Python) is mounted read-only at
+    :data:`SITE_DIR`.
     """
     argv = [podman, "run", "--rm", "--name", name]
     if rig:
@@ -218,6 +229,8 @@ def podman_run_argv(
         if path and path not in seen:
             seen.add(path)
             argv += ["-v", f"{path}:{path}:{mode}"]
+    if site:
+        argv += ["-v", f"{site}:{SITE_DIR}:ro"]
     argv += ["--workdir", cwd]
     for key in sorted(env):
         argv += ["-e", f"{key}={env[key]}"]
@@ -234,11 +247,20 @@ def container_launch(
     job_env: Mapping[str, str],
     agent_env: Mapping[str, str],
     rig: str = "",
+    site: str = "",
+    image_path: str = "",
 ) -> LaunchSpec:
     """The attempt ``spec`` (the job's own command, environment and directories) as a
     ``podman run`` of ``image``: the process the executor launches, outside the sandbox
-    (the container is the isolation), with the agent's environment minus its secrets."""
+    (the container is the isolation), with the agent's environment minus its secrets.
+    ``site``: the job's requirements, installed for the image's Python, whose ``PATH`` is
+    ``image_path``."""
     inner = {k: spec.env[k] for k in container_env_names(spec.env, job_env, nvml=nvml)}
+    if site:
+        own = job_env.get("PYTHONPATH", "")
+        inner["PYTHONPATH"] = f"{SITE_DIR}:{own}" if own else SITE_DIR
+        if image_path and os.path.isdir(os.path.join(site, "bin")) and "PATH" not in job_env:
+            inner["PATH"] = f"{SITE_DIR}/bin:{image_path}"
     writable = [
         spec.env[n] for n in ("RIGSHIFT_CHECKPOINT_DIR", "RIGSHIFT_OUTPUT_DIR") if spec.env.get(n)
     ]
@@ -256,6 +278,7 @@ def container_launch(
         readonly=spec.readonly,
         env=inner,
         rig=rig,
+        site=site,
     )
     outer = {
         k: v for k, v in agent_env.items() if k not in SECRET_ENV and not k.startswith("RAY_AUTH")

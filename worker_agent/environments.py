@@ -28,6 +28,12 @@ variables itself (``UV_CACHE_DIR``, ``UV_OFFLINE``, ``UV_HTTP_TIMEOUT``, ...) an
 uses its global cache: a second environment with the same packages hard-links
 them instead of downloading them again.
 
+An image job's requirements (``use(..., target=...)``, see ``image_python.py``) are
+built the same way into the same cache, keyed by the image's digest and Python instead
+of this interpreter, as ``uv pip install --target <dir> --python-version X.Y
+--python-platform P <sources> -r <requirements>``; console scripts in ``<dir>/bin`` get
+``#!/usr/bin/env python3``. Their metadata carries the target's identity.
+
 Package sources. uv does not read pip's configuration, so the sources are given
 as flags, in this order:
 
@@ -76,6 +82,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker_agent.config import EnvironmentsConfig
+from worker_agent.image_python import InstallTarget, portable_scripts
 from worker_agent.interpreters import environment_key, interpreter_identity
 from worker_agent.setup_failures import SetupError, classify_failure
 
@@ -144,6 +151,8 @@ class _Entry:
     requirements_sha256: str
     size_bytes: int
     last_used: float
+    target: str = ""
+    """:attr:`InstallTarget.identity`, or "" for a venv of this rig's interpreter."""
 
 
 @dataclass
@@ -197,7 +206,11 @@ class EnvironmentCache:
 
     @contextlib.asynccontextmanager
     async def use(
-        self, requirements_sha256: str, requirements: str, log: Log
+        self,
+        requirements_sha256: str,
+        requirements: str,
+        log: Log,
+        target: InstallTarget | None = None,
     ) -> AsyncIterator[Environment]:
         """Yield a ready environment for these requirements, building it unless cached.
 
@@ -208,11 +221,13 @@ class EnvironmentCache:
         agent's own lines (``[rigshift-agent] environment <key12>: installing ...``,
         ``... ready in 4.2 s``, ``... reused (cached), nothing installed``).
         Cancelling the last caller of a build kills it. Raises SetupError.
+        With ``target``, the environment is a ``--target`` directory for an image's Python
+        (module docstring), not a venv.
         """
-        key = environment_key(requirements_sha256, self._identity)
+        key = environment_key(requirements_sha256, target.identity if target else self._identity)
         self._in_use[key] += 1
         try:
-            env = await self._acquire(key, requirements_sha256, requirements, log)
+            env = await self._acquire(key, requirements_sha256, requirements, log, target)
             yield env
         finally:
             self._in_use[key] -= 1
@@ -226,7 +241,8 @@ class EnvironmentCache:
 
         Reported to the broker for the scheduler's locality score.
         """
-        recent = sorted(self._entries.values(), key=lambda e: e.last_used, reverse=True)
+        venvs = (e for e in self._entries.values() if not e.target)
+        recent = sorted(venvs, key=lambda e: e.last_used, reverse=True)
         return [e.requirements_sha256 for e in recent[:MAX_HELD]]
 
     def evict(self) -> list[str]:
@@ -251,7 +267,9 @@ class EnvironmentCache:
 
     # --- acquiring ---
 
-    async def _acquire(self, key: str, sha: str, requirements: str, log: Log) -> Environment:
+    async def _acquire(
+        self, key: str, sha: str, requirements: str, log: Log, target: InstallTarget | None
+    ) -> Environment:
         path = self.root / key
         if key in self._entries:
             if path.is_dir():
@@ -263,7 +281,7 @@ class EnvironmentCache:
         first = build is None
         if build is None:
             build = _Build(sinks=[log])
-            build.task = asyncio.create_task(self._build(key, sha, requirements, build))
+            build.task = asyncio.create_task(self._build(key, sha, requirements, build, target))
             build.task.add_done_callback(_retrieve)
             self._builds[key] = build
         else:
@@ -297,17 +315,25 @@ class EnvironmentCache:
 
     # --- building ---
 
-    async def _build(self, key: str, sha: str, requirements: str, build: _Build) -> Environment:
+    async def _build(
+        self,
+        key: str,
+        sha: str,
+        requirements: str,
+        build: _Build,
+        target: InstallTarget | None = None,
+    ) -> Environment:
         tmp = self.root / f"{key}{_BUILDING}{secrets.token_hex(4)}"
         try:
             try:
                 async with asyncio.timeout(self.config.max_setup_s):
-                    size = await self._install(key, tmp, requirements, build.log)
+                    size = await self._install(key, tmp, requirements, build.log, target)
             except TimeoutError:
                 raise SetupError(
                     f"setup took longer than {self.config.max_setup_s:g} s", "rig"
                 ) from None
-            self._write_metadata(key, _Entry(sha, size, self._stamp()))
+            identity = target.identity if target else ""
+            self._write_metadata(key, _Entry(sha, size, self._stamp(), identity))
             final = self.root / key
             if final.exists():
                 shutil.rmtree(final)
@@ -324,25 +350,40 @@ class EnvironmentCache:
         finally:
             if self._builds.get(key) is build:
                 del self._builds[key]
-        self._entries[key] = _Entry(sha, size, self._last_stamp)
+        self._entries[key] = _Entry(sha, size, self._last_stamp, identity)
         build.log(
             f"{PREFIX} environment {key[:12]} ready in {time.monotonic() - build.started:.1f} s\n"
         )
         self.evict()
         return Environment(key, sha, final, built=True)
 
-    async def _install(self, key: str, tmp: Path, requirements: str, log: Log) -> int:
-        """Make the venv in ``tmp`` and install the requirements; its size in bytes."""
+    async def _install(
+        self, key: str, tmp: Path, requirements: str, log: Log, target: InstallTarget | None
+    ) -> int:
+        """Make the venv in ``tmp`` and install the requirements (or install them with
+        ``--target tmp`` for ``target``); its size in bytes."""
         uv = self._find_uv()
         version = await self._version(uv)
         count = _count_requirements(requirements)
         noun = "requirement" if count == 1 else "requirements"
+        sources = _source_args(self.config, self._environ)
+        if target is not None:
+            log(
+                f"{PREFIX} environment {key[:12]}: installing {count} {noun} for the image's "
+                f"Python ({' '.join(target.uv_args)}) with uv {version}\n"
+            )
+            tmp.mkdir()
+            (req_file := tmp / _REQUIREMENTS_FILE).write_text(requirements)
+            argv = [uv, "pip", "install", "--target", str(tmp), "--python", self._python]
+            await self._run([*argv, *target.uv_args, *sources, "-r", str(req_file)], log)
+            req_file.unlink()
+            await asyncio.to_thread(portable_scripts, tmp / "bin")
+            return await asyncio.to_thread(_tree_bytes, tmp)
         log(f"{PREFIX} environment {key[:12]}: installing {count} {noun} with uv {version}\n")
         await self._run([uv, "venv", "--relocatable", "--python", self._python, str(tmp)], log)
         req_file = tmp / _REQUIREMENTS_FILE
         req_file.write_text(requirements)
         python = str(tmp / "bin" / "python")
-        sources = _source_args(self.config, self._environ)
         await self._run(
             [uv, "pip", "install", "--python", python, *sources, "-r", str(req_file)], log
         )
@@ -431,7 +472,8 @@ class EnvironmentCache:
             entry = _read_metadata(path)
             if (
                 entry is not None
-                and environment_key(entry.requirements_sha256, self._identity) == key
+                and environment_key(entry.requirements_sha256, entry.target or self._identity)
+                == key
                 and (self.root / key).is_dir()
             ):
                 self._entries[key] = entry
@@ -533,6 +575,7 @@ def _read_metadata(path: Path) -> _Entry | None:
             requirements_sha256=str(data["requirements_sha256"]),
             size_bytes=int(data["size_bytes"]),
             last_used=float(data["last_used"]),
+            target=str(data.get("target", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -16,6 +16,10 @@ The cache's index (``containers/images.json``: reference → ``name@sha256:diges
 image id, size, last use) survives restarts; :meth:`ImageCache.held` is what the
 heartbeat reports, most recently used first. Past ``[containers] max_cache_gb`` the
 least recently used images not in use are removed (``podman rmi``).
+
+:meth:`ImageCache.python` asks an image which ``python3`` it has (for a job's
+``python_requirements``, ``image_python.py``), once per image digest: the answers are
+kept in ``containers/pythons.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from worker_agent.config import ContainersConfig
 from worker_agent.containers import PodmanRuntime, classify_pull_failure, image_name
+from worker_agent.image_python import ImagePython, parse_probe, probe_argv
 from worker_agent.setup_failures import SetupError
 
 __all__ = ["Image", "ImageCache"]
@@ -79,6 +84,7 @@ class ImageCache:
         self.images: dict[str, Image] = self._load()
         self._in_use: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pythons_file = self.root / "pythons.json"
 
     # --- the index -------------------------------------------------------------------
 
@@ -181,6 +187,31 @@ class ImageCache:
         )
         ref = f"{image_name(reference)}@{digest}"
         return Image(reference, ref, image_id, size, time.time(), private=bool(auth))
+
+    async def python(self, image: Image, emit: Callable[[str], None]) -> ImagePython:
+        """The image's ``python3`` (probed in a container without network once per digest);
+        SetupError (the client's) when it has none."""
+        try:
+            known = json.loads(self._pythons_file.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known.get(image.digest_ref), dict):
+            with contextlib.suppress(TypeError):
+                return ImagePython(**known[image.digest_ref])
+        argv = probe_argv(self.runtime.path, image.image_id, self.rig)
+        code, output = await self._podman(*argv[1:], timeout=120)
+        python = parse_probe(image.reference, code, output)
+        emit(
+            f"[rigshift-agent] image {image.reference}: {python.implementation} "
+            f"{python.version} ({python.machine}, {python.libc or 'libc?'} "
+            f"{python.libc_version})\n"
+        )
+        known[image.digest_ref] = python.to_json()
+        tmp = self._pythons_file.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, self._pythons_file)
+        return python
 
     async def _present(self, image: Image) -> bool:
         code, _ = await self._podman("image", "exists", image.image_id)
