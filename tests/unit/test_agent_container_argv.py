@@ -3,6 +3,10 @@ command, the ``[containers]`` table, what the heartbeat reports (no process star
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,17 @@ from worker_agent.containers import (
     image_name,
     podman_run_argv,
 )
+from worker_agent.image_python import (
+    PROBE_CODE,
+    ImagePython,
+    install_target,
+    parse_probe,
+    probe_argv,
+    python_platform,
+)
 from worker_agent.images import MAX_REPORTED, Image, ImageCache
 from worker_agent.launch import LaunchSpec
+from worker_agent.setup_failures import SetupError
 
 REF = "127.0.0.1:5055/rs-test:2"
 
@@ -177,8 +190,11 @@ HEAD = [
 ]
 
 
+SITE = f"{STATE}/environments/5173e"
+
+
 @pytest.mark.parametrize(
-    ("gpus", "nvml", "network", "expected"),
+    ("gpus", "nvml", "network", "site", "expected"),
     [
         # NVML rig: exactly the job's GPUs through CDI; no CUDA_VISIBLE_DEVICES (the
         # container sees its GPUs alone).
@@ -186,6 +202,7 @@ HEAD = [
             [1, 3],
             True,
             "none",
+            "",
             [
                 *HEAD,
                 *("--network", "none"),
@@ -204,6 +221,7 @@ HEAD = [
             [0],
             False,
             "slirp4netns",
+            "",
             [
                 *HEAD,
                 *("--network", "slirp4netns"),
@@ -217,10 +235,33 @@ HEAD = [
                 "--fast",
             ],
         ),
+        # Requirements installed for the image's Python: their directory read-only at
+        # /opt/rigshift/site, first on PYTHONPATH (no bin/ in it here, so PATH is the
+        # image's own).
+        (
+            [1],
+            True,
+            "none",
+            SITE,
+            [
+                *HEAD,
+                *("--network", "none"),
+                "--device=nvidia.com/gpu=1",
+                *MOUNTS,
+                *("-v", f"{SITE}:/opt/rigshift/site:ro"),
+                *("--workdir", WD),
+                *RIGSHIFT_ENV[:4],
+                *("-e", "PYTHONPATH=/opt/rigshift/site"),
+                *RIGSHIFT_ENV[4:],
+                "sha256:img",
+                "/bin/train",
+                "--fast",
+            ],
+        ),
     ],
 )
 def test_container_launch_is_exactly_this_podman_run(
-    gpus: list[int], nvml: bool, network: str, expected: list[str]
+    gpus: list[int], nvml: bool, network: str, site: str, expected: list[str]
 ) -> None:
     spec = _spec(gpus)
     launched = container_launch(
@@ -232,6 +273,8 @@ def test_container_launch_is_exactly_this_podman_run(
         job_env={"EPOCHS": "3"},
         agent_env=AGENT_ENV,
         rig="rig-7",
+        site=site,
+        image_path="/usr/local/bin:/usr/bin",
     )
     # Sorted env names; note CUDA_VISIBLE_DEVICES sorts between CUDA_DEVICE_ORDER and EPOCHS.
     assert launched.argv == expected
@@ -244,8 +287,144 @@ def test_container_launch_is_exactly_this_podman_run(
         assert secret not in joined
     # Nothing of the state directory is mounted but the job's own directories.
     mounted = [launched.argv[i + 1] for i, a in enumerate(launched.argv) if a == "-v"]
-    assert all(m.split(":")[0] in (WD, CKPT, OUT, INPUTS, CACHE) for m in mounted)
+    assert all(m.split(":")[0] in (WD, CKPT, OUT, INPUTS, CACHE, SITE) for m in mounted)
     assert not any(m.split(":")[0] == STATE for m in mounted)
+
+
+def test_the_site_goes_before_the_jobs_pythonpath_and_its_bin_before_the_images_path(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "bin").mkdir()
+
+    def env_of(job_env: dict[str, str]) -> dict[str, str]:
+        spec = _spec([0])
+        spec = dataclasses.replace(spec, env={**spec.env, **job_env})
+        argv = container_launch(
+            spec,
+            podman="podman",
+            image="i",
+            network="none",
+            nvml=True,
+            job_env=job_env,
+            agent_env=AGENT_ENV,
+            site=str(tmp_path),
+            image_path="/usr/local/bin:/usr/bin",
+        ).argv
+        pairs = [argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "-e"]
+        return dict((k, v) for k, v in pairs)
+
+    plain = env_of({})
+    assert plain["PYTHONPATH"] == "/opt/rigshift/site"
+    assert plain["PATH"] == "/opt/rigshift/site/bin:/usr/local/bin:/usr/bin"
+    own = env_of({"PYTHONPATH": "/code", "PATH": "/mine"})
+    assert own["PYTHONPATH"] == "/opt/rigshift/site:/code"
+    assert own["PATH"] == "/mine"  # the job's own PATH wins
+
+
+IMAGES = {
+    # what the probe printed (version, implementation, machine, libc, libc version, musl)
+    "debian12": ImagePython("3.11", "cpython", "x86_64", "glibc", "2.36"),
+    "ubuntu20": ImagePython("3.8", "cpython", "x86_64", "glibc", "2.31"),
+    "rhel8": ImagePython("3.9", "cpython", "x86_64", "glibc", "2.28"),
+    "centos7": ImagePython("3.6", "cpython", "x86_64", "glibc", "2.17"),
+    "glibc230": ImagePython("3.10", "cpython", "x86_64", "glibc", "2.30"),
+    "future": ImagePython("3.14", "cpython", "x86_64", "glibc", "2.41"),
+    "arm": ImagePython("3.12", "cpython", "aarch64", "glibc", "2.39"),
+    "arm64": ImagePython("3.12", "cpython", "arm64", "glibc", "2.35"),
+    "ancient": ImagePython("3.6", "cpython", "x86_64", "glibc", "2.12"),
+    "alpine": ImagePython("3.12", "cpython", "x86_64", "", "", musl=True),
+    "static": ImagePython("3.12", "cpython", "x86_64"),
+}
+
+
+@pytest.mark.parametrize(
+    ("image", "platform"),
+    [
+        ("debian12", "x86_64-manylinux_2_36"),
+        ("ubuntu20", "x86_64-manylinux_2_31"),
+        ("rhel8", "x86_64-manylinux_2_28"),
+        ("centos7", "x86_64-manylinux_2_17"),
+        ("glibc230", "x86_64-manylinux_2_28"),  # uv knows no 2_29/2_30: the newest below
+        ("future", "x86_64-manylinux_2_40"),  # newer than uv knows: its newest
+        ("arm", "aarch64-manylinux_2_39"),
+        ("arm64", "aarch64-manylinux_2_35"),
+        ("ancient", "x86_64-unknown-linux-gnu"),
+        ("alpine", "x86_64-unknown-linux-musl"),
+        ("static", "x86_64-unknown-linux-gnu"),
+    ],
+)
+def test_the_images_python_becomes_uvs_target(image: str, platform: str) -> None:
+    python = IMAGES[image]
+    assert python_platform(python) == platform
+    target = install_target("r/x:1", "r/x@sha256:ab", python)
+    assert target.uv_args == ("--python-version", python.version, "--python-platform", platform)
+    # The cache key: the image's digest and the target, never the reference's tag.
+    assert target.identity == "\0".join(("image", "r/x@sha256:ab", *target.uv_args))
+
+
+@pytest.mark.parametrize(
+    ("python", "says"),
+    [
+        (ImagePython("3.10", "pypy", "x86_64", "glibc", "2.36"), "need CPython"),
+        (ImagePython("3.11", "cpython", "s390x", "glibc", "2.36"), "machine 's390x'"),
+    ],
+)
+def test_an_image_python_uv_cannot_target_is_the_clients(python: ImagePython, says: str) -> None:
+    with pytest.raises(SetupError) as caught:
+        install_target("r/x:1", "r/x@sha256:ab", python)
+    assert caught.value.cause == "client" and says in str(caught.value)
+
+
+PROBED = (
+    '{"version": "3.11", "implementation": "cpython", "machine": "x86_64", "libc": "glibc", '
+    '"libc_version": "2.36", "musl": false, "path": "/usr/local/bin:/usr/bin"}\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "output", "cause", "says"),
+    [
+        (0, PROBED, "", ""),
+        # podman 4.3.1 with runc, in an image without python3 (captured on this machine)
+        (
+            127,
+            "Error: runc: runc create failed: unable to start container process: exec: "
+            '"python3": executable file not found in $PATH: OCI runtime attempt to invoke a '
+            "command that was not found\n",
+            "client",
+            "image r/x:1 has no python3 to install python_requirements into",
+        ),
+        (125, "Error: creating container storage: no space left on device\n", "rig", "cannot"),
+        (0, "Python 2.7\n", "client", "did not describe itself"),
+    ],
+)
+def test_the_probe_says_which_python_or_whose_fault(
+    code: int, output: str, cause: str, says: str
+) -> None:
+    if not cause:
+        python = parse_probe("r/x:1", code, output)
+        assert python == ImagePython(
+            "3.11", "cpython", "x86_64", "glibc", "2.36", False, "/usr/local/bin:/usr/bin"
+        )
+        return
+    with pytest.raises(SetupError) as caught:
+        parse_probe("r/x:1", code, output)
+    assert caught.value.cause == cause and says in str(caught.value)
+
+
+def test_the_probe_runs_python3_without_network_or_entrypoint() -> None:
+    assert probe_argv("podman", "sha256:i", "rig-7") == [
+        *("podman", "run", "--rm", "--pull", "never", "--network", "none"),
+        *("--entrypoint", "", "--label", "rigshift.rig=rig-7"),
+        *("sha256:i", "python3", "-c", PROBE_CODE),
+    ]
+    # The probe's code prints what parse_probe reads (here, run by this Python).
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(PROBE_CODE, {})
+    here = parse_probe("local", 0, printed.getvalue())
+    assert here.version == "{}.{}".format(*sys.version_info[:2])
+    assert here.implementation == "cpython"
 
 
 def test_podman_run_argv_mounts_each_path_once() -> None:
