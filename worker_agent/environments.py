@@ -377,6 +377,7 @@ class EnvironmentCache:
             argv = [uv, "pip", "install", "--target", str(tmp), "--python", self._python]
             await self._run([*argv, *target.uv_args, *sources, "-r", str(req_file)], log)
             req_file.unlink()
+            (tmp / ".lock").unlink(missing_ok=True)  # uv's, while it installed
             await asyncio.to_thread(portable_scripts, tmp / "bin")
             return await asyncio.to_thread(_tree_bytes, tmp)
         log(f"{PREFIX} environment {key[:12]}: installing {count} {noun} with uv {version}\n")

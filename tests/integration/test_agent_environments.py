@@ -28,6 +28,7 @@ from worker_agent.environments import (
     _source_args,
     environment_key,
 )
+from worker_agent.image_python import ImagePython, install_target
 from worker_agent.process import alive
 
 pytestmark = pytest.mark.timeout(120)
@@ -471,3 +472,91 @@ def test_cancelling_the_attempt_kills_the_build(
         assert list(root.iterdir()) == []
 
     asyncio.run(main())
+
+
+# --- requirements for an image's Python (``uv pip install --target``) --------------------
+
+
+def test_requirements_for_an_images_python_are_built_once_per_digest(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    root = tmp_path / "environments"
+    wrapper, calls = counting_uv(tmp_path)
+    cache = EnvironmentCache(root, config(wheels), environ=environ, uv=wrapper)
+    debian = ImagePython("3.11", "cpython", "x86_64", "glibc", "2.36")
+    target = install_target("reg/train:1", "reg/train@sha256:aa", debian)
+    requirements = "rigshift-testpkg\n"
+    logs = [Log(), Log(), Log()]
+
+    async def job(log: Log) -> Environment:
+        async with cache.use(sha(requirements), requirements, log, target) as env:
+            return env
+
+    async def main() -> list[Environment]:
+        # Two jobs with the same image at once share one build; a third reuses it.
+        first = await asyncio.gather(job(logs[0]), job(logs[1]))
+        return [*first, await job(logs[2])]
+
+    built, waited, reused = asyncio.run(main())
+    assert installs(calls) == 1
+    line = next(c for c in calls.read_text().splitlines() if c.startswith("pip install"))
+    assert f"--target {built.path.parent}/" in line
+    assert "--python-version 3.11 --python-platform x86_64-manylinux_2_36" in line
+    assert f"--find-links {wheels}" in line  # the rig's package sources, as for a venv
+    assert [built.built, waited.built, reused.built] == [True, False, False]
+    assert built.path == waited.path == reused.path
+    assert built.key == environment_key(sha(requirements), target.identity)
+    assert "installing 1 requirement for the image's Python (--python-version 3.11" in (
+        logs[0].text
+    )
+    assert "reused (cached), nothing installed" in logs[2].text
+    # A --target tree: the package at the top (for PYTHONPATH), no venv, no requirements
+    # file; the console script points at whatever python3 the image has.
+    names = sorted(p.name for p in built.path.iterdir())
+    assert names == ["bin", "rigshift_testpkg", "rigshift_testpkg-1.0.dist-info"]
+    script = (built.path / "bin" / "rigshift-testpkg").read_text()
+    assert script.startswith("#!/usr/bin/env python3\n")
+    out = subprocess.run(
+        ["python3", "-c", "import rigshift_testpkg; print(rigshift_testpkg.VALUE)"],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(built.path)},
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout == "42\n", out.stderr
+    # Not a venv of this rig: never reported as an environment for locality.
+    assert cache.held() == []
+    # A restart keeps it (its metadata says for which image), and still reuses it.
+    again = EnvironmentCache(root, config(wheels), environ=environ, uv=wrapper)
+    after = Log()
+
+    async def reuse() -> Environment:
+        async with again.use(sha(requirements), requirements, after, target) as env:
+            return env
+
+    assert not asyncio.run(reuse()).built and installs(calls) == 1
+    # Another image (another digest) gets its own build.
+    other = install_target("reg/train:2", "reg/train@sha256:bb", debian)
+
+    async def elsewhere() -> Environment:
+        async with again.use(sha(requirements), requirements, Log(), other) as env:
+            return env
+
+    assert asyncio.run(elsewhere()).built and installs(calls) == 2
+
+
+def test_a_requirement_no_index_has_for_the_image_is_the_clients(
+    wheels: Path, environ: dict[str, str], tmp_path: Path
+) -> None:
+    cache = EnvironmentCache(tmp_path / "envs", config(wheels), environ=environ)
+    target = install_target(
+        "reg/x:1", "reg/x@sha256:cc", ImagePython("3.12", "cpython", "aarch64", "glibc", "2.39")
+    )
+
+    async def main() -> None:
+        async with cache.use(sha("nosuchpkg\n"), "nosuchpkg\n", Log(), target):
+            pass
+
+    with pytest.raises(SetupError) as caught:
+        asyncio.run(main())
+    assert caught.value.cause == "client", caught.value
+    assert leftovers(tmp_path / "envs") == []
