@@ -11,8 +11,11 @@ runc, docker-registry or busybox are missing; in CI (``CI`` set) that fails inst
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from scripted_broker import FakeBroker, run_session, until
+from test_agent_environments import write_wheel
 
 from harness.agent_fixtures import make_assignment
 from rigshift.v1 import worker_service_pb2 as ws
@@ -303,19 +307,121 @@ def test_doctor_runs_a_trivial_container(env: Podman) -> None:
     assert "ran a trivial container" in finding.finding and env.root.name in finding.finding
 
 
-def test_an_image_with_python_requirements_is_refused_as_the_clients(
+def test_requirements_on_an_image_without_python3_are_the_clients(
     env: Podman, tmp_path: Path
 ) -> None:
+    ref = env.push("nopython:1")
+
     async def body(fake: FakeBroker, agent: Agent) -> None:
-        a = _image_job("jobs/r", f"{env.registry}/any:1", ["/bin/hello"])
+        a = _image_job("jobs/r", ref, ["/bin/hello"])
         a.spec.python_requirements, a.spec.requirements_sha256 = "six\n", "0" * 64
         fake.push(assignment=a)
-        await until(lambda: fake.finished("jobs/r"), 30, "the refusal")
+        await until(lambda: fake.finished("jobs/r"), 60, "the failed setup")
 
     fake = run_session(tmp_path, body)
     finished = fake.finished("jobs/r")
-    assert finished.cause == ws.Finished.SETUP_CLIENT
-    assert "image with python_requirements is not supported yet" in finished.message
+    assert finished.cause == ws.Finished.SETUP_CLIENT, finished
+    assert f"image {ref} has no python3 to install python_requirements into" in finished.message
+    assert "hello from the image" not in fake.output("jobs/r")  # it never ran
+    assert not [c for c in env.containers() if c.startswith("rigshift-")]  # the probe's gone
+
+
+#: The host's Debian Python, copied into an image with what it links to (no pip, no
+#: site-packages): an image whose python3 is not the agent's (``/usr/bin/python3.11``).
+HOST_PYTHON = Path("/usr/bin/python3.11")
+_SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data"}
+
+
+def _push_python_image(pm: Podman, name: str) -> str:
+    rootfs = pm.root / f"rootfs-{name.replace(':', '-')}"
+    for tool in ("bin", "usr/bin", "tmp"):
+        (rootfs / tool).mkdir(parents=True)
+    shutil.copy(shutil.which("busybox") or "", rootfs / "bin" / "busybox")
+    (rootfs / "bin" / "sh").symlink_to("busybox")
+    (rootfs / "usr/bin/env").symlink_to("/bin/busybox")  # console scripts' #!/usr/bin/env
+    shutil.copy(HOST_PYTHON, rootfs / "usr/bin/python3.11")
+    (rootfs / "usr/bin/python3").symlink_to("python3.11")
+    ldd = subprocess.run(["ldd", str(HOST_PYTHON)], capture_output=True, text=True, check=True)
+    for lib in re.findall(r"(/\S+\.so[.\d]*)", ldd.stdout):
+        real = Path(lib)
+        (rootfs / real.parent.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(real.resolve(), rootfs / real.relative_to("/"))
+    stdlib = Path("/usr/lib/python3.11")
+    shutil.copytree(
+        stdlib,
+        rootfs / "usr/lib/python3.11",
+        ignore=lambda d, names: [
+            n
+            for n in names
+            if n == "__pycache__"
+            or n in ("site-packages", "dist-packages")
+            or (Path(d) == stdlib and n in _SKIP_STDLIB)
+        ],
+        symlinks=True,
+    )
+    tar = pm.root / f"{rootfs.name}.tar"
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+    ref = f"{pm.registry}/{name}"
+    pm.run("import", "-q", "--change", "ENV=PATH=/usr/bin:/bin", str(tar), ref)
+    pm.run("push", "-q", ref)
+    pm.run("rmi", "-f", ref)
+    return ref
+
+
+@pytest.mark.skipif(not HOST_PYTHON.exists(), reason="no Debian python3.11 to build an image of")
+def test_requirements_are_installed_on_top_of_the_images_python(
+    env: Podman, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = _push_python_image(env, "py:1")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels)
+    # The rig's package sources (as for any environment): only this directory, offline.
+    for name, value in {
+        "PIP_FIND_LINKS": str(wheels),
+        "PIP_NO_INDEX": "1",
+        "UV_OFFLINE": "1",
+        "UV_NO_CONFIG": "1",
+        "UV_CACHE_DIR": str(tmp_path / "uv-cache"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    requirements = "rigshift-testpkg==1.0\n"
+    digest = hashlib.sha256(requirements.encode()).hexdigest()
+    job = (
+        "import os, sys, rigshift_testpkg; "
+        "print('in image', sys.executable, sys.version_info[:2], rigshift_testpkg.VALUE, "
+        "rigshift_testpkg.__file__); "
+        "open(os.environ['RIGSHIFT_OUTPUT_DIR'] + '/site.txt', 'w').write('ok')"
+    )
+    state = tmp_path / "agent"
+
+    # The second job: the console script, on PATH, run by the image's python3.
+    script = ["/bin/sh", "-c", "rigshift-testpkg; touch /opt/rigshift/site/x"]
+
+    async def body(fake: FakeBroker, agent: Agent) -> None:
+        for name, command in (("jobs/p1", ["python3", "-c", job]), ("jobs/p2", script)):
+            a = _image_job(name, ref, command, max_output_bytes=1 << 20)
+            a.spec.python_requirements, a.spec.requirements_sha256 = requirements, digest
+            fake.push(assignment=a)
+            await until(functools.partial(fake.finished, name), 90, name)
+
+    fake = run_session(tmp_path, body)
+    first, second = fake.output("jobs/p1"), fake.output("jobs/p2")
+    assert fake.finished("jobs/p1").exit_code == 0, first
+    assert "python3 -c" not in first  # the probe's code is not logged
+    assert f"image {ref}: cpython 3.11 (x86_64, glibc " in first
+    assert "installing 1 requirement for the image's Python (--python-version 3.11" in first
+    assert "in image /usr/bin/python3 (3, 11) 42 /opt/rigshift/site/rigshift_testpkg" in first
+    # The second job built nothing and probed nothing; the site is read-only inside.
+    assert fake.finished("jobs/p2").exit_code != 0, second
+    assert "hello 42" in second and "Read-only file system" in second
+    assert "reused (cached), nothing installed" in second and "installing" not in second
+    assert f"image {ref}: cpython" not in second
+    pythons = json.loads((state / "containers" / "pythons.json").read_text())
+    assert [p["version"] for p in pythons.values()] == ["3.11"]
+    sites = [p for p in (state / "environments").iterdir() if p.is_dir()]
+    assert len(sites) == 1 and (sites[0] / "rigshift_testpkg" / "__init__.py").exists()
+    assert not [c for c in env.containers() if c.startswith("rigshift-")]
 
 
 def test_a_restarted_agent_removes_the_containers_it_left(env: Podman, tmp_path: Path) -> None:
