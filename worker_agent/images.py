@@ -199,7 +199,10 @@ class ImageCache:
             with contextlib.suppress(TypeError):
                 return ImagePython(**known[image.digest_ref])
         argv = probe_argv(self.runtime.path, image.image_id, self.rig)
-        code, output = await self._podman(*argv[1:], timeout=120)
+        try:
+            code, output = await self._podman(*argv[1:], timeout=120)
+        except TimeoutError:
+            raise SetupError(f"python3 in image {image.reference} did not answer", "rig") from None
         python = parse_probe(image.reference, code, output)
         emit(
             f"[rigshift-agent] image {image.reference}: {python.implementation} "
