@@ -326,6 +326,11 @@ def gpus_command(simulate: str, state_dir: Path, as_json: bool) -> None:
 @click.option(
     "--start", is_flag=True, help="Then run systemctl daemon-reload and enable --now the unit."
 )
+@click.option(
+    "--containers",
+    is_flag=True,
+    help="This rig runs image jobs: [containers] enabled, and a unit drop-in for podman.",
+)
 def install_command(
     broker_address: str,
     token: str,
@@ -338,6 +343,7 @@ def install_command(
     dry_run: bool,
     force: bool,
     start: bool,
+    containers: bool,
 ) -> None:
     """Write agent.toml (mode 0600) and the systemd unit that runs `rigshift agent run --config`.
 
@@ -366,6 +372,7 @@ def install_command(
             config_dir=config_dir,
             unit_dir=unit_dir,
             user=user,
+            containers=containers,
         )
         for warning in plan.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -374,6 +381,9 @@ def install_command(
             click.echo(plan.masked_config_text)
             click.echo(f"# {plan.unit_path} (mode 0644)")
             click.echo(plan.unit_text, nl=False)
+            if plan.dropin_path is not None:
+                click.echo(f"# {plan.dropin_path} (mode 0644)")
+                click.echo(plan.dropin_text, nl=False)
             click.echo("# dry run: nothing written", err=True)
             return
         result = write_install(plan, force=force)
@@ -382,6 +392,8 @@ def install_command(
     owner = f", owner {result.config_owner}" if result.config_owner else ""
     click.echo(f"wrote {plan.config_path} (mode 0600{owner})")
     click.echo(f"wrote {plan.unit_path}")
+    if plan.dropin_path is not None:
+        click.echo(f"wrote {plan.dropin_path}")
     steps = next_steps(plan, result)
     if start:
         unit = plan.unit_path.name

@@ -80,6 +80,10 @@ class InstallPlan:
     """The ``rigshift`` executable ``ExecStart=`` runs."""
     warnings: tuple[str, ...] = ()
     """Problems that do not stop the install (e.g. an executable the service cannot see)."""
+    dropin_path: Path | None = None
+    """With ``--containers``: the unit's drop-in that lets the service run podman."""
+    dropin_text: str = ""
+    """Its contents."""
 
     @property
     def masked_config_text(self) -> str:
@@ -163,6 +167,20 @@ def find_executable() -> str:
     )
 
 
+CONTAINERS_DROPIN = """\
+# Written by `rigshift agent install --containers`: the shipped unit is hardened for
+# process jobs and forbids what podman needs. Rootless podman (the service's User=)
+# creates user namespaces and maps ids through the set-uid newuidmap/newgidmap, which
+# need the subordinate ids of `usermod --add-subuids ... --add-subgids ...`.
+[Service]
+RestrictNamespaces=no
+NoNewPrivileges=no
+RestrictSUIDSGID=no
+CapabilityBoundingSet=CAP_SETUID CAP_SETGID
+"""
+"""The drop-in ``agent install --containers`` writes beside the unit (``containers.conf``)."""
+
+
 def _toml_string(value: str) -> str:
     # A JSON string (ASCII, \" \\ \uXXXX escapes) is a valid TOML basic string.
     return json.dumps(value, ensure_ascii=True)
@@ -176,6 +194,7 @@ def render_config(
     simulate: str = "",
     metrics_listen: str = "",
     tls_ca: Path | None = None,
+    containers: bool = False,
 ) -> str:
     """The TOML file `rigshift agent run --config` reads (AgentConfig field names)."""
     lines = [
@@ -191,6 +210,8 @@ def render_config(
         lines.append(f"metrics_listen = {_toml_string(metrics_listen)}")
     if tls_ca is not None:
         lines.append(f"tls_ca = {_toml_string(str(tls_ca))}")
+    if containers:  # a rig meant for image jobs: the agent refuses to start without podman
+        lines += ["", "[containers]", 'enabled = "true"']
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +227,7 @@ def plan_install(
     unit_dir: Path = DEFAULT_UNIT_DIR,
     user: str = DEFAULT_USER,
     template: str | None = None,
+    containers: bool = False,
 ) -> InstallPlan:
     """Render both files and check them the way ``agent run`` will; writes nothing."""
     from worker_agent.config import AgentConfig, ConfigError
@@ -242,6 +264,7 @@ def plan_install(
         simulate=simulate,
         metrics_listen=metrics_listen,
         tls_ca=tls_ca.absolute() if tls_ca is not None else None,
+        containers=containers,
     )
     warnings = []
     exe = PurePosixPath(executable)
@@ -262,6 +285,8 @@ def plan_install(
         user=user,
         executable=executable,
         warnings=tuple(warnings),
+        dropin_path=unit_dir / f"{UNIT_NAME}.d" / "containers.conf" if containers else None,
+        dropin_text=CONTAINERS_DROPIN if containers else "",
     )
 
 
@@ -297,7 +322,8 @@ def write_install(plan: InstallPlan, *, force: bool = False) -> InstallResult:
     Run as root with an existing ``plan.user``, the config file is handed to that user
     (the service reads it after dropping to ``User=``).
     """
-    existing = [p for p in (plan.config_path, plan.unit_path) if p.exists()]
+    paths = (plan.config_path, plan.unit_path, plan.dropin_path)
+    existing = [p for p in paths if p is not None and p.exists()]
     if existing and not force:
         names = " and ".join(str(p) for p in existing)
         raise InstallError(
@@ -317,7 +343,11 @@ def write_install(plan: InstallPlan, *, force: bool = False) -> InstallResult:
             os.chown(plan.config_path, entry.pw_uid, entry.pw_gid)
             owner = plan.user
     _write_atomic(plan.unit_path, plan.unit_text, 0o644)
-    return InstallResult(written=(plan.config_path, plan.unit_path), config_owner=owner)
+    written = [plan.config_path, plan.unit_path]
+    if plan.dropin_path is not None:
+        _write_atomic(plan.dropin_path, plan.dropin_text, 0o644)
+        written.append(plan.dropin_path)
+    return InstallResult(written=tuple(written), config_owner=owner)
 
 
 def user_exists(user: str) -> bool:
@@ -341,6 +371,11 @@ def next_steps(plan: InstallPlan, result: InstallResult | None) -> list[str]:
         )
     if result is None or result.config_owner is None:
         steps.append(f"chown {plan.user}: {plan.config_path}")
+    if plan.dropin_path is not None:  # rootless podman maps the container's ids to these
+        steps.append(
+            f"grep -q '^{plan.user}:' /etc/subuid || usermod --add-subuids 100000-165535 "
+            f"--add-subgids 100000-165535 {plan.user}"
+        )
     steps += [
         f"{plan.executable} agent doctor --config {plan.config_path}",
         f"systemctl daemon-reload && systemctl enable --now {unit}",

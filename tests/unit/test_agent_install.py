@@ -173,3 +173,41 @@ def test_operator_doc_lists_exactly_the_install_options() -> None:
     command = agent_group.commands["install"]
     options = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--help"}
     assert documented == options
+
+
+def test_containers_adds_the_podman_drop_in_and_enables_containers(tmp_path: Path) -> None:
+    result = install(tmp_path, "--simulate", "RTX3090x4", "--containers")
+    assert result.exit_code == 0, result.output
+    dropin = tmp_path / "units" / "rigshift-agent.service.d" / "containers.conf"
+    assert f"wrote {dropin}" in result.stdout
+    assert stat.S_IMODE(dropin.stat().st_mode) == 0o644
+    lines = dropin.read_text().splitlines()
+    assert lines[lines.index("[Service]") + 1 :] == [
+        "RestrictNamespaces=no",
+        "NoNewPrivileges=no",
+        "RestrictSUIDSGID=no",
+        "CapabilityBoundingSet=CAP_SETUID CAP_SETGID",
+    ]
+    # The unit itself stays the hardened deploy file; the drop-in lifts what podman needs.
+    assert "RestrictNamespaces=yes" in (tmp_path / "units" / "rigshift-agent.service").read_text()
+    config = load_config_file(tmp_path / "etc" / "agent.toml")
+    assert AgentConfig(**config).containers.enabled == "true"
+    assert "usermod --add-subuids 100000-165535 --add-subgids 100000-165535 rigshift" in (
+        result.stdout
+    )
+
+
+def test_without_containers_there_is_no_drop_in(tmp_path: Path) -> None:
+    result = install(tmp_path, "--simulate", "RTX3090x4")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "units" / "rigshift-agent.service.d").exists()
+    assert "[containers]" not in (tmp_path / "etc" / "agent.toml").read_text()
+    assert "usermod" not in result.stdout
+
+
+def test_dry_run_with_containers_prints_the_drop_in(tmp_path: Path) -> None:
+    result = install(tmp_path, "--simulate", "RTX3090x4", "--containers", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "rigshift-agent.service.d/containers.conf (mode 0644)" in result.stdout
+    assert "RestrictNamespaces=no" in result.stdout
+    assert not (tmp_path / "units").exists()
