@@ -363,18 +363,7 @@ def run_e2e(jobs: int) -> dict[str, Any]:
     fleet = LocalFleet(root, env={"UV_CACHE_DIR": str(root / "uv-cache")})
     left: list[int] = []
     try:
-        fleet.start_broker(lease_ttl_s=6, heartbeat_interval_s=1)
-        client = fleet.client()
-        farm = client.create_farm("env-bench")
-        fleet.start_agent(
-            "env-rig",
-            farm.enrollment_token,
-            simulate="RTX3090x2",
-            heartbeat_interval_s=1,
-            lease_ttl_s=6,
-            drain_grace_s=5,
-        )
-        fleet.wait_workers(1, timeout_s=120)
+        client = fleet.start_one_rig("env")
         with_env = ["python", "-c", "print(1)"]  # the environment's python, first on PATH
         without = [sys.executable, "-c", "print(1)"]
         cold = e2e_job(client, with_env, E2E_REQUIREMENTS, timeout_s=600)

@@ -120,18 +120,7 @@ def run_e2e(kit: ContainerKit, ref: str, jobs: int) -> dict[str, Any]:
     left: list[int] = []
     kit.remove_local(ref)
     try:
-        fleet.start_broker(lease_ttl_s=6, heartbeat_interval_s=1)
-        client = fleet.client()
-        farm = client.create_farm("image-bench")
-        fleet.start_agent(
-            "image-rig",
-            farm.enrollment_token,
-            simulate="RTX3090x2",
-            heartbeat_interval_s=1,
-            lease_ttl_s=6,
-            drain_grace_s=5,
-        )
-        fleet.wait_workers(1, timeout_s=120)
+        client = fleet.start_one_rig("image")
         cold = e2e_job(client, ["/opt/run.sh"], "", timeout_s=300, image=ref)
         print(f"  e2e cold image: {cold['start_ms']:.0f} ms to start", file=sys.stderr)
         runs: dict[str, list[dict[str, Any]]] = {"process": [], "image": []}

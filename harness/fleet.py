@@ -305,6 +305,23 @@ class LocalFleet:
         ]
         return self._spawn(name, argv)
 
+    def start_one_rig(self, name: str) -> Any:
+        """The broker and one simulated rig (``RTX3090x2``, heartbeat 1 s, lease 6 s) in a
+        farm called ``name`` (the benchmarks' fleet); the SDK client once it is ONLINE."""
+        self.start_broker(lease_ttl_s=6, heartbeat_interval_s=1)
+        client = self.client()
+        farm = client.create_farm(name)
+        self.start_agent(
+            f"{name}-rig",
+            farm.enrollment_token,
+            simulate="RTX3090x2",
+            heartbeat_interval_s=1,
+            lease_ttl_s=6,
+            drain_grace_s=5,
+        )
+        self.wait_workers(1, timeout_s=120)
+        return client
+
     def wait_workers(self, count: int, *, timeout_s: float = 90.0) -> list[Any]:
         """Wait until ``count`` workers are ONLINE; returns them."""
         from rigshift.v1 import farm_pb2
