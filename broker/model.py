@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from rigshift.scoring import Measurement
+
 __all__ = [
     "TERMINAL_JOB_STATES",
     "AttemptState",
@@ -108,6 +110,16 @@ class JobSpec:
     """(name, sha256 of the uploaded archive), sorted by name."""
     image: str = ""
     """OCI image reference to run the command in; empty: no container."""
+    min_pcie_mbps: int = 0
+    """Least measured host-to-device bandwidth per GPU, MB/s (``min_pcie_gbps`` x 1000)."""
+    min_host_ram_gb_per_gpu: int = 0
+    """Least host RAM per GPU of the rig (its RAM / its GPUs), GB (GiB of MiB reports)."""
+    min_cpu_millicores_per_gpu: int = 0
+    """Least CPU cores per GPU of the rig, thousandths (``min_cpu_cores_per_gpu`` x 1000)."""
+    min_score: int = 0
+    """Least GPU score (``rigshift.scoring``; an RTX 3090 = 100)."""
+    allow_unverified: bool = False
+    """Also run on GPUs that are not VERIFIED (PENDING or UNVERIFIED)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,3 +133,6 @@ class GpuInfo:
     power_limit_watts: int = 0
     price_micros_per_gpu_hour: int = 0
     pcie_link_width: int = 16
+    pcie_generation: int = 0
+    measurement: Measurement | None = None
+    """The self-test's figures sent with the registration; None: not measured (PENDING)."""

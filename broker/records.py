@@ -25,6 +25,7 @@ from broker.model import (
     WorkerState,
 )
 from broker.scheduler import Rejection
+from rigshift.scoring import Measurement, Verdict, judge
 
 __all__ = [
     "Attempt",
@@ -149,6 +150,13 @@ class Gpu:
 
     info: GpuInfo
     holder: tuple[str, int] | None = None  # (job_id, attempt number)
+    # What the broker makes of the GPU's measurement (rigshift.scoring.judge): set at
+    # registration and whenever a probation re-test brings new figures.
+    verdict: Verdict = field(default_factory=lambda: judge("", 0, None))
+    measurement: Measurement | None = None  # the latest figures (registration or re-test)
+    quarantine_reason: str = ""  # non-empty: QUARANTINED (no placements, earns nothing)
+    quarantined_at: float | None = None
+    reinstate_required: bool = False  # three strikes in 24 h: out until the operator says
 
 
 @dataclass(slots=True)
@@ -173,6 +181,9 @@ class Worker:
     environments: frozenset[str] | None = None
     runtime_name: str = ""  # container runtime (e.g. "podman"); empty: runs no containers
     runtime_version: str = ""
+    host_ram_mb: int = 0  # the rig's host RAM, CPU cores and disk speed (0: not reported)
+    cpu_cores: int = 0
+    disk_write_mbps: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,7 @@ class PriceFloor(_message.Message):
     def __init__(self, gpu_model: _Optional[str] = ..., watts: _Optional[int] = ..., energy_cost_micros_per_gpu_hour: _Optional[int] = ..., mining_micros_per_gpu_hour: _Optional[int] = ..., floor_micros_per_gpu_hour: _Optional[int] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus", "metrics_address", "reliability_permille", "container_runtime")
+    __slots__ = ("name", "farm", "hostname", "agent_version", "state", "last_heartbeat_time", "gpus", "metrics_address", "reliability_permille", "container_runtime", "host")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Worker.State]
@@ -100,6 +100,7 @@ class Worker(_message.Message):
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RELIABILITY_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     name: str
     farm: str
     hostname: str
@@ -110,7 +111,40 @@ class Worker(_message.Message):
     metrics_address: str
     reliability_permille: int
     container_runtime: ContainerRuntime
-    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., metrics_address: _Optional[str] = ..., reliability_permille: _Optional[int] = ..., container_runtime: _Optional[_Union[ContainerRuntime, _Mapping]] = ...) -> None: ...
+    host: HostInfo
+    def __init__(self, name: _Optional[str] = ..., farm: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., state: _Optional[_Union[Worker.State, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., metrics_address: _Optional[str] = ..., reliability_permille: _Optional[int] = ..., container_runtime: _Optional[_Union[ContainerRuntime, _Mapping]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ...) -> None: ...
+
+class HostInfo(_message.Message):
+    __slots__ = ("ram_mb", "cpu_cores", "disk_write_mbps")
+    RAM_MB_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORES_FIELD_NUMBER: _ClassVar[int]
+    DISK_WRITE_MBPS_FIELD_NUMBER: _ClassVar[int]
+    ram_mb: int
+    cpu_cores: int
+    disk_write_mbps: int
+    def __init__(self, ram_mb: _Optional[int] = ..., cpu_cores: _Optional[int] = ..., disk_write_mbps: _Optional[int] = ...) -> None: ...
+
+class GpuMeasurement(_message.Message):
+    __slots__ = ("fp16_gflops", "fp32_gflops", "usable_vram_mb", "h2d_mbps", "d2h_mbps", "method", "error", "measure_time", "duration_ms")
+    FP16_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    FP32_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    USABLE_VRAM_MB_FIELD_NUMBER: _ClassVar[int]
+    H2D_MBPS_FIELD_NUMBER: _ClassVar[int]
+    D2H_MBPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    fp16_gflops: int
+    fp32_gflops: int
+    usable_vram_mb: int
+    h2d_mbps: int
+    d2h_mbps: int
+    method: str
+    error: str
+    measure_time: _timestamp_pb2.Timestamp
+    duration_ms: int
+    def __init__(self, fp16_gflops: _Optional[int] = ..., fp32_gflops: _Optional[int] = ..., usable_vram_mb: _Optional[int] = ..., h2d_mbps: _Optional[int] = ..., d2h_mbps: _Optional[int] = ..., method: _Optional[str] = ..., error: _Optional[str] = ..., measure_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
 class ContainerRuntime(_message.Message):
     __slots__ = ("name", "version")
@@ -121,7 +155,7 @@ class ContainerRuntime(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "state", "price_micros_per_gpu_hour", "job", "pcie_link_width")
+    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "state", "price_micros_per_gpu_hour", "job", "pcie_link_width", "quarantine_reason", "quarantine_time", "reinstate_required", "verification", "verification_reason", "score", "pcie_generation", "measurement")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Gpu.State]
@@ -134,6 +168,16 @@ class Gpu(_message.Message):
     LEASED: Gpu.State
     MINING: Gpu.State
     QUARANTINED: Gpu.State
+    class Verification(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VERIFICATION_UNSPECIFIED: _ClassVar[Gpu.Verification]
+        PENDING: _ClassVar[Gpu.Verification]
+        VERIFIED: _ClassVar[Gpu.Verification]
+        UNVERIFIED: _ClassVar[Gpu.Verification]
+    VERIFICATION_UNSPECIFIED: Gpu.Verification
+    PENDING: Gpu.Verification
+    VERIFIED: Gpu.Verification
+    UNVERIFIED: Gpu.Verification
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +187,14 @@ class Gpu(_message.Message):
     PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     PCIE_LINK_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_REASON_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REINSTATE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_REASON_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PCIE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENT_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     model: str
@@ -152,4 +204,12 @@ class Gpu(_message.Message):
     price_micros_per_gpu_hour: int
     job: str
     pcie_link_width: int
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., state: _Optional[_Union[Gpu.State, str]] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., job: _Optional[str] = ..., pcie_link_width: _Optional[int] = ...) -> None: ...
+    quarantine_reason: str
+    quarantine_time: _timestamp_pb2.Timestamp
+    reinstate_required: bool
+    verification: Gpu.Verification
+    verification_reason: str
+    score: int
+    pcie_generation: int
+    measurement: GpuMeasurement
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., state: _Optional[_Union[Gpu.State, str]] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., job: _Optional[str] = ..., pcie_link_width: _Optional[int] = ..., quarantine_reason: _Optional[str] = ..., quarantine_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reinstate_required: _Optional[bool] = ..., verification: _Optional[_Union[Gpu.Verification, str]] = ..., verification_reason: _Optional[str] = ..., score: _Optional[int] = ..., pcie_generation: _Optional[int] = ..., measurement: _Optional[_Union[GpuMeasurement, _Mapping]] = ...) -> None: ...

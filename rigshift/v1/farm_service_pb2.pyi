@@ -12,6 +12,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReinstateGpuRequest(_message.Message):
+    __slots__ = ("worker", "gpu_index")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    gpu_index: int
+    def __init__(self, worker: _Optional[str] = ..., gpu_index: _Optional[int] = ...) -> None: ...
+
 class UpdateFarmRequest(_message.Message):
     __slots__ = ("farm", "update_mask")
     FARM_FIELD_NUMBER: _ClassVar[int]

@@ -66,6 +66,11 @@ class FarmServiceStub:
                 request_serializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsResponse.FromString,
                 _registered_method=True)
+        self.ReinstateGpu = channel.unary_unary(
+                '/rigshift.v1.FarmService/ReinstateGpu',
+                request_serializer=rigshift_dot_v1_dot_farm__service__pb2.ReinstateGpuRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_farm__pb2.Worker.FromString,
+                _registered_method=True)
 
 
 class FarmServiceServicer:
@@ -115,6 +120,16 @@ class FarmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReinstateGpu(self, request, context):
+        """Returns a GPU held out after three quarantines in 24 h to probation: the agent
+        forgets its strikes and re-tests it; it serves again if the self-test passes.
+        The farm's operator or an admin only. FAILED_PRECONDITION when the GPU is not
+        held out for the operator, or the worker is offline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FarmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +162,11 @@ def add_FarmServiceServicer_to_server(servicer, server):
                     servicer.GetEarnings,
                     request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_farm__service__pb2.GetEarningsResponse.SerializeToString,
+            ),
+            'ReinstateGpu': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReinstateGpu,
+                    request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.ReinstateGpuRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_farm__pb2.Worker.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +332,33 @@ class FarmService:
             '/rigshift.v1.FarmService/GetEarnings',
             rigshift_dot_v1_dot_farm__service__pb2.GetEarningsRequest.SerializeToString,
             rigshift_dot_v1_dot_farm__service__pb2.GetEarningsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReinstateGpu(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.FarmService/ReinstateGpu',
+            rigshift_dot_v1_dot_farm__service__pb2.ReinstateGpuRequest.SerializeToString,
+            rigshift_dot_v1_dot_farm__pb2.Worker.FromString,
             options,
             channel_credentials,
             insecure,

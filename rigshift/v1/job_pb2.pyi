@@ -76,7 +76,7 @@ class Job(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., pending_reasons: _Optional[_Iterable[_Union[SchedulingReason, _Mapping]]] = ..., status_message: _Optional[str] = ..., exit_code: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateTransition, _Mapping]]] = ..., request_id: _Optional[str] = ..., sla_events: _Optional[_Iterable[_Union[SlaEvent, _Mapping]]] = ..., cost_micros: _Optional[int] = ..., credit_micros: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("command", "env", "gpu_count", "gpu_model", "min_vram_mb", "max_price_micros_per_gpu_hour", "max_duration_seconds", "working_dir_sha256", "max_attempts", "display_name", "tier", "environment", "inputs")
+    __slots__ = ("command", "env", "gpu_count", "gpu_model", "min_vram_mb", "max_price_micros_per_gpu_hour", "max_duration_seconds", "working_dir_sha256", "max_attempts", "display_name", "tier", "environment", "inputs", "min_pcie_gbps", "min_host_ram_gb_per_gpu", "min_cpu_cores_per_gpu", "min_score", "allow_unverified")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,11 @@ class JobSpec(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_PCIE_GBPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_HOST_RAM_GB_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    MIN_CPU_CORES_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNVERIFIED_FIELD_NUMBER: _ClassVar[int]
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     gpu_count: int
@@ -117,7 +122,12 @@ class JobSpec(_message.Message):
     tier: Tier
     environment: Environment
     inputs: _containers.ScalarMap[str, str]
-    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., environment: _Optional[_Union[Environment, _Mapping]] = ..., inputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    min_pcie_gbps: float
+    min_host_ram_gb_per_gpu: int
+    min_cpu_cores_per_gpu: float
+    min_score: int
+    allow_unverified: bool
+    def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., gpu_model: _Optional[str] = ..., min_vram_mb: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., max_duration_seconds: _Optional[int] = ..., working_dir_sha256: _Optional[str] = ..., max_attempts: _Optional[int] = ..., display_name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., environment: _Optional[_Union[Environment, _Mapping]] = ..., inputs: _Optional[_Mapping[str, str]] = ..., min_pcie_gbps: _Optional[float] = ..., min_host_ram_gb_per_gpu: _Optional[int] = ..., min_cpu_cores_per_gpu: _Optional[float] = ..., min_score: _Optional[int] = ..., allow_unverified: _Optional[bool] = ...) -> None: ...
 
 class Environment(_message.Message):
     __slots__ = ("python_requirements", "requirements_sha256", "image")

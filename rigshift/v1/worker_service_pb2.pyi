@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GpuInfo(_message.Message):
-    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "price_micros_per_gpu_hour", "pcie_link_width")
+    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "price_micros_per_gpu_hour", "pcie_link_width", "pcie_generation", "measurement", "health")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,9 @@ class GpuInfo(_message.Message):
     POWER_LIMIT_WATTS_FIELD_NUMBER: _ClassVar[int]
     PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
     PCIE_LINK_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    PCIE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     model: str
@@ -27,10 +30,43 @@ class GpuInfo(_message.Message):
     power_limit_watts: int
     price_micros_per_gpu_hour: int
     pcie_link_width: int
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., pcie_link_width: _Optional[int] = ...) -> None: ...
+    pcie_generation: int
+    measurement: _farm_pb2.GpuMeasurement
+    health: GpuHealth
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., pcie_link_width: _Optional[int] = ..., pcie_generation: _Optional[int] = ..., measurement: _Optional[_Union[_farm_pb2.GpuMeasurement, _Mapping]] = ..., health: _Optional[_Union[GpuHealth, _Mapping]] = ...) -> None: ...
+
+class GpuHealth(_message.Message):
+    __slots__ = ("index", "quarantined", "reason", "since", "strikes", "reinstate_required", "measurement")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    STRIKES_FIELD_NUMBER: _ClassVar[int]
+    REINSTATE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    quarantined: bool
+    reason: str
+    since: _timestamp_pb2.Timestamp
+    strikes: int
+    reinstate_required: bool
+    measurement: _farm_pb2.GpuMeasurement
+    def __init__(self, index: _Optional[int] = ..., quarantined: _Optional[bool] = ..., reason: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., strikes: _Optional[int] = ..., reinstate_required: _Optional[bool] = ..., measurement: _Optional[_Union[_farm_pb2.GpuMeasurement, _Mapping]] = ...) -> None: ...
+
+class ReportGpuHealthRequest(_message.Message):
+    __slots__ = ("worker", "gpus")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuHealth]
+    def __init__(self, worker: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuHealth, _Mapping]]] = ...) -> None: ...
+
+class ReportGpuHealthResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("enrollment_token", "hostname", "agent_version", "gpus", "worker", "metrics_address", "container_runtime")
+    __slots__ = ("enrollment_token", "hostname", "agent_version", "gpus", "worker", "metrics_address", "container_runtime", "host")
     ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +74,7 @@ class RegisterWorkerRequest(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     enrollment_token: str
     hostname: str
     agent_version: str
@@ -45,7 +82,8 @@ class RegisterWorkerRequest(_message.Message):
     worker: str
     metrics_address: str
     container_runtime: _farm_pb2.ContainerRuntime
-    def __init__(self, enrollment_token: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., worker: _Optional[str] = ..., metrics_address: _Optional[str] = ..., container_runtime: _Optional[_Union[_farm_pb2.ContainerRuntime, _Mapping]] = ...) -> None: ...
+    host: _farm_pb2.HostInfo
+    def __init__(self, enrollment_token: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., worker: _Optional[str] = ..., metrics_address: _Optional[str] = ..., container_runtime: _Optional[_Union[_farm_pb2.ContainerRuntime, _Mapping]] = ..., host: _Optional[_Union[_farm_pb2.HostInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("worker", "credential", "lease_ttl_seconds", "heartbeat_interval_seconds")
@@ -90,14 +128,16 @@ class StreamInstructionsRequest(_message.Message):
     def __init__(self, worker: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("reconcile", "assignment", "cancellation")
+    __slots__ = ("reconcile", "assignment", "cancellation", "reinstate")
     RECONCILE_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CANCELLATION_FIELD_NUMBER: _ClassVar[int]
+    REINSTATE_FIELD_NUMBER: _ClassVar[int]
     reconcile: Reconcile
     assignment: Assignment
     cancellation: Cancellation
-    def __init__(self, reconcile: _Optional[_Union[Reconcile, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancellation: _Optional[_Union[Cancellation, _Mapping]] = ...) -> None: ...
+    reinstate: Reinstate
+    def __init__(self, reconcile: _Optional[_Union[Reconcile, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancellation: _Optional[_Union[Cancellation, _Mapping]] = ..., reinstate: _Optional[_Union[Reinstate, _Mapping]] = ...) -> None: ...
 
 class Reconcile(_message.Message):
     __slots__ = ("assignments",)
@@ -156,6 +196,14 @@ class AssignedSpec(_message.Message):
     image: str
     registry_auth: bytes
     def __init__(self, command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir_sha256: _Optional[str] = ..., max_duration_seconds: _Optional[int] = ..., python_requirements: _Optional[str] = ..., requirements_sha256: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ..., max_output_bytes: _Optional[int] = ..., image: _Optional[str] = ..., registry_auth: _Optional[bytes] = ...) -> None: ...
+
+class Reinstate(_message.Message):
+    __slots__ = ("gpu_index", "requested_by")
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    gpu_index: int
+    requested_by: str
+    def __init__(self, gpu_index: _Optional[int] = ..., requested_by: _Optional[str] = ...) -> None: ...
 
 class Cancellation(_message.Message):
     __slots__ = ("job", "attempt", "reason")

@@ -55,6 +55,11 @@ class WorkerServiceStub:
                 request_serializer=rigshift_dot_v1_dot_worker__service__pb2.ReportJobEventsRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_worker__service__pb2.ReportJobEventsResponse.FromString,
                 _registered_method=True)
+        self.ReportGpuHealth = channel.unary_unary(
+                '/rigshift.v1.WorkerService/ReportGpuHealth',
+                request_serializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -92,6 +97,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportGpuHealth(self, request, context):
+        """The health of the rig's GPUs, whole (idempotent): which are quarantined and why,
+        and the latest self-test figures. Sent at once when a GPU is quarantined or comes
+        back, and retried until the broker takes it. The broker requeues the attempt
+        holding a newly quarantined GPU.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +129,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReportJobEvents,
                     request_deserializer=rigshift_dot_v1_dot_worker__service__pb2.ReportJobEventsRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_worker__service__pb2.ReportJobEventsResponse.SerializeToString,
+            ),
+            'ReportGpuHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportGpuHealth,
+                    request_deserializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +245,33 @@ class WorkerService:
             '/rigshift.v1.WorkerService/ReportJobEvents',
             rigshift_dot_v1_dot_worker__service__pb2.ReportJobEventsRequest.SerializeToString,
             rigshift_dot_v1_dot_worker__service__pb2.ReportJobEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportGpuHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.WorkerService/ReportGpuHealth',
+            rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthRequest.SerializeToString,
+            rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
