@@ -21,10 +21,34 @@ The simulated power model, per GPU, in watts, with ``t`` in seconds::
 
 Its energy counter is the exact integral of that curve (closed form), so the
 simulated rig is metered the same way a real one is: by differencing a counter.
+
+Health (``GpuBackend.health``, classified by ``health.py``). NVML: critical XID events
+(an event set polled with timeout 0, never blocking), new double-bit ECC errors
+(volatile uncorrected count; a count already there when the agent starts is reported
+once), pending retired pages, NVML_ERROR_GPU_IS_LOST on any read, the temperature
+against the slowdown threshold, and whether a power reading comes; NOT_SUPPORTED
+reads as "not reported". The simulated backend takes injected faults
+(``SimulatedBackend(spec, faults=[Fault(gpu, kind, after_s)])``, the CLI's
+``--simulate-fault GPU:KIND:AFTER_S``), striking ``after_s`` seconds after the backend
+was created, on its clock::
+
+    xid79, xid48   one XID event (79: fallen off the bus; 48: double-bit ECC); then
+                   healthy again: a later probation self-test passes
+    ecc-dbe        one new double-bit ECC error; one-off like the XIDs
+    overheat       the temperature stays over the slowdown threshold (90 °C simulated)
+                   for OVERHEAT_HOLD_S (60 s), then the card cools
+    lost           the GPU reads as lost from then on; its self-test fails
+                   (``selftest_factor`` 0.0)
+    impostor       no health reading changes, but the card measures a third as fast
+                   (``selftest_factor`` 1/3): the broker's verification catches it
+
+A SPEC may give the mounting: ``RTX3090x4@x16`` (link width 16, PCIe gen 4) or
+``RTX3060x8@x1`` (a riser, gen 1); without it, the catalogue's usual mounting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -35,8 +59,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from rigshift.catalogue import BY_KEY, GpuModel, lookup
+from worker_agent.health import Fault, HealthObservation, Observed
+from worker_agent.nvml_health import NvmlHealth
 
 __all__ = [
+    "OVERHEAT_HOLD_S",
+    "SIM_SLOWDOWN_C",
     "GpuBackend",
     "GpuInfo",
     "GpuTelemetry",
@@ -63,6 +91,13 @@ _MINING_RATIO = 0.95
 _TRAIN_SWING = 0.06
 _TRAIN_PERIOD_S = 7.0
 
+SIM_SLOWDOWN_C = 90.0
+"""The simulated GPUs' slowdown temperature threshold."""
+OVERHEAT_HOLD_S = 60.0
+"""How long a simulated ``overheat`` holds the temperature over the threshold."""
+_ONE_OFF = {"xid79": (Observed.XID, 79.0), "xid48": (Observed.XID, 48.0)}
+_ONE_OFF["ecc-dbe"] = (Observed.ECC_DBE, 1.0)
+
 
 @dataclass(frozen=True, slots=True)
 class GpuInfo:
@@ -75,6 +110,8 @@ class GpuInfo:
     power_limit_watts: int
     pcie_link_width: int
     default_price_micros_per_gpu_hour: int = 0
+    pcie_generation: int = 0
+    """The PCIe link generation (0: not reported)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +154,10 @@ class GpuBackend(Protocol):
         """Tell the backend what the GPUs do now (drives the simulated power model)."""
         ...
 
+    def health(self, index: int) -> list[HealthObservation]:
+        """What the GPU shows now: events since the last call and current readings."""
+        ...
+
     def close(self) -> None:
         """Release the driver."""
         ...
@@ -126,13 +167,21 @@ def parse_spec(spec: str) -> list[GpuModel]:
     """Expand ``RTX3080x6,RTX3060x2`` into one :class:`GpuModel` per GPU, in order.
 
     Model names are matched without spaces and case (``rtx3060ti``, ``RX6800XT``,
-    ``CMP90HX``); ``xN`` is the count and may be left out for one GPU.
+    ``CMP90HX``); ``xN`` is the count and may be left out for one GPU; ``@xW`` sets
+    the PCIe link width (``RTX3090x4@x16``, ``RTX3060x8@x1``), else the catalogue's.
     """
     out: list[GpuModel] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         compact = part.replace(" ", "").upper()
+        width = 0
+        if "@" in compact:
+            compact, _, mount = compact.partition("@")
+            w = re.fullmatch(r"X?(\d+)", mount)
+            if w is None or int(w.group(1)) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"mounting must be @x1, @x2, @x4, @x8 or @x16 in {part!r}")
+            width = int(w.group(1))
         m = re.fullmatch(r"(.+)X(\d+)", compact)
         if compact in BY_KEY or m is None:  # "RTX3080" is one GPU, not "RT" x 3080
             name, count = compact, 1
@@ -143,7 +192,10 @@ def parse_spec(spec: str) -> list[GpuModel]:
             raise ValueError(f"unknown GPU model {name!r} in {spec!r}; known: {known}")
         if not 1 <= count <= 64:
             raise ValueError(f"GPU count must be 1-64 in {part!r}")
-        out.extend([BY_KEY[name]] * count)
+        model = BY_KEY[name]
+        if width:
+            model = dataclasses.replace(model, pcie_link_width=width)
+        out.extend([model] * count)
     if not out:
         raise ValueError(f"empty GPU spec {spec!r}; e.g. RTX3090x4 or RTX3080x6,RTX3060x2")
     if len(out) > 64:
@@ -154,16 +206,29 @@ def parse_spec(spec: str) -> list[GpuModel]:
 class SimulatedBackend:
     """GPUs from the catalogue whose power follows the load the agent sets.
 
-    ``clock`` is injectable (monotonic seconds) so tests can integrate exactly.
+    ``clock`` is injectable (monotonic seconds) so tests can integrate exactly;
+    ``faults`` strike on that clock (see the module docstring).
     """
 
     name = "simulated"
 
     def __init__(
-        self, spec: str, *, seed: str = "", clock: Callable[[], float] = time.monotonic
+        self,
+        spec: str,
+        *,
+        seed: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        faults: list[Fault] | tuple[Fault, ...] = (),
     ) -> None:
         self._clock = clock
         self._models = parse_spec(spec)
+        for fault in faults:
+            if fault.gpu >= len(self._models):
+                raise ValueError(
+                    f"fault on GPU {fault.gpu}, but the rig has {len(self._models)} GPU(s)"
+                )
+        self._faults = tuple(faults)
+        self._fired: set[int] = set()  # the one-off faults already observed
         self._infos = [
             GpuInfo(
                 index=i,
@@ -173,10 +238,12 @@ class SimulatedBackend:
                 power_limit_watts=m.board_power_w,
                 pcie_link_width=m.pcie_link_width,
                 default_price_micros_per_gpu_hour=m.default_price_micros_per_gpu_hour,
+                pcie_generation=_sim_generation(m.pcie_link_width),
             )
             for i, m in enumerate(self._models)
         ]
         now = clock()
+        self._started = now
         self._load = [Load.IDLE] * len(self._models)
         self._since = [now] * len(self._models)
         self._energy_mj = [0.0] * len(self._models)
@@ -234,11 +301,59 @@ class SimulatedBackend:
             index=index,
             power_watts=watts,
             energy_millijoules=self.energy_millijoules(index),
-            temperature_celsius=round(32.0 + 38.0 * busy, 1),
+            temperature_celsius=self._temperature(index, busy),
             utilization_ratio=round(min(1.0, busy * 1.05), 3),
-            pcie_generation=1 if m.pcie_link_width <= 4 else 4,
+            pcie_generation=_sim_generation(m.pcie_link_width),
             pcie_link_width=m.pcie_link_width,
         )
+
+    def _struck(self, index: int, kind: str) -> list[tuple[int, Fault]]:
+        """The faults of ``kind`` on GPU ``index`` that have struck by now."""
+        t = self._clock() - self._started
+        return [
+            (n, f)
+            for n, f in enumerate(self._faults)
+            if f.gpu == index and f.kind == kind and t >= f.after_s
+        ]
+
+    def _overheating(self, index: int) -> bool:
+        t = self._clock() - self._started
+        return any(t < f.after_s + OVERHEAT_HOLD_S for _, f in self._struck(index, "overheat"))
+
+    def _temperature(self, index: int, busy: float) -> float:
+        if self._overheating(index):
+            return SIM_SLOWDOWN_C + 5.0
+        return round(32.0 + 38.0 * busy, 1)
+
+    def health(self, index: int) -> list[HealthObservation]:
+        """The injected faults that have struck, and the simulated readings."""
+        now = self._clock()
+        out: list[HealthObservation] = []
+        for kind, (observed, value) in _ONE_OFF.items():
+            for n, _ in self._struck(index, kind):
+                if n not in self._fired:
+                    self._fired.add(n)
+                    out.append(HealthObservation(index, observed, now, value=value))
+        if self._struck(index, "lost"):
+            out.append(HealthObservation(index, Observed.LOST, now))
+            return out
+        m = self._models[index]
+        busy = (self.power_watts(index) - m.idle_w) / max(1, m.board_power_w - m.idle_w)
+        temp = self._temperature(index, busy)
+        out.append(
+            HealthObservation(index, Observed.TEMPERATURE, now, temp, threshold=SIM_SLOWDOWN_C)
+        )
+        out.append(HealthObservation(index, Observed.POWER, now, present=True))
+        return out
+
+    def selftest_factor(self, index: int) -> float:
+        """What the card measures against a healthy one of its model: 1.0; 1/3 for an
+        ``impostor``; 0.0 once ``lost`` (the self-test multiplies the reference by it)."""
+        if self._struck(index, "lost"):
+            return 0.0
+        if self._struck(index, "impostor"):
+            return 1.0 / 3.0
+        return 1.0
 
     def set_load(self, indices: list[int], load: str) -> None:
         """Switch GPUs between idle, training and mining; energy up to now is booked first."""
@@ -252,6 +367,11 @@ class SimulatedBackend:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _sim_generation(width: int) -> int:
+    """A riser (x4 or narrower) runs at gen 1 in the simulation; a slot at gen 4."""
+    return 1 if width <= 4 else 4
 
 
 def _omega() -> float:
@@ -294,6 +414,7 @@ class NvmlBackend:
             self._optional(nvml.nvmlDeviceGetTotalEnergyConsumption, h) is not None
             for h in self._handles
         ]
+        self._health = NvmlHealth(nvml, self._handles, self._optional)
 
     def _info(self, index: int, handle: Any) -> GpuInfo:
         nvml = self._nvml
@@ -302,6 +423,7 @@ class NvmlBackend:
         table = lookup(model)
         limit_mw = self._optional(nvml.nvmlDeviceGetPowerManagementLimit, handle)
         width = self._optional(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
+        gen = self._optional(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)
         return GpuInfo(
             index=index,
             uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
@@ -312,6 +434,7 @@ class NvmlBackend:
             default_price_micros_per_gpu_hour=table.default_price_micros_per_gpu_hour
             if table
             else 0,
+            pcie_generation=int(gen or 0),
         )
 
     def _optional(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -358,6 +481,12 @@ class NvmlBackend:
     def set_load(self, indices: list[int], load: str) -> None:
         """Real GPUs draw what they draw: nothing to do."""
 
+    def health(self, index: int) -> list[HealthObservation]:
+        """XID events since the last call, new double-bit ECC errors, pending retired
+        pages, the temperature and its slowdown threshold, whether power reads; a GPU
+        whose reads fail with NVML_ERROR_GPU_IS_LOST reads as lost (``nvml_health.py``)."""
+        return self._health.read(index)
+
     def close(self) -> None:
         """nvmlShutdown."""
         self._nvml.nvmlShutdown()
@@ -380,17 +509,31 @@ def _is_not_supported(nvml: Any, err: Exception) -> bool:
     return getattr(err, "value", None) == not_supported
 
 
-def open_backend(simulate: str, *, seed: str = "", fallback_spec: str = "") -> GpuBackend:
+def _is_not_supported(nvml: Any, err: Exception) -> bool:
+    not_supported = getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
+    return getattr(err, "value", None) == not_supported
+
+
+def open_backend(
+    simulate: str,
+    *,
+    seed: str = "",
+    fallback_spec: str = "",
+    faults: list[Fault] | tuple[Fault, ...] = (),
+) -> GpuBackend:
     """The backend for this rig: simulated when ``simulate`` is set, else NVML.
 
     Without a driver (or without GPUs) NVML cannot start; the agent then
-    simulates ``fallback_spec`` and says so in the log.
+    simulates ``fallback_spec`` and says so in the log. ``faults`` are injected into
+    a simulated rig only (refused with a real one).
     """
     from worker_agent.config import DEFAULT_SIMULATE_SPEC
 
     if simulate:
         log.info("simulating GPUs %s", simulate)
-        return SimulatedBackend(simulate, seed=seed)
+        return SimulatedBackend(simulate, seed=seed, faults=faults)
+    if faults:
+        raise ValueError("--simulate-fault needs --simulate SPEC (faults are simulated)")
     try:
         backend = NvmlBackend()
     except Exception as err:  # pynvml raises NVMLError_LibraryNotFound, DriverNotLoaded, …
