@@ -509,11 +509,6 @@ def _is_not_supported(nvml: Any, err: Exception) -> bool:
     return getattr(err, "value", None) == not_supported
 
 
-def _is_not_supported(nvml: Any, err: Exception) -> bool:
-    not_supported = getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
-    return getattr(err, "value", None) == not_supported
-
-
 def open_backend(
     simulate: str,
     *,

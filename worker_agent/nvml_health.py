@@ -124,10 +124,6 @@ class NvmlHealth:
             log.debug("XID events unavailable: %s", err)
         return self._xids.pop(index, [])
 
-    def close(self) -> None:
-        """nvmlShutdown."""
-        self._nvml.nvmlShutdown()
-
 
 def _is_lost(nvml: Any, err: Exception) -> bool:
     return getattr(err, "value", None) == getattr(nvml, "NVML_ERROR_GPU_IS_LOST", 15)
