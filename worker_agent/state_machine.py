@@ -40,9 +40,22 @@ Events and what they decide::
     RigUnhealthy(reason)                   refuse new work        -> AskBrokerToDrain(retry)
     DrainRequested()                       accept nothing new     -> AskBrokerToDrain(once)
     DrainGraceOver()                       hand back the rest     -> StopAttempt(report=False)
+    GpuFaulted(index, reason, now)         quarantine that GPU    -> StopAttempt(report=False)
+                                           of ONLY the attempt on it (the broker requeues
+                                           it when it takes the report), ReportGpuHealth
+    ProbationDue(now)                      probation over, GPU free -> RunSelfTest(index)
+    SelfTestDone(index, passed, ...)       passed: back; failed: another probation
+                                                                  -> ReportGpuHealth
+    ReinstateAsked(index, by, now)         strikes cleared        -> ReportGpuHealth,
+                                                                     RunSelfTest at once
+
+An Assigned or Reconciled attempt whose GPUs include a quarantined one is refused
+(RefuseAttempt: a setup failure of the rig's, the broker requeues it). The quarantine
+book (``quarantine.py``) holds the reasons, the probation times and the three strikes.
 
 Two queries feed the mining policy and the metrics: :meth:`AgentState.busy_gpus` (the
-one definition of a busy GPU) and :attr:`AgentState.running`.
+one definition of a busy GPU: quarantined GPUs count, so no miner runs there) and
+:attr:`AgentState.running`. The events and instructions are in ``events.py``.
 
 It logs what it decides on the ``rigshift.agent`` logger (as dask's ``WorkerState``
 does); logging is its only side effect.
@@ -57,8 +70,42 @@ from dataclasses import dataclass
 from typing import Any
 
 from rigshift.v1 import worker_service_pb2 as ws
+from worker_agent.events import (
+    AskBrokerToDrain,
+    Assigned,
+    AttemptEnded,
+    AttemptStarted,
+    Cancelled,
+    DrainGraceOver,
+    DrainRequested,
+    DropAttempt,
+    Event,
+    FinishedReported,
+    GpuFaulted,
+    HeartbeatAnswered,
+    HeartbeatFailed,
+    Instruction,
+    LeaseCheck,
+    MinersStopped,
+    ProbationDue,
+    Reconcile,
+    RefuseAttempt,
+    Registered,
+    ReinstateAsked,
+    ReportGpuHealth,
+    ResetStream,
+    RigUnhealthy,
+    RunSelfTest,
+    SelfTestDone,
+    Stale,
+    StartAttempt,
+    StopAttempt,
+    StopMiners,
+    WriteFence,
+)
 from worker_agent.lease import STOP_MARGIN_S, Lease
 from worker_agent.outbox import AttemptKey
+from worker_agent.quarantine import QuarantineBook
 
 __all__ = [
     "HANDED_BACK",
@@ -75,16 +122,22 @@ __all__ = [
     "DropAttempt",
     "Event",
     "FinishedReported",
+    "GpuFaulted",
     "HeartbeatAnswered",
     "HeartbeatFailed",
     "Instruction",
     "LeaseCheck",
     "MinersStopped",
+    "ProbationDue",
     "Reconcile",
     "RefuseAttempt",
     "Registered",
+    "ReinstateAsked",
+    "ReportGpuHealth",
     "ResetStream",
     "RigUnhealthy",
+    "RunSelfTest",
+    "SelfTestDone",
     "Stale",
     "StartAttempt",
     "StopAttempt",
@@ -102,218 +155,6 @@ NOT_RECONCILED = "not in the broker's reconcile"
 HANDED_BACK = "handed back: agent shutting down"
 #: How many attempts whose ``finished`` the broker acknowledged are remembered.
 REMEMBER_FINISHED = 10_000
-
-
-# --- events ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Registered:
-    """RegisterWorker, sent at ``sent_at``, was answered with this lease TTL."""
-
-    sent_at: float
-    lease_ttl_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatAnswered:
-    """A heartbeat sent at ``sent_at`` was answered."""
-
-    sent_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatFailed:
-    """A heartbeat failed at ``now`` with status ``code`` (its name); ``refused``: the
-    broker's port refused the connection (no broker process listens)."""
-
-    now: float
-    code: str
-    refused: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseCheck:
-    """Time passed: stop the attempts if the lease is about to run out."""
-
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Reconcile:
-    """The first message of an instruction stream: what the broker says this rig runs.
-    ``mining_gpus``: the GPUs a miner holds now (running or stopping)."""
-
-    assignments: tuple[ws.Assignment, ...]
-    mining_gpus: frozenset[int]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Assigned:
-    """The broker placed an attempt here. ``mining_gpus`` as in :class:`Reconcile`."""
-
-    assignment: ws.Assignment
-    mining_gpus: frozenset[int]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    """The broker cancelled an attempt (the client cancelled the job, or it was preempted)."""
-
-    key: AttemptKey
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stale:
-    """The broker answered a report saying the attempt is no longer this rig's."""
-
-    key: AttemptKey
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class MinersStopped:
-    """The miners on a waiting attempt's GPUs are gone (``ok``), or stopping them failed."""
-
-    key: AttemptKey
-    ok: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptStarted:
-    """The attempt's process started."""
-
-    key: AttemptKey
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptEnded:
-    """The AttemptRunner is done with the attempt (reported or handed back)."""
-
-    key: AttemptKey
-
-
-@dataclass(frozen=True, slots=True)
-class FinishedReported:
-    """The broker acknowledged the ``finished`` events of these attempts."""
-
-    keys: tuple[AttemptKey, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RigUnhealthy:
-    """The rig can take no work (its state directory's disk is full)."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class DrainRequested:
-    """Shutdown was requested: accept nothing new."""
-
-
-@dataclass(frozen=True, slots=True)
-class DrainGraceOver:
-    """The drain grace is over (or was cut short): hand back what still runs."""
-
-
-Event = (
-    Registered
-    | HeartbeatAnswered
-    | HeartbeatFailed
-    | LeaseCheck
-    | Reconcile
-    | Assigned
-    | Cancelled
-    | Stale
-    | MinersStopped
-    | AttemptStarted
-    | AttemptEnded
-    | FinishedReported
-    | RigUnhealthy
-    | DrainRequested
-    | DrainGraceOver
-)
-
-
-# --- instructions ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StartAttempt:
-    """Set the attempt up and run it (``AttemptRunner.start``)."""
-
-    assignment: ws.Assignment
-
-
-@dataclass(frozen=True, slots=True)
-class StopMiners:
-    """Stop the miners on the assignment's GPUs and wait until their process trees are
-    gone; then tell the state :class:`MinersStopped`."""
-
-    assignment: ws.Assignment
-
-
-@dataclass(frozen=True, slots=True)
-class RefuseAttempt:
-    """End the assignment at once as a setup failure of the rig's (the broker requeues)."""
-
-    key: AttemptKey
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class StopAttempt:
-    """Kill the attempt's process tree; ``report``: say ``finished`` (else the broker
-    requeues it when the lease lapses)."""
-
-    key: AttemptKey
-    reason: str
-    report: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DropAttempt:
-    """Report an assignment that never started as ended by SIGTERM, with no energy."""
-
-    key: AttemptKey
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class WriteFence:
-    """Write the lease's stop time for the jobs' fences (``fence.py``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ResetStream:
-    """Break the instruction stream so it reconnects (and begins with a Reconcile)."""
-
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
-class AskBrokerToDrain:
-    """FarmService.DrainWorker: the broker places nothing more here. ``until_taken``:
-    retry with backoff until the broker takes it (else once, best effort)."""
-
-    reason: str = ""
-    until_taken: bool = False
-
-
-Instruction = (
-    StartAttempt
-    | StopMiners
-    | RefuseAttempt
-    | StopAttempt
-    | DropAttempt
-    | WriteFence
-    | ResetStream
-    | AskBrokerToDrain
-)
 
 
 # --- the state ------------------------------------------------------------------------
@@ -336,8 +177,10 @@ class AgentState:
     """What the agent knows and decides (see the module docstring). Not thread-safe:
     the agent's event loop is its only caller."""
 
-    def __init__(self, lease: Lease) -> None:
+    def __init__(self, lease: Lease, quarantine: QuarantineBook | None = None) -> None:
         self.lease = lease
+        self.quarantine = quarantine or QuarantineBook()
+        """The GPUs out of service (``quarantine.py``)."""
         """The lease as the agent sees it (``lease.py``)."""
         self.running: dict[AttemptKey, _Held] = {}
         """Attempts the AttemptRunner holds (setting up, running or stopping)."""
@@ -371,6 +214,10 @@ class AgentState:
             RigUnhealthy: self._rig_unhealthy,
             DrainRequested: self._drain_requested,
             DrainGraceOver: self._drain_grace_over,
+            GpuFaulted: self._gpu_faulted,
+            ProbationDue: self._probation_due,
+            SelfTestDone: self._selftest_done,
+            ReinstateAsked: self._reinstate_asked,
         }
 
     def handle(self, event: Event) -> list[Instruction]:
@@ -381,8 +228,15 @@ class AgentState:
 
     def busy_gpus(self, *, started: bool = False) -> set[int]:
         """GPUs held by an attempt (from its assignment until it ended, stopping included)
-        or by an assignment waiting for a miner to stop: no miner starts there. With
-        ``started``: only the GPUs of attempts whose process has started (they do AI work)."""
+        or by an assignment waiting for a miner to stop, and quarantined GPUs: no miner
+        starts there. With ``started``: only the GPUs of attempts whose process has
+        started (they do AI work)."""
+        busy = self._held_gpus(started=started)
+        if not started:
+            busy.update(self.quarantine.quarantined())
+        return busy
+
+    def _held_gpus(self, *, started: bool = False) -> set[int]:
         busy: set[int] = set()
         for held in self.running.values():
             if held.started or not started:
@@ -502,6 +356,9 @@ class AgentState:
         key = _key(assignment)
         if key in self.running or key in self.waiting:
             return []
+        refused = self._refuse_quarantined(assignment)
+        if refused:
+            return refused
         if self.lease.must_stop(now):
             # It would be stopped at once; the broker is asked again once it answers.
             log.info("%s attempt %d not started: no heartbeat answered lately", *key)
@@ -519,6 +376,9 @@ class AgentState:
             return []
         if self.unhealthy:
             return [RefuseAttempt(key, f"rig unhealthy, takes no work: {self.unhealthy}")]
+        refused = self._refuse_quarantined(assignment)
+        if refused:
+            return refused
         if not self.accepting:
             log.info("draining: not starting %s attempt %d", *key)
             return []
@@ -571,6 +431,54 @@ class AgentState:
             return []
         self.unhealthy = e.reason
         return [AskBrokerToDrain(e.reason, until_taken=True)]
+
+    # --- GPU health -------------------------------------------------------------------
+
+    def _refuse_quarantined(self, assignment: ws.Assignment) -> list[Instruction]:
+        """RefuseAttempt when the assignment holds a quarantined GPU, else nothing."""
+        out = sorted(self.quarantine.quarantined().intersection(assignment.gpu_indices))
+        if not out:
+            return []
+        why = "; ".join(f"GPU {i} quarantined: {self.quarantine.reason(i)}" for i in out)
+        return [RefuseAttempt(_key(assignment), why)]
+
+    def _gpu_faulted(self, e: GpuFaulted) -> list[Instruction]:
+        if not self.quarantine.fault(e.index, e.reason, e.now, e.wall):
+            return []
+        keys = [key for key, held in self.running.items() if e.index in held.gpus]
+        why = f"GPU {e.index} quarantined: {e.reason}"
+        for key, assignment in self.waiting.items():
+            if e.index in assignment.gpu_indices:
+                self.drop_reasons[key] = why
+        locked = self.quarantine.out[e.index].reinstate_required
+        log.warning(
+            "GPU %d quarantined (%s); stopping %d attempt(s) on it%s",
+            e.index,
+            e.reason,
+            len(keys),
+            ": three strikes, out until the operator reinstates it" if locked else "",
+        )
+        return [*self._stop(keys, why, report=False), ReportGpuHealth()]
+
+    def _probation_due(self, e: ProbationDue) -> list[Instruction]:
+        # Never a self-test on a GPU an attempt still holds (e.g. one still stopping).
+        due = self.quarantine.due(e.now, self._held_gpus())
+        return [RunSelfTest(i) for i in due]
+
+    def _selftest_done(self, e: SelfTestDone) -> list[Instruction]:
+        if not self.quarantine.tested(e.index, e.passed, e.reason, e.measurement, e.now):
+            return []
+        if e.passed:
+            log.info("GPU %d passed its probation self-test: back in service", e.index)
+        else:
+            log.warning("GPU %d failed its probation self-test (%s): stays out", e.index, e.reason)
+        return [ReportGpuHealth()]
+
+    def _reinstate_asked(self, e: ReinstateAsked) -> list[Instruction]:
+        log.info("GPU %d reinstated by %s: re-testing it", e.index, e.by or "the operator")
+        if not self.quarantine.reinstate(e.index, e.now):
+            return []
+        return [ReportGpuHealth(), *self._probation_due(ProbationDue(e.now))]
 
     # --- drain ------------------------------------------------------------------------
 
