@@ -320,8 +320,11 @@ def test_the_state_machine_imports_no_io() -> None:
     import inspect
     from types import ModuleType
 
+    import rigshift.scoring
+    import worker_agent.events
     import worker_agent.lease
     import worker_agent.outbox
+    import worker_agent.quarantine
     import worker_agent.state_machine
 
     def imports(module: ModuleType) -> set[str]:
@@ -335,17 +338,34 @@ def test_the_state_machine_imports_no_io() -> None:
         return names
 
     seen = set().union(
-        *(imports(m) for m in (worker_agent.state_machine, worker_agent.lease, worker_agent.outbox))
+        *(
+            imports(m)
+            for m in (
+                worker_agent.state_machine,
+                worker_agent.events,
+                worker_agent.quarantine,
+                rigshift.scoring,
+                worker_agent.lease,
+                worker_agent.outbox,
+            )
+        )
     )
     assert seen <= {
         "__future__",
         "collections",
         "collections.abc",
         "dataclasses",
+        "enum",
         "logging",
+        "math",
+        "types",
         "typing",
         "google.protobuf.timestamp_pb2",
+        "rigshift.catalogue",
+        "rigshift.scoring",
         "rigshift.v1",
+        "worker_agent.events",
         "worker_agent.lease",
         "worker_agent.outbox",
+        "worker_agent.quarantine",
     }, seen
