@@ -32,6 +32,9 @@ restarted; one that keeps ending stops the agent with an error, never with a dra
     mining      every ``mining.check_interval_s``: the mining policy for GPUs without an
                 attempt (``mining.py``); an assignment on a mining GPU waits until the
                 miner's process tree is gone before the attempt starts
+    health      every ``[health] interval_s``: each GPU's health -> GpuFaulted (quarantine
+                that GPU only), ProbationDue (``health_loop.py``)
+    health-report  ReportGpuHealth whenever the state says so, until the broker takes it
 
 The metrics (``metrics.py``) never read the agent from Prometheus' scrape thread: the
 event loop publishes an immutable :class:`~worker_agent.metrics.AgentSnapshot` after
@@ -68,6 +71,8 @@ from worker_agent.executor import RayExecutor
 from worker_agent.fence import FENCE_FILE, write_deadline
 from worker_agent.fence import clock as fence_clock
 from worker_agent.gpu import GpuBackend, open_backend
+from worker_agent.health import parse_fault
+from worker_agent.health_loop import HealthShell, health_protos
 from worker_agent.identity import load_identity
 from worker_agent.images import ImageCache
 from worker_agent.interpreters import job_python
@@ -82,6 +87,7 @@ from worker_agent.metrics import (
 )
 from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import Outbox
+from worker_agent.quarantine import QuarantineBook
 from worker_agent.sandbox import policy_for
 from worker_agent.session import AgentError, BrokerSession
 from worker_agent.supervise import LoopFailed, supervise
@@ -110,6 +116,8 @@ class Agent:
         self.outbox = Outbox(max_log_backlog_bytes=config.max_log_backlog_bytes)
         self.runner: AttemptRunner | None = None
         self.mining: MiningSupervisor | None = None
+        self.health: HealthShell | None = None
+        """GPU health polling, reports and re-tests (``health_loop.py``)."""
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
         self._done = asyncio.Event()
@@ -120,7 +128,8 @@ class Agent:
                 config.lease_grace_s,
                 config.cancel_grace_s + STOP_MARGIN_S,
                 renewed_at=time.monotonic(),
-            )
+            ),
+            QuarantineBook(probation_s=config.health.probation_s),
         )
         """The agent's decisions (``state_machine.py``); this class carries them out."""
         self.session = BrokerSession(
@@ -246,6 +255,9 @@ class Agent:
                     "meter": self._meter_loop,
                     "mining": self._mining_loop,
                 }
+                if self.health is not None:
+                    loops["health"] = self.health.poll_loop
+                    loops["health-report"] = self.health.report_loop
                 self._tasks = [
                     asyncio.create_task(supervise(name, loop), name=name)
                     for name, loop in loops.items()
@@ -273,7 +285,8 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         identity = load_identity(cfg.state_dir)
         if self.backend is None:
-            self.backend = open_backend(cfg.simulate, seed=identity.rig_id)
+            faults = [parse_fault(f) for f in cfg.simulate_faults]
+            self.backend = open_backend(cfg.simulate, seed=identity.rig_id, faults=faults)
         self.meter = EnergyMeter(self.backend)
         self._asks = {g.index: g.price_micros_per_gpu_hour for g in self._gpu_infos()}
         if self.executor is None:
@@ -339,6 +352,15 @@ class Agent:
             asks_micros_per_gpu_hour=self._asks,
             state_dir=cfg.state_dir,
         )
+        self.health = HealthShell(
+            self.backend,
+            cfg.health,
+            handle=self._handle,
+            report=self._health_report,
+            send=session.report_gpu_health,
+            retry_min_s=cfg.reconnect_min_s,
+            retry_max_s=cfg.reconnect_max_s,
+        )
         if cfg.metrics_listen:
             self.metrics = AgentMetrics(lambda: self.snapshot)
             self._read_sensors()
@@ -358,6 +380,8 @@ class Agent:
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
+        if self.health is not None:
+            await self.health.close()
         if self.mining is not None:
             with contextlib.suppress(Exception):
                 await self.mining.close()
@@ -435,6 +459,12 @@ class Agent:
                 self._write_fence()
             elif isinstance(i, sm.ResetStream):
                 self.session.reset_stream(i.why)
+            elif isinstance(i, sm.ReportGpuHealth):
+                if self.health is not None:
+                    self.health.request_report()
+            elif isinstance(i, sm.RunSelfTest):
+                if self.health is not None:
+                    self.health.run_selftest(i.index)
             elif isinstance(i, sm.AskBrokerToDrain):
                 if i.until_taken:
                     self._spawn(self.session.drain_until_taken(i.reason), "unhealthy")
@@ -475,7 +505,12 @@ class Agent:
 
     def _gpu_infos(self) -> list[ws.GpuInfo]:
         assert self.backend is not None
-        return gpu_infos(self.backend, self.config.price_micros_per_gpu_hour)
+        health = {h.index: h for h in self._health_report()}
+        return gpu_infos(self.backend, self.config.price_micros_per_gpu_hour, health)
+
+    def _health_report(self) -> list[ws.GpuHealth]:
+        """The rig's whole GPU health (what ReportGpuHealth and the registration send)."""
+        return health_protos(self.machine.quarantine.report(time.monotonic()))
 
     def _mining_gpus(self) -> frozenset[int]:
         """GPUs a miner holds now (running or stopping)."""
@@ -510,6 +545,7 @@ class Agent:
             self._readings,
             ai=self.machine.busy_gpus(started=True),
             mining=self.mining.mining() if self.mining is not None else frozenset(),
+            quarantined=self.machine.quarantine.quarantined(),
             asks=self._asks,
             jobs_running=len(self.machine.running),
         )

@@ -8,7 +8,7 @@ down and up in chunks, and the request to drain the worker.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -16,6 +16,7 @@ from rigshift.v1 import artifact_service_pb2 as art
 from rigshift.v1 import artifact_service_pb2_grpc as artg
 from rigshift.v1 import farm_service_pb2, farm_service_pb2_grpc
 from rigshift.v1 import worker_service_pb2 as ws
+from rigshift.v1 import worker_service_pb2_grpc as wsg
 from worker_agent.gpu import GpuBackend, GpuInfo
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ask_micros_per_gpu_hour",
     "download_artifact",
     "gpu_infos",
+    "report_gpu_health",
     "upload_artifact",
 ]
 
@@ -44,9 +46,14 @@ def ask_micros_per_gpu_hour(configured: int | None, gpu: GpuInfo) -> int:
     return gpu.default_price_micros_per_gpu_hour if configured is None else configured
 
 
-def gpu_infos(backend: GpuBackend, configured_price: int | None) -> list[ws.GpuInfo]:
-    """The rig's GPUs as RegisterWorker sends them."""
-    return [
+def gpu_infos(
+    backend: GpuBackend,
+    configured_price: int | None,
+    health: Mapping[int, ws.GpuHealth] | None = None,
+) -> list[ws.GpuInfo]:
+    """The rig's GPUs as RegisterWorker sends them; ``health``: the GPUs whose health is
+    not plain healthy (an agent restarted with a GPU in quarantine says so at once)."""
+    infos = [
         ws.GpuInfo(
             index=g.index,
             uuid=g.uuid,
@@ -55,9 +62,14 @@ def gpu_infos(backend: GpuBackend, configured_price: int | None) -> list[ws.GpuI
             power_limit_watts=g.power_limit_watts,
             price_micros_per_gpu_hour=ask_micros_per_gpu_hour(configured_price, g),
             pcie_link_width=g.pcie_link_width,
+            pcie_generation=g.pcie_generation,
         )
         for g in backend.gpus()
     ]
+    for info in infos:
+        if health and info.index in health:
+            info.health.CopyFrom(health[info.index])
+    return infos
 
 
 async def download_artifact(
@@ -97,5 +109,19 @@ async def ask_broker_to_drain(channel: grpc.aio.Channel, metadata: Metadata, wor
         )
     except grpc.aio.AioRpcError as err:
         log.info("broker did not take the drain request: %s", err.code().name)
+        return False
+    return True
+
+
+async def report_gpu_health(
+    channel: grpc.aio.Channel, metadata: Metadata, worker: str, gpus: Sequence[ws.GpuHealth]
+) -> bool:
+    """WorkerService.ReportGpuHealth (the rig's whole GPU health): whether the broker took it."""
+    try:
+        await wsg.WorkerServiceStub(channel).ReportGpuHealth(
+            ws.ReportGpuHealthRequest(worker=worker, gpus=gpus), metadata=metadata, timeout=5.0
+        )
+    except grpc.aio.AioRpcError as err:
+        log.info("broker did not take the GPU health report: %s", err.code().name)
         return False
     return True

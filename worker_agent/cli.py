@@ -50,6 +50,20 @@ class _RequiredUnlessConfig(click.Option):
         return value
 
 
+def _check_faults(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Refuse a ``--simulate-fault`` that is not GPU:KIND:AFTER_S with a known KIND."""
+    from worker_agent.health import parse_fault
+
+    for text in value:
+        try:
+            parse_fault(text)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from err
+    return value
+
+
 @agent_group.command("run")
 @click.option(
     "--config",
@@ -87,6 +101,15 @@ class _RequiredUnlessConfig(click.Option):
     help="PEM private key of --tls-cert.",
 )
 @click.option("--simulate", metavar="SPEC", help="Simulated GPUs, e.g. RTX3090x4.")
+@click.option(
+    "--simulate-fault",
+    "faults",
+    multiple=True,
+    metavar="GPU:KIND:AFTER_S",
+    callback=_check_faults,
+    help="Inject a fault into the simulated rig (repeatable), e.g. 1:xid79:30; KIND: xid79, "
+    "xid48, ecc-dbe, overheat, lost, impostor.",
+)
 @click.option("--ray-address", help="Join this Ray cluster instead of a local head.")
 @click.option(
     "--ray-dashboard", is_flag=True, default=None, help="Start the Ray dashboard (token-protected)."
@@ -128,6 +151,7 @@ def run_command(
     tls_cert: Path | None,
     tls_key: Path | None,
     simulate: str | None,
+    faults: tuple[str, ...],
     ray_address: str | None,
     ray_dashboard: bool | None,
     metrics_listen: str | None,
@@ -157,6 +181,7 @@ def run_command(
     from worker_agent.config import AgentConfig, ConfigError, load_config_file
     from worker_agent.executor import LocalExecutor
     from worker_agent.gpu import parse_spec
+    from worker_agent.health import parse_fault
     from worker_agent.sandbox import SandboxError, policy_for
 
     logging.basicConfig(
@@ -188,7 +213,14 @@ def run_command(
             if not values.get(key):
                 raise ConfigError(f"{flag} (or {key} in --config) is required")
         if values.get("simulate"):
-            parse_spec(str(values["simulate"]))
+            count = len(parse_spec(str(values["simulate"])))
+            for fault in map(parse_fault, faults):
+                if fault.gpu >= count:
+                    raise ConfigError(f"--simulate-fault on GPU {fault.gpu}: the rig has {count}")
+        elif faults:
+            raise ConfigError("--simulate-fault needs --simulate SPEC (faults are simulated)")
+        if faults:
+            values["simulate_faults"] = tuple(faults)
         config = AgentConfig(**values)
     except (ConfigError, ValueError) as err:
         raise click.UsageError(str(err)) from err

@@ -27,6 +27,7 @@ from rigshift.defaults import (
     max_heartbeat_interval_s,
 )
 from rigshift.units import usd_to_micros
+from worker_agent.health import HealthConfig, health_table, parse_fault
 
 __all__ = [
     "DEFAULT_SIMULATE_SPEC",
@@ -360,6 +361,10 @@ class AgentConfig:
 
     containers: ContainersConfig = field(default_factory=ContainersConfig)
     """How jobs with a container image run (the ``[containers]`` table)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """GPU health checks and quarantine (the ``[health]`` table, ``health.py``)."""
+    simulate_faults: tuple[str, ...] = ()
+    """Faults injected into a simulated rig, ``GPU:KIND:AFTER_S`` (``--simulate-fault``)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -392,6 +397,11 @@ class AgentConfig:
                 f"interval of {BROKER_MIN_PING_INTERVAL_S:g} s: the broker would close the "
                 "connection (GOAWAY too_many_pings)"
             )
+        for fault in self.simulate_faults:
+            try:
+                parse_fault(fault)
+            except ValueError as err:
+                problems.append(str(err))
         if self.sandbox not in ("auto", "bwrap", "none"):
             problems.append(f"sandbox must be auto, bwrap or none, got {self.sandbox!r}")
         if not problems:
@@ -468,6 +478,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
             out["environments"] = _environments_table(path, value)
         elif key == "containers":
             out["containers"] = _containers_table(path, value)
+        elif key == "health":
+            try:
+                out["health"] = health_table(value)
+            except ValueError as err:
+                raise ConfigError(f"{path}: {err}") from err
         elif key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         else:

@@ -23,7 +23,7 @@ The watch and the classification read no clock: the time is on the observation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Observed",
     "Verdict",
     "classify",
+    "health_table",
     "parse_fault",
     "xid_reason",
 ]
@@ -129,6 +130,17 @@ class HealthConfig:
                 raise ValueError(f"health.{name} must be a positive number of seconds")
         if not isinstance(self.selftest_budget_s, int | float) or self.selftest_budget_s <= 0:
             raise ValueError("health.selftest_budget_s must be a positive number of seconds")
+
+
+def health_table(table: object) -> HealthConfig:
+    """The ``[health]`` table of the config file as a :class:`HealthConfig`."""
+    known = [f.name for f in fields(HealthConfig)]
+    if not isinstance(table, dict):
+        raise ValueError("health must be a table ([health])")
+    for key in table:
+        if key not in known:
+            raise ValueError(f"unknown key health.{key!r}; known: {', '.join(known)}")
+    return HealthConfig(**table)
 
 
 def xid_reason(code: int) -> str:

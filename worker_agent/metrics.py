@@ -39,7 +39,7 @@ __all__ = [
 log = logging.getLogger("rigshift.agent.metrics")
 
 #: The values of the ``state`` label of ``rigshift_gpu_state``.
-GPU_STATES = ("ai", "mining", "idle")
+GPU_STATES = ("ai", "mining", "idle", "quarantined")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +81,23 @@ class AgentSnapshot:
         mining: Set[int],
         asks: Mapping[int, int],
         jobs_running: int,
+        quarantined: Set[int] = frozenset(),
     ) -> AgentSnapshot:
-        """The snapshot of the GPUs whose sensors could be read. A GPU's state is ``ai``
-        when a started attempt holds it (``ai``), else ``mining`` when a miner runs there
+        """The snapshot of the GPUs whose sensors could be read. A GPU's state is
+        ``quarantined`` when it is out of service (``quarantined``), else ``ai`` when a
+        started attempt holds it (``ai``), else ``mining`` when a miner runs there
         (``mining``), else ``idle``."""
         out = []
         for gpu in gpus:
             reading = readings.get(gpu.index)
             if reading is None:
                 continue
-            state = "ai" if gpu.index in ai else "mining" if gpu.index in mining else "idle"
+            if gpu.index in quarantined:
+                state = "quarantined"
+            elif gpu.index in ai:
+                state = "ai"
+            else:
+                state = "mining" if gpu.index in mining else "idle"
             ask = asks.get(gpu.index, 0)
             out.append(GpuSnapshot(gpu.index, gpu.model, state, ask, reading))
         return cls(jobs_running, tuple(out))
@@ -140,7 +147,7 @@ class AgentCollector(Collector):
         )
         state = GaugeMetricFamily(
             "rigshift_gpu_state",
-            "1 for the GPU's current state (ai, mining, idle), 0 for the others.",
+            "1 for the GPU's current state (ai, mining, idle, quarantined), 0 for the others.",
             labels=[*labels, "state"],
         )
         price = GaugeMetricFamily(

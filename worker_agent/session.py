@@ -9,7 +9,8 @@ beyond retrying. Its three loops run under the agent's ``supervise``::
                 its attempts before it sends anything); answered -> HeartbeatAnswered,
                 failed -> HeartbeatFailed; UNAUTHENTICATED/NOT_FOUND -> register again
     stream      StreamInstructions; the first message is a Reconcile, then Assignment /
-                Cancellation (-> Reconcile, Assigned, Cancelled); reconnects with backoff
+                Cancellation / Reinstate (-> Reconcile, Assigned, Cancelled,
+                ReinstateAsked); reconnects with backoff
                 and full jitter whenever the stream breaks or is reset (reset_stream)
     reporter    ReportJobEvents from the Outbox: starts and finishes at once, output
                 batched; a failed batch is retried unchanged; acknowledged finishes ->
@@ -30,7 +31,12 @@ from rigshift.v1 import artifact_service_pb2 as art
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
 from worker_agent.backoff import Backoff
-from worker_agent.broker_calls import ask_broker_to_drain, download_artifact, upload_artifact
+from worker_agent.broker_calls import (
+    ask_broker_to_drain,
+    download_artifact,
+    report_gpu_health,
+    upload_artifact,
+)
 from worker_agent.channel import broker_channel
 from worker_agent.config import AgentConfig, effective_heartbeat_s
 from worker_agent.identity import Identity, save_identity
@@ -46,6 +52,7 @@ from worker_agent.state_machine import (
     LeaseCheck,
     Reconcile,
     Registered,
+    ReinstateAsked,
     Stale,
 )
 from worker_agent.supervise import stopping
@@ -283,6 +290,9 @@ class BrokerSession:
         elif kind == "cancellation":
             c = instruction.cancellation
             self.handle(Cancelled((c.job, c.attempt), c.reason))
+        elif kind == "reinstate":
+            r = instruction.reinstate
+            self.handle(ReinstateAsked(r.gpu_index, r.requested_by, time.monotonic()))
 
     async def reporter_loop(self) -> None:
         assert self._stub is not None
@@ -337,6 +347,12 @@ class BrokerSession:
     async def upload_output(self, sha256: str, data: bytes) -> None:
         """Store an attempt's output archive (purpose OUTPUT: the broker's output limit)."""
         await self.upload(sha256, data, purpose=art.OUTPUT)
+
+    async def report_gpu_health(self, gpus: list[ws.GpuHealth]) -> bool:
+        """WorkerService.ReportGpuHealth once: whether the broker took it."""
+        if not self.worker or self.channel is None:
+            return False
+        return await report_gpu_health(self.channel, self.metadata(), self.worker, gpus)
 
     async def ask_to_drain(self) -> bool:
         """Best effort: FarmService.DrainWorker so the broker stops placing work here;

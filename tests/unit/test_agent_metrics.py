@@ -54,12 +54,33 @@ def test_the_collector_shows_the_current_snapshot_and_nothing_else() -> None:
         ("0", "ai"): 1.0,
         ("0", "mining"): 0.0,
         ("0", "idle"): 0.0,
+        ("0", "quarantined"): 0.0,
         ("1", "ai"): 0.0,
         ("1", "mining"): 1.0,
         ("1", "idle"): 0.0,
+        ("1", "quarantined"): 0.0,
     }
-    assert GPU_STATES == ("ai", "mining", "idle")  # quarantine is not produced (yet)
+    assert GPU_STATES == ("ai", "mining", "idle", "quarantined")
     assert sample(metrics, "rigshift_gpu_power_watts", gpu="2", gpu_model="RTX 3060") is None
+
+
+def test_a_quarantined_gpu_shows_as_quarantined_whatever_else_holds_it() -> None:
+    backend = SimulatedBackend("RTX3090x2", seed="q")
+    current = AgentSnapshot.build(
+        backend.gpus(),
+        {0: GpuReading(25.0, 1.0), 1: GpuReading(25.0, 1.0)},
+        ai={1},  # an attempt still stopping on the quarantined GPU
+        mining=set(),
+        asks={},
+        jobs_running=1,
+        quarantined={1},
+    )
+    metrics = AgentMetrics(lambda: current, CollectorRegistry())
+    g1 = {"gpu": "1", "gpu_model": "RTX 3090"}
+    shown = {s: sample(metrics, "rigshift_gpu_state", **g1, state=s) for s in GPU_STATES}
+    assert shown == {"ai": 0.0, "mining": 0.0, "idle": 0.0, "quarantined": 1.0}
+    g0 = {"gpu": "0", "gpu_model": "RTX 3090"}
+    assert sample(metrics, "rigshift_gpu_state", **g0, state="idle") == 1.0
 
 
 def test_sensors_are_read_into_readings() -> None:
