@@ -207,11 +207,12 @@ class HealthShell:
 
     # --- probation self-tests --------------------------------------------------------
 
-    def run_selftest(self, index: int) -> None:
-        """Start the self-test of GPU ``index`` (the state said RunSelfTest)."""
+    def run_selftest(self, index: int) -> asyncio.Task[None]:
+        """Start the self-test of GPU ``index`` (the state said RunSelfTest); its task."""
         task = asyncio.create_task(self._selftest(index), name=f"selftest-gpu{index}")
         self._tests.add(task)
         task.add_done_callback(self._tests.discard)
+        return task
 
     async def _selftest(self, index: int) -> None:
         gpu = next(g for g in self.backend.gpus() if g.index == index)

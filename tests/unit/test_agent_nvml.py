@@ -139,3 +139,124 @@ def test_simulate_spec_wins(caplog: pytest.LogCaptureFixture) -> None:
     backend = open_backend("RTX3090x4", seed="x")
     assert backend.name == "simulated" and len(backend.gpus()) == 4
     assert "simulating GPUs RTX3090x4" in caplog.text
+
+
+class HealthNvml(FakeNvml):
+    """FakeNvml with the health calls: XID events, ECC, retired pages, thresholds."""
+
+    NVML_ERROR_TIMEOUT = 10
+    NVML_ERROR_GPU_IS_LOST = 15
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+    NVML_VOLATILE_ECC = 0
+    NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
+    nvmlEventTypeXidCriticalError = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[SimpleNamespace] = []
+        self.registered: list[int] = []
+        self.dbe = [0, None]  # GPU 1: ECC not supported
+        self.pending = [0, 0]
+        self.lost: set[int] = set()
+        self.waits: list[int] = []
+
+    def nvmlEventSetCreate(self) -> str:
+        return "set"
+
+    def nvmlDeviceRegisterEvents(self, h: int, types: int, event_set: str) -> None:
+        assert types == self.nvmlEventTypeXidCriticalError and event_set == "set"
+        self.registered.append(h)
+
+    def nvmlEventSetWait(self, event_set: str, timeout_ms: int) -> SimpleNamespace:
+        self.waits.append(timeout_ms)
+        if not self.events:
+            raise NVMLError(self.NVML_ERROR_TIMEOUT)
+        return self.events.pop(0)
+
+    def nvmlDeviceGetIndex(self, h: int) -> int:
+        return h
+
+    def _check(self, h: int) -> None:
+        if h in self.lost:
+            raise NVMLError(self.NVML_ERROR_GPU_IS_LOST)
+
+    def nvmlDeviceGetTotalEccErrors(self, h: int, kind: int, counter: int) -> int:
+        assert (kind, counter) == (1, 0)
+        self._check(h)
+        if self.dbe[h] is None:
+            raise NVMLError(3)
+        return self.dbe[h]  # type: ignore[return-value]
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h: int) -> int:
+        return self.pending[h]
+
+    def nvmlDeviceGetTemperatureThreshold(self, h: int, which: int) -> int:
+        assert which == self.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+        if h == 1:
+            raise NVMLError(3)
+        return 83
+
+
+def readings(backend: NvmlBackend, index: int) -> list[tuple[str, float, object]]:
+    out = []
+    for o in backend.health(index):
+        extra = o.threshold if o.kind == "temperature" else o.present
+        out.append((str(o.kind), o.value, extra))
+    return out
+
+
+def test_health_reads_events_ecc_pages_temperature_and_power() -> None:
+    fake = HealthNvml()
+    backend = NvmlBackend(nvml=fake)
+    assert readings(backend, 0) == [("temperature", 61.0, 83.0), ("power", 0.0, True)]
+    assert fake.registered == [0, 1] and set(fake.waits) == {0}  # timeout 0: never blocks
+    # an XID on GPU 1 waits in the shared set until GPU 1 is read
+    fake.events += [
+        SimpleNamespace(device=1, eventData=79),
+        SimpleNamespace(device=0, eventData=13),
+    ]
+    fake.dbe[0] = 2
+    fake.pending[0] = 1
+    assert readings(backend, 0) == [
+        ("xid", 13.0, True),
+        ("ecc-dbe", 2.0, True),
+        ("retired-pages-pending", 0.0, True),
+        ("temperature", 61.0, 83.0),
+        ("power", 0.0, True),
+    ]
+    # no threshold reported (NOT_SUPPORTED) and no ECC: not reported, not an error
+    assert readings(backend, 1) == [
+        ("xid", 79.0, True),
+        ("temperature", 48.0, None),
+        ("power", 0.0, True),
+    ]
+    fake.pending[0] = 0
+    assert [k for k, _, _ in readings(backend, 0)] == ["temperature", "power"]  # ECC: new only
+    fake.dbe[0] = 3
+    assert readings(backend, 0)[0] == ("ecc-dbe", 1.0, True)
+
+
+def test_a_lost_gpu_reads_as_lost_and_power_silence_is_seen() -> None:
+    fake = HealthNvml()
+    backend = NvmlBackend(nvml=fake)
+    fake.lost.add(0)
+    assert [str(o.kind) for o in backend.health(0)] == ["lost"]
+
+    def no_power(h: int) -> int:
+        raise NVMLError(999)
+
+    fake.nvmlDeviceGetPowerUsage = no_power  # type: ignore[method-assign]
+    assert [(str(o.kind), o.present) for o in backend.health(1)][-1] == ("power", False)
+
+
+def test_a_driver_without_events_still_reads_the_rest() -> None:
+    fake = HealthNvml()
+
+    def unsupported(*args: object) -> None:
+        raise NVMLError(3)
+
+    fake.nvmlDeviceRegisterEvents = unsupported  # type: ignore[method-assign]
+    fake.nvmlEventSetCreate = unsupported  # type: ignore[method-assign,assignment]
+    backend = NvmlBackend(nvml=fake)
+    assert [str(o.kind) for o in backend.health(0)] == ["temperature", "power"]
+    assert backend.gpus()[0].pcie_generation == 3 and backend.gpus()[1].pcie_generation == 0
