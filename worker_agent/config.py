@@ -397,6 +397,7 @@ class AgentConfig:
                 f"interval of {BROKER_MIN_PING_INTERVAL_S:g} s: the broker would close the "
                 "connection (GOAWAY too_many_pings)"
             )
+        object.__setattr__(self, "simulate_faults", tuple(self.simulate_faults))  # TOML: a list
         for fault in self.simulate_faults:
             try:
                 parse_fault(fault)

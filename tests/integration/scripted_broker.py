@@ -6,7 +6,8 @@ change the reconcile, refuse connections). ``run_session`` runs one agent agains
 jobs run through the LocalExecutor on a simulated rig, so these tests need no Ray (the
 Ray path is covered in tests/ray and tests/e2e). Used by the agent's session tests:
 test_agent_protocol.py, test_agent_resilience.py, test_agent_artifacts.py,
-test_agent_setup.py, test_agent_inputs_outputs.py, test_agent_disk_full.py.
+test_agent_setup.py, test_agent_inputs_outputs.py, test_agent_disk_full.py,
+test_agent_gpu_health.py.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer, fsg.Fa
         self.server: grpc.aio.Server | None = None
         self.drains: list[str] = []
         self.fail_drains = 0
+        self.health_reports: list[ws.ReportGpuHealthRequest] = []
+        self.fail_health_reports = 0
         self.port = 0
 
     def _check(self, context: grpc.aio.ServicerContext) -> bool:
@@ -117,6 +120,21 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer, fsg.Fa
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
         self.drains.append(request.name)
         return farm_pb2.Worker(name=request.name, state=farm_pb2.Worker.DRAINING)
+
+    async def ReportGpuHealth(self, request, context):  # type: ignore[no-untyped-def]
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        if self.fail_health_reports:
+            self.fail_health_reports -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
+        self.health_reports.append(request)
+        return ws.ReportGpuHealthResponse()
+
+    def health(self, index: int) -> ws.GpuHealth | None:
+        """GPU ``index`` in the latest health report taken (None: not in it, or none yet)."""
+        if not self.health_reports:
+            return None
+        return next((g for g in self.health_reports[-1].gpus if g.index == index), None)
 
     async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
         if not self._check(context):
@@ -205,10 +223,17 @@ def config(tmp_path: Path, address: str, **kw: object) -> AgentConfig:
 
 
 def run_session(  # type: ignore[no-untyped-def]
-    tmp_path: Path, body, *, spec: str = "RTX3090x4", broker_ttl_s: int = 3, **cfg: object
+    tmp_path: Path,
+    body,
+    *,
+    spec: str = "RTX3090x4",
+    broker_ttl_s: int = 3,
+    backend: SimulatedBackend | None = None,
+    **cfg: object,
 ) -> FakeBroker:
     """Start a fake broker (lease TTL ``broker_ttl_s``) and an agent, run ``body(fake, agent)``,
-    stop both. ``fake.stop()`` / ``fake.serve()`` take the broker away and bring it back."""
+    stop both. ``fake.stop()`` / ``fake.serve()`` take the broker away and bring it back.
+    ``backend``: the simulated rig (e.g. with faults), else ``spec``'s."""
 
     async def main() -> FakeBroker:
         fake = FakeBroker()
@@ -217,7 +242,7 @@ def run_session(  # type: ignore[no-untyped-def]
         try:
             agent = Agent(
                 config(tmp_path, f"127.0.0.1:{fake.port}", **cfg),
-                backend=SimulatedBackend(spec, seed="t"),
+                backend=backend or SimulatedBackend(spec, seed="t"),
                 executor=LocalExecutor(flush_s=0.05, kill_grace_s=1.0),
             )
             async with agent:
