@@ -447,9 +447,8 @@ class AgentState:
             return []
         keys = [key for key, held in self.running.items() if e.index in held.gpus]
         why = f"GPU {e.index} quarantined: {e.reason}"
-        for key, assignment in self.waiting.items():
-            if e.index in assignment.gpu_indices:
-                self.drop_reasons[key] = why
+        # An assignment still waiting for a miner there is refused once the miner is gone
+        # (``_launch``): a setup failure of the rig's, which the broker requeues.
         locked = self.quarantine.out[e.index].reinstate_required
         log.warning(
             "GPU %d quarantined (%s); stopping %d attempt(s) on it%s",
