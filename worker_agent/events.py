@@ -12,6 +12,40 @@ from rigshift.scoring import Measurement
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.outbox import AttemptKey
 
+__all__ = [
+    "AskBrokerToDrain",
+    "Assigned",
+    "AttemptEnded",
+    "AttemptStarted",
+    "Cancelled",
+    "DrainGraceOver",
+    "DrainRequested",
+    "DropAttempt",
+    "Event",
+    "FinishedReported",
+    "GpuFaulted",
+    "HeartbeatAnswered",
+    "HeartbeatFailed",
+    "Instruction",
+    "LeaseCheck",
+    "MinersStopped",
+    "ProbationDue",
+    "Reconcile",
+    "RefuseAttempt",
+    "Registered",
+    "ReinstateAsked",
+    "ReportGpuHealth",
+    "ResetStream",
+    "RigUnhealthy",
+    "RunSelfTest",
+    "SelfTestDone",
+    "Stale",
+    "StartAttempt",
+    "StopAttempt",
+    "StopMiners",
+    "WriteFence",
+]
+
 # --- events ---------------------------------------------------------------------------
 
 
