@@ -3,11 +3,13 @@ ReportGpuHealth, ReinstateGpu, and what survives a broker restart."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
 import pytest
 from broker_harness import start_broker
+from click.testing import CliRunner, Result
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
@@ -19,6 +21,7 @@ from rigshift.v1 import farm_service_pb2_grpc as fsg
 from rigshift.v1 import job_service_pb2 as js
 from rigshift.v1 import job_service_pb2_grpc as jsg
 from rigshift.v1 import worker_service_pb2 as ws
+from rigshift_cli import main
 
 State = job_pb2.Job.State
 Gpu = farm_pb2.Gpu
@@ -238,3 +241,40 @@ def test_reinstate_gpu_reaches_the_agent_and_checks_its_preconditions(broker):
     code, reason, _ = status_of(err.value)
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "WORKER_NOT_CONNECTED")
     quiet.close()
+
+
+def test_cli_farm_workers_shows_each_gpu_and_reinstates_one(broker):
+    farm = create_farm(broker.address)
+    gpu_infos = measured(2)
+    gpu_infos[1].measurement.CopyFrom(IMPOSTOR)
+    agent = Agent(broker.address, farm.enrollment_token, gpu_infos)
+    agent.register()
+    agent.connect()
+    agent.next_of("reconcile")
+    agent.health(out(0, reinstate_required=True))
+
+    def rs(*args: str) -> Result:
+        return CliRunner().invoke(main, ["farm", "--broker", broker.address, *args])
+
+    shown = rs("workers")
+    assert shown.exit_code == 0, shown.output
+    rows = {line.split()[1]: line for line in shown.stdout.splitlines() if "RTX 3090" in line}
+    assert "SCORE" in shown.stdout and "VERIFICATION" in shown.stdout
+    assert f"QUARANTINED ({XID79}; reinstate required" in rows["0"]
+    assert " 100 " in rows["0"] and "VERIFIED" in rows["0"]
+    assert "UNVERIFIED: measures short of its claimed model" in rows["1"]
+    assert " 33 " in rows["1"] and "gen3 x16" in rows["1"]
+    listed = json.loads(rs("workers", "--json").stdout)["workers"][0]["gpus"]
+    assert [(g["state"], g["verification"], g["score"]) for g in listed] == [
+        ("QUARANTINED", "VERIFIED", 100),
+        ("IDLE", "UNVERIFIED", 33),
+    ]
+
+    done = rs("gpu", "reinstate", agent.worker.split("/")[1], "0")
+    assert done.exit_code == 0, done.output
+    assert "reinstate sent" in done.stdout
+    assert agent.next_of("reinstate").gpu_index == 0
+    refused = rs("gpu", "reinstate", agent.worker, "1")
+    assert refused.exit_code == 1
+    assert "not held out" in refused.stderr
+    agent.close()
