@@ -412,11 +412,9 @@ def verification_text(gpu: farm_pb2.Gpu) -> str:
 
 def pcie_text(gpu: farm_pb2.Gpu) -> str:
     """The GPU's link and its measured host-to-device bandwidth: ``gen3 x1, 0.8 GB/s``."""
-    link = (
-        f"gen{gpu.pcie_generation} x{gpu.pcie_link_width}"
-        if gpu.pcie_generation
-        else (f"x{gpu.pcie_link_width}" if gpu.pcie_link_width else "-")
-    )
+    link = f"x{gpu.pcie_link_width}" if gpu.pcie_link_width else "-"
+    if gpu.pcie_generation:
+        link = f"gen{gpu.pcie_generation} {link}"
     if gpu.measurement.h2d_mbps:
         return f"{link}, {gpu.measurement.h2d_mbps / 1000:.1f} GB/s"
     return link
