@@ -76,14 +76,14 @@ POLICY: dict[str, frozenset[Role] | None] = {
     "FarmService/CreateFarm": frozenset({A}),
     **{
         f"FarmService/{m}": frozenset({OP, A})
-        for m in ("GetFarm", "UpdateFarm", "ListWorkers", "GetEarnings")
+        for m in ("GetFarm", "UpdateFarm", "ListWorkers", "GetEarnings", "ReinstateGpu")
     },
     # An agent going down (SIGTERM) drains itself; the servicer checks it is itself.
     "FarmService/DrainWorker": frozenset({OP, A, W}),
     "WorkerService/RegisterWorker": None,
     **{
         f"WorkerService/{m}": frozenset({W})
-        for m in ("Heartbeat", "StreamInstructions", "ReportJobEvents")
+        for m in ("Heartbeat", "StreamInstructions", "ReportJobEvents", "ReportGpuHealth")
     },
     "ArtifactService/UploadArtifact": frozenset({C, A, W}),
     "ArtifactService/DownloadArtifact": frozenset({C, A, W}),

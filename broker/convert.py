@@ -11,16 +11,20 @@ from broker.earnings import earnings
 from broker.economics import FarmTerms, charge_micros, floor_price
 from broker.events import Assign
 from broker.model import JobSpec
-from broker.records import Quote
+from broker.records import Gpu, Quote
 from broker.scheduler import Rejection
 from broker.store import FarmRow, farm_terms
+from rigshift.scoring import Measurement
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2, worker_service_pb2
 
 __all__ = [
     "assignment_pb",
     "earnings_pb",
     "farm_pb",
+    "gpu_pb",
     "job_pb",
+    "measurement_from_pb",
+    "measurement_pb",
     "quote_pb",
     "reason_pb",
     "timestamp",
@@ -135,23 +139,77 @@ def cost_so_far(job: Job, now: float) -> int:
     return total
 
 
+def measurement_pb(m: Measurement | None) -> farm_pb2.GpuMeasurement | None:
+    """A GPU's self-test figures -> message (None stays None: never measured)."""
+    if m is None:
+        return None
+    return farm_pb2.GpuMeasurement(
+        fp16_gflops=m.fp16_gflops,
+        fp32_gflops=m.fp32_gflops,
+        usable_vram_mb=m.usable_vram_mb,
+        h2d_mbps=m.h2d_mbps,
+        d2h_mbps=m.d2h_mbps,
+        method=m.method,
+        error=m.error,
+        measure_time=timestamp(m.measured_at) if m.measured_at else None,
+        duration_ms=m.duration_ms,
+    )
+
+
+def measurement_from_pb(msg: farm_pb2.GpuMeasurement) -> Measurement:
+    """The self-test's figures of a message (an agent's); negative figures read as 0, texts
+    are cut to 1 KiB."""
+    return Measurement(
+        fp16_gflops=max(0, msg.fp16_gflops),
+        fp32_gflops=max(0, msg.fp32_gflops),
+        usable_vram_mb=max(0, msg.usable_vram_mb),
+        h2d_mbps=max(0, msg.h2d_mbps),
+        d2h_mbps=max(0, msg.d2h_mbps),
+        method=msg.method[:64],
+        error=msg.error[:1024],
+        measured_at=msg.measure_time.ToNanoseconds() / 1e9 if msg.HasField("measure_time") else 0.0,
+        duration_ms=max(0, msg.duration_ms),
+    )
+
+
+def gpu_pb(g: Gpu) -> farm_pb2.Gpu:
+    """Core Gpu -> message: QUARANTINED (with why and since when) before LEASED and IDLE;
+    the broker's verification, score and the latest figures."""
+    if g.quarantine_reason:
+        state = farm_pb2.Gpu.QUARANTINED
+    elif g.holder:
+        state = farm_pb2.Gpu.LEASED
+    else:
+        state = farm_pb2.Gpu.IDLE
+    verdict = g.verdict
+    return farm_pb2.Gpu(
+        index=g.info.index,
+        uuid=g.info.uuid,
+        model=g.info.model,
+        vram_mb=g.info.vram_mb,
+        power_limit_watts=g.info.power_limit_watts,
+        state=state,
+        price_micros_per_gpu_hour=g.info.price_micros_per_gpu_hour,
+        job=f"jobs/{g.holder[0]}" if g.holder else "",
+        pcie_link_width=g.info.pcie_link_width,
+        quarantine_reason=g.quarantine_reason,
+        quarantine_time=timestamp(g.quarantined_at) if g.quarantine_reason else None,
+        reinstate_required=g.reinstate_required,
+        verification=verdict.verification.value,
+        verification_reason=verdict.reason,
+        score=verdict.score,
+        pcie_generation=g.info.pcie_generation,
+        measurement=measurement_pb(g.measurement),
+    )
+
+
 def worker_pb(w: Worker, core: BrokerCore | None = None, now: float = 0.0) -> farm_pb2.Worker:
     """Core Worker -> message."""
-    gpus = []
-    for index in sorted(w.gpus):
-        g = w.gpus[index]
-        gpus.append(
-            farm_pb2.Gpu(
-                index=g.info.index,
-                uuid=g.info.uuid,
-                model=g.info.model,
-                vram_mb=g.info.vram_mb,
-                power_limit_watts=g.info.power_limit_watts,
-                state=farm_pb2.Gpu.LEASED if g.holder else farm_pb2.Gpu.IDLE,
-                price_micros_per_gpu_hour=g.info.price_micros_per_gpu_hour,
-                job=f"jobs/{g.holder[0]}" if g.holder else "",
-                pcie_link_width=g.info.pcie_link_width,
-            )
+    gpus = [gpu_pb(w.gpus[index]) for index in sorted(w.gpus)]
+    host = None
+    if w.host_ram_mb or w.cpu_cores or w.disk_write_mbps:
+        host = farm_pb2.HostInfo(
+            ram_mb=w.host_ram_mb, cpu_cores=w.cpu_cores, disk_write_mbps=w.disk_write_mbps
         )
     return farm_pb2.Worker(
         name=f"workers/{w.worker_id}",
@@ -166,6 +224,7 @@ def worker_pb(w: Worker, core: BrokerCore | None = None, now: float = 0.0) -> fa
         container_runtime=farm_pb2.ContainerRuntime(name=w.runtime_name, version=w.runtime_version)
         if w.runtime_name
         else None,
+        host=host,
     )
 
 

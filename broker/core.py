@@ -29,8 +29,8 @@ Job lifecycle (PRODUCT.md, AIP-216)::
 
 The state records are ``broker.records``; settlement and SLA credits
 ``broker.settlement``; the queue and capacity caches ``broker.queue``; placement and
-the preemption plan ``broker.scheduler``; the handlers of workers ``broker.workers`` and
-of agent reports ``broker.reports``.
+the preemption plan ``broker.scheduler``; the handlers of workers ``broker.workers``, of
+agent reports ``broker.reports`` and of GPU health and verification ``broker.gpu_health``.
 """
 
 from __future__ import annotations
@@ -48,16 +48,19 @@ from broker.events import (
     DrainRequested,
     Event,
     FarmConfigured,
+    GpuHealthReported,
     Heartbeat,
     JobSubmitted,
     Persist,
     PostLedger,
+    ReinstateRequested,
     RequestSchedule,
     SchedulePass,
     Tick,
     Transition,
     WorkerRegistered,
 )
+from broker.gpu_health import GpuHealthHandlers
 from broker.model import (
     TERMINAL_JOB_STATES,
     AttemptState,
@@ -124,7 +127,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-class BrokerCore(Workers, Reports):
+class BrokerCore(Workers, Reports, GpuHealthHandlers):
     """All broker decisions. Feed events to :meth:`handle`; read through the public reads."""
 
     def __init__(
@@ -182,6 +185,10 @@ class BrokerCore(Workers, Reports):
                 cmds = self._configure_farm(event)
             case AttemptReport():
                 cmds = self._report(event)
+            case GpuHealthReported():
+                cmds = self._gpu_health(event)
+            case ReinstateRequested():
+                cmds = self._reinstate(event)
             case _:
                 raise TypeError(f"unknown event {event!r}")
         out = self._out

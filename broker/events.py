@@ -4,8 +4,8 @@ Every event is a frozen dataclass that carries ``now`` (seconds since the epoch,
 passed in by the shell); every command is a frozen dataclass the shell carries
 out. ``BrokerCore.handle(event)`` returns them in order: first the decisions
 (:class:`Transition`, :class:`WorkerTransition`, :class:`Assign`, :class:`Cancel`,
-:class:`AppendLog`), then what the event means for the shell's own duties, each at
-most once per event and in this order:
+:class:`SendReinstate`, :class:`AppendLog`), then what the event means for the shell's own
+duties, each at most once per event and in this order:
 
 * :class:`PostLedger` -- ledger entries to write (settlements, SLA credits);
 * :class:`Persist` -- the ids of the jobs and workers to write. Ids, not copies: the
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from broker.economics import FarmTerms, LedgerEntry
 from broker.model import GpuInfo, JobSpec, JobState, SetupCause, WorkerState
+from rigshift.scoring import Measurement
 
 __all__ = [
     "AppendLog",
@@ -44,12 +45,16 @@ __all__ = [
     "DrainRequested",
     "Event",
     "FarmConfigured",
+    "GpuHealth",
+    "GpuHealthReported",
     "Heartbeat",
     "JobSubmitted",
     "Persist",
     "PostLedger",
+    "ReinstateRequested",
     "RequestSchedule",
     "SchedulePass",
+    "SendReinstate",
     "Tick",
     "Transition",
     "WorkerRegistered",
@@ -86,8 +91,23 @@ class CancelRequested(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class GpuHealth:
+    """One GPU's health as its agent decided it (``rigshift.v1.GpuHealth``): the broker
+    mirrors it, never decides a quarantine itself."""
+
+    index: int
+    quarantined: bool = False
+    reason: str = ""
+    since: float | None = None  # when it was quarantined
+    reinstate_required: bool = False  # three strikes in 24 h: out until the operator says
+    measurement: Measurement | None = None  # a probation re-test's figures, if any
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerRegistered(Event):
-    """An agent registered (or registered again after a restart)."""
+    """An agent registered (or registered again after a restart), with its self-test's
+    figures (per GPU in ``GpuInfo.measurement``, the host's here) and the health of any
+    GPU it holds in quarantine."""
 
     worker_id: str
     farm_id: str
@@ -97,6 +117,29 @@ class WorkerRegistered(Event):
     metrics_address: str = ""
     runtime_name: str = ""  # container runtime (e.g. "podman"); empty: runs no containers
     runtime_version: str = ""
+    host_ram_mb: int = 0
+    cpu_cores: int = 0
+    disk_write_mbps: int = 0
+    health: tuple[GpuHealth, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuHealthReported(Event):
+    """The agent's whole view of its GPUs' health (ReportGpuHealth); idempotent. A GPU the
+    report does not name is healthy."""
+
+    worker_id: str
+    gpus: tuple[GpuHealth, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReinstateRequested(Event):
+    """The farm's operator (or an admin) returns a GPU held out after three strikes to
+    probation (ReinstateGpu); the servicer checked who asks."""
+
+    worker_id: str
+    gpu_index: int
+    requested_by: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +290,16 @@ class Cancel(Command):
     job_id: str
     attempt: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendReinstate(Command):
+    """Tell a worker's agent to forget a GPU's strikes and re-test it
+    (``Instruction.reinstate``)."""
+
+    worker_id: str
+    gpu_index: int
+    requested_by: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ from broker.events import (
     WorkerTransition,
 )
 from broker.model import TERMINAL_JOB_STATES, JobState, WorkerState
+from rigshift.scoring import Verification
 
 __all__ = [
     "ALLOWED_LABELS",
@@ -81,8 +82,9 @@ SLA_EVENT_KINDS = ("start_deadline_missed", "interruption", "lost_work", "heartb
 """Kinds of SLA events (``broker.model.SlaKind``, lower case); each is exported even at 0."""
 ALLOWED_LABELS = frozenset({"farm", "gpu_model", "state", "tier", "method", "code", "kind", "le"})
 """Every label a ``rigshift_`` series of the broker may carry (all of them bounded)."""
-GPU_STATES = ("allocated", "free", "unavailable")
-"""allocated: held by an attempt; free: idle on an ONLINE worker; unavailable: idle elsewhere."""
+GPU_STATES = ("allocated", "free", "unavailable", "quarantined")
+"""quarantined: taken out by its agent (whatever else holds); allocated: held by an attempt;
+free: idle on an ONLINE worker; unavailable: idle elsewhere."""
 
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 PASS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -171,7 +173,14 @@ _FLEET_FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "rigshift_gpus",
         "gauge",
         ("farm", "gpu_model", "state"),
-        "GPUs by farm, model and state (allocated, free, unavailable).",
+        "GPUs by farm, model and state (allocated, free, unavailable, quarantined).",
+    ),
+    (
+        "rigshift_gpus_unverified",
+        "gauge",
+        ("farm", "gpu_model"),
+        "GPUs of ONLINE and DRAINING workers that are not VERIFIED (PENDING or UNVERIFIED): "
+        "placed only for jobs that accept unverified GPUs.",
     ),
     (
         "rigshift_farm_gpu_power_limit_watts",
@@ -303,6 +312,7 @@ class FleetCollector(Collector):
 
     def _fleet(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
         workers, gpus = out["rigshift_workers"], out["rigshift_gpus"]
+        unverified = out["rigshift_gpus_unverified"]
         power = out["rigshift_farm_gpu_power_limit_watts"]
         for w in self.core.workers.values():
             farm = self.farm_name(w.farm_id)
@@ -312,7 +322,10 @@ class FleetCollector(Collector):
                 if (farm, model, "free") not in gpus:
                     for gs in GPU_STATES:
                         gpus[(farm, model, gs)] = 0
-                if gpu.holder is not None:
+                    unverified[(farm, model)] = 0
+                if gpu.quarantine_reason:
+                    state = "quarantined"
+                elif gpu.holder is not None:
                     state = "allocated"
                 elif w.state == WorkerState.ONLINE:
                     state = "free"
@@ -321,6 +334,8 @@ class FleetCollector(Collector):
                 gpus[(farm, model, state)] += 1
                 if w.state != WorkerState.OFFLINE:
                     power[(farm,)] += gpu.info.power_limit_watts
+                    if gpu.verdict.verification != Verification.VERIFIED:
+                        unverified[(farm, model)] += 1
 
     def _ledger(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
         """Imbalance and farm payouts, tallied over the entries added since the last scrape."""

@@ -49,6 +49,7 @@ from broker.events import (
     Heartbeat,
     RequestSchedule,
     SchedulePass,
+    SendReinstate,
     Tick,
     Transition,
     Writes,
@@ -337,6 +338,11 @@ class BrokerService:
                     self._push(cmd.worker_id, worker_service_pb2.Instruction(assignment=assignment))
                 case Cancel():
                     self._push(cmd.worker_id, cancellation(cmd))
+                case SendReinstate():
+                    reinstate = worker_service_pb2.Reinstate(
+                        gpu_index=cmd.gpu_index, requested_by=cmd.requested_by
+                    )
+                    self._push(cmd.worker_id, worker_service_pb2.Instruction(reinstate=reinstate))
                 case AppendLog():
                     self._notify({cmd.job_id})
                 case Transition() if cmd.to_state in TERMINAL_JOB_STATES:
@@ -407,6 +413,10 @@ class BrokerService:
         )
         queue.put_nowait(worker_service_pb2.Instruction(reconcile=reconcile))
         return queue
+
+    def connected(self, worker_id: str) -> bool:
+        """True while the worker's agent holds an instruction stream (pushes reach it)."""
+        return worker_id in self._streams
 
     def close_stream(self, worker_id: str, queue: asyncio.Queue) -> None:
         """Detach a stream if it is still the current one."""

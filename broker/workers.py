@@ -5,7 +5,8 @@ A worker is ONLINE while its lease lasts; each heartbeat renews it for ``lease_t
 A ``Tick`` past a lease's end takes the worker OFFLINE and loses its attempts (requeued
 while attempts are left), with a ``HEARTBEAT_GAP`` SLA event for each running one; a
 heartbeat brings it back. Registering again means a new agent process: whatever the
-old one ran is lost. The same ``Tick`` drops the reliability history that left the
+old one ran is lost; its GPUs are judged anew from the figures it registers with
+(``broker.gpu_health``). The same ``Tick`` drops the reliability history that left the
 window (``broker.records.trim_history``), so reads of it stay pure.
 
 GPU asks: a farm's ask for the model wins; an agent's own ask is lifted to the farm's
@@ -22,11 +23,13 @@ from broker.events import (
     Command,
     DrainRequested,
     FarmConfigured,
+    GpuHealth,
     Heartbeat,
     Tick,
     WorkerRegistered,
     WorkerTransition,
 )
+from broker.gpu_health import judged
 from broker.model import GpuInfo, JobState, SlaKind, WorkerState
 from broker.records import Attempt, Effects, Gpu, Job, SlaEvent, Worker, trim_history
 
@@ -56,6 +59,10 @@ class Workers:
             self, job: Job, attempt: Attempt, now: float, why: str
         ) -> list[Command]: ...
 
+        def _apply_registered_health(
+            self, worker: Worker, health: tuple[GpuHealth, ...], now: float
+        ) -> None: ...
+
     def _register(self, ev: WorkerRegistered) -> list[Command]:
         old = self.workers.get(ev.worker_id)
         cmds: list[Command] = []
@@ -78,7 +85,14 @@ class Workers:
             first_seen=old.first_seen if old else ev.now,
             offline_log=old.offline_log if old else [],
             outcomes=old.outcomes if old else [],
+            host_ram_mb=ev.host_ram_mb,
+            cpu_cores=ev.cpu_cores,
+            disk_write_mbps=ev.disk_write_mbps,
         )
+        for gpu in worker.gpus.values():
+            # Judged from the figures, never from the claimed model alone.
+            judged(gpu, gpu.info.measurement)
+        self._apply_registered_health(worker, ev.health, ev.now)
         if old is not None and old.offline_since is not None:
             worker.offline_log.append((old.offline_since, ev.now))
         self.workers[ev.worker_id] = worker

@@ -143,6 +143,14 @@ class FarmMethods(Connection):
         request = farm_service_pb2.DrainWorkerRequest(name=name)
         return self._unary(self._farms.DrainWorker, request)
 
+    def reinstate_gpu(self, worker: str, gpu_index: int) -> farm_pb2.Worker:
+        """Return a GPU held out after three quarantines in 24 h to probation: its agent
+        forgets the strikes and re-tests it. The farm's operator or an admin only;
+        FailedPrecondition when the GPU is not held out or the worker is offline."""
+        name = resource_name("workers", worker, "worker")
+        request = farm_service_pb2.ReinstateGpuRequest(worker=name, gpu_index=gpu_index)
+        return self._unary(self._farms.ReinstateGpu, request)
+
     # -- API keys (admin) ---------------------------------------------------
 
     def create_api_key(

@@ -389,6 +389,58 @@ def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
     return render_table(headers, rows)
 
 
+def gpu_state_text(gpu: farm_pb2.Gpu) -> str:
+    """A GPU's state; a quarantined one with its reason (and whether the operator must
+    reinstate it): ``QUARANTINED (XID 79: …; reinstate required)``."""
+    name = _state_name(farm_pb2.Gpu.State, gpu.state)
+    if gpu.state != farm_pb2.Gpu.QUARANTINED:
+        return name
+    notes = [gpu.quarantine_reason or "no reason given"]
+    if gpu.reinstate_required:
+        notes.append("reinstate required: rigshift farm gpu reinstate")
+    return f"{name} ({'; '.join(notes)})"
+
+
+def verification_text(gpu: farm_pb2.Gpu) -> str:
+    """``VERIFIED``, or ``UNVERIFIED: why`` / ``PENDING: why``; ``-`` when the broker says
+    nothing (an older broker)."""
+    name = _state_name(farm_pb2.Gpu.Verification, gpu.verification)
+    if gpu.verification == farm_pb2.Gpu.VERIFIED or not gpu.verification_reason:
+        return name
+    return f"{name}: {gpu.verification_reason}"
+
+
+def pcie_text(gpu: farm_pb2.Gpu) -> str:
+    """The GPU's link and its measured host-to-device bandwidth: ``gen3 x1, 0.8 GB/s``."""
+    link = f"x{gpu.pcie_link_width}" if gpu.pcie_link_width else "-"
+    if gpu.pcie_generation:
+        link = f"gen{gpu.pcie_generation} {link}"
+    if gpu.measurement.h2d_mbps:
+        return f"{link}, {gpu.measurement.h2d_mbps / 1000:.1f} GB/s"
+    return link
+
+
+def gpu_table(workers: Iterable[farm_pb2.Worker]) -> str:
+    """One row per GPU: worker, index, model, score (an RTX 3090 = 100; ``-`` before a
+    self-test), PCIe link, state (a quarantined GPU with its reason), verification (with
+    the reason when not VERIFIED)."""
+    rows = [
+        [
+            w.name,
+            str(g.index),
+            g.model,
+            str(g.score) if g.score else "-",
+            pcie_text(g),
+            gpu_state_text(g),
+            verification_text(g),
+        ]
+        for w in workers
+        for g in w.gpus
+    ]
+    headers = ["WORKER", "GPU", "MODEL", "SCORE", "PCIE", "STATE", "VERIFICATION"]
+    return render_table(headers, rows)
+
+
 def runtime_text(runtime: farm_pb2.ContainerRuntime) -> str:
     """A worker's container runtime as ``name version``; ``-`` when it runs none."""
     return f"{runtime.name} {runtime.version}".strip() if runtime.name else "-"

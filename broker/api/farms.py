@@ -1,5 +1,5 @@
 """rigshift.v1.FarmService: operators create and update farms (their economic terms), list
-and drain workers, and read earnings."""
+and drain workers, reinstate GPUs held out after three quarantines, and read earnings."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from broker.auth import Role, current
 from broker.convert import earnings_pb, farm_pb, worker_pb
 from broker.economics import FarmTerms
 from broker.errors import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     PermissionDenied,
@@ -24,7 +25,9 @@ from broker.errors import (
 from broker.events import (
     DrainRequested,
     FarmConfigured,
+    ReinstateRequested,
 )
+from broker.model import WorkerState
 from broker.service import BrokerService, sha256_hex
 from broker.store import FarmRow
 from rigshift.v1 import (
@@ -169,6 +172,31 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
                 f"workers/{worker_id} is not on your farm", reason="NOT_YOUR_FARM"
             )
         await self.svc.apply(DrainRequested(self.svc.clock(), worker_id))
+        return worker_pb(self.svc.core.worker(worker_id), self.svc.core, self.svc.clock())
+
+    @unary
+    async def ReinstateGpu(
+        self, request: farm_service_pb2.ReinstateGpuRequest, context: grpc.aio.ServicerContext
+    ) -> farm_pb2.Worker:
+        worker_id = v.parse_name(request.worker, "workers", "worker")
+        caller = current()
+        worker = self.svc.core.worker(worker_id)  # NotFound first: ids are not secrets here
+        if not caller.owns_farm(worker.farm_id):
+            raise PermissionDenied(
+                f"workers/{worker_id} is not on your farm", reason="NOT_YOUR_FARM"
+            )
+        gpu = worker.gpus.get(request.gpu_index)
+        held_out = gpu is not None and gpu.reinstate_required
+        if held_out and worker.state != WorkerState.OFFLINE and not self.svc.connected(worker_id):
+            # The instruction would be lost: only an open stream carries it. (The core
+            # answers the other preconditions: unknown GPU, offline, not held out.)
+            raise FailedPrecondition(
+                f"the agent of workers/{worker_id} is not connected; retry once it is",
+                reason="WORKER_NOT_CONNECTED",
+                metadata={"worker": worker_id, "gpu_index": str(request.gpu_index)},
+            )
+        event = ReinstateRequested(self.svc.clock(), worker_id, request.gpu_index, caller.name)
+        await self.svc.apply(event)
         return worker_pb(self.svc.core.worker(worker_id), self.svc.core, self.svc.clock())
 
     @unary

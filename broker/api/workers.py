@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 
 import grpc
 
@@ -13,7 +14,7 @@ from broker import validation as v
 from broker.api.common import streaming, unary
 from broker.artifacts import ArtifactStore
 from broker.auth import current
-from broker.convert import timestamp
+from broker.convert import measurement_from_pb, timestamp
 from broker.errors import (
     FieldViolation,
     InvalidArgument,
@@ -30,10 +31,12 @@ from broker.events import (
     AttemptReport,
     AttemptStarted,
     Cancel,
+    GpuHealth,
+    GpuHealthReported,
     Heartbeat,
     WorkerRegistered,
 )
-from broker.model import SetupCause
+from broker.model import GpuInfo, SetupCause
 from broker.service import BrokerService, cancellation, sha256_hex
 from rigshift.v1 import (
     worker_service_pb2,
@@ -83,9 +86,18 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             )
         if len(runtime.version) > 64 or not runtime.version.isprintable():
             violations.append(FieldViolation("container_runtime.version", "at most 64 characters"))
+        host = request.host
+        for name, value, top in (
+            ("host.ram_mb", host.ram_mb, 1 << 40),
+            ("host.cpu_cores", host.cpu_cores, 1 << 16),
+            ("host.disk_write_mbps", host.disk_write_mbps, 1 << 30),
+        ):
+            if not 0 <= value <= top:
+                violations.append(FieldViolation(name, f"must be 0-{top}"))
         if violations:
             raise InvalidArgument.of(violations)
-        gpus = v.check_gpus(list(request.gpus))
+        gpus = _with_figures(v.check_gpus(list(request.gpus)), request.gpus)
+        health = tuple(_health(g.index, g.health) for g in request.gpus if g.HasField("health"))
         farm = self.svc.store.farm_by_token(sha256_hex(request.enrollment_token))
         if farm is None:
             raise Unauthenticated("enrollment token not recognised", reason="BAD_ENROLLMENT_TOKEN")
@@ -107,6 +119,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 request.metrics_address,
                 runtime.name,
                 runtime.version if runtime.name else "",
+                host_ram_mb=host.ram_mb,
+                cpu_cores=host.cpu_cores,
+                disk_write_mbps=host.disk_write_mbps,
+                health=health,
             )
         )
         return worker_service_pb2.RegisterWorkerResponse(
@@ -169,6 +185,49 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         return worker_service_pb2.ReportJobEventsResponse(
             applied=len(fresh), stale=list(stale.values())
         )
+
+    @unary
+    async def ReportGpuHealth(
+        self, request: worker_service_pb2.ReportGpuHealthRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.ReportGpuHealthResponse:
+        worker_id = self._auth(request.worker, context)
+        if len(request.gpus) > 256:
+            raise InvalidArgument.of([FieldViolation("gpus", "at most 256 GPUs")])
+        seen: set[int] = set()
+        for i, g in enumerate(request.gpus):
+            if g.index in seen:
+                raise InvalidArgument.of(
+                    [FieldViolation(f"gpus[{i}].index", f"duplicate index {g.index}")]
+                )
+            seen.add(g.index)
+        gpus = tuple(_health(g.index, g) for g in request.gpus)
+        await self.svc.apply(GpuHealthReported(self.svc.clock(), worker_id, gpus))
+        return worker_service_pb2.ReportGpuHealthResponse()
+
+
+def _with_figures(
+    gpus: tuple[GpuInfo, ...], messages: Iterable[worker_service_pb2.GpuInfo]
+) -> tuple[GpuInfo, ...]:
+    """The validated GPUs with what the self-test measured and the PCIe generation."""
+    out = []
+    for info, msg in zip(gpus, messages, strict=True):
+        figures = measurement_from_pb(msg.measurement) if msg.HasField("measurement") else None
+        generation = msg.pcie_generation if 0 <= msg.pcie_generation <= 16 else 0
+        out.append(replace(info, pcie_generation=generation, measurement=figures))
+    return tuple(out)
+
+
+def _health(index: int, msg: worker_service_pb2.GpuHealth) -> GpuHealth:
+    """GPU ``index``'s health as the agent reported it (the reason cut to 512 characters;
+    at registration the GPU's own index counts, whatever the nested message says)."""
+    return GpuHealth(
+        index=index,
+        quarantined=msg.quarantined,
+        reason=msg.reason[:512] if msg.quarantined else "",
+        since=msg.since.ToNanoseconds() / 1e9 if msg.HasField("since") else None,
+        reinstate_required=msg.quarantined and msg.reinstate_required,
+        measurement=measurement_from_pb(msg.measurement) if msg.HasField("measurement") else None,
+    )
 
 
 def _report_event(

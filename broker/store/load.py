@@ -11,6 +11,7 @@ import json
 from sqlmodel import Session, col, select
 
 from broker.economics import LedgerEntry
+from broker.gpu_health import judged
 from broker.model import AttemptState, GpuInfo, JobState, SlaKind, WorkerState
 from broker.records import (
     Attempt,
@@ -33,6 +34,7 @@ from broker.store.rows import (
     SlaEventRow,
     WorkerRow,
     farm_terms,
+    measurement_from_json,
     spec_from_json,
 )
 from broker.store.save import GPU_KEYS, WorkerWritten
@@ -68,8 +70,18 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
             g.power_limit_watts,
             g.price_micros_per_gpu_hour,
             g.pcie_link_width,
+            g.pcie_generation,
+            measurement_from_json(g.measurement_json),
         )
-        gpus.setdefault(g.worker_id, {})[g.index] = Gpu(info, holder)  # type: ignore[arg-type]
+        gpu = Gpu(
+            info,
+            holder,  # type: ignore[arg-type]
+            quarantine_reason=g.quarantine_reason,
+            quarantined_at=g.quarantined_at,
+            reinstate_required=g.reinstate_required,
+        )
+        judged(gpu, info.measurement)  # the verdict follows from the figures
+        gpus.setdefault(g.worker_id, {})[g.index] = gpu
         gpu_rows.setdefault(g.worker_id, {})[g.index] = tuple(getattr(g, k) for k in GPU_KEYS)
     for w in s.exec(select(WorkerRow)):
         written[w.id] = WorkerWritten((), gpu_rows.get(w.id, {}))
@@ -90,6 +102,9 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
                 offline_since=w.offline_since,
                 offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],
                 outcomes=[tuple(x) for x in json.loads(w.reliability_json)[1]],
+                host_ram_mb=w.host_ram_mb,
+                cpu_cores=w.cpu_cores,
+                disk_write_mbps=w.disk_write_mbps,
             )
         )
     attempts: dict[str, list[Attempt]] = {}

@@ -8,12 +8,14 @@ module registers the tables on ``SQLModel.metadata`` (the migrations rely on it)
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, fields
 
 from sqlalchemy import BigInteger, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from broker.economics import FarmTerms, TariffWindow
 from broker.model import JobSpec, Tier
+from rigshift.scoring import Measurement
 
 __all__ = [
     "ApiKeyRow",
@@ -29,6 +31,8 @@ __all__ = [
     "WorkerCredentialRow",
     "WorkerRow",
     "farm_terms",
+    "measurement_from_json",
+    "measurement_to_json",
     "spec_from_json",
     "spec_to_json",
 ]
@@ -87,6 +91,9 @@ class WorkerRow(SQLModel, table=True):
     first_seen: float = 0.0
     offline_since: float | None = None
     reliability_json: str = "[[], []]"  # [offline spans, attempt outcomes] in the window
+    host_ram_mb: int = _big()  # the rig's self-test figures (0: not reported)
+    cpu_cores: int = 0
+    disk_write_mbps: int = 0
 
 
 class WorkerCredentialRow(SQLModel, table=True):
@@ -111,6 +118,13 @@ class GpuRow(SQLModel, table=True):
     pcie_link_width: int = 16
     holder_job_id: str | None = None
     holder_attempt: int | None = None
+    pcie_generation: int = 0
+    # The self-test's latest figures (rigshift.scoring.Measurement as JSON; "": never
+    # measured). The verdict is judged from them again on load.
+    measurement_json: str = ""
+    quarantine_reason: str = ""  # non-empty: QUARANTINED
+    quarantined_at: float | None = None
+    reinstate_required: bool = False
 
 
 class JobRow(SQLModel, table=True):
@@ -233,6 +247,21 @@ class LogRow(SQLModel, table=True):
     attempt: int
     sequence: int = _big()
     data: str
+
+
+def measurement_to_json(m: Measurement | None) -> str:
+    """A GPU's self-test figures as the ``measurement_json`` column holds them ("": none)."""
+    if m is None:
+        return ""
+    return json.dumps(asdict(m), sort_keys=True)
+
+
+def measurement_from_json(text: str) -> Measurement | None:
+    """The figures of a ``measurement_json`` column (unknown keys of a newer broker dropped)."""
+    if not text:
+        return None
+    known = {f.name for f in fields(Measurement)}
+    return Measurement(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 def spec_to_json(spec: JobSpec) -> str:

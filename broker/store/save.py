@@ -31,6 +31,7 @@ from broker.store.rows import (
     LogRow,
     SlaEventRow,
     WorkerRow,
+    measurement_to_json,
     spec_to_json,
 )
 
@@ -220,6 +221,9 @@ def _worker_values(w: Worker) -> dict[str, Any]:
         "first_seen": w.first_seen,
         "offline_since": w.offline_since,
         "reliability_json": json.dumps([w.offline_log, w.outcomes]),
+        "host_ram_mb": w.host_ram_mb,
+        "cpu_cores": w.cpu_cores,
+        "disk_write_mbps": w.disk_write_mbps,
     }
 
 
@@ -261,6 +265,11 @@ def _gpu_values(worker_id: str, gpu: Gpu) -> dict[str, Any]:
         "pcie_link_width": i.pcie_link_width,
         "holder_job_id": gpu.holder[0] if gpu.holder else None,
         "holder_attempt": gpu.holder[1] if gpu.holder else None,
+        "pcie_generation": i.pcie_generation,
+        "measurement_json": measurement_to_json(gpu.measurement),
+        "quarantine_reason": gpu.quarantine_reason,
+        "quarantined_at": gpu.quarantined_at,
+        "reinstate_required": gpu.reinstate_required,
     }
 
 

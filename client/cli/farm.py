@@ -1,4 +1,5 @@
-"""``rigshift farm …``: create farms, set their prices, list and drain workers, earnings.
+"""``rigshift farm …``: create farms, set their prices, list and drain workers, reinstate
+GPUs, earnings.
 
 ``farm earnings --db URL`` (and its fallback to the local database when no broker
 answers) reads a broker database directly. The client cannot do that itself: the
@@ -297,12 +298,22 @@ def farm_get(farm_id: str, as_json: bool) -> None:
 @json_option
 @broker_option
 def farm_workers(farm_id: str, as_json: bool) -> None:
-    """List workers (rigs): state, GPUs, reliability, container runtime, last heartbeat."""
+    """List workers (rigs) and their GPUs.
+
+    Per worker: state, GPUs, reliability, container runtime, last heartbeat. Per GPU:
+    score (an RTX 3090 = 100), PCIe link, state (QUARANTINED with its reason) and
+    verification of its claimed model (with the reason when not VERIFIED).
+    """
     workers = list(broker_client().iter_workers(farm_id))
     if as_json:
         echo_json(farm_service_pb2.ListWorkersResponse(workers=workers))
         return
-    click.echo(output.worker_table(workers) if workers else "no workers")
+    if not workers:
+        click.echo("no workers")
+        return
+    click.echo(output.worker_table(workers))
+    click.echo()
+    click.echo(output.gpu_table(workers))
 
 
 @farm_group.command(name="drain")
@@ -316,6 +327,33 @@ def farm_drain(worker_id: str, as_json: bool) -> None:
         echo_json(worker)
         return
     click.echo(f"{worker.name} {farm_pb2.Worker.State.Name(worker.state)}")
+
+
+@farm_group.group(name="gpu", cls=BrokerGroup)
+def farm_gpu() -> None:
+    """One GPU of a worker: reinstate it after three quarantines."""
+
+
+@farm_gpu.command(name="reinstate")
+@click.argument("worker_id", metavar="WORKER")
+@click.argument("gpu_index", metavar="GPU", type=click.IntRange(0, 255))
+@json_option
+@broker_option
+def farm_gpu_reinstate(worker_id: str, gpu_index: int, as_json: bool) -> None:
+    """Return a GPU held out after three quarantines in 24 h to probation.
+
+    The agent forgets the GPU's strikes and re-tests it at once; the GPU serves again
+    if the self-test passes (`rigshift farm workers` shows when). The farm's operator
+    or an admin only.
+    """
+    worker = broker_client().reinstate_gpu(worker_id, gpu_index)
+    if as_json:
+        echo_json(worker)
+        return
+    click.echo(
+        f"{worker.name} GPU {gpu_index}: reinstate sent; the agent re-tests it now "
+        "(it returns if the test passes)"
+    )
 
 
 @farm_group.command(name="earnings")

@@ -106,7 +106,7 @@ FLEET = Dashboard(
             "GPU allocation",
             q(
                 'sum(rigshift_gpus{state="allocated"})'
-                ' / clamp_min(sum(rigshift_gpus{state!="unavailable"}), 1)',
+                ' / clamp_min(sum(rigshift_gpus{state=~"allocated|free"}), 1)',
                 "allocated / available",
             ),
             unit="percentunit",
@@ -118,6 +118,24 @@ FLEET = Dashboard(
             "GPUs by model and state",
             q("sum by (gpu_model, state) (rigshift_gpus)", "{{gpu_model}} {{state}}"),
             stack=True,
+        ),
+        p(
+            "Quarantined GPUs per farm",
+            q('sum by (farm) (rigshift_gpus{state="quarantined"})', "{{farm}}"),
+            stack=True,
+            description=(
+                "GPUs their agents took out of service after a fault: no placements, no "
+                "earnings. `rigshift farm workers` shows each one's reason."
+            ),
+        ),
+        p(
+            "Unverified GPUs per farm",
+            q("sum by (farm) (rigshift_gpus_unverified)", "{{farm}}"),
+            stack=True,
+            description=(
+                "GPUs whose self-test figures do not (yet) match their claimed model: placed "
+                "only for jobs that accept unverified GPUs."
+            ),
         ),
         p(
             "Jobs in flight",

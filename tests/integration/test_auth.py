@@ -36,6 +36,7 @@ from rigshift.v1 import (
 OK = grpc.StatusCode.OK
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+HELD = grpc.StatusCode.FAILED_PRECONDITION  # allowed, but the state says no
 
 
 class World:
@@ -153,6 +154,13 @@ def calls(w: World):
         "GetEarnings(one)": lambda s: s["farm"].GetEarnings(
             fr.GetEarningsRequest(parent=w.farm1.name)
         ),
+        # GPU 0 is in service: whoever may ask is answered FAILED_PRECONDITION (not held out)
+        "ReinstateGpu(rig-1)": lambda s: s["farm"].ReinstateGpu(
+            fr.ReinstateGpuRequest(worker=w.w1.worker, gpu_index=0)
+        ),
+        "ReportGpuHealth(rig-1)": lambda s: s["worker"].ReportGpuHealth(
+            worker_service_pb2.ReportGpuHealthRequest(worker=w.w1.worker)
+        ),
         "Heartbeat(rig-1)": lambda s: s["worker"].Heartbeat(
             worker_service_pb2.HeartbeatRequest(worker=w.w1.worker)
         ),
@@ -186,6 +194,8 @@ MATRIX = {
     "ListWorkers(one)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
     "DrainWorker(rig-1)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, OK, DENIED),
     "GetEarnings(one)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
+    "ReinstateGpu(rig-1)": (UNAUTH, DENIED, DENIED, HELD, DENIED, HELD, DENIED, DENIED),
+    "ReportGpuHealth(rig-1)": (UNAUTH, DENIED, DENIED, DENIED, DENIED, DENIED, OK, DENIED),
     "Heartbeat(rig-1)": (UNAUTH, DENIED, DENIED, DENIED, DENIED, DENIED, OK, DENIED),
     "UploadArtifact": (UNAUTH, OK, OK, DENIED, DENIED, OK, OK, OK),
     "ListApiKeys": (UNAUTH, DENIED, DENIED, DENIED, DENIED, OK, DENIED, DENIED),

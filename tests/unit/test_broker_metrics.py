@@ -7,6 +7,7 @@ through ``BrokerMetrics.observe``; values are read with ``get_sample_value``.
 from __future__ import annotations
 
 import enum
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +24,8 @@ from broker.events import (
     CancelRequested,
     DrainRequested,
     FarmConfigured,
+    GpuHealth,
+    GpuHealthReported,
     Heartbeat,
     JobSubmitted,
     SchedulePass,
@@ -38,6 +41,7 @@ from broker.metrics import (
     tier_of,
 )
 from broker.model import GpuInfo, JobSpec
+from rigshift.scoring import Measurement
 
 TTL = 15.0
 FARMS = {"f1": "Farm A", "f2": "Farm B"}
@@ -320,3 +324,21 @@ def test_farm_names_follow_a_rename_within_the_ttl():
     assert farm_name("f1") == "Farm A2"
     assert farm_name("gone") == "gone"  # unknown: labelled by its id
     assert lookups == ["f1", "f1", "gone"]
+
+
+def test_quarantined_and_unverified_gpus_per_farm(h: Harness):
+    honest = Measurement(49_700, 24_920, usable_vram_mb=24_000)  # an RTX 3090's reference
+    figures = (honest, Measurement(16_566, 8_306, usable_vram_mb=24_000), None)
+    rig = tuple(replace(g, measurement=m) for g, m in zip(gpus(3), figures, strict=True))
+    h.apply(WorkerRegistered(1.0, "w2", "f2", "rig-2", "1.0", rig))
+    labels = {"farm": "Farm B", "gpu_model": "RTX 3090"}
+    # the impostor (a third of the figures) and the unmeasured GPU
+    assert h.value("rigshift_gpus_unverified", **labels) == 2
+    assert h.value("rigshift_gpus_unverified", farm="Farm A", gpu_model="RTX 3090") == 2
+    assert h.value("rigshift_gpus", **labels, state="quarantined") == 0
+    assert h.value("rigshift_gpus", **labels, state="free") == 3
+    h.apply(GpuHealthReported(3.0, "w2", (GpuHealth(0, quarantined=True, reason="XID 79"),)))
+    assert h.value("rigshift_gpus", **labels, state="quarantined") == 1
+    assert h.value("rigshift_gpus", **labels, state="free") == 2
+    h.apply(GpuHealthReported(4.0, "w2", ()))
+    assert h.value("rigshift_gpus", **labels, state="quarantined") == 0

@@ -18,6 +18,8 @@ from broker.events import (
     CancelRequested,
     DrainRequested,
     FarmConfigured,
+    GpuHealth,
+    GpuHealthReported,
     Heartbeat,
     JobSubmitted,
     SchedulePass,
@@ -71,6 +73,22 @@ class CoreMachine(RuleBasedStateMachine):
     def heartbeat(self, data) -> None:
         worker = data.draw(st.sampled_from(sorted(self.core.workers)))
         self._apply(Heartbeat(self.now, worker))
+
+    @precondition(lambda self: self.core.workers)
+    @rule(data=st.data(), strikes=st.integers(0, 3))
+    def gpu_health(self, data, strikes: int) -> None:
+        """The agent's whole health report: some GPUs quarantined (their attempts are lost),
+        the rest healthy (returned)."""
+        worker = data.draw(st.sampled_from(sorted(self.core.workers)))
+        indices = sorted(self.core.workers[worker].gpus)
+        out = data.draw(st.sets(st.sampled_from(indices)))
+        health = tuple(
+            GpuHealth(i, quarantined=True, reason="XID 79", reinstate_required=strikes == 3)
+            for i in sorted(out)
+        )
+        self._apply(GpuHealthReported(self.now, worker, health))
+        for i in out:
+            assert self.core.workers[worker].gpus[i].holder is None
 
     @precondition(lambda self: self.core.workers)
     @rule(data=st.data())
