@@ -83,6 +83,7 @@ from worker_agent.metrics import (
 from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import Outbox
 from worker_agent.sandbox import policy_for
+from worker_agent.selftest import RigFigures, fill_gpu_infos, host_proto, log_figures, measure_rig
 from worker_agent.session import AgentError, BrokerSession
 from worker_agent.supervise import LoopFailed, supervise
 from worker_agent.workdir import Workspace
@@ -144,6 +145,8 @@ class Agent:
         """What the metrics show, published by the event loop (read from the scrape thread)."""
         self._readings: dict[int, GpuReading] = {}
         self._asks: dict[int, int] = {}
+        self.selftest: RigFigures | None = None
+        """The start's self-test (``selftest.py``), registered with the GPUs; None: none ran."""
         # Background work the instructions start (stopping miners, asking for a drain).
         self._background: set[asyncio.Task[object]] = set()
 
@@ -346,6 +349,15 @@ class Agent:
             host, port = self._metrics_server.server_address[:2]
             session.metrics_address = f"{host}:{port}"
             log.info("metrics on http://%s/metrics", session.metrics_address)
+        if cfg.selftest_at_start:  # before registering: no GPU holds a job yet
+            self.selftest = await measure_rig(
+                self.backend,
+                cfg.state_dir,
+                budget_s=cfg.selftest_budget_s,
+                python=cfg.selftest_python,
+            )
+            log_figures(self.backend, self.selftest)
+            session.host = host_proto(self.selftest.host)
         await session.open(identity)
 
     async def _close(self) -> None:
@@ -475,7 +487,8 @@ class Agent:
 
     def _gpu_infos(self) -> list[ws.GpuInfo]:
         assert self.backend is not None
-        return gpu_infos(self.backend, self.config.price_micros_per_gpu_hour)
+        infos = gpu_infos(self.backend, self.config.price_micros_per_gpu_hour)
+        return fill_gpu_infos(infos, self.selftest)
 
     def _mining_gpus(self) -> frozenset[int]:
         """GPUs a miner holds now (running or stopping)."""
