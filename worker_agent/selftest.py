@@ -256,7 +256,7 @@ def parse_torch_line(
         return None
     error = str(row.get("error", ""))
     want, got = expected_uuid.get(index, ""), str(row.get("uuid", ""))
-    if not error and want and got and want.lower() != got.lower():
+    if not error and _uuid_key(want) and _uuid_key(got) and _uuid_key(want) != _uuid_key(got):
         error = f"measured GPU {got} but NVML's GPU {index} is {want} (device order)"
     try:
         m = Measurement(
@@ -273,6 +273,13 @@ def parse_torch_line(
     except (ValueError, TypeError):
         return index, Measurement(error=f"unreadable self-test figures: {row!r}"[:300])
     return index, m
+
+
+def _uuid_key(uuid: str) -> str:
+    """A GPU UUID without its ``GPU-`` prefix, lower case; "" unless it has the canonical
+    36-character form (then it is not compared: a format torch may change is no mismatch)."""
+    bare = uuid.lower().removeprefix("gpu-")
+    return bare if len(bare) == 36 and bare.count("-") == 4 else ""
 
 
 def measure_host(

@@ -115,7 +115,8 @@ def measure_one(torch: Any, index: int, device: str, budget_s: float) -> dict[st
         torch.cuda.set_device(dev)
         props = torch.cuda.get_device_properties(dev)
         uuid = getattr(props, "uuid", None)
-        row["uuid"] = f"GPU-{uuid}" if uuid is not None else ""
+        text = "" if uuid is None else str(uuid)
+        row["uuid"] = text if not text or text.upper().startswith("GPU-") else f"GPU-{text}"
         row["name"] = props.name
         free, _total = torch.cuda.mem_get_info(dev)
         limit_mb = free // MIB

@@ -115,3 +115,21 @@ def test_the_score_is_the_figures_not_the_claim() -> None:
     """Two claims, one card: the score is the same; only the verdict differs."""
     m = Measurement(17_780, 8_890, 11_800)
     assert judge("RTX 3090", VRAM, m).score == judge("RTX 3060", 12_288, m).score == 35
+
+
+def test_docs_gpu_md_reference_table_matches_the_code() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "gpu.md").read_text()
+    section = text.split("## The self-test and the score", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[3].isdigit():
+            rows[cells[0]] = (float(cells[1]), float(cells[2]), int(cells[3]))
+    assert len(rows) == 12
+    for model, (fp16, fp32, s) in rows.items():
+        ref = reference(model)
+        assert ref is not None, model
+        assert (round(ref.fp16_gflops / 1000, 1), round(ref.fp32_gflops / 1000, 1)) == (fp16, fp32)
+        assert score(Measurement(ref.fp16_gflops, ref.fp32_gflops)) == s, model

@@ -176,10 +176,12 @@ def test_measure_rig_skips_busy_gpus_and_reads_each_link(tmp_path: Path) -> None
     assert rig.host.cpu_cores == os.cpu_count()
 
 
-UUIDS = {0: "GPU-aaaa", 1: "GPU-bbbb"}
+U0 = "GPU-0a1b2c3d-0000-1111-2222-333344445555"
+U1 = "GPU-9f8e7d6c-0000-1111-2222-333344445555"
+UUIDS = {0: U0, 1: U1, 2: "GPU-short"}
 FULL_LINE = {
     "gpu": 0,
-    "uuid": "GPU-AAAA",
+    "uuid": U0.upper().removeprefix("GPU-"),
     "fp16_gflops": 70_000,
     "fp32_gflops": 24_000,
     "usable_vram_mb": 23_000,
@@ -194,9 +196,11 @@ FULL_LINE = {
 @pytest.mark.parametrize(
     ("line", "index", "error_has", "fp16"),
     [
-        (FULL_LINE, 0, "", 70_000),  # the UUID matches, whatever its case
+        (FULL_LINE, 0, "", 70_000),  # the UUID matches, whatever its case and prefix
         ({"gpu": 1, "error": "torch with CUDA not available: no torch"}, 1, "torch with CUDA", 0),
-        ({"gpu": 1, "uuid": "GPU-aaaa", "fp16_gflops": 5}, 1, "device order", 5),
+        ({"gpu": 1, "uuid": U0, "fp16_gflops": 5}, 1, "device order", 5),
+        ({"gpu": 2, "uuid": U0, "fp16_gflops": 5}, 2, "", 5),  # NVML's not canonical: no check
+        ({"gpu": 1, "uuid": "weird", "fp16_gflops": 5}, 1, "", 5),  # nor torch's
         ({"gpu": 0, "fp16_gflops": "lots"}, 0, "unreadable self-test figures", 0),
     ],
 )
