@@ -178,7 +178,15 @@ async def measure_gpus(
         return {}
     now = time.time()
     if backend.name == "simulated":
-        return {i: simulated_measurement(backend, i, now=now) for i in wanted}
+        out: dict[int, Measurement] = {}
+        for i in wanted:
+            try:
+                out[i] = simulated_measurement(backend, i, now=now)
+            except Exception as err:  # a fault the simulation raises is this GPU's result
+                out[i] = Measurement(
+                    method="simulated", error=str(err) or repr(err), measured_at=now
+                )
+        return out
     try:
         return await _measure_torch(backend, wanted, budget_s, python or sys.executable, now)
     except Exception as err:  # the subprocess could not even start

@@ -249,3 +249,14 @@ def test_selftest_settings_from_the_config_file(tmp_path: Path) -> None:
     values = load_config_file(path)
     assert values["selftest_python"] == "/opt/torch/bin/python"
     assert values["selftest_budget_s"] == 30 and values["selftest_at_start"] is False
+
+
+def test_a_gpu_whose_simulation_raises_gets_the_error_not_the_exception() -> None:
+    class Broken(SimulatedBackend):
+        def selftest_factor(self, index: int) -> float:
+            if index == 0:
+                raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+            return 1.0
+
+    figures = measure(Broken("RTX3090x2", seed="t"), [0, 1])
+    assert figures[0].error == "NVML_ERROR_GPU_IS_LOST" and figures[1].error == ""
