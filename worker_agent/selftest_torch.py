@@ -16,8 +16,9 @@ What it measures on each GPU, in order, each step bounded by a share of the GPU'
    ``torch.cuda.synchronize()``; 2·n³ floating-point operations per product. TF32 and
    reduced-precision fp16 reductions are switched off, so fp32 is real fp32 and fp16
    accumulates in fp32, which is what the reference figures (``rigshift.scoring``) are.
-2. **Host↔device bandwidth**: a 256 MiB pinned host buffer copied to the device and
-   back, several times each, MB/s (10**6 bytes) of the best run.
+2. **Host↔device bandwidth**: a pinned host buffer copied to the device and back, up
+   to five times each, MB/s (10**6 bytes) of the best copy; the buffer is 256 MiB, or
+   what an 8 MiB probe copy says a tenth of the step's time moves (a x1 riser: ~20 MiB).
 3. **Usable VRAM**: after the benchmark's tensors are freed, chunks of 256 MiB then
    16 MiB are allocated until the allocator refuses (or the time is up); each chunk is
    filled with its own 32-bit pattern and read back (min and max equal the pattern),
@@ -59,25 +60,40 @@ def _gflops(torch: Any, dev: Any, dtype: Any, n: int, seconds: float, sync: Any)
     return int(2 * n**3 * products / elapsed / 1e9)
 
 
-def _bandwidth(torch: Any, dev: Any, nbytes: int, seconds: float, sync: Any) -> tuple[int, int]:
-    """Best host→device and device→host copy rates, MB/s, with a pinned host buffer."""
+def _bandwidth(torch: Any, dev: Any, max_bytes: int, seconds: float, sync: Any) -> tuple[int, int]:
+    """Best host→device and device→host copy rates, MB/s, with a pinned host buffer.
+
+    An 8 MiB probe copy first (it also warms the path up) sizes the buffer so that one
+    copy takes about a tenth of ``seconds``: a x1 riser (~0.2 GB/s) copies ~20 MiB at a
+    time, a x16 slot the full ``max_bytes``.
+    """
     pin = dev.type == "cuda"
+
+    def copy_rate(dst: Any, src: Any) -> float:
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=pin)
+        sync()
+        return dst.numel() / (time.perf_counter() - t0)
+
+    probe = min(8 * MIB, max_bytes)
+    rate = copy_rate(
+        torch.empty(probe, dtype=torch.uint8, device=dev),
+        torch.ones(probe, dtype=torch.uint8, pin_memory=pin),
+    )
+    nbytes = int(min(max_bytes, max(probe, rate * seconds / 10)))
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
     host.fill_(0xA5)
     device = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     best = [0.0, 0.0]
     deadline = time.perf_counter() + seconds
     for _ in range(5):
-        for k, (dst, src) in enumerate(((device, host), (host, device))):
-            sync()
-            t0 = time.perf_counter()
-            dst.copy_(src, non_blocking=pin)
-            sync()
-            best[k] = max(best[k], nbytes / (time.perf_counter() - t0) / 1e6)
+        best[0] = max(best[0], copy_rate(device, host))
+        best[1] = max(best[1], copy_rate(host, device))
         if time.perf_counter() > deadline:
             break
     del host, device
-    return int(best[0]), int(best[1])
+    return int(best[0] / 1e6), int(best[1] / 1e6)
 
 
 def _usable_vram_mb(torch: Any, dev: Any, limit_mb: int, seconds: float, sync: Any) -> int:
