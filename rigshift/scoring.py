@@ -135,8 +135,12 @@ def reference(model: str) -> Reference | None:
 def score(m: Measurement) -> int:
     """The score of measured figures, an RTX 3090 = 100 (0 when compute was not measured)."""
     base = REFERENCE[model_key(REFERENCE_MODEL)]
-    value = 100 * (0.6 * m.fp16_gflops / base.fp16_gflops + 0.4 * m.fp32_gflops / base.fp32_gflops)
-    return max(0, int(value))
+    # 100 x (0.6 x a / A + 0.4 x b / B) in integers: floats would round 100.0 down to 99
+    # for some figures.
+    value = (60 * m.fp16_gflops * base.fp32_gflops + 40 * m.fp32_gflops * base.fp16_gflops) // (
+        base.fp16_gflops * base.fp32_gflops
+    )
+    return max(0, value)
 
 
 def judge(model: str, vram_mb: int, m: Measurement | None) -> Verdict:
@@ -154,12 +158,12 @@ def judge(model: str, vram_mb: int, m: Measurement | None) -> Verdict:
         ("fp16", m.fp16_gflops, ref.fp16_gflops),
         ("fp32", m.fp32_gflops, ref.fp32_gflops),
     ):
-        if got < VERIFY_RATIO * want:
+        if 100 * got < round(100 * VERIFY_RATIO) * want:  # integers: exactly 70 % passes
             short.append(
                 f"{what} {got / 1000:.1f} TFLOPS is {100 * got // want}% of a {model}'s "
                 f"{want / 1000:.1f}"
             )
-    if vram_mb and m.usable_vram_mb < VRAM_RATIO * vram_mb:
+    if vram_mb and 100 * m.usable_vram_mb < round(100 * VRAM_RATIO) * vram_mb:
         short.append(f"only {m.usable_vram_mb} of {vram_mb} MiB VRAM usable")
     if short:
         limit = int(VERIFY_RATIO * 100)

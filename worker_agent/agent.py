@@ -89,6 +89,7 @@ from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import Outbox
 from worker_agent.quarantine import QuarantineBook
 from worker_agent.sandbox import policy_for
+from worker_agent.selftest import RigFigures, fill_gpu_infos, host_proto, log_figures, measure_rig
 from worker_agent.session import AgentError, BrokerSession
 from worker_agent.supervise import LoopFailed, supervise
 from worker_agent.workdir import Workspace
@@ -153,6 +154,8 @@ class Agent:
         """What the metrics show, published by the event loop (read from the scrape thread)."""
         self._readings: dict[int, GpuReading] = {}
         self._asks: dict[int, int] = {}
+        self.selftest: RigFigures | None = None
+        """The start's self-test (``selftest.py``), registered with the GPUs; None: none ran."""
         # Background work the instructions start (stopping miners, asking for a drain).
         self._background: set[asyncio.Task[object]] = set()
 
@@ -360,6 +363,7 @@ class Agent:
             send=session.report_gpu_health,
             retry_min_s=cfg.reconnect_min_s,
             retry_max_s=cfg.reconnect_max_s,
+            python=cfg.selftest_python,
         )
         if cfg.metrics_listen:
             self.metrics = AgentMetrics(lambda: self.snapshot)
@@ -368,6 +372,15 @@ class Agent:
             host, port = self._metrics_server.server_address[:2]
             session.metrics_address = f"{host}:{port}"
             log.info("metrics on http://%s/metrics", session.metrics_address)
+        if cfg.selftest_at_start:  # before registering: no GPU holds a job yet
+            self.selftest = await measure_rig(
+                self.backend,
+                cfg.state_dir,
+                budget_s=cfg.selftest_budget_s,
+                python=cfg.selftest_python,
+            )
+            log_figures(self.backend, self.selftest)
+            session.host = host_proto(self.selftest.host)
         await session.open(identity)
 
     async def _close(self) -> None:
@@ -506,7 +519,8 @@ class Agent:
     def _gpu_infos(self) -> list[ws.GpuInfo]:
         assert self.backend is not None
         health = {h.index: h for h in self._health_report()}
-        return gpu_infos(self.backend, self.config.price_micros_per_gpu_hour, health)
+        infos = gpu_infos(self.backend, self.config.price_micros_per_gpu_hour, health)
+        return fill_gpu_infos(infos, self.selftest)
 
     def _health_report(self) -> list[ws.GpuHealth]:
         """The rig's whole GPU health (what ReportGpuHealth and the registration send)."""

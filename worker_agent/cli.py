@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from worker_agent.selftest_cli import selftest_command
+
 __all__ = ["agent_group"]
 
 
@@ -35,6 +37,9 @@ class _Usd(click.ParamType):
 @click.group("agent")
 def agent_group() -> None:
     """Run the worker agent on a GPU rig."""
+
+
+agent_group.add_command(selftest_command)
 
 
 class _RequiredUnlessConfig(click.Option):

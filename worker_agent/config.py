@@ -323,6 +323,16 @@ class AgentConfig:
     cancel_grace_s: float = 2.0
     """A cancelled job gets SIGTERM, then SIGKILL after this long (kept under 5 s in total)."""
 
+    selftest_at_start: bool = True
+    """Run the self-test (``selftest.py``) at start and register its figures; False
+    registers none (the broker shows the GPUs PENDING: placed only for unverified jobs)."""
+
+    selftest_python: str = ""
+    """Interpreter with torch for the self-test on real GPUs; empty: the agent's own."""
+
+    selftest_budget_s: float = 50.0
+    """The GPUs' self-test takes at most this long for the whole rig."""
+
     max_log_backlog_bytes: int = 4 << 20
     """Per attempt, unsent output beyond this is dropped (with a marker) while the broker is away.
 

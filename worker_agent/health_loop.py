@@ -18,85 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rigshift.scoring import Measurement, Verification, judge, reference
-from rigshift.v1 import farm_pb2
+from rigshift.scoring import Measurement, Verification, judge
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.backoff import Backoff
 from worker_agent.events import Event, GpuFaulted, ProbationDue, SelfTestDone
 from worker_agent.gpu import GpuBackend
 from worker_agent.health import HealthConfig, HealthObservation, HealthWatch
 from worker_agent.quarantine import GpuHealthView
+from worker_agent.selftest import measure_gpus, measurement_proto
 
-__all__ = ["HealthShell", "Measure", "health_protos", "measurement_proto"]
+__all__ = ["HealthShell", "Measure", "health_protos"]
 
 log = logging.getLogger("rigshift.agent.health")
 
 Measure = Callable[..., Awaitable[dict[int, Measurement]]]
 """``await measure(backend, [index], budget_s=...) -> {index: Measurement}``."""
-
-
-def _default_measure() -> Measure:
-    """``worker_agent.selftest.measure_gpus`` when the self-test module is installed,
-    else :func:`_reference_measure` (a simulated rig's figures from the reference table)."""
-    try:
-        module = importlib.import_module("worker_agent.selftest")
-    except ImportError:
-        return _reference_measure
-    measure: Measure = module.measure_gpus
-    return measure
-
-
-async def _reference_measure(
-    backend: GpuBackend, indices: Sequence[int], *, budget_s: float = 30.0
-) -> dict[int, Measurement]:
-    """The model's reference figures times ``backend.selftest_factor`` (a simulated rig);
-    a backend without that factor cannot be measured here."""
-    factor_of = getattr(backend, "selftest_factor", None)
-    gpus = {g.index: g for g in backend.gpus()}
-    out: dict[int, Measurement] = {}
-    for index in indices:
-        gpu, ref = gpus[index], reference(gpus[index].model)
-        if factor_of is None or ref is None:
-            out[index] = Measurement(method="none", error="no self-test available here")
-            continue
-        factor = float(factor_of(index))
-        if factor <= 0:
-            out[index] = Measurement(
-                method="simulated", error="GPU is lost", measured_at=time.time()
-            )
-            continue
-        out[index] = Measurement(
-            fp16_gflops=int(ref.fp16_gflops * factor),
-            fp32_gflops=int(ref.fp32_gflops * factor),
-            usable_vram_mb=int(gpu.vram_mb * 0.95),
-            method="simulated",
-            measured_at=time.time(),
-        )
-    return out
-
-
-def measurement_proto(m: Measurement) -> farm_pb2.GpuMeasurement:
-    """A :class:`~rigshift.scoring.Measurement` as ``rigshift.v1.GpuMeasurement``."""
-    out = farm_pb2.GpuMeasurement(
-        fp16_gflops=m.fp16_gflops,
-        fp32_gflops=m.fp32_gflops,
-        usable_vram_mb=m.usable_vram_mb,
-        h2d_mbps=m.h2d_mbps,
-        d2h_mbps=m.d2h_mbps,
-        method=m.method,
-        error=m.error,
-        duration_ms=m.duration_ms,
-    )
-    if m.measured_at:
-        out.measure_time.CopyFrom(_timestamp(m.measured_at))
-    return out
 
 
 def _timestamp(unix_s: float) -> Timestamp:
@@ -142,6 +85,7 @@ class HealthShell:
         retry_min_s: float = 0.2,
         retry_max_s: float = 10.0,
         measure: Measure | None = None,
+        python: str = "",
     ) -> None:
         self.backend = backend
         self.config = config
@@ -150,7 +94,8 @@ class HealthShell:
         self._report = report
         self._send = send
         self._retry = (retry_min_s, retry_max_s)
-        self.measure = measure or _default_measure()
+        # The probation re-test runs the self-test's torch script with the configured interpreter.
+        self.measure = measure or functools.partial(measure_gpus, python=python)
         self._dirty = asyncio.Event()
         self.reports_taken = 0
         """Reports the broker took (for tests and logs)."""

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from rigshift.v1 import artifact_service_pb2 as art
+from rigshift.v1 import farm_pb2
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
 from worker_agent.backoff import Backoff
@@ -110,6 +111,8 @@ class BrokerSession:
         self.images = images
         self.container_runtime: tuple[str, str] | None = None
         """``(name, version)`` of the rig's container runtime, told at registration."""
+        self.host: farm_pb2.HostInfo | None = None
+        """The self-test's host figures, told at registration."""
         self.gpu_infos = gpu_infos
         self.on_rtt = on_rtt
         self.worker = ""
@@ -161,6 +164,8 @@ class BrokerSession:
                 worker=self.worker or self.identity.worker,
                 metrics_address=self.metrics_address,
             )
+            if self.host is not None:
+                request.host.CopyFrom(self.host)
             if self.container_runtime is not None:
                 name, version = self.container_runtime
                 request.container_runtime.name, request.container_runtime.version = name, version

@@ -13,7 +13,7 @@ from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.agent import Agent
 from worker_agent.gpu import SimulatedBackend
 from worker_agent.health import Fault, HealthConfig
-from worker_agent.health_loop import _reference_measure
+from worker_agent.selftest import measure_gpus
 
 LONG = script("import time", "print('up', flush=True)", "time.sleep(60)")
 XID79 = "XID 79: GPU has fallen off the bus"
@@ -27,7 +27,7 @@ def test_a_fault_quarantines_one_gpu_and_stops_only_its_attempt(tmp_path: Path) 
 
     async def body(fake: FakeBroker, agent: Agent) -> None:
         assert agent.health is not None
-        agent.health.measure = _reference_measure  # the simulated figures, deterministic
+        agent.health.measure = measure_gpus  # the simulated figures, deterministic
         fake.push(assignment=make_assignment("jobs/a", gpus=[0], command=LONG))
         fake.push(assignment=make_assignment("jobs/b", gpus=[1], command=LONG))
         await until(lambda: "up" in fake.output("jobs/a") and "up" in fake.output("jobs/b"))

@@ -14,8 +14,9 @@ from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.events import Event, GpuFaulted, ProbationDue, SelfTestDone
 from worker_agent.gpu import GpuBackend, SimulatedBackend
 from worker_agent.health import Fault, HealthConfig
-from worker_agent.health_loop import HealthShell, _reference_measure, health_protos
+from worker_agent.health_loop import HealthShell, health_protos
 from worker_agent.quarantine import GpuHealthView
+from worker_agent.selftest import measure_gpus
 
 
 def shell(
@@ -85,7 +86,7 @@ def test_reports_are_retried_until_taken_and_coalesced() -> None:
     [
         ([], True, ""),
         ([Fault(0, "xid79", 0)], True, ""),  # one-off: the card is fine afterwards
-        ([Fault(0, "lost", 0)], False, "self-test failed: GPU is lost"),
+        ([Fault(0, "lost", 0)], False, "self-test failed: GPU not responding"),
         ([Fault(0, "impostor", 0)], False, "measures short of its claimed model"),
     ],
 )
@@ -93,7 +94,7 @@ def test_probation_selftest_is_judged(faults: list[Fault], passed: bool, reason:
     backend = SimulatedBackend("RTX3090", clock=FakeClock(), faults=faults)
     events: list[Event] = []
     s = shell(backend, events)
-    s.measure = _reference_measure
+    s.measure = measure_gpus
 
     async def main() -> None:
         await s.run_selftest(0)
