@@ -233,18 +233,43 @@ class _Group:
 
 
 class _Filter:
-    """Groups that pass one job's model/vram/price filters, cheapest first, plus caches."""
+    """Groups that pass one job's static filters, cheapest first, plus caches."""
 
-    __slots__ = ("fail_at", "group_ids", "groups", "max_total", "reasons", "static")
+    __slots__ = (
+        "fail_at",
+        "group_ids",
+        "groups",
+        "links",
+        "max_total",
+        "narrow",
+        "reasons",
+        "static",
+        "wide",
+    )
 
     def __init__(self, groups: list[_Group], static: Rejection | None) -> None:
         self.groups = groups
+        # the groups differ in link bandwidth: the topology score can tell them apart
+        self.links = len({g.pcie for g in groups}) > 1
         self.group_ids = {id(g) for g in groups}
         self.static = static
         self.max_total = max((g.max_total for g in groups), default=0)
         # Smallest gang size known to fail this pass; free capacity only shrinks.
         self.fail_at = 0 if static is not None else self.max_total + 1
         self.reasons: dict[int, tuple[int, tuple[Rejection, ...]]] = {}  # n -> (version, reasons)
+        self.wide: list[_Group] | None = None  # cheapest first, then widest link first
+        self.narrow: list[_Group] | None = None  # cheapest first, then narrowest link first
+
+    def by_links(self, wide: bool) -> list[_Group]:
+        """The groups cheapest first, then in the order a job preferring wide (or narrow)
+        links ranks them; ties keep the groups' order."""
+        if wide:
+            if self.wide is None:
+                self.wide = sorted(self.groups, key=lambda g: (g.price, -g.pcie))
+            return self.wide
+        if self.narrow is None:
+            self.narrow = sorted(self.groups, key=lambda g: (g.price, g.pcie))
+        return self.narrow
 
 
 def _make_filter(groups: list[_Group], fkey: _FilterKey, workers: int) -> _Filter:
@@ -383,14 +408,26 @@ class FleetIndex:
 
         for job in pending:
             n = job.gpu_count
-            fkey = _filter_key(job)
+            fkey = (  # _filter_key(job), written out: this loop is the hot path
+                job.gpu_model,
+                job.min_vram_mb,
+                job.max_price_micros_per_gpu_hour,
+                job.containers,
+                job.allow_unverified,
+                job.min_score,
+                job.min_pcie_mbps,
+                job.min_ram_gb_per_gpu,
+                job.min_cpu_millicores_per_gpu,
+            )
             filt = filters.get(fkey)
             if filt is None:
                 filt = filters[fkey] = _make_filter(groups, fkey, workers)
             if 0 < n < filt.fail_at:
                 local = self._local(job.environment, filt, n) if job.environment else ()
-                wide = topology and (n > 1 or job.min_pcie_mbps > 0)
-                narrow = topology and not wide
+                wide = narrow = False
+                if topology and filt.links:
+                    wide = n > 1 or job.min_pcie_mbps > 0
+                    narrow = not wide
                 took = _take(filt, n, keys, local, take, wide, narrow)
                 if took is not None:
                     group, worker_id, taken = took
@@ -496,8 +533,13 @@ def _take(
     best_rank: _Key | None = None
     best_free = 0
     local_ids = {rank[1] for _, rank, _ in local} if local else None
-    for group in filt.groups:  # cheapest first
-        if best_key is not None and group.price > best_key[0]:
+    # Cheapest first, then by the job's topology score: once a candidate is found, a group
+    # with a higher price, or the same price and a worse topology score, cannot win.
+    for group in filt.by_links(wide) if wide or narrow else filt.groups:
+        topo = -group.pcie if wide else group.pcie if narrow else 0
+        if best_key is not None and (
+            group.price > best_key[0] or (group.price == best_key[0] and topo > best_key[1])
+        ):
             break
         fits = group.mask >> n
         if not fits:
@@ -508,7 +550,6 @@ def _take(
             heappop(heap)
         rel, worker_id = heap[0]
         near = 1 if local_ids is not None and worker_id in local_ids else 0
-        topo = -group.pcie if wide else group.pcie if narrow else 0
         key = choice_key(group.price, free, n, worker_id, group.vram, group.model, -rel, near, topo)
         if best_key is None or key < best_key:
             best, best_key, best_rank, best_free = group, key, heap[0], free

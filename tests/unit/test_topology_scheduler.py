@@ -387,7 +387,7 @@ def brute_force(snapshot: Snapshot, topology: bool = True) -> list[object]:
                 if passes(request_, g, w) and free[(w.worker_id, g.index)]:
                     key = (g.price_micros_per_gpu_hour, g.model, g.vram_mb, g.verified, g.score)
                     groups.setdefault((*key, g.pcie_mbps), []).append(g.index)
-            for (price, model, vram, _, _, pcie), indices in groups.items():
+            for (price, model, vram, verified, score, pcie), indices in groups.items():
                 if n < 1 or len(indices) < n:
                     continue
                 topo = topology_score(pcie, n, request_.min_pcie_mbps) if topology else 0
@@ -402,6 +402,8 @@ def brute_force(snapshot: Snapshot, topology: bool = True) -> list[object]:
                     0,
                     topo,
                 )
+                # exact ties between groups of one worker: unverified, then lower scores first
+                key = (*key, verified, score)
                 if best is None or key < best[0]:
                     best = (key, Placement(request_.job_id, w.worker_id, tuple(indices[:n]), price))
         if best is None:
