@@ -260,6 +260,17 @@ class _Filter:
         self.wide: list[_Group] | None = None  # cheapest first, then widest link first
         self.narrow: list[_Group] | None = None  # cheapest first, then narrowest link first
 
+    def drop(self, dead: list[_Group]) -> None:
+        """Forget groups with no free GPU left: within a pass GPUs are only taken, so they
+        can never fit again, and a walk over the groups need not meet them (their
+        ``max_total`` stays counted)."""
+        gone = {id(g) for g in dead}
+        self.groups = [g for g in self.groups if id(g) not in gone]
+        if self.wide is not None:
+            self.wide = [g for g in self.wide if id(g) not in gone]
+        if self.narrow is not None:
+            self.narrow = [g for g in self.narrow if id(g) not in gone]
+
     def by_links(self, wide: bool) -> list[_Group]:
         """The groups cheapest first, then in the order a job preferring wide (or narrow)
         links ranks them; ties keep the groups' order."""
@@ -533,6 +544,7 @@ def _take(
     best_rank: _Key | None = None
     best_free = 0
     local_ids = {rank[1] for _, rank, _ in local} if local else None
+    dead: list[_Group] = []
     # Cheapest first, then by the job's topology score: once a candidate is found, a group
     # with a higher price, or the same price and a worse topology score, cannot win.
     for group in filt.by_links(wide) if wide or narrow else filt.groups:
@@ -543,6 +555,8 @@ def _take(
             break
         fits = group.mask >> n
         if not fits:
+            if not group.mask:
+                dead.append(group)
             continue
         free = n + (fits & -fits).bit_length() - 1  # smallest bucket >= n: best fit
         heap = group.heaps[free]
@@ -558,6 +572,8 @@ def _take(
         key = choice_key(group.price, free, n, rank[1], group.vram, group.model, -rank[0], 1, topo)
         if best_key is None or key < best_key:
             best, best_key, best_rank, best_free = group, key, rank, free
+    if dead:
+        filt.drop(dead)
     if best is None or best_rank is None:
         return None
     # The chosen worker's heap entry goes stale once its free count changes (lazy pruning).

@@ -52,9 +52,11 @@ def choice_key(
     fit (:func:`best_fit_leftover`); then the most reliable worker; then the lowest worker
     id. ``vram_mb`` and ``model`` only break ties between two groups of one worker at one
     price; groups of one worker that tie on all of it go unverified first, then the lowest
-    score first (the index's group order), keeping the better GPUs for stricter jobs. Price comes first: the client pays it, while a cold setup costs the client
-    nothing (setup is not charged at the GPU price). Topology comes before locality: a
-    gang on risers is slow for all of its run, a cold setup costs once."""
+    score first (the index's group order), keeping the better GPUs for stricter jobs.
+
+    Price comes first: the client pays it, while a cold setup costs the client nothing
+    (setup is not charged at the GPU price). Topology comes before locality: a gang on
+    risers is slow for all of its run, a cold setup costs once."""
     leftover = best_fit_leftover(free_in_group, gpu_count)
     return (
         price_micros,
