@@ -236,6 +236,7 @@ class _Filter:
     """Groups that pass one job's static filters, cheapest first, plus caches."""
 
     __slots__ = (
+        "any_group",
         "fail_at",
         "group_ids",
         "groups",
@@ -251,6 +252,7 @@ class _Filter:
         self.groups = groups
         # the groups differ in link bandwidth: the topology score can tell them apart
         self.links = len({g.pcie for g in groups}) > 1
+        self.any_group = bool(groups)  # before drop() forgets the groups that filled up
         self.group_ids = {id(g) for g in groups}
         self.static = static
         self.max_total = max((g.max_total for g in groups), default=0)
@@ -292,7 +294,7 @@ def _make_filter(groups: list[_Group], fkey: _FilterKey, workers: int) -> _Filte
 def _count_rejection(job: JobRequest, filt: _Filter) -> Rejection:
     """The gpu_count rejection from group aggregates (never a rescan of workers)."""
     best = max((g.best_free() for g in filt.groups), default=0)
-    return count_rejection(job, best, filt.max_total, bool(filt.groups))
+    return count_rejection(job, best, filt.max_total, filt.any_group)
 
 
 # --- the pass ----------------------------------------------------------------------------------
