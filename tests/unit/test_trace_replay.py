@@ -227,7 +227,9 @@ def test_lean_view_places_like_the_full_one_on_a_mixed_fleet(
     assert lean == full
 
 
-def test_topology_scoring_sends_singles_to_risers_and_gangs_to_x16(mixed: tuple[tr.Trace, tr.Fleet]) -> None:
+def test_topology_scoring_sends_singles_to_risers_and_gangs_to_x16(
+    mixed: tuple[tr.Trace, tr.Fleet],
+) -> None:
     trace, fleet = mixed
     _, core = tr.replay(trace, fleet, "default", scoring="topology", gang_slowdown=2.0)
     risers = {r.worker_id for r in fleet.rigs if r.pcie_link_width == 1}
