@@ -52,6 +52,7 @@ from broker.scheduler import (
     place,
 )
 from rigshift.catalogue import CATALOGUE
+from rigshift.scoring import Measurement, reference
 
 FLEET_MODELS = ("RTX 3060", "RTX 3070", "RTX 3080", "RTX 3090", "RX 6800 XT", "A4000")
 MODELS = {  # model: (VRAM MB, base ask in micro-dollars per GPU-hour), from rigshift.catalogue
@@ -184,6 +185,12 @@ def _spec(job: JobRequest) -> JobSpec:
     )
 
 
+def _healthy(model: str, vram_mb: int) -> Measurement | None:
+    """A healthy card's self-test figures (its model's reference; None without one)."""
+    ref = reference(model)
+    return Measurement(ref.fp16_gflops, ref.fp32_gflops, vram_mb) if ref else None
+
+
 def core_run(workers: int, jobs: int, seed: int, passes: int = 20) -> dict[str, object]:
     """Time ``BrokerCore`` scheduling passes (see the module docstring)."""
     rnd = random.Random(seed)
@@ -196,7 +203,11 @@ def core_run(workers: int, jobs: int, seed: int, passes: int = 20) -> dict[str, 
             GpuInfo(g.index, f"{w.worker_id}-{g.index}", g.model, g.vram_mb) for g in w.gpus
         )
         gpus = tuple(
-            replace(info, price_micros_per_gpu_hour=g.price_micros_per_gpu_hour)
+            replace(
+                info,
+                price_micros_per_gpu_hour=g.price_micros_per_gpu_hour,
+                measurement=_healthy(g.model, g.vram_mb),  # verified: ordinary jobs run on it
+            )
             for info, g in zip(gpus, w.gpus, strict=True)
         )
         core.handle(Registered(0.0, w.worker_id, "farm", w.worker_id, "bench", gpus))
