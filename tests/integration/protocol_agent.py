@@ -58,8 +58,16 @@ def create_farm(address: str, name: str = "farm-a") -> farm_pb2.Farm:
         )
 
 
-def gpus(n: int, model: str = "RTX 3090", vram_mb: int = 24576, price: int = 300_000):
-    """n identical GpuInfo messages, with healthy self-test figures."""
+def gpus(
+    n: int,
+    model: str = "RTX 3090",
+    vram_mb: int = 24576,
+    price: int = 300_000,
+    *,
+    selftest: bool = True,
+):
+    """n identical GpuInfo messages, with healthy self-test figures (``selftest=False``:
+    without, so the broker keeps them PENDING)."""
     return [
         ws.GpuInfo(
             index=i,
@@ -68,7 +76,7 @@ def gpus(n: int, model: str = "RTX 3090", vram_mb: int = 24576, price: int = 300
             vram_mb=vram_mb,
             power_limit_watts=350,
             price_micros_per_gpu_hour=price,
-            measurement=_figures(model, vram_mb),
+            measurement=_figures(model, vram_mb) if selftest else None,
         )
         for i in range(n)
     ]
