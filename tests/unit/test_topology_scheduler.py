@@ -439,10 +439,13 @@ def test_index_equals_snapshot_equals_brute_force(
     # an index built one worker at a time, in another order, with stale entries on the way
     kept = FleetIndex()
     rnd = random.Random(len(fleet))
+    gone = data.draw(topo_workers("w-gone"))  # a worker that leaves before the pass
+    kept.update(gone)
     for w in rnd.sample(fleet, len(fleet)):
         kept.update(
             dataclasses.replace(w, gpus=tuple(dataclasses.replace(g, free=True) for g in w.gpus))
         )
         kept.update(w)
+    kept.remove("w-gone")
     assert kept.place(pending, topology=topology) == expected
     assert _flat(expected) == brute_force(snapshot, topology)

@@ -14,7 +14,13 @@ from click.testing import CliRunner
 from broker.convert import quote_pb, spec_pb
 from broker.core import BrokerCore
 from broker.errors import InvalidArgument
-from broker.events import JobSubmitted, SchedulePass, WorkerRegistered
+from broker.events import (
+    GpuHealth,
+    GpuHealthReported,
+    JobSubmitted,
+    SchedulePass,
+    WorkerRegistered,
+)
 from broker.model import GpuInfo, JobSpec, WorkerState
 from broker.queue import Capacities, job_request, pcie_mbps
 from broker.records import Gpu, Worker
@@ -22,6 +28,7 @@ from broker.store.rows import spec_from_json, spec_to_json
 from broker.validation import check_job_spec
 from client import output
 from client.messages import job_spec
+from harness.broker_fixtures import healthy
 from rigshift.scoring import Measurement, Verdict, Verification
 from rigshift.v1 import job_pb2, job_service_pb2
 from rigshift_cli import main
@@ -312,3 +319,19 @@ def test_cli_flags_reach_the_spec(command: str, monkeypatch: pytest.MonkeyPatch)
 def test_cli_refuses_bad_values_before_any_rpc(flag: str, value: str) -> None:
     result = CliRunner().invoke(main, ["job", "quote", "--broker", "127.0.0.1:1", flag, value])
     assert result.exit_code == 2
+
+
+def test_the_core_stops_offering_a_gpu_the_agent_quarantines() -> None:
+    core = BrokerCore(lease_ttl_s=1e9)
+    rig = tuple(
+        GpuInfo(i, f"g{i}", "RTX 3090", 24_576, 350, 250_000, measurement=healthy())
+        for i in range(2)
+    )
+    core.handle(WorkerRegistered(0.0, "w", "f", "rig", "1", rig))
+    spec = JobSpec(("x",), gpu_count=2)
+    assert core.quote(spec).placeable_now
+    core.handle(GpuHealthReported(1.0, "w", (GpuHealth(1, quarantined=True, reason="XID 79"),)))
+    quote = core.quote(spec)
+    assert (quote.matching_gpus, quote.placeable_now) == (1, False)
+    core.handle(GpuHealthReported(2.0, "w", ()))  # it came back
+    assert core.quote(spec).matching_gpus == 2
