@@ -10,6 +10,12 @@ already busy. Jobs ask for 1, 2, 4 or 8 GPUs (40/30/20/10%); 30% name a model,
 20% a minimum VRAM, 20% a price cap. Building the snapshot is timed apart from
 place() (best of ``--repeat``); with ``--json`` the last line printed is one JSON object.
 
+``--topology`` mixes the fleet as issue 15 sees it: half the rigs are mining rigs on x1
+risers (0.8 GB/s, 4 GB RAM and 1 core per GPU), half x16 rigs (12.8 GB/s, 16 GB and 4 cores
+per GPU); 10 % of the rigs are unverified (scores vary by rig, 90-110 in steps of 5);
+30 % of the jobs accept unverified GPUs, 20 % set a ``min_pcie`` (1 or 8 GB/s), 10 % a
+``min_score`` (100), 10 % a host RAM and 10 % a CPU minimum per GPU.
+
 ``--core`` times the whole scheduling pass of ``broker.core.BrokerCore`` instead (place on the
 kept index, bind, preemption checks, the index brought up to date with the bound workers) on
 the same fleet (every GPU free at the start) and jobs, all GUARANTEED: one first pass
@@ -37,6 +43,7 @@ from broker.events import Assign, AttemptFinished, AttemptStarted, JobSubmitted,
 from broker.events import WorkerRegistered as Registered
 from broker.model import GpuInfo, JobSpec
 from broker.scheduler import (
+    FleetIndex,
     GpuSlot,
     JobRequest,
     SchedulingResult,
@@ -45,6 +52,7 @@ from broker.scheduler import (
     place,
 )
 from rigshift.catalogue import CATALOGUE
+from rigshift.scoring import Measurement, reference
 
 FLEET_MODELS = ("RTX 3060", "RTX 3070", "RTX 3080", "RTX 3090", "RX 6800 XT", "A4000")
 MODELS = {  # model: (VRAM MB, base ask in micro-dollars per GPU-hour), from rigshift.catalogue
@@ -57,8 +65,10 @@ SHAPES = ((1, 0.4), (2, 0.3), (4, 0.2), (8, 0.1))
 GPUS_PER_WORKER = 8
 
 
-def build_workers(count: int, rnd: random.Random) -> tuple[WorkerCapacity, ...]:
-    """A fleet of ``count`` eight-GPU rigs."""
+def build_workers(
+    count: int, rnd: random.Random, topology: bool = False
+) -> tuple[WorkerCapacity, ...]:
+    """A fleet of ``count`` eight-GPU rigs (``topology``: see the module docstring)."""
     names = list(MODELS)
     workers = []
     for w in range(count):
@@ -71,12 +81,24 @@ def build_workers(count: int, rnd: random.Random) -> tuple[WorkerCapacity, ...]:
             GpuSlot(i, m, MODELS[m][0], MODELS[m][1] + step, i < GPUS_PER_WORKER - busy)
             for i, m in enumerate(models)
         )
-        workers.append(WorkerCapacity(f"w-{w:07d}", gpus))
+        if not topology:
+            workers.append(WorkerCapacity(f"w-{w:07d}", gpus))
+            continue
+        riser = rnd.random() < 0.5
+        verified = rnd.random() >= 0.1
+        score = rnd.choice((90, 95, 100, 105, 110))
+        pcie = 800 if riser else 12_800
+        gpus = tuple(replace(g, verified=verified, score=score, pcie_mbps=pcie) for g in gpus)
+        ram, cpu = (4, 1000) if riser else (16, 4000)
+        workers.append(
+            WorkerCapacity(f"w-{w:07d}", gpus, ram_gb_per_gpu=ram, cpu_millicores_per_gpu=cpu)
+        )
     return tuple(workers)
 
 
-def build_jobs(count: int, rnd: random.Random) -> tuple[JobRequest, ...]:
-    """``count`` pending jobs of mixed shapes and filters."""
+def build_jobs(count: int, rnd: random.Random, topology: bool = False) -> tuple[JobRequest, ...]:
+    """``count`` pending jobs of mixed shapes and filters (``topology``: see the module
+    docstring)."""
     names = list(MODELS)
     sizes = [s for s, _ in SHAPES]
     weights = [p for _, p in SHAPES]
@@ -91,6 +113,15 @@ def build_jobs(count: int, rnd: random.Random) -> tuple[JobRequest, ...]:
                 rnd.choice((150_000, 200_000, 260_000)) if rnd.random() < 0.2 else 0,
             )
         )
+        if topology:
+            jobs[-1] = replace(
+                jobs[-1],
+                allow_unverified=rnd.random() < 0.3,
+                min_pcie_mbps=rnd.choice((1000, 8000)) if rnd.random() < 0.2 else 0,
+                min_score=100 if rnd.random() < 0.1 else 0,
+                min_ram_gb_per_gpu=8 if rnd.random() < 0.1 else 0,
+                min_cpu_millicores_per_gpu=2000 if rnd.random() < 0.1 else 0,
+            )
     return tuple(jobs)
 
 
@@ -102,7 +133,9 @@ def timed(snapshot: Snapshot) -> tuple[float, SchedulingResult]:
     return time.perf_counter() - t0, result
 
 
-def run(workers: int, jobs: int, seed: int, repeat: int = 3) -> dict[str, object]:
+def run(
+    workers: int, jobs: int, seed: int, repeat: int = 3, topology: bool = False
+) -> dict[str, object]:
     """Build one snapshot, time place() on it (best of ``repeat``), return the figures.
 
     ``index_s`` is place() with an empty queue: indexing the fleet, paid once per pass.
@@ -110,7 +143,9 @@ def run(workers: int, jobs: int, seed: int, repeat: int = 3) -> dict[str, object
     """
     rnd = random.Random(seed)
     t0 = time.perf_counter()
-    snapshot = Snapshot(1_000.0, build_jobs(jobs, rnd), build_workers(workers, rnd))
+    snapshot = Snapshot(
+        1_000.0, build_jobs(jobs, rnd, topology), build_workers(workers, rnd, topology)
+    )
     build_s = time.perf_counter() - t0
     empty = Snapshot(snapshot.now, (), snapshot.workers)
     seconds = index_s = float("inf")
@@ -124,6 +159,8 @@ def run(workers: int, jobs: int, seed: int, repeat: int = 3) -> dict[str, object
         "workers": workers,
         "jobs": jobs,
         "seed": seed,
+        "topology": topology,
+        "groups": len(FleetIndex(snapshot.workers)._groups),
         "free_gpus": free,
         "placements": placed,
         "gpus_placed": sum(len(p.gpu_indices) for p in result.placements),
@@ -148,6 +185,12 @@ def _spec(job: JobRequest) -> JobSpec:
     )
 
 
+def _healthy(model: str, vram_mb: int) -> Measurement | None:
+    """A healthy card's self-test figures (its model's reference; None without one)."""
+    ref = reference(model)
+    return Measurement(ref.fp16_gflops, ref.fp32_gflops, vram_mb) if ref else None
+
+
 def core_run(workers: int, jobs: int, seed: int, passes: int = 20) -> dict[str, object]:
     """Time ``BrokerCore`` scheduling passes (see the module docstring)."""
     rnd = random.Random(seed)
@@ -160,7 +203,11 @@ def core_run(workers: int, jobs: int, seed: int, passes: int = 20) -> dict[str, 
             GpuInfo(g.index, f"{w.worker_id}-{g.index}", g.model, g.vram_mb) for g in w.gpus
         )
         gpus = tuple(
-            replace(info, price_micros_per_gpu_hour=g.price_micros_per_gpu_hour)
+            replace(
+                info,
+                price_micros_per_gpu_hour=g.price_micros_per_gpu_hour,
+                measurement=_healthy(g.model, g.vram_mb),  # verified: ordinary jobs run on it
+            )
             for info, g in zip(gpus, w.gpus, strict=True)
         )
         core.handle(Registered(0.0, w.worker_id, "farm", w.worker_id, "bench", gpus))
@@ -209,7 +256,8 @@ def summary(r: dict[str, object]) -> str:
     """The figures of one run as a few readable lines."""
     return (
         f"{r['workers']:,} workers x {GPUS_PER_WORKER} GPUs ({r['free_gpus']:,} free), "
-        f"{r['jobs']:,} pending jobs\n"
+        f"{r['jobs']:,} pending jobs, {r['groups']:,} groups"
+        f"{' (mixed topology)' if r['topology'] else ''}\n"
         f"  placed {r['placements']:,} jobs on {r['gpus_placed']:,} GPUs, "
         f"{r['unplaced']:,} unplaced\n"
         f"  place(): {r['seconds']} s = {r['placements_per_s']:,} placements/s, "
@@ -250,6 +298,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--table", action="store_true", help="run the grid, print markdown")
     parser.add_argument("--core", action="store_true", help="time BrokerCore passes instead")
+    parser.add_argument(
+        "--topology", action="store_true", help="a fleet of risers and x16 rigs (issue 15)"
+    )
     parser.add_argument("--passes", type=int, default=20, help="--core: steady passes to time")
     args = parser.parse_args()
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs")
@@ -267,7 +318,7 @@ def main() -> None:
     if args.table:
         print(table(args.seed, args.repeat))
         return
-    r = run(args.workers, args.jobs, args.seed, args.repeat)
+    r = run(args.workers, args.jobs, args.seed, args.repeat, args.topology)
     print(summary(r))
     if args.json:
         print(json.dumps(r))

@@ -33,8 +33,14 @@ integer micro-dollars exactly), optional keys in brackets::
         ["broker_fee_percent": "10",]  ["margin_usd_per_gpu_hour": "0.005",]
         "mining_usd_per_kwh": {"RTX 3090": "0.11"},       # the mining alternative per model
         "ask_usd_per_gpu_hour": {"RTX 3090": "0.24"},      # per model; must be >= the floor
-        "rigs": [{"model": "RTX 3090", "gpus": 8, "count": 6, ["watts": 350,] ["vram_mb": 24576]}]
+        "rigs": [{"model": "RTX 3090", "gpus": 8, "count": 6, ["watts": 350,] ["vram_mb": 24576,]
+                  ["pcie_link_width": 1,] ["pcie_gbps": 0.8]}]
     }]}
+
+``pcie_link_width`` (default 16; 1 on a mining riser) and ``pcie_gbps`` (the measured
+host-to-device bandwidth per GPU; without it the broker estimates 0.8 GB/s per lane) make
+a fleet that mixes riser and x16 rigs of one model and price
+(``benchmarks/fleets/riser_mix.json``).
 
 Without ``--fleet`` the :data:`DEFAULT_FLEET` below is used (six farms, 87 rigs, 600 GPUs);
 ``--fleet-scale X`` multiplies every rig count (to see how the figures move with contention).
@@ -52,6 +58,13 @@ Without ``--fleet`` the :data:`DEFAULT_FLEET` below is used (six farms, 87 rigs,
   (``benchmarks/replay/estimator.py``), never the trace's duration;
 * ``short-first-oracle`` — the same order with the true run time declared: an oracle, a
   bound no broker can reach.
+
+**Scoring** (``--scoring``, repeatable; default ``topology``): ``topology`` is the broker's
+choice (gangs to the widest links, single GPUs to the narrowest, at equal price);
+``price`` the choice before issue 15, links ignored. ``--gang-slowdown-on-risers X``: a
+multi-GPU job placed on a riser rig (under 2 GB/s per GPU) runs X times its trace duration
+(default 1: links cost nothing; an assumption, not a measurement). Every replayed job
+accepts unverified GPUs (the simulated rigs run no self-test).
 
 Policies run in parallel processes (``--processes``, default 2). The replay engine is the
 ``benchmarks/replay`` package; this script is its command line and report.
@@ -83,6 +96,7 @@ from replay import (
     DEFAULT_FLEET,
     DEFAULT_POLICIES,
     POLICIES,
+    SCORINGS,
     Fleet,
     Outcome,
     Trace,
@@ -105,12 +119,14 @@ __all__ = [
 ]
 
 
-_JOB: tuple[Trace, Fleet] | None = None  # what forked worker processes replay
+_JOB: tuple[Trace, Fleet, float] | None = None  # what forked worker processes replay
 
 
-def _run_one(policy: str) -> Outcome:
+def _run_one(run: tuple[str, str]) -> Outcome:
     assert _JOB is not None
-    outcome, _ = replay(*_JOB, policy)
+    trace, fleet, slowdown = _JOB
+    policy, scoring = run
+    outcome, _ = replay(trace, fleet, policy, scoring=scoring, gang_slowdown=slowdown)
     outcome.jct_s, outcome.duration_s = [], []
     return outcome
 
@@ -122,18 +138,19 @@ def _hours(seconds: float) -> str:
 def format_table(outcomes: Sequence[Outcome]) -> str:
     """Markdown table, one row per policy; times in hours."""
     head = (
-        "| policy | util | mean JCT h | p50 JCT h | p99 JCT h | mean queue h | p99 queue h "
-        "| max queue h | SLA breaches | credits $ | rev $/kWh | mining $/kWh | finished "
-        "| skipped | replay s |"
+        "| policy | scoring | util | mean JCT h | p50 JCT h | p99 JCT h | mean queue h "
+        "| p99 queue h | max queue h | SLA breaches | credits $ | rev $/kWh | mining $/kWh "
+        "| finished | skipped | gangs on risers | singles on x16 | replay s |"
     )
-    lines = [head, "|---" + "|--:" * 14 + "|"]
+    lines = [head, "|---|---" + "|--:" * 16 + "|"]
     for o in outcomes:
         lines.append(
-            f"| {o.policy} | {o.utilisation:.1%} | {_hours(o.mean_jct_s)} | {_hours(o.p50_jct_s)} "
-            f"| {_hours(o.p99_jct_s)} | {_hours(o.mean_queue_s)} | {_hours(o.p99_queue_s)} "
-            f"| {_hours(o.max_queue_s)} | {o.sla_breaches:,} | {o.sla_credits_usd:,.0f} "
+            f"| {o.policy} | {o.scoring} | {o.utilisation:.1%} | {_hours(o.mean_jct_s)} "
+            f"| {_hours(o.p50_jct_s)} | {_hours(o.p99_jct_s)} | {_hours(o.mean_queue_s)} "
+            f"| {_hours(o.p99_queue_s)} | {_hours(o.max_queue_s)} | {o.sla_breaches:,} "
+            f"| {o.sla_credits_usd:,.0f} "
             f"| {o.revenue_usd_per_kwh:.4f} | {o.mining_usd_per_kwh:.4f} | {o.finished:,} "
-            f"| {o.skipped:,} | {o.replay_s:.1f} |"
+            f"| {o.skipped:,} | {o.gangs_on_risers:,} | {o.singles_on_x16:,} | {o.replay_s:.1f} |"
         )
     return "\n".join(lines)
 
@@ -153,6 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=POLICIES,
         help="repeatable; default: " + ", ".join(DEFAULT_POLICIES),
     )
+    p.add_argument(
+        "--scoring",
+        action="append",
+        choices=SCORINGS,
+        help="repeatable; default: topology (price: links ignored, as before issue 15)",
+    )
+    p.add_argument(
+        "--gang-slowdown-on-risers",
+        type=float,
+        default=1.0,
+        help="a multi-GPU job on a riser rig runs this many times its trace duration",
+    )
     p.add_argument("--limit", type=int, default=0, help="first N valid rows by submit time")
     p.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", action="store_true")
@@ -170,14 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         limit=a.limit,
     )
     policies = a.policy or list(DEFAULT_POLICIES)
+    runs = [(p, s) for p in policies for s in a.scoring or ["topology"]]
     global _JOB
-    _JOB = (trace, fleet)
-    if a.processes > 1 and len(policies) > 1:
+    _JOB = (trace, fleet, a.gang_slowdown_on_risers)
+    if a.processes > 1 and len(runs) > 1:
         context = multiprocessing.get_context("fork")  # the workers inherit _JOB, unpickled
-        with ProcessPoolExecutor(min(a.processes, len(policies)), mp_context=context) as pool:
-            outcomes = list(pool.map(_run_one, policies))
+        with ProcessPoolExecutor(min(a.processes, len(runs)), mp_context=context) as pool:
+            outcomes = list(pool.map(_run_one, runs))
     else:
-        outcomes = [_run_one(name) for name in policies]
+        outcomes = [_run_one(run) for run in runs]
     wall = time.perf_counter() - wall
     print(
         f"{trace.rows:,} rows: {len(trace.jobs):,} replayed, {trace.too_wide:,} skipped (more than "
@@ -190,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{o.policy}: LEDGER PROBLEMS {o.ledger_problems[:3]}")
     if a.json:
         summary = {
-            "policies": {o.policy: o.figures() for o in outcomes},
+            "policies": {
+                o.policy if len(runs) == len(policies) else f"{o.policy}/{o.scoring}": o.figures()
+                for o in outcomes
+            },
             "rows": trace.rows,
             "skipped_too_wide": trace.too_wide,
             "invalid": trace.invalid,

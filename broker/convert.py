@@ -63,6 +63,11 @@ def spec_pb(spec: JobSpec) -> job_pb2.JobSpec:
         if spec.python_requirements or spec.image
         else None,
         inputs=dict(spec.inputs),
+        min_pcie_gbps=spec.min_pcie_mbps / 1000,
+        min_host_ram_gb_per_gpu=spec.min_host_ram_gb_per_gpu,
+        min_cpu_cores_per_gpu=spec.min_cpu_millicores_per_gpu / 1000,
+        min_score=spec.min_score,
+        allow_unverified=spec.allow_unverified,
     )
 
 
@@ -302,6 +307,21 @@ def quote_pb(quote: Quote) -> job_service_pb2.QuoteJobResponse:
         max_price_micros_per_gpu_hour=quote.max_price_micros_per_gpu_hour,
         placeable_now=quote.placeable_now,
         reasons=[reason_pb(r) for r in quote.reasons],
+        groups=[
+            job_service_pb2.QuoteGroup(
+                gpu_model=g.model,
+                vram_mb=g.vram_mb,
+                ask_micros_per_gpu_hour=g.price_micros_per_gpu_hour,
+                gpus=g.gpus,
+                free_gpus=g.free_gpus,
+                verified=g.verified,
+                score=g.score,
+                pcie_gbps=g.pcie_mbps / 1000,
+                host_ram_gb_per_gpu=g.ram_gb_per_gpu,
+                cpu_cores_per_gpu=g.cpu_millicores_per_gpu / 1000,
+            )
+            for g in quote.groups
+        ],
     )
 
 

@@ -90,7 +90,7 @@ from broker.scheduler import (
     PreemptionPlan,
     Snapshot,
     Victim,
-    WorkerCapacity,
+    passes,
     preemption_plan,
 )
 from broker.settlement import (
@@ -287,16 +287,19 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
         prices = [g.price_micros_per_gpu_hour for g in groups]
         if spec.tier == Tier.SPOT:  # each GPU's discount stops at its farm's floor
             prices = []
+            seen: set[str] = set()  # a worker's GPUs may span several matching groups
             for group in groups:
-                shape = (group.model, group.vram_mb, group.price_micros_per_gpu_hour)
                 for worker_id in fleet.workers_in(group):
+                    if worker_id in seen:
+                        continue
+                    seen.add(worker_id)
                     worker = self.workers[worker_id]
                     terms = self.farms.get(worker.farm_id)
-                    for gpu in worker.gpus.values():
-                        i = gpu.info
-                        if (i.model, i.vram_mb, i.price_micros_per_gpu_hour) == shape:
-                            floor = floor_of(terms, worker, i.index)
-                            ask = i.price_micros_per_gpu_hour
+                    capacity = self._caps.of[worker_id]
+                    for slot in capacity.gpus:
+                        if passes(request, slot, capacity):
+                            floor = floor_of(terms, worker, slot.index)
+                            ask = slot.price_micros_per_gpu_hour
                             prices.append(price_for(Tier.SPOT, ask, floor, self.spot_permille))
         return Quote(
             matching_gpus=sum(g.gpus for g in groups),
@@ -305,6 +308,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
             max_price_micros_per_gpu_hour=max(prices, default=0),
             placeable_now=bool(probe.placements),
             reasons=probe.unplaced[0].reasons if probe.unplaced else (),
+            groups=groups[:50],
         )
 
     def snapshot(self, now: float) -> Snapshot:
@@ -541,9 +545,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
                 for job, a in self._held_attempts(worker)
                 if job.spec.tier == Tier.SPOT and job.state in (S.SCHEDULED, S.RUNNING)
             )
-            capacity = WorkerCapacity(
-                worker_id, self._caps.slots(worker), containers=bool(worker.runtime_name)
-            )
+            capacity = self._caps.capacity(worker)
             out.append(PreemptionCandidate(capacity, victims))
         return out
 

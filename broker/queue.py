@@ -25,12 +25,41 @@ from __future__ import annotations
 from bisect import insort
 from typing import Protocol
 
-from broker.model import JobSpec, Tier
+from broker.model import GpuInfo, JobSpec, Tier
 from broker.policy import Fifo, QueuedJob, ShortFirst
-from broker.records import Job, Worker
+from broker.records import Gpu, Job, Worker
 from broker.scheduler import FleetIndex, GpuSlot, JobRequest, SchedulingResult, WorkerCapacity
+from broker.scheduler.values import PCIE_STEP_MBPS, SCORE_STEP
+from rigshift.scoring import Verification
 
-__all__ = ["Capacities", "KeptQueue", "SchedulingView", "job_request", "priority"]
+__all__ = [
+    "LANE_MBPS",
+    "Capacities",
+    "KeptQueue",
+    "SchedulingView",
+    "job_request",
+    "pcie_mbps",
+    "priority",
+]
+
+LANE_MBPS = {1: 200, 2: 400, 3: 800, 4: 1600, 5: 3200, 6: 6400}
+"""Host-to-device MB/s one PCIe lane gives per generation, about 80 % of the line rate:
+what :func:`pcie_mbps` estimates a link from when the GPU was not measured."""
+
+
+def pcie_mbps(gpu: Gpu) -> int:
+    """The host-to-device MB/s the scheduler sees for ``gpu``: the latest measurement's
+    ``h2d_mbps``; when there is none, an estimate from the link's generation (3 when
+    not reported, the mining-era default) and width (:data:`LANE_MBPS`). An unmeasured GPU
+    is PENDING, so only ``allow_unverified`` jobs (and the trace replay) ever meet the
+    estimate. Floored to ``PCIE_STEP_MBPS``."""
+    m = gpu.measurement or gpu.info.measurement
+    mbps = m.h2d_mbps if m is not None and m.h2d_mbps > 0 else _estimate(gpu.info)
+    return mbps - mbps % PCIE_STEP_MBPS
+
+
+def _estimate(info: GpuInfo) -> int:
+    return LANE_MBPS.get(info.pcie_generation or 3, 800) * max(info.pcie_link_width, 1)
 
 
 def job_request(job_id: str, spec: JobSpec, spot_permille: int) -> JobRequest:
@@ -49,6 +78,11 @@ def job_request(job_id: str, spec: JobSpec, spot_permille: int) -> JobRequest:
         cap,
         environment,
         bool(spec.image),
+        spec.allow_unverified,
+        spec.min_score,
+        spec.min_pcie_mbps,
+        spec.min_host_ram_gb_per_gpu,
+        spec.min_cpu_millicores_per_gpu,
     )
 
 
@@ -122,12 +156,19 @@ class KeptQueue:
 
 
 class Capacities:
-    """Per ONLINE worker, the capacity the scheduler sees, and their kept FleetIndex."""
+    """Per ONLINE worker, the capacity the scheduler sees, and their kept FleetIndex.
+
+    Per GPU: its verification (VERIFIED or not), its score floored to ``SCORE_STEP`` and
+    its host-to-device MB/s (:func:`pcie_mbps`). A QUARANTINED GPU is not shown at all
+    (neither free nor counted); the core calls ``_worker_changed`` when that changes. Per
+    worker: host RAM (whole GiB) and CPU millicores divided by all of its GPUs (0 when
+    the rig did not report them: such a rig meets no minimum).
+    """
 
     __slots__ = ("_slots", "fleet", "of")
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[int, str, int, int, bool], GpuSlot] = {}  # interned values
+        self._slots: dict[tuple[int, str, int, int, bool, bool, int, int], GpuSlot] = {}
         self.of: dict[str, WorkerCapacity] = {}  # ONLINE worker id -> its capacity
         self.fleet = FleetIndex()
 
@@ -137,23 +178,42 @@ class Capacities:
         out = []
         for index in sorted(worker.gpus):
             gpu = worker.gpus[index]
+            if gpu.quarantine_reason:
+                continue  # no placements, not counted (docs/health.md)
             i = gpu.info
-            key = (i.index, i.model, i.vram_mb, i.price_micros_per_gpu_hour, gpu.holder is None)
+            verdict = gpu.verdict
+            key = (
+                i.index,
+                i.model,
+                i.vram_mb,
+                i.price_micros_per_gpu_hour,
+                gpu.holder is None,
+                verdict.verification == Verification.VERIFIED,
+                verdict.score - verdict.score % SCORE_STEP,
+                pcie_mbps(gpu),
+            )
             slot = interned.get(key)
             if slot is None:
                 slot = interned[key] = GpuSlot(*key)
             out.append(slot)
         return tuple(out)
 
-    def update(self, worker: Worker, reliability_permille: int) -> WorkerCapacity:
-        """Take up an ONLINE worker as it is now; returns what the scheduler sees of it."""
-        cap = WorkerCapacity(
+    def capacity(self, worker: Worker, reliability_permille: int = 1000) -> WorkerCapacity:
+        """What the scheduler sees of ``worker`` as it is now (not kept)."""
+        gpus = max(len(worker.gpus), 1)
+        return WorkerCapacity(
             worker.worker_id,
             self.slots(worker),
             reliability_permille,
             worker.environments or frozenset(),
             bool(worker.runtime_name),
+            worker.host_ram_mb // 1024 // gpus,
+            worker.cpu_cores * 1000 // gpus,
         )
+
+    def update(self, worker: Worker, reliability_permille: int) -> WorkerCapacity:
+        """Take up an ONLINE worker as it is now; returns what the scheduler sees of it."""
+        cap = self.capacity(worker, reliability_permille)
         self.of[worker.worker_id] = cap
         self.fleet.update(cap)
         return cap

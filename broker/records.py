@@ -24,7 +24,7 @@ from broker.model import (
     SlaKind,
     WorkerState,
 )
-from broker.scheduler import Rejection
+from broker.scheduler import GroupSummary, Rejection
 from rigshift.scoring import Measurement, Verdict, judge
 
 __all__ = [
@@ -212,6 +212,7 @@ class Quote:
     max_price_micros_per_gpu_hour: int
     placeable_now: bool
     reasons: tuple[Rejection, ...]
+    groups: tuple[GroupSummary, ...] = ()  # the matching groups, cheapest first (at most 50)
 
 
 def reliability(worker: Worker, now: float, window_s: float) -> int:

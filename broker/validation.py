@@ -7,6 +7,7 @@ with one ``FieldViolation`` per bad field (``google.rpc.BadRequest`` on the wire
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from broker.economics import FarmTerms, TariffWindow, floor_price
@@ -44,6 +45,12 @@ LIMITS = {
     "inputs": 16,
     "image_chars": 512,
     "registry_auth_bytes": 64 * 1024,
+    # topology and score minimums: beyond these no rig could ever match (PCIe 6.0 x16
+    # moves about 121 GB/s one way)
+    "min_pcie_gbps": 256,
+    "min_host_ram_gb_per_gpu": 4096,
+    "min_cpu_cores_per_gpu": 1024,
+    "min_score": 100_000,
 }
 ID_RE = _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -91,6 +98,14 @@ def _text(v: list[FieldViolation], field: str, value: str, limit: int) -> None:
         v.append(FieldViolation(field, f"must be at most {limit} characters (got {len(value)})"))
     elif "\x00" in value:
         v.append(FieldViolation(field, "must not contain NUL characters"))
+
+
+def _decimal(v: list[FieldViolation], field: str, value: float, limit: int) -> int:
+    """A non-negative finite decimal of at most ``limit``, in thousandths (0 when bad)."""
+    if not math.isfinite(value) or not 0 <= value <= limit:
+        v.append(FieldViolation(field, f"must be a number between 0 and {limit} (got {value})"))
+        return 0
+    return round(value * 1000)
 
 
 def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
@@ -149,6 +164,18 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
             )
         if not _SHA256.match(sha256):
             v.append(FieldViolation(f"spec.inputs[{name[:40]!r}]", "must be 64 lowercase hex"))
+    min_pcie_mbps = _decimal(v, "spec.min_pcie_gbps", spec.min_pcie_gbps, LIMITS["min_pcie_gbps"])
+    min_cpu = _decimal(
+        v, "spec.min_cpu_cores_per_gpu", spec.min_cpu_cores_per_gpu, LIMITS["min_cpu_cores_per_gpu"]
+    )
+    _in_range(
+        v,
+        "spec.min_host_ram_gb_per_gpu",
+        spec.min_host_ram_gb_per_gpu,
+        0,
+        LIMITS["min_host_ram_gb_per_gpu"],
+    )
+    _in_range(v, "spec.min_score", spec.min_score, 0, LIMITS["min_score"])
     _raise(v)
     tier = Tier.SPOT if spec.tier == job_pb2.SPOT else Tier.GUARANTEED
     return JobSpec(
@@ -167,6 +194,11 @@ def check_job_spec(spec: job_pb2.JobSpec, default_max_attempts: int) -> JobSpec:
         requirements_sha256=requirements.sha256,
         inputs=tuple(sorted(spec.inputs.items())),
         image=spec.environment.image,
+        min_pcie_mbps=min_pcie_mbps,
+        min_host_ram_gb_per_gpu=spec.min_host_ram_gb_per_gpu,
+        min_cpu_millicores_per_gpu=min_cpu,
+        min_score=spec.min_score,
+        allow_unverified=spec.allow_unverified,
     )
 
 

@@ -37,6 +37,11 @@ class JobMethods(TransferMethods):
         python_requirements: str = "",
         image: str = "",
         registry_auth: bytes | str | os.PathLike[str] = b"",
+        min_pcie_gbps: float = 0.0,
+        min_host_ram_gb_per_gpu: int = 0,
+        min_cpu_cores_per_gpu: float = 0.0,
+        min_score: int = 0,
+        allow_unverified: bool = False,
     ) -> job_pb2.Job:
         """Submit a job and return it (normally PENDING).
 
@@ -64,6 +69,12 @@ class JobMethods(TransferMethods):
         (``{"auths": {...}}``, as ``podman login`` writes it), its content as ``bytes`` or a
         path to it. The broker keeps it in memory only and sends it with this job's
         assignments alone; it never appears in a response.
+
+        The rig the job needs (``docs/client.md``): ``min_pcie_gbps`` (measured host-to-device
+        bandwidth per GPU; a mining riser's x1 link gives under 1), ``min_host_ram_gb_per_gpu``
+        and ``min_cpu_cores_per_gpu`` (the rig's RAM and cores divided by its GPUs),
+        ``min_score`` (the GPU's measured score, an RTX 3090 = 100). Only GPUs the broker
+        verified take the job unless ``allow_unverified``.
         """
         auth = registry_auth_bytes(registry_auth) if registry_auth else b""
         input_shas = self._resolve_inputs(inputs or {})
@@ -82,6 +93,11 @@ class JobMethods(TransferMethods):
             inputs=input_shas,
             python_requirements=python_requirements,
             image=image,
+            min_pcie_gbps=min_pcie_gbps,
+            min_host_ram_gb_per_gpu=min_host_ram_gb_per_gpu,
+            min_cpu_cores_per_gpu=min_cpu_cores_per_gpu,
+            min_score=min_score,
+            allow_unverified=allow_unverified,
         )
         request = job_service_pb2.CreateJobRequest(
             spec=spec, request_id=request_id or str(uuid.uuid4()), registry_auth=auth
@@ -107,12 +123,18 @@ class JobMethods(TransferMethods):
         display_name: str = "",
         tier: str | int = "guaranteed",
         image: str = "",
+        min_pcie_gbps: float = 0.0,
+        min_host_ram_gb_per_gpu: int = 0,
+        min_cpu_cores_per_gpu: float = 0.0,
+        min_score: int = 0,
+        allow_unverified: bool = False,
     ) -> job_service_pb2.QuoteJobResponse:
         """What a job with this spec would find now: matching GPUs, free ones, price range.
 
         Takes the same arguments as :meth:`create_job` (the command matters
         only for validation) and submits nothing; ``reasons`` say why the job
-        could not be placed right now (an ``image`` needs a rig that runs containers).
+        could not be placed right now (an ``image`` needs a rig that runs containers);
+        ``groups`` show the matching GPUs' score, verification and links.
         """
         spec = job_spec(
             command,
@@ -127,6 +149,11 @@ class JobMethods(TransferMethods):
             display_name=display_name,
             tier=tier,
             image=image,
+            min_pcie_gbps=min_pcie_gbps,
+            min_host_ram_gb_per_gpu=min_host_ram_gb_per_gpu,
+            min_cpu_cores_per_gpu=min_cpu_cores_per_gpu,
+            min_score=min_score,
+            allow_unverified=allow_unverified,
         )
         request = job_service_pb2.QuoteJobRequest(spec=spec)
         return self._retrying(lambda: self._unary(self._jobs.QuoteJob, request))

@@ -98,6 +98,11 @@ def job_spec(
     inputs: Mapping[str, str] | None = None,
     python_requirements: str = "",
     image: str = "",
+    min_pcie_gbps: float = 0.0,
+    min_host_ram_gb_per_gpu: int = 0,
+    min_cpu_cores_per_gpu: float = 0.0,
+    min_score: int = 0,
+    allow_unverified: bool = False,
 ) -> job_pb2.JobSpec:
     if isinstance(command, str):
         raise TypeError("command is an argv list, e.g. ['python', 'train.py'], not a str")
@@ -117,6 +122,11 @@ def job_spec(
         environment=job_pb2.Environment(python_requirements=python_requirements, image=image)
         if python_requirements or image
         else None,
+        min_pcie_gbps=min_pcie_gbps,
+        min_host_ram_gb_per_gpu=min_host_ram_gb_per_gpu,
+        min_cpu_cores_per_gpu=min_cpu_cores_per_gpu,
+        min_score=min_score,
+        allow_unverified=allow_unverified,
     )
 
 

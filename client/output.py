@@ -464,7 +464,34 @@ def quote_summary(quote: job_service_pb2.QuoteJobResponse) -> str:
     if not quote.placeable_now:
         for reason in quote.reasons:
             lines.append(f"  - {reason.message or f'{reason.resource}: {reason.requested}'}")
+    if quote.groups:
+        lines.append("")
+        lines.append(quote_groups_table(quote.groups))
     return "\n".join(lines)
+
+
+def _decimal(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0") if value else "-"
+
+
+def quote_groups_table(groups: Iterable[job_service_pb2.QuoteGroup]) -> str:
+    """The matching GPU groups of a quote: model, ask, score, verification, link, host."""
+    rows = [
+        [
+            g.gpu_model,
+            f"{g.vram_mb // 1024} GiB",
+            format_usd(g.ask_micros_per_gpu_hour),
+            f"{g.free_gpus}/{g.gpus}",
+            str(g.score) if g.score else "-",
+            "verified" if g.verified else "UNVERIFIED",
+            _decimal(g.pcie_gbps),
+            str(g.host_ram_gb_per_gpu) if g.host_ram_gb_per_gpu else "-",
+            _decimal(g.cpu_cores_per_gpu),
+        ]
+        for g in groups
+    ]
+    headers = ["MODEL", "VRAM", "ASK/GPU-H", "FREE", "SCORE", "VERIFIED", "PCIE GB/S"]
+    return render_table([*headers, "RAM GB/GPU", "CORES/GPU"], rows)
 
 
 def _usd_per_kwh(value: float) -> str:

@@ -13,10 +13,12 @@ from collections.abc import Collection, Iterable
 
 from broker.scheduler import GpuSlot, JobRequest, Snapshot, WorkerCapacity
 from rigshift.catalogue import vram_mb as catalogue_vram_mb
+from rigshift.scoring import Measurement, reference
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PRICE_MICROS",
+    "healthy",
     "make_gpu",
     "make_job",
     "make_snapshot",
@@ -25,6 +27,18 @@ __all__ = [
 
 DEFAULT_MODEL = "RTX 3090"
 DEFAULT_PRICE_MICROS = 250_000  # $0.25 per GPU-hour
+
+
+def healthy(model: str = DEFAULT_MODEL, vram_mb: int = 0) -> Measurement:
+    """Self-test figures of a healthy ``model``: its reference throughput, and all of
+    ``vram_mb`` (or of the catalogue's VRAM for the model) usable. A GPU registered with
+    them is VERIFIED, so jobs that do not set ``allow_unverified`` may run on it. A model
+    without reference figures gets the RTX 3090's (and is UNVERIFIED all the same:
+    ``rigshift.scoring.judge``)."""
+    ref = reference(model) or reference(DEFAULT_MODEL)
+    assert ref is not None
+    usable = max(vram_mb, catalogue_vram_mb(model))
+    return Measurement(ref.fp16_gflops, ref.fp32_gflops, usable, method="fixture")
 
 
 def make_gpu(

@@ -24,6 +24,8 @@ from typing import Any
 import grpc
 
 from rigshift.catalogue import CATALOGUE
+from rigshift.scoring import reference
+from rigshift.v1 import farm_pb2
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
 
@@ -100,6 +102,7 @@ class SimAgent:
                 power_limit_watts=model.board_power_w,
                 price_micros_per_gpu_hour=model.default_price_micros_per_gpu_hour,
                 pcie_link_width=1,
+                measurement=_healthy(model.name, model.vram_mb),
             )
             for i in range(self.gen.cfg.gpus_per_agent)
         ]
@@ -306,3 +309,14 @@ def loadgen_main(cfg: LoadGenConfig, conn: Any) -> None:
     """Entry point of a load-generator process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us over the pipe
     asyncio.run(LoadGen(cfg, conn).run())
+
+
+def _healthy(model: str, vram_mb: int) -> farm_pb2.GpuMeasurement | None:
+    """A healthy card's self-test figures (its model's reference), so the broker verifies
+    the simulated GPUs and places ordinary jobs on them; None for a model without them."""
+    ref = reference(model)
+    if ref is None:
+        return None
+    return farm_pb2.GpuMeasurement(
+        fp16_gflops=ref.fp16_gflops, fp32_gflops=ref.fp32_gflops, usable_vram_mb=vram_mb
+    )

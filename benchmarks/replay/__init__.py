@@ -8,7 +8,7 @@
 """
 
 from .estimator import DurationEstimator, order
-from .simulate import DEFAULT_POLICIES, POLICIES, Outcome, declared_limit, replay
+from .simulate import DEFAULT_POLICIES, POLICIES, SCORINGS, Outcome, declared_limit, replay
 from .view import LeanView
 from .workload import DEFAULT_FLEET, Fleet, Rig, Trace, TraceJob, build_fleet, load_trace
 
@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_FLEET",
     "DEFAULT_POLICIES",
     "POLICIES",
+    "SCORINGS",
     "DurationEstimator",
     "Fleet",
     "LeanView",

@@ -32,15 +32,33 @@ from broker.events import (
 from broker.ledger import charges_of, ledger_problems
 from broker.model import GpuInfo, JobSpec, SlaKind
 from broker.policy import FIFO, SHORT_FIRST
+from rigshift.scoring import Measurement
 
 from .estimator import DurationEstimator
 from .view import LeanView
 from .workload import Fleet, Trace, TraceJob
 
-__all__ = ["DEFAULT_POLICIES", "POLICIES", "Outcome", "declared_limit", "replay"]
+__all__ = [
+    "DEFAULT_POLICIES",
+    "POLICIES",
+    "RISER_MBPS",
+    "SCORINGS",
+    "Outcome",
+    "declared_limit",
+    "replay",
+]
 
 POLICIES = ("fifo", "default", "short-first", "short-first-oracle")
 DEFAULT_POLICIES = POLICIES[:3]  # the oracle only when asked for
+SCORINGS = ("topology", "price")
+"""``topology``: the broker's choice (issue 15: gangs to wide links, single GPUs to narrow
+ones, at equal price); ``price``: the choice before it (price, locality, best fit,
+reliability; links do not count)."""
+
+RISER_MBPS = 2000
+"""A rig whose GPUs move less than this host to device is a riser rig: a gang placed on it
+runs ``gang_slowdown`` times its trace duration (its GPUs exchange gradients through the
+host over one lane each)."""
 
 
 @dataclass(slots=True)
@@ -48,6 +66,10 @@ class Outcome:
     """Figures of one policy's replay."""
 
     policy: str
+    scoring: str = "topology"
+    gang_slowdown: float = 1.0
+    gangs_on_risers: int = 0  # multi-GPU jobs that ran on a riser rig
+    singles_on_x16: int = 0  # single-GPU jobs that ran on a wide rig
     rows: int = 0
     finished: int = 0
     skipped: int = 0
@@ -102,15 +124,28 @@ def declared_limit(policy: str, estimator: DurationEstimator, job: TraceJob) -> 
 
 
 def replay(
-    trace: Trace, fleet: Fleet, policy: str, *, lean: bool = True
+    trace: Trace,
+    fleet: Fleet,
+    policy: str,
+    *,
+    lean: bool = True,
+    scoring: str = "topology",
+    gang_slowdown: float = 1.0,
 ) -> tuple[Outcome, BrokerCore]:
-    """Run the whole trace under one policy; returns the figures and the final core."""
+    """Run the whole trace under one policy; returns the figures and the final core.
+
+    ``scoring`` is one of :data:`SCORINGS`; ``gang_slowdown`` how much longer a gang runs
+    on a riser rig (:data:`RISER_MBPS`) than its trace duration (1: links do not matter).
+    Every job accepts unverified GPUs: the simulated rigs report no self-test (their
+    link's bandwidth at most), and verification is not what the replay measures."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r} (known: {', '.join(SCORINGS)})")
     started, cpu = time.perf_counter(), time.process_time()
     estimator = DurationEstimator()
     order = SHORT_FIRST if policy.startswith("short-first") else FIFO
-    view = LeanView(head_of_line=policy == "fifo", lean=lean)
+    view = LeanView(head_of_line=policy == "fifo", lean=lean, topology=scoring == "topology")
     core = BrokerCore(queue_policy=order, view=view)
     jobs = trace.jobs
     t0 = jobs[0].submit_s if jobs else 0.0
@@ -118,14 +153,31 @@ def replay(
         core.handle(FarmConfigured(t0, terms))
     rigs = {r.worker_id: r for r in fleet.rigs}
     for r in fleet.rigs:
+        measured = Measurement(h2d_mbps=r.pcie_mbps) if r.pcie_mbps else None
         gpus = tuple(
-            GpuInfo(i, f"{r.worker_id}-gpu{i}", r.model, r.vram_mb, r.watts) for i in range(r.gpus)
+            GpuInfo(
+                i,
+                f"{r.worker_id}-gpu{i}",
+                r.model,
+                r.vram_mb,
+                r.watts,
+                pcie_link_width=r.pcie_link_width,
+                measurement=measured,
+            )
+            for i in range(r.gpus)
         )
         core.handle(WorkerRegistered(t0, r.worker_id, r.farm_id, r.worker_id, "replay", gpus))
     by_id = {j.job_id: j for j in jobs}
     specs: dict[tuple[int, int], JobSpec] = {}  # (GPUs, declared limit) -> spec
     finishes: list[tuple[float, str, str, int]] = []  # (end, job_id, worker_id, attempt)
-    out = Outcome(policy, rows=trace.rows, skipped=trace.too_wide, invalid=trace.invalid)
+    out = Outcome(
+        policy,
+        scoring,
+        gang_slowdown,
+        rows=trace.rows,
+        skipped=trace.too_wide,
+        invalid=trace.invalid,
+    )
     i, n = 0, len(jobs)
     handle = core.handle
     while i < n or finishes:
@@ -135,7 +187,8 @@ def replay(
             end, job_id, worker_id, attempt = heappop(finishes)
             tj = by_id[job_id]
             rig = rigs[worker_id]
-            joules = round(rig.watts * tj.duration_s * tj.gpus)
+            ran = end - core.jobs[job_id].attempts[attempt - 1].start_time  # type: ignore[operator]
+            joules = round(rig.watts * ran * tj.gpus)
             handle(AttemptFinished(end, worker_id, job_id, attempt, 2, 0, joules))
             estimator.observe(tj.owner, tj.gpus, tj.duration_s)
             now = end
@@ -145,7 +198,10 @@ def replay(
             spec = specs.get(shape)
             if spec is None:
                 spec = specs[shape] = JobSpec(
-                    ("trace",), gpu_count=shape[0], max_duration_seconds=shape[1]
+                    ("trace",),
+                    gpu_count=shape[0],
+                    max_duration_seconds=shape[1],
+                    allow_unverified=True,
                 )
             handle(JobSubmitted(tj.submit_s, tj.job_id, tj.owner, spec))
             now = max(now, tj.submit_s)
@@ -157,7 +213,14 @@ def replay(
             if type(cmd) is Assign:
                 tj = by_id[cmd.job_id]
                 handle(AttemptStarted(now, cmd.worker_id, cmd.job_id, cmd.attempt, 1))
-                end = now + tj.duration_s
+                riser = rigs[cmd.worker_id].link_mbps < RISER_MBPS
+                duration = tj.duration_s
+                if tj.gpus > 1 and riser:
+                    duration *= gang_slowdown
+                    out.gangs_on_risers += 1
+                elif tj.gpus == 1 and not riser:
+                    out.singles_on_x16 += 1
+                end = now + duration
                 heappush(finishes, (end, cmd.job_id, cmd.worker_id, cmd.attempt))
     _measure(out, core, trace, fleet)
     out.replay_s = time.perf_counter() - started

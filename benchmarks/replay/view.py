@@ -40,7 +40,7 @@ class LeanView:
       what it places rather than the queue length times the fleet. Jobs: those no wider
       than the most free GPUs on one rig, up to where the free GPUs run out (found by trial
       ``place()`` calls; place is greedy in order, so its first decisions do not depend on
-      later jobs). Workers, for k jobs of at most N GPUs: groups (price, VRAM, model) in
+      later jobs). Workers, for k jobs of at most N GPUs: groups (price, VRAM, model, link) in
       place()'s order, cheapest first, up to the price at which k rigs have N free GPUs
       (no job can end up dearer), and in each the k best-ranked rigs of every free-GPU
       bucket (place only ever takes a bucket's best); plus the rig with the most GPUs, so
@@ -54,9 +54,12 @@ class LeanView:
     as ``replay.simulate.replay`` makes them.
     """
 
-    def __init__(self, *, head_of_line: bool = False, lean: bool = True) -> None:
+    def __init__(
+        self, *, head_of_line: bool = False, lean: bool = True, topology: bool = True
+    ) -> None:
         self.head_of_line = head_of_line
         self.lean = lean
+        self.topology = topology  # place() with the topology score (False: price only)
         self.queues: dict[int, list[tuple[tuple, str]]] = {}  # gang size -> sorted (key, job)
         self.pending_sizes: dict[int, int] = {}  # gang size -> PENDING jobs
         self._pending: dict[str, JobRequest] = {}  # PENDING job -> what the scheduler sees
@@ -92,7 +95,7 @@ class LeanView:
     def place(self, fleet: FleetIndex, now: float) -> SchedulingResult:
         # This view chooses what the scheduler sees, so it places from its own snapshot
         # instead of the core's kept index (which the core updates after the pass).
-        return place(self.snapshot(now))
+        return place(self.snapshot(now), topology=self.topology)
 
     # --- the view --------------------------------------------------------------------------
 
@@ -112,7 +115,9 @@ class LeanView:
             free = sum(1 for g in cap.gpus if g.free)
             if free:
                 g = cap.gpus[0]
-                group = (g.price_micros_per_gpu_hour, g.vram_mb, g.model)  # place()'s group order
+                # place()'s group order; rigs of one model and price that differ in their
+                # links are different groups (the topology score tells them apart)
+                group = (g.price_micros_per_gpu_hour, g.vram_mb, g.model, g.pcie_mbps)
                 entry = (-cap.reliability_permille, wid, cap, free, group)  # by place()'s rank
                 self._free[wid] = entry
                 self._rigs_with[free] = self._rigs_with.get(free, 0) + 1
@@ -175,7 +180,7 @@ class LeanView:
             order = sorted(self._pending, key=self._keys.__getitem__)
             pending = tuple(self._pending[j] for j in order)
             snap = Snapshot(now, pending, tuple(self._caps.values()))
-            if self.head_of_line and (result := place(snap)).unplaced:
+            if self.head_of_line and (result := place(snap, topology=self.topology)).unplaced:
                 first = result.unplaced[0].job_id
                 cut = next(i for i, r in enumerate(snap.pending) if r.job_id == first)
                 return Snapshot(now, snap.pending[: cut + 1], snap.workers)
@@ -214,7 +219,7 @@ class LeanView:
             if len(chosen) <= 1 or (not heap and not self.head_of_line):
                 break  # one job, or every candidate is shown
             trial = tuple(chosen)
-            result = place(Snapshot(now, trial, self._workers(trial)))
+            result = place(Snapshot(now, trial, self._workers(trial)), topology=self.topology)
             if self.head_of_line:
                 if result.unplaced or not heap or len(chosen) > room:
                     if result.unplaced:

@@ -38,7 +38,9 @@ _ASK = {  # USD per GPU-hour, what such cards rent for on open marketplaces
 }
 
 
-def _farm(farm_id: str, tariff: str, pue: str, rigs: list[tuple[str, int, int]], **extra: Any):
+def _farm(
+    farm_id: str, tariff: str, pue: str, rigs: list[tuple[str, int, int]], **extra: Any
+) -> dict[str, Any]:
     return {
         "farm_id": farm_id,
         "tariff_usd_per_kwh": tariff,
@@ -168,6 +170,13 @@ class Rig:
     gpus: int
     watts: int
     vram_mb: int
+    pcie_link_width: int = 16  # lanes per GPU: 1 on a mining riser
+    pcie_mbps: int = 0  # measured host-to-device MB/s per GPU; 0: the broker estimates it
+
+    @property
+    def link_mbps(self) -> int:
+        """Host-to-device MB/s per GPU: measured, else the broker's estimate (gen 3)."""
+        return self.pcie_mbps or 800 * self.pcie_link_width
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,5 +230,8 @@ def build_fleet(spec: dict[str, Any], scale: float = 1.0) -> Fleet:
             for _ in range(round(int(r.get("count", 1)) * scale)):
                 worker_id = f"{terms.farm_id}-{len(rigs):04d}"
                 vram = int(r.get("vram_mb", vram_mb(model)))
-                rigs.append(Rig(worker_id, terms.farm_id, model, int(r["gpus"]), watts, vram))
+                width = int(r.get("pcie_link_width", 16))
+                mbps = round(float(r.get("pcie_gbps", 0)) * 1000)
+                gpus = int(r["gpus"])
+                rigs.append(Rig(worker_id, terms.farm_id, model, gpus, watts, vram, width, mbps))
     return Fleet(tuple(farms), tuple(rigs))

@@ -45,17 +45,42 @@ class GroupSummary:
     gpus: int  # GPUs of the group on the indexed workers, busy or free
     free_gpus: int
     containers: bool = False  # its workers run containers
+    verified: bool = True
+    score: int = 0  # floored to SCORE_STEP
+    pcie_mbps: int = 0  # host to device, floored to PCIE_STEP_MBPS
+    ram_gb_per_gpu: int = 0
+    cpu_millicores_per_gpu: int = 0
+
+    @property
+    def key(self) -> _GroupKey:
+        """The group's key in the index."""
+        return (
+            self.model,
+            self.vram_mb,
+            self.price_micros_per_gpu_hour,
+            self.containers,
+            self.verified,
+            self.score,
+            self.pcie_mbps,
+            self.ram_gb_per_gpu,
+            self.cpu_millicores_per_gpu,
+        )
 
 
 # --- index -------------------------------------------------------------------------------------
 
 _Key = tuple[int, str]  # a worker's rank, (-reliability_permille, worker_id): smallest preferred
-_GroupKey = tuple[str, int, int, bool]  # (model, vram, price, runs containers)
-_FilterKey = tuple[str, int, int, bool]  # (model, min vram, price cap, needs containers)
+# (model, vram, price, runs containers, verified, score, PCIe MB/s, RAM GB/GPU, CPU mcores/GPU)
+_GroupKey = tuple[str, int, int, bool, bool, int, int, int, int]
+# (model, min vram, price cap, needs containers, allow unverified, min score, min PCIe MB/s,
+#  min RAM GB/GPU, min CPU millicores/GPU)
+_FilterKey = tuple[str, int, int, bool, bool, int, int, int, int]
 
 
 class _Group:
-    """Free capacity of one homogeneous (model, vram, price, containers) group across the fleet.
+    """Free capacity of one homogeneous group across the fleet: one model, VRAM and ask, on
+    workers that run containers or not, with one verification, score, PCIe bandwidth, and
+    host RAM and CPU per GPU (the figures ``GpuSlot`` and ``WorkerCapacity`` carry).
 
     Workers sit in buckets by how many GPUs of the group they have free; ``heaps[f]`` holds
     the rank keys of bucket ``f``, best first. Heaps are pruned lazily: an entry counts only
@@ -68,6 +93,7 @@ class _Group:
     __slots__ = (
         "by_total",
         "containers",
+        "cpu",
         "free_gpus",
         "free_idx",
         "gpus",
@@ -75,17 +101,37 @@ class _Group:
         "mask",
         "max_total",
         "model",
+        "pcie",
         "price",
+        "ram",
+        "score",
         "sizes",
         "totals",
+        "verified",
         "vram",
     )
 
-    def __init__(self, model: str, vram: int, price: int, containers: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        vram: int,
+        price: int,
+        containers: bool = False,
+        verified: bool = True,
+        score: int = 0,
+        pcie: int = 0,
+        ram: int = 0,
+        cpu: int = 0,
+    ) -> None:
         self.model = model
         self.vram = vram
         self.price = price
         self.containers = containers  # its workers have a container runtime
+        self.verified = verified
+        self.score = score
+        self.pcie = pcie  # host-to-device MB/s per GPU
+        self.ram = ram  # host RAM per GPU of its workers, GiB
+        self.cpu = cpu  # CPU millicores per GPU of its workers
         self.totals: dict[str, int] = {}  # worker id -> its GPUs (busy or free) of this group
         self.by_total: dict[int, int] = {}  # such a total -> workers with it
         self.max_total = 0  # most GPUs (busy or free) of this group on one worker
@@ -95,6 +141,37 @@ class _Group:
         self.mask = 0  # bit f set <=> sizes[f] > 0
         self.gpus = 0  # GPUs of this group, busy or free, on all its workers
         self.free_gpus = 0  # of which free
+
+    @property
+    def key(self) -> _GroupKey:
+        """Its key in the index."""
+        return (
+            self.model,
+            self.vram,
+            self.price,
+            self.containers,
+            self.verified,
+            self.score,
+            self.pcie,
+            self.ram,
+            self.cpu,
+        )
+
+    def summary(self) -> GroupSummary:
+        """What QuoteJob shows of it."""
+        return GroupSummary(
+            self.model,
+            self.vram,
+            self.price,
+            self.gpus,
+            self.free_gpus,
+            self.containers,
+            self.verified,
+            self.score,
+            self.pcie,
+            self.ram,
+            self.cpu,
+        )
 
     def best_free(self) -> int:
         """Most free GPUs of this group on one worker."""
@@ -156,18 +233,56 @@ class _Group:
 
 
 class _Filter:
-    """Groups that pass one job's model/vram/price filters, cheapest first, plus caches."""
+    """Groups that pass one job's static filters, cheapest first, plus caches."""
 
-    __slots__ = ("fail_at", "group_ids", "groups", "max_total", "reasons", "static")
+    __slots__ = (
+        "any_group",
+        "fail_at",
+        "group_ids",
+        "groups",
+        "links",
+        "max_total",
+        "narrow",
+        "reasons",
+        "static",
+        "wide",
+    )
 
     def __init__(self, groups: list[_Group], static: Rejection | None) -> None:
         self.groups = groups
+        # the groups differ in link bandwidth: the topology score can tell them apart
+        self.links = len({g.pcie for g in groups}) > 1
+        self.any_group = bool(groups)  # before drop() forgets the groups that filled up
         self.group_ids = {id(g) for g in groups}
         self.static = static
         self.max_total = max((g.max_total for g in groups), default=0)
         # Smallest gang size known to fail this pass; free capacity only shrinks.
         self.fail_at = 0 if static is not None else self.max_total + 1
         self.reasons: dict[int, tuple[int, tuple[Rejection, ...]]] = {}  # n -> (version, reasons)
+        self.wide: list[_Group] | None = None  # cheapest first, then widest link first
+        self.narrow: list[_Group] | None = None  # cheapest first, then narrowest link first
+
+    def drop(self, dead: list[_Group]) -> None:
+        """Forget groups with no free GPU left: within a pass GPUs are only taken, so they
+        can never fit again, and a walk over the groups need not meet them (their
+        ``max_total`` stays counted)."""
+        gone = {id(g) for g in dead}
+        self.groups = [g for g in self.groups if id(g) not in gone]
+        if self.wide is not None:
+            self.wide = [g for g in self.wide if id(g) not in gone]
+        if self.narrow is not None:
+            self.narrow = [g for g in self.narrow if id(g) not in gone]
+
+    def by_links(self, wide: bool) -> list[_Group]:
+        """The groups cheapest first, then in the order a job preferring wide (or narrow)
+        links ranks them; ties keep the groups' order."""
+        if wide:
+            if self.wide is None:
+                self.wide = sorted(self.groups, key=lambda g: (g.price, -g.pcie))
+            return self.wide
+        if self.narrow is None:
+            self.narrow = sorted(self.groups, key=lambda g: (g.price, g.pcie))
+        return self.narrow
 
 
 def _make_filter(groups: list[_Group], fkey: _FilterKey, workers: int) -> _Filter:
@@ -179,7 +294,7 @@ def _make_filter(groups: list[_Group], fkey: _FilterKey, workers: int) -> _Filte
 def _count_rejection(job: JobRequest, filt: _Filter) -> Rejection:
     """The gpu_count rejection from group aggregates (never a rescan of workers)."""
     best = max((g.best_free() for g in filt.groups), default=0)
-    return count_rejection(job, best, filt.max_total, bool(filt.groups))
+    return count_rejection(job, best, filt.max_total, filt.any_group)
 
 
 # --- the pass ----------------------------------------------------------------------------------
@@ -234,8 +349,20 @@ class FleetIndex:
         totals: dict[_GroupKey, int] = {}
         free: dict[_GroupKey, list[int]] = {}
         containers = worker.containers
+        ram = worker.ram_gb_per_gpu
+        cpu = worker.cpu_millicores_per_gpu
         for gpu in worker.gpus:
-            gkey = (gpu.model, gpu.vram_mb, gpu.price_micros_per_gpu_hour, containers)
+            gkey = (
+                gpu.model,
+                gpu.vram_mb,
+                gpu.price_micros_per_gpu_hour,
+                containers,
+                gpu.verified,
+                gpu.score,
+                gpu.pcie_mbps,
+                ram,
+                cpu,
+            )
             totals[gkey] = totals.get(gkey, 0) + 1
             if gpu.free:
                 indices = free.get(gkey)
@@ -272,14 +399,18 @@ class FleetIndex:
                 del self._holders[env]
         for group in self._member_of.pop(worker_id):
             if group.remove(worker_id):
-                del self._groups[(group.model, group.vram, group.price, group.containers)]
+                del self._groups[group.key]
                 self._order = None
 
-    def place(self, pending: Iterable[JobRequest], *, take: bool = True) -> SchedulingResult:
+    def place(
+        self, pending: Iterable[JobRequest], *, take: bool = True, topology: bool = True
+    ) -> SchedulingResult:
         """Place ``pending`` greedily in order, as :func:`place` does, taking the GPUs.
 
         With ``take=False`` nothing is taken: every job is placed as if it came first
-        (what :meth:`probe` needs)."""
+        (what :meth:`probe` needs). With ``topology=False`` the choice ignores link widths
+        (:func:`~broker.scheduler.scores.topology_score` is 0 everywhere): the scoring
+        before issue 15, which the trace replay compares against."""
         groups = self._groups_in_order()
         keys = self._keys
         filters: dict[_FilterKey, _Filter] = {}
@@ -290,18 +421,27 @@ class FleetIndex:
 
         for job in pending:
             n = job.gpu_count
-            fkey = (
+            fkey = (  # _filter_key(job), written out: this loop is the hot path
                 job.gpu_model,
                 job.min_vram_mb,
                 job.max_price_micros_per_gpu_hour,
                 job.containers,
+                job.allow_unverified,
+                job.min_score,
+                job.min_pcie_mbps,
+                job.min_ram_gb_per_gpu,
+                job.min_cpu_millicores_per_gpu,
             )
             filt = filters.get(fkey)
             if filt is None:
                 filt = filters[fkey] = _make_filter(groups, fkey, workers)
             if 0 < n < filt.fail_at:
                 local = self._local(job.environment, filt, n) if job.environment else ()
-                took = _take(filt, n, keys, local, take)
+                wide = narrow = False
+                if topology and filt.links:
+                    wide = n > 1 or job.min_pcie_mbps > 0
+                    narrow = not wide
+                took = _take(filt, n, keys, local, take, wide, narrow)
                 if took is not None:
                     group, worker_id, taken = took
                     placements.append(Placement(job.job_id, worker_id, taken, group.price))
@@ -310,7 +450,12 @@ class FleetIndex:
                 filt.fail_at = n  # and every larger gang with these filters, for this pass
             cached = filt.reasons.get(n)
             if cached is None or (cached[0] != version and filt.static is None):
-                reason = filt.static if filt.static is not None else _count_rejection(job, filt)
+                if filt.static is None:
+                    reason = _count_rejection(job, filt)
+                elif n == 1:
+                    reason = filt.static
+                else:  # the topology filters' messages name the gang
+                    reason = _static_rejection(groups, fkey, workers, n) or filt.static
                 cached = filt.reasons[n] = (version, (reason,))
             unplaced.append(Unplaced(job.job_id, cached[1]))
 
@@ -326,22 +471,19 @@ class FleetIndex:
         costs the groups, not the fleet."""
         fkey = _filter_key(job)
         groups, _ = static_filter(self._groups_in_order(), *fkey, workers=len(self._keys))
-        return tuple(
-            GroupSummary(g.model, g.vram, g.price, g.gpus, g.free_gpus, g.containers)
-            for g in groups
-        )
+        return tuple(g.summary() for g in groups)
 
     def workers_in(self, group: GroupSummary) -> Iterator[str]:
         """Ids of the indexed workers with GPUs in ``group``."""
-        gkey = (group.model, group.vram_mb, group.price_micros_per_gpu_hour, group.containers)
-        found = self._groups.get(gkey)
+        found = self._groups.get(group.key)
         return iter(found.totals if found is not None else ())
 
     def _groups_in_order(self) -> list[_Group]:
-        """Every group, cheapest first (then VRAM, model, containers): the order filters keep."""
+        """Every group, cheapest first (then VRAM, model and the rest of its key): the order
+        filters keep."""
         if self._order is None:
             self._order = sorted(
-                self._groups.values(), key=lambda g: (g.price, g.vram, g.model, g.containers)
+                self._groups.values(), key=lambda g: (g.price, g.vram, g.model, g.key[3:])
             )
         return self._order
 
@@ -361,7 +503,24 @@ class FleetIndex:
 
 
 def _filter_key(job: JobRequest) -> _FilterKey:
-    return (job.gpu_model, job.min_vram_mb, job.max_price_micros_per_gpu_hour, job.containers)
+    return (
+        job.gpu_model,
+        job.min_vram_mb,
+        job.max_price_micros_per_gpu_hour,
+        job.containers,
+        job.allow_unverified,
+        job.min_score,
+        job.min_pcie_mbps,
+        job.min_ram_gb_per_gpu,
+        job.min_cpu_millicores_per_gpu,
+    )
+
+
+def _static_rejection(
+    groups: list[_Group], fkey: _FilterKey, workers: int, n: int
+) -> Rejection | None:
+    """The static filters' rejection worded for a gang of ``n``."""
+    return static_filter(groups, *fkey, workers=workers, gpu_count=n)[1]
 
 
 def _take(
@@ -370,6 +529,8 @@ def _take(
     keys: dict[str, _Key],
     local: Sequence[tuple[_Group, _Key, int]],
     take: bool = True,
+    wide: bool = False,
+    narrow: bool = False,
 ) -> tuple[_Group, str, tuple[int, ...]] | None:
     """Choose by :func:`choice_key` among the qualifying groups and take the gang from the
     index (unless ``take`` is False); returns (group, worker id, GPU indices) or None if no
@@ -377,17 +538,27 @@ def _take(
 
     Per group the best candidate without locality is the top of its best-fit bucket's heap;
     ``local`` lists every candidate holding the job's environment, each scored with it. The
-    smallest key of both is the choice, as a scan of every (worker, group) would find."""
+    smallest key of both is the choice, as a scan of every (worker, group) would find.
+    ``wide``/``narrow``: the job prefers the widest/narrowest links
+    (:func:`~broker.scheduler.scores.topology_score`); neither: links do not count."""
     best: _Group | None = None
     best_key: ChoiceKey | None = None
     best_rank: _Key | None = None
     best_free = 0
     local_ids = {rank[1] for _, rank, _ in local} if local else None
-    for group in filt.groups:  # cheapest first
-        if best_key is not None and group.price > best_key[0]:
+    dead: list[_Group] = []
+    # Cheapest first, then by the job's topology score: once a candidate is found, a group
+    # with a higher price, or the same price and a worse topology score, cannot win.
+    for group in filt.by_links(wide) if wide or narrow else filt.groups:
+        topo = -group.pcie if wide else group.pcie if narrow else 0
+        if best_key is not None and (
+            group.price > best_key[0] or (group.price == best_key[0] and topo > best_key[1])
+        ):
             break
         fits = group.mask >> n
         if not fits:
+            if not group.mask:
+                dead.append(group)
             continue
         free = n + (fits & -fits).bit_length() - 1  # smallest bucket >= n: best fit
         heap = group.heaps[free]
@@ -395,13 +566,16 @@ def _take(
             heappop(heap)
         rel, worker_id = heap[0]
         near = 1 if local_ids is not None and worker_id in local_ids else 0
-        key = choice_key(group.price, free, n, worker_id, group.vram, group.model, -rel, near)
+        key = choice_key(group.price, free, n, worker_id, group.vram, group.model, -rel, near, topo)
         if best_key is None or key < best_key:
             best, best_key, best_rank, best_free = group, key, heap[0], free
     for group, rank, free in local:
-        key = choice_key(group.price, free, n, rank[1], group.vram, group.model, -rank[0], 1)
+        topo = -group.pcie if wide else group.pcie if narrow else 0
+        key = choice_key(group.price, free, n, rank[1], group.vram, group.model, -rank[0], 1, topo)
         if best_key is None or key < best_key:
             best, best_key, best_rank, best_free = group, key, rank, free
+    if dead:
+        filt.drop(dead)
     if best is None or best_rank is None:
         return None
     # The chosen worker's heap entry goes stale once its free count changes (lazy pruning).
@@ -421,9 +595,10 @@ def _take(
     return best, worker_id, taken
 
 
-def place(snapshot: Snapshot) -> SchedulingResult:
-    """Place the pending jobs of ``snapshot`` greedily in order; pure and deterministic.
+def place(snapshot: Snapshot, *, topology: bool = True) -> SchedulingResult:
+    """Place the pending jobs of ``snapshot`` greedily in order; pure and deterministic
+    (``topology``: see :meth:`FleetIndex.place`).
 
     Raises ValueError if the snapshot repeats a worker_id or a GPU index on one worker.
     """
-    return FleetIndex(snapshot.workers).place(snapshot.pending)
+    return FleetIndex(snapshot.workers).place(snapshot.pending, topology=topology)

@@ -8,11 +8,13 @@ that run preemptible attempts, and returns a :class:`PreemptionPlan` or a struct
 may preempt whom (a guaranteed job, spot attempts) and carries the plan out.
 
 The GPUs a plan may use pass the same static filters as a placement
-(:func:`broker.scheduler.filters.passes`). Per worker and per homogeneous group, the
-victims are taken least progress lost first (the most recently scheduled attempt), until
-the group's free GPUs plus the victims' GPUs in it make a gang. Among all such
-candidates the plan is the smallest key ``(victims, ask, worker_id, first GPU index of
-the group)``: fewest attempts preempted, then the cheapest ask, then worker id.
+(:func:`broker.scheduler.filters.passes`), and a gang comes from one homogeneous group
+(model, VRAM, ask, verification, score, PCIe bandwidth), as a placement's does. Per
+worker and per homogeneous group, the victims are taken least progress lost first (the
+most recently scheduled attempt), until the group's free GPUs plus the victims' GPUs in
+it make a gang. Among all such candidates the plan is the smallest key ``(victims, ask,
+worker_id, first GPU index of the group)``: fewest attempts preempted, then the cheapest
+ask, then worker id.
 """
 
 from __future__ import annotations
@@ -67,14 +69,21 @@ def preemption_plan(
         for victim in candidate.victims:
             for index in victim.gpu_indices:
                 held_by[index] = victim
-        groups: dict[tuple[str, int, int], list[int]] = {}  # group -> GPU indices, in order
+        # group -> GPU indices, in order
+        groups: dict[tuple[int, str, int, bool, int, int], list[int]] = {}
         for slot in sorted(worker.gpus, key=lambda s: s.index):
-            ask = slot.price_micros_per_gpu_hour
-            if passes(job, slot.model, slot.vram_mb, ask, worker.containers):
-                shape = (slot.model, slot.vram_mb, slot.price_micros_per_gpu_hour)
+            if passes(job, slot, worker):
+                shape = (
+                    slot.price_micros_per_gpu_hour,
+                    slot.model,
+                    slot.vram_mb,
+                    slot.verified,
+                    slot.score,
+                    slot.pcie_mbps,
+                )
                 groups.setdefault(shape, []).append(slot.index)
         free_at = {slot.index for slot in worker.gpus if slot.free}
-        for (_, _, ask), indices in groups.items():
+        for (ask, *_), indices in groups.items():
             room = [i for i in indices if i in free_at]
             in_group: dict[Victim, list[int]] = {}
             for i in indices:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "PCIE_STEP_MBPS",
+    "SCORE_STEP",
     "GpuSlot",
     "JobRequest",
     "Placement",
@@ -19,16 +21,32 @@ __all__ = [
     "WorkerCapacity",
 ]
 
+SCORE_STEP = 5
+"""The scheduler sees a GPU's score floored to a multiple of this (``min_score`` is matched
+against that: a GPU scoring 103 meets ``min_score`` 100 and 95, not 102)."""
+
+PCIE_STEP_MBPS = 100
+"""The scheduler sees a GPU's host-to-device MB/s floored to a multiple of this (0.1 GB/s)."""
+
 
 @dataclass(frozen=True, slots=True)
 class GpuSlot:
-    """One GPU of a worker as the scheduler sees it."""
+    """One GPU of a worker as the scheduler sees it.
+
+    ``verified``, ``score`` and ``pcie_mbps`` are the broker's figures for it
+    (``broker.queue``): the score is floored to a multiple of :data:`SCORE_STEP` and the
+    host-to-device MB/s to a multiple of :data:`PCIE_STEP_MBPS`, so that GPUs of one kind
+    whose measurements differ by noise share one group of the index.
+    """
 
     index: int
     model: str
     vram_mb: int
     price_micros_per_gpu_hour: int
     free: bool
+    verified: bool = True  # VERIFIED; False: PENDING or UNVERIFIED (allow_unverified jobs only)
+    score: int = 0  # rigshift.scoring score, floored to SCORE_STEP
+    pcie_mbps: int = 0  # host-to-device MB/s, floored to PCIE_STEP_MBPS (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +59,8 @@ class WorkerCapacity:
     # requirements_sha256 of the environments and references of the images it holds
     environments: frozenset[str] = frozenset()
     containers: bool = False  # it has a container runtime (runs image jobs)
+    ram_gb_per_gpu: int = 0  # host RAM / GPUs of the rig, whole GiB (0: not reported)
+    cpu_millicores_per_gpu: int = 0  # CPU cores / GPUs of the rig, thousandths (0: not reported)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +75,11 @@ class JobRequest:
     # for locality: its image reference, else the requirements_sha256 of its Python environment
     environment: str = ""
     containers: bool = False  # it runs in an image: only workers with a container runtime
+    allow_unverified: bool = False  # False: VERIFIED GPUs only
+    min_score: int = 0
+    min_pcie_mbps: int = 0  # per GPU, host to device
+    min_ram_gb_per_gpu: int = 0
+    min_cpu_millicores_per_gpu: int = 0
 
 
 @dataclass(frozen=True, slots=True)

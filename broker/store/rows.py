@@ -283,13 +283,19 @@ def spec_to_json(spec: JobSpec) -> str:
             "requirements_sha256": spec.requirements_sha256,
             "inputs": [list(kv) for kv in spec.inputs],
             "image": spec.image,
+            "min_pcie_mbps": spec.min_pcie_mbps,
+            "min_host_ram_gb_per_gpu": spec.min_host_ram_gb_per_gpu,
+            "min_cpu_millicores_per_gpu": spec.min_cpu_millicores_per_gpu,
+            "min_score": spec.min_score,
+            "allow_unverified": spec.allow_unverified,
         },
         sort_keys=True,
     )
 
 
 def spec_from_json(text: str) -> JobSpec:
-    """The job spec of a ``spec_json`` column (older rows lack newer keys)."""
+    """The job spec of a ``spec_json`` column (older rows lack newer keys: they load as the
+    field's default, e.g. no topology minimums and ``allow_unverified`` False)."""
     d = json.loads(text)
     d["command"] = tuple(d["command"])
     d["env"] = tuple((k, v) for k, v in d["env"])

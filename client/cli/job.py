@@ -136,6 +136,37 @@ def _spec_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="OCI image to run COMMAND in, e.g. ghcr.io/org/train:1.4; only rigs that "
             "run containers (podman) take the job.",
         ),
+        click.option(
+            "--min-pcie-gbps",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="Least measured host-to-device GB/s per GPU (a mining riser's x1 link "
+            "gives under 1, an x16 slot 12 or more).",
+        ),
+        click.option(
+            "--min-host-ram-gb-per-gpu",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Least host RAM per GPU of the rig (its RAM / its GPUs), GB.",
+        ),
+        click.option(
+            "--min-cpu-cores-per-gpu",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="Least CPU cores per GPU of the rig (its cores / its GPUs).",
+        ),
+        click.option(
+            "--min-score",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Least measured GPU score (an RTX 3090 = 100).",
+        ),
+        click.option(
+            "--allow-unverified",
+            is_flag=True,
+            help="Also run on GPUs the broker has not verified (self-test pending, or "
+            "measuring short of their claimed model).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -192,6 +223,11 @@ def job_submit(
     max_duration_s: int,
     display_name: str,
     image: str,
+    min_pcie_gbps: float,
+    min_host_ram_gb_per_gpu: int,
+    min_cpu_cores_per_gpu: float,
+    min_score: int,
+    allow_unverified: bool,
     inputs: dict[str, Path],
     requirements_file: str | None,
     pip_specs: tuple[str, ...],
@@ -232,6 +268,11 @@ def job_submit(
         python_requirements=python_requirements,
         image=image,
         registry_auth=registry_auth_file or b"",
+        min_pcie_gbps=min_pcie_gbps,
+        min_host_ram_gb_per_gpu=min_host_ram_gb_per_gpu,
+        min_cpu_cores_per_gpu=min_cpu_cores_per_gpu,
+        min_score=min_score,
+        allow_unverified=allow_unverified,
     )
     if as_json:
         echo_json(job)
@@ -257,10 +298,16 @@ def job_quote(
     max_duration_s: int,
     display_name: str,
     image: str,
+    min_pcie_gbps: float,
+    min_host_ram_gb_per_gpu: int,
+    min_cpu_cores_per_gpu: float,
+    min_score: int,
+    allow_unverified: bool,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
-    """Show how many GPUs match a job now, their price range, and whether it would start.
+    """Show how many GPUs match a job now, their price range, and whether it would start;
+    and the matching GPU groups with their score, verification and PCIe bandwidth.
 
     Takes the options of `job submit`; submits nothing and uploads nothing
     (--working-dir is accepted so a submit line can be quoted as it is).
@@ -278,6 +325,11 @@ def job_quote(
         display_name=display_name,
         tier=tier,
         image=image,
+        min_pcie_gbps=min_pcie_gbps,
+        min_host_ram_gb_per_gpu=min_host_ram_gb_per_gpu,
+        min_cpu_cores_per_gpu=min_cpu_cores_per_gpu,
+        min_score=min_score,
+        allow_unverified=allow_unverified,
     )
     click.echo(output.to_json(quote) if as_json else output.quote_summary(quote))
 

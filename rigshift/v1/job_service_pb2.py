@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rigshift.v1 import job_pb2 as rigshift_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drigshift/v1/job_service.proto\x12\x0brigshift.v1\x1a\x15rigshift/v1/job.proto\"%\n\x15ListJobOutputsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x16ListJobOutputsResponse\x12\'\n\x07outputs\x18\x01 \x03(\x0b\x32\x16.rigshift.v1.JobOutput\"I\n\x18\x44ownloadJobOutputRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"^\n\x19\x44ownloadJobOutputResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\"5\n\x0fQuoteJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.rigshift.v1.JobSpec\"\xda\x01\n\x10QuoteJobResponse\x12\x15\n\rmatching_gpus\x18\x01 \x01(\x05\x12\x1a\n\x12\x66ree_matching_gpus\x18\x02 \x01(\x05\x12%\n\x1dmin_price_micros_per_gpu_hour\x18\x03 \x01(\x03\x12%\n\x1dmax_price_micros_per_gpu_hour\x18\x04 \x01(\x03\x12\x15\n\rplaceable_now\x18\x05 \x01(\x08\x12.\n\x07reasons\x18\x06 \x03(\x0b\x32\x1d.rigshift.v1.SchedulingReason\"a\n\x10\x43reateJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.rigshift.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rregistry_auth\x18\x03 \x01(\x0c\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"`\n\x0fListJobsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.rigshift.v1.Job.State\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.rigshift.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x14StreamJobLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\")\n\x08LogChunk\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t2\x9e\x05\n\nJobService\x12<\n\tCreateJob\x12\x1d.rigshift.v1.CreateJobRequest\x1a\x10.rigshift.v1.Job\x12\x36\n\x06GetJob\x12\x1a.rigshift.v1.GetJobRequest\x1a\x10.rigshift.v1.Job\x12G\n\x08ListJobs\x12\x1c.rigshift.v1.ListJobsRequest\x1a\x1d.rigshift.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.rigshift.v1.CancelJobRequest\x1a\x10.rigshift.v1.Job\x12<\n\x08WatchJob\x12\x1c.rigshift.v1.WatchJobRequest\x1a\x10.rigshift.v1.Job0\x01\x12K\n\rStreamJobLogs\x12!.rigshift.v1.StreamJobLogsRequest\x1a\x15.rigshift.v1.LogChunk0\x01\x12G\n\x08QuoteJob\x12\x1c.rigshift.v1.QuoteJobRequest\x1a\x1d.rigshift.v1.QuoteJobResponse\x12Y\n\x0eListJobOutputs\x12\".rigshift.v1.ListJobOutputsRequest\x1a#.rigshift.v1.ListJobOutputsResponse\x12\x64\n\x11\x44ownloadJobOutput\x12%.rigshift.v1.DownloadJobOutputRequest\x1a&.rigshift.v1.DownloadJobOutputResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drigshift/v1/job_service.proto\x12\x0brigshift.v1\x1a\x15rigshift/v1/job.proto\"%\n\x15ListJobOutputsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x16ListJobOutputsResponse\x12\'\n\x07outputs\x18\x01 \x03(\x0b\x32\x16.rigshift.v1.JobOutput\"I\n\x18\x44ownloadJobOutputRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"^\n\x19\x44ownloadJobOutputResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\"5\n\x0fQuoteJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.rigshift.v1.JobSpec\"\x83\x02\n\x10QuoteJobResponse\x12\x15\n\rmatching_gpus\x18\x01 \x01(\x05\x12\x1a\n\x12\x66ree_matching_gpus\x18\x02 \x01(\x05\x12%\n\x1dmin_price_micros_per_gpu_hour\x18\x03 \x01(\x03\x12%\n\x1dmax_price_micros_per_gpu_hour\x18\x04 \x01(\x03\x12\x15\n\rplaceable_now\x18\x05 \x01(\x08\x12.\n\x07reasons\x18\x06 \x03(\x0b\x32\x1d.rigshift.v1.SchedulingReason\x12\'\n\x06groups\x18\x07 \x03(\x0b\x32\x17.rigshift.v1.QuoteGroup\"\xde\x01\n\nQuoteGroup\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\x0f\n\x07vram_mb\x18\x02 \x01(\x03\x12\x1f\n\x17\x61sk_micros_per_gpu_hour\x18\x03 \x01(\x03\x12\x0c\n\x04gpus\x18\x04 \x01(\x05\x12\x11\n\tfree_gpus\x18\x05 \x01(\x05\x12\x10\n\x08verified\x18\x06 \x01(\x08\x12\r\n\x05score\x18\x07 \x01(\x05\x12\x11\n\tpcie_gbps\x18\x08 \x01(\x01\x12\x1b\n\x13host_ram_gb_per_gpu\x18\t \x01(\x05\x12\x19\n\x11\x63pu_cores_per_gpu\x18\n \x01(\x01\"a\n\x10\x43reateJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.rigshift.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rregistry_auth\x18\x03 \x01(\x0c\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"`\n\x0fListJobsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.rigshift.v1.Job.State\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.rigshift.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x14StreamJobLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\")\n\x08LogChunk\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t2\x9e\x05\n\nJobService\x12<\n\tCreateJob\x12\x1d.rigshift.v1.CreateJobRequest\x1a\x10.rigshift.v1.Job\x12\x36\n\x06GetJob\x12\x1a.rigshift.v1.GetJobRequest\x1a\x10.rigshift.v1.Job\x12G\n\x08ListJobs\x12\x1c.rigshift.v1.ListJobsRequest\x1a\x1d.rigshift.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.rigshift.v1.CancelJobRequest\x1a\x10.rigshift.v1.Job\x12<\n\x08WatchJob\x12\x1c.rigshift.v1.WatchJobRequest\x1a\x10.rigshift.v1.Job0\x01\x12K\n\rStreamJobLogs\x12!.rigshift.v1.StreamJobLogsRequest\x1a\x15.rigshift.v1.LogChunk0\x01\x12G\n\x08QuoteJob\x12\x1c.rigshift.v1.QuoteJobRequest\x1a\x1d.rigshift.v1.QuoteJobResponse\x12Y\n\x0eListJobOutputs\x12\".rigshift.v1.ListJobOutputsRequest\x1a#.rigshift.v1.ListJobOutputsResponse\x12\x64\n\x11\x44ownloadJobOutput\x12%.rigshift.v1.DownloadJobOutputRequest\x1a&.rigshift.v1.DownloadJobOutputResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,23 +43,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUOTEJOBREQUEST']._serialized_start=346
   _globals['_QUOTEJOBREQUEST']._serialized_end=399
   _globals['_QUOTEJOBRESPONSE']._serialized_start=402
-  _globals['_QUOTEJOBRESPONSE']._serialized_end=620
-  _globals['_CREATEJOBREQUEST']._serialized_start=622
-  _globals['_CREATEJOBREQUEST']._serialized_end=719
-  _globals['_GETJOBREQUEST']._serialized_start=721
-  _globals['_GETJOBREQUEST']._serialized_end=750
-  _globals['_LISTJOBSREQUEST']._serialized_start=752
-  _globals['_LISTJOBSREQUEST']._serialized_end=848
-  _globals['_LISTJOBSRESPONSE']._serialized_start=850
-  _globals['_LISTJOBSRESPONSE']._serialized_end=925
-  _globals['_CANCELJOBREQUEST']._serialized_start=927
-  _globals['_CANCELJOBREQUEST']._serialized_end=959
-  _globals['_WATCHJOBREQUEST']._serialized_start=961
-  _globals['_WATCHJOBREQUEST']._serialized_end=992
-  _globals['_STREAMJOBLOGSREQUEST']._serialized_start=994
-  _globals['_STREAMJOBLOGSREQUEST']._serialized_end=1046
-  _globals['_LOGCHUNK']._serialized_start=1048
-  _globals['_LOGCHUNK']._serialized_end=1089
-  _globals['_JOBSERVICE']._serialized_start=1092
-  _globals['_JOBSERVICE']._serialized_end=1762
+  _globals['_QUOTEJOBRESPONSE']._serialized_end=661
+  _globals['_QUOTEGROUP']._serialized_start=664
+  _globals['_QUOTEGROUP']._serialized_end=886
+  _globals['_CREATEJOBREQUEST']._serialized_start=888
+  _globals['_CREATEJOBREQUEST']._serialized_end=985
+  _globals['_GETJOBREQUEST']._serialized_start=987
+  _globals['_GETJOBREQUEST']._serialized_end=1016
+  _globals['_LISTJOBSREQUEST']._serialized_start=1018
+  _globals['_LISTJOBSREQUEST']._serialized_end=1114
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1116
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1191
+  _globals['_CANCELJOBREQUEST']._serialized_start=1193
+  _globals['_CANCELJOBREQUEST']._serialized_end=1225
+  _globals['_WATCHJOBREQUEST']._serialized_start=1227
+  _globals['_WATCHJOBREQUEST']._serialized_end=1258
+  _globals['_STREAMJOBLOGSREQUEST']._serialized_start=1260
+  _globals['_STREAMJOBLOGSREQUEST']._serialized_end=1312
+  _globals['_LOGCHUNK']._serialized_start=1314
+  _globals['_LOGCHUNK']._serialized_end=1355
+  _globals['_JOBSERVICE']._serialized_start=1358
+  _globals['_JOBSERVICE']._serialized_end=2028
 # @@protoc_insertion_point(module_scope)

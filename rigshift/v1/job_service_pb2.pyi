@@ -48,20 +48,46 @@ class QuoteJobRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ...) -> None: ...
 
 class QuoteJobResponse(_message.Message):
-    __slots__ = ("matching_gpus", "free_matching_gpus", "min_price_micros_per_gpu_hour", "max_price_micros_per_gpu_hour", "placeable_now", "reasons")
+    __slots__ = ("matching_gpus", "free_matching_gpus", "min_price_micros_per_gpu_hour", "max_price_micros_per_gpu_hour", "placeable_now", "reasons", "groups")
     MATCHING_GPUS_FIELD_NUMBER: _ClassVar[int]
     FREE_MATCHING_GPUS_FIELD_NUMBER: _ClassVar[int]
     MIN_PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
     MAX_PRICE_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
     PLACEABLE_NOW_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     matching_gpus: int
     free_matching_gpus: int
     min_price_micros_per_gpu_hour: int
     max_price_micros_per_gpu_hour: int
     placeable_now: bool
     reasons: _containers.RepeatedCompositeFieldContainer[_job_pb2.SchedulingReason]
-    def __init__(self, matching_gpus: _Optional[int] = ..., free_matching_gpus: _Optional[int] = ..., min_price_micros_per_gpu_hour: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., placeable_now: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_job_pb2.SchedulingReason, _Mapping]]] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[QuoteGroup]
+    def __init__(self, matching_gpus: _Optional[int] = ..., free_matching_gpus: _Optional[int] = ..., min_price_micros_per_gpu_hour: _Optional[int] = ..., max_price_micros_per_gpu_hour: _Optional[int] = ..., placeable_now: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_job_pb2.SchedulingReason, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[QuoteGroup, _Mapping]]] = ...) -> None: ...
+
+class QuoteGroup(_message.Message):
+    __slots__ = ("gpu_model", "vram_mb", "ask_micros_per_gpu_hour", "gpus", "free_gpus", "verified", "score", "pcie_gbps", "host_ram_gb_per_gpu", "cpu_cores_per_gpu")
+    GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
+    VRAM_MB_FIELD_NUMBER: _ClassVar[int]
+    ASK_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    FREE_GPUS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PCIE_GBPS_FIELD_NUMBER: _ClassVar[int]
+    HOST_RAM_GB_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORES_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    gpu_model: str
+    vram_mb: int
+    ask_micros_per_gpu_hour: int
+    gpus: int
+    free_gpus: int
+    verified: bool
+    score: int
+    pcie_gbps: float
+    host_ram_gb_per_gpu: int
+    cpu_cores_per_gpu: float
+    def __init__(self, gpu_model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., ask_micros_per_gpu_hour: _Optional[int] = ..., gpus: _Optional[int] = ..., free_gpus: _Optional[int] = ..., verified: _Optional[bool] = ..., score: _Optional[int] = ..., pcie_gbps: _Optional[float] = ..., host_ram_gb_per_gpu: _Optional[int] = ..., cpu_cores_per_gpu: _Optional[float] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id", "registry_auth")

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import grpc
 
+from harness.broker_fixtures import healthy
 from rigshift.credentials import lookup_api_key
 from rigshift.v1 import farm_pb2, farm_service_pb2, farm_service_pb2_grpc
 from rigshift.v1 import worker_service_pb2 as ws
@@ -57,8 +58,16 @@ def create_farm(address: str, name: str = "farm-a") -> farm_pb2.Farm:
         )
 
 
-def gpus(n: int, model: str = "RTX 3090", vram_mb: int = 24576, price: int = 300_000):
-    """n identical GpuInfo messages."""
+def gpus(
+    n: int,
+    model: str = "RTX 3090",
+    vram_mb: int = 24576,
+    price: int = 300_000,
+    *,
+    selftest: bool = True,
+):
+    """n identical GpuInfo messages, with healthy self-test figures (``selftest=False``:
+    without, so the broker keeps them PENDING)."""
     return [
         ws.GpuInfo(
             index=i,
@@ -67,9 +76,19 @@ def gpus(n: int, model: str = "RTX 3090", vram_mb: int = 24576, price: int = 300
             vram_mb=vram_mb,
             power_limit_watts=350,
             price_micros_per_gpu_hour=price,
+            measurement=_figures(model, vram_mb) if selftest else None,
         )
         for i in range(n)
     ]
+
+
+def _figures(model: str, vram_mb: int) -> farm_pb2.GpuMeasurement:
+    """A healthy GPU's self-test figures: the broker verifies it (jobs that do not allow
+    unverified GPUs run on it)."""
+    m = healthy(model, vram_mb)
+    return farm_pb2.GpuMeasurement(
+        fp16_gflops=m.fp16_gflops, fp32_gflops=m.fp32_gflops, usable_vram_mb=m.usable_vram_mb
+    )
 
 
 class ProtocolAgent:

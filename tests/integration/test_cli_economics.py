@@ -279,7 +279,9 @@ def test_quote_with_a_registered_agent(broker_address: str, agents: list[Protoco
 
     human = ok(rs(broker_address, "job", "quote", "--gpus", "2")).stdout  # COMMAND optional
     assert human.startswith("2 matching GPUs (2 free now), $0.300000\N{EN DASH}$0.300000/GPU-h")
-    assert human.rstrip().endswith("placeable now: yes")
+    assert human.splitlines()[0].endswith("placeable now: yes")
+    # the matching group with its score, verification and link (healthy figures, x16 estimate)
+    assert human.splitlines()[-1].split()[-6:] == ["2/2", "100", "verified", "12.8", "-", "-"]
 
     spot = as_json(rs(broker_address, "job", "quote", "--tier", "spot", "--json"))
     assert spot["matching_gpus"] == 2

@@ -48,6 +48,7 @@ from broker.events import (
 from broker.model import GpuInfo, JobSpec, Tier
 from broker.service import GC_YOUNG_THRESHOLD, SCHEDULE_REST, BrokerService, tune_gc
 from broker.store import FarmRow, Store
+from harness.broker_fixtures import healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = (
@@ -118,7 +119,15 @@ def new_store(url: str) -> Store:
 def gpus(worker: int, count: int) -> tuple[GpuInfo, ...]:
     model = ("RTX 3090", "RTX 3060")[worker % 2]
     return tuple(
-        GpuInfo(i, f"u{worker}-{i}", model, 24576, 350, 200_000 + 10_000 * worker)
+        GpuInfo(
+            i,
+            f"u{worker}-{i}",
+            model,
+            24576,
+            350,
+            200_000 + 10_000 * worker,
+            measurement=healthy(model, 24576),
+        )
         for i in range(count)
     )
 

@@ -107,7 +107,7 @@ def test_registration_shows_verification_score_and_host(broker):
     honest.register()
     liar = Agent(broker.address, farm.enrollment_token, measured(1, IMPOSTOR), "liar")
     liar.register()
-    unmeasured = Agent(broker.address, farm.enrollment_token, gpus(1), "plain")
+    unmeasured = Agent(broker.address, farm.enrollment_token, gpus(1, selftest=False), "plain")
     unmeasured.register()
     by_host = {w.hostname: w for w in workers(broker.address)}
     (g,) = by_host["honest"].gpus

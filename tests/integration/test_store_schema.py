@@ -27,6 +27,7 @@ from broker.invariants import validate_state
 from broker.model import GpuInfo, JobSpec, Tier
 from broker.schema import SchemaOutOfDate, current_revision, head_revision
 from broker.store import FarmRow, Store
+from harness.broker_fixtures import healthy
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -53,7 +54,8 @@ def test_core_state_round_trips_through_the_store(db_url: str):
         FarmRow(id="f", display_name="f", enrollment_token_sha256="x", broker_fee_permille=150)
     )
     core = BrokerCore()
-    gpu = GpuInfo(0, "u0", "RTX 3090", 24576, 350, 2**40)  # a price past 32 bits: BIGINT
+    # a price past 32 bits: BIGINT; healthy figures: verified, so the job runs
+    gpu = GpuInfo(0, "u0", "RTX 3090", 24576, 350, 2**40, measurement=healthy())
     events = [
         FarmConfigured(0.0, FarmTerms("f", broker_fee_permille=150)),
         WorkerRegistered(0.0, "w", "f", "rig", "1", (gpu,)),

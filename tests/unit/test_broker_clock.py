@@ -14,6 +14,7 @@ from broker.events import Heartbeat, Tick, WorkerRegistered
 from broker.model import GpuInfo, WorkerState
 from broker.service import BrokerService
 from broker.store import FarmRow, Store
+from harness.broker_fixtures import healthy
 
 HOUR = 3600.0
 TTL = 15.0
@@ -63,7 +64,7 @@ def _service(tmp_path: Path, clock) -> BrokerService:  # type: ignore[no-untyped
 
 async def _lease_after_step(svc: BrokerService, t: FakeTime, step_s: float) -> list[WorkerState]:
     """Register, heartbeat, step the wall clock, then tick just before and after the TTL."""
-    gpus = (GpuInfo(0, "GPU-0", "RTX 3090", 24576),)
+    gpus = (GpuInfo(0, "GPU-0", "RTX 3090", 24576, measurement=healthy()),)
     await svc.apply(WorkerRegistered(svc.clock(), "w", "f", "rig", "1", gpus))
     t.elapsed = 5.0
     await svc.apply(Heartbeat(svc.clock(), "w"))  # the lease now runs until 5 + TTL

@@ -41,6 +41,7 @@ from broker.metrics import (
     tier_of,
 )
 from broker.model import GpuInfo, JobSpec
+from harness.broker_fixtures import healthy
 from rigshift.scoring import Measurement
 
 TTL = 15.0
@@ -48,7 +49,10 @@ FARMS = {"f1": "Farm A", "f2": "Farm B"}
 
 
 def gpus(n: int, model: str = "RTX 3090", price: int = 300_000, start: int = 0):
-    return tuple(GpuInfo(i, f"SIM-{i}", model, 24576, 350, price) for i in range(start, start + n))
+    return tuple(
+        GpuInfo(i, f"SIM-{i}", model, 24576, 350, price, measurement=healthy(model, 24576))
+        for i in range(start, start + n)
+    )
 
 
 def spec(gpu_count: int = 1, **kw) -> JobSpec:
@@ -203,7 +207,7 @@ def test_mining_alternative_is_energy_weighted_like_earnings(h: Harness):
     mining = (("RTX 3090", 200_000), ("RTX 3060", 100_000))
     h.apply(FarmConfigured(1.0, FarmTerms("f1", mining_micros_per_kwh=mining)))
     assert gauge() == pytest.approx(0.15) == earnings_row()  # no energy yet: the table's mean
-    rtx3060 = (GpuInfo(0, "u", "RTX 3060", 12288, 150, 300_000),)
+    rtx3060 = (GpuInfo(0, "u", "RTX 3060", 12288, 150, 300_000, measurement=healthy("RTX 3060")),)
     h.apply(WorkerRegistered(2.0, "w2", "f1", "rig-2", "1.0", rtx3060, ""))
     h.apply(JobSubmitted(3.0, "j1", "alice", spec(2, gpu_model="RTX 3090")))
     h.apply(JobSubmitted(3.0, "j2", "alice", spec(1, gpu_model="RTX 3060")))
@@ -334,7 +338,8 @@ def test_quarantined_and_unverified_gpus_per_farm(h: Harness):
     labels = {"farm": "Farm B", "gpu_model": "RTX 3090"}
     # the impostor (a third of the figures) and the unmeasured GPU
     assert h.value("rigshift_gpus_unverified", **labels) == 2
-    assert h.value("rigshift_gpus_unverified", farm="Farm A", gpu_model="RTX 3090") == 2
+    # the fixture's GPUs register with healthy figures: verified
+    assert h.value("rigshift_gpus_unverified", farm="Farm A", gpu_model="RTX 3090") == 0
     assert h.value("rigshift_gpus", **labels, state="quarantined") == 0
     assert h.value("rigshift_gpus", **labels, state="free") == 3
     h.apply(GpuHealthReported(3.0, "w2", (GpuHealth(0, quarantined=True, reason="XID 79"),)))

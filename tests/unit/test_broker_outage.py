@@ -33,6 +33,7 @@ from broker.events import (
 from broker.model import GpuInfo, JobSpec, JobState
 from broker.service import BrokerService
 from broker.store import FarmRow, Store, database_error
+from harness.broker_fixtures import healthy
 
 T0 = 1_000_000.0
 
@@ -80,7 +81,10 @@ async def _service(store: Store) -> tuple[BrokerService, FlakyStore]:
     flaky = FlakyStore(store)
     svc = BrokerService(BrokerCore(), flaky, clock=lambda: T0)
     svc.db_retry_interval_s = 0.01
-    gpus = (GpuInfo(0, "GPU-0", "RTX 3090", 24576), GpuInfo(1, "GPU-1", "RTX 3090", 24576))
+    gpus = (
+        GpuInfo(0, "GPU-0", "RTX 3090", 24576, measurement=healthy()),
+        GpuInfo(1, "GPU-1", "RTX 3090", 24576, measurement=healthy()),
+    )
     await svc.apply(WorkerRegistered(T0, "w", "f", "rig", "1", gpus))
     return svc, flaky
 

@@ -35,6 +35,7 @@ from broker.events import (
 )
 from broker.invariants import validate_state
 from broker.model import AttemptState, GpuInfo, JobSpec, JobState, WorkerState
+from harness.broker_fixtures import healthy
 
 P, SC, R = JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING
 OK, FAIL, CXL = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
@@ -42,7 +43,10 @@ TTL = 15.0
 
 
 def gpus(n: int, model: str = "RTX 3090", price: int = 300_000) -> tuple[GpuInfo, ...]:
-    return tuple(GpuInfo(i, f"SIM-{i}", model, 24576, 350, price) for i in range(n))
+    return tuple(
+        GpuInfo(i, f"SIM-{i}", model, 24576, 350, price, measurement=healthy(model, 24576))
+        for i in range(n)
+    )
 
 
 def spec(gpu_count: int = 1, **kw) -> JobSpec:

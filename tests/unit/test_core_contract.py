@@ -22,12 +22,16 @@ from broker.events import (
 from broker.model import GpuInfo, JobSpec, Tier
 from broker.records import Quote
 from broker.scheduler import Rejection
+from harness.broker_fixtures import healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def gpus(n: int, price: int = 300_000, model: str = "RTX 3090") -> tuple[GpuInfo, ...]:
-    return tuple(GpuInfo(i, f"u{i}", model, 24576, 350, price) for i in range(n))
+    return tuple(
+        GpuInfo(i, f"u{i}", model, 24576, 350, price, measurement=healthy(model, 24576))
+        for i in range(n)
+    )
 
 
 def test_assignments_repeat_the_assign_with_the_latest_checkpoint():
@@ -82,7 +86,11 @@ def quoted_fleet() -> BrokerCore:
 def test_quote_answers_from_the_kept_index_with_the_placement_filters():
     core = quoted_fleet()
     any_gpu = core.quote(JobSpec(command=("x",), gpu_count=2))
-    assert any_gpu == Quote(6, 5, 300_000, 500_000, True, ())
+    assert any_gpu == Quote(6, 5, 300_000, 500_000, True, (), any_gpu.groups)
+    assert [(g.price_micros_per_gpu_hour, g.gpus, g.free_gpus) for g in any_gpu.groups] == [
+        (300_000, 2, 1),
+        (500_000, 4, 4),
+    ]
     capped = core.quote(JobSpec(command=("x",), max_price_micros_per_gpu_hour=400_000))
     assert (capped.matching_gpus, capped.free_matching_gpus) == (2, 1)
     # spot: 60% of the ask, never under the farm's floor: w-cheap 180,000 (no terms),

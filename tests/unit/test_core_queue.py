@@ -27,13 +27,17 @@ from broker.policy import FIFO, SHORT_FIRST, ShortFirst
 from broker.queue import priority
 from broker.records import StoredState
 from broker.scheduler import GpuSlot, WorkerCapacity
+from harness.broker_fixtures import healthy
 
 P, SC = JobState.PENDING, JobState.SCHEDULED
 HOUR = 3600.0
 
 
 def gpus(n: int) -> tuple[GpuInfo, ...]:
-    return tuple(GpuInfo(i, f"SIM-{i}", "RTX 3090", 24576, 350, 300_000) for i in range(n))
+    return tuple(
+        GpuInfo(i, f"SIM-{i}", "RTX 3090", 24576, 350, 300_000, measurement=healthy())
+        for i in range(n)
+    )
 
 
 def spec(max_duration_seconds: int = 0, gpu_count: int = 1, **kw) -> JobSpec:
@@ -226,6 +230,8 @@ def test_capacity_reuses_equal_gpu_slots() -> None:
     core.handle(JobSubmitted(0.0, "j", "c", spec()))
     core.handle(SchedulePass(0.0))
     caps = {c.worker_id: c for c in core.snapshot(1.0).workers}
-    slot = GpuSlot(1, "RTX 3090", 24576, 300_000, True)
-    assert caps["w1"] == WorkerCapacity("w1", (GpuSlot(0, "RTX 3090", 24576, 300_000, False), slot))
+    # verified (healthy figures), score 100, link estimated at x16 gen 3
+    slot = GpuSlot(1, "RTX 3090", 24576, 300_000, True, True, 100, 12_800)
+    busy = GpuSlot(0, "RTX 3090", 24576, 300_000, False, True, 100, 12_800)
+    assert caps["w1"] == WorkerCapacity("w1", (busy, slot))
     assert caps["w1"].gpus[1] is caps["w2"].gpus[1]  # one interned value

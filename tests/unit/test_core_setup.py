@@ -25,6 +25,7 @@ from broker.events import (
 )
 from broker.invariants import validate_state
 from broker.model import AttemptState, GpuInfo, JobSpec, JobState, SetupCause
+from harness.broker_fixtures import healthy
 
 P, SC, R = JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING
 FAIL, OK = JobState.FAILED, JobState.SUCCEEDED
@@ -32,7 +33,10 @@ ENV = "e" * 64
 
 
 def gpus(n: int) -> tuple[GpuInfo, ...]:
-    return tuple(GpuInfo(i, f"SIM-{i}", "RTX 3090", 24576, 350, 360_000) for i in range(n))
+    return tuple(
+        GpuInfo(i, f"SIM-{i}", "RTX 3090", 24576, 350, 360_000, measurement=healthy())
+        for i in range(n)
+    )
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from broker.events import (
 )
 from broker.invariants import validate_state
 from broker.model import AttemptState, GpuInfo, JobSpec, JobState, SlaKind, Tier, WorkerState
+from harness.broker_fixtures import healthy
 
 P, SC, R = JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING
 PRICE = 3_600_000
@@ -47,7 +48,10 @@ TTL = 10.0
 
 
 def gpus(n: int, model: str = "RTX 3090") -> tuple[GpuInfo, ...]:
-    return tuple(GpuInfo(i, f"u{i}", model, 24576, 350, PRICE) for i in range(n))
+    return tuple(
+        GpuInfo(i, f"u{i}", model, 24576, 350, PRICE, measurement=healthy(model, 24576))
+        for i in range(n)
+    )
 
 
 def run(core: BrokerCore, event) -> list:

@@ -28,6 +28,7 @@ from broker.events import (
 )
 from broker.invariants import validate_state
 from broker.model import TERMINAL_JOB_STATES, GpuInfo, JobSpec, JobState, Tier
+from harness.broker_fixtures import healthy
 
 MODELS = ("RTX 3060", "RTX 3090")
 TTL = 10.0
@@ -62,7 +63,10 @@ class CoreMachine(RuleBasedStateMachine):
         runtime=st.sampled_from(["", "podman"]),
     )
     def register(self, n: int, model: str, worker: str, runtime: str) -> None:
-        infos = tuple(GpuInfo(i, f"u{i}", model, 12288, 200, 100_000 + i) for i in range(n))
+        infos = tuple(
+            GpuInfo(i, f"u{i}", model, 12288, 200, 100_000 + i, measurement=healthy(model))
+            for i in range(n)
+        )
         version = "4.3.1" if runtime else ""
         self._apply(
             WorkerRegistered(self.now, worker, "f", worker, "1", infos, "", runtime, version)
@@ -192,7 +196,12 @@ def test_ledger_of_a_random_run_settles_each_ended_attempt_once():
     core.handle(FarmConfigured(0.0, FarmTerms("f", broker_fee_permille=150)))
     core.handle(
         WorkerRegistered(
-            0.0, "w", "f", "rig", "1", (GpuInfo(0, "u", "RTX 3090", 24576, 350, 1_000_000),)
+            0.0,
+            "w",
+            "f",
+            "rig",
+            "1",
+            (GpuInfo(0, "u", "RTX 3090", 24576, 350, 1_000_000, measurement=healthy()),),
         )
     )
     core.handle(JobSubmitted(0.0, "spot", "c", JobSpec(command=("x",), tier=Tier.SPOT)))

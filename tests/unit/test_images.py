@@ -17,7 +17,7 @@ from broker.model import GpuInfo, JobSpec, Tier
 from broker.scheduler import Rejection, place
 from broker.store.rows import spec_from_json, spec_to_json
 from broker.validation import check_image, check_job_spec, check_registry_auth
-from harness.broker_fixtures import make_job, make_snapshot, make_worker
+from harness.broker_fixtures import healthy, make_job, make_snapshot, make_worker
 from rigshift.v1 import job_pb2
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -235,7 +235,9 @@ def test_an_image_job_prefers_a_worker_holding_the_image(a, b, job, winner):
 
 
 def gpus(n: int, price: int = 300_000) -> tuple[GpuInfo, ...]:
-    return tuple(GpuInfo(i, f"u{i}", "RTX 3090", 24576, 350, price) for i in range(n))
+    return tuple(
+        GpuInfo(i, f"u{i}", "RTX 3090", 24576, 350, price, measurement=healthy()) for i in range(n)
+    )
 
 
 def register(core: BrokerCore, worker_id: str, runtime: str = "", price: int = 300_000) -> None:

@@ -177,3 +177,91 @@ def test_duration_estimator_falls_back_from_shape_to_owner_to_everyone() -> None
     assert est.estimate("a", 1) == 30  # median of 20, 30, 1000
     assert est.estimate("a", 8) == 30  # a's jobs of any size
     assert est.estimate("c", 1) == 30  # everyone's last three: 30, 1000, 7
+
+
+# --- issue 15: a fleet of riser and x16 rigs of one model and price --------------------------
+
+MIXED = {
+    "farms": [
+        {
+            "farm_id": "mixed",
+            "tariff_usd_per_kwh": "0.05",
+            "pue": "1.1",
+            "mining_usd_per_kwh": {"RTX 3090": "0.11"},
+            "ask_usd_per_gpu_hour": {"RTX 3090": "0.24"},
+            "rigs": [
+                {"model": "RTX 3090", "gpus": 8, "count": 2, "pcie_link_width": 1},
+                {"model": "RTX 3090", "gpus": 8, "count": 2, "pcie_gbps": 12.5},
+            ],
+        }
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(trace_csv: Path) -> tuple[tr.Trace, tr.Fleet]:
+    fleet = tr.build_fleet(MIXED)
+    return tr.load_trace(trace_csv, max_gang=fleet.max_gang), fleet
+
+
+def test_fleet_file_links() -> None:
+    rigs = tr.build_fleet(MIXED).rigs
+    assert [(r.pcie_link_width, r.pcie_mbps, r.link_mbps) for r in rigs] == [
+        (1, 0, 800),
+        (1, 0, 800),
+        (16, 12_500, 12_500),
+        (16, 12_500, 12_500),
+    ]
+
+
+@pytest.mark.parametrize("scoring", tr.SCORINGS)
+def test_lean_view_places_like_the_full_one_on_a_mixed_fleet(
+    mixed: tuple[tr.Trace, tr.Fleet], scoring: str
+) -> None:
+    trace, fleet = mixed
+    runs = [tr.replay(trace, fleet, "default", lean=lean, scoring=scoring)[1] for lean in (1, 0)]
+    lean, full = (
+        {j: [(a.worker_id, a.gpu_indices) for a in job.attempts] for j, job in c.jobs.items()}
+        for c in runs
+    )
+    assert lean == full
+
+
+def test_topology_scoring_sends_singles_to_risers_and_gangs_to_x16(
+    mixed: tuple[tr.Trace, tr.Fleet],
+) -> None:
+    trace, fleet = mixed
+    _, core = tr.replay(trace, fleet, "default", scoring="topology", gang_slowdown=2.0)
+    risers = {r.worker_id for r in fleet.rigs if r.pcie_link_width == 1}
+    # on a fleet with room, the first single GPU job goes to a riser, the first gang to x16
+    first_single = next(tj for tj in trace.jobs if tj.gpus == 1)
+    first_gang = next(tj for tj in trace.jobs if tj.gpus > 1)
+    assert core.jobs[first_single.job_id].attempts[0].worker_id in risers
+    assert core.jobs[first_gang.job_id].attempts[0].worker_id not in risers
+    for tj in trace.jobs:  # a gang on a riser ran twice its trace duration
+        a = core.jobs[tj.job_id].current
+        assert a is not None and a.start_time is not None and a.end_time is not None
+        slow = 2.0 if tj.gpus > 1 and a.worker_id in risers else 1.0
+        assert a.end_time - a.start_time == pytest.approx(tj.duration_s * slow)
+    assert ledger_problems(core.ledger, charges_of(core.jobs.values())) == []
+
+
+def test_command_line_runs_both_scorings(
+    trace_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    fleet = tmp_path / "mixed.json"
+    fleet.write_text(json.dumps(MIXED))
+    argv = [str(trace_csv), "--fleet", str(fleet), "--json", "--processes", "1"]
+    assert (
+        tr.main([*argv, "--policy", "default", "--scoring", "price", "--scoring", "topology"]) == 0
+    )
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["policies"]) == {"default/price", "default/topology"}
+    assert last["policies"]["default/topology"]["scoring"] == "topology"
+
+
+def test_the_riser_mix_fleet_file_loads() -> None:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fleets" / "riser_mix.json"
+    fleet = tr.build_fleet(json.loads(path.read_text()))
+    widths = {r.pcie_link_width for r in fleet.rigs}
+    assert widths == {1, 16} and fleet.gpus == 600
