@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rigshift/v1/farm.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x04\n\x04\x46\x61rm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x1d\n\x15tariff_micros_per_kwh\x18\x04 \x01(\x03\x12\x14\n\x0cpue_permille\x18\x05 \x01(\x05\x12\x18\n\x10\x65nrollment_token\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12H\n\x15mining_micros_per_kwh\x18\x08 \x03(\x0b\x32).rigshift.v1.Farm.MiningMicrosPerKwhEntry\x12K\n\x17\x61sk_micros_per_gpu_hour\x18\t \x03(\x0b\x32*.rigshift.v1.Farm.AskMicrosPerGpuHourEntry\x12\x1b\n\x13\x62roker_fee_permille\x18\n \x01(\x05\x12\"\n\x1amargin_micros_per_gpu_hour\x18\x0b \x01(\x03\x12\x31\n\x0etariff_windows\x18\x0c \x03(\x0b\x32\x19.rigshift.v1.TariffWindow\x12\'\n\x06\x66loors\x18\r \x03(\x0b\x32\x17.rigshift.v1.PriceFloor\x1a\x39\n\x17MiningMicrosPerKwhEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a:\n\x18\x41skMicrosPerGpuHourEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"L\n\x0cTariffWindow\x12\x12\n\nstart_hour\x18\x01 \x01(\x05\x12\x10\n\x08\x65nd_hour\x18\x02 \x01(\x05\x12\x16\n\x0emicros_per_kwh\x18\x03 \x01(\x03\"\x9e\x01\n\nPriceFloor\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\r\n\x05watts\x18\x02 \x01(\x05\x12\'\n\x1f\x65nergy_cost_micros_per_gpu_hour\x18\x03 \x01(\x03\x12\"\n\x1amining_micros_per_gpu_hour\x18\x04 \x01(\x03\x12!\n\x19\x66loor_micros_per_gpu_hour\x18\x05 \x01(\x03\"\xad\x03\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66\x61rm\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.rigshift.v1.Worker.State\x12\x37\n\x13last_heartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04gpus\x18\x07 \x03(\x0b\x32\x10.rigshift.v1.Gpu\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12\x1c\n\x14reliability_permille\x18\t \x01(\x05\x12\x38\n\x11\x63ontainer_runtime\x18\n \x01(\x0b\x32\x1d.rigshift.v1.ContainerRuntime\x12#\n\x04host\x18\x0b \x01(\x0b\x32\x15.rigshift.v1.HostInfo\"E\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\"F\n\x08HostInfo\x12\x0e\n\x06ram_mb\x18\x01 \x01(\x03\x12\x11\n\tcpu_cores\x18\x02 \x01(\x05\x12\x17\n\x0f\x64isk_write_mbps\x18\x03 \x01(\x05\"\xdc\x01\n\x0eGpuMeasurement\x12\x13\n\x0b\x66p16_gflops\x18\x01 \x01(\x03\x12\x13\n\x0b\x66p32_gflops\x18\x02 \x01(\x03\x12\x16\n\x0eusable_vram_mb\x18\x03 \x01(\x03\x12\x10\n\x08h2d_mbps\x18\x04 \x01(\x05\x12\x10\n\x08\x64\x32h_mbps\x18\x05 \x01(\x05\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x30\n\x0cmeasure_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\t \x01(\x03\"1\n\x10\x43ontainerRuntime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x91\x05\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07vram_mb\x18\x04 \x01(\x03\x12\x19\n\x11power_limit_watts\x18\x05 \x01(\x05\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.rigshift.v1.Gpu.State\x12!\n\x19price_micros_per_gpu_hour\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x17\n\x0fpcie_link_width\x18\t \x01(\x05\x12\x19\n\x11quarantine_reason\x18\n \x01(\t\x12\x33\n\x0fquarantine_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12reinstate_required\x18\x0c \x01(\x08\x12\x33\n\x0cverification\x18\r \x01(\x0e\x32\x1d.rigshift.v1.Gpu.Verification\x12\x1b\n\x13verification_reason\x18\x0e \x01(\t\x12\r\n\x05score\x18\x0f \x01(\x05\x12\x17\n\x0fpcie_generation\x18\x10 \x01(\x05\x12\x30\n\x0bmeasurement\x18\x11 \x01(\x0b\x32\x1b.rigshift.v1.GpuMeasurement\"Q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\n\n\x06LEASED\x10\x02\x12\n\n\x06MINING\x10\x03\x12\x0f\n\x0bQUARANTINED\x10\x04\"W\n\x0cVerification\x12\x1c\n\x18VERIFICATION_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0c\n\x08VERIFIED\x10\x02\x12\x0e\n\nUNVERIFIED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rigshift/v1/farm.proto\x12\x0brigshift.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x05\n\x04\x46\x61rm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x1d\n\x15tariff_micros_per_kwh\x18\x04 \x01(\x03\x12\x14\n\x0cpue_permille\x18\x05 \x01(\x05\x12\x18\n\x10\x65nrollment_token\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12H\n\x15mining_micros_per_kwh\x18\x08 \x03(\x0b\x32).rigshift.v1.Farm.MiningMicrosPerKwhEntry\x12K\n\x17\x61sk_micros_per_gpu_hour\x18\t \x03(\x0b\x32*.rigshift.v1.Farm.AskMicrosPerGpuHourEntry\x12\x1b\n\x13\x62roker_fee_permille\x18\n \x01(\x05\x12\"\n\x1amargin_micros_per_gpu_hour\x18\x0b \x01(\x03\x12\x31\n\x0etariff_windows\x18\x0c \x03(\x0b\x32\x19.rigshift.v1.TariffWindow\x12\'\n\x06\x66loors\x18\r \x03(\x0b\x32\x17.rigshift.v1.PriceFloor\x12.\n\x0cpower_policy\x18\x0e \x01(\x0e\x32\x18.rigshift.v1.PowerPolicy\x12\x1c\n\x14max_slowdown_percent\x18\x0f \x01(\x05\x12&\n\x1e\x64\x65mand_response_micros_per_mwh\x18\x10 \x01(\x03\x1a\x39\n\x17MiningMicrosPerKwhEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a:\n\x18\x41skMicrosPerGpuHourEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"J\n\nPowerPoint\x12\x13\n\x0blimit_watts\x18\x01 \x01(\x05\x12\x13\n\x0b\x66p16_gflops\x18\x02 \x01(\x03\x12\x12\n\ndraw_watts\x18\x03 \x01(\x05\"\xee\x02\n\x0b\x43urtailment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x12include_guaranteed\x18\x05 \x01(\x08\x12-\n\x05state\x18\x06 \x01(\x0e\x32\x1e.rigshift.v1.Curtailment.State\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x08 \x01(\t\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\r\n\tSCHEDULED\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\t\n\x05\x45NDED\x10\x03\x12\r\n\tCANCELLED\x10\x04\"L\n\x0cTariffWindow\x12\x12\n\nstart_hour\x18\x01 \x01(\x05\x12\x10\n\x08\x65nd_hour\x18\x02 \x01(\x05\x12\x16\n\x0emicros_per_kwh\x18\x03 \x01(\x03\"\x9e\x01\n\nPriceFloor\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\r\n\x05watts\x18\x02 \x01(\x05\x12\'\n\x1f\x65nergy_cost_micros_per_gpu_hour\x18\x03 \x01(\x03\x12\"\n\x1amining_micros_per_gpu_hour\x18\x04 \x01(\x03\x12!\n\x19\x66loor_micros_per_gpu_hour\x18\x05 \x01(\x03\"\xad\x03\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66\x61rm\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.rigshift.v1.Worker.State\x12\x37\n\x13last_heartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04gpus\x18\x07 \x03(\x0b\x32\x10.rigshift.v1.Gpu\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12\x1c\n\x14reliability_permille\x18\t \x01(\x05\x12\x38\n\x11\x63ontainer_runtime\x18\n \x01(\x0b\x32\x1d.rigshift.v1.ContainerRuntime\x12#\n\x04host\x18\x0b \x01(\x0b\x32\x15.rigshift.v1.HostInfo\"E\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\"F\n\x08HostInfo\x12\x0e\n\x06ram_mb\x18\x01 \x01(\x03\x12\x11\n\tcpu_cores\x18\x02 \x01(\x05\x12\x17\n\x0f\x64isk_write_mbps\x18\x03 \x01(\x05\"\xdc\x01\n\x0eGpuMeasurement\x12\x13\n\x0b\x66p16_gflops\x18\x01 \x01(\x03\x12\x13\n\x0b\x66p32_gflops\x18\x02 \x01(\x03\x12\x16\n\x0eusable_vram_mb\x18\x03 \x01(\x03\x12\x10\n\x08h2d_mbps\x18\x04 \x01(\x05\x12\x10\n\x08\x64\x32h_mbps\x18\x05 \x01(\x05\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x30\n\x0cmeasure_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\t \x01(\x03\"1\n\x10\x43ontainerRuntime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xdd\x05\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07vram_mb\x18\x04 \x01(\x03\x12\x19\n\x11power_limit_watts\x18\x05 \x01(\x05\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.rigshift.v1.Gpu.State\x12!\n\x19price_micros_per_gpu_hour\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x17\n\x0fpcie_link_width\x18\t \x01(\x05\x12\x19\n\x11quarantine_reason\x18\n \x01(\t\x12\x33\n\x0fquarantine_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12reinstate_required\x18\x0c \x01(\x08\x12\x33\n\x0cverification\x18\r \x01(\x0e\x32\x1d.rigshift.v1.Gpu.Verification\x12\x1b\n\x13verification_reason\x18\x0e \x01(\t\x12\r\n\x05score\x18\x0f \x01(\x05\x12\x17\n\x0fpcie_generation\x18\x10 \x01(\x05\x12\x30\n\x0bmeasurement\x18\x11 \x01(\x0b\x32\x1b.rigshift.v1.GpuMeasurement\x12,\n\x0bpower_curve\x18\x12 \x03(\x0b\x32\x17.rigshift.v1.PowerPoint\x12\x1c\n\x14\x61i_power_limit_watts\x18\x13 \x01(\x05\"Q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\n\n\x06LEASED\x10\x02\x12\n\n\x06MINING\x10\x03\x12\x0f\n\x0bQUARANTINED\x10\x04\"W\n\x0cVerification\x12\x1c\n\x18VERIFICATION_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0c\n\x08VERIFIED\x10\x02\x12\x0e\n\nUNVERIFIED\x10\x03*]\n\x0bPowerPolicy\x12\x1c\n\x18POWER_POLICY_UNSPECIFIED\x10\x00\x12\x14\n\x10POWER_POLICY_MAX\x10\x01\x12\x1a\n\x16POWER_POLICY_EFFICIENT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_options = b'8\001'
   _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._loaded_options = None
   _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_options = b'8\001'
+  _globals['_POWERPOLICY']._serialized_start=3004
+  _globals['_POWERPOLICY']._serialized_end=3097
   _globals['_FARM']._serialized_start=73
-  _globals['_FARM']._serialized_end=686
-  _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_start=569
-  _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_end=626
-  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_start=628
-  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_end=686
-  _globals['_TARIFFWINDOW']._serialized_start=688
-  _globals['_TARIFFWINDOW']._serialized_end=764
-  _globals['_PRICEFLOOR']._serialized_start=767
-  _globals['_PRICEFLOOR']._serialized_end=925
-  _globals['_WORKER']._serialized_start=928
-  _globals['_WORKER']._serialized_end=1357
-  _globals['_WORKER_STATE']._serialized_start=1288
-  _globals['_WORKER_STATE']._serialized_end=1357
-  _globals['_HOSTINFO']._serialized_start=1359
-  _globals['_HOSTINFO']._serialized_end=1429
-  _globals['_GPUMEASUREMENT']._serialized_start=1432
-  _globals['_GPUMEASUREMENT']._serialized_end=1652
-  _globals['_CONTAINERRUNTIME']._serialized_start=1654
-  _globals['_CONTAINERRUNTIME']._serialized_end=1703
-  _globals['_GPU']._serialized_start=1706
-  _globals['_GPU']._serialized_end=2363
-  _globals['_GPU_STATE']._serialized_start=2193
-  _globals['_GPU_STATE']._serialized_end=2274
-  _globals['_GPU_VERIFICATION']._serialized_start=2276
-  _globals['_GPU_VERIFICATION']._serialized_end=2363
+  _globals['_FARM']._serialized_end=804
+  _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_start=687
+  _globals['_FARM_MININGMICROSPERKWHENTRY']._serialized_end=744
+  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_start=746
+  _globals['_FARM_ASKMICROSPERGPUHOURENTRY']._serialized_end=804
+  _globals['_POWERPOINT']._serialized_start=806
+  _globals['_POWERPOINT']._serialized_end=880
+  _globals['_CURTAILMENT']._serialized_start=883
+  _globals['_CURTAILMENT']._serialized_end=1249
+  _globals['_CURTAILMENT_STATE']._serialized_start=1166
+  _globals['_CURTAILMENT_STATE']._serialized_end=1249
+  _globals['_TARIFFWINDOW']._serialized_start=1251
+  _globals['_TARIFFWINDOW']._serialized_end=1327
+  _globals['_PRICEFLOOR']._serialized_start=1330
+  _globals['_PRICEFLOOR']._serialized_end=1488
+  _globals['_WORKER']._serialized_start=1491
+  _globals['_WORKER']._serialized_end=1920
+  _globals['_WORKER_STATE']._serialized_start=1851
+  _globals['_WORKER_STATE']._serialized_end=1920
+  _globals['_HOSTINFO']._serialized_start=1922
+  _globals['_HOSTINFO']._serialized_end=1992
+  _globals['_GPUMEASUREMENT']._serialized_start=1995
+  _globals['_GPUMEASUREMENT']._serialized_end=2215
+  _globals['_CONTAINERRUNTIME']._serialized_start=2217
+  _globals['_CONTAINERRUNTIME']._serialized_end=2266
+  _globals['_GPU']._serialized_start=2269
+  _globals['_GPU']._serialized_end=3002
+  _globals['_GPU_STATE']._serialized_start=2832
+  _globals['_GPU_STATE']._serialized_end=2913
+  _globals['_GPU_VERIFICATION']._serialized_start=2915
+  _globals['_GPU_VERIFICATION']._serialized_end=3002
 # @@protoc_insertion_point(module_scope)

@@ -10,8 +10,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PowerPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POWER_POLICY_UNSPECIFIED: _ClassVar[PowerPolicy]
+    POWER_POLICY_MAX: _ClassVar[PowerPolicy]
+    POWER_POLICY_EFFICIENT: _ClassVar[PowerPolicy]
+POWER_POLICY_UNSPECIFIED: PowerPolicy
+POWER_POLICY_MAX: PowerPolicy
+POWER_POLICY_EFFICIENT: PowerPolicy
+
 class Farm(_message.Message):
-    __slots__ = ("name", "display_name", "region", "tariff_micros_per_kwh", "pue_permille", "enrollment_token", "create_time", "mining_micros_per_kwh", "ask_micros_per_gpu_hour", "broker_fee_permille", "margin_micros_per_gpu_hour", "tariff_windows", "floors")
+    __slots__ = ("name", "display_name", "region", "tariff_micros_per_kwh", "pue_permille", "enrollment_token", "create_time", "mining_micros_per_kwh", "ask_micros_per_gpu_hour", "broker_fee_permille", "margin_micros_per_gpu_hour", "tariff_windows", "floors", "power_policy", "max_slowdown_percent", "demand_response_micros_per_mwh")
     class MiningMicrosPerKwhEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +48,9 @@ class Farm(_message.Message):
     MARGIN_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
     TARIFF_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     FLOORS_FIELD_NUMBER: _ClassVar[int]
+    POWER_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_SLOWDOWN_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RESPONSE_MICROS_PER_MWH_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     region: str
@@ -52,7 +64,52 @@ class Farm(_message.Message):
     margin_micros_per_gpu_hour: int
     tariff_windows: _containers.RepeatedCompositeFieldContainer[TariffWindow]
     floors: _containers.RepeatedCompositeFieldContainer[PriceFloor]
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., region: _Optional[str] = ..., tariff_micros_per_kwh: _Optional[int] = ..., pue_permille: _Optional[int] = ..., enrollment_token: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mining_micros_per_kwh: _Optional[_Mapping[str, int]] = ..., ask_micros_per_gpu_hour: _Optional[_Mapping[str, int]] = ..., broker_fee_permille: _Optional[int] = ..., margin_micros_per_gpu_hour: _Optional[int] = ..., tariff_windows: _Optional[_Iterable[_Union[TariffWindow, _Mapping]]] = ..., floors: _Optional[_Iterable[_Union[PriceFloor, _Mapping]]] = ...) -> None: ...
+    power_policy: PowerPolicy
+    max_slowdown_percent: int
+    demand_response_micros_per_mwh: int
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., region: _Optional[str] = ..., tariff_micros_per_kwh: _Optional[int] = ..., pue_permille: _Optional[int] = ..., enrollment_token: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mining_micros_per_kwh: _Optional[_Mapping[str, int]] = ..., ask_micros_per_gpu_hour: _Optional[_Mapping[str, int]] = ..., broker_fee_permille: _Optional[int] = ..., margin_micros_per_gpu_hour: _Optional[int] = ..., tariff_windows: _Optional[_Iterable[_Union[TariffWindow, _Mapping]]] = ..., floors: _Optional[_Iterable[_Union[PriceFloor, _Mapping]]] = ..., power_policy: _Optional[_Union[PowerPolicy, str]] = ..., max_slowdown_percent: _Optional[int] = ..., demand_response_micros_per_mwh: _Optional[int] = ...) -> None: ...
+
+class PowerPoint(_message.Message):
+    __slots__ = ("limit_watts", "fp16_gflops", "draw_watts")
+    LIMIT_WATTS_FIELD_NUMBER: _ClassVar[int]
+    FP16_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    DRAW_WATTS_FIELD_NUMBER: _ClassVar[int]
+    limit_watts: int
+    fp16_gflops: int
+    draw_watts: int
+    def __init__(self, limit_watts: _Optional[int] = ..., fp16_gflops: _Optional[int] = ..., draw_watts: _Optional[int] = ...) -> None: ...
+
+class Curtailment(_message.Message):
+    __slots__ = ("name", "start_time", "end_time", "reason", "include_guaranteed", "state", "create_time", "created_by")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Curtailment.State]
+        SCHEDULED: _ClassVar[Curtailment.State]
+        ACTIVE: _ClassVar[Curtailment.State]
+        ENDED: _ClassVar[Curtailment.State]
+        CANCELLED: _ClassVar[Curtailment.State]
+    STATE_UNSPECIFIED: Curtailment.State
+    SCHEDULED: Curtailment.State
+    ACTIVE: Curtailment.State
+    ENDED: Curtailment.State
+    CANCELLED: Curtailment.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GUARANTEED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    reason: str
+    include_guaranteed: bool
+    state: Curtailment.State
+    create_time: _timestamp_pb2.Timestamp
+    created_by: str
+    def __init__(self, name: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., include_guaranteed: _Optional[bool] = ..., state: _Optional[_Union[Curtailment.State, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
 
 class TariffWindow(_message.Message):
     __slots__ = ("start_hour", "end_hour", "micros_per_kwh")
@@ -155,7 +212,7 @@ class ContainerRuntime(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "state", "price_micros_per_gpu_hour", "job", "pcie_link_width", "quarantine_reason", "quarantine_time", "reinstate_required", "verification", "verification_reason", "score", "pcie_generation", "measurement")
+    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "state", "price_micros_per_gpu_hour", "job", "pcie_link_width", "quarantine_reason", "quarantine_time", "reinstate_required", "verification", "verification_reason", "score", "pcie_generation", "measurement", "power_curve", "ai_power_limit_watts")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Gpu.State]
@@ -195,6 +252,8 @@ class Gpu(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     PCIE_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENT_FIELD_NUMBER: _ClassVar[int]
+    POWER_CURVE_FIELD_NUMBER: _ClassVar[int]
+    AI_POWER_LIMIT_WATTS_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     model: str
@@ -212,4 +271,6 @@ class Gpu(_message.Message):
     score: int
     pcie_generation: int
     measurement: GpuMeasurement
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., state: _Optional[_Union[Gpu.State, str]] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., job: _Optional[str] = ..., pcie_link_width: _Optional[int] = ..., quarantine_reason: _Optional[str] = ..., quarantine_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reinstate_required: _Optional[bool] = ..., verification: _Optional[_Union[Gpu.Verification, str]] = ..., verification_reason: _Optional[str] = ..., score: _Optional[int] = ..., pcie_generation: _Optional[int] = ..., measurement: _Optional[_Union[GpuMeasurement, _Mapping]] = ...) -> None: ...
+    power_curve: _containers.RepeatedCompositeFieldContainer[PowerPoint]
+    ai_power_limit_watts: int
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., state: _Optional[_Union[Gpu.State, str]] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., job: _Optional[str] = ..., pcie_link_width: _Optional[int] = ..., quarantine_reason: _Optional[str] = ..., quarantine_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reinstate_required: _Optional[bool] = ..., verification: _Optional[_Union[Gpu.Verification, str]] = ..., verification_reason: _Optional[str] = ..., score: _Optional[int] = ..., pcie_generation: _Optional[int] = ..., measurement: _Optional[_Union[GpuMeasurement, _Mapping]] = ..., power_curve: _Optional[_Iterable[_Union[PowerPoint, _Mapping]]] = ..., ai_power_limit_watts: _Optional[int] = ...) -> None: ...

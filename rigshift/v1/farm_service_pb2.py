@@ -27,35 +27,43 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rigshift.v1 import farm_pb2 as rigshift_dot_v1_dot_farm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erigshift/v1/farm_service.proto\x12\x0brigshift.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16rigshift/v1/farm.proto\"8\n\x13ReinstateGpuRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"e\n\x11UpdateFarmRequest\x12\x1f\n\x04\x66\x61rm\x18\x01 \x01(\x0b\x32\x11.rigshift.v1.Farm\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\xce\x01\n\x12GetEarningsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x08group_by\x18\x03 \x01(\x0e\x32\'.rigshift.v1.GetEarningsRequest.GroupBy\"B\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46\x41RM\x10\x01\x12\n\n\x06WORKER\x10\x02\x12\x07\n\x03GPU\x10\x03\"\xaa\x02\n\x0b\x45\x61rningsRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x66\x61rm\x18\x02 \x01(\t\x12\x11\n\tgpu_model\x18\x03 \x01(\t\x12\x18\n\x10gpu_milliseconds\x18\x04 \x01(\x03\x12\x15\n\renergy_joules\x18\x05 \x01(\x03\x12\x0b\n\x03kwh\x18\x06 \x01(\x01\x12\x16\n\x0erevenue_micros\x18\x07 \x01(\x03\x12\x1a\n\x12\x65nergy_cost_micros\x18\x08 \x01(\x03\x12\x15\n\rmargin_micros\x18\t \x01(\x03\x12\x1b\n\x13revenue_usd_per_kwh\x18\n \x01(\x01\x12\x1a\n\x12mining_usd_per_kwh\x18\x0b \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x19\n\x11\x66\x61rm_display_name\x18\r \x01(\t\"=\n\x13GetEarningsResponse\x12&\n\x04rows\x18\x01 \x03(\x0b\x32\x18.rigshift.v1.EarningsRow\"4\n\x11\x43reateFarmRequest\x12\x1f\n\x04\x66\x61rm\x18\x01 \x01(\x0b\x32\x11.rigshift.v1.Farm\"\x1e\n\x0eGetFarmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x12ListWorkersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.rigshift.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x44rainWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xfa\x03\n\x0b\x46\x61rmService\x12?\n\nCreateFarm\x12\x1e.rigshift.v1.CreateFarmRequest\x1a\x11.rigshift.v1.Farm\x12\x39\n\x07GetFarm\x12\x1b.rigshift.v1.GetFarmRequest\x1a\x11.rigshift.v1.Farm\x12P\n\x0bListWorkers\x12\x1f.rigshift.v1.ListWorkersRequest\x1a .rigshift.v1.ListWorkersResponse\x12\x43\n\x0b\x44rainWorker\x12\x1f.rigshift.v1.DrainWorkerRequest\x1a\x13.rigshift.v1.Worker\x12?\n\nUpdateFarm\x12\x1e.rigshift.v1.UpdateFarmRequest\x1a\x11.rigshift.v1.Farm\x12P\n\x0bGetEarnings\x12\x1f.rigshift.v1.GetEarningsRequest\x1a .rigshift.v1.GetEarningsResponse\x12\x45\n\x0cReinstateGpu\x12 .rigshift.v1.ReinstateGpuRequest\x1a\x13.rigshift.v1.Workerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erigshift/v1/farm_service.proto\x12\x0brigshift.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16rigshift/v1/farm.proto\"\x9e\x01\n\x18\x43reateCurtailmentRequest\x12\x0c\n\x04\x66\x61rm\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x12include_guaranteed\x18\x05 \x01(\x08\"=\n\x17ListCurtailmentsRequest\x12\x0c\n\x04\x66\x61rm\x18\x01 \x01(\t\x12\x14\n\x0cinclude_past\x18\x02 \x01(\x08\"J\n\x18ListCurtailmentsResponse\x12.\n\x0c\x63urtailments\x18\x01 \x03(\x0b\x32\x18.rigshift.v1.Curtailment\"(\n\x18\x43\x61ncelCurtailmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x13ReinstateGpuRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"e\n\x11UpdateFarmRequest\x12\x1f\n\x04\x66\x61rm\x18\x01 \x01(\x0b\x32\x11.rigshift.v1.Farm\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\xce\x01\n\x12GetEarningsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x08group_by\x18\x03 \x01(\x0e\x32\'.rigshift.v1.GetEarningsRequest.GroupBy\"B\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46\x41RM\x10\x01\x12\n\n\x06WORKER\x10\x02\x12\x07\n\x03GPU\x10\x03\"\xce\x03\n\x0b\x45\x61rningsRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x66\x61rm\x18\x02 \x01(\t\x12\x11\n\tgpu_model\x18\x03 \x01(\t\x12\x18\n\x10gpu_milliseconds\x18\x04 \x01(\x03\x12\x15\n\renergy_joules\x18\x05 \x01(\x03\x12\x0b\n\x03kwh\x18\x06 \x01(\x01\x12\x16\n\x0erevenue_micros\x18\x07 \x01(\x03\x12\x1a\n\x12\x65nergy_cost_micros\x18\x08 \x01(\x03\x12\x15\n\rmargin_micros\x18\t \x01(\x03\x12\x1b\n\x13revenue_usd_per_kwh\x18\n \x01(\x01\x12\x1a\n\x12mining_usd_per_kwh\x18\x0b \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x19\n\x11\x66\x61rm_display_name\x18\r \x01(\t\x12\x1b\n\x13\x65nergy_saved_joules\x18\x0e \x01(\x03\x12 \n\x18\x65nergy_cost_saved_micros\x18\x0f \x01(\x03\x12\"\n\x1a\x63urtailed_gpu_milliseconds\x18\x10 \x01(\x03\x12\x1f\n\x17\x63urtailed_energy_joules\x18\x11 \x01(\x03\x12\x1e\n\x16\x64\x65mand_response_micros\x18\x12 \x01(\x03\"=\n\x13GetEarningsResponse\x12&\n\x04rows\x18\x01 \x03(\x0b\x32\x18.rigshift.v1.EarningsRow\"4\n\x11\x43reateFarmRequest\x12\x1f\n\x04\x66\x61rm\x18\x01 \x01(\x0b\x32\x11.rigshift.v1.Farm\"\x1e\n\x0eGetFarmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x12ListWorkersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.rigshift.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x44rainWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\x87\x06\n\x0b\x46\x61rmService\x12?\n\nCreateFarm\x12\x1e.rigshift.v1.CreateFarmRequest\x1a\x11.rigshift.v1.Farm\x12\x39\n\x07GetFarm\x12\x1b.rigshift.v1.GetFarmRequest\x1a\x11.rigshift.v1.Farm\x12P\n\x0bListWorkers\x12\x1f.rigshift.v1.ListWorkersRequest\x1a .rigshift.v1.ListWorkersResponse\x12\x43\n\x0b\x44rainWorker\x12\x1f.rigshift.v1.DrainWorkerRequest\x1a\x13.rigshift.v1.Worker\x12?\n\nUpdateFarm\x12\x1e.rigshift.v1.UpdateFarmRequest\x1a\x11.rigshift.v1.Farm\x12P\n\x0bGetEarnings\x12\x1f.rigshift.v1.GetEarningsRequest\x1a .rigshift.v1.GetEarningsResponse\x12\x45\n\x0cReinstateGpu\x12 .rigshift.v1.ReinstateGpuRequest\x1a\x13.rigshift.v1.Worker\x12T\n\x11\x43reateCurtailment\x12%.rigshift.v1.CreateCurtailmentRequest\x1a\x18.rigshift.v1.Curtailment\x12_\n\x10ListCurtailments\x12$.rigshift.v1.ListCurtailmentsRequest\x1a%.rigshift.v1.ListCurtailmentsResponse\x12T\n\x11\x43\x61ncelCurtailment\x12%.rigshift.v1.CancelCurtailmentRequest\x1a\x18.rigshift.v1.Curtailmentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rigshift.v1.farm_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REINSTATEGPUREQUEST']._serialized_start=138
-  _globals['_REINSTATEGPUREQUEST']._serialized_end=194
-  _globals['_UPDATEFARMREQUEST']._serialized_start=196
-  _globals['_UPDATEFARMREQUEST']._serialized_end=297
-  _globals['_GETEARNINGSREQUEST']._serialized_start=300
-  _globals['_GETEARNINGSREQUEST']._serialized_end=506
-  _globals['_GETEARNINGSREQUEST_GROUPBY']._serialized_start=440
-  _globals['_GETEARNINGSREQUEST_GROUPBY']._serialized_end=506
-  _globals['_EARNINGSROW']._serialized_start=509
-  _globals['_EARNINGSROW']._serialized_end=807
-  _globals['_GETEARNINGSRESPONSE']._serialized_start=809
-  _globals['_GETEARNINGSRESPONSE']._serialized_end=870
-  _globals['_CREATEFARMREQUEST']._serialized_start=872
-  _globals['_CREATEFARMREQUEST']._serialized_end=924
-  _globals['_GETFARMREQUEST']._serialized_start=926
-  _globals['_GETFARMREQUEST']._serialized_end=956
-  _globals['_LISTWORKERSREQUEST']._serialized_start=958
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1033
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1035
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1119
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1121
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1155
-  _globals['_FARMSERVICE']._serialized_start=1158
-  _globals['_FARMSERVICE']._serialized_end=1664
+  _globals['_CREATECURTAILMENTREQUEST']._serialized_start=139
+  _globals['_CREATECURTAILMENTREQUEST']._serialized_end=297
+  _globals['_LISTCURTAILMENTSREQUEST']._serialized_start=299
+  _globals['_LISTCURTAILMENTSREQUEST']._serialized_end=360
+  _globals['_LISTCURTAILMENTSRESPONSE']._serialized_start=362
+  _globals['_LISTCURTAILMENTSRESPONSE']._serialized_end=436
+  _globals['_CANCELCURTAILMENTREQUEST']._serialized_start=438
+  _globals['_CANCELCURTAILMENTREQUEST']._serialized_end=478
+  _globals['_REINSTATEGPUREQUEST']._serialized_start=480
+  _globals['_REINSTATEGPUREQUEST']._serialized_end=536
+  _globals['_UPDATEFARMREQUEST']._serialized_start=538
+  _globals['_UPDATEFARMREQUEST']._serialized_end=639
+  _globals['_GETEARNINGSREQUEST']._serialized_start=642
+  _globals['_GETEARNINGSREQUEST']._serialized_end=848
+  _globals['_GETEARNINGSREQUEST_GROUPBY']._serialized_start=782
+  _globals['_GETEARNINGSREQUEST_GROUPBY']._serialized_end=848
+  _globals['_EARNINGSROW']._serialized_start=851
+  _globals['_EARNINGSROW']._serialized_end=1313
+  _globals['_GETEARNINGSRESPONSE']._serialized_start=1315
+  _globals['_GETEARNINGSRESPONSE']._serialized_end=1376
+  _globals['_CREATEFARMREQUEST']._serialized_start=1378
+  _globals['_CREATEFARMREQUEST']._serialized_end=1430
+  _globals['_GETFARMREQUEST']._serialized_start=1432
+  _globals['_GETFARMREQUEST']._serialized_end=1462
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1464
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1539
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1541
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1625
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1627
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1661
+  _globals['_FARMSERVICE']._serialized_start=1664
+  _globals['_FARMSERVICE']._serialized_end=2439
 # @@protoc_insertion_point(module_scope)

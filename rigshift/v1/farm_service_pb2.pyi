@@ -12,6 +12,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CreateCurtailmentRequest(_message.Message):
+    __slots__ = ("farm", "start_time", "duration_seconds", "reason", "include_guaranteed")
+    FARM_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GUARANTEED_FIELD_NUMBER: _ClassVar[int]
+    farm: str
+    start_time: _timestamp_pb2.Timestamp
+    duration_seconds: int
+    reason: str
+    include_guaranteed: bool
+    def __init__(self, farm: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_seconds: _Optional[int] = ..., reason: _Optional[str] = ..., include_guaranteed: _Optional[bool] = ...) -> None: ...
+
+class ListCurtailmentsRequest(_message.Message):
+    __slots__ = ("farm", "include_past")
+    FARM_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PAST_FIELD_NUMBER: _ClassVar[int]
+    farm: str
+    include_past: bool
+    def __init__(self, farm: _Optional[str] = ..., include_past: _Optional[bool] = ...) -> None: ...
+
+class ListCurtailmentsResponse(_message.Message):
+    __slots__ = ("curtailments",)
+    CURTAILMENTS_FIELD_NUMBER: _ClassVar[int]
+    curtailments: _containers.RepeatedCompositeFieldContainer[_farm_pb2.Curtailment]
+    def __init__(self, curtailments: _Optional[_Iterable[_Union[_farm_pb2.Curtailment, _Mapping]]] = ...) -> None: ...
+
+class CancelCurtailmentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class ReinstateGpuRequest(_message.Message):
     __slots__ = ("worker", "gpu_index")
     WORKER_FIELD_NUMBER: _ClassVar[int]
@@ -49,7 +83,7 @@ class GetEarningsRequest(_message.Message):
     def __init__(self, parent: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Union[GetEarningsRequest.GroupBy, str]] = ...) -> None: ...
 
 class EarningsRow(_message.Message):
-    __slots__ = ("key", "farm", "gpu_model", "gpu_milliseconds", "energy_joules", "kwh", "revenue_micros", "energy_cost_micros", "margin_micros", "revenue_usd_per_kwh", "mining_usd_per_kwh", "attempts", "farm_display_name")
+    __slots__ = ("key", "farm", "gpu_model", "gpu_milliseconds", "energy_joules", "kwh", "revenue_micros", "energy_cost_micros", "margin_micros", "revenue_usd_per_kwh", "mining_usd_per_kwh", "attempts", "farm_display_name", "energy_saved_joules", "energy_cost_saved_micros", "curtailed_gpu_milliseconds", "curtailed_energy_joules", "demand_response_micros")
     KEY_FIELD_NUMBER: _ClassVar[int]
     FARM_FIELD_NUMBER: _ClassVar[int]
     GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +97,11 @@ class EarningsRow(_message.Message):
     MINING_USD_PER_KWH_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     FARM_DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SAVED_JOULES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_COST_SAVED_MICROS_FIELD_NUMBER: _ClassVar[int]
+    CURTAILED_GPU_MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
+    CURTAILED_ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RESPONSE_MICROS_FIELD_NUMBER: _ClassVar[int]
     key: str
     farm: str
     gpu_model: str
@@ -76,7 +115,12 @@ class EarningsRow(_message.Message):
     mining_usd_per_kwh: float
     attempts: int
     farm_display_name: str
-    def __init__(self, key: _Optional[str] = ..., farm: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpu_milliseconds: _Optional[int] = ..., energy_joules: _Optional[int] = ..., kwh: _Optional[float] = ..., revenue_micros: _Optional[int] = ..., energy_cost_micros: _Optional[int] = ..., margin_micros: _Optional[int] = ..., revenue_usd_per_kwh: _Optional[float] = ..., mining_usd_per_kwh: _Optional[float] = ..., attempts: _Optional[int] = ..., farm_display_name: _Optional[str] = ...) -> None: ...
+    energy_saved_joules: int
+    energy_cost_saved_micros: int
+    curtailed_gpu_milliseconds: int
+    curtailed_energy_joules: int
+    demand_response_micros: int
+    def __init__(self, key: _Optional[str] = ..., farm: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpu_milliseconds: _Optional[int] = ..., energy_joules: _Optional[int] = ..., kwh: _Optional[float] = ..., revenue_micros: _Optional[int] = ..., energy_cost_micros: _Optional[int] = ..., margin_micros: _Optional[int] = ..., revenue_usd_per_kwh: _Optional[float] = ..., mining_usd_per_kwh: _Optional[float] = ..., attempts: _Optional[int] = ..., farm_display_name: _Optional[str] = ..., energy_saved_joules: _Optional[int] = ..., energy_cost_saved_micros: _Optional[int] = ..., curtailed_gpu_milliseconds: _Optional[int] = ..., curtailed_energy_joules: _Optional[int] = ..., demand_response_micros: _Optional[int] = ...) -> None: ...
 
 class GetEarningsResponse(_message.Message):
     __slots__ = ("rows",)

@@ -71,6 +71,21 @@ class FarmServiceStub:
                 request_serializer=rigshift_dot_v1_dot_farm__service__pb2.ReinstateGpuRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_farm__pb2.Worker.FromString,
                 _registered_method=True)
+        self.CreateCurtailment = channel.unary_unary(
+                '/rigshift.v1.FarmService/CreateCurtailment',
+                request_serializer=rigshift_dot_v1_dot_farm__service__pb2.CreateCurtailmentRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_farm__pb2.Curtailment.FromString,
+                _registered_method=True)
+        self.ListCurtailments = channel.unary_unary(
+                '/rigshift.v1.FarmService/ListCurtailments',
+                request_serializer=rigshift_dot_v1_dot_farm__service__pb2.ListCurtailmentsRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_farm__service__pb2.ListCurtailmentsResponse.FromString,
+                _registered_method=True)
+        self.CancelCurtailment = channel.unary_unary(
+                '/rigshift.v1.FarmService/CancelCurtailment',
+                request_serializer=rigshift_dot_v1_dot_farm__service__pb2.CancelCurtailmentRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_farm__pb2.Curtailment.FromString,
+                _registered_method=True)
 
 
 class FarmServiceServicer:
@@ -130,6 +145,28 @@ class FarmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCurtailment(self, request, context):
+        """Schedules a curtailment window on a farm (the farm's operator or an admin; a
+        utility or aggregator signal can call it with an operator key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCurtailments(self, request, context):
+        """Lists a farm's curtailment windows, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelCurtailment(self, request, context):
+        """Cancels a window that has not ended (the farm's operator or an admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FarmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +204,21 @@ def add_FarmServiceServicer_to_server(servicer, server):
                     servicer.ReinstateGpu,
                     request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.ReinstateGpuRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_farm__pb2.Worker.SerializeToString,
+            ),
+            'CreateCurtailment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCurtailment,
+                    request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.CreateCurtailmentRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_farm__pb2.Curtailment.SerializeToString,
+            ),
+            'ListCurtailments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCurtailments,
+                    request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.ListCurtailmentsRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_farm__service__pb2.ListCurtailmentsResponse.SerializeToString,
+            ),
+            'CancelCurtailment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelCurtailment,
+                    request_deserializer=rigshift_dot_v1_dot_farm__service__pb2.CancelCurtailmentRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_farm__pb2.Curtailment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +411,87 @@ class FarmService:
             '/rigshift.v1.FarmService/ReinstateGpu',
             rigshift_dot_v1_dot_farm__service__pb2.ReinstateGpuRequest.SerializeToString,
             rigshift_dot_v1_dot_farm__pb2.Worker.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCurtailment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.FarmService/CreateCurtailment',
+            rigshift_dot_v1_dot_farm__service__pb2.CreateCurtailmentRequest.SerializeToString,
+            rigshift_dot_v1_dot_farm__pb2.Curtailment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCurtailments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.FarmService/ListCurtailments',
+            rigshift_dot_v1_dot_farm__service__pb2.ListCurtailmentsRequest.SerializeToString,
+            rigshift_dot_v1_dot_farm__service__pb2.ListCurtailmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelCurtailment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rigshift.v1.FarmService/CancelCurtailment',
+            rigshift_dot_v1_dot_farm__service__pb2.CancelCurtailmentRequest.SerializeToString,
+            rigshift_dot_v1_dot_farm__pb2.Curtailment.FromString,
             options,
             channel_credentials,
             insecure,

@@ -216,11 +216,13 @@ class SlaEvent(_message.Message):
         INTERRUPTION: _ClassVar[SlaEvent.Kind]
         LOST_WORK: _ClassVar[SlaEvent.Kind]
         HEARTBEAT_GAP: _ClassVar[SlaEvent.Kind]
+        CURTAILED: _ClassVar[SlaEvent.Kind]
     KIND_UNSPECIFIED: SlaEvent.Kind
     START_DEADLINE_MISSED: SlaEvent.Kind
     INTERRUPTION: SlaEvent.Kind
     LOST_WORK: SlaEvent.Kind
     HEARTBEAT_GAP: SlaEvent.Kind
+    CURTAILED: SlaEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]

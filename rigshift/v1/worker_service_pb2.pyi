@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GpuInfo(_message.Message):
-    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "price_micros_per_gpu_hour", "pcie_link_width", "pcie_generation", "measurement", "health")
+    __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "price_micros_per_gpu_hour", "pcie_link_width", "pcie_generation", "measurement", "health", "power_curve", "power_limit_settable")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class GpuInfo(_message.Message):
     PCIE_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENT_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    POWER_CURVE_FIELD_NUMBER: _ClassVar[int]
+    POWER_LIMIT_SETTABLE_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     model: str
@@ -33,7 +35,9 @@ class GpuInfo(_message.Message):
     pcie_generation: int
     measurement: _farm_pb2.GpuMeasurement
     health: GpuHealth
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., pcie_link_width: _Optional[int] = ..., pcie_generation: _Optional[int] = ..., measurement: _Optional[_Union[_farm_pb2.GpuMeasurement, _Mapping]] = ..., health: _Optional[_Union[GpuHealth, _Mapping]] = ...) -> None: ...
+    power_curve: _containers.RepeatedCompositeFieldContainer[_farm_pb2.PowerPoint]
+    power_limit_settable: bool
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., vram_mb: _Optional[int] = ..., power_limit_watts: _Optional[int] = ..., price_micros_per_gpu_hour: _Optional[int] = ..., pcie_link_width: _Optional[int] = ..., pcie_generation: _Optional[int] = ..., measurement: _Optional[_Union[_farm_pb2.GpuMeasurement, _Mapping]] = ..., health: _Optional[_Union[GpuHealth, _Mapping]] = ..., power_curve: _Optional[_Iterable[_Union[_farm_pb2.PowerPoint, _Mapping]]] = ..., power_limit_settable: _Optional[bool] = ...) -> None: ...
 
 class GpuHealth(_message.Message):
     __slots__ = ("index", "quarantined", "reason", "since", "strikes", "reinstate_required", "measurement")
@@ -128,36 +132,52 @@ class StreamInstructionsRequest(_message.Message):
     def __init__(self, worker: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("reconcile", "assignment", "cancellation", "reinstate")
+    __slots__ = ("reconcile", "assignment", "cancellation", "reinstate", "curtail")
     RECONCILE_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CANCELLATION_FIELD_NUMBER: _ClassVar[int]
     REINSTATE_FIELD_NUMBER: _ClassVar[int]
+    CURTAIL_FIELD_NUMBER: _ClassVar[int]
     reconcile: Reconcile
     assignment: Assignment
     cancellation: Cancellation
     reinstate: Reinstate
-    def __init__(self, reconcile: _Optional[_Union[Reconcile, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancellation: _Optional[_Union[Cancellation, _Mapping]] = ..., reinstate: _Optional[_Union[Reinstate, _Mapping]] = ...) -> None: ...
+    curtail: Curtail
+    def __init__(self, reconcile: _Optional[_Union[Reconcile, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancellation: _Optional[_Union[Cancellation, _Mapping]] = ..., reinstate: _Optional[_Union[Reinstate, _Mapping]] = ..., curtail: _Optional[_Union[Curtail, _Mapping]] = ...) -> None: ...
 
 class Reconcile(_message.Message):
-    __slots__ = ("assignments",)
+    __slots__ = ("assignments", "curtail")
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    CURTAIL_FIELD_NUMBER: _ClassVar[int]
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
-    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
+    curtail: Curtail
+    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., curtail: _Optional[_Union[Curtail, _Mapping]] = ...) -> None: ...
+
+class Curtail(_message.Message):
+    __slots__ = ("active", "end_time", "reason")
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    active: bool
+    end_time: _timestamp_pb2.Timestamp
+    reason: str
+    def __init__(self, active: _Optional[bool] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("job", "attempt", "spec", "gpu_indices", "checkpoint_sha256")
+    __slots__ = ("job", "attempt", "spec", "gpu_indices", "checkpoint_sha256", "power_limit_watts")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    POWER_LIMIT_WATTS_FIELD_NUMBER: _ClassVar[int]
     job: str
     attempt: int
     spec: AssignedSpec
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
     checkpoint_sha256: str
-    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[AssignedSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., checkpoint_sha256: _Optional[str] = ...) -> None: ...
+    power_limit_watts: int
+    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[AssignedSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., checkpoint_sha256: _Optional[str] = ..., power_limit_watts: _Optional[int] = ...) -> None: ...
 
 class AssignedSpec(_message.Message):
     __slots__ = ("command", "env", "working_dir_sha256", "max_duration_seconds", "python_requirements", "requirements_sha256", "inputs", "max_output_bytes", "image", "registry_auth")
