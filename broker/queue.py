@@ -173,24 +173,36 @@ class Capacities:
         self.fleet = FleetIndex()
 
     def slots(self, worker: Worker) -> tuple[GpuSlot, ...]:
-        """The worker's GPUs as they are now, in index order (interned values)."""
+        """The worker's GPUs as they are now, in index order (interned values).
+
+        The GPUs of one model (VRAM, ask and verification) on one rig are shown at the
+        weakest one's score and link: a gang runs at the pace of its slowest GPU, and
+        GPUs that differ by the self-test's noise must not split the rig into groups no
+        gang could span."""
         interned = self._slots
-        out = []
-        for index in sorted(worker.gpus):
-            gpu = worker.gpus[index]
-            if gpu.quarantine_reason:
-                continue  # no placements, not counted (docs/health.md)
+        live = [worker.gpus[i] for i in sorted(worker.gpus) if not worker.gpus[i].quarantine_reason]
+        weakest: dict[tuple[str, int, int, bool], tuple[int, int]] = {}
+        for gpu in live:  # a QUARANTINED GPU is not shown at all (docs/health.md)
             i = gpu.info
-            verdict = gpu.verdict
+            verified = gpu.verdict.verification == Verification.VERIFIED
+            cls = (i.model, i.vram_mb, i.price_micros_per_gpu_hour, verified)
+            score, link = gpu.verdict.score, pcie_mbps(gpu)
+            low = weakest.get(cls)
+            weakest[cls] = (score, link) if low is None else (min(low[0], score), min(low[1], link))
+        out = []
+        for gpu in live:
+            i = gpu.info
+            verified = gpu.verdict.verification == Verification.VERIFIED
+            score, link = weakest[(i.model, i.vram_mb, i.price_micros_per_gpu_hour, verified)]
             key = (
                 i.index,
                 i.model,
                 i.vram_mb,
                 i.price_micros_per_gpu_hour,
                 gpu.holder is None,
-                verdict.verification == Verification.VERIFIED,
-                verdict.score - verdict.score % SCORE_STEP,
-                pcie_mbps(gpu),
+                verified,
+                score - score % SCORE_STEP,
+                link,
             )
             slot = interned.get(key)
             if slot is None:

@@ -284,3 +284,29 @@ def test_reinstate_preconditions(setup, index, error, reason):
 def test_reinstating_on_an_unknown_worker_is_not_found():
     with pytest.raises(NotFound):
         run(held_out(), ReinstateRequested(2.0, "nope", 0, "op"))
+
+
+@pytest.mark.parametrize("fp16", [[49_700, 48_300, 50_900, 47_100], [49_700] * 4])
+def test_a_gang_spans_gpus_whose_scores_differ_by_the_self_tests_noise(fp16: list[int]) -> None:
+    """Four RTX 3090s measured at scores 97-102 (the self-test's ±3 %) are one group: a
+    4-GPU job is placed on them, and the rig is offered at its weakest GPU's score."""
+    c = BrokerCore(lease_ttl_s=TTL)
+    infos = tuple(
+        GpuInfo(
+            i,
+            f"u{i}",
+            "RTX 3090",
+            24576,
+            350,
+            PRICE,
+            pcie_generation=4,
+            measurement=replace(HEALTHY, fp16_gflops=f),
+        )
+        for i, f in enumerate(fp16)
+    )
+    run(c, WorkerRegistered(0.0, "w1", "f", "rig", "1", infos))
+    scores = sorted(g.verdict.score for g in c.workers["w1"].gpus.values())
+    run(c, JobSubmitted(0.0, "gang", "c", replace(GOLD, gpu_count=4, min_score=scores[0] // 5 * 5)))
+    cmds = run(c, SchedulePass(0.0))
+    assert c.jobs["gang"].state == SC, c.jobs["gang"].pending_reasons
+    assert c.jobs["gang"].current.gpu_indices == (0, 1, 2, 3), cmds
