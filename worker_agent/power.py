@@ -145,6 +145,16 @@ class PowerLimits:
         """The limit each GPU runs at now, as far as the agent set it (the metrics' gauge)."""
         self.refused: set[int] = set()
         """GPUs whose limit the agent may not set (said once in the log)."""
+        self._held: dict[Any, list[int]] = {}
+
+    def attempt_started(self, key: Any, indices: Iterable[int], watts: int) -> None:
+        """An attempt started on ``indices``: cap them at ``watts`` (0: leave them)."""
+        self._held[key] = list(indices)
+        self.apply(self._held[key], watts)
+
+    def attempt_ended(self, key: Any) -> None:
+        """The attempt ended: the operator's limit again on its GPUs (mining, idle)."""
+        self.restore(self._held.pop(key, ()))
 
     def settable(self, index: int) -> bool:
         """Whether the agent may set this GPU's limit (as far as it has tried)."""
