@@ -557,6 +557,8 @@ class Agent:
             quarantined=self.machine.quarantine.quarantined(),
             asks=self._asks,
             jobs_running=len(self.machine.running),
+            power_limits=dict(self.power.current) if self.power is not None else None,
+            curtailed=self.mining is not None and self.mining.curtailed(),
         )
 
     # --- loops --------------------------------------------------------------------------
