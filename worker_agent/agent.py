@@ -291,7 +291,7 @@ class Agent:
             faults = [parse_fault(f) for f in cfg.simulate_faults]
             self.backend = open_backend(cfg.simulate, seed=identity.rig_id, faults=faults)
         self.meter = EnergyMeter(self.backend)
-        self.power = PowerLimits(self.backend)
+        self.power = PowerLimits(self.backend, cfg.state_dir)
         self._asks = {g.index: g.price_micros_per_gpu_hour for g in self._gpu_infos()}
         if self.executor is None:
             self.executor = RayExecutor(

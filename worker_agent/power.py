@@ -11,13 +11,19 @@ through NVML, and the shell that applies an attempt's cap and restores the opera
 - :class:`PowerLimits`: the operator's limit of each GPU as read at start
   (``GpuInfo.power_limit_watts``); :meth:`~PowerLimits.apply` sets an attempt's cap,
   :meth:`~PowerLimits.restore` puts the operator's back (for mining and idle). A GPU
-  whose limit cannot be set is said once in the log and runs uncapped.
+  whose limit cannot be set is said once in the log and runs uncapped. While a GPU is
+  capped, the operator's limits are kept in ``STATE_DIR/power-limits.json``: an agent
+  that died with a cap in force reads them from there at its next start (the card
+  would otherwise report the cap as the operator's limit) and puts them back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rigshift.power import SWEEP_SHARES_PERCENT, PowerPoint, simulated_throughput_ratio
@@ -35,6 +41,8 @@ __all__ = [
     "simulated_curve",
     "sweep_limits",
 ]
+
+LIMITS_FILE = "power-limits.json"
 
 log = logging.getLogger("rigshift.agent.power")
 
@@ -138,10 +146,19 @@ class PowerLimits:
     (``GpuInfo.power_limit_watts``). Call from the agent's event loop.
     """
 
-    def __init__(self, backend: GpuBackend) -> None:
+    def __init__(self, backend: GpuBackend, state_dir: Path | None = None) -> None:
         self._backend = backend
         self.operator: dict[int, int] = {g.index: g.power_limit_watts for g in backend.gpus()}
         self.current: dict[int, int] = dict(self.operator)
+        self._file = state_dir / LIMITS_FILE if state_dir is not None else None
+        left = self._read_file()
+        if left:
+            log.warning(
+                "power limits %s W were capped by a previous run: the operator's limits are %s",
+                {i: self.current.get(i) for i in left},
+                left,
+            )
+            self.operator.update(left)
         """The limit each GPU runs at now, as far as the agent set it (the metrics' gauge)."""
         self.refused: set[int] = set()
         """GPUs whose limit the agent may not set (said once in the log)."""
@@ -182,6 +199,30 @@ class PowerLimits:
             if changed and self._set(i, want):
                 log.info("GPU %d: power limit back to the operator's %d W", i, want)
 
+    def _read_file(self) -> dict[int, int]:
+        if self._file is None:
+            return {}
+        try:
+            raw = json.loads(self._file.read_text())
+            return {int(i): int(w) for i, w in raw.items() if int(i) in self.operator}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def _write_file(self) -> None:
+        """The operator's limits of the GPUs capped now; no file when none is."""
+        if self._file is None:
+            return
+        capped = {i: w for i, w in self.operator.items() if self.current.get(i, w) != w}
+        try:
+            if capped:
+                self._file.parent.mkdir(parents=True, exist_ok=True)
+                self._file.write_text(json.dumps({str(i): w for i, w in capped.items()}))
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self._file.unlink()
+        except OSError as err:
+            log.warning("could not keep the operator's power limits in %s: %s", self._file, err)
+
     def _set(self, index: int, watts: int) -> bool:
         try:
             ok = self._backend.set_power_limit(index, watts)
@@ -190,6 +231,7 @@ class PowerLimits:
             return False
         if ok:
             self.current[index] = watts
+            self._write_file()
         elif index not in self.refused:
             self.refused.add(index)
             log.warning(

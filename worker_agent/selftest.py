@@ -409,7 +409,8 @@ async def measure_rig(
             backend, wanted, budget_s=budget_s, python=python, limits=limits, curves=curves
         )
     finally:  # whatever the sweep did (or was killed doing), the operator's limits again
-        power.current.clear()
+        for i in limits:
+            power.current.pop(i, None)  # whatever the sweep left: set the operator's again
         power.restore(limits)
     if backend.name == "simulated":
         curves = {i: _simulated_curve(backend, i, gpus[i]) for i in limits}

@@ -280,3 +280,20 @@ def test_gauges_show_the_power_limit_and_curtailment() -> None:
     labels = {"gpu": "0", "gpu_model": "RTX 3090"}
     assert metrics.registry.get_sample_value("rigshift_gpu_power_limit_watts", labels) == 245
     assert metrics.registry.get_sample_value("rigshift_agent_curtailed") == 1.0
+
+
+def test_an_agent_that_died_capped_puts_the_operators_limit_back_at_its_next_start(
+    tmp_path: Path,
+) -> None:
+    fake = LimitNvml()
+    power = PowerLimits(NvmlBackend(nvml=fake), tmp_path)
+    power.attempt_started(("jobs/a", 1), [0], 245)
+    assert (tmp_path / "power-limits.json").exists()
+    # the agent dies here: the card keeps 245 W, which the next start reads as its limit
+    again = LimitNvml()
+    again.limit_mw[0] = 245_000
+    restarted = PowerLimits(NvmlBackend(nvml=again), tmp_path)
+    assert restarted.operator[0] == 350
+    restarted.probe()
+    assert again.limit_mw[0] == 350_000
+    assert not (tmp_path / "power-limits.json").exists()  # nothing capped any more
