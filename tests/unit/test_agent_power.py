@@ -297,3 +297,49 @@ def test_an_agent_that_died_capped_puts_the_operators_limit_back_at_its_next_sta
     restarted.probe()
     assert again.limit_mw[0] == 350_000
     assert not (tmp_path / "power-limits.json").exists()  # nothing capped any more
+
+
+def test_the_torch_sweep_sets_each_limit_and_reads_the_draw() -> None:
+    """selftest_torch._sweep with a fake torch and a fake NVML without an energy counter
+    (the draw is then the mean of the power readings)."""
+    from worker_agent import selftest_torch
+
+    class Tensor:
+        def to(self, dtype: object) -> Tensor:
+            return self
+
+    class Torch:
+        float32, float16 = "f32", "f16"
+
+        def randn(self, *a: object, **k: object) -> Tensor:
+            return Tensor()
+
+        def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+            return a
+
+    class Power:
+        def __init__(self) -> None:
+            self.limits: list[int] = []
+
+        def set(self, watts: int) -> None:
+            self.limits.append(watts)
+
+        def energy_mj(self) -> None:
+            return None
+
+        def power_w(self) -> float:
+            return self.limits[-1] * 0.9
+
+    power = Power()
+    curve = selftest_torch._sweep(
+        Torch(),
+        "cpu",
+        8,
+        [100, 200],
+        0.02,
+        lambda: None,
+        power,  # type: ignore[arg-type]
+    )
+    assert power.limits == [100, 200]
+    assert [(w, d) for w, _, d in curve] == [(100, 90), (200, 180)]
+    assert all(g > 0 for _, g, _ in curve)
