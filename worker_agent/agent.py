@@ -60,13 +60,12 @@ import grpc
 
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent import state_machine as sm
+from worker_agent.agent_parts import make_runner
 from worker_agent.attempts import AttemptRunner
 from worker_agent.broker_calls import gpu_infos
-from worker_agent.checkpoints import CheckpointWatcher
 from worker_agent.config import AgentConfig
 from worker_agent.containers import detect as detect_containers
 from worker_agent.energy import EnergyMeter
-from worker_agent.environments import EnvironmentCache
 from worker_agent.executor import RayExecutor
 from worker_agent.fence import FENCE_FILE, write_deadline
 from worker_agent.fence import clock as fence_clock
@@ -75,7 +74,6 @@ from worker_agent.health import parse_fault
 from worker_agent.health_loop import HealthShell, health_protos
 from worker_agent.identity import load_identity
 from worker_agent.images import ImageCache
-from worker_agent.interpreters import job_python
 from worker_agent.launch import Executor, LocalExecutor
 from worker_agent.lease import STOP_MARGIN_S, Lease
 from worker_agent.metrics import (
@@ -87,12 +85,12 @@ from worker_agent.metrics import (
 )
 from worker_agent.mining import MiningSupervisor
 from worker_agent.outbox import Outbox
+from worker_agent.power import PowerLimits
 from worker_agent.quarantine import QuarantineBook
 from worker_agent.sandbox import policy_for
 from worker_agent.selftest import RigFigures, fill_gpu_infos, host_proto, log_figures, measure_rig
 from worker_agent.session import AgentError, BrokerSession
 from worker_agent.supervise import LoopFailed, supervise
-from worker_agent.workdir import Workspace
 
 __all__ = ["Agent", "AgentError"]
 
@@ -117,6 +115,8 @@ class Agent:
         self.outbox = Outbox(max_log_backlog_bytes=config.max_log_backlog_bytes)
         self.runner: AttemptRunner | None = None
         self.mining: MiningSupervisor | None = None
+        self.power: PowerLimits | None = None
+        """Attempts' power caps and the operator's limits (``power.py``)."""
         self.health: HealthShell | None = None
         """GPU health polling, reports and re-tests (``health_loop.py``)."""
         self._stopping = asyncio.Event()
@@ -291,6 +291,7 @@ class Agent:
             faults = [parse_fault(f) for f in cfg.simulate_faults]
             self.backend = open_backend(cfg.simulate, seed=identity.rig_id, faults=faults)
         self.meter = EnergyMeter(self.backend)
+        self.power = PowerLimits(self.backend, cfg.state_dir)
         self._asks = {g.index: g.price_micros_per_gpu_hour for g in self._gpu_infos()}
         if self.executor is None:
             self.executor = RayExecutor(
@@ -317,37 +318,12 @@ class Agent:
             await images.remove_orphans()
             await images.forget_missing()
             session.container_runtime = (runtime.name, runtime.version)
-        self.runner = AttemptRunner(
-            cfg,
-            self.backend,
-            self.meter,
-            self.executor,
-            self.outbox,
-            Workspace(cfg.state_dir),
-            session.download,
-            self._wake,
-            CheckpointWatcher(
-                session.upload,
-                self.outbox,
-                self._wake,
-                interval_s=cfg.checkpoint_scan_interval_s,
-                max_bytes=cfg.max_checkpoint_bytes,
-            ),
-            environments=EnvironmentCache(
-                cfg.state_dir / "environments",
-                cfg.environments,
-                python=job_python(
-                    cfg.environments.python,
-                    _job_uid(getattr(self.executor, "isolation", None)),
-                    log.warning,
-                ),
-            ),
-            upload_output=session.upload_output,
-            images=images,
+        self.runner = make_runner(
+            cfg, self.backend, self.meter, self.executor, self.outbox, session, self._wake, images
         )
         self.runner.on_unhealthy = self._on_unhealthy
-        self.runner.on_started = lambda key: self._handle(sm.AttemptStarted(key))
-        self.runner.on_ended = lambda key: self._handle(sm.AttemptEnded(key))
+        self.runner.on_started = lambda key: self._attempt_power(key, started=True)
+        self.runner.on_ended = lambda key: self._attempt_power(key, started=False)
         self.mining = MiningSupervisor(
             cfg.mining,
             self.backend,
@@ -355,6 +331,7 @@ class Agent:
             asks_micros_per_gpu_hour=self._asks,
             state_dir=cfg.state_dir,
         )
+        session.on_curtail = self.mining.curtail
         self.health = HealthShell(
             self.backend,
             cfg.health,
@@ -378,9 +355,12 @@ class Agent:
                 cfg.state_dir,
                 budget_s=cfg.selftest_budget_s,
                 python=cfg.selftest_python,
+                power=self.power,
             )
             log_figures(self.backend, self.selftest)
             session.host = host_proto(self.selftest.host)
+        else:
+            self.power.probe()  # may the agent set power limits? (power_limit_settable)
         await session.open(identity)
 
     async def _close(self) -> None:
@@ -400,6 +380,8 @@ class Agent:
                 await self.mining.close()
         if self.runner is not None:
             await self.runner.stop_all("agent stopped", report=False, wait=True)
+        if self.power is not None:
+            self.power.restore(self.power.operator)
         if self.executor is not None:
             with contextlib.suppress(Exception):
                 await self.executor.close()
@@ -486,6 +468,18 @@ class Agent:
             else:  # pragma: no cover - every instruction is handled above
                 raise TypeError(f"unknown instruction {i!r}")
 
+    def _attempt_power(self, key: tuple[str, int], *, started: bool) -> None:
+        """An attempt started (cap its GPUs at ``Assignment.power_limit_watts``) or ended
+        (the operator's limit again); then the state machine hears of it."""
+        assert self.power is not None and self.runner is not None
+        run = self.runner.runs.get(key)
+        if started and run is not None:
+            a = run.assignment
+            self.power.attempt_started(key, a.gpu_indices, a.power_limit_watts)
+        elif not started:
+            self.power.attempt_ended(key)
+        self._handle(sm.AttemptStarted(key) if started else sm.AttemptEnded(key))
+
     def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
@@ -519,7 +513,8 @@ class Agent:
     def _gpu_infos(self) -> list[ws.GpuInfo]:
         assert self.backend is not None
         health = {h.index: h for h in self._health_report()}
-        infos = gpu_infos(self.backend, self.config.price_micros_per_gpu_hour, health)
+        settable = self.power.settable if self.power is not None else None
+        infos = gpu_infos(self.backend, self.config.price_micros_per_gpu_hour, health, settable)
         return fill_gpu_infos(infos, self.selftest)
 
     def _health_report(self) -> list[ws.GpuHealth]:
@@ -562,6 +557,8 @@ class Agent:
             quarantined=self.machine.quarantine.quarantined(),
             asks=self._asks,
             jobs_running=len(self.machine.running),
+            power_limits=dict(self.power.current) if self.power is not None else None,
+            curtailed=self.mining is not None and self.mining.curtailed(),
         )
 
     # --- loops --------------------------------------------------------------------------
@@ -597,8 +594,3 @@ class Agent:
 
 def _key(assignment: ws.Assignment) -> tuple[str, int]:
     return (assignment.job, assignment.attempt)
-
-
-def _job_uid(isolation: Any) -> int | None:
-    """The uid jobs run as when the executor's isolation changes it, else None."""
-    return getattr(isolation, "uid", None) if isolation is not None else None

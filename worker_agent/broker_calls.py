@@ -8,7 +8,7 @@ down and up in chunks, and the request to drain the worker.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -50,9 +50,11 @@ def gpu_infos(
     backend: GpuBackend,
     configured_price: int | None,
     health: Mapping[int, ws.GpuHealth] | None = None,
+    settable: Callable[[int], bool] | None = None,
 ) -> list[ws.GpuInfo]:
     """The rig's GPUs as RegisterWorker sends them; ``health``: the GPUs whose health is
-    not plain healthy (an agent restarted with a GPU in quarantine says so at once)."""
+    not plain healthy (an agent restarted with a GPU in quarantine says so at once);
+    ``settable``: whether the agent may set a GPU's power limit (``power.PowerLimits``)."""
     infos = [
         ws.GpuInfo(
             index=g.index,
@@ -63,6 +65,7 @@ def gpu_infos(
             price_micros_per_gpu_hour=ask_micros_per_gpu_hour(configured_price, g),
             pcie_link_width=g.pcie_link_width,
             pcie_generation=g.pcie_generation,
+            power_limit_settable=settable(g.index) if settable is not None else False,
         )
         for g in backend.gpus()
     ]

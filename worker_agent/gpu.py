@@ -19,8 +19,12 @@ The simulated power model, per GPU, in watts, with ``t`` in seconds::
     training:  P(t) = idle_w + (board_w - idle_w) * (0.90 + 0.06 * sin(2π t / 7 s + φ))
     mining:    P(t) = idle_w + (board_w - idle_w) * 0.95       (a miner is a flat, steady load)
 
-Its energy counter is the exact integral of that curve (closed form), so the
-simulated rig is metered the same way a real one is: by differencing a counter.
+Under a power cap C (``set_power_limit``) every load is ``mean + amp * sin(...)``
+squeezed under C (``worker_agent.power.capped_wave``): the mean becomes min(mean, C)
+and the swing at most C minus that mean, so the draw never exceeds C, a cap at or
+below the mean is a flat draw at C, and the curve stays a sine: its energy counter
+is still the exact integral (closed form), so the simulated rig is metered the same
+way a real one is: by differencing a counter.
 
 Health (``GpuBackend.health``, classified by ``health.py``). NVML: critical XID events
 (an event set polled with timeout 0, never blocking), new double-bit ECC errors
@@ -61,6 +65,7 @@ from typing import Any, Protocol, runtime_checkable
 from rigshift.catalogue import BY_KEY, GpuModel, lookup
 from worker_agent.health import Fault, HealthObservation, Observed
 from worker_agent.nvml_health import NvmlHealth
+from worker_agent.power import capped_wave, nvml_power_range, nvml_set_power_limit
 
 __all__ = [
     "OVERHEAT_HOLD_S",
@@ -158,6 +163,11 @@ class GpuBackend(Protocol):
         """What the GPU shows now: events since the last call and current readings."""
         ...
 
+    def set_power_limit(self, index: int, watts: int) -> bool:
+        """Set the GPU's power limit (clamped to what the card allows); False when the
+        agent may not (not root) or the card cannot (the caller runs uncapped)."""
+        ...
+
     def close(self) -> None:
         """Release the driver."""
         ...
@@ -248,33 +258,46 @@ class SimulatedBackend:
         self._since = [now] * len(self._models)
         self._energy_mj = [0.0] * len(self._models)
         self._phase = [2 * math.pi * i / 5 for i in range(len(self._models))]
+        self._cap = [0] * len(self._models)  # 0: the board limit (no cap)
 
     def gpus(self) -> list[GpuInfo]:
         """The simulated GPUs."""
         return list(self._infos)
 
-    def model_power_watts(self, index: int, load: str, t: float) -> float:
-        """The power model itself: watts drawn at time ``t`` under ``load``."""
+    def _wave(self, index: int, load: str) -> tuple[float, float]:
+        """(mean, amplitude) of the load's sine in watts, squeezed under the GPU's cap."""
         m = self._models[index]
+        span = m.board_power_w - m.idle_w
         if load == Load.IDLE:
-            return float(m.idle_w)
-        if load == Load.MINING:
-            return m.idle_w + (m.board_power_w - m.idle_w) * _MINING_RATIO
-        ratio = _TRAIN_BASE + _TRAIN_SWING * math.sin(_omega() * t + self._phase[index])
-        return m.idle_w + (m.board_power_w - m.idle_w) * ratio
+            mean, amp = float(m.idle_w), 0.0
+        elif load == Load.MINING:
+            mean, amp = m.idle_w + span * _MINING_RATIO, 0.0
+        else:
+            mean, amp = m.idle_w + span * _TRAIN_BASE, span * _TRAIN_SWING
+        return capped_wave(mean, amp, self._cap[index])
+
+    def model_power_watts(self, index: int, load: str, t: float) -> float:
+        """The power model itself: watts drawn at time ``t`` under ``load`` (and the cap)."""
+        mean, amp = self._wave(index, load)
+        return mean + amp * math.sin(_omega() * t + self._phase[index])
 
     def _integral_j(self, index: int, load: str, t0: float, t1: float) -> float:
         """Closed-form ∫ P dt over [t0, t1] in joules."""
-        m = self._models[index]
-        if load == Load.IDLE:
-            return m.idle_w * (t1 - t0)
-        if load == Load.MINING:
-            return (m.idle_w + (m.board_power_w - m.idle_w) * _MINING_RATIO) * (t1 - t0)
-        span = m.board_power_w - m.idle_w
+        mean, amp = self._wave(index, load)
         w, phi = _omega(), self._phase[index]
-        linear = (m.idle_w + span * _TRAIN_BASE) * (t1 - t0)
-        wave = span * _TRAIN_SWING * (math.cos(w * t0 + phi) - math.cos(w * t1 + phi)) / w
-        return linear + wave
+        return mean * (t1 - t0) + amp * (math.cos(w * t0 + phi) - math.cos(w * t1 + phi)) / w
+
+    def set_power_limit(self, index: int, watts: int) -> bool:
+        """Cap the simulated GPU at ``watts`` (at least 1 W; the board power or more, or
+        0, lifts the cap); energy up to now is booked first. Always permitted."""
+        self._advance(index)
+        board = self._models[index].board_power_w
+        self._cap[index] = 0 if watts <= 0 or watts >= board else max(1, watts)
+        return True
+
+    def power_limit(self, index: int) -> int:
+        """The limit in force now, watts (the board power when uncapped)."""
+        return self._cap[index] or self._models[index].board_power_w
 
     def _advance(self, index: int) -> None:
         now = self._clock()
@@ -480,6 +503,15 @@ class NvmlBackend:
 
     def set_load(self, indices: list[int], load: str) -> None:
         """Real GPUs draw what they draw: nothing to do."""
+
+    def set_power_limit(self, index: int, watts: int) -> bool:
+        """nvmlDeviceSetPowerManagementLimit (mW, clamped to the card's constraints);
+        False on NVML_ERROR_NO_PERMISSION (not root) or NOT_SUPPORTED."""
+        return nvml_set_power_limit(self._nvml, self._handles[index], watts)
+
+    def power_limit_range(self, index: int) -> tuple[int, int, int] | None:
+        """(min, max, default) power limit in watts, or None when NVML does not say."""
+        return nvml_power_range(self._nvml, self._handles[index])
 
     def health(self, index: int) -> list[HealthObservation]:
         """XID events since the last call, new double-bit ECC errors, pending retired

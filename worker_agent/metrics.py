@@ -62,6 +62,8 @@ class GpuSnapshot:
     """One of :data:`GPU_STATES`."""
     ask_micros_per_gpu_hour: int
     reading: GpuReading
+    power_limit_watts: int = 0
+    """The power limit the agent set (an attempt's cap, else the operator's); 0: unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,8 @@ class AgentSnapshot:
 
     jobs_running: int = 0
     gpus: tuple[GpuSnapshot, ...] = ()
+    curtailed: bool = False
+    """A curtailment window is on (no miner runs)."""
 
     @classmethod
     def build(
@@ -82,6 +86,8 @@ class AgentSnapshot:
         asks: Mapping[int, int],
         jobs_running: int,
         quarantined: Set[int] = frozenset(),
+        power_limits: Mapping[int, int] | None = None,
+        curtailed: bool = False,
     ) -> AgentSnapshot:
         """The snapshot of the GPUs whose sensors could be read. A GPU's state is
         ``quarantined`` when it is out of service (``quarantined``), else ``ai`` when a
@@ -99,8 +105,9 @@ class AgentSnapshot:
             else:
                 state = "mining" if gpu.index in mining else "idle"
             ask = asks.get(gpu.index, 0)
-            out.append(GpuSnapshot(gpu.index, gpu.model, state, ask, reading))
-        return cls(jobs_running, tuple(out))
+            limit = (power_limits or {}).get(gpu.index, 0)
+            out.append(GpuSnapshot(gpu.index, gpu.model, state, ask, reading, limit))
+        return cls(jobs_running, tuple(out), curtailed)
 
 
 def read_sensors(backend: GpuBackend, meter: EnergyMeter) -> dict[int, GpuReading]:
@@ -157,6 +164,15 @@ class AgentCollector(Collector):
             "rigshift_agent_jobs_running", "Attempts the agent is running now."
         )
         running.add_metric([], snap.jobs_running)
+        limit = GaugeMetricFamily(
+            "rigshift_gpu_power_limit_watts",
+            "The power limit the agent set: an attempt's cap, else the operator's.",
+            labels=labels,
+        )
+        curtailed = GaugeMetricFamily(
+            "rigshift_agent_curtailed", "1 while a curtailment window is on (no mining), else 0."
+        )
+        curtailed.add_metric([], 1.0 if snap.curtailed else 0.0)
         for gpu in snap.gpus:
             lv = [str(gpu.index), gpu.model]
             r = gpu.reading
@@ -169,7 +185,9 @@ class AgentCollector(Collector):
             for s in GPU_STATES:
                 state.add_metric([*lv, s], 1.0 if s == gpu.state else 0.0)
             price.add_metric(lv, gpu.ask_micros_per_gpu_hour / 1_000_000)
-        yield from (power, energy, temp, util, state, price, running)
+            if gpu.power_limit_watts:
+                limit.add_metric(lv, gpu.power_limit_watts)
+        yield from (power, energy, temp, util, state, price, running, limit, curtailed)
 
 
 class AgentMetrics:

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -283,6 +284,7 @@ class MiningSupervisor:
             k: v for k, v in base.items() if k not in SECRET_ENV and not k.startswith("RAY_AUTH")
         }
         now = clock()
+        self._curtail_until: float | None = None  # clock time; inf: until told otherwise
         self.gpus: dict[int, _Gpu] = {}
         for info in backend.gpus():
             ai = ai_micros_per_kwh(asks_micros_per_gpu_hour.get(info.index, 0), info)
@@ -346,12 +348,35 @@ class MiningSupervisor:
             )
         return out
 
+    def curtailed(self) -> bool:
+        """Whether a curtailment window is on now (no miner runs)."""
+        return self._curtail_until is not None and self._clock() < self._curtail_until
+
+    def curtail(self, active: bool, end_unix: float = 0.0, reason: str = "") -> None:
+        """The farm's curtailment window began (``active``, until ``end_unix``, wall
+        seconds; 0: until told it ended) or ended: while it is on no miner runs (those
+        running are stopped now, reaped by the next tick) and none starts."""
+        was = self.curtailed()
+        if not active or (end_unix and end_unix <= time.time()):
+            self._curtail_until = None
+            if was:
+                log.info("curtailment over: mining may resume")
+            return
+        left = end_unix - time.time() if end_unix else math.inf
+        self._curtail_until = self._clock() + left
+        if not was:
+            log.info("curtailment window%s: no mining", f" ({reason})" if reason else "")
+        for gpu in self.gpus.values():
+            if gpu.miner is not None:
+                gpu.miner.stop()
+
     # --- the shell -------------------------------------------------------------------
 
     def tick(self, busy: set[int]) -> None:
         """Decide for every GPU (``busy``: held by an attempt) and start or stop miners."""
         now = self._clock()
         changed = False
+        curtailed = self.curtailed()
         for index, gpu in self.gpus.items():
             changed |= self._reap(gpu, now)
             before = gpu.arbitration
@@ -360,7 +385,7 @@ class MiningSupervisor:
                 now,
                 before,
                 assigned=index in busy,
-                can_mine=bool(gpu.command) and now >= gpu.retry_at,
+                can_mine=bool(gpu.command) and now >= gpu.retry_at and not curtailed,
                 ai_micros_per_kwh=gpu.ai_micros_per_kwh,
                 mining_micros_per_kwh=gpu.mining_micros_per_kwh,
             )

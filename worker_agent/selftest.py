@@ -19,6 +19,14 @@ Per GPU (:func:`measure_gpus`), bounded by ``budget_s`` for the whole rig:
   (:func:`pcie_mbps`), so a x1 riser measures ~0.2 GB/s and a gen4 x16 slot ~25 GB/s.
   No sleeps: the simulated test is instant.
 
+Power curves (issue 16, ``worker_agent.power``): first each GPU's limit is set to the
+operator's own (a no-op that says whether the agent may set limits: not root or an
+unsupported card → no curve, ``power_limit_settable`` false, said once in the log); then
+at ``rigshift.power.SWEEP_SHARES_PERCENT`` of the board limit, throughput and draw.
+NVML: ``selftest_torch.py --limits`` sets each limit and differences the energy counter,
+and the agent puts the operator's limit back afterwards whatever happened. Simulated:
+``worker_agent.power.simulated_curve`` from the measured fp16 figure, instantly.
+
 Per rig (:func:`measure_host`): RAM (``/proc/meminfo``), logical CPU cores, and the
 state disk's write speed (64 MiB written and fsynced, bounded in time, then removed).
 
@@ -44,8 +52,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rigshift.catalogue import lookup
+from rigshift.power import PowerPoint
 from rigshift.scoring import Measurement, Verdict, judge, reference, score
 from worker_agent.gpu import GpuBackend
+from worker_agent.power import PowerLimits, curve_protos, simulated_curve, sweep_limits
 
 if TYPE_CHECKING:
     from rigshift.v1 import farm_pb2
@@ -111,6 +122,10 @@ class RigFigures:
     host: HostFigures
     skipped: dict[int, str] = field(default_factory=dict)
     """GPUs left untested, with why (``rigshift agent selftest`` next to a busy agent)."""
+    power_curves: dict[int, list[PowerPoint]] = field(default_factory=dict)
+    """Each swept GPU's power curve, lowest limit first."""
+    power_settable: dict[int, bool] = field(default_factory=dict)
+    """Whether the agent may set each tested GPU's power limit."""
 
 
 def pcie_mbps(generation: int, width: int) -> int:
@@ -166,11 +181,14 @@ async def measure_gpus(
     *,
     budget_s: float = GPU_BUDGET_S,
     python: str = "",
+    limits: Mapping[int, list[int]] | None = None,
+    curves: dict[int, list[PowerPoint]] | None = None,
 ) -> dict[int, Measurement]:
     """Measure the GPUs ``indices`` of ``backend`` within ``budget_s`` seconds in all.
 
     Never raises for a GPU: one that cannot be measured gets ``Measurement(error=...)``.
     ``python`` is the interpreter with torch for real GPUs (default: the agent's own).
+    ``limits`` (NVML: the power limits to sweep per GPU) fill ``curves``.
     The caller makes sure no job runs on these GPUs.
     """
     wanted = list(dict.fromkeys(indices))
@@ -188,7 +206,9 @@ async def measure_gpus(
                 )
         return out
     try:
-        return await _measure_torch(backend, wanted, budget_s, python or sys.executable, now)
+        return await _measure_torch(
+            backend, wanted, budget_s, python or sys.executable, now, limits or {}, curves
+        )
     except Exception as err:  # the subprocess could not even start
         log.warning("self-test could not run: %s", err)
         return {
@@ -197,11 +217,18 @@ async def measure_gpus(
 
 
 async def _measure_torch(
-    backend: GpuBackend, indices: list[int], budget_s: float, python: str, now: float
+    backend: GpuBackend,
+    indices: list[int],
+    budget_s: float,
+    python: str,
+    now: float,
+    limits: Mapping[int, list[int]],
+    curves: dict[int, list[PowerPoint]] | None,
 ) -> dict[int, Measurement]:
     """Run ``selftest_torch.py`` for ``indices`` and read its JSON lines until the budget."""
     argv = [python, str(_TORCH_SCRIPT), "--json"]
     argv += [f"--gpu={i}" for i in indices]
+    argv += [f"--limits={i}:{','.join(map(str, w))}" for i, w in limits.items() if w]
     argv.append(f"--budget-s={max(1.0, budget_s - _STARTUP_S):.1f}")
     env = dict(os.environ)
     env.pop("CUDA_VISIBLE_DEVICES", None)  # the agent's index is NVML's: all GPUs, bus order
@@ -229,7 +256,7 @@ async def _measure_torch(
                 break
             if not line:
                 break
-            parsed = parse_torch_line(line, now=now, expected_uuid=uuids)
+            parsed = parse_torch_line(line, now=now, expected_uuid=uuids, curves=curves)
             if parsed is not None and parsed[0] in indices:
                 rows[parsed[0]] = parsed[1]
         with contextlib.suppress(TimeoutError):  # all measured: let it exit by itself
@@ -250,18 +277,30 @@ async def _measure_torch(
 
 
 def parse_torch_line(
-    line: bytes | str, *, now: float, expected_uuid: Mapping[int, str]
+    line: bytes | str,
+    *,
+    now: float,
+    expected_uuid: Mapping[int, str],
+    curves: dict[int, list[PowerPoint]] | None = None,
 ) -> tuple[int, Measurement] | None:
     """One JSON line of ``selftest_torch.py`` as (index, Measurement); None when not one.
 
     A line whose UUID differs from the one NVML gave that index is an error: the test
-    measured another card than the one it would be registered as.
+    measured another card than the one it would be registered as. Its ``power_curve``
+    goes into ``curves`` (a ``power_error`` is logged: the GPU then has no curve).
     """
     try:
         row: dict[str, Any] = json.loads(line)
         index = int(row["gpu"])
     except (ValueError, KeyError, TypeError):
         return None
+    if curves is not None and row.get("power_curve"):
+        try:
+            curves[index] = [PowerPoint(int(w), int(g), int(d)) for w, g, d in row["power_curve"]]
+        except (ValueError, TypeError):
+            log.warning("GPU %d: unreadable power curve %r", index, row["power_curve"])
+    if row.get("power_error"):
+        log.warning("GPU %d: power limits not swept: %s", index, row["power_error"])
     error = str(row.get("error", ""))
     want, got = expected_uuid.get(index, ""), str(row.get("uuid", ""))
     if not error and _uuid_key(want) and _uuid_key(got) and _uuid_key(want) != _uuid_key(got):
@@ -350,17 +389,51 @@ async def measure_rig(
     skipped: Mapping[int, str] | None = None,
     budget_s: float = GPU_BUDGET_S,
     python: str = "",
+    power: PowerLimits | None = None,
 ) -> RigFigures:
     """The whole self-test: the host, then the GPUs ``indices`` (default all, less
-    ``skipped``); each GPU's PCIe generation read before and after its test."""
+    ``skipped``); each GPU's PCIe generation read before and after its test; the power
+    sweep on the GPUs whose limit ``power`` (default: a new one) may set."""
     skipped = dict(skipped or {})
     wanted = [g.index for g in backend.gpus()] if indices is None else list(indices)
     wanted = [i for i in wanted if i not in skipped]
     host = await asyncio.to_thread(measure_host, state_dir)
     before = {i: _generation(backend, i) for i in wanted}
-    gpus = await measure_gpus(backend, wanted, budget_s=budget_s, python=python)
+    power = power or PowerLimits(backend)
+    probed = power.probe(wanted)
+    settable = {i: probed.get(i, False) for i in wanted}
+    limits = {i: _limits(backend, i) for i in wanted if settable[i]}
+    curves: dict[int, list[PowerPoint]] = {}
+    try:
+        gpus = await measure_gpus(
+            backend, wanted, budget_s=budget_s, python=python, limits=limits, curves=curves
+        )
+    finally:  # whatever the sweep did (or was killed doing), the operator's limits again
+        for i in limits:
+            power.current.pop(i, None)  # whatever the sweep left: set the operator's again
+        power.restore(limits)
+    if backend.name == "simulated":
+        curves = {i: _simulated_curve(backend, i, gpus[i]) for i in limits}
+    curves = {i: c for i, c in curves.items() if c and not gpus[i].error}
     gens = {i: max(before[i], _generation(backend, i)) for i in wanted}
-    return RigFigures(gpus, gens, host, skipped)
+    return RigFigures(gpus, gens, host, skipped, curves, settable)
+
+
+def _limits(backend: GpuBackend, index: int) -> list[int]:
+    """The limits to sweep on a GPU: shares of its board limit within its constraints."""
+    info = next(g for g in backend.gpus() if g.index == index)
+    span = getattr(backend, "power_limit_range", lambda i: None)(index)
+    if span is None:
+        return sweep_limits(info.power_limit_watts)
+    lo, hi, board = span
+    return sweep_limits(board or info.power_limit_watts, lo, hi)
+
+
+def _simulated_curve(backend: GpuBackend, index: int, m: Measurement) -> list[PowerPoint]:
+    info = next(g for g in backend.gpus() if g.index == index)
+    model = lookup(info.model)
+    idle = model.idle_w if model is not None else 0
+    return simulated_curve(info.power_limit_watts, idle, m.fp16_gflops)
 
 
 def describe(model: str, vram_mb: int, m: Measurement) -> tuple[Verdict, str]:
@@ -439,4 +512,8 @@ def fill_gpu_infos(infos: list[ws.GpuInfo], figures: RigFigures | None) -> list[
             if m is not None:
                 info.measurement.CopyFrom(measurement_proto(m))
             info.pcie_generation = figures.pcie_generation.get(info.index, 0)
+            if info.index in figures.power_settable:
+                info.power_limit_settable = figures.power_settable[info.index]
+            del info.power_curve[:]
+            info.power_curve.extend(curve_protos(figures.power_curves.get(info.index, ())))
     return infos

@@ -46,8 +46,9 @@ def selftest_command(
     only: tuple[int, ...],
     as_json: bool,
 ) -> None:
-    """Measure each GPU (fp16/fp32 matmul, usable VRAM, host<->device bandwidth) and the host
-    (RAM, CPU cores, disk), and print each GPU's score and the broker's verdict.
+    """Measure each GPU (fp16/fp32 matmul, usable VRAM, host<->device bandwidth, and its
+    power curve: throughput and draw at 50-100 % of the board limit) and the host (RAM,
+    CPU cores, disk), and print each GPU's score and the broker's verdict.
 
     GPUs busy with a job or a miner of an agent running with this --state-dir are
     skipped. Exits 1 when a measured GPU would be UNVERIFIED.
@@ -134,6 +135,8 @@ def _rows(backend: Any, figures: Any) -> list[dict[str, Any]]:
             score=verdict.score,
             verification=verdict.verification.value,
             reason=verdict.reason,
+            power_limit_settable=figures.power_settable.get(g.index, False),
+            power_curve=[asdict(p) for p in figures.power_curves.get(g.index, [])],
         )
         rows.append(row)
     return rows
@@ -155,4 +158,15 @@ def _line(row: dict[str, Any]) -> str:
             f"h2d {m['h2d_mbps'] / 1000:.2f} / d2h {m['d2h_mbps'] / 1000:.2f} GB/s"
         )
     verdict = row["verification"] + (f" ({row['reason']})" if row["reason"] else "")
-    return f"{head} score {row['score']:>3}  {verdict}\n        {figures}, {link}"
+    out = f"{head} score {row['score']:>3}  {verdict}\n        {figures}, {link}"
+    curve = row.get("power_curve") or []
+    if curve:
+        top = curve[-1]["fp16_gflops"] or 1
+        points = ", ".join(
+            f"{p['limit_watts']} W: {100 * p['fp16_gflops'] // top} % at {p['draw_watts']} W"
+            for p in curve
+        )
+        out += f"\n        power curve (fp16 throughput, draw): {points}"
+    elif not row.get("power_limit_settable", True):
+        out += "\n        power limit cannot be set (not root, or unsupported): no curve"
+    return out

@@ -24,6 +24,15 @@ What it measures on each GPU, in order, each step bounded by a share of the GPU'
    filled with its own 32-bit pattern and read back (min and max equal the pattern),
    the verified MiB reported.
 
+4. **Power sweep** (``--limits GPU:W,W,…``, given by the agent for GPUs whose limit it
+   may set): at each limit, lowest first, ``nvmlDeviceSetPowerManagementLimit`` (mW),
+   then fp16 products for the step's time; the first quarter lets the limit settle,
+   the rest is timed, its draw the difference of the total-energy counter over that
+   time (or the mean of power readings where there is no counter). The operator's
+   limit is put back in a ``finally`` (the agent puts it back too, should this process
+   be killed). Each GPU's line gains ``power_curve``: ``[[limit_w, fp16_gflops,
+   draw_w], …]``, or ``power_error`` when a limit could not be set.
+
 ``--device cpu`` runs the same steps on the CPU with small sizes (a test of this script
 where no GPU is present; its figures mean nothing). Without torch, or without CUDA in
 ``cuda`` mode, every GPU's line carries ``error`` ("torch with CUDA not available: …").
@@ -122,8 +131,95 @@ def _usable_vram_mb(torch: Any, dev: Any, limit_mb: int, seconds: float, sync: A
     return verified
 
 
-def measure_one(torch: Any, index: int, device: str, budget_s: float) -> dict[str, Any]:
-    """The figures of GPU ``index`` (or the CPU in ``cpu`` mode) within ``budget_s``."""
+def parse_limits(values: list[str]) -> dict[int, list[int]]:
+    """``["0:175,210", "1:85"]`` → ``{0: [175, 210], 1: [85]}`` (watts, lowest first)."""
+    out: dict[int, list[int]] = {}
+    for value in values:
+        gpu, sep, watts = value.partition(":")
+        if not sep:
+            raise ValueError(f"--limits wants GPU:W,W,... not {value!r}")
+        out[int(gpu)] = sorted({int(w) for w in watts.split(",") if w.strip()})
+    return out
+
+
+class _Nvml:
+    """Sets and reads one GPU's power through pynvml (``cuda`` mode); a no-op in ``cpu``."""
+
+    def __init__(self, index: int, device: str) -> None:
+        self.nvml: Any = None
+        self.handle: Any = None
+        self.operator_mw = 0
+        if device == "cuda":
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.operator_mw = int(pynvml.nvmlDeviceGetPowerManagementLimit(self.handle))
+
+    def set(self, watts: int) -> None:
+        if self.nvml is not None:
+            self.nvml.nvmlDeviceSetPowerManagementLimit(self.handle, int(watts) * 1000)
+
+    def energy_mj(self) -> int | None:
+        if self.nvml is None:
+            return None
+        try:
+            return int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+        except self.nvml.NVMLError:
+            return None
+
+    def power_w(self) -> float:
+        return 0.0 if self.nvml is None else self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3
+
+    def restore(self) -> None:
+        if self.nvml is not None:
+            try:
+                self.nvml.nvmlDeviceSetPowerManagementLimit(self.handle, self.operator_mw)
+            finally:
+                self.nvml.nvmlShutdown()
+
+
+def _sweep(
+    torch: Any, dev: Any, n: int, limits: list[int], seconds: float, sync: Any, power: _Nvml
+) -> list[list[int]]:
+    """[limit, fp16 GFLOP/s, draw W] at each limit (see the module docstring)."""
+    a = torch.randn(n, n, device=dev, dtype=torch.float32).to(torch.float16)
+    b = torch.randn(n, n, device=dev, dtype=torch.float32).to(torch.float16)
+    step = seconds / max(1, len(limits))
+    out: list[list[int]] = []
+    for watts in limits:
+        power.set(watts)
+        settle = time.perf_counter() + step / 4
+        while time.perf_counter() < settle:
+            torch.matmul(a, b)
+            sync()
+        e0, samples = power.energy_mj(), []
+        products, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(4):
+                torch.matmul(a, b)
+            products += 4
+            sync()
+            samples.append(power.power_w())
+            elapsed = time.perf_counter() - t0
+            if elapsed >= step * 3 / 4:
+                break
+        e1 = power.energy_mj()
+        if e0 is not None and e1 is not None:
+            draw = (e1 - e0) / 1000 / elapsed
+        else:
+            draw = sum(samples) / len(samples)
+        out.append([watts, int(2 * n**3 * products / elapsed / 1e9), int(draw)])
+    del a, b
+    return out
+
+
+def measure_one(
+    torch: Any, index: int, device: str, budget_s: float, limits: list[int] | None = None
+) -> dict[str, Any]:
+    """The figures of GPU ``index`` (or the CPU in ``cpu`` mode) within ``budget_s``;
+    with ``limits``, its power curve too."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {"gpu": index, "uuid": "", "name": ""}
     if device == "cuda":
@@ -150,13 +246,26 @@ def measure_one(torch: Any, index: int, device: str, budget_s: float) -> dict[st
             return None
 
         n, copy_bytes, method = 256, 16 * MIB, "torch-cpu"
-    share = budget_s / 5  # fp16, fp32, copies, VRAM, and a fifth to spare
+    # fp16, fp32, copies, VRAM, (the power sweep,) and a share to spare
+    share = budget_s / (6 if limits else 5)
     row["fp16_gflops"] = _gflops(torch, dev, torch.float16, n, share * 0.8, sync)
     row["fp32_gflops"] = _gflops(torch, dev, torch.float32, n, share * 0.8, sync)
     row["h2d_mbps"], row["d2h_mbps"] = _bandwidth(torch, dev, copy_bytes, share, sync)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     row["usable_vram_mb"] = _usable_vram_mb(torch, dev, limit_mb, share, sync)
+    if limits:
+        try:
+            power = _Nvml(index, device)
+        except Exception as err:  # no pynvml, or NVML cannot start
+            row["power_error"] = f"{type(err).__name__}: {err}"[:300]
+        else:
+            try:
+                row["power_curve"] = _sweep(torch, dev, n, limits, share, sync, power)
+            except Exception as err:  # NO_PERMISSION, NOT_SUPPORTED: no curve
+                row["power_error"] = f"{type(err).__name__}: {err}"[:300]
+            finally:
+                power.restore()
     row["method"] = method
     row["error"] = ""
     row["duration_ms"] = int((time.perf_counter() - t0) * 1000)
@@ -171,8 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--budget-s", type=float, default=40.0, help="for all GPUs together")
     parser.add_argument("--json", action="store_true", help="JSON lines (the only output)")
+    parser.add_argument(
+        "--limits", action="append", default=[], help="GPU:W,W,... power limits to sweep"
+    )
     args = parser.parse_args(argv)
     gpus = args.gpu or [0]
+    limits = parse_limits(args.limits)
 
     def emit(row: dict[str, Any]) -> None:
         print(json.dumps(row), flush=True)
@@ -191,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     per_gpu = args.budget_s / len(gpus)
     for i in gpus:
         try:
-            emit(measure_one(torch, i, args.device, per_gpu))
+            emit(measure_one(torch, i, args.device, per_gpu, limits.get(i)))
         except Exception as err:  # one GPU failing is that GPU's result, not the run's
             emit({"gpu": i, "error": f"{type(err).__name__}: {err}"[:500]})
     return 0

@@ -10,7 +10,8 @@ beyond retrying. Its three loops run under the agent's ``supervise``::
                 failed -> HeartbeatFailed; UNAUTHENTICATED/NOT_FOUND -> register again
     stream      StreamInstructions; the first message is a Reconcile, then Assignment /
                 Cancellation / Reinstate (-> Reconcile, Assigned, Cancelled,
-                ReinstateAsked); reconnects with backoff
+                ReinstateAsked); Curtail and Reconcile's curtail -> ``on_curtail``
+                (the miners: ``mining.py``); reconnects with backoff
                 and full jitter whenever the stream breaks or is reset (reset_stream)
     reporter    ReportJobEvents from the Outbox: starts and finishes at once, output
                 batched; a failed batch is retried unchanged; acknowledged finishes ->
@@ -115,6 +116,9 @@ class BrokerSession:
         """The self-test's host figures, told at registration."""
         self.gpu_infos = gpu_infos
         self.on_rtt = on_rtt
+        self.on_curtail: Callable[[bool, float, str], None] = lambda active, end, why: None
+        """Gets each curtailment state (``Instruction.curtail``, ``Reconcile.curtail``):
+        active, end time (wall seconds, 0: none given), reason."""
         self.worker = ""
         self.credential = ""
         self.identity: Identity | None = None
@@ -287,6 +291,10 @@ class BrokerSession:
 
     def _on_instruction(self, instruction: ws.Instruction) -> None:
         kind = instruction.WhichOneof("kind")
+        if kind in ("reconcile", "curtail"):  # a Reconcile without one: no window is on
+            c = getattr(instruction, kind) if kind == "curtail" else instruction.reconcile.curtail
+            end = c.end_time.ToNanoseconds() / 1e9 if c.HasField("end_time") else 0.0
+            self.on_curtail(c.active, end, c.reason)
         if kind == "reconcile":
             assignments = tuple(instruction.reconcile.assignments)
             self.handle(Reconcile(assignments, self.mining_gpus(), time.monotonic()))

@@ -34,7 +34,7 @@ from worker_agent.gpu import SimulatedBackend
 
 pytestmark = pytest.mark.timeout(90)
 
-CHECKS = ["gpu", "power", "broker", "tls", "ray", "shm", "clock", "disk", "containers"]
+CHECKS = ["gpu", "power", "power-limit", "broker", "tls", "ray", "shm", "clock", "disk", "containers"]
 
 
 def doctor(*args: str) -> Result:

@@ -43,6 +43,8 @@ AGENT_METRICS = (
     "rigshift_gpu_ask_price_usd_per_gpu_hour",
     "rigshift_agent_heartbeat_rtt_seconds",
     "rigshift_agent_jobs_running",
+    "rigshift_gpu_power_limit_watts",
+    "rigshift_agent_curtailed",
 )
 
 

@@ -6,6 +6,8 @@ and never raises; :func:`run_checks` runs them in order::
     config   the TOML file loads as an AgentConfig, and only its owner can read it
     gpu      NVML answers (driver, GPUs), or says why not; --simulate is reported as such
     power    every GPU's power read twice, values plausible for its power limit
+    power-limit  whether the agent may set the GPUs' power limits (a farm's efficient
+             policy caps them; not root or an unsupported card: they run uncapped)
     broker   gRPC health check over the channel the agent would use (plaintext or TLS)
     tls      TLS handshake verified with --tls-ca, or which plaintext this is
     ray      Ray importable in this Python, its version, token authentication possible
@@ -39,6 +41,7 @@ from worker_agent.doctor.local import (
     check_disk,
     check_gpu,
     check_power,
+    check_power_limit,
     check_ray,
     check_shm,
     open_nvml_backend,
@@ -64,6 +67,7 @@ __all__ = [
     "check_disk",
     "check_gpu",
     "check_power",
+    "check_power_limit",
     "check_ray",
     "check_shm",
     "check_tls",
@@ -97,6 +101,7 @@ def run_checks(
     add(gpu)
     try:
         add(check_power(backend))
+        add(check_power_limit(backend))
     finally:
         if backend is not None:
             with contextlib.suppress(Exception):

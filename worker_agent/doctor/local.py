@@ -24,6 +24,7 @@ __all__ = [
     "check_disk",
     "check_gpu",
     "check_power",
+    "check_power_limit",
     "check_ray",
     "check_shm",
     "open_nvml_backend",
@@ -183,6 +184,28 @@ def check_power(backend: Any, interval_s: float = 0.5) -> Finding:
         f"{len(gpus)} GPU(s) read twice {interval_s:g} s apart: {span}, {what}; "
         f"energy counter on {counters} of {len(gpus)}",
     )
+
+
+def check_power_limit(backend: Any) -> Finding:
+    """Whether the agent may set each GPU's power limit: each is set to the limit it has
+    now (no change), as the agent does at start (``worker_agent.power``)."""
+    from worker_agent.power import PowerLimits
+
+    if backend is None:
+        return Finding("power-limit", "FAIL", "no GPU backend (see gpu)", "fix the gpu check first")
+    probed = PowerLimits(backend).probe()
+    refused = sorted(i for i, ok in probed.items() if not ok)
+    if not probed or refused:
+        which = ", ".join(map(str, refused)) if probed else "any GPU"
+        return Finding(
+            "power-limit",
+            "WARN",
+            f"the power limit of GPU(s) {which} cannot be set: AI work runs uncapped there",
+            "a farm on the efficient power policy needs the agent to run as root (as "
+            "`nvidia-smi -pl` does) and a card that supports power limits",
+        )
+    what = "simulated" if backend.name != "nvml" else "NVML accepts them"
+    return Finding("power-limit", "PASS", f"{len(probed)} GPU(s) can be power-limited ({what})")
 
 
 # -- ray and shm -------------------------------------------------------------------------
