@@ -158,7 +158,8 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
     lines = [head, "|---|---" + "|--:" * 16 + "|"]
     for o in outcomes:
         lines.append(
-            f"| {o.policy} | {o.scoring} | {o.utilisation:.1%} | {_hours(o.mean_jct_s)} "
+            f"| {o.policy if o.power == 'max' else f'{o.policy} ({o.power})'} | {o.scoring} "
+            f"| {o.utilisation:.1%} | {_hours(o.mean_jct_s)} "
             f"| {_hours(o.p50_jct_s)} | {_hours(o.p99_jct_s)} | {_hours(o.mean_queue_s)} "
             f"| {_hours(o.p99_queue_s)} | {_hours(o.max_queue_s)} | {o.sla_breaches:,} "
             f"| {o.sla_credits_usd:,.0f} "
