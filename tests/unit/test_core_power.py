@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from broker.convert import power_curve_from_pb, power_curve_pb
 from broker.core import BrokerCore
 from broker.earnings import earnings
 from broker.economics import FarmTerms, PowerPolicy
@@ -28,6 +29,7 @@ from broker.invariants import validate_state
 from broker.model import GpuInfo, JobSpec
 from rigshift.power import PowerPoint
 from rigshift.scoring import Measurement
+from rigshift.v1 import farm_pb2
 
 CURVE = tuple(
     PowerPoint(w, f, d)
@@ -166,3 +168,18 @@ def test_earnings_show_the_energy_a_capped_attempt_saved():
 def test_an_uncapped_attempt_saved_nothing():
     (row,) = earnings(finished(FarmTerms("f", 100_000), 2_000_000))
     assert (row.energy_saved_joules, row.energy_cost_saved_micros) == (0, 0)
+
+
+def test_an_agents_curve_is_cleaned_up():
+    msgs = [
+        farm_pb2.PowerPoint(limit_watts=300, fp16_gflops=900, draw_watts=290),
+        farm_pb2.PowerPoint(limit_watts=0, fp16_gflops=5, draw_watts=5),  # no limit: dropped
+        farm_pb2.PowerPoint(limit_watts=200, fp16_gflops=-1, draw_watts=-7),  # figures floored
+        farm_pb2.PowerPoint(limit_watts=300, fp16_gflops=950, draw_watts=295),  # the last wins
+        farm_pb2.PowerPoint(limit_watts=9000, fp16_gflops=1, draw_watts=1),  # over 5 kW
+    ]
+    curve = power_curve_from_pb(msgs)
+    assert curve == (PowerPoint(200, 0, 0), PowerPoint(300, 950, 295))
+    assert [p.limit_watts for p in power_curve_pb(tuple(reversed(curve)))] == [200, 300]
+    many = [farm_pb2.PowerPoint(limit_watts=w, fp16_gflops=1, draw_watts=1) for w in range(1, 99)]
+    assert len(power_curve_from_pb(many)) == 32
