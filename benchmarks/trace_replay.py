@@ -66,6 +66,16 @@ multi-GPU job placed on a riser rig (under 2 GB/s per GPU) runs X times its trac
 (default 1: links cost nothing; an assumption, not a measurement). Every replayed job
 accepts unverified GPUs (the simulated rigs run no self-test).
 
+**Power policy** (``--power-policy max|efficient``, repeatable; default ``max``;
+``--max-slowdown-percent P``, repeatable, default 10): every simulated GPU registers the
+simulated power curve of its model (``rigshift.power``: throughput ``1 - 0.9 (1 - f)^2``
+at a cap of f x board watts, draw min(board watts, cap)) with a settable limit;
+``efficient`` sets every farm's policy to EFFICIENT at each P, so the broker picks each
+GPU's cap (``choose_limit``) and the replay runs the job 1000 / the throughput ratio
+times its trace duration at the capped draw (``benchmarks/replay/power.py``). The power
+table adds kWh, kWh saved against the same GPU time uncapped, billed GPU-hours, revenue
+and revenue per kWh per setting.
+
 Policies run in parallel processes (``--processes``, default 2). The replay engine is the
 ``benchmarks/replay`` package; this script is its command line and report.
 
@@ -95,10 +105,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from replay import (
     DEFAULT_FLEET,
     DEFAULT_POLICIES,
+    MAX,
     POLICIES,
     SCORINGS,
     Fleet,
     Outcome,
+    PowerSetting,
     Trace,
     build_fleet,
     load_trace,
@@ -112,6 +124,7 @@ __all__ = [
     "Outcome",
     "Trace",
     "build_fleet",
+    "format_power_table",
     "format_table",
     "load_trace",
     "main",
@@ -122,11 +135,11 @@ __all__ = [
 _JOB: tuple[Trace, Fleet, float] | None = None  # what forked worker processes replay
 
 
-def _run_one(run: tuple[str, str]) -> Outcome:
+def _run_one(run: tuple[str, str, PowerSetting]) -> Outcome:
     assert _JOB is not None
     trace, fleet, slowdown = _JOB
-    policy, scoring = run
-    outcome, _ = replay(trace, fleet, policy, scoring=scoring, gang_slowdown=slowdown)
+    policy, scoring, power = run
+    outcome, _ = replay(trace, fleet, policy, scoring=scoring, gang_slowdown=slowdown, power=power)
     outcome.jct_s, outcome.duration_s = [], []
     return outcome
 
@@ -145,7 +158,8 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
     lines = [head, "|---|---" + "|--:" * 16 + "|"]
     for o in outcomes:
         lines.append(
-            f"| {o.policy} | {o.scoring} | {o.utilisation:.1%} | {_hours(o.mean_jct_s)} "
+            f"| {o.policy if o.power == 'max' else f'{o.policy} ({o.power})'} | {o.scoring} "
+            f"| {o.utilisation:.1%} | {_hours(o.mean_jct_s)} "
             f"| {_hours(o.p50_jct_s)} | {_hours(o.p99_jct_s)} | {_hours(o.mean_queue_s)} "
             f"| {_hours(o.p99_queue_s)} | {_hours(o.max_queue_s)} | {o.sla_breaches:,} "
             f"| {o.sla_credits_usd:,.0f} "
@@ -153,6 +167,35 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
             f"| {o.skipped:,} | {o.gangs_on_risers:,} | {o.singles_on_x16:,} | {o.replay_s:.1f} |"
         )
     return "\n".join(lines)
+
+
+def format_power_table(outcomes: Sequence[Outcome]) -> str:
+    """Markdown table, one row per policy and power setting: JCT, energy, revenue."""
+    head = (
+        "| policy | power | mean JCT h | p50 JCT h | p99 JCT h | GPU-h | kWh | kWh saved "
+        "| revenue $ | rev $/kWh | finished |"
+    )
+    lines = [head, "|---|---" + "|--:" * 9 + "|"]
+    for o in outcomes:
+        lines.append(
+            f"| {o.policy} | {o.power} | {_hours(o.mean_jct_s)} | {_hours(o.p50_jct_s)} "
+            f"| {_hours(o.p99_jct_s)} | {o.gpu_hours:,.0f} | {o.kwh:,.0f} | {o.kwh_saved:,.0f} "
+            f"| {o.revenue_usd:,.0f} | {o.revenue_usd_per_kwh:.4f} | {o.finished:,} |"
+        )
+    return "\n".join(lines)
+
+
+def power_settings(
+    policies: Sequence[str] | None, slowdowns: Sequence[int] | None
+) -> list[PowerSetting]:
+    """The power settings to replay: ``max`` once, ``efficient`` at each slowdown."""
+    out: list[PowerSetting] = []
+    for policy in policies or ["max"]:
+        if policy == "max":
+            out.append(MAX)
+        else:
+            out += [PowerSetting("efficient", p) for p in slowdowns or [10]]
+    return list(dict.fromkeys(out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,6 +225,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1.0,
         help="a multi-GPU job on a riser rig runs this many times its trace duration",
     )
+    p.add_argument(
+        "--power-policy",
+        action="append",
+        choices=("max", "efficient"),
+        help="repeatable; default: max (board limits)",
+    )
+    p.add_argument(
+        "--max-slowdown-percent",
+        action="append",
+        type=int,
+        choices=range(51),
+        metavar="P",
+        help="with --power-policy efficient, repeatable (0-50); default: 10",
+    )
     p.add_argument("--limit", type=int, default=0, help="first N valid rows by submit time")
     p.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", action="store_true")
@@ -199,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         limit=a.limit,
     )
     policies = a.policy or list(DEFAULT_POLICIES)
-    runs = [(p, s) for p in policies for s in a.scoring or ["topology"]]
+    scorings = a.scoring or ["topology"]
+    settings = power_settings(a.power_policy, a.max_slowdown_percent)
+    runs = [(p, s, w) for p in policies for s in scorings for w in settings]
     global _JOB
     _JOB = (trace, fleet, a.gang_slowdown_on_risers)
     if a.processes > 1 and len(runs) > 1:
@@ -215,13 +274,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(fleet.farms)} farms, {len(fleet.rigs)} rigs, {fleet.gpus} GPUs; wall {wall:.1f} s"
     )
     print(format_table(outcomes))
+    if settings != [MAX]:
+        print()
+        print(format_power_table(outcomes))
     for o in outcomes:
         if o.ledger_problems:
             print(f"{o.policy}: LEDGER PROBLEMS {o.ledger_problems[:3]}")
     if a.json:
         summary = {
             "policies": {
-                o.policy if len(runs) == len(policies) else f"{o.policy}/{o.scoring}": o.figures()
+                "/".join(
+                    [o.policy]
+                    + ([o.scoring] if len(scorings) > 1 else [])
+                    + ([o.power] if len(settings) > 1 else [])
+                ): o.figures()
                 for o in outcomes
             },
             "rows": trace.rows,

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.core import Attempt, BrokerCore, Job, Worker
 from broker.earnings import earnings
-from broker.economics import FarmTerms, charge_micros, floor_price
+from broker.economics import FarmTerms, PowerPolicy, charge_micros, floor_price
 from broker.events import Assign
 from broker.model import JobSpec
 from broker.records import Gpu, Quote
 from broker.scheduler import Rejection
 from broker.store import FarmRow, farm_terms
+from rigshift.power import PowerPoint
 from rigshift.scoring import Measurement
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2, worker_service_pb2
 
@@ -25,6 +26,8 @@ __all__ = [
     "job_pb",
     "measurement_from_pb",
     "measurement_pb",
+    "power_curve_from_pb",
+    "power_curve_pb",
     "quote_pb",
     "reason_pb",
     "timestamp",
@@ -205,7 +208,35 @@ def gpu_pb(g: Gpu) -> farm_pb2.Gpu:
         score=verdict.score,
         pcie_generation=g.info.pcie_generation,
         measurement=measurement_pb(g.measurement),
+        power_curve=power_curve_pb(g.info.power_curve),
+        ai_power_limit_watts=g.ai_power_limit_watts,
     )
+
+
+def power_curve_pb(curve: tuple[PowerPoint, ...]) -> list[farm_pb2.PowerPoint]:
+    """A GPU's power curve -> messages, lowest limit first."""
+    return [
+        farm_pb2.PowerPoint(
+            limit_watts=p.limit_watts, fp16_gflops=p.fp16_gflops, draw_watts=p.draw_watts
+        )
+        for p in sorted(curve, key=lambda p: p.limit_watts)
+    ]
+
+
+def power_curve_from_pb(points: Iterable[farm_pb2.PowerPoint]) -> tuple[PowerPoint, ...]:
+    """An agent's power curve: at most :data:`MAX_CURVE_POINTS` points with a positive
+    limit (figures under 0 read as 0), one per limit, lowest limit first."""
+    by_limit: dict[int, PowerPoint] = {}
+    for p in points:
+        if 0 < p.limit_watts <= 5000 and len(by_limit) < MAX_CURVE_POINTS:
+            by_limit[p.limit_watts] = PowerPoint(
+                p.limit_watts, max(0, p.fp16_gflops), max(0, p.draw_watts)
+            )
+    return tuple(by_limit[w] for w in sorted(by_limit))
+
+
+MAX_CURVE_POINTS = 32
+"""The most points of a power curve the broker keeps (the self-test sweeps six)."""
 
 
 def worker_pb(w: Worker, core: BrokerCore | None = None, now: float = 0.0) -> farm_pb2.Worker:
@@ -261,6 +292,11 @@ def farm_pb(
             for w in terms.tariff_windows
         ],
         floors=[_floor_pb(terms, m, w) for m, w in sorted(models.items())],
+        power_policy=farm_pb2.POWER_POLICY_EFFICIENT
+        if terms.power_policy == PowerPolicy.EFFICIENT
+        else farm_pb2.POWER_POLICY_MAX,
+        max_slowdown_percent=terms.max_slowdown_percent,
+        demand_response_micros_per_mwh=terms.demand_response_micros_per_mwh,
     )
 
 
@@ -295,6 +331,7 @@ def assignment_pb(assign: Assign, max_output_bytes: int = 0) -> worker_service_p
         ),
         gpu_indices=list(assign.gpu_indices),
         checkpoint_sha256=assign.checkpoint_sha256,
+        power_limit_watts=assign.power_limit_watts,
     )
 
 
@@ -363,6 +400,8 @@ def earnings_pb(
                 mining_usd_per_kwh=line.mining_usd_per_kwh,
                 attempts=line.attempts,
                 farm_display_name=farm_name(line.farm_id),
+                energy_saved_joules=line.energy_saved_joules,
+                energy_cost_saved_micros=line.energy_cost_saved_micros,
             )
         )
     return farm_service_pb2.GetEarningsResponse(rows=rows)

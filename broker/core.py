@@ -521,6 +521,8 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
         if late is not None:
             self._sla(job, late)
         attempt = Attempt(job.job_id, len(job.attempts) + 1, worker_id, indices, price, now)
+        # One power limit per attempt: its first GPU's AI limit (a gang is one model).
+        attempt.power_limit_watts = worker.gpus[indices[0]].ai_power_limit_watts
         job.attempts.append(attempt)
         for index in indices:
             worker.gpus[index].holder = (job.job_id, attempt.number)
@@ -569,4 +571,5 @@ def _assign(job: Job, attempt: Attempt) -> Assign:
         job.spec,
         attempt.price_micros_per_gpu_hour,
         job.checkpoint_sha256,
+        attempt.power_limit_watts,
     )

@@ -5,6 +5,15 @@ cost is the attempt's metered joules at the farm's tariff x PUE, and mining per
 kWh is :func:`mining_usd_per_kwh`: what mining would have paid per kWh for the
 same energy. The broker's ``rigshift_farm_mining_usd_per_kwh`` gauge uses the
 same function, so there is one definition of the figure.
+
+**Energy saved** (issue 16): an attempt placed with an AI power limit
+(``Attempt.power_limit_watts``, recorded when it was placed) drew, per GPU, its metered
+share; the same GPU time uncapped would have drawn that share x 1000 / the curve's draw
+ratio at the limit (``rigshift.power.ratio_at``, thousandths). The difference is
+``energy_saved_joules`` (``joules x (1000 - draw) / draw``, rounded half up) and its
+cost at the farm's tariff x PUE over the attempt's run ``energy_cost_saved_micros``
+(``broker.economics.energy_cost_micros``), both per GPU share. A GPU the worker no
+longer lists, or one without a curve, saved nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +23,10 @@ from dataclasses import dataclass, field
 
 from broker.core import Attempt, BrokerCore, Worker
 from broker.economics import FarmTerms, energy_cost_micros
+from rigshift.power import ratio_at
 from rigshift.units import JOULES_PER_KWH
 
-__all__ = ["EarningsLine", "earnings", "joules_by_model", "mining_usd_per_kwh"]
+__all__ = ["EarningsLine", "earnings", "energy_saved", "joules_by_model", "mining_usd_per_kwh"]
 
 
 def mining_usd_per_kwh(terms: FarmTerms | None, joules: Mapping[str, int]) -> float:
@@ -52,6 +62,20 @@ def joules_by_model(worker: Worker, attempt: Attempt) -> dict[str, int]:
     return out
 
 
+def energy_saved(worker: Worker, index: int, limit_watts: int, joules: int) -> int:
+    """Joules GPU ``index`` did not draw for ``joules`` metered at ``limit_watts``, against
+    the same GPU time uncapped: ``joules x (1000 - draw) / draw`` with ``draw`` the
+    curve's draw ratio at the limit in thousandths (rounded half up); 0 without a limit,
+    a curve or the GPU."""
+    gpu = worker.gpus.get(index)
+    if not limit_watts or gpu is None or joules <= 0:
+        return 0
+    _, draw = ratio_at(gpu.info.power_curve, limit_watts)
+    if draw <= 0 or draw >= 1000:
+        return 0
+    return (joules * (1000 - draw) + draw // 2) // draw
+
+
 def _model(worker: Worker, index: int) -> str:
     gpu = worker.gpus.get(index)
     return gpu.info.model if gpu else "?"
@@ -69,6 +93,8 @@ class EarningsLine:
     revenue_micros: int = 0
     energy_cost_micros: int = 0
     attempts: int = 0
+    energy_saved_joules: int = 0  # against the same GPU time uncapped (power caps)
+    energy_cost_saved_micros: int = 0
     mining_usd_per_kwh: float = 0.0  # see mining_usd_per_kwh(); display only
     model_joules: dict[str, int] = field(default_factory=dict)  # energy by GPU model
     model_ms: dict[str, int] | None = None
@@ -144,6 +170,12 @@ def earnings(
                 row.revenue_micros += rev
                 row.energy_cost_micros += cst
                 row.model_joules[model] = row.model_joules.get(model, 0) + joules
+                saved = energy_saved(worker, index, a.power_limit_watts, joules)
+                if saved:
+                    row.energy_saved_joules += saved
+                    row.energy_cost_saved_micros += energy_cost_micros(
+                        terms, saved, start, a.end_time
+                    )
                 row.model_ms = row.model_ms or {}
                 row.model_ms[model] = row.model_ms.get(model, 0) + ms
             row_keys = {

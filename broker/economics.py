@@ -16,6 +16,7 @@ Formulas (``docs/economics.md`` has a worked example)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from rigshift.catalogue import board_watts
 from rigshift.units import JOULES_PER_KWH
@@ -24,6 +25,7 @@ __all__ = [
     "MS_PER_HOUR",
     "FarmTerms",
     "LedgerEntry",
+    "PowerPolicy",
     "PriceFloor",
     "TariffWindow",
     "charge_micros",
@@ -54,6 +56,14 @@ class TariffWindow:
         return hour >= self.start_hour or hour < self.end_hour
 
 
+class PowerPolicy(StrEnum):
+    """How a farm's GPUs are power-limited for AI work; names match
+    ``rigshift.v1.PowerPolicy`` without its prefix (``POWER_POLICY_MAX`` is ``MAX``)."""
+
+    MAX = "MAX"  # the board's own limit: the most throughput
+    EFFICIENT = "EFFICIENT"  # per GPU, rigshift.power.choose_limit: the most work per joule
+
+
 @dataclass(frozen=True, slots=True)
 class FarmTerms:
     """What the core needs to know about a farm to price and settle its work."""
@@ -66,6 +76,11 @@ class FarmTerms:
     mining_micros_per_kwh: tuple[tuple[str, int], ...] = ()
     ask_micros_per_gpu_hour: tuple[tuple[str, int], ...] = ()
     tariff_windows: tuple[TariffWindow, ...] = field(default=())
+    power_policy: PowerPolicy = PowerPolicy.MAX
+    max_slowdown_percent: int = 0
+    """With EFFICIENT: the most throughput a GPU may lose to its cap, percent (0-50)."""
+    demand_response_micros_per_mwh: int = 0
+    """What the farm earns per MWh not drawn in a curtailment window (0: no contract)."""
 
     def mining_for(self, model: str) -> int:
         """Mining revenue per kWh for a GPU model (0 when the operator gave none)."""

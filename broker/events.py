@@ -280,6 +280,7 @@ class Assign(Command):
     spec: JobSpec
     price_micros_per_gpu_hour: int
     checkpoint_sha256: str = ""  # the job's latest checkpoint, to resume from
+    power_limit_watts: int = 0  # the farm's power policy's limit for it (0: none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,23 @@ attempt in case it still runs; a GPU the report no longer names as quarantined
 returns to service. The scheduler's capacity leaves quarantined GPUs out
 (``broker.queue``): no placements, no earnings.
 
+**Power caps** (``docs/energy.md``). A GPU on a farm whose policy is EFFICIENT, with a
+power curve and a limit its agent may set, runs AI work at :func:`ai_limit`
+(``rigshift.power.choose_limit``); its verdict's score is the score at that limit
+(the uncapped score x the curve's throughput ratio there), so the score clients see
+and filter on is the one the GPU will run at. Verification is judged from the
+uncapped figures (the card is what it is).
+
 **Reinstating** (``ReinstateRequested``) changes nothing here: it sends the agent
 ``SendReinstate``; the GPU returns when the agent's re-test passes and it reports so.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from broker.economics import FarmTerms, PowerPolicy
 from broker.errors import FailedPrecondition, FieldViolation, NotFound
 from broker.events import (
     Cancel,
@@ -31,11 +40,12 @@ from broker.events import (
     ReinstateRequested,
     SendReinstate,
 )
-from broker.model import WorkerState
+from broker.model import GpuInfo, WorkerState
 from broker.records import Attempt, Effects, Gpu, Job, Worker
+from rigshift.power import choose_limit, ratio_at
 from rigshift.scoring import Measurement, judge
 
-__all__ = ["GpuHealthHandlers", "judged"]
+__all__ = ["GpuHealthHandlers", "ai_limit", "apply_power_policy", "judged"]
 
 QUARANTINED = "quarantined by its agent"
 """The reason shown when an agent quarantined a GPU without saying why."""
@@ -46,9 +56,38 @@ def judged(gpu: Gpu, measurement: Measurement | None) -> bool:
     verdict changed (what the scheduler filters on)."""
     gpu.measurement = measurement
     verdict = judge(gpu.info.model, gpu.info.vram_mb, measurement)
+    if gpu.ai_power_limit_watts:
+        throughput, _ = ratio_at(gpu.info.power_curve, gpu.ai_power_limit_watts)
+        verdict = replace(verdict, score=verdict.score * throughput // 1000)
     changed = verdict != gpu.verdict
     gpu.verdict = verdict
     return changed
+
+
+def ai_limit(info: GpuInfo, terms: FarmTerms | None) -> int:
+    """The power limit (W) a GPU runs AI work at under its farm's policy; 0 (its board
+    limit) on MAX, without a curve, where its agent may not set the limit, or when the
+    chosen limit is not below the highest limit measured (or the board limit)."""
+    if terms is None or terms.power_policy != PowerPolicy.EFFICIENT:
+        return 0
+    if not info.power_limit_settable or not info.power_curve:
+        return 0
+    limit = choose_limit(info.power_curve, terms.max_slowdown_percent)
+    top = max(p.limit_watts for p in info.power_curve)
+    if limit <= 0 or limit >= top or (info.power_limit_watts and limit >= info.power_limit_watts):
+        return 0
+    return limit
+
+
+def apply_power_policy(gpu: Gpu, terms: FarmTerms | None) -> bool:
+    """Set the GPU's AI limit from its farm's terms and rescale its score; True when the
+    limit changed."""
+    limit = ai_limit(gpu.info, terms)
+    if limit == gpu.ai_power_limit_watts:
+        return False
+    gpu.ai_power_limit_watts = limit
+    judged(gpu, gpu.measurement)
+    return True
 
 
 def quarantine(gpu: Gpu, health: GpuHealth, now: float) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from rigshift.power import PowerPoint
 from rigshift.scoring import Measurement
 
 __all__ = [
@@ -136,3 +137,7 @@ class GpuInfo:
     pcie_generation: int = 0
     measurement: Measurement | None = None
     """The self-test's figures sent with the registration; None: not measured (PENDING)."""
+    power_curve: tuple[PowerPoint, ...] = ()
+    """Throughput and draw per power limit (the self-test's sweep), lowest limit first."""
+    power_limit_settable: bool = False
+    """The agent may set this GPU's power limit (root and a card that supports it)."""

@@ -86,6 +86,9 @@ class Attempt:
     last_checkpoint_time: float | None = None
     setup_ms: int = 0  # environment, inputs and working directory, before the process
     output: AttemptOutput | None = None  # what it wrote to $RIGSHIFT_OUTPUT_DIR, once reported
+    # The power limit the agent was told to run it at (W; 0: the operator's own limit):
+    # its first GPU's AI limit when it was placed. Earnings read it for the energy saved.
+    power_limit_watts: int = 0
 
     @property
     def live(self) -> bool:
@@ -157,6 +160,9 @@ class Gpu:
     quarantine_reason: str = ""  # non-empty: QUARANTINED (no placements, earns nothing)
     quarantined_at: float | None = None
     reinstate_required: bool = False  # three strikes in 24 h: out until the operator says
+    # The limit it runs AI work at under its farm's power policy (W; 0: its board limit),
+    # ``broker.gpu_health.ai_limit``; ``verdict.score`` is scaled to it.
+    ai_power_limit_watts: int = 0
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import json
 import math
 import re
 
-from broker.economics import FarmTerms, TariffWindow, floor_price
+from broker.economics import FarmTerms, PowerPolicy, TariffWindow, floor_price
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import GpuInfo, JobSpec, Tier
 from broker.requirements import Requirements, RequirementsError, parse_requirements
@@ -271,6 +271,9 @@ FARM_FIELDS = (
     "broker_fee_permille",
     "margin_micros_per_gpu_hour",
     "tariff_windows",
+    "power_policy",
+    "max_slowdown_percent",
+    "demand_response_micros_per_mwh",
 )
 
 
@@ -311,7 +314,25 @@ def check_farm(farm: farm_pb2.Farm, fields: tuple[str, ...] = FARM_FIELDS) -> No
             if w.start_hour == w.end_hour:
                 v.append(FieldViolation(f"farm.tariff_windows[{i}]", "is empty (start == end)"))
             _in_range(v, f"farm.tariff_windows[{i}].micros_per_kwh", w.micros_per_kwh, 0, 10**8)
+    _check_power(v, farm, fields)
     _raise(v)
+
+
+def _check_power(v: list[FieldViolation], farm: farm_pb2.Farm, fields: tuple[str, ...]) -> None:
+    """The power policy fields (issue 16): a known policy, a slowdown of 0-50 %, a
+    demand-response price of at most $100,000 per MWh."""
+    if "power_policy" in fields and farm.power_policy not in farm_pb2.PowerPolicy.values():
+        v.append(FieldViolation("farm.power_policy", f"unknown policy {farm.power_policy}"))
+    if "max_slowdown_percent" in fields:
+        _in_range(v, "farm.max_slowdown_percent", farm.max_slowdown_percent, 0, 50)
+    if "demand_response_micros_per_mwh" in fields:
+        _in_range(
+            v,
+            "farm.demand_response_micros_per_mwh",
+            farm.demand_response_micros_per_mwh,
+            0,
+            100_000 * 1_000_000,
+        )
 
 
 def terms_from(farm_id: str, farm: farm_pb2.Farm) -> FarmTerms:
@@ -328,6 +349,11 @@ def terms_from(farm_id: str, farm: farm_pb2.Farm) -> FarmTerms:
             TariffWindow(w.start_hour, w.end_hour % 24, w.micros_per_kwh)
             for w in farm.tariff_windows
         ),
+        power_policy=PowerPolicy.EFFICIENT
+        if farm.power_policy == farm_pb2.POWER_POLICY_EFFICIENT
+        else PowerPolicy.MAX,
+        max_slowdown_percent=farm.max_slowdown_percent,
+        demand_response_micros_per_mwh=farm.demand_response_micros_per_mwh,
     )
 
 

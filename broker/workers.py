@@ -9,6 +9,9 @@ old one ran is lost; its GPUs are judged anew from the figures it registers with
 (``broker.gpu_health``). The same ``Tick`` drops the reliability history that left the
 window (``broker.records.trim_history``), so reads of it stay pure.
 
+Power policy: each GPU's AI limit (``broker.gpu_health.ai_limit``) is set at
+registration and again whenever its farm's terms change.
+
 GPU asks: a farm's ask for the model wins; an agent's own ask is lifted to the farm's
 floor (``broker.economics.floor_price``).
 """
@@ -29,7 +32,7 @@ from broker.events import (
     WorkerRegistered,
     WorkerTransition,
 )
-from broker.gpu_health import judged
+from broker.gpu_health import ai_limit, apply_power_policy, judged
 from broker.model import GpuInfo, JobState, SlaKind, WorkerState
 from broker.records import Attempt, Effects, Gpu, Job, SlaEvent, Worker, trim_history
 
@@ -89,7 +92,10 @@ class Workers:
             cpu_cores=ev.cpu_cores,
             disk_write_mbps=ev.disk_write_mbps,
         )
+        terms = self.farms.get(ev.farm_id)
         for gpu in worker.gpus.values():
+            # The AI limit first: the score is the score at that limit.
+            gpu.ai_power_limit_watts = ai_limit(gpu.info, terms)
             # Judged from the figures, never from the claimed model alone.
             judged(gpu, gpu.info.measurement)
         self._apply_registered_health(worker, ev.health, ev.now)
@@ -134,6 +140,9 @@ class Workers:
                 continue
             for gpu in worker.gpus.values():
                 gpu.info = self._priced(worker.farm_id, gpu.info)
+                # A new power policy: a new AI limit and the score at it (an attempt
+                # running keeps the limit it was placed with).
+                apply_power_policy(gpu, ev.terms)
             self._worker_changed(worker.worker_id)
         self._out.schedule = True
         return []

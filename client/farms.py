@@ -71,8 +71,14 @@ class FarmMethods(Connection):
         broker_fee_permille: int | None = None,
         margin_micros_per_gpu_hour: int | None = None,
         tariff_windows: Sequence[tuple[int, int, int]] | None = None,
+        power_policy: int | None = None,
+        max_slowdown_percent: int | None = None,
+        demand_response_micros_per_mwh: int | None = None,
     ) -> farm_pb2.Farm:
         """Change only the fields passed (not None) and return the farm with its new floors.
+
+        ``power_policy`` is a ``rigshift.v1.PowerPolicy`` value (``POWER_POLICY_MAX`` or
+        ``POWER_POLICY_EFFICIENT``); ``max_slowdown_percent`` 0-50.
 
         Maps and ``tariff_windows`` are replaced whole: pass the full map. See
         :func:`build_update_farm_request`.
@@ -87,6 +93,9 @@ class FarmMethods(Connection):
             broker_fee_permille=broker_fee_permille,
             margin_micros_per_gpu_hour=margin_micros_per_gpu_hour,
             tariff_windows=tariff_windows,
+            power_policy=power_policy,
+            max_slowdown_percent=max_slowdown_percent,
+            demand_response_micros_per_mwh=demand_response_micros_per_mwh,
         )
         return self._unary(self._farms.UpdateFarm, request)
 

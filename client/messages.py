@@ -182,6 +182,9 @@ UPDATABLE_FARM_FIELDS = (
     "broker_fee_permille",
     "margin_micros_per_gpu_hour",
     "tariff_windows",
+    "power_policy",
+    "max_slowdown_percent",
+    "demand_response_micros_per_mwh",
 )
 
 
@@ -196,6 +199,9 @@ def build_update_farm_request(
     broker_fee_permille: int | None = None,
     margin_micros_per_gpu_hour: int | None = None,
     tariff_windows: Sequence[tuple[int, int, int]] | None = None,
+    power_policy: int | None = None,
+    max_slowdown_percent: int | None = None,
+    demand_response_micros_per_mwh: int | None = None,
 ) -> farm_service_pb2.UpdateFarmRequest:
     """The UpdateFarm request for ``farm``: its ``update_mask`` names exactly the fields not None.
 
@@ -213,6 +219,9 @@ def build_update_farm_request(
         "broker_fee_permille": broker_fee_permille,
         "margin_micros_per_gpu_hour": margin_micros_per_gpu_hour,
         "tariff_windows": tariff_windows,
+        "power_policy": power_policy,  # a rigshift.v1.PowerPolicy value
+        "max_slowdown_percent": max_slowdown_percent,
+        "demand_response_micros_per_mwh": demand_response_micros_per_mwh,
     }
     paths = [field for field in UPDATABLE_FARM_FIELDS if values[field] is not None]
     if not paths:

@@ -329,8 +329,13 @@ def describe_farm(farm: farm_pb2.Farm) -> str:
             if farm.broker_fee_permille
             else "broker default",
         ),
+        ("power policy", power_policy_text(farm)),
         ("created", format_time(farm.create_time)),
     ]
+    if farm.demand_response_micros_per_mwh:
+        fields.insert(
+            -1, ("demand resp.", f"{format_usd(farm.demand_response_micros_per_mwh)}/MWh")
+        )
     width = max(len(k) for k, _ in fields) + 1
     lines = [f"{(k + ':').ljust(width)}  {v}" for k, v in fields]
     lines.append("")
@@ -339,6 +344,13 @@ def describe_farm(farm: farm_pb2.Farm) -> str:
     else:
         lines.append("floor prices: none yet (no GPUs registered)")
     return "\n".join(lines)
+
+
+def power_policy_text(farm: farm_pb2.Farm) -> str:
+    """``max (board limits)`` or ``efficient (at most 10% slower per GPU)``."""
+    if farm.power_policy == farm_pb2.POWER_POLICY_EFFICIENT:
+        return f"efficient (at most {farm.max_slowdown_percent}% slower per GPU)"
+    return "max (board limits)"
 
 
 def gpu_summary(worker: farm_pb2.Worker) -> str:
@@ -429,7 +441,7 @@ def gpu_table(workers: Iterable[farm_pb2.Worker]) -> str:
             w.name,
             str(g.index),
             g.model,
-            str(g.score) if g.score else "-",
+            score_text(g),
             pcie_text(g),
             gpu_state_text(g),
             verification_text(g),
@@ -439,6 +451,14 @@ def gpu_table(workers: Iterable[farm_pb2.Worker]) -> str:
     ]
     headers = ["WORKER", "GPU", "MODEL", "SCORE", "PCIE", "STATE", "VERIFICATION"]
     return render_table(headers, rows)
+
+
+def score_text(gpu: farm_pb2.Gpu) -> str:
+    """The GPU's score, with the power cap it is measured at: ``96 at 280 W``."""
+    if not gpu.score:
+        return "-"
+    cap = f" at {gpu.ai_power_limit_watts} W" if gpu.ai_power_limit_watts else ""
+    return f"{gpu.score}{cap}"
 
 
 def runtime_text(runtime: farm_pb2.ContainerRuntime) -> str:
@@ -503,7 +523,8 @@ MINING_PAID_MORE = "AI < mining"
 
 
 def earnings_table(rows: Sequence[farm_service_pb2.EarningsRow], group_by: str = "farm") -> str:
-    """``farm earnings``: one row per farm, worker or GPU; AI $/kWh next to mining $/kWh.
+    """``farm earnings``: one row per farm, worker or GPU; AI $/kWh next to mining $/kWh;
+    the kWh and energy cost the farm's power caps saved against the same GPU time uncapped.
 
     Money columns come from the integer micro-dollar fields; the two $/kWh
     columns are the broker's display ratios. A row where AI work paid less per
@@ -523,6 +544,8 @@ def earnings_table(rows: Sequence[farm_service_pb2.EarningsRow], group_by: str =
             format_usd(r.revenue_micros),
             format_usd(r.energy_cost_micros),
             format_usd(r.margin_micros),
+            str(joules_to_kwh(r.energy_saved_joules)) if r.energy_saved_joules else "-",
+            format_usd(r.energy_cost_saved_micros) if r.energy_saved_joules else "-",
             _usd_per_kwh(r.revenue_usd_per_kwh) if r.energy_joules else "-",
             _usd_per_kwh(r.mining_usd_per_kwh),
             MINING_PAID_MORE if ai_below else "",
@@ -532,6 +555,7 @@ def earnings_table(rows: Sequence[farm_service_pb2.EarningsRow], group_by: str =
     if group_by != "farm":
         headers.append("FARM")
     headers += ["MODEL", "GPU-HOURS", "KWH", "REVENUE", "ENERGY COST", "MARGIN"]
+    headers += ["KWH SAVED", "COST SAVED"]  # by the farm's power caps
     headers += ["AI $/KWH", "MINING $/KWH", "NOTE"]
     return render_table(headers, table)
 

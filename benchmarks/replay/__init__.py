@@ -4,10 +4,13 @@
 * ``replay.view`` -- ``LeanView``, the lean scheduling view the replay injects into
   ``BrokerCore(view=...)``;
 * ``replay.estimator`` -- ``DurationEstimator``, run-time predictions for ``short-first``;
+* ``replay.power`` -- power settings (``max``, ``efficient`` at a slowdown) and each
+  simulated GPU's power curve (issue 16);
 * ``replay.simulate`` -- the virtual-time loop and its figures (``replay()``, ``Outcome``).
 """
 
 from .estimator import DurationEstimator, order
+from .power import MAX, PowerSetting, simulated_curve
 from .simulate import DEFAULT_POLICIES, POLICIES, SCORINGS, Outcome, declared_limit, replay
 from .view import LeanView
 from .workload import DEFAULT_FLEET, Fleet, Rig, Trace, TraceJob, build_fleet, load_trace
@@ -15,12 +18,14 @@ from .workload import DEFAULT_FLEET, Fleet, Rig, Trace, TraceJob, build_fleet, l
 __all__ = [
     "DEFAULT_FLEET",
     "DEFAULT_POLICIES",
+    "MAX",
     "POLICIES",
     "SCORINGS",
     "DurationEstimator",
     "Fleet",
     "LeanView",
     "Outcome",
+    "PowerSetting",
     "Rig",
     "Trace",
     "TraceJob",
@@ -29,4 +34,5 @@ __all__ = [
     "load_trace",
     "order",
     "replay",
+    "simulated_curve",
 ]

@@ -5,8 +5,9 @@ of ``replay.view`` injected through ``BrokerCore(view=...)`` -- the events a liv
 would get (farms and rigs at the start, each job at its submit time, one
 ``SchedulePass`` per virtual second with events, ``AttemptStarted`` on each ``Assign``
 and ``AttemptFinished`` a run time later with the energy of a board-watts power model)
-and measures the result (:class:`Outcome`). ``benchmarks/trace_replay.py`` is the
-command line around it.
+and measures the result (:class:`Outcome`). Under a power setting (``replay.power``) the
+broker caps each GPU and the replay stretches the job and draws the capped power.
+``benchmarks/trace_replay.py`` is the command line around it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from broker.policy import FIFO, SHORT_FIRST
 from rigshift.scoring import Measurement
 
 from .estimator import DurationEstimator
+from .power import MAX, PowerSetting, capped, simulated_curve
 from .view import LeanView
 from .workload import Fleet, Trace, TraceJob
 
@@ -67,6 +69,7 @@ class Outcome:
 
     policy: str
     scoring: str = "topology"
+    power: str = "max"  # PowerSetting.label: max, or efficient-P at P % slowdown
     gang_slowdown: float = 1.0
     gangs_on_risers: int = 0  # multi-GPU jobs that ran on a riser rig
     singles_on_x16: int = 0  # single-GPU jobs that ran on a wide rig
@@ -88,6 +91,8 @@ class Outcome:
     mining_usd_per_kwh: float = 0.0
     revenue_usd: float = 0.0
     kwh: float = 0.0
+    kwh_saved: float = 0.0  # by the power caps, against the same GPU time uncapped
+    gpu_hours: float = 0.0  # billed (capped jobs run longer)
     schedule_passes: int = 0
     replay_s: float = 0.0
     replay_cpu_s: float = 0.0
@@ -131,13 +136,16 @@ def replay(
     lean: bool = True,
     scoring: str = "topology",
     gang_slowdown: float = 1.0,
+    power: PowerSetting = MAX,
 ) -> tuple[Outcome, BrokerCore]:
     """Run the whole trace under one policy; returns the figures and the final core.
 
     ``scoring`` is one of :data:`SCORINGS`; ``gang_slowdown`` how much longer a gang runs
     on a riser rig (:data:`RISER_MBPS`) than its trace duration (1: links do not matter).
     Every job accepts unverified GPUs: the simulated rigs report no self-test (their
-    link's bandwidth at most), and verification is not what the replay measures."""
+    link's bandwidth at most), and verification is not what the replay measures.
+    ``power``: the farms' power policy (``replay.power``; every GPU has the simulated
+    curve and a settable limit)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
     if scoring not in SCORINGS:
@@ -150,8 +158,9 @@ def replay(
     jobs = trace.jobs
     t0 = jobs[0].submit_s if jobs else 0.0
     for terms in fleet.farms:
-        core.handle(FarmConfigured(t0, terms))
+        core.handle(FarmConfigured(t0, power.terms(terms)))
     rigs = {r.worker_id: r for r in fleet.rigs}
+    curves = {(r.model, r.watts): simulated_curve(r.model, r.watts) for r in fleet.rigs}
     for r in fleet.rigs:
         measured = Measurement(h2d_mbps=r.pcie_mbps) if r.pcie_mbps else None
         gpus = tuple(
@@ -163,16 +172,20 @@ def replay(
                 r.watts,
                 pcie_link_width=r.pcie_link_width,
                 measurement=measured,
+                power_curve=curves[(r.model, r.watts)],
+                power_limit_settable=True,
             )
             for i in range(r.gpus)
         )
         core.handle(WorkerRegistered(t0, r.worker_id, r.farm_id, r.worker_id, "replay", gpus))
     by_id = {j.job_id: j for j in jobs}
     specs: dict[tuple[int, int], JobSpec] = {}  # (GPUs, declared limit) -> spec
-    finishes: list[tuple[float, str, str, int]] = []  # (end, job_id, worker_id, attempt)
+    # (end, job_id, worker_id, attempt, watts drawn per GPU)
+    finishes: list[tuple[float, str, str, int, float]] = []
     out = Outcome(
         policy,
         scoring,
+        power.label,
         gang_slowdown,
         rows=trace.rows,
         skipped=trace.too_wide,
@@ -184,11 +197,10 @@ def replay(
         now = min(jobs[i].submit_s if i < n else math.inf, finishes[0][0] if finishes else math.inf)
         second = math.floor(now) + 1  # everything in this virtual second is one batch
         while finishes and finishes[0][0] < second:
-            end, job_id, worker_id, attempt = heappop(finishes)
+            end, job_id, worker_id, attempt, watts = heappop(finishes)
             tj = by_id[job_id]
-            rig = rigs[worker_id]
             ran = end - core.jobs[job_id].attempts[attempt - 1].start_time  # type: ignore[operator]
-            joules = round(rig.watts * ran * tj.gpus)
+            joules = round(watts * ran * tj.gpus)
             handle(AttemptFinished(end, worker_id, job_id, attempt, 2, 0, joules))
             estimator.observe(tj.owner, tj.gpus, tj.duration_s)
             now = end
@@ -220,8 +232,11 @@ def replay(
                     out.gangs_on_risers += 1
                 elif tj.gpus == 1 and not riser:
                     out.singles_on_x16 += 1
+                rig = rigs[cmd.worker_id]
+                curve = curves[(rig.model, rig.watts)]
+                duration, watts = capped(curve, cmd.power_limit_watts, duration, rig.watts)
                 end = now + duration
-                heappush(finishes, (end, cmd.job_id, cmd.worker_id, cmd.attempt))
+                heappush(finishes, (end, cmd.job_id, cmd.worker_id, cmd.attempt, watts))
     _measure(out, core, trace, fleet)
     out.replay_s = time.perf_counter() - started
     out.replay_cpu_s = time.process_time() - cpu
@@ -263,6 +278,8 @@ def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet) -> None
     mining = sum(r.mining_usd_per_kwh * r.energy_joules for r in rows)  # energy-weighted
     out.revenue_usd = revenue / 1e6
     out.kwh = joules / 3_600_000
+    out.kwh_saved = sum(r.energy_saved_joules for r in rows) / 3_600_000
+    out.gpu_hours = sum(r.gpu_milliseconds for r in rows) / 3_600_000
     out.revenue_usd_per_kwh = revenue / 1e6 / out.kwh if joules else 0.0
     out.mining_usd_per_kwh = mining / joules if joules else 0.0
     out.ledger_problems = ledger_problems(core.ledger, charges_of(core.jobs.values()))

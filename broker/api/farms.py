@@ -229,6 +229,9 @@ class TermsColumns(TypedDict):
     mining_json: str
     asks_json: str
     tariff_windows_json: str
+    power_policy: str
+    max_slowdown_percent: int
+    demand_response_micros_per_mwh: int
 
 
 def _terms_columns(terms: FarmTerms) -> TermsColumns:
@@ -242,4 +245,7 @@ def _terms_columns(terms: FarmTerms) -> TermsColumns:
         "tariff_windows_json": json.dumps(
             [[w.start_hour, w.end_hour, w.micros_per_kwh] for w in terms.tariff_windows]
         ),
+        "power_policy": terms.power_policy.value,
+        "max_slowdown_percent": terms.max_slowdown_percent,
+        "demand_response_micros_per_mwh": terms.demand_response_micros_per_mwh,
     }

@@ -14,7 +14,7 @@ from broker import validation as v
 from broker.api.common import streaming, unary
 from broker.artifacts import ArtifactStore
 from broker.auth import current
-from broker.convert import measurement_from_pb, timestamp
+from broker.convert import measurement_from_pb, power_curve_from_pb, timestamp
 from broker.errors import (
     FieldViolation,
     InvalidArgument,
@@ -208,12 +208,21 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 def _with_figures(
     gpus: tuple[GpuInfo, ...], messages: Iterable[worker_service_pb2.GpuInfo]
 ) -> tuple[GpuInfo, ...]:
-    """The validated GPUs with what the self-test measured and the PCIe generation."""
+    """The validated GPUs with what the self-test measured, the PCIe generation, and the
+    power curve (issue 16) with whether the agent may set the limit."""
     out = []
     for info, msg in zip(gpus, messages, strict=True):
         figures = measurement_from_pb(msg.measurement) if msg.HasField("measurement") else None
         generation = msg.pcie_generation if 0 <= msg.pcie_generation <= 16 else 0
-        out.append(replace(info, pcie_generation=generation, measurement=figures))
+        out.append(
+            replace(
+                info,
+                pcie_generation=generation,
+                measurement=figures,
+                power_curve=power_curve_from_pb(msg.power_curve),
+                power_limit_settable=msg.power_limit_settable,
+            )
+        )
     return tuple(out)
 
 

@@ -35,6 +35,7 @@ from broker.store.rows import (
     WorkerRow,
     farm_terms,
     measurement_from_json,
+    power_curve_from_json,
     spec_from_json,
 )
 from broker.store.save import GPU_KEYS, WorkerWritten
@@ -72,6 +73,8 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
             g.pcie_link_width,
             g.pcie_generation,
             measurement_from_json(g.measurement_json),
+            power_curve_from_json(g.power_curve_json),
+            g.power_limit_settable,
         )
         gpu = Gpu(
             info,
@@ -79,8 +82,9 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
             quarantine_reason=g.quarantine_reason,
             quarantined_at=g.quarantined_at,
             reinstate_required=g.reinstate_required,
+            ai_power_limit_watts=g.ai_power_limit_watts,
         )
-        judged(gpu, info.measurement)  # the verdict follows from the figures
+        judged(gpu, info.measurement)  # the verdict (at the AI limit) follows from the figures
         gpus.setdefault(g.worker_id, {})[g.index] = gpu
         gpu_rows.setdefault(g.worker_id, {})[g.index] = tuple(getattr(g, k) for k in GPU_KEYS)
     for w in s.exec(select(WorkerRow)):
@@ -129,6 +133,7 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
                 a.last_checkpoint_time,
                 a.setup_ms,
                 AttemptOutput(**json.loads(a.output_json)) if a.output_json else None,
+                a.power_limit_watts,
             )
         )
     history: dict[str, list[HistoryEntry]] = {}

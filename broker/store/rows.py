@@ -13,8 +13,9 @@ from dataclasses import asdict, fields
 from sqlalchemy import BigInteger, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from broker.economics import FarmTerms, TariffWindow
+from broker.economics import FarmTerms, PowerPolicy, TariffWindow
 from broker.model import JobSpec, Tier
+from rigshift.power import PowerPoint
 from rigshift.scoring import Measurement
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "farm_terms",
     "measurement_from_json",
     "measurement_to_json",
+    "power_curve_from_json",
+    "power_curve_to_json",
     "spec_from_json",
     "spec_to_json",
 ]
@@ -59,6 +62,9 @@ class FarmRow(SQLModel, table=True):
     mining_json: str = "{}"  # GPU model -> micro-dollars per kWh
     asks_json: str = "{}"  # GPU model -> micro-dollars per GPU-hour
     tariff_windows_json: str = "[]"  # [[start_hour, end_hour, micros_per_kwh], ...]
+    power_policy: str = "MAX"  # broker.economics.PowerPolicy
+    max_slowdown_percent: int = 0
+    demand_response_micros_per_mwh: int = _big()
 
 
 def farm_terms(row: FarmRow) -> FarmTerms:
@@ -72,6 +78,9 @@ def farm_terms(row: FarmRow) -> FarmTerms:
         mining_micros_per_kwh=tuple(sorted(json.loads(row.mining_json).items())),
         ask_micros_per_gpu_hour=tuple(sorted(json.loads(row.asks_json).items())),
         tariff_windows=tuple(TariffWindow(*w) for w in json.loads(row.tariff_windows_json)),
+        power_policy=PowerPolicy(row.power_policy or "MAX"),
+        max_slowdown_percent=row.max_slowdown_percent,
+        demand_response_micros_per_mwh=row.demand_response_micros_per_mwh,
     )
 
 
@@ -125,6 +134,9 @@ class GpuRow(SQLModel, table=True):
     quarantine_reason: str = ""  # non-empty: QUARANTINED
     quarantined_at: float | None = None
     reinstate_required: bool = False
+    power_curve_json: str = "[]"  # [[limit_watts, fp16_gflops, draw_watts], ...]
+    power_limit_settable: bool = False
+    ai_power_limit_watts: int = 0  # under the farm's power policy (0: the board limit)
 
 
 class JobRow(SQLModel, table=True):
@@ -168,6 +180,7 @@ class AttemptRow(SQLModel, table=True):
     last_checkpoint_time: float | None = None
     setup_ms: int = _big()
     output_json: str = ""  # {"sha256", "size_bytes", "time", "over_limit", "message"} or ""
+    power_limit_watts: int = 0  # the AI power limit it was placed with (0: none)
 
 
 class JobEventRow(SQLModel, table=True):
@@ -262,6 +275,16 @@ def measurement_from_json(text: str) -> Measurement | None:
         return None
     known = {f.name for f in fields(Measurement)}
     return Measurement(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+def power_curve_to_json(curve: tuple[PowerPoint, ...]) -> str:
+    """A power curve as the ``power_curve_json`` column holds it."""
+    return json.dumps([[p.limit_watts, p.fp16_gflops, p.draw_watts] for p in curve])
+
+
+def power_curve_from_json(text: str) -> tuple[PowerPoint, ...]:
+    """The power curve of a ``power_curve_json`` column (empty text: no curve)."""
+    return tuple(PowerPoint(*p) for p in json.loads(text or "[]"))
 
 
 def spec_to_json(spec: JobSpec) -> str:

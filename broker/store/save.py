@@ -32,6 +32,7 @@ from broker.store.rows import (
     SlaEventRow,
     WorkerRow,
     measurement_to_json,
+    power_curve_to_json,
     spec_to_json,
 )
 
@@ -270,6 +271,9 @@ def _gpu_values(worker_id: str, gpu: Gpu) -> dict[str, Any]:
         "quarantine_reason": gpu.quarantine_reason,
         "quarantined_at": gpu.quarantined_at,
         "reinstate_required": gpu.reinstate_required,
+        "power_curve_json": power_curve_to_json(i.power_curve),
+        "power_limit_settable": i.power_limit_settable,
+        "ai_power_limit_watts": gpu.ai_power_limit_watts,
     }
 
 
@@ -321,6 +325,7 @@ def _attempt_values(job_id: str, a: Attempt) -> dict[str, Any]:
         "last_checkpoint_time": a.last_checkpoint_time,
         "setup_ms": a.setup_ms,
         "output_json": json.dumps(dataclasses.asdict(a.output), sort_keys=True) if a.output else "",
+        "power_limit_watts": a.power_limit_watts,
     }
 
 

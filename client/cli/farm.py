@@ -219,6 +219,10 @@ def _merge_prices(
     return merged
 
 
+POWER_POLICIES = {"max": farm_pb2.POWER_POLICY_MAX, "efficient": farm_pb2.POWER_POLICY_EFFICIENT}
+"""``--power-policy`` -> ``rigshift.v1.PowerPolicy``."""
+
+
 @farm_group.command(name="update")
 @click.argument("farm_id", metavar="ID")
 @_economics_options
@@ -228,6 +232,27 @@ def _merge_prices(
 @click.option("--remove-ask", multiple=True, metavar="MODEL", help="Drop a model's ask price.")
 @click.option(
     "--clear-tariff-windows", is_flag=True, help="Drop the time-of-use windows (flat tariff)."
+)
+@click.option(
+    "--power-policy",
+    type=click.Choice(["max", "efficient"]),
+    default=None,
+    help="max: board limits; efficient: per GPU the lowest power limit within "
+    "--max-slowdown-percent of its full throughput (the most work per joule).",
+)
+@click.option(
+    "--max-slowdown-percent",
+    "max_slowdown",
+    type=click.IntRange(0, 50),
+    default=None,
+    help="With --power-policy efficient: the most throughput a GPU may lose, 0-50.",
+)
+@click.option(
+    "--demand-response-usd-per-mwh",
+    "demand_response",
+    type=USD,
+    default=None,
+    help="What the farm earns per MWh it does not draw in a curtailment window.",
 )
 @json_option
 @broker_option
@@ -244,9 +269,12 @@ def farm_update(
     remove_mining: tuple[str, ...],
     remove_ask: tuple[str, ...],
     clear_tariff_windows: bool,
+    power_policy: str | None,
+    max_slowdown: int | None,
+    demand_response: int | None,
     as_json: bool,
 ) -> None:
-    """Change a farm's economics; only the options given change.
+    """Change a farm's economics and power policy; only the options given change.
 
     --mining and --ask set one model's entry each and leave the other models'
     entries as they are; --tariff-file replaces all time-of-use windows.
@@ -271,6 +299,9 @@ def farm_update(
         "broker_fee_permille": broker_fee,
         "margin_micros_per_gpu_hour": margin,
         "tariff_windows": tariff_windows,
+        "power_policy": POWER_POLICIES[power_policy] if power_policy else None,
+        "max_slowdown_percent": max_slowdown,
+        "demand_response_micros_per_mwh": demand_response,
     }
     changed = [field for field, value in changes.items() if value is not None]
     if not changed:
@@ -301,8 +332,9 @@ def farm_workers(farm_id: str, as_json: bool) -> None:
     """List workers (rigs) and their GPUs.
 
     Per worker: state, GPUs, reliability, container runtime, last heartbeat. Per GPU:
-    score (an RTX 3090 = 100), PCIe link, state (QUARANTINED with its reason) and
-    verification of its claimed model (with the reason when not VERIFIED).
+    score (an RTX 3090 = 100; "96 at 280 W" under a power cap), PCIe link, state
+    (QUARANTINED with its reason) and verification of its claimed model (with the reason
+    when not VERIFIED).
     """
     workers = list(broker_client().iter_workers(farm_id))
     if as_json:
