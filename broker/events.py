@@ -4,8 +4,8 @@ Every event is a frozen dataclass that carries ``now`` (seconds since the epoch,
 passed in by the shell); every command is a frozen dataclass the shell carries
 out. ``BrokerCore.handle(event)`` returns them in order: first the decisions
 (:class:`Transition`, :class:`WorkerTransition`, :class:`Assign`, :class:`Cancel`,
-:class:`SendReinstate`, :class:`SendCurtail`, :class:`AppendLog`), then what the event means for the shell's own
-duties, each at most once per event and in this order:
+:class:`SendReinstate`, :class:`SendCurtail`, :class:`AppendLog`), then what the event
+means for the shell's own duties, each at most once per event and in this order:
 
 * :class:`PostLedger` -- ledger entries to write (settlements, SLA credits);
 * :class:`Persist` -- the ids of the jobs and workers to write. Ids, not copies: the

@@ -15,11 +15,13 @@ from sqlmodel import Field, SQLModel
 
 from broker.economics import FarmTerms, TariffWindow
 from broker.model import JobSpec, Tier
+from broker.windows import Window
 from rigshift.scoring import Measurement
 
 __all__ = [
     "ApiKeyRow",
     "AttemptRow",
+    "CurtailmentRow",
     "FarmRow",
     "GpuRow",
     "JobEventRow",
@@ -59,6 +61,36 @@ class FarmRow(SQLModel, table=True):
     mining_json: str = "{}"  # GPU model -> micro-dollars per kWh
     asks_json: str = "{}"  # GPU model -> micro-dollars per GPU-hour
     tariff_windows_json: str = "[]"  # [[start_hour, end_hour, micros_per_kwh], ...]
+
+
+class CurtailmentRow(SQLModel, table=True):
+    """A farm's curtailment window (``broker.windows.Window``); its state follows from the
+    times and ``cancel_time``."""
+
+    __tablename__ = "curtailments"
+    id: str = Field(primary_key=True)
+    farm_id: str = Field(foreign_key="farms.id", index=True)
+    start_time: float
+    end_time: float
+    reason: str = ""
+    include_guaranteed: bool = False
+    create_time: float = 0.0
+    created_by: str = ""
+    cancel_time: float | None = None
+
+    def window(self) -> Window:
+        """The window as the core holds it."""
+        return Window(
+            self.id,
+            self.farm_id,
+            self.start_time,
+            self.end_time,
+            self.reason,
+            self.include_guaranteed,
+            self.create_time,
+            self.created_by,
+            self.cancel_time,
+        )
 
 
 def farm_terms(row: FarmRow) -> FarmTerms:
