@@ -194,7 +194,8 @@ class Curtailments:
         farm_windows.pop(w.curtailment_id, None)
         if not farm_windows:
             self._by_farm.pop(w.farm_id, None)
-        was_on = w.curtailment_id in self._windows_on
+        # On in this core, or before a restart (its agents heard so in their Reconcile).
+        was_on = w.curtailment_id in self._windows_on or w.start_time <= now
         self._windows_on.discard(w.curtailment_id)
         self._farm_changed(w.farm_id)
         if not was_on:

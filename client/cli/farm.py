@@ -423,3 +423,10 @@ def _database(db_url: str) -> EarningsDatabase:
     if database is None:
         raise click.UsageError(f"--db {db_url}: this command cannot read broker databases")
     return database
+
+
+# The curtailment commands live in their own module (issue 16).
+from client.cli.farm_curtail import farm_curtail, farm_curtailments  # noqa: E402
+
+farm_group.add_command(farm_curtail)
+farm_group.add_command(farm_curtailments)
