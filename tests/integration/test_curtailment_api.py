@@ -119,10 +119,11 @@ def test_create_list_cancel_and_their_errors(broker, clock):
         )
         past = farms.ListCurtailments(fs.ListCurtailmentsRequest(farm=farm.name, include_past=True))
         assert [c.state for c in past.curtailments] == [C.CANCELLED, C.ENDED]
+        unknown = f"{farm.name}/curtailments/nope"
         for call, request in (
-            (farms.CreateCurtailment, fs.CreateCurtailmentRequest(farm="farms/nope", duration_seconds=60)),
-            (farms.ListCurtailments, fs.ListCurtailmentsRequest(farm="farms/nope")),
-            (farms.CancelCurtailment, fs.CancelCurtailmentRequest(name=f"{farm.name}/curtailments/nope")),
+            (farms.CreateCurtailment, fs.CreateCurtailmentRequest(farm="farms/no", duration_seconds=6)),
+            (farms.ListCurtailments, fs.ListCurtailmentsRequest(farm="farms/no")),
+            (farms.CancelCurtailment, fs.CancelCurtailmentRequest(name=unknown)),
         ):  # fmt: skip
             with pytest.raises(grpc.RpcError) as err:
                 call(request)
