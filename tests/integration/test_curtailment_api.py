@@ -120,8 +120,9 @@ def test_create_list_cancel_and_their_errors(broker, clock):
         past = farms.ListCurtailments(fs.ListCurtailmentsRequest(farm=farm.name, include_past=True))
         assert [c.state for c in past.curtailments] == [C.CANCELLED, C.ENDED]
         unknown = f"{farm.name}/curtailments/nope"
+        create = fs.CreateCurtailmentRequest(farm="farms/no", duration_seconds=6)
         for call, request in (
-            (farms.CreateCurtailment, fs.CreateCurtailmentRequest(farm="farms/no", duration_seconds=6)),
+            (farms.CreateCurtailment, create),
             (farms.ListCurtailments, fs.ListCurtailmentsRequest(farm="farms/no")),
             (farms.CancelCurtailment, fs.CancelCurtailmentRequest(name=unknown)),
         ):  # fmt: skip
