@@ -66,6 +66,8 @@ class FarmTerms:
     mining_micros_per_kwh: tuple[tuple[str, int], ...] = ()
     ask_micros_per_gpu_hour: tuple[tuple[str, int], ...] = ()
     tariff_windows: tuple[TariffWindow, ...] = field(default=())
+    # What the farm earns per MWh not drawn in a curtailment window (broker.curtailed).
+    demand_response_micros_per_mwh: int = 0
 
     def mining_for(self, model: str) -> int:
         """Mining revenue per kWh for a GPU model (0 when the operator gave none)."""

@@ -217,6 +217,7 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             since=since,
             group_by=groups[request.group_by],
             farm_name=self.svc.farm_names,
+            now=self.svc.clock(),
         )
 
     @unary

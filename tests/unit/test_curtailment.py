@@ -261,3 +261,30 @@ def test_a_restored_core_keeps_its_windows_and_stops_what_still_runs():
     assert Cancel in {type(c) for c in cmds}
     assert SendCurtail("wa", True, T0 + H, "grid") in cmds
     assert again.jobs["spot"].state == JobState.PENDING
+
+
+# --- earnings ---------------------------------------------------------------------------------
+
+
+def test_earnings_show_curtailed_time_energy_not_drawn_and_demand_response():
+    from broker.earnings import earnings
+    from broker.economics import FarmTerms
+    from broker.events import AttemptFinished, FarmConfigured
+
+    core = BrokerCore(lease_ttl_s=1e9)
+    run(core, FarmConfigured(T0, FarmTerms("fa", demand_response_micros_per_mwh=50_000_000)))
+    run(core, WorkerRegistered(T0, "wa", "fa", "rig-a", "1", gpus(2)))
+    run(core, JobSubmitted(T0, "j", "c", spec()))
+    run(core, SchedulePass(T0))
+    run(core, AttemptStarted(T0, "wa", "j", 1, 1))
+    # 100 s at 300 W metered: the RTX 3090's average AI draw here; it idles at 25 W.
+    run(core, AttemptFinished(T0 + 100, "wa", "j", 1, 2, 0, energy_joules=30_000))
+    run(core, CurtailmentScheduled(T0 + 100, window(T0 + 200, T0 + 200 + H)))
+    run(core, Tick(T0 + 200))
+    (row,) = earnings(core, farm_id="fa", now=T0 + 200 + 1800)  # half the window so far
+    assert row.curtailed.gpu_milliseconds == 2 * 1800 * 1000
+    assert row.curtailed.energy_joules == 2 * (300 - 25) * 1800  # 990,000 J
+    # 990,000 J = 0.000275 MWh at $50/MWh = 13,750 micro-dollars
+    assert row.curtailed.demand_response_micros == 13_750
+    assert row.revenue_micros > 0  # the client ledger holds no demand-response line
+    assert not [e for e in core.ledger if "demand" in e.kind]
