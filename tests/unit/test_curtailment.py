@@ -288,3 +288,18 @@ def test_earnings_show_curtailed_time_energy_not_drawn_and_demand_response():
     assert row.curtailed.demand_response_micros == 13_750
     assert row.revenue_micros > 0  # the client ledger holds no demand-response line
     assert not [e for e in core.ledger if "demand" in e.kind]
+
+
+def test_the_pass_index_leaves_out_farms_with_a_window_on_or_coming():
+    """A pass's index holds only farms without a window: a farm with one coming sits in
+    an index of its own, one with a window on in none (no per-pass cost for them)."""
+    core = fleet()
+    assert "wa" in core._caps.fleet and "wb" in core._caps.fleet
+    run(core, CurtailmentScheduled(T0, window(T0 + H, T0 + 2 * H)))
+    assert "wa" not in core._caps.fleet and "wb" in core._caps.fleet
+    assert "wa" in core._side["fa"]
+    run(core, Tick(T0 + H))
+    assert "wa" not in core._caps.fleet and "fa" not in core._side
+    assert "wa" not in core._caps.of
+    run(core, Tick(T0 + 2 * H))
+    assert "wa" in core._caps.fleet and not core._side

@@ -1,21 +1,23 @@
 """curtailment windows (issue 16)
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007 (0006 while 0007 is not in the tree)
 Create Date: 2026-12-06 12:00:00.000000
 
-0007 is the power columns (issue 16's power caps); this revision follows whichever of the
-two is the newest on main (``down_revision``).
+0007 is the power columns (issue 16's power caps, built alongside this one). Until both
+are merged this revision follows 0007 when its file is there and 0006 otherwise, so the
+chain has one head either way; once 0007 is on main this can read ``"0007"``.
 """
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007" if any(Path(__file__).parent.glob("0007_*.py")) else "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
