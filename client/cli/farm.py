@@ -415,6 +415,8 @@ def farm_earnings(
         click.echo("no earnings yet" + (f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since else ""))
         return
     click.echo(output.earnings_table(earnings.rows, group_by))
+    for line in curtailed_lines(earnings.rows):
+        click.echo(line)
 
 
 def _database(db_url: str) -> EarningsDatabase:
@@ -426,7 +428,11 @@ def _database(db_url: str) -> EarningsDatabase:
 
 
 # The curtailment commands live in their own module (issue 16).
-from client.cli.farm_curtail import farm_curtail, farm_curtailments  # noqa: E402
+from client.cli.farm_curtail import (  # noqa: E402
+    curtailed_lines,
+    farm_curtail,
+    farm_curtailments,
+)
 
 farm_group.add_command(farm_curtail)
 farm_group.add_command(farm_curtailments)

@@ -4,15 +4,23 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import click
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from client.cli.common import Converted, broker_client, broker_option, echo_json, json_option
+from rigshift.units import format_usd, joules_to_kwh, milliseconds_to_hours
 from rigshift.v1 import farm_pb2, farm_service_pb2
 
-__all__ = ["farm_curtail", "farm_curtailments", "parse_duration", "parse_start"]
+__all__ = [
+    "curtailed_lines",
+    "farm_curtail",
+    "farm_curtailments",
+    "parse_duration",
+    "parse_start",
+]
 
 _PART = re.compile(r"(\d+)([smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -126,3 +134,23 @@ def farm_curtailments(farm_id: str, include_past: bool, cancel_id: str, as_json:
         return
     for c in windows:
         click.echo(_line(c))
+
+
+def curtailed_lines(rows: Sequence[farm_service_pb2.EarningsRow]) -> list[str]:
+    """``farm earnings``' curtailment lines: per row with curtailed time, the GPU-hours
+    inside windows, the kWh not drawn and the demand-response income (its own line: not
+    part of the revenue above)."""
+    out = []
+    for r in rows:
+        if not r.curtailed_gpu_milliseconds:
+            continue
+        name = r.farm_display_name or r.farm
+        key = name if r.key == r.farm else f"{r.key} ({name})"
+        line = (
+            f"curtailed {key}: {milliseconds_to_hours(r.curtailed_gpu_milliseconds)} GPU-hours, "
+            f"{joules_to_kwh(r.curtailed_energy_joules)} kWh not drawn"
+        )
+        if r.demand_response_micros:
+            line += f", demand response {format_usd(r.demand_response_micros)}"
+        out.append(line)
+    return out

@@ -303,3 +303,27 @@ def test_the_pass_index_leaves_out_farms_with_a_window_on_or_coming():
     assert "wa" not in core._caps.of
     run(core, Tick(T0 + 2 * H))
     assert "wa" in core._caps.fleet and not core._side
+
+
+def test_farm_earnings_print_curtailment_as_its_own_lines():
+    from client.cli.farm_curtail import curtailed_lines, parse_duration
+    from rigshift.v1 import farm_service_pb2 as fs
+
+    rows = [
+        fs.EarningsRow(key="farms/a", farm="farms/a", farm_display_name="alpha",
+                       curtailed_gpu_milliseconds=7_200_000, curtailed_energy_joules=1_980_000,
+                       demand_response_micros=27_500),
+        fs.EarningsRow(key="farms/b", farm="farms/b", farm_display_name="beta"),
+    ]  # fmt: skip
+    assert curtailed_lines(rows) == [
+        "curtailed alpha: 2.000 GPU-hours, 0.550000 kWh not drawn, demand response $0.027500"
+    ]
+    assert [parse_duration(t) for t in ("10m", "3h", "2h30m", "90", "1d")] == [
+        600,
+        10800,
+        9000,
+        90,
+        86400,
+    ]
+    with pytest.raises(ValueError):
+        parse_duration("soon")
