@@ -76,7 +76,16 @@ POLICY: dict[str, frozenset[Role] | None] = {
     "FarmService/CreateFarm": frozenset({A}),
     **{
         f"FarmService/{m}": frozenset({OP, A})
-        for m in ("GetFarm", "UpdateFarm", "ListWorkers", "GetEarnings", "ReinstateGpu")
+        for m in (
+            "GetFarm",
+            "UpdateFarm",
+            "ListWorkers",
+            "GetEarnings",
+            "ReinstateGpu",
+            "CreateCurtailment",
+            "ListCurtailments",
+            "CancelCurtailment",
+        )
     },
     # An agent going down (SIGTERM) drains itself; the servicer checks it is itself.
     "FarmService/DrainWorker": frozenset({OP, A, W}),

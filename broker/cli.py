@@ -102,6 +102,14 @@ def broker_group() -> None:
     type=click.FloatRange(min=0),
     help="Health turns NOT_SERVING once the database has been away this long (0: never).",
 )
+@click.option(
+    "--curtailment-lead-s",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Before a farm's curtailment window, jobs without a declared max duration are not "
+    "placed there within this many seconds.",
+)
 @click.option("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS.")
 @click.option("--tls-key", default="", help="PEM private key for --tls-cert.")
 @click.option("--tls-client-ca", default="", help="PEM CA: require client certificates.")
@@ -140,6 +148,7 @@ def serve(
     max_output_bytes: int,
     artifact_retention_days: int,
     db_outage_unhealthy_s: float,
+    curtailment_lead_s: float,
     tls_cert: str,
     tls_key: str,
     tls_client_ca: str,
@@ -171,6 +180,7 @@ def serve(
             max_output_bytes=max_output_bytes,
             artifact_retention_days=artifact_retention_days,
             db_outage_unhealthy_s=db_outage_unhealthy_s,
+            curtailment_lead_s=curtailment_lead_s,
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,

@@ -380,11 +380,13 @@ def earnings_pb(
     since: float = 0.0,
     group_by: str = "farm",
     farm_name: Callable[[str], str] = str,
+    now: float = float("inf"),
 ) -> farm_service_pb2.GetEarningsResponse:
     """``GetEarnings``'s answer from a core (the broker's own, or one loaded from a database);
-    ``farm_name`` maps a farm id to its display name."""
+    ``farm_name`` maps a farm id to its display name; curtailment windows count up to
+    ``now``."""
     rows = []
-    for line in earnings(core, farm_id=farm_id, since=since, group_by=group_by):
+    for line in earnings(core, farm_id=farm_id, since=since, group_by=group_by, now=now):
         rows.append(
             farm_service_pb2.EarningsRow(
                 key=line.key,
@@ -402,6 +404,9 @@ def earnings_pb(
                 farm_display_name=farm_name(line.farm_id),
                 energy_saved_joules=line.energy_saved_joules,
                 energy_cost_saved_micros=line.energy_cost_saved_micros,
+                curtailed_gpu_milliseconds=line.curtailed.gpu_milliseconds,
+                curtailed_energy_joules=line.curtailed.energy_joules,
+                demand_response_micros=line.curtailed.demand_response_micros,
             )
         )
     return farm_service_pb2.GetEarningsResponse(rows=rows)

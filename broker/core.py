@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from broker.curtailment import Curtailments
 from broker.economics import FarmTerms, LedgerEntry
 from broker.errors import FailedPrecondition, InvalidTransition, NotFound
 from broker.events import (
@@ -45,6 +46,8 @@ from broker.events import (
     Cancel,
     CancelRequested,
     Command,
+    CurtailmentCancelled,
+    CurtailmentScheduled,
     DrainRequested,
     Event,
     FarmConfigured,
@@ -102,6 +105,7 @@ from broker.settlement import (
     settlement,
     start_deadline_missed,
 )
+from broker.windows import DEFAULT_LEAD_S, need_seconds
 from broker.workers import Workers
 
 __all__ = [
@@ -127,7 +131,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-class BrokerCore(Workers, Reports, GpuHealthHandlers):
+class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
     """All broker decisions. Feed events to :meth:`handle`; read through the public reads."""
 
     def __init__(
@@ -141,9 +145,12 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
         default_fee_permille: int = 100,
         queue_policy: Fifo | ShortFirst = FIFO,
         view: SchedulingView | None = None,
+        curtailment_lead_s: float = DEFAULT_LEAD_S,
     ) -> None:
         """``view`` decides what each scheduling pass places (``broker.queue``); the
-        default keeps the queue sorted and places on the core's kept index."""
+        default keeps the queue sorted and places on the core's kept index.
+        ``curtailment_lead_s``: how long before a curtailment window a job without a
+        declared duration stops being placed on that farm (``broker.curtailment``)."""
         self.lease_ttl_s = lease_ttl_s
         self.default_max_attempts = default_max_attempts
         self.spot_permille = spot_permille
@@ -161,6 +168,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
         self._caps = Capacities()  # what the scheduler sees of the ONLINE workers
         self._spot_live: dict[str, int] = {}  # worker -> live spot attempts on it
         self._out = Effects()
+        self._init_curtailments(curtailment_lead_s)
 
     # --- the contract -------------------------------------------------------------
 
@@ -178,7 +186,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
             case DrainRequested():
                 cmds = self._drain(event)
             case Tick():
-                cmds = self._tick(event)
+                cmds = self._tick(event) + self._curtail_tick(event.now)
             case SchedulePass():
                 cmds = self._schedule(event)
             case FarmConfigured():
@@ -189,6 +197,10 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
                 cmds = self._gpu_health(event)
             case ReinstateRequested():
                 cmds = self._reinstate(event)
+            case CurtailmentScheduled():
+                cmds = self._curtailment_scheduled(event)
+            case CurtailmentCancelled():
+                cmds = self._curtailment_cancelled(event)
             case _:
                 raise TypeError(f"unknown event {event!r}")
         out = self._out
@@ -207,9 +219,10 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
     def restore(self, state: StoredState, now: float) -> None:
         """Rebuild an empty core from the store's records; every worker gets a fresh lease
         (a grace period to reconnect). The records become the core's own."""
-        if self.jobs or self.workers or self.farms or self.ledger:
+        if self.jobs or self.workers or self.farms or self.ledger or self.windows:
             raise ValueError("restore() needs a core that has handled nothing")
         self.farms = {terms.farm_id: terms for terms in state.farms}
+        self._restore_curtailments(state.curtailments, now)
         self.ledger = list(state.ledger)
         for worker in state.workers:
             worker.lease_expires_at = now + self.lease_ttl_s
@@ -398,11 +411,14 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
         for worker_id in worker_ids:
             worker = self.workers.get(worker_id)
             if worker is not None and worker.state == WorkerState.ONLINE:
-                cap = caps.update(worker, self.reliability(worker, now))
-                view.worker_changed(worker_id, cap)
-            else:
-                caps.remove(worker_id)
-                view.worker_changed(worker_id, None)
+                take, index = self._curtail_index(worker.farm_id, now)
+                if take:
+                    cap = caps.update(worker, self.reliability(worker, now), index)
+                    # A farm with a window coming is placed on by the core only.
+                    view.worker_changed(worker_id, cap if index is None else None)
+                    continue
+            caps.remove(worker_id)
+            view.worker_changed(worker_id, None)
 
     # --- attempts ending: settlement and SLA credits ----------------------------------
 
@@ -489,6 +505,11 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
             cmds += self._bind(job, p.worker_id, p.gpu_indices, p.price_micros_per_gpu_hour, ev.now)
         for u in result.unplaced:
             job = self.jobs[u.job_id]
+            if self._side and job.state == S.PENDING:
+                placed = self._place_before_windows(job, ev.now)
+                if placed:
+                    cmds += placed
+                    continue
             reason = u.reasons[0] if u.reasons else None
             if (
                 self._spot_live  # else nothing could be preempted
@@ -498,7 +519,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
                 and reason.resolvable
             ):
                 request = job_request(job.job_id, job.spec, self.spot_permille)
-                plan = preemption_plan(request, self._preemption_candidates())
+                plan = preemption_plan(request, self._preemption_candidates(job, ev.now))
                 if isinstance(plan, PreemptionPlan):
                     for victim in plan.victims:
                         vjob = self.jobs[victim.job_id]
@@ -506,8 +527,9 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
                     ask = plan.price_micros_per_gpu_hour
                     cmds += self._bind(job, plan.worker_id, plan.gpu_indices, ask, ev.now)
                     continue
-            if job.pending_reasons != u.reasons:
-                job.pending_reasons = u.reasons
+            reasons = u.reasons + self._curtail_reasons(job, ev.now)
+            if job.pending_reasons != reasons:
+                job.pending_reasons = reasons
                 self._out.jobs.add(job.job_id)
         return cmds
 
@@ -533,14 +555,18 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers):
         reason = f"placed on {worker_id} GPUs {gpus} (attempt {attempt.number})"
         return [self._transition(job, S.SCHEDULED, now, reason), _assign(job, attempt)]
 
-    def _preemption_candidates(self) -> list[PreemptionCandidate]:
+    def _preemption_candidates(self, job: Job, now: float) -> list[PreemptionCandidate]:
         """The ONLINE workers running spot attempts that may be preempted (SCHEDULED or
-        RUNNING), as they are now. Only those can offer a victim, so only those are read:
-        nothing at all while no spot job runs."""
+        RUNNING), as they are now, on farms whose curtailment windows leave ``job`` room.
+        Only those can offer a victim, so only those are read: nothing at all while no
+        spot job runs."""
         out = []
+        need = need_seconds(job.spec, self.curtailment_lead_s)
         for worker_id in self._spot_live:
             worker = self.workers[worker_id]
             if worker.state != WorkerState.ONLINE:
+                continue
+            if self._by_farm and not self._farm_open_for(worker.farm_id, need, now):
                 continue
             victims = tuple(
                 Victim(job.job_id, a.number, a.gpu_indices, a.schedule_time)

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from broker.core import Attempt, BrokerCore, Worker
+from broker.curtailed import Curtailed, curtailed_by_gpu
 from broker.economics import FarmTerms, energy_cost_micros
 from rigshift.power import ratio_at
 from rigshift.units import JOULES_PER_KWH
@@ -98,6 +99,7 @@ class EarningsLine:
     mining_usd_per_kwh: float = 0.0  # see mining_usd_per_kwh(); display only
     model_joules: dict[str, int] = field(default_factory=dict)  # energy by GPU model
     model_ms: dict[str, int] | None = None
+    curtailed: Curtailed = field(default_factory=Curtailed)  # broker.curtailed
 
     @property
     def margin_micros(self) -> int:
@@ -121,12 +123,18 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 def earnings(
-    core: BrokerCore, *, farm_id: str = "", since: float = 0.0, group_by: str = "farm"
+    core: BrokerCore,
+    *,
+    farm_id: str = "",
+    since: float = 0.0,
+    group_by: str = "farm",
+    now: float = float("inf"),
 ) -> list[EarningsLine]:
     """Rows sorted by key; every farm appears when grouping by farm, even with no sales.
 
     A row's ``mining_usd_per_kwh`` is :func:`mining_usd_per_kwh` of its farm's terms and
-    the row's energy by GPU model.
+    the row's energy by GPU model. Its ``curtailed`` figures are ``broker.curtailed``'s,
+    windows counted up to ``now`` (default: their ends).
     """
     payouts: dict[tuple[str, int], int] = {}
     for e in core.ledger:
@@ -185,8 +193,37 @@ def earnings(
             }[group_by]
             for key in row_keys:
                 rows[key].attempts += 1
+    _add_curtailed(core, rows, farm_id, since, group_by, now)
     for row in rows.values():
         row.mining_usd_per_kwh = mining_usd_per_kwh(core.farms.get(row.farm_id), row.model_joules)
         if row.model_ms:
             row.gpu_model = max(sorted(row.model_ms), key=lambda m: row.model_ms[m])  # type: ignore[index]
     return [rows[k] for k in sorted(rows)]
+
+
+def _add_curtailed(
+    core: BrokerCore,
+    rows: dict[str, EarningsLine],
+    farm_id: str,
+    since: float,
+    group_by: str,
+    now: float,
+) -> None:
+    if not core.windows:
+        return
+    figures = curtailed_by_gpu(
+        core.windows.values(),
+        core.workers.values(),
+        core.jobs.values(),
+        core.farms,
+        farm_id=farm_id,
+        since=since,
+        now=now,
+    )
+    for (fid, worker_id, index), c in figures.items():
+        key = {
+            "farm": f"farms/{fid}",
+            "worker": f"workers/{worker_id}",
+            "gpu": f"workers/{worker_id}/gpus/{index}",
+        }[group_by]
+        rows.setdefault(key, EarningsLine(key, fid)).curtailed.add(c)

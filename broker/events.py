@@ -4,8 +4,8 @@ Every event is a frozen dataclass that carries ``now`` (seconds since the epoch,
 passed in by the shell); every command is a frozen dataclass the shell carries
 out. ``BrokerCore.handle(event)`` returns them in order: first the decisions
 (:class:`Transition`, :class:`WorkerTransition`, :class:`Assign`, :class:`Cancel`,
-:class:`SendReinstate`, :class:`AppendLog`), then what the event means for the shell's own
-duties, each at most once per event and in this order:
+:class:`SendReinstate`, :class:`SendCurtail`, :class:`AppendLog`), then what the event
+means for the shell's own duties, each at most once per event and in this order:
 
 * :class:`PostLedger` -- ledger entries to write (settlements, SLA credits);
 * :class:`Persist` -- the ids of the jobs and workers to write. Ids, not copies: the
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from broker.economics import FarmTerms, LedgerEntry
 from broker.model import GpuInfo, JobSpec, JobState, SetupCause, WorkerState
+from broker.windows import Window
 from rigshift.scoring import Measurement
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "Cancel",
     "CancelRequested",
     "Command",
+    "CurtailmentCancelled",
+    "CurtailmentScheduled",
     "DrainRequested",
     "Event",
     "FarmConfigured",
@@ -54,6 +57,7 @@ __all__ = [
     "ReinstateRequested",
     "RequestSchedule",
     "SchedulePass",
+    "SendCurtail",
     "SendReinstate",
     "Tick",
     "Transition",
@@ -230,6 +234,20 @@ class FarmConfigured(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CurtailmentScheduled(Event):
+    """A farm's curtailment window was created (CreateCurtailment; the shell stored it)."""
+
+    window: Window
+
+
+@dataclass(frozen=True, slots=True)
+class CurtailmentCancelled(Event):
+    """A window that had not ended was cancelled (CancelCurtailment; the shell stored it)."""
+
+    curtailment_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptFinished(AttemptReport):
     """The process ended (or could not start)."""
 
@@ -301,6 +319,17 @@ class SendReinstate(Command):
     worker_id: str
     gpu_index: int
     requested_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendCurtail(Command):
+    """Tell a worker's agent its farm's curtailment window began (``active``: no miner,
+    idle GPUs stay idle until ``end_time``) or ended (``Instruction.curtail``)."""
+
+    worker_id: str
+    active: bool
+    end_time: float = 0.0
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

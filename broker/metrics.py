@@ -59,7 +59,7 @@ from broker.events import (
     WorkerRegistered,
     WorkerTransition,
 )
-from broker.model import TERMINAL_JOB_STATES, JobState, WorkerState
+from broker.model import TERMINAL_JOB_STATES, JobState, SlaKind, WorkerState
 from rigshift.scoring import Verification
 
 __all__ = [
@@ -78,7 +78,13 @@ log = logging.getLogger("rigshift.broker.metrics")
 
 TIERS = ("guaranteed", "spot")
 """SLA tiers (``JobSpec.tier``, lower case); each is exported even at 0."""
-SLA_EVENT_KINDS = ("start_deadline_missed", "interruption", "lost_work", "heartbeat_gap")
+SLA_EVENT_KINDS = (
+    "start_deadline_missed",
+    "interruption",
+    "lost_work",
+    "heartbeat_gap",
+    "curtailed",
+)
 """Kinds of SLA events (``broker.model.SlaKind``, lower case); each is exported even at 0."""
 ALLOWED_LABELS = frozenset({"farm", "gpu_model", "state", "tier", "method", "code", "kind", "le"})
 """Every label a ``rigshift_`` series of the broker may carry (all of them bounded)."""
@@ -215,6 +221,18 @@ _FLEET_FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ),
     ("rigshift_sla_events", "counter", ("kind",), "SLA events by kind."),
     (
+        "rigshift_curtailed_attempts",
+        "counter",
+        ("farm", "tier"),
+        "Attempts a farm's curtailment window stopped (checkpointed and requeued), by tier.",
+    ),
+    (
+        "rigshift_farm_curtailed",
+        "gauge",
+        ("farm",),
+        "1 while one of the farm's curtailment windows is on, else 0.",
+    ),
+    (
         "rigshift_sla_credits_usd",
         "counter",
         ("kind",),
@@ -282,6 +300,7 @@ class FleetCollector(Collector):
                 jobs[(_state_label(s), tier)] = 0
         for kind in SLA_EVENT_KINDS:
             sla[(kind,)] = credits[(kind,)] = 0
+        curtailed = out["rigshift_curtailed_attempts"]
         energy: dict[str, int] = collections.defaultdict(int)  # joules by farm id
         models: dict[str, dict[str, int]] = collections.defaultdict(dict)  # ... and GPU model
         for job in core.jobs.values():
@@ -299,12 +318,21 @@ class FleetCollector(Collector):
                         by_model[model] = by_model.get(model, 0) + joules
             for event in job.sla_events:
                 key = (_state_label(event.kind),)
+                if event.kind == SlaKind.CURTAILED and 1 <= event.attempt <= len(job.attempts):
+                    stopped = core.workers.get(job.attempts[event.attempt - 1].worker_id)
+                    if stopped is not None:
+                        ckey = (self.farm_name(stopped.farm_id), tier)
+                        curtailed[ckey] = curtailed.get(ckey, 0) + 1
                 if key in sla:
                     sla[key] += 1
                     credits[key] += event.credit_micros / MICROS_PER_USD
         farms = {w.farm_id for w in core.workers.values()} | set(core.farms)
         for farm_id in farms:
             farm = (self.farm_name(farm_id),)
+            on = core.active_curtailment(farm_id, now) is not None
+            out["rigshift_farm_curtailed"][farm] = 1 if on else 0
+            for t in TIERS:
+                curtailed.setdefault((*farm, t), 0)
             out["rigshift_farm_energy_joules"][farm] += energy.get(farm_id, 0)
             # The one definition of the figure, the one GetEarnings reports (broker.earnings).
             mining = mining_usd_per_kwh(core.farms.get(farm_id), models.get(farm_id, {}))

@@ -78,6 +78,7 @@ class SlaKind(StrEnum):
     INTERRUPTION = "INTERRUPTION"
     LOST_WORK = "LOST_WORK"
     HEARTBEAT_GAP = "HEARTBEAT_GAP"
+    CURTAILED = "CURTAILED"
 
 
 class WorkerState(StrEnum):

@@ -165,12 +165,15 @@ class Capacities:
     the rig did not report them: such a rig meets no minimum).
     """
 
-    __slots__ = ("_slots", "fleet", "of")
+    __slots__ = ("_in", "_slots", "fleet", "of")
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, str, int, int, bool, bool, int, int], GpuSlot] = {}
         self.of: dict[str, WorkerCapacity] = {}  # ONLINE worker id -> its capacity
         self.fleet = FleetIndex()
+        # Workers kept in another index than ``fleet`` (a farm with a curtailment window
+        # coming: ``broker.curtailment``), worker id -> that index.
+        self._in: dict[str, FleetIndex] = {}
 
     def slots(self, worker: Worker) -> tuple[GpuSlot, ...]:
         """The worker's GPUs as they are now, in index order (interned values).
@@ -223,14 +226,26 @@ class Capacities:
             worker.cpu_cores * 1000 // gpus,
         )
 
-    def update(self, worker: Worker, reliability_permille: int) -> WorkerCapacity:
-        """Take up an ONLINE worker as it is now; returns what the scheduler sees of it."""
+    def update(
+        self, worker: Worker, reliability_permille: int, index: FleetIndex | None = None
+    ) -> WorkerCapacity:
+        """Take up an ONLINE worker as it is now, in ``index`` (default: ``fleet``, the
+        index every pass places on); returns what the scheduler sees of it."""
         cap = self.capacity(worker, reliability_permille)
-        self.of[worker.worker_id] = cap
-        self.fleet.update(cap)
+        wid = worker.worker_id
+        target = self.fleet if index is None else index
+        was = self._in.get(wid, self.fleet)
+        if was is not target:
+            was.remove(wid)
+        if index is None or index is self.fleet:
+            self._in.pop(wid, None)
+        else:
+            self._in[wid] = index
+        self.of[wid] = cap
+        target.update(cap)
         return cap
 
     def remove(self, worker_id: str) -> None:
-        """Forget a worker that takes no work now (offline, draining)."""
+        """Forget a worker that takes no work now (offline, draining, curtailed)."""
         if self.of.pop(worker_id, None) is not None:
-            self.fleet.remove(worker_id)
+            self._in.pop(worker_id, self.fleet).remove(worker_id)

@@ -25,6 +25,7 @@ from broker.model import (
     WorkerState,
 )
 from broker.scheduler import GroupSummary, Rejection
+from broker.windows import Window
 from rigshift.scoring import Measurement, Verdict, judge
 
 __all__ = [
@@ -205,6 +206,7 @@ class StoredState:
     workers: tuple[Worker, ...] = ()
     jobs: tuple[Job, ...] = ()
     ledger: tuple[LedgerEntry, ...] = ()
+    curtailments: tuple[Window, ...] = ()  # every curtailment window, past ones too
 
 
 @dataclass(frozen=True, slots=True)

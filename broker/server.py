@@ -130,6 +130,9 @@ class BrokerConfig:
     """host:port for ``/metrics`` and ``/sd`` (Prometheus); empty: off; port 0 picks a free port."""
     queue_policy: str = "fifo"
     """Order of pending jobs: ``fifo`` or ``short-first`` (``broker.policy.QUEUE_POLICIES``)."""
+    curtailment_lead_s: float = 3600.0
+    """How long before a farm's curtailment window a job without a declared
+    ``max_duration_seconds`` stops being placed there (``broker.curtailment``)."""
     db_outage_unhealthy_s: float = 60.0
     """The health service reports NOT_SERVING once the database has been unable to take a
     write for this long (SERVING again when it is back); 0: never."""
@@ -258,6 +261,7 @@ class Broker:
             start_deadline_s=cfg.start_deadline_s,
             default_fee_permille=cfg.broker_fee_permille,
             queue_policy=QUEUE_POLICIES[cfg.queue_policy],
+            curtailment_lead_s=cfg.curtailment_lead_s,
         )
         clock = BrokerClock()
         self.store.load(core, now=clock())

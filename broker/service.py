@@ -49,6 +49,7 @@ from broker.events import (
     Heartbeat,
     RequestSchedule,
     SchedulePass,
+    SendCurtail,
     SendReinstate,
     Tick,
     Transition,
@@ -343,6 +344,9 @@ class BrokerService:
                         gpu_index=cmd.gpu_index, requested_by=cmd.requested_by
                     )
                     self._push(cmd.worker_id, worker_service_pb2.Instruction(reinstate=reinstate))
+                case SendCurtail():
+                    curtail = curtail_pb(cmd.active, cmd.end_time, cmd.reason)
+                    self._push(cmd.worker_id, worker_service_pb2.Instruction(curtail=curtail))
                 case AppendLog():
                     self._notify({cmd.job_id})
                 case Transition() if cmd.to_state in TERMINAL_JOB_STATES:
@@ -411,6 +415,10 @@ class BrokerService:
         reconcile = worker_service_pb2.Reconcile(
             assignments=[self.assignment(a) for a in self.core.assignments(worker_id)]
         )
+        worker = self.core.workers.get(worker_id)
+        on = self.core.active_curtailment(worker.farm_id, self.clock()) if worker else None
+        if on is not None:
+            reconcile.curtail.CopyFrom(curtail_pb(True, on.end_time, on.reason))
         queue.put_nowait(worker_service_pb2.Instruction(reconcile=reconcile))
         return queue
 
@@ -547,6 +555,14 @@ class BrokerService:
                 pass  # the database failed (logged once) or another replica leads
             except Exception:
                 log.exception("lease tick failed")
+
+
+def curtail_pb(active: bool, end_time: float, reason: str) -> worker_service_pb2.Curtail:
+    """The agent's ``Curtail``: a window began (``active``, until ``end_time``) or ended."""
+    curtail = worker_service_pb2.Curtail(active=active, reason=reason)
+    if active:
+        curtail.end_time.FromNanoseconds(int(end_time * 1e9))
+    return curtail
 
 
 def cancellation(cmd: Cancel) -> worker_service_pb2.Instruction:

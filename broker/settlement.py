@@ -34,6 +34,8 @@ from broker.records import Attempt, Job, SlaEvent, Worker
 
 __all__ = [
     "credit_legs",
+    "curtailed",
+    "farm_credit_legs",
     "floor_of",
     "interruption",
     "lost_work",
@@ -123,5 +125,30 @@ def credit_legs(job: Job, event: SlaEvent, number: int) -> list[LedgerEntry]:
         ),
         LedgerEntry(
             txn, "broker:sla_credits", -credit, "sla_credit", job.job_id, event.attempt, event.time
+        ),
+    ]
+
+
+def curtailed(job: Job, attempt: Attempt, why: str, now: float) -> SlaEvent:
+    """The SLA event of an attempt a curtailment window stopped (``CURTAILED``: not a rig
+    failure). A guaranteed job is credited the work lost since its last checkpoint (or its
+    start), paid by the farm (:func:`farm_credit_legs`); a spot job is credited nothing."""
+    lost = lost_work(job, attempt, now)
+    lost_s = lost.seconds if lost is not None else 0
+    credit = lost.credit_micros if lost is not None else 0
+    return SlaEvent(SlaKind.CURTAILED, now, attempt.number, lost_s, credit, why)
+
+
+def farm_credit_legs(job: Job, event: SlaEvent, number: int, farm_id: str) -> list[LedgerEntry]:
+    """The transaction paying ``event``'s credit to the client from the farm's account (a
+    curtailment the farm chose), the job's ``number``-th SLA event."""
+    credit = event.credit_micros
+    txn = f"credit:{job.job_id}:{event.attempt}:{event.kind.value}:{number}"
+    return [
+        LedgerEntry(
+            txn, f"client:{job.owner}", credit, "sla_credit", job.job_id, event.attempt, event.time
+        ),
+        LedgerEntry(
+            txn, f"farm:{farm_id}", -credit, "sla_credit", job.job_id, event.attempt, event.time
         ),
     ]

@@ -160,6 +160,47 @@ class FarmMethods(Connection):
         request = farm_service_pb2.ReinstateGpuRequest(worker=name, gpu_index=gpu_index)
         return self._unary(self._farms.ReinstateGpu, request)
 
+    # -- curtailment windows -------------------------------------------------
+
+    def create_curtailment(
+        self,
+        farm: str,
+        duration_seconds: int,
+        *,
+        start: datetime | None = None,
+        reason: str = "",
+        include_guaranteed: bool = False,
+    ) -> farm_pb2.Curtailment:
+        """Schedule a curtailment window on ``farm`` from ``start`` (None: now) for
+        ``duration_seconds``: no placements and no mining there, spot attempts (and
+        guaranteed ones with ``include_guaranteed``) checkpointed and moved. The farm's
+        operator or an admin only."""
+        request = farm_service_pb2.CreateCurtailmentRequest(
+            farm=resource_name("farms", farm, "farm"),
+            duration_seconds=duration_seconds,
+            reason=reason,
+            include_guaranteed=include_guaranteed,
+        )
+        if start is not None:
+            request.start_time.FromDatetime(start if start.tzinfo else start.replace(tzinfo=UTC))
+        return self._unary(self._farms.CreateCurtailment, request)
+
+    def list_curtailments(
+        self, farm: str, *, include_past: bool = False
+    ) -> list[farm_pb2.Curtailment]:
+        """The farm's curtailment windows, newest first (ended and cancelled ones with
+        ``include_past``)."""
+        request = farm_service_pb2.ListCurtailmentsRequest(
+            farm=resource_name("farms", farm, "farm"), include_past=include_past
+        )
+        return list(self._unary(self._farms.ListCurtailments, request).curtailments)
+
+    def cancel_curtailment(self, name: str) -> farm_pb2.Curtailment:
+        """Cancel a window that has not ended (``farms/F/curtailments/ID``);
+        FailedPrecondition once it ended."""
+        request = farm_service_pb2.CancelCurtailmentRequest(name=name)
+        return self._unary(self._farms.CancelCurtailment, request)
+
     # -- API keys (admin) ---------------------------------------------------
 
     def create_api_key(

@@ -12,6 +12,7 @@ from typing import TypedDict
 import grpc
 
 from broker import validation as v
+from broker.api import curtailments
 from broker.api.common import farm_scope, page, unary
 from broker.auth import Role, current
 from broker.convert import earnings_pb, farm_pb, worker_pb
@@ -216,7 +217,32 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             since=since,
             group_by=groups[request.group_by],
             farm_name=self.svc.farm_names,
+            now=self.svc.clock(),
         )
+
+    @unary
+    async def CreateCurtailment(
+        self,
+        request: farm_service_pb2.CreateCurtailmentRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> farm_pb2.Curtailment:
+        return await curtailments.create(self.svc, request, current().name)
+
+    @unary
+    async def ListCurtailments(
+        self,
+        request: farm_service_pb2.ListCurtailmentsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> farm_service_pb2.ListCurtailmentsResponse:
+        return curtailments.list_(self.svc, request)
+
+    @unary
+    async def CancelCurtailment(
+        self,
+        request: farm_service_pb2.CancelCurtailmentRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> farm_pb2.Curtailment:
+        return await curtailments.cancel(self.svc, request)
 
 
 class TermsColumns(TypedDict):

@@ -24,6 +24,7 @@ from broker.store.database import (
 from broker.store.rows import (
     ApiKeyRow,
     AttemptRow,
+    CurtailmentRow,
     FarmRow,
     GpuRow,
     JobEventRow,
@@ -41,6 +42,7 @@ __all__ = [
     "PG_CONNECT_TIMEOUT_S",
     "ApiKeyRow",
     "AttemptRow",
+    "CurtailmentRow",
     "FarmRow",
     "GpuRow",
     "JobEventRow",

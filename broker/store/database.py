@@ -27,6 +27,7 @@ from broker.store.load import read_state
 from broker.store.rows import (
     ApiKeyRow,
     AttemptRow,
+    CurtailmentRow,
     FarmRow,
     LedgerRow,
     LogRow,
@@ -231,6 +232,27 @@ class Store:
             s.commit()
             s.refresh(row)
             return row
+
+    def add_curtailment(self, row: CurtailmentRow) -> CurtailmentRow:
+        """Insert a curtailment window."""
+        with self._session() as s:
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    def cancel_curtailment(self, curtailment_id: str, when: float) -> None:
+        """Mark a window cancelled at ``when``; NotFound when there is none."""
+        with self._session() as s:
+            row = s.get(CurtailmentRow, curtailment_id)
+            if row is None:
+                raise NotFound(
+                    f"curtailment {curtailment_id} not found",
+                    metadata={"curtailment": curtailment_id},
+                )
+            row.cancel_time = when
+            s.add(row)
+            s.commit()
 
     def farm_by_token(self, token_sha256: str) -> FarmRow | None:
         """The farm whose enrollment token hashes to this, if any."""

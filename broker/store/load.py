@@ -26,6 +26,7 @@ from broker.records import (
 from broker.scheduler import Rejection
 from broker.store.rows import (
     AttemptRow,
+    CurtailmentRow,
     FarmRow,
     GpuRow,
     JobEventRow,
@@ -171,4 +172,5 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
             checkpoint_time=j.checkpoint_time,
         )
         jobs.append(job)
-    return StoredState(farms, tuple(workers), tuple(jobs), ledger), written
+    curtailments = tuple(row.window() for row in s.exec(select(CurtailmentRow)))
+    return StoredState(farms, tuple(workers), tuple(jobs), ledger, curtailments), written

@@ -15,12 +15,14 @@ from sqlmodel import Field, SQLModel
 
 from broker.economics import FarmTerms, PowerPolicy, TariffWindow
 from broker.model import JobSpec, Tier
+from broker.windows import Window
 from rigshift.power import PowerPoint
 from rigshift.scoring import Measurement
 
 __all__ = [
     "ApiKeyRow",
     "AttemptRow",
+    "CurtailmentRow",
     "FarmRow",
     "GpuRow",
     "JobEventRow",
@@ -65,6 +67,36 @@ class FarmRow(SQLModel, table=True):
     power_policy: str = "MAX"  # broker.economics.PowerPolicy
     max_slowdown_percent: int = 0
     demand_response_micros_per_mwh: int = _big()
+
+
+class CurtailmentRow(SQLModel, table=True):
+    """A farm's curtailment window (``broker.windows.Window``); its state follows from the
+    times and ``cancel_time``."""
+
+    __tablename__ = "curtailments"
+    id: str = Field(primary_key=True)
+    farm_id: str = Field(foreign_key="farms.id", index=True)
+    start_time: float
+    end_time: float
+    reason: str = ""
+    include_guaranteed: bool = False
+    create_time: float = 0.0
+    created_by: str = ""
+    cancel_time: float | None = None
+
+    def window(self) -> Window:
+        """The window as the core holds it."""
+        return Window(
+            self.id,
+            self.farm_id,
+            self.start_time,
+            self.end_time,
+            self.reason,
+            self.include_guaranteed,
+            self.create_time,
+            self.created_by,
+            self.cancel_time,
+        )
 
 
 def farm_terms(row: FarmRow) -> FarmTerms:

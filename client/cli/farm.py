@@ -447,6 +447,8 @@ def farm_earnings(
         click.echo("no earnings yet" + (f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since else ""))
         return
     click.echo(output.earnings_table(earnings.rows, group_by))
+    for line in curtailed_lines(earnings.rows):
+        click.echo(line)
 
 
 def _database(db_url: str) -> EarningsDatabase:
@@ -455,3 +457,14 @@ def _database(db_url: str) -> EarningsDatabase:
     if database is None:
         raise click.UsageError(f"--db {db_url}: this command cannot read broker databases")
     return database
+
+
+# The curtailment commands live in their own module (issue 16).
+from client.cli.farm_curtail import (  # noqa: E402
+    curtailed_lines,
+    farm_curtail,
+    farm_curtailments,
+)
+
+farm_group.add_command(farm_curtail)
+farm_group.add_command(farm_curtailments)

@@ -34,7 +34,18 @@ from worker_agent.gpu import SimulatedBackend
 
 pytestmark = pytest.mark.timeout(90)
 
-CHECKS = ["gpu", "power", "power-limit", "broker", "tls", "ray", "shm", "clock", "disk", "containers"]
+CHECKS = [
+    "gpu",
+    "power",
+    "power-limit",
+    "broker",
+    "tls",
+    "ray",
+    "shm",
+    "clock",
+    "disk",
+    "containers",
+]
 
 
 def doctor(*args: str) -> Result:

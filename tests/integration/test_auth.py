@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from broker_harness import start_broker
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -37,6 +37,7 @@ OK = grpc.StatusCode.OK
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 HELD = grpc.StatusCode.FAILED_PRECONDITION  # allowed, but the state says no
+MISSING = grpc.StatusCode.NOT_FOUND  # allowed, but there is no such thing
 
 
 class World:
@@ -158,6 +159,20 @@ def calls(w: World):
         "ReinstateGpu(rig-1)": lambda s: s["farm"].ReinstateGpu(
             fr.ReinstateGpuRequest(worker=w.w1.worker, gpu_index=0)
         ),
+        # A window a day ahead: it changes nothing the other cells see.
+        "CreateCurtailment(one)": lambda s: s["farm"].CreateCurtailment(
+            fr.CreateCurtailmentRequest(
+                farm=w.farm1.name,
+                start_time=timestamp_pb2.Timestamp(seconds=int(time.time()) + 86400),
+                duration_seconds=60,
+            )
+        ),
+        "ListCurtailments(one)": lambda s: s["farm"].ListCurtailments(
+            fr.ListCurtailmentsRequest(farm=w.farm1.name)
+        ),
+        "CancelCurtailment(one, unknown)": lambda s: s["farm"].CancelCurtailment(
+            fr.CancelCurtailmentRequest(name=f"{w.farm1.name}/curtailments/none")
+        ),
         "ReportGpuHealth(rig-1)": lambda s: s["worker"].ReportGpuHealth(
             worker_service_pb2.ReportGpuHealthRequest(worker=w.w1.worker)
         ),
@@ -195,6 +210,18 @@ MATRIX = {
     "DrainWorker(rig-1)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, OK, DENIED),
     "GetEarnings(one)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
     "ReinstateGpu(rig-1)": (UNAUTH, DENIED, DENIED, HELD, DENIED, HELD, DENIED, DENIED),
+    "CreateCurtailment(one)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
+    "ListCurtailments(one)": (UNAUTH, DENIED, DENIED, OK, DENIED, OK, DENIED, DENIED),
+    "CancelCurtailment(one, unknown)": (
+        UNAUTH,
+        DENIED,
+        DENIED,
+        MISSING,
+        DENIED,
+        MISSING,
+        DENIED,
+        DENIED,
+    ),
     "ReportGpuHealth(rig-1)": (UNAUTH, DENIED, DENIED, DENIED, DENIED, DENIED, OK, DENIED),
     "Heartbeat(rig-1)": (UNAUTH, DENIED, DENIED, DENIED, DENIED, DENIED, OK, DENIED),
     "UploadArtifact": (UNAUTH, OK, OK, DENIED, DENIED, OK, OK, OK),
