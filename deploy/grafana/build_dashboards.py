@@ -138,6 +138,24 @@ FLEET = Dashboard(
             ),
         ),
         p(
+            "Farms in a curtailment window",
+            q("max by (farm) (rigshift_farm_curtailed)", "{{farm}}"),
+            stack=True,
+            description=(
+                "1 while a farm's curtailment window is on: no new placements, no mining; "
+                "`rigshift farm curtailments FARM` lists the windows."
+            ),
+        ),
+        p(
+            "Attempts stopped by curtailment (1h)",
+            q(
+                "sum by (farm, tier) (increase(rigshift_curtailed_attempts_total[1h]))",
+                "{{farm}} {{tier}}",
+            ),
+            stack=True,
+            description="Attempts a curtailment window checkpointed and requeued.",
+        ),
+        p(
             "Jobs in flight",
             q(
                 'sum by (state) (rigshift_jobs{state=~"pending|scheduled|running"})',
@@ -256,7 +274,12 @@ EARNINGS = Dashboard(
             "GPU power: measured vs limit",
             q(f"sum by (farm) (rigshift_gpu_power_watts{{{FARM}}})", "measured {{farm}}"),
             q(f"sum by (farm) (rigshift_farm_gpu_power_limit_watts{{{FARM}}})", "limit {{farm}}"),
+            q(f"sum by (farm) (rigshift_gpu_power_limit_watts{{{FARM}}})", "cap set {{farm}}"),
             unit="watt",
+            description=(
+                "Measured draw (agents), the GPUs' nameplate limits (broker) and the caps the "
+                "agents set: a job's cap on a farm with the efficient policy, else the operator's."
+            ),
         ),
         p(
             "Revenue per hour per installed kW",
@@ -275,6 +298,19 @@ EARNINGS = Dashboard(
                 "{{farm}}",
             ),
             unit="kwatth",
+        ),
+        p(
+            "Curtailment",
+            q(f"max by (farm) (rigshift_farm_curtailed{{{FARM}}})", "window on {{farm}}"),
+            q(f"sum by (farm) (rigshift_agent_curtailed{{{FARM}}})", "agents curtailed {{farm}}"),
+            q(
+                f"sum by (farm) (increase(rigshift_curtailed_attempts_total{{{FARM}}}[1h]))",
+                "attempts stopped (1h) {{farm}}",
+            ),
+            description=(
+                "The broker's window (1 while on), the agents that stopped mining for it and "
+                "the AI attempts it checkpointed and requeued in the last hour."
+            ),
         ),
         p(
             "GPUs by activity",
@@ -361,6 +397,15 @@ SLA = Dashboard(
             q(
                 "sum by (farm) (increase(rigshift_worker_lease_expirations_total[1h]))",
                 "lease expired {{farm}}",
+            ),
+        ),
+        p(
+            "Attempts stopped by curtailment by tier (1h)",
+            q("sum by (tier) (increase(rigshift_curtailed_attempts_total[1h]))", "{{tier}}"),
+            stack=True,
+            description=(
+                "Guaranteed attempts here are credited to the client and charged to the farm "
+                "(alert RigshiftCurtailmentStoppedGuaranteedWork)."
             ),
         ),
     ),

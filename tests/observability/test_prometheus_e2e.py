@@ -86,6 +86,8 @@ class StandInAgentExporter:
         ask = Gauge("rigshift_gpu_ask_price_usd_per_gpu_hour", "Ask.", labels, registry=r)
         self.rtt = Histogram("rigshift_agent_heartbeat_rtt_seconds", "RTT.", registry=r)
         self.running = Gauge("rigshift_agent_jobs_running", "Jobs running.", registry=r)
+        cap = Gauge("rigshift_gpu_power_limit_watts", "Power limit set.", labels, registry=r)
+        self.curtailed = Gauge("rigshift_agent_curtailed", "Curtailed.", registry=r)
         self.models = models
         for i, model in enumerate(models):
             power.labels(str(i), model).set(120.0)
@@ -93,8 +95,10 @@ class StandInAgentExporter:
             temp.labels(str(i), model).set(60.0)
             util.labels(str(i), model).set(0.0)
             ask.labels(str(i), model).set(2.0)
+            cap.labels(str(i), model).set(300.0)
             self.set_state(i, "idle")
         self.rtt.observe(0.004)
+        self.curtailed.set(0)
         self.server, self.thread = start_http_server(0, addr="127.0.0.1", registry=r)
         self.address = f"127.0.0.1:{self.server.server_port}"
 
