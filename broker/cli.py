@@ -155,7 +155,7 @@ def serve(ctx: click.Context, config_file: Path | None, **options: object) -> No
     """Serve the rigshift.v1 API until SIGTERM or SIGINT, then stop gracefully.
 
     Settings come from --config (TOML), then RIGSHIFT_BROKER_* variables (e.g.
-    RIGSHIFT_BROKER_DB_URL), then these options; later ones win (docs/operator.md).
+    RIGSHIFT_BROKER_DB_URL), then these options; later ones win (docs/ops.md).
     """
     from broker.server import Broker
     from broker.settings import load_broker_settings
