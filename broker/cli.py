@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 if TYPE_CHECKING:
     from broker.server import BrokerConfig
@@ -28,7 +30,25 @@ def broker_group() -> None:
     """Run the broker (the marketplace's central service)."""
 
 
+def _given(ctx: click.Context, options: dict[str, object]) -> dict[str, object]:
+    """The options typed on the command line (not click's defaults): the settings' top layer.
+
+    The options keep their defaults for ``--help``; the settings model has the same ones.
+    """
+    return {
+        name: value
+        for name, value in options.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+
+
 @broker_group.command("serve")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file of settings (broker/settings.py); RIGSHIFT_BROKER_* and options override it.",
+)
 @click.option("--listen", default=BROKER_ADDRESS, show_default=True, help="gRPC host:port.")
 @click.option("--db", "db_url", default="", help="SQLAlchemy URL [default: SQLite in --home].")
 @click.option("--home", default=".rigshift", show_default=True, help="Data directory.")
@@ -130,67 +150,24 @@ def broker_group() -> None:
     help="Replicas: host other replicas use for --internal-listen [default: its host].",
 )
 @click.option("--log-level", default="INFO", show_default=True)
-def serve(
-    listen: str,
-    db_url: str,
-    home: str,
-    artifact_dir: str,
-    metrics_listen: str,
-    lease_ttl_s: float,
-    heartbeat_interval_s: float,
-    max_attempts: int,
-    spot_percent: int,
-    start_deadline_s: float,
-    broker_fee_percent: float,
-    rate_limit_per_s: float,
-    queue_policy: str,
-    max_input_bytes: int,
-    max_output_bytes: int,
-    artifact_retention_days: int,
-    db_outage_unhealthy_s: float,
-    curtailment_lead_s: float,
-    tls_cert: str,
-    tls_key: str,
-    tls_client_ca: str,
-    replica: bool,
-    internal_listen: str,
-    advertise_host: str,
-    log_level: str,
-) -> None:
-    """Serve the rigshift.v1 API until SIGTERM or SIGINT, then stop gracefully."""
-    from broker.server import Broker, BrokerConfig
+@click.pass_context
+def serve(ctx: click.Context, config_file: Path | None, **options: object) -> None:
+    """Serve the rigshift.v1 API until SIGTERM or SIGINT, then stop gracefully.
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    Settings come from --config (TOML), then RIGSHIFT_BROKER_* variables (e.g.
+    RIGSHIFT_BROKER_DB_URL), then these options; later ones win (docs/ops.md).
+    """
+    from broker.server import Broker
+    from broker.settings import load_broker_settings
+
     try:
-        config = BrokerConfig(
-            listen=listen,
-            home=home,
-            db_url=db_url,
-            artifact_dir=artifact_dir,
-            lease_ttl_s=lease_ttl_s,
-            heartbeat_interval_s=heartbeat_interval_s,
-            default_max_attempts=max_attempts,
-            metrics_listen=metrics_listen,
-            spot_permille=spot_percent * 10,
-            start_deadline_s=start_deadline_s,
-            broker_fee_permille=round(broker_fee_percent * 10),
-            rate_limit_per_s=rate_limit_per_s,
-            queue_policy=queue_policy,
-            max_input_bytes=max_input_bytes,
-            max_output_bytes=max_output_bytes,
-            artifact_retention_days=artifact_retention_days,
-            db_outage_unhealthy_s=db_outage_unhealthy_s,
-            curtailment_lead_s=curtailment_lead_s,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-        )
-        if bool(tls_cert) != bool(tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if replica and not db_url.startswith("postgresql"):
-            raise ValueError("--replica needs a PostgreSQL --db (postgresql+psycopg://…)")
+        settings = load_broker_settings(config_file, _given(ctx, options))
+        config = settings.broker_config()
     except ValueError as err:
         raise click.UsageError(str(err)) from err
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    replica, listen = settings.replica, settings.listen
+    internal_listen, advertise_host = settings.internal_listen, settings.advertise_host
 
     async def main() -> None:
         if replica:
@@ -223,6 +200,34 @@ def serve(
         raise click.ClickException(err.message) from err
     except OSError as err:
         raise click.ClickException(f"cannot serve on {listen}: {err}") from err
+
+
+@broker_group.group("config")
+def config_group() -> None:
+    """The broker's settings (file, RIGSHIFT_BROKER_* variables, options)."""
+
+
+@config_group.command("show")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The TOML file `broker serve --config` would read.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of TOML.")
+def config_show_command(config_file: Path | None, as_json: bool) -> None:
+    """Print the effective settings (file, then environment) with secrets masked.
+
+    The TOML printed is a valid --config file; the database URL's password shows as ***.
+    """
+    from broker.settings import load_broker_settings
+    from rigshift.settings_text import render_settings
+
+    try:
+        settings = load_broker_settings(config_file)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(render_settings(settings.masked(), as_json=as_json), nl=False)
 
 
 class ReplicaFenced(Exception):

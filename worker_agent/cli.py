@@ -43,14 +43,22 @@ agent_group.add_command(selftest_command)
 
 
 class _RequiredUnlessConfig(click.Option):
-    """Required unless ``--config`` was given (the file may hold the value)."""
+    """Required unless ``--config`` was given or its ``RIGSHIFT_AGENT_*`` variable is set
+    (the file or the environment may hold the value)."""
+
+    def __init__(self, *args: Any, settings_env: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings_env = settings_env
 
     def process_value(self, ctx: click.Context, value: Any) -> Any:
-        """The value, or MissingParameter when neither it nor ``--config`` was given."""
+        """The value, or MissingParameter when neither it, ``--config`` nor the variable is."""
+        import os
+
         value = super().process_value(ctx, value)
         config = ctx.params.get("config_file")
         has_config = config is not None and not self.value_is_missing(config)
-        if (self.value_is_missing(value) or value == "") and not has_config:
+        has_env = bool(os.environ.get(self.settings_env))
+        if (self.value_is_missing(value) or value == "") and not (has_config or has_env):
             raise click.MissingParameter(ctx=ctx, param=self)
         return value
 
@@ -75,18 +83,20 @@ def _check_faults(
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     is_eager=True,
-    help="TOML file of AgentConfig fields (options and env override it).",
+    help="TOML file of AgentConfig fields (RIGSHIFT_AGENT_* and options override it).",
 )
 @click.option(
     "--broker",
     "broker_address",
     cls=_RequiredUnlessConfig,
+    settings_env="RIGSHIFT_AGENT_BROKER_ADDRESS",
     metavar="HOST:PORT",
-    help="Broker address.",
+    help="Broker address (env RIGSHIFT_AGENT_BROKER_ADDRESS).",
 )
 @click.option(
     "--token",
     cls=_RequiredUnlessConfig,
+    settings_env="RIGSHIFT_AGENT_ENROLLMENT_TOKEN",
     envvar="RIGSHIFT_ENROLLMENT_TOKEN",
     help="Farm enrollment token (env RIGSHIFT_ENROLLMENT_TOKEN).",
 )
@@ -174,7 +184,8 @@ def run_command(
     """Register this rig with the broker and run the jobs it assigns, until SIGTERM.
 
     Settings come from --config (TOML, AgentConfig field names), then the
-    environment (RIGSHIFT_ENROLLMENT_TOKEN), then these options; later ones win.
+    environment (RIGSHIFT_AGENT_<FIELD>, e.g. RIGSHIFT_AGENT_BROKER_ADDRESS; the token
+    also as RIGSHIFT_ENROLLMENT_TOKEN), then these options; later ones win.
     SIGTERM or Ctrl-C drains: no new work, running jobs get --drain-grace-s to
     finish, the rest is handed back to the broker. A second signal skips the grace.
     """
@@ -183,11 +194,12 @@ def run_command(
     import signal
 
     from worker_agent.agent import Agent, AgentError
-    from worker_agent.config import AgentConfig, ConfigError, load_config_file
+    from worker_agent.config import ConfigError
     from worker_agent.executor import LocalExecutor
     from worker_agent.gpu import parse_spec
     from worker_agent.health import parse_fault
     from worker_agent.sandbox import SandboxError, policy_for
+    from worker_agent.settings import load_agent_config
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -199,6 +211,7 @@ def run_command(
         "tls_cert": tls_cert,
         "tls_key": tls_key,
         "simulate": simulate,
+        "simulate_faults": faults or None,
         "ray_address": ray_address,
         "ray_dashboard": ray_dashboard,
         "metrics_listen": metrics_listen,
@@ -212,21 +225,14 @@ def run_command(
         "job_user": job_user,
     }
     try:
-        values = load_config_file(config_file) if config_file else {}
-        values.update({k: v for k, v in given.items() if v is not None})
-        for key, flag in (("broker_address", "--broker"), ("enrollment_token", "--token")):
-            if not values.get(key):
-                raise ConfigError(f"{flag} (or {key} in --config) is required")
-        if values.get("simulate"):
-            count = len(parse_spec(str(values["simulate"])))
-            for fault in map(parse_fault, faults):
+        config = load_agent_config(config_file, {k: v for k, v in given.items() if v is not None})
+        if config.simulate:
+            count = len(parse_spec(config.simulate))
+            for fault in map(parse_fault, config.simulate_faults):
                 if fault.gpu >= count:
                     raise ConfigError(f"--simulate-fault on GPU {fault.gpu}: the rig has {count}")
-        elif faults:
+        elif config.simulate_faults:
             raise ConfigError("--simulate-fault needs --simulate SPEC (faults are simulated)")
-        if faults:
-            values["simulate_faults"] = tuple(faults)
-        config = AgentConfig(**values)
     except (ConfigError, ValueError) as err:
         raise click.UsageError(str(err)) from err
 
@@ -249,6 +255,35 @@ def run_command(
         asyncio.run(main())
     except (AgentError, SandboxError) as err:
         raise click.ClickException(str(err)) from err
+
+
+@agent_group.group("config")
+def config_group() -> None:
+    """The agent's settings (file, RIGSHIFT_AGENT_* variables, options)."""
+
+
+@config_group.command("show")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The TOML file `agent run --config` would read.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of TOML.")
+def config_show_command(config_file: Path | None, as_json: bool) -> None:
+    """Print the effective settings (file, then environment) with the token masked.
+
+    The TOML has the file's layout; money shows in integer micro-dollars (the *_micros_* fields).
+    """
+    from rigshift.settings_text import render_settings
+    from worker_agent.config import ConfigError
+    from worker_agent.settings import load_agent_config, masked_config
+
+    try:
+        config = load_agent_config(config_file)
+    except (ConfigError, ValueError) as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(render_settings(masked_config(config), as_json=as_json), nl=False)
 
 
 @agent_group.command("gpus")

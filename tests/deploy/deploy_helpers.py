@@ -440,3 +440,32 @@ def parse_with_cli(words: list[str], env: dict[str, str] | None = None) -> click
         command, i = sub, i + 1
     with mock.patch.dict(os.environ, env or {}):
         return command.make_context(" ".join(words[:i]), list(words[i:]))
+
+
+#: Variables under a settings prefix that are no setting: the agent image's HEALTHCHECK
+#: reads RIGSHIFT_AGENT_METRICS_ADDR (deploy/docker/agent.Dockerfile).
+NOT_SETTINGS = {"RIGSHIFT_AGENT_METRICS_ADDR"}
+
+
+def effective_settings(process: str, env: dict[str, str]) -> dict[str, Any]:
+    """The settings ``rigshift broker serve`` (``process="broker"``) or ``rigshift agent run``
+    (``"agent"``) would run on in ``env``, without a --config file.
+
+    A ``RIGSHIFT_BROKER_*`` / ``RIGSHIFT_AGENT_*`` name that is no field of the settings
+    model is refused: pydantic-settings would ignore it, and the setting silently default.
+    """
+    from dataclasses import asdict
+
+    from broker.settings import BrokerSettings, load_broker_settings
+    from worker_agent.settings import AgentSettings, load_agent_config
+
+    model = BrokerSettings if process == "broker" else AgentSettings
+    prefix = f"RIGSHIFT_{process.upper()}_"
+    fields = {prefix + name.upper() for name in model.model_fields}
+    unknown = {k for k in env if k.startswith(prefix)} - fields - NOT_SETTINGS
+    assert not unknown, f"no {process} setting is called {sorted(unknown)}"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RIGSHIFT_")}
+    with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+        if process == "broker":
+            return load_broker_settings().model_dump()
+        return asdict(load_agent_config())

@@ -25,6 +25,7 @@ from deploy_helpers import (
     OPS_DOC,
     ROOT,
     command_words,
+    effective_settings,
     parse_with_cli,
     require,
 )
@@ -94,10 +95,7 @@ def test_services_are_the_ones_the_stack_needs(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"postgres", "migrate", "broker", "prometheus", "grafana"} <= set(services)
     agents = {n: s for n, s in services.items() if "agent" in command_words(s.get("command", []))}
-    simulated = sorted(
-        command_words(s["command"])[command_words(s["command"]).index("--simulate") + 1]
-        for s in agents.values()
-    )
+    simulated = sorted(s["environment"]["RIGSHIFT_AGENT_SIMULATE"] for s in agents.values())
     assert simulated == ["RTX3060x6", "RTX3090x4"]
     assert "healthcheck" in services["postgres"] and "pgdata" in str(services["postgres"])
     assert services["broker"]["depends_on"]["migrate"]["condition"] == (
@@ -143,8 +141,8 @@ def test_prometheus_and_grafana_wiring_matches_deploy_files(compose: dict[str, A
     config = yaml.safe_load((config_dir / "prometheus.yml").read_text())
     for rules in config.get("rule_files", []):
         assert (config_dir / rules).is_file()
-    broker_cmd = command_words(services["broker"]["command"])
-    metrics_port = broker_cmd[broker_cmd.index("--metrics-listen") + 1].rsplit(":", 1)[1]
+    metrics_listen = services["broker"]["environment"]["RIGSHIFT_BROKER_METRICS_LISTEN"]
+    metrics_port = metrics_listen.rsplit(":", 1)[1]
     jobs = config["scrape_configs"]
     targets = [t for job in jobs for sc in job.get("static_configs", []) for t in sc["targets"]]
     assert f"broker:{metrics_port}" in targets
@@ -163,17 +161,19 @@ def test_prometheus_and_grafana_wiring_matches_deploy_files(compose: dict[str, A
 
 
 def test_agents_report_a_reachable_metrics_address(compose: dict[str, Any]) -> None:
-    """The agent reports its --metrics-listen to the broker's /sd: a name Prometheus resolves,
+    """The agent reports its metrics_listen to the broker's /sd: a name Prometheus resolves,
     and the one the image's HEALTHCHECK probes."""
     services = compose["services"]
     for name, service in services.items():
         words = command_words(service.get("command", []))
         if "agent" not in words:
             continue
-        address = words[words.index("--metrics-listen") + 1]
+        env = {k: str(v) for k, v in service["environment"].items()}
+        settings = effective_settings("agent", {**env, "RIGSHIFT_ENROLLMENT_TOKEN": "rsft_x"})
+        address = settings["metrics_listen"]
         assert address.split(":")[0] in (name, service.get("hostname")), name
-        assert service["environment"]["RIGSHIFT_AGENT_METRICS_ADDR"] == address
-        assert words[words.index("--broker") + 1] == "broker:50051"
+        assert env["RIGSHIFT_AGENT_METRICS_ADDR"] == address
+        assert settings["broker_address"] == "broker:50051"
         assert service.get("shm_size"), "Ray needs more than Docker's 64 MB /dev/shm"
         assert service["stop_grace_period"] == "90s", "longer than the agent's 60 s drain"
 
@@ -197,12 +197,20 @@ def test_commands_parse_with_the_cli(compose: dict[str, Any]) -> None:
     services = _interpolate(_raw(), env)["services"]
     for name in ("migrate", "broker"):
         parse_with_cli(command_words(services[name]["command"])).close()
+    broker_env = {k: str(v) for k, v in services["broker"]["environment"].items()}
+    broker = effective_settings("broker", broker_env)
+    assert broker["listen"] == "0.0.0.0:50051" and broker["home"] == "/var/lib/rigshift"
+    assert broker["db_url"] == "postgresql+psycopg://rigshift:rigshift@postgres:5432/rigshift"
     for service in services.values():
         words = command_words(service.get("command", []))
         if "agent" in words:
-            ctx = parse_with_cli(words, {k: str(v) for k, v in service["environment"].items()})
+            env = {k: str(v) for k, v in service["environment"].items()}
+            ctx = parse_with_cli(words, env)
             assert ctx.params["token"] == "rsft_example"
             ctx.close()
+            agent = effective_settings("agent", env)
+            assert agent["enrollment_token"] == "rsft_example"
+            assert str(agent["state_dir"]) == "/var/lib/rigshift/agent"
 
 
 def test_agents_without_a_token_stop_with_a_clear_error(compose: dict[str, Any]) -> None:
@@ -212,4 +220,4 @@ def test_agents_without_a_token_stop_with_a_clear_error(compose: dict[str, Any])
         if "agent" in words:
             assert service["environment"]["RIGSHIFT_ENROLLMENT_TOKEN"] == ""
             with pytest.raises(click.MissingParameter, match="token"):
-                parse_with_cli(words, {"RIGSHIFT_ENROLLMENT_TOKEN": ""})
+                parse_with_cli(words, {k: str(v) for k, v in service["environment"].items()})

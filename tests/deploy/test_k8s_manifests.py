@@ -29,6 +29,7 @@ from deploy_helpers import (
     Resource,
     build,
     containers,
+    effective_settings,
     kustomization,
     parse_with_cli,
     pod_specs,
@@ -267,6 +268,8 @@ def test_every_config_and_secret_reference_resolves(rendered: tuple[str, list[Re
     ops = OPS_DOC.read_text()
     for res in resources:
         for c in containers(res):
+            for source in c.get("envFrom", []):
+                _one(resources, "ConfigMap", source["configMapRef"]["name"])
             for kind, ref, key in _env_refs(c):
                 found = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == ref]
                 if found:
@@ -291,7 +294,8 @@ def test_variable_references_in_commands_are_defined(rendered: tuple[str, list[R
                 for var in re.findall(r"\$\((\w+)\)", env.get("value", "")):
                     assert var in defined, f"{name}: env {env['name']} uses {var} before it is set"
                 defined.add(env["name"])
-            assert not c.get("envFrom"), "explicit env only, so every $(VAR) can be checked"
+            # envFrom only from ConfigMaps (whole settings), never expanded in $(VAR)s below.
+            assert all(set(e) == {"configMapRef"} for e in c.get("envFrom", []))
             for word in c.get("command", []) + c.get("args", []):
                 for var in re.findall(r"\$\((\w+)\)", word):
                     assert var in defined, f"{name}: {c['name']} uses undefined $({var})"
@@ -313,11 +317,12 @@ def test_selectors_ports_and_probes_line_up(rendered: tuple[str, list[Resource]]
         assert broker[probe]["grpc"]["port"] == 50051, probe
     assert broker["livenessProbe"]["tcpSocket"]["port"] == 50051
     # Replica mode: the core listens on the internal port and is advertised by pod IP.
-    args = broker["command"]
-    assert "--replica" in args
-    assert args[args.index("--internal-listen") + 1].endswith(":50052")
-    assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
-    assert any(e["name"] == "POD_IP" for e in broker["env"])
+    settings = effective_settings("broker", _container_env(resources, broker))
+    assert settings["replica"] is True
+    assert settings["internal_listen"].endswith(":50052")
+    assert settings["advertise_host"] == "10.0.0.7"  # the sample pod IP
+    assert settings["listen"].endswith(":50051")
+    assert settings["metrics_listen"].endswith(f":{ports['metrics']}")
     service = _one(resources, "Service", "rigshift-broker")
     assert _matches(service["spec"]["selector"], pod_labels)
     for port in service["spec"]["ports"]:
@@ -366,7 +371,7 @@ def test_agent_daemonset_targets_gpu_nodes() -> None:
             assert spec["nodeSelector"]["nvidia.com/gpu.count"] == gpus
     dev_agent = containers(_one(build(OVERLAYS["dev"]), "DaemonSet", "rigshift-agent"))[0]
     assert "nvidia.com/gpu" not in str(dev_agent["resources"])
-    assert dev_agent["command"][-2:] == ["--simulate", "RTX3090x4"]
+    assert {"name": "RIGSHIFT_AGENT_SIMULATE", "value": "RTX3090x4"} in dev_agent["env"]
 
 
 def test_secrets_are_placeholders_and_prod_ships_none() -> None:
@@ -385,6 +390,8 @@ def test_secrets_are_placeholders_and_prod_ships_none() -> None:
 def _container_env(resources: list[Resource], container: dict[str, Any]) -> dict[str, str]:
     """The environment the container would get (a Secret the overlay leaves out: a sample)."""
     values: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        values.update(_one(resources, "ConfigMap", source["configMapRef"]["name"])["data"])
     for env in container.get("env", []):
         if "value" in env:
             values[env["name"]] = _expand(env["value"], values)
@@ -426,6 +433,9 @@ def test_container_commands_parse_with_the_cli(rendered: tuple[str, list[Resourc
             if words[1] == "agent":
                 continue  # checked by test_agent_commands_parse_with_the_cli
             parse_with_cli(words, env).close()
+            if words[1:3] == ["broker", "serve"]:
+                settings = effective_settings("broker", env)
+                assert settings["db_url"].startswith("postgresql+psycopg://"), name
             checked += 1
     assert checked == 2, name  # broker serve and broker migrate
 
@@ -437,5 +447,8 @@ def test_agent_commands_parse_with_the_cli() -> None:
         env = _container_env(resources, agent)
         ctx = parse_with_cli([_expand(w, env) for w in agent["command"]], env)
         assert ctx.params["token"] == env["RIGSHIFT_ENROLLMENT_TOKEN"]
-        assert ctx.params["metrics_listen"] == "10.0.0.7:9465"
         ctx.close()
+        settings = effective_settings("agent", env)
+        assert settings["metrics_listen"] == "10.0.0.7:9465"
+        assert settings["hostname"] == "gpu-node-1"
+        assert settings["broker_address"] == "rigshift-broker:50051"

@@ -69,6 +69,13 @@ def test_exec_start_uses_the_agent_cli() -> None:
     assert words[1:3] == ["agent", "run"] and words[3] == "--config" and "--config" in options
 
 
+def test_variables_come_from_an_optional_file() -> None:
+    """RIGSHIFT_AGENT_* overrides (worker_agent/settings.py) in a file that may be absent."""
+    text = SYSTEMD_UNIT.read_text()
+    assert _unit()["Service"]["EnvironmentFile"] == "-/etc/rigshift/agent.env"
+    assert "RIGSHIFT_AGENT_" in text
+
+
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
