@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -122,11 +123,13 @@ def test_upload_progress_bar_on_a_terminal(broker_address: str, tmp_path: Path) 
     text = _spawn(
         "job", "submit", "--broker", broker_address, "--working-dir", str(work), "--", "true"
     )
-    frames = text.split("\r")
-    bar = [f for f in frames if "100%" in f]
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    bar = [f for f in plain.split("\r") if "100%" in f]
     assert bar, text
-    assert "6.0 MiB / 6.0 MiB" in bar[-1] and "/s" in bar[-1]  # size and transfer rate
-    assert "uploaded " in text and "submitted jobs/" in text
+    assert "6.0/6.0 MiB" in bar[-1] and "MiB/s" in bar[-1]  # size and transfer rate
+    assert "━" in bar[-1]  # the bar itself
+    assert f"{work}: 6.0 MiB in " in plain  # the summary line that replaces it
+    assert "uploaded " in plain and "submitted jobs/" in plain
 
 
 def test_upload_off_a_terminal_prints_no_bar(broker_address: str, tmp_path: Path) -> None:
