@@ -25,6 +25,7 @@ from client.cli.common import (
     short_id,
 )
 from client.errors import InvalidArgument
+from client.live import LiveView
 from client.progress import ProgressBar
 from client.sdk import check_input_name, requirements_text
 from client.units import gb_to_mib
@@ -461,6 +462,22 @@ def job_outputs(job_id: str, download_dir: Path | None, attempt: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @broker_option
 def job_watch(job_id: str, as_json: bool) -> None:
-    """Print one line per change of a job, until it finishes."""
-    for job in broker_client().watch_job(job_id):
-        click.echo(output.to_json(job, one_line=True) if as_json else output.job_line(job))
+    """Print one line per change of a job, until it finishes.
+
+    On a terminal the lines scroll above a live status line (the job's state and
+    attempt, while waiting for the next change); --json prints the JSON lines only.
+    """
+    updates = broker_client().watch_job(job_id)
+    if as_json:
+        for job in updates:
+            click.echo(output.to_json(job, one_line=True))
+        return
+    with LiveView() as view:
+        view.status(f"watching {job_id} …")
+        for job in updates:
+            view.line(output.job_line(job))
+            state = job_pb2.Job.State.Name(job.state) if job.state else "no state yet"
+            view.status(
+                f"watching {short_id(job.name)}: {state}, attempt {job.attempt_count} "
+                "(Ctrl-C stops watching, not the job)"
+            )

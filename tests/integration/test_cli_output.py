@@ -143,3 +143,14 @@ def test_upload_off_a_terminal_prints_no_bar(broker_address: str, tmp_path: Path
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"{work}: 1.0 MiB in ")  # the one summary line
     assert lines[1].startswith(f"uploaded {work} (sha256:")
+
+
+def test_watch_on_a_terminal_keeps_its_lines(broker_address: str) -> None:
+    names = _setup(broker_address)
+    run("job", "cancel", names["JOB"], "--broker", broker_address)
+    piped = run("job", "watch", names["JOB"], "--broker", broker_address).stdout
+    text = _spawn("job", "watch", names["JOB"], "--broker", broker_address)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+    for line in piped.splitlines():  # the same state lines, above the live status
+        assert line in plain
+    assert "CANCELLED" in plain
