@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC
 
 from google.protobuf import json_format, message, timestamp_pb2
 
-from client.progress import format_bytes
+from client.render import Style, render_table
 from rigshift.units import (
     format_permille_percent,
     format_price_per_gpu_hour,
     format_usd,
     joules_to_kwh,
-    milliseconds_to_hours,
 )
-from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2
+from rigshift.v1 import farm_pb2, job_pb2, job_service_pb2
 
 __all__ = [
+    "MINING_PAID_MORE",
     "describe_farm",
     "describe_job",
     "earnings_table",
@@ -57,14 +57,6 @@ def to_json(msg: message.Message, *, one_line: bool = False, defaults: bool = Fa
     )
 
 
-def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces; no trailing whitespace."""
-    all_rows = [list(headers), *(list(r) for r in rows)]
-    widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in all_rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def format_time(ts: timestamp_pb2.Timestamp) -> str:
     """``2025-01-31 12:00:00 UTC``, or ``-`` for an unset timestamp."""
     if ts.seconds == 0 and ts.nanos == 0:
@@ -93,8 +85,10 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def job_table(jobs: Iterable[job_pb2.Job]) -> str:
-    """One row per job: id, state, GPUs, price cap, attempts, creation time, name or command."""
+def job_table(jobs: Iterable[job_pb2.Job], *, wide: bool = False, style: Style = "plain") -> str:
+    """One row per job: id, state, GPUs, price cap, attempts, creation time, name or command
+    (cut at 40 characters). ``wide`` adds the tier, the cost so far and the owner, and
+    prints the name or command whole."""
     rows = []
     for job in jobs:
         spec = job.spec
@@ -108,11 +102,15 @@ def job_table(jobs: Iterable[job_pb2.Job]) -> str:
                 format_price_per_gpu_hour(cap) if cap else "no cap",
                 str(job.attempt_count),
                 format_time(job.create_time),
-                _shorten(label, _COMMAND_WIDTH),
             ]
         )
-    headers = ["JOB", "STATE", "GPUS", "MAX PRICE", "ATTEMPTS", "CREATED", "NAME/COMMAND"]
-    return render_table(headers, rows)
+        if wide:
+            rows[-1] += [_tier_name(spec.tier), format_usd(job.cost_micros), job.owner or "-"]
+        rows[-1].append(label if wide else _shorten(label, _COMMAND_WIDTH))
+    headers = ["JOB", "STATE", "GPUS", "MAX PRICE", "ATTEMPTS", "CREATED"]
+    if wide:
+        headers += ["TIER", "COST", "OWNER"]
+    return render_table([*headers, "NAME/COMMAND"], rows, style)
 
 
 def job_line(job: job_pb2.Job) -> str:
@@ -372,9 +370,12 @@ def gpu_summary(worker: farm_pb2.Worker) -> str:
     return f"{text} ({', '.join(notes)})" if notes else text
 
 
-def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
+def worker_table(
+    workers: Iterable[farm_pb2.Worker], *, wide: bool = False, style: Style = "plain"
+) -> str:
     """One row per worker: worker, farm, hostname, state, GPUs, reliability, container
-    runtime (``podman 4.3.1``, or ``-``), last heartbeat."""
+    runtime (``podman 4.3.1``, or ``-``), last heartbeat. ``wide`` adds the agent's
+    version, the rig's host RAM and CPU cores, and its metrics address."""
     rows = [
         [
             w.name,
@@ -385,6 +386,7 @@ def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
             format_permille_percent(w.reliability_permille) if w.reliability_permille else "-",
             runtime_text(w.container_runtime),
             format_time(w.last_heartbeat_time),
+            *(_worker_wide(w) if wide else []),
         ]
         for w in workers
     ]
@@ -398,7 +400,18 @@ def worker_table(workers: Iterable[farm_pb2.Worker]) -> str:
         "RUNTIME",
         "LAST HEARTBEAT",
     ]
-    return render_table(headers, rows)
+    if wide:
+        headers += ["AGENT", "RAM", "CORES", "METRICS"]
+    return render_table(headers, rows, style)
+
+
+def _worker_wide(w: farm_pb2.Worker) -> list[str]:
+    return [
+        w.agent_version or "-",
+        f"{w.host.ram_mb // 1024} GiB" if w.host.ram_mb else "-",
+        str(w.host.cpu_cores) if w.host.cpu_cores else "-",
+        w.metrics_address or "-",
+    ]
 
 
 def gpu_state_text(gpu: farm_pb2.Gpu) -> str:
@@ -432,10 +445,13 @@ def pcie_text(gpu: farm_pb2.Gpu) -> str:
     return link
 
 
-def gpu_table(workers: Iterable[farm_pb2.Worker]) -> str:
+def gpu_table(
+    workers: Iterable[farm_pb2.Worker], *, wide: bool = False, style: Style = "plain"
+) -> str:
     """One row per GPU: worker, index, model, score (an RTX 3090 = 100; ``-`` before a
     self-test), PCIe link, state (a quarantined GPU with its reason), verification (with
-    the reason when not VERIFIED)."""
+    the reason when not VERIFIED). ``wide`` adds the usable VRAM and the measured
+    FP16/FP32 throughput."""
     rows = [
         [
             w.name,
@@ -445,12 +461,24 @@ def gpu_table(workers: Iterable[farm_pb2.Worker]) -> str:
             pcie_text(g),
             gpu_state_text(g),
             verification_text(g),
+            *(_gpu_wide(g) if wide else []),
         ]
         for w in workers
         for g in w.gpus
     ]
     headers = ["WORKER", "GPU", "MODEL", "SCORE", "PCIE", "STATE", "VERIFICATION"]
-    return render_table(headers, rows)
+    if wide:
+        headers += ["USABLE VRAM", "FP16 GFLOPS", "FP32 GFLOPS"]
+    return render_table(headers, rows, style)
+
+
+def _gpu_wide(g: farm_pb2.Gpu) -> list[str]:
+    m = g.measurement
+    return [
+        f"{m.usable_vram_mb} MiB" if m.usable_vram_mb else "-",
+        str(m.fp16_gflops) if m.fp16_gflops else "-",
+        str(m.fp32_gflops) if m.fp32_gflops else "-",
+    ]
 
 
 def score_text(gpu: farm_pb2.Gpu) -> str:
@@ -514,85 +542,10 @@ def quote_groups_table(groups: Iterable[job_service_pb2.QuoteGroup]) -> str:
     return render_table([*headers, "RAM GB/GPU", "CORES/GPU"], rows)
 
 
-def _usd_per_kwh(value: float) -> str:
-    return f"${value:.4f}"
-
-
-#: What the NOTE column says when AI work paid less per kWh than mining would have.
-MINING_PAID_MORE = "AI < mining"
-
-
-def earnings_table(rows: Sequence[farm_service_pb2.EarningsRow], group_by: str = "farm") -> str:
-    """``farm earnings``: one row per farm, worker or GPU; AI $/kWh next to mining $/kWh;
-    the kWh and energy cost the farm's power caps saved against the same GPU time uncapped.
-
-    Money columns come from the integer micro-dollar fields; the two $/kWh
-    columns are the broker's display ratios. A row where AI work paid less per
-    kWh than mining would have is marked in the NOTE column.
-    """
-    table = []
-    for r in rows:
-        ai_below = r.energy_joules > 0 and r.revenue_usd_per_kwh < r.mining_usd_per_kwh
-        name = r.farm_display_name or r.farm
-        cells = [name if group_by == "farm" else r.key]
-        if group_by != "farm":
-            cells.append(name)
-        cells += [
-            r.gpu_model or "-",
-            str(milliseconds_to_hours(r.gpu_milliseconds)),
-            str(joules_to_kwh(r.energy_joules)),
-            format_usd(r.revenue_micros),
-            format_usd(r.energy_cost_micros),
-            format_usd(r.margin_micros),
-            str(joules_to_kwh(r.energy_saved_joules)) if r.energy_saved_joules else "-",
-            format_usd(r.energy_cost_saved_micros) if r.energy_saved_joules else "-",
-            _usd_per_kwh(r.revenue_usd_per_kwh) if r.energy_joules else "-",
-            _usd_per_kwh(r.mining_usd_per_kwh),
-            MINING_PAID_MORE if ai_below else "",
-        ]
-        table.append(cells)
-    headers = [group_by.upper()]
-    if group_by != "farm":
-        headers.append("FARM")
-    headers += ["MODEL", "GPU-HOURS", "KWH", "REVENUE", "ENERGY COST", "MARGIN"]
-    headers += ["KWH SAVED", "COST SAVED"]  # by the farm's power caps
-    headers += ["AI $/KWH", "MINING $/KWH", "NOTE"]
-    return render_table(headers, table)
-
-
-def _output_note(out: job_pb2.JobOutput) -> str:
-    if out.over_limit:
-        return "over limit, not kept" + (f": {out.message}" if out.message else "")
-    if not out.sha256:
-        return out.message or "nothing kept"
-    return out.message
-
-
-def outputs_table(outputs: Iterable[job_pb2.JobOutput]) -> str:
-    """``job outputs``: one row per attempt that reported its output directory."""
-    rows = [
-        [
-            str(out.attempt),
-            format_bytes(out.size_bytes),
-            out.sha256[:12] or "-",
-            format_time(out.create_time),
-            _output_note(out) or "-",
-        ]
-        for out in outputs
-    ]
-    return render_table(["ATTEMPT", "SIZE", "SHA256", "CREATED", "NOTE"], rows)
-
-
-def outputs_json(outputs: Iterable[job_pb2.JobOutput]) -> list[dict[str, object]]:
-    """``job outputs --json``: one object per attempt (times as RFC 3339, sizes as integers)."""
-    return [
-        {
-            "attempt": out.attempt,
-            "sha256": out.sha256,
-            "size_bytes": out.size_bytes,
-            "create_time": out.create_time.ToJsonString() if out.HasField("create_time") else None,
-            "over_limit": out.over_limit,
-            "message": out.message,
-        }
-        for out in outputs
-    ]
+# The earnings and outputs reports live in their own module (issue 18: size).
+from client.output_reports import (  # noqa: E402
+    MINING_PAID_MORE,
+    earnings_table,
+    outputs_json,
+    outputs_table,
+)

@@ -1,13 +1,13 @@
-"""A small transfer progress display for uploads and downloads (no dependency).
+"""The transfer progress display for uploads and downloads.
 
 :class:`ProgressBar` is the ``progress`` callback the SDK's transfer methods take
-(``progress(done_bytes, total_bytes)``). On a terminal it redraws one line,
-at most ten times a second::
+(``progress(done_bytes, total_bytes)``). On a terminal it draws a ``rich``
+progress bar, at most ten times a second, and clears it at the end::
 
-    data  [#########...........]  45%  45.0 MiB / 100.0 MiB  12.3 MiB/s  ETA 4s
+    data ━━━━━━━━━╸━━━━━━━━━━  45% 45.0/100.0 MiB 12.3 MiB/s ETA 4s
 
-Elsewhere (a log, a pipe) it stays silent until :meth:`ProgressBar.close`, which
-prints one line: ``data: 100.0 MiB in 8.1 s (12.3 MiB/s)``.
+Elsewhere (a log, a pipe) it stays silent until :meth:`ProgressBar.close`. On
+both it ends with one line: ``data: 100.0 MiB in 8.1 s (12.3 MiB/s)``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,20 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+)
+from rich.table import Column
+
 __all__ = ["ProgressBar", "format_bytes"]
 
 _WIDTH = 20
+_LABEL = 32
 
 
 def format_bytes(n: float) -> str:
@@ -72,6 +83,8 @@ class ProgressBar:
         self._drawn_at = float("-inf")
         self._drawn = False
         self._closed = False
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
 
     def __call__(self, done: int, total: int) -> None:
         """Record ``done`` of ``total`` bytes; redraw on a terminal when due."""
@@ -82,28 +95,52 @@ class ProgressBar:
         if self.tty and (now - self._drawn_at >= self.min_interval_s or done >= total):
             self._drawn_at = now
             self._drawn = True
-            self.stream.write("\r" + self.line(now) + "\x1b[K")
-            self.stream.flush()
+            self._draw(done, total)
+
+    def _draw(self, done: int, total: int) -> None:
+        if self._progress is None:
+            from client.render import rich_console  # render imports this module
+
+            self._progress = Progress(
+                # The label gives way (…) before the numbers do on a narrow terminal.
+                TextColumn(
+                    "{task.description}",
+                    table_column=Column(no_wrap=True, overflow="ellipsis", max_width=_LABEL),
+                ),
+                BarColumn(bar_width=_WIDTH),
+                TaskProgressColumn(),
+                DownloadColumn(binary_units=True, table_column=Column(no_wrap=True)),
+                TextColumn("{task.fields[rate]}", style="progress.data.speed"),
+                TextColumn("{task.fields[eta]}", style="progress.remaining"),
+                console=rich_console(self.stream),
+                auto_refresh=False,  # drawn from __call__ only: no thread
+                transient=True,  # the summary line replaces it
+                get_time=self.clock,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._progress.start()
+            # Start at ``done``: a resumed transfer's first jump is not counted as speed.
+            self._task = self._progress.add_task(
+                self.label, total=total, completed=done, rate="", eta=""
+            )
+        assert self._task is not None
+        # The rate since the first report and the ETA from it: the summary's numbers.
+        rate = self._rate(self.clock())
+        speed = f"{format_bytes(rate)}/s" if rate > 0 else ""
+        eta = f"ETA {_duration((total - done) / rate)}" if rate > 0 and done < total else ""
+        self._progress.update(self._task, completed=done, total=total, rate=speed, eta=eta)
+        self._progress.refresh()
+
+    def _stop(self, *, keep: bool) -> None:
+        if self._progress is not None:
+            self._progress.live.transient = not keep
+            self._progress.stop()
+            self._progress = None
 
     def _rate(self, now: float) -> float:
         elapsed = now - (self._start if self._start is not None else now)
         return (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
-
-    def line(self, now: float) -> str:
-        """The bar as it would be drawn now."""
-        total = max(self.total, 1)
-        filled = min(_WIDTH, _WIDTH * self.done // total)
-        rate = self._rate(now)
-        parts = [
-            f"{self.label}  [{'#' * filled}{'.' * (_WIDTH - filled)}]",
-            f"{100 * self.done // total:3d}%",
-            f"{format_bytes(self.done)} / {format_bytes(self.total)}",
-        ]
-        if rate > 0:
-            parts.append(f"{format_bytes(rate)}/s")
-            if self.done < self.total:
-                parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
-        return "  ".join(parts)
 
     def summary(self, now: float) -> str:
         """The final line."""
@@ -123,10 +160,8 @@ class ProgressBar:
         if self._closed:
             return
         self._closed = True
-        prefix = "\r" if self._drawn else ""
-        self.stream.write(
-            prefix + self.summary(self.clock()) + ("\x1b[K\n" if self._drawn else "\n")
-        )
+        self._stop(keep=False)
+        self.stream.write(self.summary(self.clock()) + "\n")
         self.stream.flush()
 
     def __enter__(self) -> ProgressBar:
@@ -135,7 +170,7 @@ class ProgressBar:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._drawn and not self._closed:  # failed: end the bar's line, claim nothing
+        elif self._drawn and not self._closed:  # failed: leave the bar as it was, claim nothing
             self._closed = True
-            self.stream.write("\n")
+            self._stop(keep=True)
             self.stream.flush()

@@ -29,6 +29,9 @@ from typing import Any
 
 import click
 
+from client.live import LiveView
+from client.progress import ProgressBar
+
 __all__ = ["demo_command"]
 
 #: (farm, rig, simulated GPUs) — 12 GPUs in all; two rigs can take a 4-GPU job.
@@ -226,7 +229,11 @@ def _run(
     worker_names = {w.name: w.hostname for w in workers}
     farm_of = {rig: farm for farm, rig, _ in RIGS}
 
-    sha = client.upload_working_dir(EXAMPLE)
+    if sys.stderr.isatty():  # a bar on a terminal; elsewhere the demo's lines as they were
+        with ProgressBar("examples/mlp_numpy", skipped="already on the broker") as bar:
+            sha = client.upload_working_dir(EXAMPLE, progress=bar)
+    else:
+        sha = client.upload_working_dir(EXAMPLE)
     echo(f"[{_clock(t0)}] uploaded examples/mlp_numpy (sha256:{sha[:12]}…)")
     command = [sys.executable, "train.py", "--epochs", str(epochs), "--samples", str(samples)]
     jobs: dict[str, int] = {}
@@ -288,11 +295,28 @@ def _state_value(name: str) -> int:
 def _follow(
     client: Any, jobs: dict[str, int], workers: dict[str, str], t0: float, timeout_s: float
 ) -> dict[str, Any]:
-    """Print each state change until every job is final (or the time is up)."""
+    """Print each state change until every job is final (or the time is up).
+
+    Every 5 s a ``…`` line counts the jobs by state, with the epoch of a few running
+    ones; on a terminal that count is a live status line instead, updated every second.
+    """
+    with LiveView() as view:
+        return _follow_in(view, client, jobs, workers, t0, timeout_s)
+
+
+def _follow_in(
+    view: LiveView,
+    client: Any,
+    jobs: dict[str, int],
+    workers: dict[str, str],
+    t0: float,
+    timeout_s: float,
+) -> dict[str, Any]:
     terminal = {_state_value(s) for s in ("SUCCEEDED", "FAILED", "CANCELLED")}
     seen: dict[str, int] = {}
     latest: dict[str, Any] = {}
     last_summary = 0.0
+    summary_every_s = 1.0 if view.tty else 5.0
     while time.monotonic() - t0 < timeout_s:
         page = client.list_jobs(page_size=100).jobs
         for job in sorted(page, key=lambda j: j.spec.display_name):
@@ -307,19 +331,23 @@ def _follow(
                 a = job.attempts[-1]
                 rig = workers.get(a.worker, a.worker)
                 where = f" on {rig} GPUs {','.join(map(str, a.gpu_indices))}"
-            click.echo(
+            view.line(
                 f"[{_clock(t0)}] {job.spec.display_name} ({jobs[job.name]} GPU) "
                 f"{_state_name(job.state):<9}{where}"
             )
         if len(latest) == len(jobs) and all(j.state in terminal for j in latest.values()):
             break
-        if time.monotonic() - last_summary > 5:
+        if time.monotonic() - last_summary > summary_every_s:
             last_summary = time.monotonic()
             counts = Counter(_state_name(j.state).lower() for j in latest.values())
             line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             running = [j for j in latest.values() if j.state == _state_value("RUNNING")]
             epochs = [f"{j.spec.display_name} {_last_epoch(client, j.name)}" for j in running[:4]]
-            click.echo(f"[{_clock(t0)}]   … {line}" + (f" ({', '.join(epochs)})" if epochs else ""))
+            text = f"[{_clock(t0)}]   … {line}" + (f" ({', '.join(epochs)})" if epochs else "")
+            if view.tty:
+                view.status(text)
+            else:
+                view.line(text)
         time.sleep(0.25)
     return {name: client.get_job(name) for name in jobs}
 

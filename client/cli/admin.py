@@ -8,9 +8,13 @@ verify-ledger``, in ``broker.cli``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import click
 from google.protobuf.json_format import MessageToJson
 
+from client import output, render
+from client.cli.common import echo_listing, listing_format, listing_options
 from client.errors import RigshiftError
 from client.sdk import Client
 from rigshift.defaults import BROKER_ADDRESS
@@ -62,9 +66,10 @@ def create_key_command(
 
 @admin_group.command("list-keys")
 @_broker_option
-@click.option("--json", "as_json", is_flag=True)
-def list_keys_command(broker: str, as_json: bool) -> None:
-    """List API keys (never their secrets)."""
+@listing_options
+def list_keys_command(broker: str) -> None:
+    """List API keys (never their secrets); -o wide adds when each was created."""
+    as_json = listing_format() == "json"
     try:
         with Client(broker) as rs:
             resp = rs.list_api_keys()
@@ -73,10 +78,28 @@ def list_keys_command(broker: str, as_json: bool) -> None:
     if as_json:
         click.echo(MessageToJson(resp, preserving_proto_field_name=True))
         return
-    for k in resp.api_keys:
+    if resp.api_keys:
+        echo_listing(lambda wide, style: keys_table(resp.api_keys, wide=wide, style=style))
+
+
+def keys_table(
+    keys: Sequence[admin_service_pb2.ApiKey],
+    *,
+    wide: bool = False,
+    style: render.Style = "plain",
+) -> str:
+    """The keys; in the plain style and not ``wide``, the fixed-width lines scripts read."""
+    rows = []
+    for k in keys:
         role = admin_service_pb2.ApiKey.Role.Name(k.role).lower()
         state = "revoked" if k.revoked else "active"
-        click.echo(f"{k.name:<22} {role:<9} {k.principal:<20} {k.farm or '-':<20} {state}")
+        rows.append([k.name, role, k.principal, k.farm or "-", state])
+        if wide:
+            rows[-1].append(output.format_time(k.create_time))
+    if style == "plain" and not wide:
+        return "\n".join(f"{n:<22} {r:<9} {p:<20} {f:<20} {s}" for n, r, p, f, s in rows)
+    headers = ["NAME", "ROLE", "PRINCIPAL", "FARM", "STATE"]
+    return render.render_table([*headers, "CREATED"] if wide else headers, rows, style)
 
 
 @admin_group.command("revoke-key")

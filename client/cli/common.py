@@ -1,8 +1,9 @@
 """What every broker-facing command group of the CLI shares.
 
 ``--broker`` (on the group and on each subcommand), the :class:`Client` a
-command talks through, ``--json``, and :class:`BrokerGroup`, which turns an
-SDK error into ``error: …`` on stderr and exit status 1.
+command talks through, ``--json``, ``-o/--output`` on listings, and
+:class:`BrokerGroup`, which turns an SDK error into ``error: …`` on stderr and
+exit status 1.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import click
 
 from client import output
 from client.errors import RigshiftError, Unavailable
+from client.render import Style, stdout_style
 from client.sdk import DEFAULT_BROKER, Client
 from client.units import usd_to_micros
 
 __all__ = [
     "BROKER_EXPLICIT",
     "BROKER_KEY",
+    "OUTPUT_FORMATS",
     "USD",
     "BrokerGroup",
     "Converted",
@@ -27,9 +30,13 @@ __all__ = [
     "broker_client",
     "broker_option",
     "echo_json",
+    "echo_listing",
     "group_broker_option",
     "json_option",
+    "listing_format",
+    "listing_options",
     "short_id",
+    "table_style",
 ]
 
 #: ``ctx.meta`` key: the broker address the command talks to.
@@ -149,3 +156,66 @@ def short_id(name: str) -> str:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the response as JSON.")
+
+
+# -- listings: -o/--output json|table|wide, --json -----------------------------
+
+#: ``ctx.meta`` keys: what ``-o`` and ``--json`` said.
+_OUTPUT_KEY = "rigshift.output"
+_JSON_KEY = "rigshift.output_json"
+#: The formats of ``-o/--output``.
+OUTPUT_FORMATS = ("json", "table", "wide")
+
+
+def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value:
+            ctx.meta[key] = value
+
+    return callback
+
+
+def listing_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o/--output json|table|wide`` and ``--json`` (the alias of ``-o json``) on a
+    listing; the command reads the choice with :func:`listing_format`."""
+    f = click.option(
+        "-o",
+        "--output",
+        type=click.Choice(OUTPUT_FORMATS, case_sensitive=False),
+        default=None,
+        expose_value=False,
+        callback=_remember(_OUTPUT_KEY),
+        help="json: the API response; table (default): columns; wide: more columns.",
+    )(f)
+    return click.option(
+        "--json",
+        is_flag=True,
+        expose_value=False,
+        callback=_remember(_JSON_KEY),
+        help="Print the response as JSON (the same as -o json).",
+    )(f)
+
+
+def listing_format() -> str:
+    """``json``, ``table`` or ``wide``: what ``-o``/``--json`` asked of this listing.
+
+    ``--json`` together with ``-o table``/``-o wide`` is a usage error (exit 2).
+    """
+    meta = click.get_current_context().meta
+    chosen = str(meta.get(_OUTPUT_KEY, "")).lower()
+    if meta.get(_JSON_KEY):
+        if chosen not in ("", "json"):
+            raise click.UsageError(f"--json is -o json; it does not go with -o {chosen}")
+        return "json"
+    return chosen or "table"
+
+
+def table_style() -> Style:
+    """How a table is drawn: ``rich`` when stdout is a terminal, else the plain columns."""
+    return stdout_style()
+
+
+def echo_listing(table: Callable[[bool, Style], str]) -> None:
+    """Print a listing's table: ``table(wide, style)`` with ``-o wide`` and the style of
+    stdout (every listing's table goes through :func:`client.render.render_table`)."""
+    click.echo(table(listing_format() == "wide", table_style()))

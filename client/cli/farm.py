@@ -27,8 +27,11 @@ from client.cli.common import (
     broker_client,
     broker_option,
     echo_json,
+    echo_listing,
     group_broker_option,
     json_option,
+    listing_format,
+    listing_options,
 )
 from client.errors import Unavailable
 from client.units import (
@@ -326,26 +329,28 @@ def farm_get(farm_id: str, as_json: bool) -> None:
 
 @farm_group.command(name="workers")
 @click.option("--farm", "farm_id", default="", metavar="ID", help="Only this farm's workers.")
-@json_option
+@listing_options
 @broker_option
-def farm_workers(farm_id: str, as_json: bool) -> None:
+def farm_workers(farm_id: str) -> None:
     """List workers (rigs) and their GPUs.
 
     Per worker: state, GPUs, reliability, container runtime, last heartbeat. Per GPU:
     score (an RTX 3090 = 100; "96 at 280 W" under a power cap), PCIe link, state
     (QUARANTINED with its reason) and verification of its claimed model (with the reason
-    when not VERIFIED).
+    when not VERIFIED). -o wide adds the agent version, host RAM, CPU cores and metrics
+    address per worker, and the usable VRAM and measured FP16/FP32 GFLOPS per GPU.
     """
+    fmt = listing_format()
     workers = list(broker_client().iter_workers(farm_id))
-    if as_json:
+    if fmt == "json":
         echo_json(farm_service_pb2.ListWorkersResponse(workers=workers))
         return
     if not workers:
         click.echo("no workers")
         return
-    click.echo(output.worker_table(workers))
+    echo_listing(lambda wide, style: output.worker_table(workers, wide=wide, style=style))
     click.echo()
-    click.echo(output.gpu_table(workers))
+    echo_listing(lambda wide, style: output.gpu_table(workers, wide=wide, style=style))
 
 
 @farm_group.command(name="drain")
@@ -412,18 +417,18 @@ def farm_gpu_reinstate(worker_id: str, gpu_index: int, as_json: bool) -> None:
     metavar="URL",
     help="Read this broker database directly instead of asking the broker (ops).",
 )
-@json_option
+@listing_options
 @broker_option
-def farm_earnings(
-    farm_id: str, since: datetime | None, group_by: str, db_url: str, as_json: bool
-) -> None:
+def farm_earnings(farm_id: str, since: datetime | None, group_by: str, db_url: str) -> None:
     """What AI work earned: GPU-hours, kWh, revenue, energy cost, margin, $/kWh vs mining.
 
     Revenue is the farm's payout (client charges less the broker fee). Rows
     where AI work paid less per kWh than mining would have are marked. When no
     broker answers at the default address, the database in ./.rigshift (or the
-    last `rigshift demo`'s) is read instead, and stderr says so.
+    last `rigshift demo`'s) is read instead, and stderr says so. -o wide adds the
+    attempts, the GPU-hours inside curtailment windows and the demand-response income.
     """
+    fmt = listing_format()
     group_by = group_by.lower()
     if db_url:
         earnings = _database(db_url).earnings(db_url, farm_id, since, group_by)
@@ -440,13 +445,15 @@ def farm_earnings(
                 f"no broker at {broker_address()}; reading the local database {local}", err=True
             )
             earnings = database.earnings(f"sqlite:///{local}", farm_id, since, group_by)
-    if as_json:
+    if fmt == "json":
         click.echo(output.to_json(earnings, defaults=True))
         return
     if not earnings.rows:
         click.echo("no earnings yet" + (f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since else ""))
         return
-    click.echo(output.earnings_table(earnings.rows, group_by))
+    echo_listing(
+        lambda wide, style: output.earnings_table(earnings.rows, group_by, wide=wide, style=style)
+    )
     for line in curtailed_lines(earnings.rows):
         click.echo(line)
 

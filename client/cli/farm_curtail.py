@@ -10,7 +10,17 @@ from datetime import UTC, datetime
 import click
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from client.cli.common import Converted, broker_client, broker_option, echo_json, json_option
+from client import render
+from client.cli.common import (
+    Converted,
+    broker_client,
+    broker_option,
+    echo_json,
+    echo_listing,
+    json_option,
+    listing_format,
+    listing_options,
+)
 from rigshift.units import format_usd, joules_to_kwh, milliseconds_to_hours
 from rigshift.v1 import farm_pb2, farm_service_pb2
 
@@ -110,10 +120,14 @@ def farm_curtail(
 @click.argument("farm_id", metavar="FARM")
 @click.option("--all", "include_past", is_flag=True, help="Ended and cancelled windows too.")
 @click.option("--cancel", "cancel_id", default="", metavar="ID", help="Cancel this window.")
-@json_option
+@listing_options
 @broker_option
-def farm_curtailments(farm_id: str, include_past: bool, cancel_id: str, as_json: bool) -> None:
-    """List FARM's curtailment windows (newest first), or cancel one with --cancel ID."""
+def farm_curtailments(farm_id: str, include_past: bool, cancel_id: str) -> None:
+    """List FARM's curtailment windows (newest first), or cancel one with --cancel ID.
+
+    -o wide adds who created each window and when.
+    """
+    as_json = listing_format() == "json"
     client = broker_client()
     if cancel_id:
         name = cancel_id
@@ -132,8 +146,33 @@ def farm_curtailments(farm_id: str, include_past: bool, cancel_id: str, as_json:
     if not windows:
         click.echo("no curtailment windows")
         return
+    echo_listing(lambda wide, style: curtailments_table(windows, wide=wide, style=style))
+
+
+def curtailments_table(
+    windows: Sequence[farm_pb2.Curtailment], *, wide: bool = False, style: render.Style = "plain"
+) -> str:
+    """The windows; in the plain style and not ``wide``, one ``_line`` each (the form
+    scripts read since issue 16)."""
+    if style == "plain" and not wide:
+        return "\n".join(_line(c) for c in windows)
+    rows = []
     for c in windows:
-        click.echo(_line(c))
+        row = [
+            c.name.rsplit("/", 1)[-1],
+            farm_pb2.Curtailment.State.Name(c.state),
+            _when(c.start_time),
+            _when(c.end_time),
+            "yes" if c.include_guaranteed else "no",
+            c.reason or "-",
+        ]
+        if wide:
+            row += [c.created_by or "-", _when(c.create_time) if c.create_time.seconds else "-"]
+        rows.append(row)
+    headers = ["ID", "STATE", "START", "END", "GUARANTEED TOO", "REASON"]
+    if wide:
+        headers += ["CREATED BY", "CREATED"]
+    return render.render_table(headers, rows, style)
 
 
 def curtailed_lines(rows: Sequence[farm_service_pb2.EarningsRow]) -> list[str]:

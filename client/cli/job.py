@@ -17,11 +17,15 @@ from client.cli.common import (
     broker_client,
     broker_option,
     echo_json,
+    echo_listing,
     group_broker_option,
     json_option,
+    listing_format,
+    listing_options,
     short_id,
 )
 from client.errors import InvalidArgument
+from client.live import LiveView
 from client.progress import ProgressBar
 from client.sdk import check_input_name, requirements_text
 from client.units import gb_to_mib
@@ -343,16 +347,24 @@ def job_quote(
     help="Only jobs in this state (repeatable).",
 )
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
-@json_option
+@listing_options
 @broker_option
-def job_list(states: tuple[str, ...], limit: int, as_json: bool) -> None:
-    """List jobs, newest first."""
+def job_list(states: tuple[str, ...], limit: int) -> None:
+    """List jobs, newest first.
+
+    -o wide adds the tier, the cost so far and the owner, and prints the name or
+    command whole.
+    """
+    fmt = listing_format()
     wanted = [job_pb2.Job.State.Value(s.upper()) for s in states]
     page = broker_client().list_jobs(wanted, page_size=limit)
-    if as_json:
+    if fmt == "json":
         echo_json(page)
         return
-    click.echo(output.job_table(page.jobs) if page.jobs else "no jobs")
+    if not page.jobs:
+        click.echo("no jobs")
+    else:
+        echo_listing(lambda wide, style: output.job_table(page.jobs, wide=wide, style=style))
     if page.next_page_token:
         click.echo(f"(showing the newest {len(page.jobs)}; raise --limit for more)", err=True)
 
@@ -411,14 +423,17 @@ def _upload_bar(label: str) -> ProgressBar:
     default=0,
     help="With --download: this attempt's output [default: the latest one kept].",
 )
-@click.option("--json", "as_json", is_flag=True, help="List the outputs as JSON.")
+@listing_options
 @broker_option
-def job_outputs(job_id: str, download_dir: Path | None, attempt: int, as_json: bool) -> None:
+def job_outputs(job_id: str, download_dir: Path | None, attempt: int) -> None:
     """List what a job's attempts wrote to $RIGSHIFT_OUTPUT_DIR, or download one.
 
     Outputs are kept for the broker's retention period after the job ends; an
-    output over the job's limit is listed but was not kept.
+    output over the job's limit is listed but was not kept. -o wide prints the
+    whole SHA-256 and the size in bytes.
     """
+    fmt = listing_format()
+    as_json = fmt == "json"
     client = broker_client()
     if download_dir is None:
         if attempt:
@@ -427,10 +442,15 @@ def job_outputs(job_id: str, download_dir: Path | None, attempt: int, as_json: b
         if as_json:
             click.echo(json.dumps(output.outputs_json(outputs), indent=2))
             return
-        click.echo(output.outputs_table(outputs) if outputs else "no outputs yet")
+        if not outputs:
+            click.echo("no outputs yet")
+        else:
+            echo_listing(lambda wide, style: output.outputs_table(outputs, wide=wide, style=style))
         return
     if as_json:
         raise click.UsageError("--json lists outputs; it does not go with --download")
+    if fmt == "wide":
+        raise click.UsageError("-o wide lists outputs; it does not go with --download")
     label = f"output of {short_id(job_id)}" + (f" attempt {attempt}" if attempt else "")
     with ProgressBar(label) as bar:  # on stderr
         path = client.download_outputs(job_id, download_dir, attempt, progress=bar)
@@ -442,6 +462,22 @@ def job_outputs(job_id: str, download_dir: Path | None, attempt: int, as_json: b
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @broker_option
 def job_watch(job_id: str, as_json: bool) -> None:
-    """Print one line per change of a job, until it finishes."""
-    for job in broker_client().watch_job(job_id):
-        click.echo(output.to_json(job, one_line=True) if as_json else output.job_line(job))
+    """Print one line per change of a job, until it finishes.
+
+    On a terminal the lines scroll above a live status line (the job's state and
+    attempt, while waiting for the next change); --json prints the JSON lines only.
+    """
+    updates = broker_client().watch_job(job_id)
+    if as_json:
+        for job in updates:
+            click.echo(output.to_json(job, one_line=True))
+        return
+    with LiveView() as view:
+        view.status(f"watching {job_id} …")
+        for job in updates:
+            view.line(output.job_line(job))
+            state = job_pb2.Job.State.Name(job.state) if job.state else "no state yet"
+            view.status(
+                f"watching {short_id(job.name)}: {state}, attempt {job.attempt_count} "
+                "(Ctrl-C stops watching, not the job)"
+            )
