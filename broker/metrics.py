@@ -26,16 +26,13 @@ exporters).
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from typing import Any
 
-import grpc
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -59,6 +56,7 @@ from broker.events import (
     WorkerRegistered,
     WorkerTransition,
 )
+from broker.metrics_rpc import RpcMetricsInterceptor
 from broker.model import TERMINAL_JOB_STATES, JobState, SlaKind, WorkerState
 from rigshift.scoring import Verification
 
@@ -528,78 +526,3 @@ def sd_targets(core: BrokerCore, farm_name: Callable[[str], str]) -> list[dict[s
         labels = {"farm": farm_name(w.farm_id), "gpu_model": dominant_model(w)}
         groups.append({"targets": [w.metrics_address], "labels": labels})
     return groups
-
-
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every RPC and its latency by full method name and status code.
-
-    Only methods the server implements are measured, so a client cannot grow
-    the ``method`` label by calling made-up names.
-    """
-
-    def __init__(self, requests: Counter, duration: Histogram) -> None:
-        self.requests = requests
-        self.duration = duration
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method.lstrip("/")
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                wrapped = self._wrap(method, behavior)
-                return handler._replace(**{kind: wrapped}) if wrapped else handler
-        return handler
-
-    def _record(
-        self, method: str, context: Any, started: float, error: BaseException | None
-    ) -> None:
-        code = context.code()
-        if code is None:
-            if error is None:
-                name = "OK"
-            elif isinstance(error, asyncio.CancelledError | GeneratorExit):
-                name = "CANCELLED"
-            else:
-                name = "UNKNOWN"
-        else:
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        self.requests.labels(method, name).inc()
-        self.duration.labels(method, name).observe(time.perf_counter() - started)
-
-    def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any] | None:
-        record = self._record
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream(request: Any, context: Any) -> Any:
-                started, error = time.perf_counter(), None
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except BaseException as err:
-                    error = err
-                    raise
-                finally:
-                    record(method, context, started, error)
-
-            return stream
-        if inspect.iscoroutinefunction(behavior):
-
-            async def unary(request: Any, context: Any) -> Any:
-                started, error = time.perf_counter(), None
-                try:
-                    return await behavior(request, context)
-                except BaseException as err:
-                    error = err
-                    raise
-                finally:
-                    record(method, context, started, error)
-
-            return unary
-        return None  # a synchronous handler: left unmeasured
