@@ -98,6 +98,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -108,12 +109,15 @@ from replay import (
     MAX,
     POLICIES,
     SCORINGS,
+    CurtailSpec,
     Fleet,
     Outcome,
     PowerSetting,
     Trace,
     build_fleet,
+    busiest_farm,
     load_trace,
+    parse_curtail,
     replay,
 )
 
@@ -124,28 +128,48 @@ __all__ = [
     "Outcome",
     "Trace",
     "build_fleet",
+    "format_curtail_table",
     "format_power_table",
     "format_table",
     "load_trace",
     "main",
+    "parse_curtails",
     "replay",
 ]
 
 
-_JOB: tuple[Trace, Fleet, float] | None = None  # what forked worker processes replay
+_JOB: tuple[Trace, Fleet, float, int, int, bool] | None = None  # what forked workers replay
+
+Run = tuple[str, str, PowerSetting, tuple[CurtailSpec, ...]]
 
 
-def _run_one(run: tuple[str, str, PowerSetting]) -> Outcome:
+def _run_one(run: Run) -> Outcome:
     assert _JOB is not None
-    trace, fleet, slowdown = _JOB
-    policy, scoring, power = run
-    outcome, _ = replay(trace, fleet, policy, scoring=scoring, gang_slowdown=slowdown, power=power)
+    trace, fleet, slowdown, spot_percent, dr_micros, lean = _JOB
+    policy, scoring, power, curtail = run
+    outcome, _ = replay(
+        trace,
+        fleet,
+        policy,
+        scoring=scoring,
+        gang_slowdown=slowdown,
+        power=power,
+        curtail=curtail,
+        spot_percent=spot_percent,
+        demand_response_micros_per_mwh=dr_micros,
+        lean=lean,
+    )
     outcome.jct_s, outcome.duration_s = [], []
     return outcome
 
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:,.2f}"
+
+
+def _label(o: Outcome) -> str:
+    extra = ([] if o.power == "max" else [o.power]) + (["curtailed"] if o.curtail else [])
+    return f"{o.policy} ({', '.join(extra)})" if extra else o.policy
 
 
 def format_table(outcomes: Sequence[Outcome]) -> str:
@@ -158,7 +182,7 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
     lines = [head, "|---|---" + "|--:" * 16 + "|"]
     for o in outcomes:
         lines.append(
-            f"| {o.policy if o.power == 'max' else f'{o.policy} ({o.power})'} | {o.scoring} "
+            f"| {_label(o)} | {o.scoring} "
             f"| {o.utilisation:.1%} | {_hours(o.mean_jct_s)} "
             f"| {_hours(o.p50_jct_s)} | {_hours(o.p99_jct_s)} | {_hours(o.mean_queue_s)} "
             f"| {_hours(o.p99_queue_s)} | {_hours(o.max_queue_s)} | {o.sla_breaches:,} "
@@ -183,6 +207,44 @@ def format_power_table(outcomes: Sequence[Outcome]) -> str:
             f"| {o.revenue_usd:,.0f} | {o.revenue_usd_per_kwh:.4f} | {o.finished:,} |"
         )
     return "\n".join(lines)
+
+
+def format_curtail_table(outcomes: Sequence[Outcome]) -> str:
+    """Markdown table, one row per curtailed run: what the windows cost and earned, and
+    the change in mean JCT and utilisation against the same run without windows."""
+    base = {(o.policy, o.scoring, o.power): o for o in outcomes if not o.curtail}
+    head = (
+        "| policy | curtail | windows | curtailed GPU-h | kWh not drawn | DR income $ "
+        "| stopped spot | stopped guaranteed | farm credits $ | mean JCT h | \u0394 mean JCT "
+        "| util | \u0394 util | finished |"
+    )
+    lines = [head, "|---|---" + "|--:" * 12 + "|"]
+    for o in outcomes:
+        if not o.curtail:
+            continue
+        b = base.get((o.policy, o.scoring, o.power))
+        d_jct = f"{(o.mean_jct_s / b.mean_jct_s - 1):+.1%}" if b and b.mean_jct_s else "-"
+        d_util = f"{(o.utilisation - b.utilisation) * 100:+.2f} pt" if b else "-"
+        lines.append(
+            f"| {o.policy} | {o.curtail} | {o.curtail_windows:,} | {o.curtailed_gpu_hours:,.0f} "
+            f"| {o.kwh_not_drawn:,.0f} | {o.demand_response_usd:,.2f} | {o.interrupted_spot:,} "
+            f"| {o.interrupted_guaranteed:,} | {o.curtail_credits_usd:,.2f} "
+            f"| {_hours(o.mean_jct_s)} | {d_jct} | {o.utilisation:.1%} | {d_util} "
+            f"| {o.finished:,} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_curtails(values: Sequence[str] | None, include_guaranteed: bool) -> list[CurtailSpec]:
+    """The ``--curtail`` values as schedules (argparse error text on a bad one)."""
+    out = []
+    for v in values or []:
+        try:
+            spec = parse_curtail(v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        out.append(replace(spec, include_guaranteed=include_guaranteed))
+    return out
 
 
 def power_settings(
@@ -239,10 +301,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="P",
         help="with --power-policy efficient, repeatable (0-50); default: 10",
     )
+    p.add_argument(
+        "--curtail",
+        action="append",
+        metavar="FARM:DAYS:START-END",
+        help="repeatable: FARM (or busiest) curtails on DAYS (weekdays|all) from START to "
+        "END o'clock UTC, e.g. busiest:weekdays:16-19; each run is also replayed without",
+    )
+    p.add_argument(
+        "--curtail-guaranteed",
+        action="store_true",
+        help="the windows stop guaranteed attempts too (--include-guaranteed)",
+    )
+    p.add_argument(
+        "--spot-percent",
+        type=int,
+        default=0,
+        choices=range(101),
+        metavar="P",
+        help="submit P %% of the jobs (spread evenly) as spot (default 0)",
+    )
+    p.add_argument(
+        "--demand-response-usd-per-mwh",
+        type=float,
+        default=50.0,
+        help="every farm's demand-response price per MWh not drawn (default 50)",
+    )
     p.add_argument("--limit", type=int, default=0, help="first N valid rows by submit time")
     p.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    try:
+        curtails = tuple(parse_curtails(a.curtail, a.curtail_guaranteed))
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     wall = time.perf_counter()
     spec = json.loads(Path(a.fleet).read_text()) if a.fleet else DEFAULT_FLEET
     fleet = build_fleet(spec, a.fleet_scale)
@@ -258,9 +350,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     policies = a.policy or list(DEFAULT_POLICIES)
     scorings = a.scoring or ["topology"]
     settings = power_settings(a.power_policy, a.max_slowdown_percent)
-    runs = [(p, s, w) for p in policies for s in scorings for w in settings]
+    windows: list[tuple[CurtailSpec, ...]] = [(), curtails] if curtails else [()]
+    runs = [(p, s, w, c) for p in policies for s in scorings for w in settings for c in windows]
+    if curtails:
+        busiest_farm(fleet)  # fails early on an empty fleet
     global _JOB
-    _JOB = (trace, fleet, a.gang_slowdown_on_risers)
+    dr_micros = round(a.demand_response_usd_per_mwh * 1_000_000)
+    # With windows every pass sees the whole queue (``replay``); so does the run without
+    # them it is compared with.
+    lean = not curtails
+    _JOB = (trace, fleet, a.gang_slowdown_on_risers, a.spot_percent, dr_micros, lean)
     if a.processes > 1 and len(runs) > 1:
         context = multiprocessing.get_context("fork")  # the workers inherit _JOB, unpickled
         with ProcessPoolExecutor(min(a.processes, len(runs)), mp_context=context) as pool:
@@ -277,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings != [MAX]:
         print()
         print(format_power_table(outcomes))
+    if curtails:
+        print()
+        print(format_curtail_table(outcomes))
     for o in outcomes:
         if o.ledger_problems:
             print(f"{o.policy}: LEDGER PROBLEMS {o.ledger_problems[:3]}")
@@ -287,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     [o.policy]
                     + ([o.scoring] if len(scorings) > 1 else [])
                     + ([o.power] if len(settings) > 1 else [])
+                    + (["curtail" if o.curtail else "none"] if curtails else [])
                 ): o.figures()
                 for o in outcomes
             },

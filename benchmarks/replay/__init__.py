@@ -6,9 +6,11 @@
 * ``replay.estimator`` -- ``DurationEstimator``, run-time predictions for ``short-first``;
 * ``replay.power`` -- power settings (``max``, ``efficient`` at a slowdown) and each
   simulated GPU's power curve (issue 16);
+* ``replay.curtail`` -- ``--curtail`` schedules and the curtailment windows they give;
 * ``replay.simulate`` -- the virtual-time loop and its figures (``replay()``, ``Outcome``).
 """
 
+from .curtail import CurtailSpec, busiest_farm, parse_curtail, windows_for
 from .estimator import DurationEstimator, order
 from .power import MAX, PowerSetting, simulated_curve
 from .simulate import DEFAULT_POLICIES, POLICIES, SCORINGS, Outcome, declared_limit, replay
@@ -21,6 +23,7 @@ __all__ = [
     "MAX",
     "POLICIES",
     "SCORINGS",
+    "CurtailSpec",
     "DurationEstimator",
     "Fleet",
     "LeanView",
@@ -30,9 +33,12 @@ __all__ = [
     "Trace",
     "TraceJob",
     "build_fleet",
+    "busiest_farm",
     "declared_limit",
     "load_trace",
     "order",
+    "parse_curtail",
     "replay",
     "simulated_curve",
+    "windows_for",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from heapq import heappop, heappush
 from typing import Any
 
@@ -24,17 +24,24 @@ from broker.earnings import earnings
 from broker.events import (
     Assign,
     AttemptFinished,
+    AttemptProgress,
     AttemptStarted,
+    Cancel,
+    Command,
+    CurtailmentScheduled,
     FarmConfigured,
     JobSubmitted,
     SchedulePass,
+    Tick,
     WorkerRegistered,
 )
 from broker.ledger import charges_of, ledger_problems
-from broker.model import GpuInfo, JobSpec, SlaKind
+from broker.model import GpuInfo, JobSpec, SlaKind, Tier
 from broker.policy import FIFO, SHORT_FIRST
+from broker.windows import Window
 from rigshift.scoring import Measurement
 
+from .curtail import CurtailSpec, windows_for
 from .estimator import DurationEstimator
 from .power import MAX, PowerSetting, capped, simulated_curve
 from .view import LeanView
@@ -96,6 +103,17 @@ class Outcome:
     schedule_passes: int = 0
     replay_s: float = 0.0
     replay_cpu_s: float = 0.0
+    curtail: str = ""  # the --curtail schedules, comma-separated ("": none)
+    spot_percent: int = 0
+    curtail_windows: int = 0  # windows that started
+    curtailed_gpu_hours: float = 0.0  # the farms' GPU time inside windows
+    kwh_not_drawn: float = 0.0  # broker.curtailed: average AI draw minus idle, over it
+    demand_response_usd: float = 0.0
+    interrupted_spot: int = 0  # attempts a window stopped
+    interrupted_guaranteed: int = 0
+    preempted: int = 0  # spot attempts the scheduler preempted for guaranteed work
+    curtailed_jobs: int = 0  # jobs with a CURTAILED SLA event
+    curtail_credits_usd: float = 0.0  # paid by the farms for guaranteed work they stopped
     ledger_problems: list[str] = field(default_factory=list)
     jct_s: list[float] = field(default_factory=list, repr=False)
     duration_s: list[float] = field(default_factory=list, repr=False)
@@ -137,6 +155,9 @@ def replay(
     scoring: str = "topology",
     gang_slowdown: float = 1.0,
     power: PowerSetting = MAX,
+    curtail: Sequence[CurtailSpec] = (),
+    spot_percent: int = 0,
+    demand_response_micros_per_mwh: int = 0,
 ) -> tuple[Outcome, BrokerCore]:
     """Run the whole trace under one policy; returns the figures and the final core.
 
@@ -145,7 +166,13 @@ def replay(
     Every job accepts unverified GPUs: the simulated rigs report no self-test (their
     link's bandwidth at most), and verification is not what the replay measures.
     ``power``: the farms' power policy (``replay.power``; every GPU has the simulated
-    curve and a settable limit)."""
+    curve and a settable limit). ``curtail``: the farms' curtailment windows
+    (``replay.curtail``), fed to the core as ``CurtailmentScheduled`` a day ahead and
+    started and ended by a ``Tick`` at their start and end; an attempt a window (or a
+    preemption) stops ends at once, its job checkpointed on SIGTERM (no work lost), and
+    its next attempt runs the work left. ``spot_percent``: that share of the jobs, spread
+    evenly, is submitted as spot. ``demand_response_micros_per_mwh``: every farm's
+    demand-response price."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
     if scoring not in SCORINGS:
@@ -153,12 +180,21 @@ def replay(
     started, cpu = time.perf_counter(), time.process_time()
     estimator = DurationEstimator()
     order = SHORT_FIRST if policy.startswith("short-first") else FIFO
+    # The lean view shows a pass only what fits the fleet's index, which leaves out the
+    # farms with a window coming (the core places on those itself, for the jobs a pass
+    # left): with windows, every pass sees the whole queue.
+    lean = lean and not curtail
     view = LeanView(head_of_line=policy == "fifo", lean=lean, topology=scoring == "topology")
-    core = BrokerCore(queue_policy=order, view=view)
+    # No heartbeats in virtual time: leases never expire (the Tick that starts and ends
+    # curtailment windows would otherwise take every rig offline).
+    core = BrokerCore(queue_policy=order, view=view, lease_ttl_s=math.inf)
     jobs = trace.jobs
     t0 = jobs[0].submit_s if jobs else 0.0
     for terms in fleet.farms:
-        core.handle(FarmConfigured(t0, power.terms(terms)))
+        terms = replace(
+            power.terms(terms), demand_response_micros_per_mwh=demand_response_micros_per_mwh
+        )
+        core.handle(FarmConfigured(t0, terms))
     rigs = {r.worker_id: r for r in fleet.rigs}
     curves = {(r.model, r.watts): simulated_curve(r.model, r.watts) for r in fleet.rigs}
     for r in fleet.rigs:
@@ -179,9 +215,14 @@ def replay(
         )
         core.handle(WorkerRegistered(t0, r.worker_id, r.farm_id, r.worker_id, "replay", gpus))
     by_id = {j.job_id: j for j in jobs}
-    specs: dict[tuple[int, int], JobSpec] = {}  # (GPUs, declared limit) -> spec
-    # (end, job_id, worker_id, attempt, watts drawn per GPU)
-    finishes: list[tuple[float, str, str, int, float]] = []
+    specs: dict[tuple[int, int, bool], JobSpec] = {}  # (GPUs, declared limit, spot) -> spec
+    spot = _spot_jobs(jobs, spot_percent)
+    # Heap of (end, job_id, worker_id, attempt); an entry whose attempt is no longer in
+    # ``running`` was stopped by a window or a preemption and is skipped.
+    finishes: list[tuple[float, str, str, int]] = []
+    running: dict[tuple[str, int], _Run] = {}
+    remaining = {j.job_id: j.duration_s for j in jobs}  # uncapped work left, seconds
+    controls = _controls(curtail, fleet, jobs)
     out = Outcome(
         policy,
         scoring,
@@ -190,23 +231,75 @@ def replay(
         rows=trace.rows,
         skipped=trace.too_wide,
         invalid=trace.invalid,
+        curtail=",".join(c.label for c in curtail),
+        spot_percent=spot_percent,
     )
     i, n = 0, len(jobs)
     handle = core.handle
-    while i < n or finishes:
-        now = min(jobs[i].submit_s if i < n else math.inf, finishes[0][0] if finishes else math.inf)
+    now = t0
+
+    def stop(cmd: Cancel, at: float, by_window: bool) -> None:
+        """The agent's side of a Cancel: SIGTERM, the job checkpoints (no work lost), the
+        attempt ends; the job's remaining work shrinks by what this attempt did."""
+        run = running.pop((cmd.job_id, cmd.attempt), None)
+        if run is None:
+            return
+        done = (at - run.start) / run.stretch
+        remaining[cmd.job_id] = max(0.0, remaining[cmd.job_id] - done)
+        if not by_window:
+            out.preempted += 1
+        elif cmd.job_id in spot:
+            out.interrupted_spot += 1
+        else:
+            out.interrupted_guaranteed += 1
+        joules = round(run.watts * (at - run.start) * run.gpus)
+        handle(
+            AttemptFinished(at, cmd.worker_id, cmd.job_id, cmd.attempt, run.seq + 1, 143, joules)
+        )
+
+    def commands(cmds: list[Command], at: float) -> None:
+        for cmd in cmds:
+            if type(cmd) is Cancel:
+                stop(cmd, at, True)
+
+    while i < n or running or (controls and core.pending):
+        now = max(
+            now,
+            min(
+                jobs[i].submit_s if i < n else math.inf,
+                finishes[0][0] if finishes else math.inf,
+                controls[0][0] if controls else math.inf,
+            ),
+        )
         second = math.floor(now) + 1  # everything in this virtual second is one batch
         while finishes and finishes[0][0] < second:
-            end, job_id, worker_id, attempt, watts = heappop(finishes)
+            end, job_id, worker_id, attempt = heappop(finishes)
+            run = running.pop((job_id, attempt), None)
+            if run is None:
+                continue  # stopped before its end
             tj = by_id[job_id]
-            ran = end - core.jobs[job_id].attempts[attempt - 1].start_time  # type: ignore[operator]
-            joules = round(watts * ran * tj.gpus)
-            handle(AttemptFinished(end, worker_id, job_id, attempt, 2, 0, joules))
+            joules = round(run.watts * (end - run.start) * tj.gpus)
+            handle(AttemptFinished(end, worker_id, job_id, attempt, run.seq + 1, 0, joules))
             estimator.observe(tj.owner, tj.gpus, tj.duration_s)
-            now = end
+            now = max(now, end)
+        while controls and controls[0][0] < second:
+            at, _, kind, window = heappop(controls)
+            at = now = max(at, now)
+            if kind == "create":
+                commands(handle(CurtailmentScheduled(at, window)), at)
+                continue
+            if kind == "start":
+                # The agents' last progress reports: the energy of the attempts the window
+                # is about to stop is metered before they end.
+                for (job_id, attempt), run in running.items():
+                    if rigs[run.worker_id].farm_id == window.farm_id:
+                        joules = round(run.watts * (at - run.start) * run.gpus)
+                        run.seq += 1
+                        handle(AttemptProgress(at, run.worker_id, job_id, attempt, run.seq, joules))
+            commands(handle(Tick(at)), at)
         while i < n and jobs[i].submit_s < second:
             tj = jobs[i]
-            shape = (tj.gpus, declared_limit(policy, estimator, tj))
+            shape = (tj.gpus, declared_limit(policy, estimator, tj), tj.job_id in spot)
             spec = specs.get(shape)
             if spec is None:
                 spec = specs[shape] = JobSpec(
@@ -214,36 +307,81 @@ def replay(
                     gpu_count=shape[0],
                     max_duration_seconds=shape[1],
                     allow_unverified=True,
+                    tier=Tier.SPOT if shape[2] else Tier.GUARANTEED,
                 )
             handle(JobSubmitted(tj.submit_s, tj.job_id, tj.owner, spec))
             now = max(now, tj.submit_s)
             i += 1
-        if not view.worth_a_pass():
+        # The view sees the fleet's index only; a farm with a window coming is in an index
+        # of the core's own (``broker.curtailment``), which the core places on itself.
+        side = core.pending and any(len(index) for index in core._side.values())
+        if not (view.worth_a_pass() or side):
             continue
         out.schedule_passes += 1
         for cmd in handle(SchedulePass(now)):
-            if type(cmd) is Assign:
+            if type(cmd) is Cancel:
+                stop(cmd, now, False)  # a spot attempt preempted for guaranteed work
+            elif type(cmd) is Assign:
                 tj = by_id[cmd.job_id]
                 handle(AttemptStarted(now, cmd.worker_id, cmd.job_id, cmd.attempt, 1))
-                riser = rigs[cmd.worker_id].link_mbps < RISER_MBPS
-                duration = tj.duration_s
+                rig = rigs[cmd.worker_id]
+                riser = rig.link_mbps < RISER_MBPS
+                work = remaining[cmd.job_id]
+                duration = work
                 if tj.gpus > 1 and riser:
                     duration *= gang_slowdown
-                    out.gangs_on_risers += 1
+                    out.gangs_on_risers += cmd.attempt == 1
                 elif tj.gpus == 1 and not riser:
-                    out.singles_on_x16 += 1
-                rig = rigs[cmd.worker_id]
+                    out.singles_on_x16 += cmd.attempt == 1
                 curve = curves[(rig.model, rig.watts)]
                 duration, watts = capped(curve, cmd.power_limit_watts, duration, rig.watts)
-                end = now + duration
-                heappush(finishes, (end, cmd.job_id, cmd.worker_id, cmd.attempt, watts))
-    _measure(out, core, trace, fleet)
+                stretch = duration / work if work > 0 else 1.0
+                running[(cmd.job_id, cmd.attempt)] = _Run(
+                    cmd.worker_id, now, stretch, watts, tj.gpus
+                )
+                heappush(finishes, (now + duration, cmd.job_id, cmd.worker_id, cmd.attempt))
+    _measure(out, core, trace, fleet, now)
     out.replay_s = time.perf_counter() - started
     out.replay_cpu_s = time.process_time() - cpu
     return out, core
 
 
-def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet) -> None:
+@dataclass(slots=True)
+class _Run:
+    """A running attempt: where, since when, how much longer than its work it runs
+    (power cap, riser), at what draw per GPU."""
+
+    worker_id: str
+    start: float
+    stretch: float
+    watts: float
+    gpus: int
+    seq: int = 1  # the last report's sequence (AttemptStarted is 1)
+
+
+def _spot_jobs(jobs: Sequence[TraceJob], percent: int) -> set[str]:
+    """The jobs submitted as spot: ``percent`` of them, spread evenly (deterministic)."""
+    return {j.job_id for k, j in enumerate(jobs) if (k + 1) * percent // 100 > k * percent // 100}
+
+
+def _controls(
+    curtail: Sequence[CurtailSpec], fleet: Fleet, jobs: Sequence[TraceJob]
+) -> list[tuple[float, int, str, Window]]:
+    """Heap of (time, order, create|start|end, window) for every window of the schedules
+    from the first submit to the last submit plus the longest job (later ones are not
+    delivered once the work is done)."""
+    if not curtail or not jobs:
+        return []
+    last = jobs[-1].submit_s + max(j.duration_s for j in jobs)
+    out: list[tuple[float, int, str, Window]] = []
+    for created, w in windows_for(curtail, fleet, jobs[0].submit_s, last):
+        out += [(created, len(out), "create", w)]
+        out += [(w.start_time, len(out), "start", w), (w.end_time, len(out) + 1, "end", w)]
+    out.sort(key=lambda c: (c[0], c[1]))
+    return out
+
+
+def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet, now: float) -> None:
     busy = 0.0
     last = trace.jobs[0].submit_s if trace.jobs else 0.0
     queue: list[float] = []
@@ -255,7 +393,9 @@ def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet) -> None
         out.finished += 1
         out.jct_s.append(attempt.end_time - tj.submit_s)
         out.duration_s.append(tj.duration_s)
-        queue.append((job.attempts[0].start_time or 0.0) - tj.submit_s)
+        # The first attempt that started (one preempted in the pass that bound it never did).
+        first = next(a.start_time for a in job.attempts if a.start_time is not None)
+        queue.append(first - tj.submit_s)
         busy += tj.duration_s * tj.gpus
         last = max(last, attempt.end_time)
         for ev in job.sla_events:
@@ -272,7 +412,9 @@ def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet) -> None
         out.mean_queue_s = sum(queue) / len(queue)
         out.p99_queue_s = _pct(queue, 0.99)
         out.max_queue_s = max(queue)
-    rows = earnings(core, group_by="farm")
+    # A window on when the work ran out counts to its end; later ones were never started.
+    now = max([now] + [w.end_time for w in core.windows.values() if w.start_time <= now])
+    rows = earnings(core, group_by="farm", now=now)
     revenue = sum(r.revenue_micros for r in rows)
     joules = sum(r.energy_joules for r in rows)
     mining = sum(r.mining_usd_per_kwh * r.energy_joules for r in rows)  # energy-weighted
@@ -282,4 +424,12 @@ def _measure(out: Outcome, core: BrokerCore, trace: Trace, fleet: Fleet) -> None
     out.gpu_hours = sum(r.gpu_milliseconds for r in rows) / 3_600_000
     out.revenue_usd_per_kwh = revenue / 1e6 / out.kwh if joules else 0.0
     out.mining_usd_per_kwh = mining / joules if joules else 0.0
+    out.curtail_windows = sum(1 for w in core.windows.values() if w.start_time <= now)
+    out.curtailed_gpu_hours = sum(r.curtailed.gpu_milliseconds for r in rows) / 3_600_000
+    out.kwh_not_drawn = sum(r.curtailed.energy_joules for r in rows) / 3_600_000
+    out.demand_response_usd = sum(r.curtailed.demand_response_micros for r in rows) / 1e6
+    for job in core.jobs.values():
+        events = [e for e in job.sla_events if e.kind == SlaKind.CURTAILED]
+        out.curtailed_jobs += bool(events)
+        out.curtail_credits_usd += sum(e.credit_micros for e in events) / 1e6
     out.ledger_problems = ledger_problems(core.ledger, charges_of(core.jobs.values()))
