@@ -20,8 +20,8 @@ that share a virtual second (skipped when it could place nothing); ``AttemptStar
 soon as an ``Assign`` comes out; ``AttemptFinished`` (exit 0) the job's run time later,
 with the energy of a simple power model: board watts of the GPU model
 (``rigshift.catalogue``, or the rig's ``watts``) x run time x GPUs. So pricing,
-settlement into the ledger, SLA events and reliability run for real. No rig fails and no
-job is spot, so there are no preemptions.
+settlement into the ledger, SLA events and reliability run for real. No rig fails; no
+job is spot unless ``--spot-percent`` says so (then guaranteed work may preempt it).
 
 **Fleet file** (``--fleet``), JSON; money as strings or numbers in USD (converted to
 integer micro-dollars exactly), optional keys in brackets::
@@ -75,6 +75,27 @@ GPU's cap (``choose_limit``) and the replay runs the job 1000 / the throughput r
 times its trace duration at the capped draw (``benchmarks/replay/power.py``). The power
 table adds kWh, kWh saved against the same GPU time uncapped, billed GPU-hours, revenue
 and revenue per kWh per setting.
+
+**Curtailment** (``--curtail FARM:DAYS:START-END``, repeatable, e.g.
+``busiest:weekdays:16-19``; ``busiest`` is the farm with the most GPUs, DAYS ``weekdays``
+or ``all``, hours UTC): the core gets each window as a live broker does
+(``CurtailmentScheduled``, a day ahead of its start) and a ``Tick`` at its start and end
+(``benchmarks/replay/curtail.py``). Before the window the core's own rules keep work that
+would overlap it off the farm; at its start it stops the farm's spot attempts (and
+guaranteed ones with ``--curtail-guaranteed``) and requeues them. The replay meters each
+stopped attempt's energy up to then (the agent's last progress report) and ends it as the
+agent would (SIGTERM, exit 143). **Assumption:** the job checkpoints on SIGTERM (the SDK's
+on-demand checkpoint), so no work is lost: its next attempt runs the trace duration minus
+the work its earlier attempts did. ``--spot-percent P`` submits P % of the jobs (spread
+evenly) as spot; ``--demand-response-usd-per-mwh`` (default 50) is every farm's
+demand-response price. Each run is replayed with and without the windows, both with the
+full scheduling view (the lean one leaves out a farm with a window coming, which the core
+places on itself). The curtailment table: windows started, curtailed GPU-hours and kWh
+not drawn (``broker.curtailed``: the farm's GPUs over each window, average AI draw minus
+idle draw), demand-response income, attempts stopped (spot / guaranteed), the credits
+the farm paid for stopped guaranteed work (the core credits the work since the last
+*reported* checkpoint: the SIGTERM checkpoint is not reported to it), and the change in
+mean JCT and utilisation against the same run without windows.
 
 Policies run in parallel processes (``--processes``, default 2). The replay engine is the
 ``benchmarks/replay`` package; this script is its command line and report.
