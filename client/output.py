@@ -8,11 +8,10 @@ from __future__ import annotations
 import shlex
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC
 
-from google.protobuf import json_format, message, timestamp_pb2
+from google.protobuf import json_format, message
 
-from client.render import Style, render_table
+from client.render import Style, format_time, render_table
 from rigshift.units import (
     format_permille_percent,
     format_price_per_gpu_hour,
@@ -55,13 +54,6 @@ def to_json(msg: message.Message, *, one_line: bool = False, defaults: bool = Fa
         indent=None if one_line else 2,
         always_print_fields_with_no_presence=defaults,
     )
-
-
-def format_time(ts: timestamp_pb2.Timestamp) -> str:
-    """``2025-01-31 12:00:00 UTC``, or ``-`` for an unset timestamp."""
-    if ts.seconds == 0 and ts.nanos == 0:
-        return "-"
-    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _state_name(enum_type: object, value: int) -> str:

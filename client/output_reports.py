@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from client.progress import format_bytes
-from client.render import Style, render_table
+from client.render import Style, format_time, render_table
 from rigshift.units import format_usd, joules_to_kwh, milliseconds_to_hours
 from rigshift.v1 import farm_service_pb2, job_pb2
 
@@ -87,7 +87,6 @@ def outputs_table(
 ) -> str:
     """``job outputs``: one row per attempt that reported its output directory; ``wide``
     prints the whole SHA-256 and the size in bytes."""
-    from client.output import format_time  # output re-exports this module: import late
 
     rows = [
         [

@@ -13,14 +13,24 @@ import io
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import UTC
 from typing import Literal, TextIO
 
+from google.protobuf import timestamp_pb2
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["Style", "render_table", "rich_console", "stdout_style"]
+__all__ = ["Style", "format_time", "render_table", "rich_console", "stdout_style"]
+
+
+def format_time(ts: timestamp_pb2.Timestamp) -> str:
+    """``2025-01-31 12:00:00 UTC``, or ``-`` for an unset timestamp."""
+    if ts.seconds == 0 and ts.nanos == 0:
+        return "-"
+    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
 
 #: ``plain``: the scriptable columns; ``rich``: a table for a terminal.
 Style = Literal["plain", "rich"]

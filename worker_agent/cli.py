@@ -526,7 +526,8 @@ def doctor_command(
     One line per check, PASS, WARN or FAIL, with the fix under each WARN and FAIL.
     Exits 1 when any check FAILs.
     """
-    from worker_agent.config import AgentConfig, ConfigError, load_config_file
+    from worker_agent.config import AgentConfig, ConfigError
+    from worker_agent.config_file import read_config_file
     from worker_agent.doctor import (
         DoctorInput,
         Finding,
@@ -543,7 +544,7 @@ def doctor_command(
     config_error = ""
     if config_file is not None:
         try:
-            values = load_config_file(config_file)
+            values = read_config_file(config_file)
             AgentConfig(**values)
         except (ConfigError, ValueError, TypeError) as err:
             config_error = str(err)

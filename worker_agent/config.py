@@ -16,7 +16,6 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 from rigshift.catalogue import model_key
 from rigshift.defaults import (
@@ -37,7 +36,6 @@ __all__ = [
     "MiningConfig",
     "MiningModel",
     "effective_heartbeat_s",
-    "load_config_file",
 ]
 
 #: What the agent simulates when no NVIDIA driver is present and no SPEC was given.
@@ -458,11 +456,3 @@ def effective_heartbeat_s(
     if broker_ttl_s > 0:
         candidates.append(max_heartbeat_interval_s(broker_ttl_s))
     return min(candidates)
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """AgentConfig fields from a TOML file (e.g. ``/etc/rigshift/agent.toml``); see
-    :func:`worker_agent.config_file.read_config_file` (kept here for its callers)."""
-    from worker_agent.config_file import read_config_file
-
-    return read_config_file(path)

@@ -20,7 +20,7 @@ The simulated power model, per GPU, in watts, with ``t`` in seconds::
     mining:    P(t) = idle_w + (board_w - idle_w) * 0.95       (a miner is a flat, steady load)
 
 Under a power cap C (``set_power_limit``) every load is ``mean + amp * sin(...)``
-squeezed under C (``worker_agent.power.capped_wave``): the mean becomes min(mean, C)
+squeezed under C (``worker_agent.power_draw.capped_wave``): the mean becomes min(mean, C)
 and the swing at most C minus that mean, so the draw never exceeds C, a cap at or
 below the mean is a flat draw at C, and the curve stays a sine: its energy counter
 is still the exact integral (closed form), so the simulated rig is metered the same
@@ -65,7 +65,7 @@ from typing import Any, Protocol, runtime_checkable
 from rigshift.catalogue import BY_KEY, GpuModel, lookup
 from worker_agent.health import Fault, HealthObservation, Observed
 from worker_agent.nvml_health import NvmlHealth
-from worker_agent.power import capped_wave, nvml_power_range, nvml_set_power_limit
+from worker_agent.power_draw import capped_wave, nvml_power_range, nvml_set_power_limit
 
 __all__ = [
     "OVERHEAT_HOLD_S",

@@ -1,11 +1,12 @@
 """Power limits on the rig (issue 16): the sweep's simulated curve, setting a limit
 through NVML, and the shell that applies an attempt's cap and restores the operator's.
 
-- :func:`capped_wave`: the simulated power model under a cap (``gpu.SimulatedBackend``).
+- :func:`~worker_agent.power_draw.capped_wave`: the simulated power model under a cap.
 - :func:`simulated_curve`: a simulated GPU's power curve, from its measured fp16 figure
   and ``rigshift.power.simulated_throughput_ratio``; the draw at each limit is
   ``min(mean uncapped training draw, limit)``, the same mean the capped model draws.
-- :func:`nvml_set_power_limit`: ``nvmlDeviceSetPowerManagementLimit`` in mW, clamped to
+- :func:`~worker_agent.power_draw.nvml_set_power_limit`:
+  ``nvmlDeviceSetPowerManagementLimit`` in mW, clamped to
   ``nvmlDeviceGetPowerManagementLimitConstraints``; False when not permitted (not root:
   NVML_ERROR_NO_PERMISSION) or unsupported.
 - :class:`PowerLimits`: the operator's limit of each GPU as read at start
@@ -34,10 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PowerLimits",
-    "capped_wave",
     "curve_protos",
-    "nvml_power_range",
-    "nvml_set_power_limit",
     "simulated_curve",
     "sweep_limits",
 ]
@@ -47,18 +45,6 @@ LIMITS_FILE = "power-limits.json"
 log = logging.getLogger("rigshift.agent.power")
 
 _TRAIN_MEAN = 0.90  # the simulated training load's mean share of (board - idle): gpu.py
-
-
-def capped_wave(mean: float, amp: float, cap: float) -> tuple[float, float]:
-    """A draw ``mean + amp * sin(…)`` under the power cap ``cap`` (0: none), as a new
-    (mean, amp): the mean is ``min(mean, cap)`` and the swing at most ``cap`` minus that,
-    so the draw never exceeds the cap, a cap at or below the mean is a flat draw at the
-    cap, and the draw is still a sine whose integral is exact in closed form."""
-    if cap <= 0 or mean + amp <= cap:
-        return mean, amp
-    if cap <= mean:
-        return float(cap), 0.0
-    return mean, min(amp, cap - mean)
 
 
 def sweep_limits(board_watts: int, lo_watts: int = 0, hi_watts: int = 0) -> list[int]:
@@ -102,41 +88,6 @@ def curve_protos(curve: Iterable[PowerPoint]) -> list[farm_pb2.PowerPoint]:
         )
         for p in sorted(curve, key=lambda p: p.limit_watts)
     ]
-
-
-def _refused(nvml: Any, err: Exception) -> bool:
-    """NO_PERMISSION (not root) or NOT_SUPPORTED: the agent may not set limits here."""
-    codes = (
-        getattr(nvml, "NVML_ERROR_NO_PERMISSION", 4),
-        getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3),
-    )
-    return getattr(err, "value", None) in codes
-
-
-def nvml_power_range(nvml: Any, handle: Any) -> tuple[int, int, int] | None:
-    """(min, max, default) power limit of the card in watts; None when NVML does not say."""
-    try:
-        lo, hi = nvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
-        default = nvml.nvmlDeviceGetPowerManagementDefaultLimit(handle)
-    except nvml.NVMLError:
-        return None
-    return int(lo) // 1000, int(hi) // 1000, int(default) // 1000
-
-
-def nvml_set_power_limit(nvml: Any, handle: Any, watts: int) -> bool:
-    """Set the card's power limit to ``watts`` (clamped to its constraints); False when
-    NVML refuses for want of permission or support; other NVML errors are raised."""
-    milli = int(watts) * 1000
-    limits = nvml_power_range(nvml, handle)
-    if limits is not None:
-        milli = max(limits[0] * 1000, min(limits[1] * 1000, milli))
-    try:
-        nvml.nvmlDeviceSetPowerManagementLimit(handle, milli)
-    except nvml.NVMLError as err:
-        if _refused(nvml, err):
-            return False
-        raise
-    return True
 
 
 class PowerLimits:

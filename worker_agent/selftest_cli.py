@@ -55,13 +55,14 @@ def selftest_command(
     """
     import asyncio
 
-    from worker_agent.config import ConfigError, load_config_file
+    from worker_agent.config import ConfigError
+    from worker_agent.config_file import read_config_file
     from worker_agent.gpu import open_backend
     from worker_agent.mining import read_status
     from worker_agent.selftest import GPU_BUDGET_S, measure_rig
 
     try:
-        values = load_config_file(config_file) if config_file else {}
+        values = read_config_file(config_file) if config_file else {}
     except ConfigError as err:
         raise click.UsageError(str(err)) from err
     spec = simulate if simulate is not None else str(values.get("simulate", ""))

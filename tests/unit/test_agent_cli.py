@@ -45,7 +45,8 @@ def test_gpus_lists_a_simulated_rig() -> None:
 def test_config_file_fields_with_options_and_env_on_top(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from pathlib import Path
 
-    from worker_agent.config import AgentConfig, ConfigError, load_config_file
+    from worker_agent.config import AgentConfig, ConfigError
+    from worker_agent.config_file import read_config_file
 
     path = tmp_path / "agent.toml"
     path.write_text(
@@ -55,7 +56,7 @@ def test_config_file_fields_with_options_and_env_on_top(tmp_path) -> None:  # ty
         'price_usd_per_gpu_hour = "0.25"\n'
         "drain_grace_s = 90\n"
     )
-    values = load_config_file(path)
+    values = read_config_file(path)
     assert values["state_dir"] == Path("/var/lib/rigshift/agent")
     assert values["price_micros_per_gpu_hour"] == 250_000
     assert AgentConfig(**values).drain_grace_s == 90  # type: ignore[arg-type]
@@ -64,12 +65,12 @@ def test_config_file_fields_with_options_and_env_on_top(tmp_path) -> None:  # ty
     assert ctx.params["token"] is None and ctx.params["config_file"] == path
     path.write_text("price_usd_per_gpu_hour = 0.25\n")
     with pytest.raises(ConfigError, match="as a string"):
-        load_config_file(path)
+        read_config_file(path)
     path.write_text("heartbeat_interval = 3\n")
     with pytest.raises(
         ConfigError, match=r"unknown key 'heartbeat_interval'; known: .*heartbeat_interval_s"
     ):
-        load_config_file(path)
+        read_config_file(path)
 
 
 def test_a_missing_token_is_refused_at_parse_time() -> None:

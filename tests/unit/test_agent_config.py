@@ -12,8 +12,8 @@ from worker_agent.config import (
     ConfigError,
     EnvironmentsConfig,
     effective_heartbeat_s,
-    load_config_file,
 )
+from worker_agent.config_file import read_config_file
 
 
 def make(**kw) -> AgentConfig:  # type: ignore[no-untyped-def]
@@ -94,7 +94,7 @@ def test_environments_table(tmp_path: Path) -> None:
         'find_links = ["/opt/wheels", "/srv/wheels"]\n'
         "max_setup_s = 1800.5\n"
     )
-    cfg = AgentConfig(**load_config_file(path))  # type: ignore[arg-type]
+    cfg = AgentConfig(**read_config_file(path))  # type: ignore[arg-type]
     assert cfg.environments == EnvironmentsConfig(
         max_cache_gb=50,
         index_url="https://pypi.internal/simple",
@@ -124,7 +124,7 @@ def test_environments_table_refuses(tmp_path: Path, table: str, words: str) -> N
     path = tmp_path / "agent.toml"
     path.write_text(f"[environments]\n{table}\n")
     with pytest.raises(ConfigError, match=words):
-        load_config_file(path)
+        read_config_file(path)
 
 
 def test_environments_config_is_frozen_and_lists_become_tuples() -> None:

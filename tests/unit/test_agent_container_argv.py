@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from worker_agent.config import ConfigError, ContainersConfig, load_config_file
+from worker_agent.config import ConfigError, ContainersConfig
+from worker_agent.config_file import read_config_file
 from worker_agent.containers import (
     PodmanRuntime,
     classify_pull_failure,
@@ -454,14 +455,14 @@ def test_containers_table(tmp_path: Path) -> None:
         '[containers]\nenabled = false\nmax_cache_gb = 5\nnetwork = "slirp4netns"\n'
         'podman = "/usr/local/bin/podman"\n'
     )
-    table = load_config_file(path)["containers"]
+    table = read_config_file(path)["containers"]
     assert table == ContainersConfig(
         enabled="false", max_cache_gb=5, network="slirp4netns", podman="/usr/local/bin/podman"
     )
     assert ContainersConfig() == ContainersConfig("auto", "podman", 50.0, "none", 900.0)
     path.write_text("[containers]\nmax_cache_gib = 5\n")
     with pytest.raises(ConfigError, match=r"unknown key containers\.'max_cache_gib'"):
-        load_config_file(path)
+        read_config_file(path)
     with pytest.raises(ConfigError, match=r"containers\.enabled must be auto, true or false"):
         ContainersConfig(enabled="yes")
     with pytest.raises(ConfigError, match=r"containers\.network must be a non-empty string"):

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from worker_agent.cli import agent_group
-from worker_agent.config import AgentConfig, ConfigError, load_config_file
+from worker_agent.config import AgentConfig, ConfigError
+from worker_agent.config_file import read_config_file
 from worker_agent.health import HealthConfig
 
 RUN = ["run", "--broker", "127.0.0.1:1", "--token", "t"]
@@ -35,7 +36,7 @@ def test_the_health_table_and_faults_in_the_config(tmp_path: Path) -> None:
         'broker_address = "b:1"\nenrollment_token = "t"\nsimulate = "RTX3090x2"\n'
         'simulate_faults = ["1:xid79:30"]\n[health]\ninterval_s = 2\nprobation_s = 120\n'
     )
-    values = load_config_file(path)
+    values = read_config_file(path)
     config = AgentConfig(**values)
     assert config.health == HealthConfig(interval_s=2, probation_s=120)
     assert config.health.overheat_s == 30.0 and config.simulate_faults == ("1:xid79:30",)
@@ -53,7 +54,7 @@ def test_a_bad_health_table_is_refused(tmp_path: Path, table: str, message: str)
     path = tmp_path / "agent.toml"
     path.write_text(table)
     with pytest.raises(ConfigError, match=message):
-        load_config_file(path)
+        read_config_file(path)
 
 
 def test_a_bad_fault_in_the_config_is_refused() -> None:

@@ -18,7 +18,8 @@ from agent_install_helpers import TOKEN, install
 from click.testing import CliRunner
 
 from worker_agent.cli import agent_group
-from worker_agent.config import AgentConfig, load_config_file
+from worker_agent.config import AgentConfig
+from worker_agent.config_file import read_config_file
 from worker_agent.install import (
     DEFAULT_EXECUTABLE,
     InstallError,
@@ -66,7 +67,7 @@ def test_writes_the_config_0600_and_the_unit_0644_and_does_not_call_systemctl(
     assert f"agent doctor --config {config}" in result.stdout
     assert TOKEN not in result.output
     # The written config is what `rigshift agent run --config` reads.
-    values = load_config_file(config)
+    values = read_config_file(config)
     assert values == {
         "broker_address": "broker.example:50051",
         "enrollment_token": TOKEN,
@@ -91,7 +92,7 @@ def test_refuses_to_overwrite_an_existing_config_unless_forced(tmp_path: Path) -
     assert config.read_text() == before
     forced = install(tmp_path, "--force", token="rsft_other")
     assert forced.exit_code == 0, forced.output
-    assert load_config_file(config)["enrollment_token"] == "rsft_other"
+    assert read_config_file(config)["enrollment_token"] == "rsft_other"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
 
 
@@ -190,7 +191,7 @@ def test_containers_adds_the_podman_drop_in_and_enables_containers(tmp_path: Pat
     ]
     # The unit itself stays the hardened deploy file; the drop-in lifts what podman needs.
     assert "RestrictNamespaces=yes" in (tmp_path / "units" / "rigshift-agent.service").read_text()
-    config = load_config_file(tmp_path / "etc" / "agent.toml")
+    config = read_config_file(tmp_path / "etc" / "agent.toml")
     assert AgentConfig(**config).containers.enabled == "true"
     assert "usermod --add-subuids 100000-165535 --add-subgids 100000-165535 rigshift" in (
         result.stdout

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from harness.agent_fixtures import FakeClock, numeric_integral_j
-from worker_agent.config import AgentConfig, ConfigError, load_config_file
+from worker_agent.config import AgentConfig, ConfigError
+from worker_agent.config_file import read_config_file
 from worker_agent.gpu import Load, SimulatedBackend
 from worker_agent.mining import (
     Arbitration,
@@ -227,7 +228,7 @@ def test_mining_config_from_toml(tmp_path: Path) -> None:
         "[mining.models.A4000]\n"
         'command = ["lolminer", "--devices", "{gpu}"]\n'
     )
-    cfg = AgentConfig(**load_config_file(path))  # type: ignore[arg-type]
+    cfg = AgentConfig(**read_config_file(path))  # type: ignore[arg-type]
     m = cfg.mining
     assert m is not None and m.min_dwell_s == 300 and m.hysteresis_percent == 15
     assert m.command_for("RTX 3060") == ("t-rex", "-a", "ethash", "-d", "{gpu}")
@@ -247,4 +248,4 @@ def test_mining_config_from_toml(tmp_path: Path) -> None:
     ]:
         path.write_text(bad)
         with pytest.raises(ConfigError, match=words):
-            load_config_file(path)
+            read_config_file(path)

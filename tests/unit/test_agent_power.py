@@ -24,7 +24,8 @@ from worker_agent.energy import EnergyMeter
 from worker_agent.gpu import GpuInfo, Load, NvmlBackend, SimulatedBackend
 from worker_agent.metrics import AgentMetrics, AgentSnapshot, GpuReading
 from worker_agent.mining import GpuState, MiningSupervisor
-from worker_agent.power import PowerLimits, capped_wave, simulated_curve, sweep_limits
+from worker_agent.power import PowerLimits, simulated_curve, sweep_limits
+from worker_agent.power_draw import capped_wave
 from worker_agent.selftest_torch import parse_limits
 
 # RTX 3090: board 350 W, idle 25 W; training mean 25 + 325 * 0.90 = 317.5 W, swing ±19.5 W.

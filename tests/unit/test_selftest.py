@@ -16,7 +16,7 @@ import pytest
 from rigshift.scoring import Measurement, Verification, judge, reference
 from rigshift.v1 import worker_service_pb2 as ws
 from worker_agent.broker_calls import gpu_infos
-from worker_agent.config import load_config_file
+from worker_agent.config_file import read_config_file
 from worker_agent.gpu import SimulatedBackend
 from worker_agent.selftest import (
     NOISE,
@@ -246,7 +246,7 @@ def test_selftest_settings_from_the_config_file(tmp_path: Path) -> None:
         'selftest_python = "/opt/torch/bin/python"\nselftest_budget_s = 30\n'
         "selftest_at_start = false\n"
     )
-    values = load_config_file(path)
+    values = read_config_file(path)
     assert values["selftest_python"] == "/opt/torch/bin/python"
     assert values["selftest_budget_s"] == 30 and values["selftest_at_start"] is False
 
