@@ -73,6 +73,22 @@ class RunningBroker:
         self.thread.join(timeout=10)
 
 
+_ADMIN_KEYS: dict[Path, str] = {}  # broker home -> the admin key its first start created
+
+
+def _remember_admin_key(home: Path, address: str, created: str) -> None:
+    """A restarted broker listens on a new port, and the key its first start saved is filed
+    under the old address; file it under the new one too. Otherwise the lookup by address
+    finds the default key, or the key of an earlier test's broker that had this port."""
+    from rigshift.credentials import save_api_key
+
+    home = home.resolve()
+    if created:
+        _ADMIN_KEYS[home] = created
+    elif home in _ADMIN_KEYS:
+        save_api_key(address, _ADMIN_KEYS[home], make_default=False)
+
+
 def start_broker(home: Path, clock: ManualClock | None = None, **overrides: Any) -> RunningBroker:
     """Start a real broker on a free port with a SQLite DB under ``home``.
 
@@ -96,6 +112,7 @@ def start_broker(home: Path, clock: ManualClock | None = None, **overrides: Any)
     ready.wait(10)
     running = RunningBroker(broker, loop, thread)
     running.call(broker.start())
+    _remember_admin_key(home, running.address, broker.admin_key)
     if clock is not None:
         assert broker.service is not None
         broker.service.clock = clock
