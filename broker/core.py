@@ -74,6 +74,7 @@ from broker.model import (
 )
 from broker.policy import FIFO, Fifo, ShortFirst
 from broker.queue import Capacities, KeptQueue, SchedulingView, job_request, priority
+from broker.quotes import spot_prices
 from broker.records import (
     Attempt,
     AttemptOutput,
@@ -93,7 +94,6 @@ from broker.scheduler import (
     PreemptionPlan,
     Snapshot,
     Victim,
-    passes,
     preemption_plan,
 )
 from broker.settlement import (
@@ -299,21 +299,9 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
         groups = fleet.matching(request)
         prices = [g.price_micros_per_gpu_hour for g in groups]
         if spec.tier == Tier.SPOT:  # each GPU's discount stops at its farm's floor
-            prices = []
-            seen: set[str] = set()  # a worker's GPUs may span several matching groups
-            for group in groups:
-                for worker_id in fleet.workers_in(group):
-                    if worker_id in seen:
-                        continue
-                    seen.add(worker_id)
-                    worker = self.workers[worker_id]
-                    terms = self.farms.get(worker.farm_id)
-                    capacity = self._caps.of[worker_id]
-                    for slot in capacity.gpus:
-                        if passes(request, slot, capacity):
-                            floor = floor_of(terms, worker, slot.index)
-                            ask = slot.price_micros_per_gpu_hour
-                            prices.append(price_for(Tier.SPOT, ask, floor, self.spot_permille))
+            prices = spot_prices(
+                self._caps, self.workers, self.farms, request, groups, self.spot_permille
+            )
         return Quote(
             matching_gpus=sum(g.gpus for g in groups),
             free_matching_gpus=sum(g.free_gpus for g in groups),

@@ -38,7 +38,7 @@ Money is integer micro-dollars throughout (STYLE.md item 10).
 """
 
 from broker.scheduler.filters import count_rejection, passes, static_filter
-from broker.scheduler.index import FleetIndex, GroupSummary, place
+from broker.scheduler.index import FleetIndex, place
 from broker.scheduler.preemption import (
     PreemptionCandidate,
     PreemptionPlan,
@@ -53,6 +53,7 @@ from broker.scheduler.scores import (
 )
 from broker.scheduler.values import (
     GpuSlot,
+    GroupSummary,
     JobRequest,
     Placement,
     Rejection,

@@ -17,12 +17,12 @@ QuoteJob reads it (:meth:`FleetIndex.probe`, :meth:`FleetIndex.matching`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from heapq import heappop, heappush
 
 from broker.scheduler.filters import count_rejection, static_filter
 from broker.scheduler.scores import ChoiceKey, choice_key
 from broker.scheduler.values import (
+    GroupSummary,
     JobRequest,
     Placement,
     Rejection,
@@ -33,38 +33,6 @@ from broker.scheduler.values import (
 )
 
 __all__ = ["FleetIndex", "GroupSummary", "place"]
-
-
-@dataclass(frozen=True, slots=True)
-class GroupSummary:
-    """One homogeneous group of the index that passes a job's static filters."""
-
-    model: str
-    vram_mb: int
-    price_micros_per_gpu_hour: int
-    gpus: int  # GPUs of the group on the indexed workers, busy or free
-    free_gpus: int
-    containers: bool = False  # its workers run containers
-    verified: bool = True
-    score: int = 0  # floored to SCORE_STEP
-    pcie_mbps: int = 0  # host to device, floored to PCIE_STEP_MBPS
-    ram_gb_per_gpu: int = 0
-    cpu_millicores_per_gpu: int = 0
-
-    @property
-    def key(self) -> _GroupKey:
-        """The group's key in the index."""
-        return (
-            self.model,
-            self.vram_mb,
-            self.price_micros_per_gpu_hour,
-            self.containers,
-            self.verified,
-            self.score,
-            self.pcie_mbps,
-            self.ram_gb_per_gpu,
-            self.cpu_millicores_per_gpu,
-        )
 
 
 # --- index -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ __all__ = [
     "PCIE_STEP_MBPS",
     "SCORE_STEP",
     "GpuSlot",
+    "GroupSummary",
     "JobRequest",
     "Placement",
     "Rejection",
@@ -130,3 +131,35 @@ class SchedulingResult:
 
     placements: tuple[Placement, ...]
     unplaced: tuple[Unplaced, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSummary:
+    """One homogeneous group of the index that passes a job's static filters."""
+
+    model: str
+    vram_mb: int
+    price_micros_per_gpu_hour: int
+    gpus: int  # GPUs of the group on the indexed workers, busy or free
+    free_gpus: int
+    containers: bool = False  # its workers run containers
+    verified: bool = True
+    score: int = 0  # floored to SCORE_STEP
+    pcie_mbps: int = 0  # host to device, floored to PCIE_STEP_MBPS
+    ram_gb_per_gpu: int = 0
+    cpu_millicores_per_gpu: int = 0
+
+    @property
+    def key(self) -> tuple[str, int, int, bool, bool, int, int, int, int]:
+        """The group's key in the index."""
+        return (
+            self.model,
+            self.vram_mb,
+            self.price_micros_per_gpu_hour,
+            self.containers,
+            self.verified,
+            self.score,
+            self.pcie_mbps,
+            self.ram_gb_per_gpu,
+            self.cpu_millicores_per_gpu,
+        )
