@@ -15,7 +15,7 @@ from broker.records import Gpu, Quote
 from broker.scheduler import Rejection
 from broker.store import FarmRow, farm_terms
 from rigshift.power import PowerPoint
-from rigshift.scoring import Measurement
+from rigshift.scoring import Measurement, measurement_message
 from rigshift.v1 import farm_pb2, farm_service_pb2, job_pb2, job_service_pb2, worker_service_pb2
 
 __all__ = [
@@ -151,17 +151,7 @@ def measurement_pb(m: Measurement | None) -> farm_pb2.GpuMeasurement | None:
     """A GPU's self-test figures -> message (None stays None: never measured)."""
     if m is None:
         return None
-    return farm_pb2.GpuMeasurement(
-        fp16_gflops=m.fp16_gflops,
-        fp32_gflops=m.fp32_gflops,
-        usable_vram_mb=m.usable_vram_mb,
-        h2d_mbps=m.h2d_mbps,
-        d2h_mbps=m.d2h_mbps,
-        method=m.method,
-        error=m.error,
-        measure_time=timestamp(m.measured_at) if m.measured_at else None,
-        duration_ms=m.duration_ms,
-    )
+    return measurement_message(m)
 
 
 def measurement_from_pb(msg: farm_pb2.GpuMeasurement) -> Measurement:

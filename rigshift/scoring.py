@@ -30,8 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from rigshift.catalogue import model_key
+
+if TYPE_CHECKING:
+    from rigshift.v1 import farm_pb2
 
 __all__ = [
     "REFERENCE",
@@ -43,6 +47,7 @@ __all__ = [
     "Verdict",
     "Verification",
     "judge",
+    "measurement_message",
     "reference",
     "score",
 ]
@@ -173,3 +178,23 @@ def judge(model: str, vram_mb: int, m: Measurement | None) -> Verdict:
             s,
         )
     return Verdict(Verification.VERIFIED, "", s)
+
+
+def measurement_message(m: Measurement) -> farm_pb2.GpuMeasurement:
+    """``rigshift.v1.GpuMeasurement`` of a measurement: what the agent sends and the broker
+    shows (bandwidths clamped to the int32 fields)."""
+    from rigshift.v1 import farm_pb2
+
+    out = farm_pb2.GpuMeasurement(
+        fp16_gflops=m.fp16_gflops,
+        fp32_gflops=m.fp32_gflops,
+        usable_vram_mb=m.usable_vram_mb,
+        h2d_mbps=min(m.h2d_mbps, 2**31 - 1),
+        d2h_mbps=min(m.d2h_mbps, 2**31 - 1),
+        method=m.method,
+        error=m.error,
+        duration_ms=m.duration_ms,
+    )
+    if m.measured_at:
+        out.measure_time.FromNanoseconds(int(m.measured_at * 1e9))
+    return out

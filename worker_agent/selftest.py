@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from rigshift.catalogue import lookup
 from rigshift.power import PowerPoint
-from rigshift.scoring import Measurement, Verdict, judge, reference, score
+from rigshift.scoring import Measurement, Verdict, judge, measurement_message, reference, score
 from worker_agent.gpu import GpuBackend
 from worker_agent.power import PowerLimits, curve_protos, simulated_curve, sweep_limits
 
@@ -478,21 +478,7 @@ def log_figures(backend: GpuBackend, figures: RigFigures) -> None:
 
 def measurement_proto(m: Measurement) -> farm_pb2.GpuMeasurement:
     """``rigshift.v1.GpuMeasurement`` of a measurement (the agent's side of the wire)."""
-    from rigshift.v1 import farm_pb2
-
-    out = farm_pb2.GpuMeasurement(
-        fp16_gflops=m.fp16_gflops,
-        fp32_gflops=m.fp32_gflops,
-        usable_vram_mb=m.usable_vram_mb,
-        h2d_mbps=min(m.h2d_mbps, 2**31 - 1),
-        d2h_mbps=min(m.d2h_mbps, 2**31 - 1),
-        method=m.method,
-        error=m.error,
-        duration_ms=m.duration_ms,
-    )
-    if m.measured_at:
-        out.measure_time.FromNanoseconds(int(m.measured_at * 1e9))
-    return out
+    return measurement_message(m)
 
 
 def host_proto(h: HostFigures) -> farm_pb2.HostInfo:
