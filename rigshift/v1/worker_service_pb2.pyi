@@ -11,6 +11,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SessionRequest(_message.Message):
+    __slots__ = ("worker", "status")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    status: WorkerStatus
+    def __init__(self, worker: _Optional[str] = ..., status: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
+
+class LeaseRenewed(_message.Message):
+    __slots__ = ("lease_expire_time", "status_wanted")
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_WANTED_FIELD_NUMBER: _ClassVar[int]
+    lease_expire_time: _timestamp_pb2.Timestamp
+    status_wanted: bool
+    def __init__(self, lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status_wanted: _Optional[bool] = ...) -> None: ...
+
 class GpuInfo(_message.Message):
     __slots__ = ("index", "uuid", "model", "vram_mb", "power_limit_watts", "price_micros_per_gpu_hour", "pcie_link_width", "pcie_generation", "measurement", "health", "power_curve", "power_limit_settable")
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -132,18 +148,20 @@ class StreamInstructionsRequest(_message.Message):
     def __init__(self, worker: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("reconcile", "assignment", "cancellation", "reinstate", "curtail")
+    __slots__ = ("reconcile", "assignment", "cancellation", "reinstate", "curtail", "lease_renewed")
     RECONCILE_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CANCELLATION_FIELD_NUMBER: _ClassVar[int]
     REINSTATE_FIELD_NUMBER: _ClassVar[int]
     CURTAIL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_RENEWED_FIELD_NUMBER: _ClassVar[int]
     reconcile: Reconcile
     assignment: Assignment
     cancellation: Cancellation
     reinstate: Reinstate
     curtail: Curtail
-    def __init__(self, reconcile: _Optional[_Union[Reconcile, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancellation: _Optional[_Union[Cancellation, _Mapping]] = ..., reinstate: _Optional[_Union[Reinstate, _Mapping]] = ..., curtail: _Optional[_Union[Curtail, _Mapping]] = ...) -> None: ...
+    lease_renewed: LeaseRenewed
+    def __init__(self, reconcile: _Optional[_Union[Reconcile, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancellation: _Optional[_Union[Cancellation, _Mapping]] = ..., reinstate: _Optional[_Union[Reinstate, _Mapping]] = ..., curtail: _Optional[_Union[Curtail, _Mapping]] = ..., lease_renewed: _Optional[_Union[LeaseRenewed, _Mapping]] = ...) -> None: ...
 
 class Reconcile(_message.Message):
     __slots__ = ("assignments", "curtail")

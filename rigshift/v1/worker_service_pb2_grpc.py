@@ -60,6 +60,11 @@ class WorkerServiceStub:
                 request_serializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthRequest.SerializeToString,
                 response_deserializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/rigshift.v1.WorkerService/Session',
+                request_serializer=rigshift_dot_v1_dot_worker__service__pb2.SessionRequest.SerializeToString,
+                response_deserializer=rigshift_dot_v1_dot_worker__service__pb2.Instruction.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -107,6 +112,19 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """The agent's session on one bidirectional stream: Heartbeat and StreamInstructions
+        in one (issue 17). The first request names the worker; every request renews the
+        lease (one message, not one call) and carries the status only when it changed or
+        the broker asked for it. The broker answers each renewal with `lease_renewed` on
+        the same stream, which also carries the instructions (a `Reconcile` first).
+        Heartbeat and StreamInstructions stay in rigshift.v1 for agents older than this
+        RPC; an agent falls back to them when the broker answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +152,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReportGpuHealth,
                     request_deserializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthRequest.FromString,
                     response_serializer=rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=rigshift_dot_v1_dot_worker__service__pb2.SessionRequest.FromString,
+                    response_serializer=rigshift_dot_v1_dot_worker__service__pb2.Instruction.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +295,33 @@ class WorkerService:
             '/rigshift.v1.WorkerService/ReportGpuHealth',
             rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthRequest.SerializeToString,
             rigshift_dot_v1_dot_worker__service__pb2.ReportGpuHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rigshift.v1.WorkerService/Session',
+            rigshift_dot_v1_dot_worker__service__pb2.SessionRequest.SerializeToString,
+            rigshift_dot_v1_dot_worker__service__pb2.Instruction.FromString,
             options,
             channel_credentials,
             insecure,
