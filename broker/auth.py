@@ -92,7 +92,13 @@ POLICY: dict[str, frozenset[Role] | None] = {
     "WorkerService/RegisterWorker": None,
     **{
         f"WorkerService/{m}": frozenset({W})
-        for m in ("Heartbeat", "StreamInstructions", "ReportJobEvents", "ReportGpuHealth")
+        for m in (
+            "Heartbeat",
+            "StreamInstructions",
+            "ReportJobEvents",
+            "ReportGpuHealth",
+            "Session",
+        )
     },
     "ArtifactService/UploadArtifact": frozenset({C, A, W}),
     "ArtifactService/DownloadArtifact": frozenset({C, A, W}),

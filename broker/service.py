@@ -31,12 +31,18 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.artifacts import DEFAULT_MAX_OUTPUT_BYTES
 from broker.auth import Principal, RateLimiter, Role, bearer, new_api_key
 from broker.clock import BrokerClock
+from broker.commit import (
+    Pending,
+    answer_with,
+    failed_write,
+    in_memory_only,
+    settle,
+)
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
 from broker.errors import DatabaseUnavailable, StaleWriter, Unauthenticated, Unavailable
@@ -57,6 +63,7 @@ from broker.events import (
 )
 from broker.metrics import BrokerMetrics, FarmNames
 from broker.model import TERMINAL_JOB_STATES
+from broker.outage import DatabaseOutages, Outage
 from rigshift.v1 import worker_service_pb2
 
 if TYPE_CHECKING:
@@ -97,20 +104,7 @@ def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-@dataclass
-class _Outage:
-    """The database failed: since when, why, and what the core holds that the store does not."""
-
-    since: float
-    """time.monotonic() of the first failure."""
-    cause: DatabaseUnavailable
-    writes: Writes = field(default_factory=Writes)
-    """What the store lacks: every batch's writes since the failure, in order."""
-    commands: list[Command] = field(default_factory=list)
-    """Commands of the held changes, carried out once those are committed."""
-
-
-class BrokerService:
+class BrokerService(DatabaseOutages):
     """State, persistence and fan-out shared by all servicers of one broker process."""
 
     def __init__(
@@ -132,6 +126,8 @@ class BrokerService:
             lambda farm_id: store.get_farm(farm_id).display_name
         )
         self._lock = asyncio.Lock()
+        self._queue: list[Pending] = []
+        """Calls waiting for the next flush (group commit), in arrival order."""
         self.stale = False
         self.on_stale: Callable[[], None] | None = None
         """Called once the store refused a write because another broker changed the row."""
@@ -152,44 +148,126 @@ class BrokerService:
         """Largest output archive kept per attempt; sent to agents with each assignment."""
         self.db_probe_interval_s = DB_PROBE_INTERVAL_S
         self.db_retry_interval_s = DB_RETRY_INTERVAL_S
-        self._outage: _Outage | None = None
+        self._outage: Outage | None = None
 
     # --- state changes -----------------------------------------------------------
 
     async def apply(self, *events: Event) -> list[Command]:
-        """Handle events in order, persist, then carry out the commands.
+        """Handle events in order, persist, then carry out the commands; returns them.
 
-        During a database outage only heartbeats are handled (in memory); anything else
-        is refused with DatabaseUnavailable before the core sees it.
+        Group commit: the call is queued, and every call queued within one turn of the
+        event loop is handled by the core in arrival order and saved in one transaction
+        (:meth:`_flush`); the answer comes once that transaction committed. During a
+        database outage only heartbeats are handled (in memory); anything else is refused
+        with DatabaseUnavailable before the core sees it.
         """
-        async with self._lock:
+        self._admit(events)
+        future: asyncio.Future[list[Command]] = asyncio.get_running_loop().create_future()
+        self._enqueue(Pending(events, (), settle(future)))
+        return await future
+
+    def renew(
+        self,
+        worker_id: str,
+        environments: tuple[str, ...] | None,
+        answer: Callable[[BaseException | None], None],
+    ) -> None:
+        """A lease renewal (``Heartbeat``) without a coroutine per call: ``answer(None)``
+        once it took effect (and whatever it had to write committed), else ``answer(err)``.
+
+        The session stream sends thousands of these a second, so they skip ``apply``'s
+        future. When nothing is queued the core handles the renewal at once, which is
+        the order ``apply`` would give it (the flush is one synchronous step, so no
+        transaction is in progress now); a renewal that changes nothing to store (the
+        worker was online, its status unchanged: almost all) is answered at once, with
+        no write. Otherwise it waits its turn in the queue, as ``apply`` would.
+        """
+        event = Heartbeat(self.clock(), worker_id, environments)
+        try:
+            self._admit((event,))
+        except BaseException as err:
+            answer(err)
+            return
+        done = answer_with(answer)
+        if self._queue:
+            self._enqueue(Pending((event,), (), done))
+            return
+        try:
+            cmds = self._handle(event)
+        except Exception as err:
+            answer(err)
+            return
+        if not cmds:
+            answer(None)
+            return
+        # e.g. it came back ONLINE: persisted before the answer, like any change
+        self._enqueue(Pending((), tuple(cmds), done, in_memory=True))
+
+    def _admit(self, events: tuple[Event, ...]) -> None:
+        if self.stale:
+            raise StaleWriter("this broker no longer leads; retry (another replica serves)")
+        if self._outage is not None and not in_memory_only(events):
+            raise self._refusal()
+
+    def _handle(self, event: Event) -> list[Command]:
+        started = time.perf_counter()
+        cmds = self.core.handle(event)
+        if self.metrics is not None:
+            self.metrics.observe(event, cmds, time.perf_counter() - started)
+        return cmds
+
+    def _enqueue(self, pending: Pending) -> None:
+        self._queue.append(pending)
+        if len(self._queue) == 1:
+            # Runs after every callback ready now: the calls made in this turn of the loop
+            # (many RPC handlers resume in one turn) share the transaction.
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Handle the queued calls in arrival order, save what they changed in one
+        transaction, then answer each and carry out the commands (group commit).
+
+        One synchronous step of the event loop: the store write is synchronous, so no
+        event can reach the core while a transaction is being written, and calls made
+        meanwhile are queued for the next flush. A call whose events the core refused
+        gets its error, but what its earlier events changed is still saved.
+        """
+        batch, self._queue = self._queue, []
+        cmds: list[Command] = []
+        for p in batch:
             if self.stale:
-                raise StaleWriter("this broker no longer leads; retry (another replica serves)")
-            in_memory = bool(events) and all(isinstance(ev, Heartbeat) for ev in events)
-            if self._outage is not None and not in_memory:
-                raise self._refusal()
-            cmds: list[Command] = []
-            try:
-                for ev in events:
-                    started = time.perf_counter()
-                    new = self.core.handle(ev)
-                    if self.metrics is not None:
-                        self.metrics.observe(ev, new, time.perf_counter() - started)
-                    cmds += new
-            finally:
-                # Persist whatever was applied, even when a later event was refused.
-                committed = self._persist(cmds, in_memory)
-            if not committed:
-                return []  # heartbeats during an outage: held, carried out on recovery
+                p.error = StaleWriter("this broker no longer leads; retry (another replica serves)")
+                continue
+            if self._outage is not None and not p.in_memory:
+                p.error = self._refusal()  # an outage began in an earlier flush
+                continue
+            p.cmds = list(p.handled)
+            for ev in p.events:
+                try:
+                    p.cmds += self._handle(ev)
+                except Exception as err:
+                    p.error = err
+                    break
+            cmds += p.cmds
+        try:
+            committed = self._persist(cmds)
+        except Exception as err:
+            committed = False
+            for p in batch:
+                if p.error is None and not (p.in_memory and isinstance(err, DatabaseUnavailable)):
+                    p.error = failed_write(err)  # heartbeats: held, answered from memory
+        for p in batch:
+            if p.error is not None:
+                p.done(p.error)
+            else:
+                p.done(p.cmds if committed else [])
+        if committed:
             self._execute(cmds)
-            return cmds
 
-    def _persist(self, cmds: list[Command], in_memory: bool) -> bool:
-        """Save what the core changed in one transaction; False when it was held instead.
-
-        A failed write holds the changes and starts an outage; it raises, except for
-        heartbeats (``in_memory``), which are answered from memory.
-        """
+    def _persist(self, cmds: list[Command]) -> bool:
+        """Save what the core changed in one transaction; False when it was held instead
+        (during an outage: heartbeats only reach this). A failed write holds the changes,
+        starts an outage and raises; so does a write refused by a newer leader."""
         writes = Writes.of(cmds)
         if self._outage is not None:
             self._hold(writes, cmds)
@@ -206,130 +284,24 @@ class BrokerService:
             except DatabaseUnavailable as err:
                 self._begin_outage(err)
                 self._hold(writes, cmds)
-                if in_memory:
-                    return False
-                raise DatabaseUnavailable(
-                    f"{err.message}; this change is kept and written when the database is "
-                    "back: retry with the same request_id (or report sequence numbers)",
-                    reason=err.reason,
-                    retry_after_s=err.retry_after_s,
-                ) from err
+                raise
             except Exception as err:  # a bug: still, the core is ahead of the store
+                log.exception("writing a batch failed")
                 self._begin_outage(
                     DatabaseUnavailable(f"the last write failed ({type(err).__name__}: {err})")
                 )
                 self._hold(writes, cmds)
                 raise
+        self._committed(writes, cmds)
+        return True
+
+    def _committed(self, writes: Writes, cmds: list[Command]) -> None:
+        """After a transaction committed (or when a batch had nothing to write): wake the
+        watchers of its jobs and ask for a scheduling pass if a command wants one. The one
+        place for whatever must follow a commit."""
         self._notify(writes.job_ids)
         if any(type(c) is RequestSchedule for c in cmds):
             self._schedule_wanted.set()
-        return True
-
-    # --- database outages ----------------------------------------------------------
-
-    def database_down_for(self) -> float | None:
-        """Seconds since the database failed, while it has not taken a write again; else None."""
-        if self._outage is None:
-            return None
-        return time.monotonic() - self._outage.since
-
-    def ensure_writable(self) -> None:
-        """Raise DatabaseUnavailable during an outage (for calls that write the store
-        directly before they apply an event: a row written there would not match the core)."""
-        if self._outage is not None:
-            raise self._refusal()
-
-    def _begin_outage(self, cause: DatabaseUnavailable) -> None:
-        if self._outage is None:
-            log.warning(
-                "database outage: %s; refusing changes until it takes writes again "
-                "(heartbeats renew leases from memory)",
-                cause.message,
-            )
-            self._outage = _Outage(time.monotonic(), cause)
-        else:
-            self._outage.cause = cause
-
-    def _hold(self, writes: Writes, cmds: list[Command]) -> None:
-        assert self._outage is not None
-        self._outage.writes |= writes
-        self._outage.commands += cmds
-
-    def _refusal(self) -> DatabaseUnavailable:
-        assert self._outage is not None
-        cause = self._outage.cause
-        down = time.monotonic() - self._outage.since
-        return DatabaseUnavailable(
-            f"{cause.message}; the broker refuses changes until the database is back "
-            f"(down {down:.0f} s): retry",
-            reason=cause.reason,
-            retry_after_s=cause.retry_after_s,
-        )
-
-    def _holds_changes_for(self, worker_id: str) -> bool:
-        """True when a held (uncommitted) change concerns this worker or its attempts."""
-        outage = self._outage
-        if outage is None:
-            return False
-        if worker_id in outage.writes.worker_ids:
-            return True
-        jobs = (self.core.job(job_id) for job_id in outage.writes.job_ids)
-        return any(a.worker_id == worker_id for job in jobs for a in job.attempts)
-
-    async def _recover(self) -> None:
-        """Write what the core holds; once committed, carry out the held commands."""
-        async with self._lock:
-            outage = self._outage
-            if outage is None or self.stale:
-                return
-            try:
-                if outage.writes:
-                    self.store.save(self.core, outage.writes)
-            except StaleWriter:
-                self.stale = True
-                if self.on_stale is not None:
-                    self.on_stale()
-                return
-            except DatabaseUnavailable as err:
-                outage.cause = err
-                return
-            except Exception as err:
-                log.exception("writing the changes held during the database outage failed")
-                outage.cause = DatabaseUnavailable(
-                    f"the last write failed ({type(err).__name__}: {err})"
-                )
-                return
-            self._outage = None
-            log.info(
-                "database back after %.1f s: wrote the %d job(s) and %d worker(s) held in "
-                "memory; accepting changes again",
-                time.monotonic() - outage.since,
-                len(outage.writes.job_ids),
-                len(outage.writes.worker_ids),
-            )
-            self._notify(outage.writes.job_ids)
-            self._schedule_wanted.set()
-            self._execute(outage.commands)
-
-    async def _database_loop(self) -> None:
-        """Probe the database: now and then while it serves (so an idle broker notices an
-        outage), every ``db_retry_interval_s`` during one, recovering once it takes writes."""
-        probe_at = time.monotonic() + self.db_probe_interval_s
-        while True:
-            await asyncio.sleep(self.db_retry_interval_s)
-            if self._outage is None and time.monotonic() < probe_at:
-                continue
-            probe_at = time.monotonic() + self.db_probe_interval_s
-            try:
-                await asyncio.to_thread(self.store.check_writable)
-            except DatabaseUnavailable as err:
-                self._begin_outage(err)
-                continue
-            except Exception:
-                log.exception("database probe failed")
-                continue
-            if self._outage is not None:
-                await self._recover()
 
     def _execute(self, cmds: list[Command]) -> None:
         for cmd in cmds:

@@ -3,6 +3,7 @@ stream, and the reports of its attempts turned into core events)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -11,11 +12,13 @@ from dataclasses import replace
 import grpc
 
 from broker import validation as v
-from broker.api.common import streaming, unary
+from broker.api.boundary import abort_internal, abort_with, well_formed
+from broker.api.common import admit, streaming, unary
 from broker.artifacts import ArtifactStore
 from broker.auth import current
 from broker.convert import measurement_from_pb, power_curve_from_pb, timestamp
 from broker.errors import (
+    BrokerError,
     FieldViolation,
     InvalidArgument,
     PermissionDenied,
@@ -165,6 +168,34 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         finally:
             self.svc.close_stream(worker_id, queue)
 
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[worker_service_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """The agent's session on one bidirectional stream (issue 17): every request renews
+        the lease and is answered with ``lease_renewed``, between the instructions
+        (a ``Reconcile`` first, as StreamInstructions). Errors end the stream with the
+        status of the boundary, as the other methods' do."""
+        try:
+            admit(self, "Session", context)
+            first = await context.read()
+            if first is grpc.aio.EOF:
+                return
+            first = well_formed(first)
+            if not first.worker:
+                raise InvalidArgument.of(
+                    [FieldViolation("worker", "is required on the session's first message")]
+                )
+            worker_id = self._auth(first.worker, context)
+            await _Session(self.svc, worker_id, context).serve(first)
+        except grpc.aio.AbortError:
+            raise
+        except BrokerError as err:
+            await abort_with(context, err)
+        except Exception:
+            await abort_internal(context, "Session")
+
     @unary
     async def ReportJobEvents(
         self, request: worker_service_pb2.ReportJobEventsRequest, context: grpc.aio.ServicerContext
@@ -203,6 +234,75 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         gpus = tuple(_health(g.index, g) for g in request.gpus)
         await self.svc.apply(GpuHealthReported(self.svc.clock(), worker_id, gpus))
         return worker_service_pb2.ReportGpuHealthResponse()
+
+
+class _Session:
+    """One open Session: a reader task takes the renewals, this task writes what the
+    stream carries (instructions and renewal answers, in one queue, so one writer)."""
+
+    def __init__(self, svc: BrokerService, worker_id: str, context: grpc.aio.ServicerContext):
+        self.svc = svc
+        self.worker_id = worker_id
+        self.context = context
+        self.failure: BaseException | None = None
+        self.queue: asyncio.Queue[worker_service_pb2.Instruction | None] | None = None
+
+    async def serve(self, first: worker_service_pb2.SessionRequest) -> None:
+        """Open the instruction queue (its Reconcile first), renew for ``first``, then
+        serve until the agent closes its side, the stream is superseded or fails."""
+        self.queue = queue = self.svc.open_stream(self.worker_id)
+        reader = asyncio.create_task(self._read(first), name=f"session-{self.worker_id}")
+        try:
+            while (instruction := await queue.get()) is not None:
+                await self.context.write(instruction)
+            if self.failure is not None:
+                raise self.failure
+        finally:
+            reader.cancel()
+            self.svc.close_stream(self.worker_id, queue)
+
+    async def _read(self, request: worker_service_pb2.SessionRequest) -> None:
+        try:
+            while True:
+                self._renew(well_formed(request))
+                nxt = await self.context.read()
+                if nxt is grpc.aio.EOF:
+                    break  # the agent closed the session: end the stream
+                request = nxt
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # a bad request: the stream ends with its status
+            self.failure = err
+        assert self.queue is not None
+        self.queue.put_nowait(None)
+
+    def _renew(self, request: worker_service_pb2.SessionRequest) -> None:
+        if request.worker and request.worker != f"workers/{self.worker_id}":
+            raise InvalidArgument.of(
+                [FieldViolation("worker", f"the session belongs to workers/{self.worker_id}")]
+            )
+        environments = None
+        if request.HasField("status"):
+            environments = tuple(_sha_list(request.status.environments, "status.environments"))
+            environments += tuple(_image_list(request.status.images))
+        # A renewal does not suspend this reader (BrokerService.renew): the answer goes on
+        # the stream when the renewal took effect, at once unless it had to be written.
+        self.svc.renew(self.worker_id, environments, self._answer)
+
+    def _answer(self, err: BaseException | None) -> None:
+        assert self.queue is not None
+        if err is not None:
+            self.failure = err
+            self.queue.put_nowait(None)
+            return
+        worker = self.svc.core.workers.get(self.worker_id)
+        if worker is None:
+            return
+        renewed = worker_service_pb2.LeaseRenewed(
+            lease_expire_time=timestamp(worker.lease_expires_at),
+            status_wanted=worker.environments is None,
+        )
+        self.queue.put_nowait(worker_service_pb2.Instruction(lease_renewed=renewed))
 
 
 def _with_figures(

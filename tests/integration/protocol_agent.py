@@ -92,7 +92,8 @@ def _figures(model: str, vram_mb: int) -> farm_pb2.GpuMeasurement:
 
 
 class ProtocolAgent:
-    """Registers, heartbeats, collects instructions on a background thread, reports events."""
+    """Registers, heartbeats (unary, or on a Session), collects instructions on a background
+    thread, reports events."""
 
     def __init__(self, address: str, token: str, gpu_infos, hostname: str = "rig-1") -> None:
         self.channel = grpc.insecure_channel(address)
@@ -155,6 +156,41 @@ class ProtocolAgent:
         self._thread.start()
         opened.wait(timeout)
 
+    def open_session(self, first: ws.SessionRequest | None = None) -> None:
+        """Open WorkerService.Session with ``first`` (default: this worker, no status); every
+        message the broker sends (instructions and ``lease_renewed``) lands in
+        self.instructions, a stream error in self.session_error."""
+        self._requests: queue.Queue[ws.SessionRequest | None] = queue.Queue()
+        self._requests.put(first if first is not None else ws.SessionRequest(worker=self.worker))
+        self.session_error: grpc.RpcError | None = None
+        self.session_ended = threading.Event()
+
+        def requests():  # type: ignore[no-untyped-def]
+            while (request := self._requests.get()) is not None:
+                yield request
+
+        self._stream = self.stub.Session(requests(), metadata=self.metadata)
+
+        def pump() -> None:
+            try:
+                for instruction in self._stream:
+                    self.instructions.put(instruction)
+            except grpc.RpcError as err:
+                self.session_error = err
+            finally:
+                self.session_ended.set()
+
+        self._thread = threading.Thread(target=pump, daemon=True)
+        self._thread.start()
+
+    def renew(self, request: ws.SessionRequest | None = None) -> None:
+        """Send one renewal on the open session."""
+        self._requests.put(request if request is not None else ws.SessionRequest())
+
+    def close_session(self) -> None:
+        """Half-close the session (the agent sends nothing more)."""
+        self._requests.put(None)
+
     def next_instruction(self, timeout: float = 10.0) -> ws.Instruction:
         return self.instructions.get(timeout=timeout)
 
@@ -189,6 +225,8 @@ class ProtocolAgent:
         )
 
     def close(self) -> None:
+        if getattr(self, "_requests", None) is not None:
+            self._requests.put(None)
         if self._stream is not None:
             self._stream.cancel()
         self.channel.close()
