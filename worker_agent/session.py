@@ -1,18 +1,25 @@
-"""The agent's connection to the broker: register, heartbeat, instructions, reports.
+"""The agent's connection to the broker: register, the session (lease renewals and
+instructions on one stream), reports.
 
 :class:`BrokerSession` is the I/O half of the agent: it holds the channel, the worker's
 name and credential, and turns what the broker says into the events of the agent's
 state machine (``state_machine.py``), handed to ``handle``; it decides nothing itself
 beyond retrying. Its three loops run under the agent's ``supervise``::
 
-    heartbeat   Heartbeat every interval (a LeaseCheck first, so a frozen process stops
-                its attempts before it sends anything); answered -> HeartbeatAnswered,
-                failed -> HeartbeatFailed; UNAUTHENTICATED/NOT_FOUND -> register again
-    stream      StreamInstructions; the first message is a Reconcile, then Assignment /
-                Cancellation / Reinstate (-> Reconcile, Assigned, Cancelled,
-                ReinstateAsked); Curtail and Reconcile's curtail -> ``on_curtail``
-                (the miners: ``mining.py``); reconnects with backoff
-                and full jitter whenever the stream breaks or is reset (reset_stream)
+    heartbeat   a lease renewal every interval (a LeaseCheck first, so a frozen process
+                stops its attempts before it sends anything): a message on the Session
+                stream, or a Heartbeat call against a broker without Session;
+                answered -> HeartbeatAnswered, failed or unanswered within the interval
+                -> HeartbeatFailed; UNAUTHENTICATED/NOT_FOUND -> register again
+    stream      Session (issue 17): the first message renews and names the worker; the
+                broker sends a Reconcile, then Assignment / Cancellation / Reinstate
+                (-> Reconcile, Assigned, Cancelled, ReinstateAsked) and a lease_renewed
+                per renewal, in order (``session_link.py``); Curtail and Reconcile's
+                curtail -> ``on_curtail`` (the miners: ``mining.py``). A broker without
+                Session answers UNIMPLEMENTED: StreamInstructions then, and Session is
+                tried again when that stream ends. Reconnects with backoff and full
+                jitter whenever the stream breaks or is reset (reset_stream), at once
+                when a renewal is due
     reporter    ReportJobEvents from the Outbox: starts and finishes at once, output
                 batched; a failed batch is retried unchanged; acknowledged finishes ->
                 FinishedReported, ``stale`` attempts -> Stale
@@ -44,6 +51,7 @@ from worker_agent.config import AgentConfig, effective_heartbeat_s
 from worker_agent.identity import Identity, save_identity
 from worker_agent.lease import is_refusal
 from worker_agent.outbox import AttemptKey, Outbox
+from worker_agent.session_link import SessionBroken, SessionLink
 from worker_agent.state_machine import (
     Assigned,
     Cancelled,
@@ -61,6 +69,9 @@ from worker_agent.supervise import stopping
 
 __all__ = ["AgentError", "BrokerSession"]
 
+Status = tuple[list[str], list[str]] | None
+"""The rig's status as sent with a renewal (environments, images), or None: not sent."""
+
 log = logging.getLogger("rigshift.agent")
 
 _REREGISTER = {
@@ -68,6 +79,7 @@ _REREGISTER = {
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.NOT_FOUND,
 }
+_REREGISTER_NAMES = {code.name for code in _REREGISTER}
 _FATAL_AT_REGISTRATION = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -131,7 +143,16 @@ class BrokerSession:
         self._stub: wsg.WorkerServiceStub | None = None
         self._register_lock = asyncio.Lock()
         self._registered_at = float("-inf")
-        self._stream_call: grpc.aio.UnaryStreamCall | None = None
+        self._stream_call: grpc.aio.Call | None = None
+        self.protocol = "session"
+        """How the lease is renewed: ``session`` (Session) or ``unary`` (Heartbeat calls,
+        against a broker without Session)."""
+        self._link: SessionLink | None = None
+        self._link_open = asyncio.Event()
+        self._session_error: SessionBroken | None = None
+        self._reconnect_now = asyncio.Event()
+        self._status_wanted = True
+        self._status_sent: tuple[list[str], list[str]] | None = None
         self._stream_reset = ""  # why the agent cancelled the stream call
 
     # --- connection -------------------------------------------------------------------
@@ -217,77 +238,201 @@ class BrokerSession:
     # --- loops ------------------------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
+        """Renew the lease every interval: on the Session stream (a message, not a call),
+        or with unary Heartbeat calls against a broker without Session."""
         assert self._stub is not None
-        status_wanted, status_sent = True, None
         while True:
             t0 = time.monotonic()
             self.handle(LeaseCheck(t0))  # e.g. the process was frozen: before anything is sent
-            request = ws.HeartbeatRequest(worker=self.worker)
-            # Full status only when it changed or the broker asked (it restarted, or this
-            # is a new registration): most heartbeats stay a few bytes.
-            held = (self.environments(), self.images())
-            if status_wanted or held != status_sent:
-                request.status.environments.extend(held[0])
-                request.status.images.extend(held[1])
+            timeout = max(1.0, self.heartbeat_interval_s)
             try:
-                response = await self._stub.Heartbeat(
-                    request,
-                    metadata=self.metadata(),
-                    timeout=max(1.0, self.heartbeat_interval_s),
-                )
-                if request.HasField("status"):
-                    status_sent = held
-                status_wanted = response.status_wanted
-                self.last_heartbeat_rtt_s = time.monotonic() - t0
-                self.on_rtt(self.last_heartbeat_rtt_s)
-                self.handle(HeartbeatAnswered(t0))
+                if self.protocol == "unary":
+                    await self._heartbeat_unary(t0, timeout)
+                else:
+                    await self._renew_on_session(t0, t0 + timeout)
             except grpc.aio.AioRpcError as err:
                 if err.code() in _REREGISTER:
                     await self._on_auth_error(err)
                     continue
                 refused = is_refusal(err.details())
                 self.handle(HeartbeatFailed(time.monotonic(), err.code().name, refused))
+            except SessionBroken as err:
+                if err.code not in _REREGISTER_NAMES:  # else the stream loop registers again
+                    self.handle(
+                        HeartbeatFailed(time.monotonic(), err.code, is_refusal(err.details))
+                    )
             await asyncio.sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
 
+    def _status_to_send(self) -> tuple[list[str], list[str]] | None:
+        """The rig's status when it changed or the broker asked for it (it restarted, or
+        this is a new registration), else None: most renewals stay a few bytes."""
+        held = (self.environments(), self.images())
+        return held if self._status_wanted or held != self._status_sent else None
+
+    def _answered(
+        self, sent_at: float, status: tuple[list[str], list[str]] | None, status_wanted: bool
+    ) -> None:
+        """A renewal sent at ``sent_at`` (carrying ``status``) was answered."""
+        if status is not None:
+            self._status_sent = status
+        self._status_wanted = status_wanted
+        self.last_heartbeat_rtt_s = time.monotonic() - sent_at
+        self.on_rtt(self.last_heartbeat_rtt_s)
+        self.handle(HeartbeatAnswered(sent_at))
+
+    async def _heartbeat_unary(self, t0: float, timeout: float) -> None:
+        assert self._stub is not None
+        status = self._status_to_send()
+        request = ws.HeartbeatRequest(worker=self.worker)
+        if status is not None:
+            request.status.environments.extend(status[0])
+            request.status.images.extend(status[1])
+        response = await self._stub.Heartbeat(request, metadata=self.metadata(), timeout=timeout)
+        self._answered(t0, status, response.status_wanted)
+
+    def _session_request(self, worker: str = "") -> tuple[ws.SessionRequest, Status]:
+        status = self._status_to_send()
+        request = ws.SessionRequest(worker=worker)
+        if status is not None:
+            request.status.environments.extend(status[0])
+            request.status.images.extend(status[1])
+        return request, status
+
+    async def _renew_on_session(self, t0: float, deadline: float) -> None:
+        """One renewal on the open session, answered by ``deadline`` (the stream loop takes
+        the answer: ``_answered``); else SessionBroken. Waits for a session being opened
+        (and wakes the stream loop's reconnect backoff: renewals must not wait for it)."""
+        while True:
+            if self.protocol == "unary":  # the broker turned out to have no Session
+                await self._heartbeat_unary(t0, max(0.5, deadline - time.monotonic()))
+                return
+            remaining = deadline - time.monotonic()
+            link = self._link
+            if link is None or link.closed:
+                if remaining <= 0:
+                    raise self._session_error or SessionBroken("DEADLINE_EXCEEDED", "no session")
+                self._reconnect_now.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._link_open.wait(), remaining)
+                continue
+            request, status = self._session_request()
+            renewal = link.renew(request, t0, status)
+            try:
+                await asyncio.wait_for(asyncio.shield(renewal.answer), max(0.0, remaining))
+                return
+            except TimeoutError:
+                # Still waiting on the stream: a late answer renews from t0 all the same.
+                raise SessionBroken("DEADLINE_EXCEEDED", "renewal not answered in time") from None
+            except SessionBroken as err:
+                if not err.retry or time.monotonic() >= deadline:
+                    raise
+
     def reset_stream(self, why: str) -> None:
-        """Make the instruction stream reconnect (its loop reads the cancellation as that)."""
+        """Make the instruction stream (the session) reconnect (its loop reads the
+        cancellation as that)."""
         call = self._stream_call
         if call is not None and not call.done():
             self._stream_reset = why
             call.cancel()
 
     async def stream_loop(self) -> None:
+        """Hold the session open (the instructions and the renewals' answers); against a
+        broker without Session (UNIMPLEMENTED), StreamInstructions, trying Session again
+        whenever that stream ends (the broker may have been upgraded)."""
         assert self._stub is not None
         backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
         while True:
-            call = self._stub.StreamInstructions(
-                ws.StreamInstructionsRequest(worker=self.worker), metadata=self.metadata()
-            )
-            self._stream_call, self._stream_reset = call, ""
-            try:
-                async for instruction in call:
-                    backoff.reset()
-                    self._on_instruction(instruction)
-                log.info("the broker ended the instruction stream; reconnecting")
-            except asyncio.CancelledError:
-                # grpc.aio raises CancelledError out of a call that was cancelled, here by
-                # reset_stream. Only the agent stopping (this task cancelled) ends the loop.
-                if stopping():
-                    raise
-                log.info("instruction stream reset (%s); reconnecting", self._stream_reset)
-            except grpc.aio.AioRpcError as err:
-                if err.code() in _REREGISTER:
-                    await self._on_auth_error(err)
+            if await self._session_once(backoff):
+                await self._instructions_once(backoff)  # the fallback, at once
+            self._reconnect_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reconnect_now.wait(), backoff.next_delay())
+
+    async def _session_once(self, backoff: Backoff) -> bool:
+        """One Session call until it ends; True when the broker has no Session."""
+        assert self._stub is not None
+        link = SessionLink()
+        request, status = self._session_request(self.worker)
+        link.renew(request, time.monotonic(), status)  # the first message renews too
+        call = self._stub.Session(link.requests(), metadata=self.metadata())
+        self._stream_call, self._stream_reset = call, ""
+        self._link = link
+        self._link_open.set()
+        broken = SessionBroken("UNAVAILABLE", "the broker ended the session", retry=True)
+        auth_error: grpc.aio.AioRpcError | None = None
+        try:
+            async for instruction in call:
+                self.protocol = "session"
+                self._session_error = None
+                backoff.reset()
+                if instruction.WhichOneof("kind") == "lease_renewed":
+                    renewal = link.answered(instruction.lease_renewed)
+                    if renewal is not None:
+                        self._answered(
+                            renewal.sent_at, renewal.status, instruction.lease_renewed.status_wanted
+                        )
                 else:
-                    log.info(
-                        "instruction stream broke (%s: %s); reconnecting",
-                        err.code().name,
-                        err.details(),
-                    )
-            finally:
-                call.cancel()
-                self._stream_call = None
-            await asyncio.sleep(backoff.next_delay())
+                    self._on_instruction(instruction)
+            log.info("the broker ended the session; reconnecting")
+        except asyncio.CancelledError:
+            if stopping():
+                raise
+            log.info("session reset (%s); reconnecting", self._stream_reset)
+            broken = SessionBroken("CANCELLED", self._stream_reset, retry=True)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.info("the broker has no Session: heartbeats and StreamInstructions instead")
+                self.protocol = "unary"
+                broken = SessionBroken("UNIMPLEMENTED", "no Session", retry=True)
+            else:
+                broken = SessionBroken(err.code().name, err.details() or "")
+                self._session_error = broken
+                if err.code() in _REREGISTER:
+                    auth_error = err
+                else:
+                    log.info("session broke (%s: %s); reconnecting", broken.code, broken.details)
+        finally:
+            link.close(broken)
+            self._link = None
+            self._link_open.clear()
+            call.cancel()
+            self._stream_call = None
+            if self.protocol == "unary":
+                self._link_open.set()  # a renewal waiting for a session goes unary now
+        if auth_error is not None:
+            await self._on_auth_error(auth_error)
+        return broken.code == "UNIMPLEMENTED"
+
+    async def _instructions_once(self, backoff: Backoff) -> None:
+        """One StreamInstructions call until it ends (a broker without Session)."""
+        assert self._stub is not None
+        call = self._stub.StreamInstructions(
+            ws.StreamInstructionsRequest(worker=self.worker), metadata=self.metadata()
+        )
+        self._stream_call, self._stream_reset = call, ""
+        try:
+            async for instruction in call:
+                backoff.reset()
+                self._on_instruction(instruction)
+            log.info("the broker ended the instruction stream; reconnecting")
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError out of a call that was cancelled, here by
+            # reset_stream. Only the agent stopping (this task cancelled) ends the loop.
+            if stopping():
+                raise
+            log.info("instruction stream reset (%s); reconnecting", self._stream_reset)
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _REREGISTER:
+                await self._on_auth_error(err)
+            else:
+                log.info(
+                    "instruction stream broke (%s: %s); reconnecting",
+                    err.code().name,
+                    err.details(),
+                )
+        finally:
+            call.cancel()
+            self._stream_call = None
 
     def _on_instruction(self, instruction: ws.Instruction) -> None:
         kind = instruction.WhichOneof("kind")

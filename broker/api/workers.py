@@ -13,7 +13,7 @@ import grpc
 
 from broker import validation as v
 from broker.api.boundary import abort_internal, abort_with, well_formed
-from broker.api.common import admit, streaming, unary
+from broker.api.common import admit, call_metadata, streaming, unary
 from broker.artifacts import ArtifactStore
 from broker.auth import current
 from broker.convert import measurement_from_pb, power_curve_from_pb, timestamp
@@ -244,6 +244,7 @@ class _Session:
         self.svc = svc
         self.worker_id = worker_id
         self.context = context
+        self.metadata = call_metadata(context)
         self.failure: BaseException | None = None
         self.queue: asyncio.Queue[worker_service_pb2.Instruction | None] | None = None
 
@@ -277,6 +278,14 @@ class _Session:
         self.queue.put_nowait(None)
 
     def _renew(self, request: worker_service_pb2.SessionRequest) -> None:
+        # The credential may have been replaced since the session opened (the worker
+        # registered again elsewhere): each renewal checks it, as each Heartbeat call does.
+        principal = self.svc.authenticate(self.metadata)
+        if principal is None or principal.name != self.worker_id:
+            raise PermissionDenied(
+                f"this credential does not belong to workers/{self.worker_id}",
+                reason="WRONG_WORKER_CREDENTIAL",
+            )
         if request.worker and request.worker != f"workers/{self.worker_id}":
             raise InvalidArgument.of(
                 [FieldViolation("worker", f"the session belongs to workers/{self.worker_id}")]

@@ -59,6 +59,10 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer, fsg.Fa
         self.health_reports: list[ws.ReportGpuHealthRequest] = []
         self.fail_health_reports = 0
         self.port = 0
+        self.session_supported = True  # False: UNIMPLEMENTED, as a broker older than Session
+        self.sessions = 0
+        self.session_requests: list[ws.SessionRequest] = []
+        self.unary_heartbeats = 0
 
     def _check(self, context: grpc.aio.ServicerContext) -> bool:
         return ("authorization", f"Bearer {self.credential}") in tuple(
@@ -84,7 +88,44 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer, fsg.Fa
         if self.heartbeat_delay_s:
             await asyncio.sleep(self.heartbeat_delay_s)
         self.heartbeats += 1
+        self.unary_heartbeats += 1
         return ws.HeartbeatResponse()
+
+    async def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        """Each request is a renewal (failed, delayed as the unary Heartbeat's are); the
+        answers go between the instructions, a Reconcile first."""
+        if not self.session_supported:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        if not self._check(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong credential")
+        queue: asyncio.Queue[ws.Instruction | grpc.StatusCode | None] = asyncio.Queue()
+
+        async def read() -> None:
+            async for request in request_iterator:
+                self.session_requests.append(request)
+                if not self._check(context):  # each renewal checks the credential
+                    queue.put_nowait(grpc.StatusCode.PERMISSION_DENIED)
+                    return
+                if self.heartbeat_error is not None:
+                    queue.put_nowait(self.heartbeat_error)
+                    return
+                if self.heartbeat_delay_s:
+                    await asyncio.sleep(self.heartbeat_delay_s)
+                self.heartbeats += 1
+                queue.put_nowait(ws.Instruction(lease_renewed=ws.LeaseRenewed()))
+            queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        self.sessions += 1
+        self.streams.append(queue)  # type: ignore[arg-type]
+        try:
+            yield ws.Instruction(reconcile=ws.Reconcile(assignments=self.reconcile))
+            while (item := await queue.get()) is not None:
+                if isinstance(item, grpc.StatusCode):
+                    await context.abort(item, "scripted failure")
+                yield item
+        finally:
+            reader.cancel()
 
     async def StreamInstructions(self, request, context):  # type: ignore[no-untyped-def]
         if not self._check(context):
