@@ -270,15 +270,18 @@ def run_session(  # type: ignore[no-untyped-def]
     spec: str = "RTX3090x4",
     broker_ttl_s: int = 3,
     backend: SimulatedBackend | None = None,
+    session: bool = True,
     **cfg: object,
 ) -> FakeBroker:
     """Start a fake broker (lease TTL ``broker_ttl_s``) and an agent, run ``body(fake, agent)``,
     stop both. ``fake.stop()`` / ``fake.serve()`` take the broker away and bring it back.
-    ``backend``: the simulated rig (e.g. with faults), else ``spec``'s."""
+    ``backend``: the simulated rig (e.g. with faults), else ``spec``'s; ``session=False``:
+    the broker answers Session with UNIMPLEMENTED (a broker older than issue 17)."""
 
     async def main() -> FakeBroker:
         fake = FakeBroker()
         fake.lease_ttl_seconds = broker_ttl_s
+        fake.session_supported = session
         await fake.serve()
         try:
             agent = Agent(

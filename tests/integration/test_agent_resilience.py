@@ -18,7 +18,8 @@ from worker_agent.agent import Agent, AgentError
 from worker_agent.process import alive as _alive
 
 
-def test_lost_lease_stops_jobs_without_a_final_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "unary"])
+def test_lost_lease_stops_jobs_without_a_final_report(tmp_path: Path, session: bool) -> None:
     async def body(fake: FakeBroker, agent: Agent) -> None:
         a = make_assignment("jobs/l", command=script("import time; time.sleep(600)"))
         fake.reconcile = [a]  # the broker still lists it until the lease expires
@@ -30,11 +31,12 @@ def test_lost_lease_stops_jobs_without_a_final_report(tmp_path: Path) -> None:
         fake.reconcile = []  # the broker requeued it
         fake.heartbeat_error = None
 
-    fake = run_session(tmp_path, body)
+    fake = run_session(tmp_path, body, session=session)
     assert fake.finished("jobs/l") is None  # the broker requeues it; no FAILED report
 
 
-def test_a_black_holed_broker_does_not_make_the_agent_drain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "unary"])
+def test_a_black_holed_broker_does_not_make_the_agent_drain(tmp_path: Path, session: bool) -> None:
     """Issue 12: heartbeats time out while the instruction stream hangs without data (a
     half-open connection). The heartbeat loop resets the stream; that must only make the
     stream reconnect. Before the fix the reset ended the stream task as cancelled, and
@@ -58,7 +60,7 @@ def test_a_black_holed_broker_does_not_make_the_agent_drain(tmp_path: Path) -> N
         await until(lambda: fake.finished("jobs/bh"), what="the job to finish")
         assert agent.state == "online"
 
-    fake = run_session(tmp_path, body, broker_ttl_s=30, lease_ttl_s=30.0)
+    fake = run_session(tmp_path, body, broker_ttl_s=30, lease_ttl_s=30.0, session=session)
     finished = fake.finished("jobs/bh")
     assert finished is not None and finished.exit_code == 0  # kept running through the cut
     assert fake.output("jobs/bh") == "done\n"
