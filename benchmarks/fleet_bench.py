@@ -6,10 +6,12 @@
 It starts ``rigshift broker serve`` on 127.0.0.1 (fresh SQLite home, rate limit off),
 creates a farm, and starts ``--processes`` load-generator processes that run K/P
 asyncio agents each over a few shared ``grpc.aio`` channels. Every agent calls
-RegisterWorker with ``--gpus-per-agent`` GPUs, holds StreamInstructions open (it is
-ready once the first Reconcile arrived), heartbeats every
-``heartbeat_interval_seconds`` the broker answered (first beat at a random phase,
-then with +-5% jitter, as the real agent: sleep(interval - elapsed)), and on each
+RegisterWorker with ``--gpus-per-agent`` GPUs, holds its session open (it is ready
+once the first Reconcile arrived) and renews every ``heartbeat_interval_seconds`` the
+broker answered (first renewal at a random phase, then with +-5% jitter, as the real
+agent: sleep(interval - elapsed)). ``--protocol session`` (default): renewals are
+messages on WorkerService.Session, answered with ``lease_renewed`` on the same stream;
+``--protocol unary``: Heartbeat calls beside StreamInstructions (older agents). On each
 Assignment reports ``started`` and, ``--job-seconds`` later, ``finished`` (exit 0)
 through ReportJobEvents with per-attempt sequence numbers.
 
@@ -182,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     register_rate_per_s=args.register_rate_per_s / processes,
                     register_timeout_s=max(60.0, args.agents / 20),
                     seed=args.seed * 1000 + i,
+                    protocol=args.protocol,
                 )
                 first += n
                 p = ctx.Process(target=loadgen_main, args=(cfg, child_end), daemon=True)
@@ -330,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "target": "bare-grpc" if args.bare_grpc else "broker",
+        "protocol": args.protocol,
         "agents": args.agents,
         "registered": registered,
         "ready": ready,
@@ -404,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--serve-bare-grpc", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--protocol",
+        choices=("session", "unary"),
+        default="session",
+        help="agents renew on WorkerService.Session (default) or with Heartbeat calls "
+        "beside StreamInstructions (agents older than issue 17)",
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
     if args.serve_bare_grpc:

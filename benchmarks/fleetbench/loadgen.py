@@ -52,6 +52,7 @@ class LoadGenConfig:
     register_rate_per_s: float  # this process's share; 0: as fast as the broker answers
     register_timeout_s: float
     seed: int
+    protocol: str = "session"  # "session": WorkerService.Session; "unary": Heartbeat calls
 
 
 @dataclass
@@ -90,6 +91,8 @@ class SimAgent:
         self.ready = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.call: Any = None
+        self.requests: asyncio.Queue[ws.SessionRequest | None] = asyncio.Queue()
+        self.sent: collections.deque[float] = collections.deque()  # renewals not yet answered
 
     def gpus(self) -> list[ws.GpuInfo]:
         model = GPU_MODELS[self.number % len(GPU_MODELS)]
@@ -122,8 +125,50 @@ class SimAgent:
         self.worker = resp.worker
         self.metadata = (("authorization", f"Bearer {resp.credential}"),)
         self.interval_s = float(resp.heartbeat_interval_seconds or 3)
-        self.tasks.append(asyncio.create_task(self._stream_loop()))
+        if self.gen.cfg.protocol == "session":
+            self.tasks.append(asyncio.create_task(self._session_loop()))
+        else:
+            self.tasks.append(asyncio.create_task(self._stream_loop()))
         return True
+
+    async def _requests(self) -> Any:
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    def _instruction(self, instruction: ws.Instruction) -> None:
+        kind = instruction.WhichOneof("kind")
+        if kind == "reconcile":
+            self.ready.set()
+            for a in instruction.reconcile.assignments:
+                self._assigned(a)
+        elif kind == "assignment":
+            self._assigned(instruction.assignment)
+        elif kind == "cancellation":
+            self.gen.result.cancellations += 1
+        elif kind == "lease_renewed" and self.sent:
+            self.gen.heartbeat_done(time.monotonic() - self.sent.popleft())
+
+    async def _session_loop(self) -> None:
+        """Hold Session open; its first message renews and names the worker; reopen
+        (bounded) if the broker ends it early."""
+        gen = self.gen
+        for _ in range(5):
+            self.requests = asyncio.Queue()
+            self.sent.clear()
+            self.sent.append(time.monotonic())
+            self.requests.put_nowait(ws.SessionRequest(worker=self.worker))
+            self.call = self.stub.Session(self._requests(), metadata=self.metadata)
+            try:
+                async for instruction in self.call:
+                    self._instruction(instruction)
+            except grpc.aio.AioRpcError as err:
+                if gen.stopping:
+                    return
+                gen.error("Session", err)
+            if gen.stopping:
+                return
+            gen.result.stream_reconnects += 1
+            await asyncio.sleep(1.0)
 
     async def _stream_loop(self) -> None:
         """Hold StreamInstructions open; reopen (bounded) if the broker ends it early."""
@@ -189,8 +234,20 @@ class SimAgent:
         await asyncio.sleep(rnd.uniform(0, self.interval_s))  # spread the phases
         request = ws.HeartbeatRequest(worker=self.worker)
         timeout = max(1.0, self.interval_s)
+        session = gen.cfg.protocol == "session"
         while not gen.stopping:
             t0 = time.monotonic()
+            if session:
+                # A renewal is a message; its answer (lease_renewed) is timed by
+                # _instruction. One still unanswered after the timeout counts as failed.
+                while self.sent and t0 - self.sent[0] > timeout:
+                    self.sent.popleft()
+                    gen.missed("Session", "DEADLINE_EXCEEDED")
+                self.sent.append(t0)
+                self.requests.put_nowait(ws.SessionRequest())
+                pause = self.interval_s * rnd.uniform(0.95, 1.05)
+                await asyncio.sleep(pause)
+                continue
             try:
                 await self.stub.Heartbeat(request, metadata=self.metadata, timeout=timeout)
             except grpc.aio.AioRpcError as err:
@@ -221,8 +278,17 @@ class LoadGen:
         key = f"{method}:{err.code().name}"
         (self.errors if inside else self.errors_outside)[key] += 1
         self.result.error_examples.setdefault(key, str(err.details())[:200])
-        if method == "Heartbeat":
+        if method in ("Heartbeat", "Session"):
             self.result.timeline.setdefault(int(now), [0, 0])[1] += 1
+
+    def missed(self, method: str, code: str) -> None:
+        """A renewal on the session went unanswered past its timeout."""
+        now = time.time()
+        if self.window[0] <= now <= self.window[1]:
+            self.errors[f"{method}:{code}"] += 1
+        else:
+            self.errors_outside[f"{method}:{code}"] += 1
+        self.result.timeline.setdefault(int(now), [0, 0])[1] += 1
 
     def heartbeat_done(self, latency_s: float) -> None:
         self.result.heartbeats_total += 1
@@ -290,6 +356,7 @@ class LoadGen:
             for task in heartbeats:
                 task.cancel()
             for agent in agents:
+                agent.requests.put_nowait(None)
                 if agent.call is not None:
                     agent.call.cancel()
                 for task in agent.tasks:

@@ -1,7 +1,8 @@
 """A smoke run of the fleet benchmark, and the broker changes its profiles motivated.
 
-* ``benchmarks/fleet_bench.py`` against a real broker process (20 agents, 5 s): the JSON has
-  every figure, heartbeats flow and every submitted job reaches an agent. Not a timed test.
+* ``benchmarks/fleet_bench.py`` against a real broker process (20 agents, 5 s), with the
+  agents on Session and on the old Heartbeat + StreamInstructions: the JSON has every
+  figure, heartbeats flow and every submitted job reaches an agent. Not a timed test.
 * ``Store.save`` writes only what changed after its first write of a worker or job: the
   database ends up exactly as with the merge-everything path (fresh stores), including after
   a failed commit.
@@ -67,8 +68,9 @@ REQUIRED = (
 # --- the benchmark -------------------------------------------------------------------------
 
 
-def test_fleet_bench_smoke_run():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "fleet_bench.py")]
+@pytest.mark.parametrize("protocol", ["session", "unary"])
+def test_fleet_bench_smoke_run(protocol: str):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fleet_bench.py"), "--protocol", protocol]
     cmd += ["--agents", "20", "--duration-s", "5", "--settle-s", "1", "--job-seconds", "0.5"]
     cmd += ["--submit-rate-per-s", "4", "--drain-s", "5", "--json"]
     started = time.monotonic()
@@ -77,6 +79,7 @@ def test_fleet_bench_smoke_run():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for key in REQUIRED:
         assert key in result, key
+    assert result["protocol"] == protocol
     assert result["agents"] == result["registered"] == result["ready"] == 20
     assert result["heartbeats_per_s"] > 0
     assert result["heartbeat_p99_ms"] is not None
