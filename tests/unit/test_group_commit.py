@@ -144,7 +144,7 @@ def test_a_renewal_that_changes_nothing_stored_writes_nothing_and_answers_at_onc
 
 def test_a_renewal_queued_behind_other_calls_keeps_arrival_order(store: Store):
     async def main() -> None:
-        svc, counting = await _service(store)
+        svc, _ = await _service(store)
         answers: list[BaseException | None] = []
         expiry = asyncio.ensure_future(svc.apply(Tick(T0 + 20)))  # past the lease: OFFLINE
         await asyncio.sleep(0)  # the Tick is queued, not yet handled
