@@ -22,10 +22,12 @@ Three parts::
 Tasks while online, each kept running by ``supervise`` (a loop that ends is logged and
 restarted; one that keeps ending stops the agent with an error, never with a drain)::
 
-    heartbeat   BrokerSession.heartbeat_loop; a failure resets the instruction stream
+    heartbeat   BrokerSession.heartbeat_loop: a renewal on the session stream (a Heartbeat
+                call against a broker without Session); a failure resets the stream
     lease       stops the running attempts before the broker may requeue them when no
                 heartbeat is answered (``lease.py``: fencing, on the monotonic clock)
-    stream      BrokerSession.stream_loop: Reconcile, then Assignment / Cancellation
+    stream      BrokerSession.stream_loop: the Session (StreamInstructions against an older
+                broker): Reconcile, then Assignment / Cancellation
     reporter    BrokerSession.reporter_loop: the Outbox's job events
     meter       samples power for GPUs without an energy counter; cumulative energy progress;
                 reads the GPUs' sensors for the metrics

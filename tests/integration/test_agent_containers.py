@@ -189,7 +189,15 @@ def test_an_image_job_runs_in_its_image_and_the_second_pulls_nothing(
         await until(lambda: fake.finished("jobs/c1"), 60, "the first image job")
         fake.push(assignment=_image_job("jobs/c2", ref, ["/bin/sh", "-c", peek], gpus=[1]))
         await until(lambda: fake.finished("jobs/c2"), 60, "the second image job")
-        await until(lambda: any(s.images for s in statuses), 10, "the images in a heartbeat")
+        # The status rides on a renewal: a Session message (or a Heartbeat call).
+        await until(
+            lambda: (
+                any(r.status.images for r in fake.session_requests)
+                or any(s.images for s in statuses)
+            ),
+            10,
+            "the images in a heartbeat",
+        )
 
     fake = run_session(tmp_path, body)
     first, second = fake.output("jobs/c1"), fake.output("jobs/c2")
@@ -209,7 +217,8 @@ def test_an_image_job_runs_in_its_image_and_the_second_pulls_nothing(
     holds = next(line for line in second.splitlines() if line.startswith("state holds:"))
     assert "identity" not in holds and "containers" not in holds and "lease" not in holds
     assert (state / "identity.json").exists()  # it is there, on the rig
-    images = [s.images for s in statuses if s.images][-1]
+    sent = [r.status for r in fake.session_requests] + statuses
+    images = [s.images for s in sent if s.images][-1]
     assert images[0] == ref and images[1].startswith(f"{env.registry}/hello@sha256:")
     assert not [c for c in env.containers() if c.startswith("rigshift-")]
 
