@@ -257,10 +257,10 @@ class BrokerService(DatabaseOutages):
                 if p.error is None and not (p.in_memory and isinstance(err, DatabaseUnavailable)):
                     p.error = failed_write(err)  # heartbeats: held, answered from memory
         for p in batch:
-            if p.error is not None:
-                p.done(p.error)
-            else:
-                p.done(p.cmds if committed else [])
+            try:
+                p.done(p.error if p.error is not None else p.cmds if committed else [])
+            except Exception:  # one caller's bug must not leave the others unanswered
+                log.exception("answering a call of a committed batch failed")
         if committed:
             self._execute(cmds)
 
