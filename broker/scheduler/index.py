@@ -286,10 +286,29 @@ class FleetIndex:
     capacity, as the core does, leaves it unchanged.
     """
 
-    __slots__ = ("_envs_of", "_groups", "_holders", "_keys", "_member_of", "_order")
+    __slots__ = (
+        "_envs_of",
+        "_freed",
+        "_groups",
+        "_holders",
+        "_keys",
+        "_member_of",
+        "_order",
+        "_reshaped",
+        "_track",
+    )
 
-    def __init__(self, workers: Iterable[WorkerCapacity] = ()) -> None:
-        """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats."""
+    def __init__(self, workers: Iterable[WorkerCapacity] = (), *, track: bool = True) -> None:
+        """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats.
+
+        ``track``: record which groups changed upward or in shape (:meth:`drain_changes`)."""
+        self._track = track
+        # Since the last drain_changes(): groups where some worker gained free GPUs (its
+        # GPUs of the group unchanged), and groups whose GPU counts per worker changed
+        # (a worker joined or left the group, or its GPUs in the group changed; created
+        # and deleted groups too).
+        self._freed: set[_GroupKey] = set()
+        self._reshaped: set[_GroupKey] = set()
         self._groups: dict[_GroupKey, _Group] = {}
         self._keys: dict[str, _Key] = {}  # worker id -> rank key, the object heaps hold
         self._member_of: dict[str, tuple[_Group, ...]] = {}  # worker id -> groups it is in
@@ -302,6 +321,21 @@ class FleetIndex:
                 raise ValueError("duplicate worker_id in snapshot")
             self.update(worker)
 
+    def drain_changes(self) -> tuple[set[_GroupKey], set[_GroupKey]]:
+        """``(freed, reshaped)`` since the last call, and forget them: the keys of groups in
+        which some worker gained free GPUs (and nothing else changed), and of groups whose
+        GPUs per worker changed (created and deleted groups too). Placement takes GPUs
+        without recording anything: only what could let a job fit, or change why it does
+        not, is recorded."""
+        out = (self._freed, self._reshaped)
+        self._freed, self._reshaped = set(), set()
+        return out
+
+    def best_free(self, key: _GroupKey) -> int:
+        """Most free GPUs of the group ``key`` on one worker (0 when there is no such group)."""
+        group = self._groups.get(key)
+        return group.best_free() if group is not None else 0
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -313,7 +347,7 @@ class FleetIndex:
         wid = worker.worker_id
         if len({gpu.index for gpu in worker.gpus}) != len(worker.gpus):
             raise ValueError(f"duplicate GPU index on worker {wid}")
-        self.remove(wid)
+        before = self._forget(wid)
         totals: dict[_GroupKey, int] = {}
         free: dict[_GroupKey, list[int]] = {}
         containers = worker.containers
@@ -355,20 +389,36 @@ class FleetIndex:
             self._envs_of[wid] = worker.environments
             for env in worker.environments:
                 self._holders.setdefault(env, set()).add(wid)
+        if self._track:
+            for gkey, total in totals.items():
+                was = before.pop(gkey, None)
+                if was is None or was[0] != total:
+                    self._reshaped.add(gkey)
+                elif len(free.get(gkey, ())) > was[1]:
+                    self._freed.add(gkey)
+            self._reshaped.update(before)  # groups the worker left
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker (no-op if the index does not have it)."""
+        self._reshaped.update(self._forget(worker_id))
+
+    def _forget(self, worker_id: str) -> dict[_GroupKey, tuple[int, int]]:
+        """Forget a worker; returns its (GPUs, free GPUs) per group key (when tracking)."""
         if self._keys.pop(worker_id, None) is None:
-            return
+            return {}
         for env in self._envs_of.pop(worker_id, ()):
             holders = self._holders[env]
             holders.discard(worker_id)
             if not holders:
                 del self._holders[env]
+        had: dict[_GroupKey, tuple[int, int]] = {}
         for group in self._member_of.pop(worker_id):
+            if self._track:
+                had[group.key] = (group.totals[worker_id], len(group.free_idx.get(worker_id, ())))
             if group.remove(worker_id):
                 del self._groups[group.key]
                 self._order = None
+        return had
 
     def place(
         self, pending: Iterable[JobRequest], *, take: bool = True, topology: bool = True
@@ -569,4 +619,4 @@ def place(snapshot: Snapshot, *, topology: bool = True) -> SchedulingResult:
 
     Raises ValueError if the snapshot repeats a worker_id or a GPU index on one worker.
     """
-    return FleetIndex(snapshot.workers).place(snapshot.pending, topology=topology)
+    return FleetIndex(snapshot.workers, track=False).place(snapshot.pending, topology=topology)
