@@ -72,8 +72,8 @@ from broker.model import (
     Tier,
     WorkerState,
 )
-from broker.policy import FIFO, Fifo, ShortFirst
 from broker.parking import ParkingQueue, may_wait
+from broker.policy import FIFO, Fifo, ShortFirst
 from broker.queue import Capacities, SchedulingView, job_request, priority
 from broker.quotes import spot_prices
 from broker.records import (
@@ -301,9 +301,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
         groups = fleet.matching(request)
         prices = [g.price_micros_per_gpu_hour for g in groups]
         if spec.tier == Tier.SPOT:  # each GPU's discount stops at its farm's floor
-            prices = spot_prices(
-                self._caps, self.workers, self.farms, request, groups, self.spot_permille
-            )
+            prices = spot_prices(self._caps, self.workers, self.farms, groups, self.spot_permille)
         return Quote(
             matching_gpus=sum(g.gpus for g in groups),
             free_matching_gpus=sum(g.free_gpus for g in groups),

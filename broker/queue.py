@@ -165,7 +165,7 @@ class Capacities:
     the rig did not report them: such a rig meets no minimum).
     """
 
-    __slots__ = ("_in", "_slots", "fleet", "of")
+    __slots__ = ("_in", "_slots", "fleet", "of", "spot_ranges")
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, str, int, int, bool, bool, int, int], GpuSlot] = {}
@@ -174,6 +174,9 @@ class Capacities:
         # Workers kept in another index than ``fleet`` (a farm with a curtailment window
         # coming: ``broker.curtailment``), worker id -> that index.
         self._in: dict[str, FleetIndex] = {}
+        # QuoteJob's spot price range per group of ``fleet``, (stamp, cheapest, dearest):
+        # recomputed once the group's stamp moved (``broker.quotes``).
+        self.spot_ranges: dict[tuple, tuple[int, int, int]] = {}
 
     def slots(self, worker: Worker) -> tuple[GpuSlot, ...]:
         """The worker's GPUs as they are now, in index order (interned values).

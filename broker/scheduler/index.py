@@ -74,6 +74,7 @@ class _Group:
         "ram",
         "score",
         "sizes",
+        "stamp",
         "totals",
         "verified",
         "vram",
@@ -109,6 +110,7 @@ class _Group:
         self.mask = 0  # bit f set <=> sizes[f] > 0
         self.gpus = 0  # GPUs of this group, busy or free, on all its workers
         self.free_gpus = 0  # of which free
+        self.stamp = 0  # the index's change count when a worker last joined or left it
 
     @property
     def key(self) -> _GroupKey:
@@ -295,6 +297,7 @@ class FleetIndex:
         "_member_of",
         "_order",
         "_reshaped",
+        "_stamp",
         "_track",
     )
 
@@ -303,6 +306,7 @@ class FleetIndex:
 
         ``track``: record which groups changed upward or in shape (:meth:`drain_changes`)."""
         self._track = track
+        self._stamp = 0  # worker updates so far (a group's stamp: see stamp())
         # Since the last drain_changes(): groups where some worker gained free GPUs (its
         # GPUs of the group unchanged), and groups whose GPU counts per worker changed
         # (a worker joined or left the group, or its GPUs in the group changed; created
@@ -330,6 +334,13 @@ class FleetIndex:
         out = (self._freed, self._reshaped)
         self._freed, self._reshaped = set(), set()
         return out
+
+    def stamp(self, key: _GroupKey) -> int:
+        """A number that changes whenever a worker joins, leaves or is updated in the group
+        ``key`` (never reused, even by a group deleted and made again): what a cache of
+        figures over the group's workers can be keyed by. 0 when there is no such group."""
+        group = self._groups.get(key)
+        return group.stamp if group is not None else 0
 
     def best_free(self, key: _GroupKey) -> int:
         """Most free GPUs of the group ``key`` on one worker (0 when there is no such group)."""
@@ -373,6 +384,7 @@ class FleetIndex:
                 else:
                     indices.append(gpu.index)
         key = self._keys[wid] = (-worker.reliability_permille, wid)
+        self._stamp += 1
         member = []
         for gkey, total in totals.items():
             group = self._groups.get(gkey)
@@ -383,6 +395,7 @@ class FleetIndex:
             if indices is not None:
                 indices.sort()
             group.add(key, total, indices, self._keys)
+            group.stamp = self._stamp
             member.append(group)
         self._member_of[wid] = tuple(member)
         if worker.environments:
@@ -412,7 +425,9 @@ class FleetIndex:
             if not holders:
                 del self._holders[env]
         had: dict[_GroupKey, tuple[int, int]] = {}
+        self._stamp += 1
         for group in self._member_of.pop(worker_id):
+            group.stamp = self._stamp
             if self._track:
                 had[group.key] = (group.totals[worker_id], len(group.free_idx.get(worker_id, ())))
             if group.remove(worker_id):

@@ -9,9 +9,9 @@ Two Hypothesis state machines:
 * ``LockstepCoreMachine`` runs the core's own random event sequences
   (``test_core_stateful.CoreMachine``) through two cores at once: one placing every queued
   job on the kept index each pass (``KeptQueue``; the broker's default parks jobs,
-  ``test_parking.py``) and one given a view (``BrokerCore(view=SnapshotView())``) that places every pass with
-  ``place(Snapshot(...))`` of all it was told, as the core used to. Every event must give
-  both the same commands, and every job the same pending reasons.
+  ``test_parking.py``) and one given a view (``BrokerCore(view=SnapshotView())``) that
+  places every pass with ``place(Snapshot(...))`` of all it was told, as the core used to.
+  Every event must give both the same commands, and every job the same pending reasons.
 """
 
 from __future__ import annotations
