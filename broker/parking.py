@@ -10,7 +10,8 @@ when something that could change its outcome happened (:meth:`ParkingQueue.exami
 
 * **free GPUs** -- a group that passes all of the class's filters gained free GPUs on some
   worker and now has a worker with at least the class's gang free (a GPU of another model,
-  or fewer free than the gang, wakes nobody);
+  or fewer free than the gang, wakes nobody): the first jobs of the class in queue order
+  wake, as many as those groups' free GPUs could hold (:func:`_woken`);
 * **a new shape** -- a group that passes the stages before the class's rejection gained or
   lost GPUs (a worker joined or left it, registered, came online or went offline, drained,
   changed prices, verification or score): "resolvable" and the rejecting filter depend on
@@ -76,6 +77,41 @@ def stages_of(reason: Rejection | None) -> int:
     return STAGES.get(reason.resource, 0)
 
 
+class _Class:
+    """The parked jobs of one class: a set, and their entries in queue order (entries of
+    jobs that left the class are dropped lazily)."""
+
+    __slots__ = ("members", "order", "sorted")
+
+    def __init__(self) -> None:
+        self.members: dict[str, None] = {}
+        self.order: list[tuple[tuple, str]] = []  # (queue key, job id), may hold stale ones
+        self.sorted = True
+
+    def add(self, key: tuple, job_id: str) -> None:
+        self.members[job_id] = None
+        if self.order and key < self.order[-1][0]:
+            self.sorted = False
+        self.order.append((key, job_id))
+
+    def first(self, m: int) -> list[str]:
+        """Take out the first ``m`` parked jobs in queue order."""
+        if not self.sorted or len(self.order) > 2 * len(self.members) + 16:
+            self.order = sorted(e for e in self.order if e[1] in self.members)
+            self.sorted = True
+        out: list[str] = []
+        members, order = self.members, self.order
+        i = 0
+        while i < len(order) and len(out) < m:
+            job_id = order[i][1]
+            if job_id in members:
+                del members[job_id]
+                out.append(job_id)
+            i += 1
+        del order[:i]  # the jobs taken out, and stale entries before them
+        return out
+
+
 class ParkingQueue:
     """The broker's view: the queue in order, rejected jobs parked by class (module doc)."""
 
@@ -86,7 +122,7 @@ class ParkingQueue:
         self._requests: dict[str, JobRequest] = {}  # queued job -> what the scheduler sees
         self._fresh: set[str] = set()  # queued jobs not parked: the next pass examines them
         self._parked: dict[str, _ClassKey] = {}  # parked job -> its class
-        self._classes: dict[_ClassKey, dict[str, None]] = {}  # class -> its parked jobs
+        self._classes: dict[_ClassKey, _Class] = {}  # class -> its parked jobs
         self._windowed = False  # the last pass saw an open curtailment window
 
     # --- SchedulingView -------------------------------------------------------------------
@@ -139,19 +175,28 @@ class ParkingQueue:
             freed = [g for g in freed if fleet.best_free(g)]
             reshaped = list(reshaped)
             if freed or reshaped:
-                for klass in [k for k in self._classes if _woken(k, fleet, freed, reshaped)]:
-                    members = self._classes.pop(klass)
-                    for job_id in members:
+                for klass, parked in list(self._classes.items()):
+                    m = _woken(klass, fleet, freed, reshaped)
+                    if m is None:
+                        taken = list(parked.members)
+                        del self._classes[klass]
+                    elif m:
+                        taken = parked.first(m)
+                        if not parked.members:
+                            del self._classes[klass]
+                    else:
+                        continue
+                    for job_id in taken:
                         del self._parked[job_id]
-                    chosen += members
+                    chosen += taken
         return self._in_order(chosen)
 
     def preemptible(self) -> list[str]:
         """The parked jobs that may preempt (guaranteed, waiting for busy GPUs)."""
         out: list[str] = []
-        for klass, members in self._classes.items():
+        for klass, parked in self._classes.items():
             if klass[3]:
-                out += members
+                out += parked.members
         return out
 
     def park(self, job_id: str, reason: Rejection | None, may_preempt: bool) -> None:
@@ -159,7 +204,10 @@ class ParkingQueue:
         request = self._requests[job_id]
         self._unpark(job_id)
         klass = (_filter_key(request), request.gpu_count, stages_of(reason), may_preempt)
-        self._classes.setdefault(klass, {})[job_id] = None
+        parked = self._classes.get(klass)
+        if parked is None:
+            parked = self._classes[klass] = _Class()
+        parked.add(self._keys[job_id], job_id)
         self._parked[job_id] = klass
 
     def key(self, job_id: str) -> tuple:
@@ -173,9 +221,9 @@ class ParkingQueue:
     def _unpark(self, job_id: str) -> None:
         klass = self._parked.pop(job_id, None)
         if klass is not None:
-            members = self._classes[klass]
-            del members[job_id]
-            if not members:
+            parked = self._classes[klass]
+            del parked.members[job_id]
+            if not parked.members:
                 del self._classes[klass]
 
     def _in_order(self, job_ids: Iterable[str]) -> list[JobRequest]:
@@ -183,11 +231,23 @@ class ParkingQueue:
         return [requests[j] for j in sorted(job_ids, key=keys.__getitem__)]
 
 
-def _woken(klass: _ClassKey, fleet: FleetIndex, freed: list[tuple], reshaped: list[tuple]) -> bool:
-    """True when a change could let a job of ``klass`` fit, or change why it does not."""
+def _woken(
+    klass: _ClassKey, fleet: FleetIndex, freed: list[tuple], reshaped: list[tuple]
+) -> int | None:
+    """Which parked jobs of ``klass`` a pass must examine: None for all of them (a group
+    that matters to it changed shape: the reason may change); else how many of the first in
+    queue order (0: none). GPUs freed in groups that pass all its filters wake at most as
+    many as the freed groups' free GPUs could hold, ``sum(free // gang)``: the jobs were
+    rejected when no worker of any matching group had a gang free, so only those groups can
+    take one now, and within a pass capacity only shrinks, so once that many are examined,
+    one of them was rejected and every later one would be too."""
     fkey, n, stages, _ = klass
     if any(passes_stages(g, fkey, stages) for g in reshaped):
-        return True
-    return stages == ALL_STAGES and any(
-        passes_stages(g, fkey, ALL_STAGES) and fleet.best_free(g) >= n for g in freed
+        return None
+    if stages != ALL_STAGES or n < 1:
+        return 0
+    return sum(
+        fleet.free_gpus(g) // n
+        for g in freed
+        if fleet.best_free(g) >= n and passes_stages(g, fkey, ALL_STAGES)
     )

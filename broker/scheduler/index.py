@@ -347,6 +347,11 @@ class FleetIndex:
         group = self._groups.get(key)
         return group.best_free() if group is not None else 0
 
+    def free_gpus(self, key: _GroupKey) -> int:
+        """Free GPUs of the group ``key`` on all its workers (0 when there is no such group)."""
+        group = self._groups.get(key)
+        return group.free_gpus if group is not None else 0
+
     def __len__(self) -> int:
         return len(self._keys)
 
