@@ -90,6 +90,8 @@ class _Class:
 
     def add(self, key: tuple, job_id: str) -> None:
         self.members[job_id] = None
+        if len(self.order) > 2 * len(self.members) + 16:  # mostly stale: compact
+            self.order = [e for e in self.order if e[1] in self.members and e[1] != job_id]
         if self.order and key < self.order[-1][0]:
             self.sorted = False
         self.order.append((key, job_id))
@@ -202,8 +204,10 @@ class ParkingQueue:
     def park(self, job_id: str, reason: Rejection | None, may_preempt: bool) -> None:
         """Park a queued job the pass left pending, rejected first for ``reason``."""
         request = self._requests[job_id]
-        self._unpark(job_id)
         klass = (_filter_key(request), request.gpu_count, stages_of(reason), may_preempt)
+        if self._parked.get(job_id) == klass:
+            return  # a parked job that went through the preemption step again
+        self._unpark(job_id)
         parked = self._classes.get(klass)
         if parked is None:
             parked = self._classes[klass] = _Class()
