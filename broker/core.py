@@ -301,7 +301,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
         groups = fleet.matching(request)
         prices = [g.price_micros_per_gpu_hour for g in groups]
         if spec.tier == Tier.SPOT:  # each GPU's discount stops at its farm's floor
-            prices = spot_prices(self._caps, self.workers, self.farms, groups, self.spot_permille)
+            prices = spot_prices(self._caps, groups, self.spot_permille)
         return Quote(
             matching_gpus=sum(g.gpus for g in groups),
             free_matching_gpus=sum(g.free_gpus for g in groups),
@@ -401,7 +401,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
             if worker is not None and worker.state == WorkerState.ONLINE:
                 take, index = self._curtail_index(worker.farm_id, now)
                 if take:
-                    cap = caps.update(worker, self.reliability(worker, now), index)
+                    cap = caps.update(worker, self.reliability(worker, now), index, self.floor_of)
                     # A farm with a window coming is placed on by the core only.
                     view.worker_changed(worker_id, cap if index is None else None)
                     continue
