@@ -11,7 +11,7 @@ when something that could change its outcome happened (:meth:`ParkingQueue.exami
 * **free GPUs** -- a group that passes all of the class's filters gained free GPUs on some
   worker and now has a worker with at least the class's gang free (a GPU of another model,
   or fewer free than the gang, wakes nobody): the first jobs of the class in queue order
-  wake, as many as those groups' free GPUs could hold (:func:`_woken`);
+  wake, as many as those groups' free GPUs could hold, gangs on one worker (:func:`_woken`);
 * **a new shape** -- a group that passes the stages before the class's rejection gained or
   lost GPUs (a worker joined or left it, registered, came online or went offline, drained,
   changed prices, verification or score): "resolvable" and the rejecting filter depend on
@@ -241,7 +241,8 @@ def _woken(
     """Which parked jobs of ``klass`` a pass must examine: None for all of them (a group
     that matters to it changed shape: the reason may change); else how many of the first in
     queue order (0: none). GPUs freed in groups that pass all its filters wake at most as
-    many as the freed groups' free GPUs could hold, ``sum(free // gang)``: the jobs were
+    many as the freed groups' free GPUs could hold, a gang per worker with that many free
+    (``FleetIndex.gangs_free``): the jobs were
     rejected when no worker of any matching group had a gang free, so only those groups can
     take one now, and within a pass capacity only shrinks, so once that many are examined,
     one of them was rejected and every later one would be too."""
@@ -250,8 +251,4 @@ def _woken(
         return None
     if stages != ALL_STAGES or n < 1:
         return 0
-    return sum(
-        fleet.free_gpus(g) // n
-        for g in freed
-        if fleet.best_free(g) >= n and passes_stages(g, fkey, ALL_STAGES)
-    )
+    return sum(fleet.gangs_free(g, n) for g in freed if passes_stages(g, fkey, ALL_STAGES))

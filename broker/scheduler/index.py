@@ -124,10 +124,14 @@ class FleetIndex:
         group = self._groups.get(key)
         return group.best_free() if group is not None else 0
 
-    def free_gpus(self, key: GroupKey) -> int:
-        """Free GPUs of the group ``key`` on all its workers (0 when there is no such group)."""
+    def gangs_free(self, key: GroupKey, n: int) -> int:
+        """How many gangs of ``n`` the free GPUs of the group ``key`` make, a gang on one
+        worker: the most jobs of ``n`` GPUs it can take now (0 when there is no such group)."""
         group = self._groups.get(key)
-        return group.free_gpus if group is not None else 0
+        if group is None or n < 1:
+            return 0
+        sizes = group.sizes
+        return sum(sizes[f] * (f // n) for f in range(n, len(sizes)))
 
     def __len__(self) -> int:
         return len(self._keys)
