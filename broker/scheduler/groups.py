@@ -56,7 +56,6 @@ class FreeGroup:
         "ram",
         "score",
         "sizes",
-        "stamp",
         "totals",
         "verified",
         "vram",
@@ -92,7 +91,6 @@ class FreeGroup:
         self.mask = 0  # bit f set <=> sizes[f] > 0
         self.gpus = 0  # GPUs of this group, busy or free, on all its workers
         self.free_gpus = 0  # of which free
-        self.stamp = 0  # the index's change count when a worker last joined or left it
 
     @property
     def key(self) -> GroupKey:

@@ -74,7 +74,6 @@ class FleetIndex:
         "_member_of",
         "_order",
         "_reshaped",
-        "_stamp",
         "_track",
     )
 
@@ -83,7 +82,6 @@ class FleetIndex:
 
         ``track``: record which groups changed upward or in shape (:meth:`drain_changes`)."""
         self._track = track
-        self._stamp = 0  # worker updates so far (a group's stamp: see stamp())
         # Since the last drain_changes(): groups where some worker gained free GPUs (its
         # GPUs of the group unchanged), and groups whose GPU counts per worker changed
         # (a worker joined or left the group, or its GPUs in the group changed; created
@@ -111,13 +109,6 @@ class FleetIndex:
         out = (self._freed, self._reshaped)
         self._freed, self._reshaped = set(), set()
         return out
-
-    def stamp(self, key: GroupKey) -> int:
-        """A number that changes whenever a worker joins, leaves or is updated in the group
-        ``key`` (never reused, even by a group deleted and made again): what a cache of
-        figures over the group's workers can be keyed by. 0 when there is no such group."""
-        group = self._groups.get(key)
-        return group.stamp if group is not None else 0
 
     def best_free(self, key: GroupKey) -> int:
         """Most free GPUs of the group ``key`` on one worker (0 when there is no such group)."""
@@ -170,7 +161,6 @@ class FleetIndex:
                 else:
                     indices.append(gpu.index)
         key = self._keys[wid] = (-worker.reliability_permille, wid)
-        self._stamp += 1
         member = []
         for gkey, total in totals.items():
             group = self._groups.get(gkey)
@@ -181,7 +171,6 @@ class FleetIndex:
             if indices is not None:
                 indices.sort()
             group.add(key, total, indices, self._keys)
-            group.stamp = self._stamp
             member.append(group)
         self._member_of[wid] = tuple(member)
         if worker.environments:
@@ -211,9 +200,7 @@ class FleetIndex:
             if not holders:
                 del self._holders[env]
         had: dict[GroupKey, tuple[int, int]] = {}
-        self._stamp += 1
         for group in self._member_of.pop(worker_id):
-            group.stamp = self._stamp
             if self._track:
                 had[group.key] = (group.totals[worker_id], len(group.free_idx.get(worker_id, ())))
             if group.remove(worker_id):
