@@ -20,7 +20,11 @@ per GPU); 10 % of the rigs are unverified (scores vary by rig, 90-110 in steps o
 kept index, bind, preemption checks, the index brought up to date with the bound workers) on
 the same fleet (every GPU free at the start) and jobs, all GUARANTEED: one first pass
 that fills the fleet, then ``--passes`` steady passes, each after one attempt finished and
-one job arrived (what a live broker does all day); it reports the median steady pass.
+one job arrived (what a live broker does all day); it reports the median steady pass, and
+the median of passes with nothing freed and with one attempt's GPUs freed (issue 17), and of
+QuoteJob (``BrokerCore.quote``, guaranteed and spot) on the filled fleet. ``--view kept``
+examines every queued job every pass (``KeptQueue``, the broker before issue 17); the
+default is the broker's parking view (``broker.parking``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broker.core import BrokerCore
 from broker.events import Assign, AttemptFinished, AttemptStarted, JobSubmitted, SchedulePass
 from broker.events import WorkerRegistered as Registered
-from broker.model import GpuInfo, JobSpec
+from broker.model import GpuInfo, JobSpec, Tier
+from broker.queue import KeptQueue, job_request
 from broker.scheduler import (
     FleetIndex,
     GpuSlot,
@@ -49,8 +54,10 @@ from broker.scheduler import (
     SchedulingResult,
     Snapshot,
     WorkerCapacity,
+    passes,
     place,
 )
+from broker.settlement import price_for
 from rigshift.catalogue import CATALOGUE
 from rigshift.scoring import Measurement, reference
 
@@ -191,12 +198,36 @@ def _healthy(model: str, vram_mb: int) -> Measurement | None:
     return Measurement(ref.fp16_gflops, ref.fp32_gflops, vram_mb) if ref else None
 
 
-def core_run(workers: int, jobs: int, seed: int, passes: int = 20) -> dict[str, object]:
-    """Time ``BrokerCore`` scheduling passes (see the module docstring)."""
+def _old_spot_range(core: BrokerCore, spec: JobSpec) -> tuple[int, int]:
+    """QuoteJob's spot price range as it was computed before issue 17 (a walk over every GPU
+    of every worker in the matching groups), for the benchmark's comparison."""
+    request = job_request("quote", spec, core.spot_permille)
+    caps = core._caps
+    prices: list[int] = []
+    seen: set[str] = set()
+    for group in caps.fleet.matching(request):
+        for worker_id in caps.fleet.workers_in(group):
+            if worker_id in seen:
+                continue
+            seen.add(worker_id)
+            worker = core.workers[worker_id]
+            capacity = caps.of[worker_id]
+            for slot in capacity.gpus:
+                if passes(request, slot, capacity):
+                    floor = core.floor_of(worker, slot.index)
+                    ask = slot.price_micros_per_gpu_hour
+                    prices.append(price_for(Tier.SPOT, ask, floor, core.spot_permille))
+    return min(prices, default=0), max(prices, default=0)
+
+
+def core_run(
+    workers: int, jobs: int, seed: int, passes: int = 20, view: str = "parking"
+) -> dict[str, object]:
+    """Time ``BrokerCore`` scheduling passes and QuoteJob (see the module docstring)."""
     rnd = random.Random(seed)
     queue = build_jobs(jobs + passes, rnd)
     fleet = build_workers(workers, rnd)
-    core = BrokerCore(lease_ttl_s=1e12)
+    core = BrokerCore(lease_ttl_s=1e12, view=KeptQueue() if view == "kept" else None)
     t0 = time.perf_counter()
     for w in fleet:
         gpus = tuple(
@@ -227,27 +258,54 @@ def core_run(workers: int, jobs: int, seed: int, passes: int = 20) -> dict[str, 
                 running.append((cmd.worker_id, cmd.job_id))
         return elapsed
 
-    first_s = timed_pass(1.0)
-    placed = len(running)
-    steady = []
-    for k in range(passes):
-        now = 2.0 + k
+    def finish_one(now: float) -> None:
         worker_id, job_id = running.pop(rnd.randrange(len(running)))
         core.handle(AttemptFinished(now, worker_id, job_id, 1, 2, 0))
+
+    first_s = timed_pass(1.0)
+    placed = len(running)
+    idle, freed, steady = [], [], []
+    for k in range(passes):
+        now = 2.0 + 3 * k
+        idle.append(timed_pass(now))  # nothing freed, nothing new
+        finish_one(now + 1)
+        freed.append(timed_pass(now + 1))  # one attempt's GPUs freed
+        finish_one(now + 2)
         j = queue[jobs + k]
-        core.handle(JobSubmitted(now, j.job_id, "bench", _spec(j)))
-        steady.append(timed_pass(now))
-    steady.sort()
+        core.handle(JobSubmitted(now + 2, j.job_id, "bench", _spec(j)))
+        steady.append(timed_pass(now + 2))  # one freed and one new job
+    quotes, cold = [], []
+    for j in queue[:passes]:
+        for tier in (Tier.GUARANTEED, Tier.SPOT):
+            spec = replace(_spec(j), tier=tier)
+            start = time.perf_counter()
+            core.quote(spec)
+            quotes.append(time.perf_counter() - start)
+        # The spot price ranges as every spot quote computed them before issue 17: over
+        # every GPU of the matching groups' workers.
+        start = time.perf_counter()
+        _old_spot_range(core, replace(_spec(j), tier=Tier.SPOT))
+        cold.append(time.perf_counter() - start)
+
+    def median_ms(xs: list[float]) -> float:
+        return round(sorted(xs)[len(xs) // 2] * 1000, 3)
+
     return {
         "mode": "core",
+        "view": view,
         "workers": workers,
         "jobs": jobs,
         "seed": seed,
         "placements_first_pass": placed,
         "pending_after": len(core.pending),
         "first_pass_s": round(first_s, 4),
-        "steady_pass_ms": round(steady[len(steady) // 2] * 1000, 2),
-        "steady_pass_max_ms": round(steady[-1] * 1000, 2),
+        "idle_pass_ms": median_ms(idle),
+        "freed_pass_ms": median_ms(freed),
+        "steady_pass_ms": median_ms(steady),
+        "steady_pass_max_ms": round(max(steady) * 1000, 2),
+        "quote_ms": median_ms(quotes),
+        "quote_max_ms": round(max(quotes) * 1000, 3),
+        "quote_spot_cold_ms": median_ms(cold),
         "setup_s": round(build_s, 2),
     }
 
@@ -302,15 +360,25 @@ def main() -> None:
         "--topology", action="store_true", help="a fleet of risers and x16 rigs (issue 15)"
     )
     parser.add_argument("--passes", type=int, default=20, help="--core: steady passes to time")
+    parser.add_argument(
+        "--view",
+        choices=("parking", "kept"),
+        default="parking",
+        help="--core: the broker's view (parking) or every queued job every pass (kept)",
+    )
     args = parser.parse_args()
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs")
     if args.core:
-        c = core_run(args.workers, args.jobs, args.seed, args.passes)
+        c = core_run(args.workers, args.jobs, args.seed, args.passes, args.view)
         print(
-            f"BrokerCore, {c['workers']:,} workers x {GPUS_PER_WORKER} GPUs, {c['jobs']:,} "
-            f"pending: first pass {c['first_pass_s']} s ({c['placements_first_pass']:,} placed), "
-            f"steady pass median {c['steady_pass_ms']} ms (max {c['steady_pass_max_ms']} ms) "
-            f"with {c['pending_after']:,} pending"
+            f"BrokerCore ({c['view']}), {c['workers']:,} workers x {GPUS_PER_WORKER} GPUs, "
+            f"{c['jobs']:,} pending: first pass {c['first_pass_s']} s "
+            f"({c['placements_first_pass']:,} placed); median pass with nothing freed "
+            f"{c['idle_pass_ms']} ms, one attempt freed {c['freed_pass_ms']} ms, one freed and "
+            f"one new job {c['steady_pass_ms']} ms (max {c['steady_pass_max_ms']} ms), with "
+            f"{c['pending_after']:,} pending; QuoteJob median {c['quote_ms']} ms "
+            f"(max {c['quote_max_ms']} ms; the spot range as computed before issue 17: "
+            f"{c['quote_spot_cold_ms']} ms)"
         )
         if args.json:
             print(json.dumps(c))

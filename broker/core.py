@@ -72,8 +72,9 @@ from broker.model import (
     Tier,
     WorkerState,
 )
+from broker.parking import ParkingQueue, may_wait
 from broker.policy import FIFO, Fifo, ShortFirst
-from broker.queue import Capacities, KeptQueue, SchedulingView, job_request, priority
+from broker.queue import Capacities, SchedulingView, job_request, priority
 from broker.quotes import spot_prices
 from broker.records import (
     Attempt,
@@ -93,6 +94,7 @@ from broker.scheduler import (
     PreemptionCandidate,
     PreemptionPlan,
     Snapshot,
+    Unplaced,
     Victim,
     preemption_plan,
 )
@@ -158,7 +160,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
         self.reliability_window_s = reliability_window_s
         self.default_fee_permille = default_fee_permille
         self.queue_policy = queue_policy
-        self.view: SchedulingView = view if view is not None else KeptQueue()
+        self.view: SchedulingView = view if view is not None else ParkingQueue()
         self.farms: dict[str, FarmTerms] = {}
         self.ledger: list[LedgerEntry] = []  # every entry posted, in order
         self.jobs: dict[str, Job] = {}
@@ -299,9 +301,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
         groups = fleet.matching(request)
         prices = [g.price_micros_per_gpu_hour for g in groups]
         if spec.tier == Tier.SPOT:  # each GPU's discount stops at its farm's floor
-            prices = spot_prices(
-                self._caps, self.workers, self.farms, request, groups, self.spot_permille
-            )
+            prices = spot_prices(self._caps, groups, self.spot_permille)
         return Quote(
             matching_gpus=sum(g.gpus for g in groups),
             free_matching_gpus=sum(g.free_gpus for g in groups),
@@ -401,7 +401,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
             if worker is not None and worker.state == WorkerState.ONLINE:
                 take, index = self._curtail_index(worker.farm_id, now)
                 if take:
-                    cap = caps.update(worker, self.reliability(worker, now), index)
+                    cap = caps.update(worker, self.reliability(worker, now), index, self.floor_of)
                     # A farm with a window coming is placed on by the core only.
                     view.worker_changed(worker_id, cap if index is None else None)
                     continue
@@ -486,12 +486,24 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
     def _schedule(self, ev: SchedulePass) -> list[Command]:
         if not self.pending:
             return []
-        result = self.view.place(self._caps.fleet, ev.now)
+        fleet = self._caps.fleet
+        parking = self.view if isinstance(self.view, ParkingQueue) else None
+        if parking is None:
+            result = self.view.place(fleet, ev.now)
+        else:  # only the jobs a change may have helped (broker.parking)
+            freed, reshaped = fleet.drain_changes()
+            result = fleet.place(parking.examine(fleet, freed, reshaped, bool(self._by_farm)))
         cmds: list[Command] = []
         for p in result.placements:
             job = self.jobs[p.job_id]
             cmds += self._bind(job, p.worker_id, p.gpu_indices, p.price_micros_per_gpu_hour, ev.now)
-        for u in result.unplaced:
+        unplaced = result.unplaced
+        if parking is not None and self._spot_live:
+            # Parked guaranteed jobs try the preemption step every pass, in queue order.
+            more = [Unplaced(j, self.jobs[j].pending_reasons) for j in parking.preemptible()]
+            if more:
+                unplaced = tuple(sorted((*unplaced, *more), key=lambda u: parking.key(u.job_id)))
+        for u in unplaced:
             job = self.jobs[u.job_id]
             if self._side and job.state == S.PENDING:
                 placed = self._place_before_windows(job, ev.now)
@@ -502,9 +514,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
             if (
                 self._spot_live  # else nothing could be preempted
                 and job.spec.tier == Tier.GUARANTEED
-                and reason is not None
-                and reason.resource == "gpu_count"
-                and reason.resolvable
+                and may_wait(reason)
             ):
                 request = job_request(job.job_id, job.spec, self.spot_permille)
                 plan = preemption_plan(request, self._preemption_candidates(job, ev.now))
@@ -519,6 +529,9 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
             if job.pending_reasons != reasons:
                 job.pending_reasons = reasons
                 self._out.jobs.add(job.job_id)
+            if parking is not None:
+                guaranteed = job.spec.tier == Tier.GUARANTEED
+                parking.park(job.job_id, reason, guaranteed and may_wait(reason))
         return cmds
 
     def _bind(

@@ -23,6 +23,7 @@ is a decision, and each is rebuilt by ``BrokerCore.restore``):
 from __future__ import annotations
 
 from bisect import insort
+from collections.abc import Callable
 from typing import Protocol
 
 from broker.model import GpuInfo, JobSpec, Tier
@@ -165,7 +166,7 @@ class Capacities:
     the rig did not report them: such a rig meets no minimum).
     """
 
-    __slots__ = ("_in", "_slots", "fleet", "of")
+    __slots__ = ("_floors_of", "_in", "_slots", "fleet", "floors", "of")
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, str, int, int, bool, bool, int, int], GpuSlot] = {}
@@ -174,6 +175,10 @@ class Capacities:
         # Workers kept in another index than ``fleet`` (a farm with a curtailment window
         # coming: ``broker.curtailment``), worker id -> that index.
         self._in: dict[str, FleetIndex] = {}
+        # QuoteJob's spot prices (``broker.quotes``): per group key of ``fleet``, how many of
+        # its GPUs have each floor price; per worker in ``fleet``, its (group key, floor)s.
+        self.floors: dict[tuple, dict[int, int]] = {}
+        self._floors_of: dict[str, list[tuple[tuple, int]]] = {}
 
     def slots(self, worker: Worker) -> tuple[GpuSlot, ...]:
         """The worker's GPUs as they are now, in index order (interned values).
@@ -227,12 +232,20 @@ class Capacities:
         )
 
     def update(
-        self, worker: Worker, reliability_permille: int, index: FleetIndex | None = None
+        self,
+        worker: Worker,
+        reliability_permille: int,
+        index: FleetIndex | None = None,
+        floor: Callable[[Worker, int], int] | None = None,
     ) -> WorkerCapacity:
         """Take up an ONLINE worker as it is now, in ``index`` (default: ``fleet``, the
-        index every pass places on); returns what the scheduler sees of it."""
+        index every pass places on); returns what the scheduler sees of it. ``floor``: the
+        floor price of one of its GPUs (by index), counted per group for QuoteJob."""
         cap = self.capacity(worker, reliability_permille)
         wid = worker.worker_id
+        self._unfloor(wid)
+        if floor is not None and (index is None or index is self.fleet):
+            self._floor(cap, worker, floor)
         target = self.fleet if index is None else index
         was = self._in.get(wid, self.fleet)
         if was is not target:
@@ -245,7 +258,42 @@ class Capacities:
         target.update(cap)
         return cap
 
+    def _floor(
+        self, cap: WorkerCapacity, worker: Worker, floor: Callable[[Worker, int], int]
+    ) -> None:
+        mine: list[tuple[tuple, int]] = []
+        containers, ram, cpu = cap.containers, cap.ram_gb_per_gpu, cap.cpu_millicores_per_gpu
+        for g in cap.gpus:
+            key = (  # the GPU's group in the index (GroupSummary.key)
+                g.model,
+                g.vram_mb,
+                g.price_micros_per_gpu_hour,
+                containers,
+                g.verified,
+                g.score,
+                g.pcie_mbps,
+                ram,
+                cpu,
+            )
+            value = floor(worker, g.index)
+            counts = self.floors.setdefault(key, {})
+            counts[value] = counts.get(value, 0) + 1
+            mine.append((key, value))
+        self._floors_of[worker.worker_id] = mine
+
+    def _unfloor(self, worker_id: str) -> None:
+        for key, value in self._floors_of.pop(worker_id, ()):
+            counts = self.floors[key]
+            left = counts[value] - 1
+            if left:
+                counts[value] = left
+            else:
+                del counts[value]
+                if not counts:
+                    del self.floors[key]
+
     def remove(self, worker_id: str) -> None:
         """Forget a worker that takes no work now (offline, draining, curtailed)."""
+        self._unfloor(worker_id)
         if self.of.pop(worker_id, None) is not None:
             self._in.pop(worker_id, self.fleet).remove(worker_id)

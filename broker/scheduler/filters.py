@@ -32,7 +32,32 @@ from typing import Protocol, TypeVar
 from broker.scheduler.values import GpuSlot, JobRequest, Rejection, WorkerCapacity
 from rigshift.units import format_usd as format_micros
 
-__all__ = ["Group", "cores", "count_rejection", "gbps", "passes", "static_filter"]
+__all__ = [
+    "STAGES",
+    "Group",
+    "cores",
+    "count_rejection",
+    "gbps",
+    "passes",
+    "passes_stages",
+    "static_filter",
+]
+
+STAGES: dict[str, int] = {
+    "container_runtime": 0,
+    "gpu_model": 1,
+    "min_vram": 2,
+    "max_price": 3,
+    "verification": 4,
+    "min_score": 5,
+    "min_pcie": 6,
+    "min_host_ram_per_gpu": 7,
+    "min_cpu_per_gpu": 8,
+    "gpu_count": 9,
+}
+"""The static filters in the order :func:`static_filter` applies them, by the ``resource``
+of their rejection: a job rejected by the filter of stage ``s`` depends only on the groups
+that pass stages ``0 .. s-1`` (:func:`passes_stages`); ``gpu_count`` comes after them all."""
 
 
 class Group(Protocol):
@@ -251,3 +276,28 @@ def count_rejection(job: JobRequest, best_free: int, max_total: int, any_group: 
         message += f", and none has more than {max_total} in total"
     requested = f"{n} x {job.gpu_model or 'GPU'}"
     return Rejection("gpu_count", requested, str(best_free), resolvable, message)
+
+
+def passes_stages(
+    group: tuple[str, int, int, bool, bool, int, int, int, int],
+    fkey: tuple[str, int, int, bool, bool, int, int, int, int],
+    stages: int,
+) -> bool:
+    """True when a group (its index key: model, VRAM, ask, containers, verified, score, PCIe
+    MB/s, RAM GB and CPU millicores per GPU) passes the first ``stages`` static filters
+    (:data:`STAGES`) of a job whose filter key is ``fkey`` (model, min VRAM, price cap,
+    needs containers, allow unverified, min score, min PCIe, min RAM, min CPU)."""
+    model, vram, price, containers, verified, score, pcie, ram, cpu = group
+    f_model, f_vram, cap, f_containers, unverified, f_score, f_pcie, f_ram, f_cpu = fkey
+    checks = (
+        containers or not f_containers,
+        not f_model or model == f_model,
+        vram >= f_vram,
+        not cap or price <= cap,
+        verified or unverified,
+        score >= f_score,
+        pcie >= f_pcie,
+        ram >= f_ram,
+        cpu >= f_cpu,
+    )
+    return all(checks[:stages])

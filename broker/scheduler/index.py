@@ -17,9 +17,18 @@ QuoteJob reads it (:meth:`FleetIndex.probe`, :meth:`FleetIndex.matching`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from heapq import heappop, heappush
+from heapq import heappop
 
-from broker.scheduler.filters import count_rejection, static_filter
+from broker.scheduler.filters import static_filter
+from broker.scheduler.groups import (
+    FilterKey,
+    FreeGroup,
+    GroupFilter,
+    GroupKey,
+    RankKey,
+    gpu_count_rejection,
+    make_filter,
+)
 from broker.scheduler.scores import ChoiceKey, choice_key
 from broker.scheduler.values import (
     GroupSummary,
@@ -33,236 +42,6 @@ from broker.scheduler.values import (
 )
 
 __all__ = ["FleetIndex", "GroupSummary", "place"]
-
-
-# --- index -------------------------------------------------------------------------------------
-
-_Key = tuple[int, str]  # a worker's rank, (-reliability_permille, worker_id): smallest preferred
-# (model, vram, price, runs containers, verified, score, PCIe MB/s, RAM GB/GPU, CPU mcores/GPU)
-_GroupKey = tuple[str, int, int, bool, bool, int, int, int, int]
-# (model, min vram, price cap, needs containers, allow unverified, min score, min PCIe MB/s,
-#  min RAM GB/GPU, min CPU millicores/GPU)
-_FilterKey = tuple[str, int, int, bool, bool, int, int, int, int]
-
-
-class _Group:
-    """Free capacity of one homogeneous group across the fleet: one model, VRAM and ask, on
-    workers that run containers or not, with one verification, score, PCIe bandwidth, and
-    host RAM and CPU per GPU (the figures ``GpuSlot`` and ``WorkerCapacity`` carry).
-
-    Workers sit in buckets by how many GPUs of the group they have free; ``heaps[f]`` holds
-    the rank keys of bucket ``f``, best first. Heaps are pruned lazily: an entry counts only
-    while its worker still has exactly ``f`` free and the key is the worker's current one
-    (``keys[worker_id] is key``). A heap is compacted when a push finds stale entries
-    outnumbering live ones and cleared when its bucket empties, so it never holds more
-    than about twice the most workers its bucket ever had.
-    """
-
-    __slots__ = (
-        "by_total",
-        "containers",
-        "cpu",
-        "free_gpus",
-        "free_idx",
-        "gpus",
-        "heaps",
-        "mask",
-        "max_total",
-        "model",
-        "pcie",
-        "price",
-        "ram",
-        "score",
-        "sizes",
-        "totals",
-        "verified",
-        "vram",
-    )
-
-    def __init__(
-        self,
-        model: str,
-        vram: int,
-        price: int,
-        containers: bool = False,
-        verified: bool = True,
-        score: int = 0,
-        pcie: int = 0,
-        ram: int = 0,
-        cpu: int = 0,
-    ) -> None:
-        self.model = model
-        self.vram = vram
-        self.price = price
-        self.containers = containers  # its workers have a container runtime
-        self.verified = verified
-        self.score = score
-        self.pcie = pcie  # host-to-device MB/s per GPU
-        self.ram = ram  # host RAM per GPU of its workers, GiB
-        self.cpu = cpu  # CPU millicores per GPU of its workers
-        self.totals: dict[str, int] = {}  # worker id -> its GPUs (busy or free) of this group
-        self.by_total: dict[int, int] = {}  # such a total -> workers with it
-        self.max_total = 0  # most GPUs (busy or free) of this group on one worker
-        self.free_idx: dict[str, list[int]] = {}  # worker id -> free GPU indices, ascending
-        self.sizes: list[int] = [0]  # sizes[f] = number of workers with exactly f free
-        self.heaps: list[list[_Key]] = [[]]  # heaps[f] = rank keys, lazily pruned
-        self.mask = 0  # bit f set <=> sizes[f] > 0
-        self.gpus = 0  # GPUs of this group, busy or free, on all its workers
-        self.free_gpus = 0  # of which free
-
-    @property
-    def key(self) -> _GroupKey:
-        """Its key in the index."""
-        return (
-            self.model,
-            self.vram,
-            self.price,
-            self.containers,
-            self.verified,
-            self.score,
-            self.pcie,
-            self.ram,
-            self.cpu,
-        )
-
-    def summary(self) -> GroupSummary:
-        """What QuoteJob shows of it."""
-        return GroupSummary(
-            self.model,
-            self.vram,
-            self.price,
-            self.gpus,
-            self.free_gpus,
-            self.containers,
-            self.verified,
-            self.score,
-            self.pcie,
-            self.ram,
-            self.cpu,
-        )
-
-    def best_free(self) -> int:
-        """Most free GPUs of this group on one worker."""
-        return max(self.mask.bit_length() - 1, 0)
-
-    def add(self, key: _Key, total: int, free: list[int] | None, keys: dict[str, _Key]) -> None:
-        """Count a worker with ``total`` GPUs of this group, ``free`` (ascending) of them free."""
-        self.totals[key[1]] = total
-        self.gpus += total
-        self.by_total[total] = self.by_total.get(total, 0) + 1
-        if total > self.max_total:
-            extra = total + 1 - len(self.sizes)
-            if extra > 0:
-                self.sizes += [0] * extra
-                self.heaps += [[] for _ in range(extra)]
-            self.max_total = total
-        if free:
-            self.free_idx[key[1]] = free
-            self.free_gpus += len(free)
-            self.enter(key, len(free), keys)
-
-    def remove(self, worker_id: str) -> bool:
-        """Forget a worker; True when no worker has a GPU of this group any more."""
-        total = self.totals.pop(worker_id)
-        self.gpus -= total
-        left = self.by_total[total] - 1
-        if left:
-            self.by_total[total] = left
-        else:
-            del self.by_total[total]
-            if total == self.max_total:
-                self.max_total = max(self.by_total, default=0)
-        free = self.free_idx.pop(worker_id, None)
-        if free is not None:
-            self.free_gpus -= len(free)
-            self.leave(len(free))
-        return not self.totals
-
-    def enter(self, key: _Key, f: int, keys: dict[str, _Key]) -> None:
-        """Put a worker into bucket ``f`` (its free list must already have ``f`` entries)."""
-        self.sizes[f] += 1
-        self.mask |= 1 << f
-        heap = self.heaps[f]
-        heappush(heap, key)
-        if len(heap) > 2 * self.sizes[f] + 8:
-            heap[:] = sorted({k for k in heap if self.live(k, f, keys)})
-
-    def leave(self, f: int) -> None:
-        """Take a worker out of bucket ``f``; its heap entry goes stale."""
-        self.sizes[f] -= 1
-        if not self.sizes[f]:
-            self.mask &= ~(1 << f)
-            self.heaps[f].clear()  # every entry left is stale
-
-    def live(self, key: _Key, f: int, keys: dict[str, _Key]) -> bool:
-        """True when ``key`` is a current entry of bucket ``f``."""
-        free = self.free_idx.get(key[1])
-        return free is not None and len(free) == f and keys.get(key[1]) is key
-
-
-class _Filter:
-    """Groups that pass one job's static filters, cheapest first, plus caches."""
-
-    __slots__ = (
-        "any_group",
-        "fail_at",
-        "group_ids",
-        "groups",
-        "links",
-        "max_total",
-        "narrow",
-        "reasons",
-        "static",
-        "wide",
-    )
-
-    def __init__(self, groups: list[_Group], static: Rejection | None) -> None:
-        self.groups = groups
-        # the groups differ in link bandwidth: the topology score can tell them apart
-        self.links = len({g.pcie for g in groups}) > 1
-        self.any_group = bool(groups)  # before drop() forgets the groups that filled up
-        self.group_ids = {id(g) for g in groups}
-        self.static = static
-        self.max_total = max((g.max_total for g in groups), default=0)
-        # Smallest gang size known to fail this pass; free capacity only shrinks.
-        self.fail_at = 0 if static is not None else self.max_total + 1
-        self.reasons: dict[int, tuple[int, tuple[Rejection, ...]]] = {}  # n -> (version, reasons)
-        self.wide: list[_Group] | None = None  # cheapest first, then widest link first
-        self.narrow: list[_Group] | None = None  # cheapest first, then narrowest link first
-
-    def drop(self, dead: list[_Group]) -> None:
-        """Forget groups with no free GPU left: within a pass GPUs are only taken, so they
-        can never fit again, and a walk over the groups need not meet them (their
-        ``max_total`` stays counted)."""
-        gone = {id(g) for g in dead}
-        self.groups = [g for g in self.groups if id(g) not in gone]
-        if self.wide is not None:
-            self.wide = [g for g in self.wide if id(g) not in gone]
-        if self.narrow is not None:
-            self.narrow = [g for g in self.narrow if id(g) not in gone]
-
-    def by_links(self, wide: bool) -> list[_Group]:
-        """The groups cheapest first, then in the order a job preferring wide (or narrow)
-        links ranks them; ties keep the groups' order."""
-        if wide:
-            if self.wide is None:
-                self.wide = sorted(self.groups, key=lambda g: (g.price, -g.pcie))
-            return self.wide
-        if self.narrow is None:
-            self.narrow = sorted(self.groups, key=lambda g: (g.price, g.pcie))
-        return self.narrow
-
-
-def _make_filter(groups: list[_Group], fkey: _FilterKey, workers: int) -> _Filter:
-    """The static filters (``broker.scheduler.filters``) over the index's groups."""
-    survivors, rejection = static_filter(groups, *fkey, workers=workers)
-    return _Filter(survivors, rejection)
-
-
-def _count_rejection(job: JobRequest, filt: _Filter) -> Rejection:
-    """The gpu_count rejection from group aggregates (never a rescan of workers)."""
-    best = max((g.best_free() for g in filt.groups), default=0)
-    return count_rejection(job, best, filt.max_total, filt.any_group)
 
 
 # --- the pass ----------------------------------------------------------------------------------
@@ -286,14 +65,33 @@ class FleetIndex:
     capacity, as the core does, leaves it unchanged.
     """
 
-    __slots__ = ("_envs_of", "_groups", "_holders", "_keys", "_member_of", "_order")
+    __slots__ = (
+        "_envs_of",
+        "_freed",
+        "_groups",
+        "_holders",
+        "_keys",
+        "_member_of",
+        "_order",
+        "_reshaped",
+        "_track",
+    )
 
-    def __init__(self, workers: Iterable[WorkerCapacity] = ()) -> None:
-        """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats."""
-        self._groups: dict[_GroupKey, _Group] = {}
-        self._keys: dict[str, _Key] = {}  # worker id -> rank key, the object heaps hold
-        self._member_of: dict[str, tuple[_Group, ...]] = {}  # worker id -> groups it is in
-        self._order: list[_Group] | None = None  # groups cheapest first; None after a change
+    def __init__(self, workers: Iterable[WorkerCapacity] = (), *, track: bool = True) -> None:
+        """Index ``workers``. Raises ValueError if a worker_id or a worker's GPU index repeats.
+
+        ``track``: record which groups changed upward or in shape (:meth:`drain_changes`)."""
+        self._track = track
+        # Since the last drain_changes(): groups where some worker gained free GPUs (its
+        # GPUs of the group unchanged), and groups whose GPU counts per worker changed
+        # (a worker joined or left the group, or its GPUs in the group changed; created
+        # and deleted groups too).
+        self._freed: set[GroupKey] = set()
+        self._reshaped: set[GroupKey] = set()
+        self._groups: dict[GroupKey, FreeGroup] = {}
+        self._keys: dict[str, RankKey] = {}  # worker id -> rank key, the object heaps hold
+        self._member_of: dict[str, tuple[FreeGroup, ...]] = {}  # worker id -> groups it is in
+        self._order: list[FreeGroup] | None = None  # groups cheapest first; None after a change
         self._holders: dict[str, set[str]] = {}  # environment -> workers holding it
         self._envs_of: dict[str, frozenset[str]] = {}  # worker id -> its environments
         # In rank order every heap push lands at the end of its heap: no sifting.
@@ -301,6 +99,30 @@ class FleetIndex:
             if worker.worker_id in self._keys:
                 raise ValueError("duplicate worker_id in snapshot")
             self.update(worker)
+
+    def drain_changes(self) -> tuple[set[GroupKey], set[GroupKey]]:
+        """``(freed, reshaped)`` since the last call, and forget them: the keys of groups in
+        which some worker gained free GPUs (and nothing else changed), and of groups whose
+        GPUs per worker changed (created and deleted groups too). Placement takes GPUs
+        without recording anything: only what could let a job fit, or change why it does
+        not, is recorded."""
+        out = (self._freed, self._reshaped)
+        self._freed, self._reshaped = set(), set()
+        return out
+
+    def best_free(self, key: GroupKey) -> int:
+        """Most free GPUs of the group ``key`` on one worker (0 when there is no such group)."""
+        group = self._groups.get(key)
+        return group.best_free() if group is not None else 0
+
+    def gangs_free(self, key: GroupKey, n: int) -> int:
+        """How many gangs of ``n`` the free GPUs of the group ``key`` make, a gang on one
+        worker: the most jobs of ``n`` GPUs it can take now (0 when there is no such group)."""
+        group = self._groups.get(key)
+        if group is None or n < 1:
+            return 0
+        sizes = group.sizes
+        return sum(sizes[f] * (f // n) for f in range(n, len(sizes)))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -313,9 +135,9 @@ class FleetIndex:
         wid = worker.worker_id
         if len({gpu.index for gpu in worker.gpus}) != len(worker.gpus):
             raise ValueError(f"duplicate GPU index on worker {wid}")
-        self.remove(wid)
-        totals: dict[_GroupKey, int] = {}
-        free: dict[_GroupKey, list[int]] = {}
+        before = self._forget(wid)
+        totals: dict[GroupKey, int] = {}
+        free: dict[GroupKey, list[int]] = {}
         containers = worker.containers
         ram = worker.ram_gb_per_gpu
         cpu = worker.cpu_millicores_per_gpu
@@ -343,7 +165,7 @@ class FleetIndex:
         for gkey, total in totals.items():
             group = self._groups.get(gkey)
             if group is None:
-                group = self._groups[gkey] = _Group(*gkey)
+                group = self._groups[gkey] = FreeGroup(*gkey)
                 self._order = None
             indices = free.get(gkey)
             if indices is not None:
@@ -355,20 +177,36 @@ class FleetIndex:
             self._envs_of[wid] = worker.environments
             for env in worker.environments:
                 self._holders.setdefault(env, set()).add(wid)
+        if self._track:
+            for gkey, total in totals.items():
+                was = before.pop(gkey, None)
+                if was is None or was[0] != total:
+                    self._reshaped.add(gkey)
+                elif len(free.get(gkey, ())) > was[1]:
+                    self._freed.add(gkey)
+            self._reshaped.update(before)  # groups the worker left
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker (no-op if the index does not have it)."""
+        self._reshaped.update(self._forget(worker_id))
+
+    def _forget(self, worker_id: str) -> dict[GroupKey, tuple[int, int]]:
+        """Forget a worker; returns its (GPUs, free GPUs) per group key (when tracking)."""
         if self._keys.pop(worker_id, None) is None:
-            return
+            return {}
         for env in self._envs_of.pop(worker_id, ()):
             holders = self._holders[env]
             holders.discard(worker_id)
             if not holders:
                 del self._holders[env]
+        had: dict[GroupKey, tuple[int, int]] = {}
         for group in self._member_of.pop(worker_id):
+            if self._track:
+                had[group.key] = (group.totals[worker_id], len(group.free_idx.get(worker_id, ())))
             if group.remove(worker_id):
                 del self._groups[group.key]
                 self._order = None
+        return had
 
     def place(
         self, pending: Iterable[JobRequest], *, take: bool = True, topology: bool = True
@@ -381,7 +219,7 @@ class FleetIndex:
         before issue 15, which the trace replay compares against."""
         groups = self._groups_in_order()
         keys = self._keys
-        filters: dict[_FilterKey, _Filter] = {}
+        filters: dict[FilterKey, GroupFilter] = {}
         workers = len(keys)
         placements: list[Placement] = []
         unplaced: list[Unplaced] = []
@@ -402,7 +240,7 @@ class FleetIndex:
             )
             filt = filters.get(fkey)
             if filt is None:
-                filt = filters[fkey] = _make_filter(groups, fkey, workers)
+                filt = filters[fkey] = make_filter(groups, fkey, workers)
             if 0 < n < filt.fail_at:
                 local = self._local(job.environment, filt, n) if job.environment else ()
                 wide = narrow = False
@@ -419,7 +257,7 @@ class FleetIndex:
             cached = filt.reasons.get(n)
             if cached is None or (cached[0] != version and filt.static is None):
                 if filt.static is None:
-                    reason = _count_rejection(job, filt)
+                    reason = gpu_count_rejection(job, filt)
                 elif n == 1:
                     reason = filt.static
                 else:  # the topology filters' messages name the gang
@@ -446,7 +284,7 @@ class FleetIndex:
         found = self._groups.get(group.key)
         return iter(found.totals if found is not None else ())
 
-    def _groups_in_order(self) -> list[_Group]:
+    def _groups_in_order(self) -> list[FreeGroup]:
         """Every group, cheapest first (then VRAM, model and the rest of its key): the order
         filters keep."""
         if self._order is None:
@@ -455,7 +293,9 @@ class FleetIndex:
             )
         return self._order
 
-    def _local(self, environment: str, filt: _Filter, n: int) -> list[tuple[_Group, _Key, int]]:
+    def _local(
+        self, environment: str, filt: GroupFilter, n: int
+    ) -> list[tuple[FreeGroup, RankKey, int]]:
         """(group, rank key, free count) of every worker holding ``environment`` with ``n``
         free GPUs in a group that passes ``filt``; costs the holders, not the fleet."""
         holders = self._holders.get(environment) if environment else None
@@ -470,7 +310,7 @@ class FleetIndex:
         return out
 
 
-def _filter_key(job: JobRequest) -> _FilterKey:
+def _filter_key(job: JobRequest) -> FilterKey:
     return (
         job.gpu_model,
         job.min_vram_mb,
@@ -485,21 +325,21 @@ def _filter_key(job: JobRequest) -> _FilterKey:
 
 
 def _static_rejection(
-    groups: list[_Group], fkey: _FilterKey, workers: int, n: int
+    groups: list[FreeGroup], fkey: FilterKey, workers: int, n: int
 ) -> Rejection | None:
     """The static filters' rejection worded for a gang of ``n``."""
     return static_filter(groups, *fkey, workers=workers, gpu_count=n)[1]
 
 
 def _take(
-    filt: _Filter,
+    filt: GroupFilter,
     n: int,
-    keys: dict[str, _Key],
-    local: Sequence[tuple[_Group, _Key, int]],
+    keys: dict[str, RankKey],
+    local: Sequence[tuple[FreeGroup, RankKey, int]],
     take: bool = True,
     wide: bool = False,
     narrow: bool = False,
-) -> tuple[_Group, str, tuple[int, ...]] | None:
+) -> tuple[FreeGroup, str, tuple[int, ...]] | None:
     """Choose by :func:`choice_key` among the qualifying groups and take the gang from the
     index (unless ``take`` is False); returns (group, worker id, GPU indices) or None if no
     worker has ``n`` free.
@@ -509,12 +349,12 @@ def _take(
     smallest key of both is the choice, as a scan of every (worker, group) would find.
     ``wide``/``narrow``: the job prefers the widest/narrowest links
     (:func:`~broker.scheduler.scores.topology_score`); neither: links do not count."""
-    best: _Group | None = None
+    best: FreeGroup | None = None
     best_key: ChoiceKey | None = None
-    best_rank: _Key | None = None
+    best_rank: RankKey | None = None
     best_free = 0
     local_ids = {rank[1] for _, rank, _ in local} if local else None
-    dead: list[_Group] = []
+    dead: list[FreeGroup] = []
     # Cheapest first, then by the job's topology score: once a candidate is found, a group
     # with a higher price, or the same price and a worse topology score, cannot win.
     for group in filt.by_links(wide) if wide or narrow else filt.groups:
@@ -569,4 +409,4 @@ def place(snapshot: Snapshot, *, topology: bool = True) -> SchedulingResult:
 
     Raises ValueError if the snapshot repeats a worker_id or a GPU index on one worker.
     """
-    return FleetIndex(snapshot.workers).place(snapshot.pending, topology=topology)
+    return FleetIndex(snapshot.workers, track=False).place(snapshot.pending, topology=topology)

@@ -7,10 +7,11 @@ Two Hypothesis state machines:
   equal ``place(Snapshot(...))`` of the same workers, placements and rejection messages
   alike, and every pass's result must also match brute force.
 * ``LockstepCoreMachine`` runs the core's own random event sequences
-  (``test_core_stateful.CoreMachine``) through two cores at once: the real one (kept index)
-  and one given a view (``BrokerCore(view=SnapshotView())``) that places every pass with
-  ``place(Snapshot(...))`` of all it was told, as the core used to. Every event must give
-  both the same commands, and every job the same pending reasons.
+  (``test_core_stateful.CoreMachine``) through two cores at once: one placing every queued
+  job on the kept index each pass (``KeptQueue``; the broker's default parks jobs,
+  ``test_parking.py``) and one given a view (``BrokerCore(view=SnapshotView())``) that
+  places every pass with ``place(Snapshot(...))`` of all it was told, as the core used to.
+  Every event must give both the same commands, and every job the same pending reasons.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from test_scheduler import ENVS, _flatten, _reference, workers
 
 from broker.core import BrokerCore
 from broker.events import Command, Event
+from broker.queue import KeptQueue
 from broker.scheduler import (
     FleetIndex,
     JobRequest,
@@ -287,6 +289,11 @@ class LockstepCoreMachine(CoreMachine):
     @initialize()
     def setup(self) -> None:
         super().setup()
+        # The kept index with every queued job examined every pass (no parking:
+        # test_parking.py checks parking against the same reference).
+        self.core = BrokerCore(
+            lease_ttl_s=self.core.lease_ttl_s, start_deadline_s=5.0, view=KeptQueue()
+        )
         self.ref = BrokerCore(
             lease_ttl_s=self.core.lease_ttl_s, start_deadline_s=5.0, view=SnapshotView()
         )
