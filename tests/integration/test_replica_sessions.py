@@ -171,9 +171,13 @@ def test_a_follower_session_renews_the_lease_by_digest_and_relays_instructions(
         assert session.renewed >= 6 and not session.ended.is_set()
         # The leader renewed the lease through digests, not per-agent RPCs.
         assert _metric(leader, "rigshift_broker_replica_lease_renewals_total") >= 3
-        for method in ("Heartbeat", "Session"):
-            name = f"/rigshift.v1.WorkerService/{method}"
-            assert _metric(leader, "rigshift_grpc_requests_total", method=name) == 0
+        calls = {
+            method: _metric(
+                leader, "rigshift_grpc_requests_total", method=f"rigshift.v1.WorkerService/{method}"
+            )
+            for method in ("RegisterWorker", "Heartbeat", "Session")
+        }
+        assert calls == {"RegisterWorker": 1, "Heartbeat": 0, "Session": 0}  # forwarded: 1
         assert _metric(leader, "rigshift_worker_lease_expirations_total") == 0
         assert _metric(follower, "rigshift_broker_replica_sessions") == 1
         assert _metric(follower, "rigshift_broker_replica_digests_sent_total") >= 3
@@ -279,7 +283,7 @@ def test_a_followers_agents_keep_their_leases_across_a_leader_failover(
             _metric(
                 new_leader,
                 "rigshift_grpc_requests_total",
-                method="/rigshift.v1.WorkerService/Heartbeat",
+                method="rigshift.v1.WorkerService/Heartbeat",
             )
             == 0
         )
