@@ -11,6 +11,10 @@ it; they share the *entry points* and take turns owning it (``docs/replicas.md``
   ``LEADER_LOCK`` on a connection of its own. It runs the whole broker (core,
   scheduler, lease loop) on ``internal_listen`` and records its address and an
   epoch in the ``broker_leader`` row, where followers look it up.
+- A follower serves its agents' ``WorkerService/Session`` itself
+  (``broker.replica_sessions``): renewals are answered locally and reach the leader as
+  one ``ReplicaService/RenewLeases`` digest per interval (``broker.replica_leases``,
+  authenticated with the secret of the leader's epoch in ``broker_leader``).
 - When the leader dies, PostgreSQL ends its session and so releases the lock. A
   follower polling ``pg_try_advisory_lock`` gets it, loads the state from the
   database (the same path as a restart after ``kill -9``) and leads. Streams

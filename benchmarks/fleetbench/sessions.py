@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,9 +129,14 @@ async def _legacy_agent(
     stream = stub.StreamInstructions(ws.StreamInstructionsRequest(worker=worker), metadata=metadata)
 
     async def drain() -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        try:
             async for _ in stream:
                 ready.set()
+        except grpc.aio.AioRpcError as err:
+            if not stop.is_set():
+                stats.errors[f"StreamInstructions {err.code().name}"] += 1
+        finally:
+            ready.set()
 
     drainer = asyncio.get_running_loop().create_task(drain())
     try:
@@ -166,13 +171,17 @@ async def _run(cfg: SessionLoadConfig, conn: Any) -> None:
             return await _register(stub, cfg.token, f"bench-{cfg.first + n}")
 
     ids = await asyncio.gather(*(register(n, stub) for n, (stub, _) in enumerate(agents)))
+    print(f"loadgen: {len(ids)} agents registered", file=sys.stderr, flush=True)
     readies = [asyncio.Event() for _ in agents]
     tasks = []
     for (stub, mode), (worker, credential), ready in zip(agents, ids, readies, strict=True):
         run = _session_agent if mode == "session" else _legacy_agent
         tasks.append(asyncio.create_task(run(stub, worker, credential, cfg, stats, ready, stop)))
         await asyncio.sleep(0)
-    await asyncio.gather(*(r.wait() for r in readies))
+    while not all(r.is_set() for r in readies):
+        waiting = sum(not r.is_set() for r in readies)
+        print(f"loadgen: {waiting} agents not ready yet", file=sys.stderr, flush=True)
+        await asyncio.wait([asyncio.ensure_future(r.wait()) for r in readies], timeout=10)
     conn.send(("ready", len(agents)))
     start, end = await asyncio.to_thread(conn.recv)  # the window, wall clock
     stats.window = (start, end)
