@@ -234,6 +234,10 @@ def run_once(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 }
             )
         rtt.sort()
+        if errors:  # say why, from the replicas' logs
+            for r in replicas:
+                tail = [x for x in r.lines if "Error" in x or "error" in x or "Traceback" in x]
+                print("".join(tail[-20:]), file=sys.stderr)
         return {
             "replicas": n,
             "agents": ready,

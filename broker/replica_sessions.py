@@ -31,13 +31,13 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import create_engine, text
+from sqlalchemy import bindparam, create_engine, text
 
 from broker import validation as v
 from broker.api.boundary import abort_with
 from broker.auth import bearer
 from broker.convert import timestamp
-from broker.errors import BrokerError, PermissionDenied, Unauthenticated
+from broker.errors import BrokerError, DatabaseUnavailable, PermissionDenied, Unauthenticated
 from rigshift.v1 import replica_service_pb2, worker_service_pb2
 
 __all__ = [
@@ -103,36 +103,67 @@ class _Session:
 
 
 class CredentialCache:
-    """worker credential → worker id, read from PostgreSQL and kept for a while."""
+    """worker credential → worker id, read from PostgreSQL and kept for a while.
+
+    Lookups that miss the cache at the same time (a whole fleet reconnecting after a
+    failover) are answered by one query per batch of up to ``BATCH`` credentials.
+    """
+
+    BATCH = 1000
 
     def __init__(self, db_url: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self._engine = create_engine(db_url, pool_size=2, max_overflow=2, pool_pre_ping=True)
+        self._engine = create_engine(db_url, pool_size=1, max_overflow=0, pool_pre_ping=True)
         self._clock = clock
         self._known: dict[str, tuple[str, float]] = {}  # sha256 -> (worker id or "", until)
+        self._pending: dict[str, asyncio.Future[str]] = {}
+        self._reader: asyncio.Task[None] | None = None
 
     async def worker_of(self, secret: str) -> str:
         """The worker whose credential ``secret`` is, else Unauthenticated."""
         digest = hashlib.sha256(secret.encode()).hexdigest()
-        now = self._clock()
         hit = self._known.get(digest)
-        if hit is None or hit[1] <= now:
-            worker_id = await asyncio.to_thread(self._read, digest)
-            ttl = CREDENTIAL_CACHE_S if worker_id else UNKNOWN_CACHE_S
+        if hit is not None and hit[1] > self._clock():
+            worker_id = hit[0]
+        else:
+            future = self._pending.get(digest)
+            if future is None:
+                future = self._pending[digest] = asyncio.get_running_loop().create_future()
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.get_running_loop().create_task(self._read_pending())
+            worker_id = await asyncio.shield(future)
+        if not worker_id:
+            raise Unauthenticated("credential not recognised (revoked, or for another broker?)")
+        return worker_id
+
+    async def _read_pending(self) -> None:
+        while self._pending:
+            batch = list(self._pending)[: self.BATCH]
+            try:
+                found = await asyncio.to_thread(self._read, batch)
+                error: BaseException | None = None
+            except Exception as err:  # the database is away: these sessions are refused
+                log.warning("credential lookup failed: %s", err)
+                found, error = {}, DatabaseUnavailable("cannot check the worker credential now")
             if len(self._known) > 200_000:
                 self._known.clear()  # bound the memory a credential-guessing caller can use
-            hit = self._known[digest] = (worker_id, now + ttl)
-        if not hit[0]:
-            raise Unauthenticated("credential not recognised (revoked, or for another broker?)")
-        return hit[0]
+            now = self._clock()
+            for digest in batch:
+                future = self._pending.pop(digest)
+                if error is not None:
+                    future.set_exception(error)
+                    continue
+                worker_id = found.get(digest, "")
+                ttl = CREDENTIAL_CACHE_S if worker_id else UNKNOWN_CACHE_S
+                self._known[digest] = (worker_id, now + ttl)
+                future.set_result(worker_id)
 
-    def _read(self, digest: str) -> str:
+    def _read(self, digests: list[str]) -> dict[str, str]:
         query = text(
-            "SELECT c.worker_id FROM worker_credentials c JOIN workers w ON w.id = c.worker_id "
-            "WHERE c.credential_sha256 = :d"
-        )
+            "SELECT c.credential_sha256, c.worker_id FROM worker_credentials c "
+            "JOIN workers w ON w.id = c.worker_id WHERE c.credential_sha256 IN :ds"
+        ).bindparams(bindparam("ds", expanding=True))
         with self._engine.connect() as conn:
-            row = conn.execute(query, {"d": digest}).first()
-        return str(row[0]) if row else ""
+            return {str(d): str(w) for d, w in conn.execute(query, {"ds": digests})}
 
     def close(self) -> None:
         """Close the database connections."""
@@ -268,6 +299,13 @@ class FollowerSessions:
             admitted = await self._admit(requests, context)
         except BrokerError as err:
             await abort_with(context, err)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # a bug or a surprise: the agent retries (UNAVAILABLE), we log it
+            log.exception("replica %s: a session could not be admitted", self.replica_id)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the replica could not admit this session"
+            )
         if admitted is None:
             return
         worker_id, first = admitted
