@@ -97,6 +97,25 @@ class _Session:
     metadata: tuple[tuple[str, Any], ...]
     out: asyncio.Queue[worker_service_pb2.Instruction | _End] = field(default_factory=asyncio.Queue)
     status_wanted: bool = False
+    reconciled: bool = False  # the leader's first Reconcile reached the agent
+    held: list[worker_service_pb2.Instruction] = field(default_factory=list)
+
+    def answer(self, renewal: worker_service_pb2.Instruction) -> None:
+        """Send a renewal's answer; until the first Reconcile it waits, so that the agent
+        sees the Reconcile first, as from a single broker."""
+        if self.reconciled:
+            self.out.put_nowait(renewal)
+        else:
+            self.held.append(renewal)
+
+    def relay(self, instruction: worker_service_pb2.Instruction) -> None:
+        """Pass on an instruction of the leader (and the answers held for the Reconcile)."""
+        self.out.put_nowait(instruction)
+        if not self.reconciled and instruction.WhichOneof("kind") == "reconcile":
+            self.reconciled = True
+            for renewal in self.held:
+                self.out.put_nowait(renewal)
+            self.held.clear()
 
     def end(self, code: grpc.StatusCode, details: str = "", trailers: Any = ()) -> None:
         self.out.put_nowait(_End(code, details, tuple(trailers or ())))
@@ -314,7 +333,7 @@ class FollowerSessions:
         if old is not None:
             old.end(grpc.StatusCode.OK)  # a newer session of the same agent: the old one ends
         self._sessions[worker_id] = session
-        session.out.put_nowait(self._renew(session, first))
+        session.answer(self._renew(session, first))
         loop = asyncio.get_running_loop()
         tasks = (
             loop.create_task(self._read(session, requests)),
@@ -364,7 +383,7 @@ class FollowerSessions:
                         f"this session is {name}'s; a renewal named {request.worker}",
                     )
                     return
-                session.out.put_nowait(self._renew(session, request))
+                session.answer(self._renew(session, request))
         session.end(grpc.StatusCode.OK)
 
     async def _upstream(self, session: _Session) -> None:
@@ -385,7 +404,7 @@ class FollowerSessions:
             try:
                 async for instruction in call:
                     delay = 0.1
-                    session.out.put_nowait(instruction)
+                    session.relay(instruction)
                 # The leader ended the stream: a newer one of this worker superseded it, or
                 # the leader is stopping. As on a single broker, the agent reconnects.
                 session.end(

@@ -41,6 +41,7 @@ class SessionClient:
         self.worker = worker
         self.instructions: queue.Queue[ws.Instruction] = queue.Queue()
         self.renewed = 0
+        self.first_kind = ""
         self.ended = threading.Event()
         self.error: grpc.RpcError | None = None
         self._requests: queue.Queue[ws.SessionRequest | None] = queue.Queue()
@@ -63,6 +64,7 @@ class SessionClient:
     def _pump(self) -> None:
         try:
             for instruction in self._call:
+                self.first_kind = self.first_kind or str(instruction.WhichOneof("kind"))
                 if instruction.WhichOneof("kind") == "lease_renewed":
                     self.renewed += 1
                 else:
@@ -162,6 +164,7 @@ def test_a_follower_session_renews_the_lease_by_digest_and_relays_instructions(
         agent = _register(follower.address, farm.enrollment_token, "rig-f")
         session = SessionClient(follower.address, agent.worker, agent.credential)
         assert list(session.next_of("reconcile").assignments) == []  # relayed from the leader
+        assert session.first_kind == "reconcile"  # before any renewal's answer
         watch = StateWatch([leader.address], key)
         # Several TTLs with nothing but the follower's session: the worker stays ONLINE.
         started = time.monotonic()

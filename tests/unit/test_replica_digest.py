@@ -66,3 +66,14 @@ def test_a_digest_that_could_not_be_sent_is_merged_into_the_next_one():
     follower._merge_back({**held, "w2": old}, full=True)
     assert follower._renewed == {"w1": new, "w2": old, "w3": None}
     assert follower._full
+
+
+def test_renewal_answers_wait_for_the_leaders_first_reconcile():
+    follower = _sessions()
+    session = _Session("w1", ())
+    session.answer(follower._renew(session, ws.SessionRequest(worker="workers/w1")))
+    assert session.out.empty()  # no Reconcile yet: the answer waits
+    session.relay(ws.Instruction(reconcile=ws.Reconcile()))
+    session.answer(follower._renew(session, ws.SessionRequest()))
+    kinds = [session.out.get_nowait().WhichOneof("kind") for _ in range(3)]
+    assert kinds == ["reconcile", "lease_renewed", "lease_renewed"]
