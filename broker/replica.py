@@ -11,6 +11,10 @@ it; they share the *entry points* and take turns owning it (``docs/replicas.md``
   ``LEADER_LOCK`` on a connection of its own. It runs the whole broker (core,
   scheduler, lease loop) on ``internal_listen`` and records its address and an
   epoch in the ``broker_leader`` row, where followers look it up.
+- A follower serves its agents' ``WorkerService/Session`` itself
+  (``broker.replica_sessions``): renewals are answered locally and reach the leader as
+  one ``ReplicaService/RenewLeases`` digest per interval (``broker.replica_leases``,
+  authenticated with the secret of the leader's epoch in ``broker_leader``).
 - When the leader dies, PostgreSQL ends its session and so releases the lock. A
   follower polling ``pg_try_advisory_lock`` gets it, loads the state from the
   database (the same path as a restart after ``kill -9``) and leads. Streams
@@ -46,6 +50,8 @@ from sqlalchemy.pool import NullPool
 
 from broker.metrics import default_registry, most_common_model
 from broker.metrics_http import MetricsServer
+from broker.replica_leases import DigestMetrics, ReplicaServicer
+from broker.replica_sessions import SESSION_METHOD, FollowerSessions, Leader
 from broker.server import (
     KEEPALIVE_OPTIONS,
     SERVICE_NAMES,
@@ -54,12 +60,14 @@ from broker.server import (
     HealthWithTime,
     bind,
 )
+from broker.service import BrokerService
 from broker.store import Store
 from rigshift.v1 import (
     admin_service_pb2,
     artifact_service_pb2,
     farm_service_pb2,
     job_service_pb2,
+    replica_service_pb2_grpc,
     worker_service_pb2,
 )
 
@@ -108,14 +116,23 @@ async def _relay(err: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext) -
 
 
 class _Forwarder(grpc.GenericRpcHandler):
-    """Forwards every known method to the current leader, bytes in and bytes out."""
+    """Forwards every known method to the current leader, bytes in and bytes out, except
+    those ``local`` serves on this replica (a follower's agent sessions)."""
 
-    def __init__(self, leader: Callable[[], grpc.aio.Channel | None]) -> None:
+    def __init__(
+        self,
+        leader: Callable[[], grpc.aio.Channel | None],
+        local: Callable[[str], grpc.RpcMethodHandler | None] = lambda method: None,
+    ) -> None:
         self._leader = leader
+        self._local = local
         self._kinds = method_kinds()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
+        handler = self._local(method)
+        if handler is not None:
+            return handler
         kind = self._kinds.get(method)
         if kind is None:
             return None  # UNIMPLEMENTED, as on a single broker
@@ -253,6 +270,15 @@ class ReplicaBroker:
         self._sd_cache: list[dict[str, Any]] = []
         self._sd_read_at = -SD_REFRESH_S
         self._stopping = False
+        self._leader_secret = ""
+        self._digest_metrics = DigestMetrics(self.registry)
+        self.sessions = FollowerSessions(
+            config.resolved_db_url(),
+            replica_id=self.replica_id,
+            lease_ttl_s=config.lease_ttl_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            registry=self.registry,
+        )
 
     @property
     def address(self) -> str:
@@ -281,7 +307,8 @@ class ReplicaBroker:
         server = self._server = grpc.aio.server(options=options)
         self._health = HealthWithTime()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        server.add_generic_rpc_handlers((_Forwarder(self._leader_channel),))
+        server.add_generic_rpc_handlers((_Forwarder(self._leader_channel, self._local),))
+        self.sessions.start()
         self.port = bind(server, cfg)
         await self._set_health(False)
         await server.start()
@@ -325,6 +352,12 @@ class ReplicaBroker:
     def _leader_channel(self) -> grpc.aio.Channel | None:
         return self._channel if self.leader_address else None
 
+    def _local(self, method: str) -> grpc.RpcMethodHandler | None:
+        """A follower serves its agents' sessions itself; the leader forwards them to its core."""
+        if method == SESSION_METHOD and not self.leading:
+            return self.sessions.handler()
+        return None
+
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None
         status = (
@@ -353,8 +386,8 @@ class ReplicaBroker:
         if await asyncio.to_thread(self._try_lock):
             await self._lead()
             return
-        address = await asyncio.to_thread(self._read_leader)
-        await self._follow(address)
+        address, secret = await asyncio.to_thread(self._read_leader)
+        await self._follow(address, secret)
         if self._metrics_server is not None and time.monotonic() - self._sd_read_at > SD_REFRESH_S:
             self._sd_cache = await asyncio.to_thread(self._read_sd)
             self._sd_read_at = time.monotonic()
@@ -390,28 +423,31 @@ class ReplicaBroker:
             return False
         return bool(held)
 
-    def _read_leader(self) -> str:
+    def _read_leader(self) -> tuple[str, str]:
         with self._engine.connect() as conn:
-            row = conn.execute(text("SELECT address FROM broker_leader WHERE id = 1")).first()
-        return str(row[0]) if row else ""
+            row = conn.execute(
+                text("SELECT address, secret FROM broker_leader WHERE id = 1")
+            ).first()
+        return (str(row[0]), str(row[1])) if row else ("", "")
 
-    def _record_leader(self, address: str) -> int:
+    def _record_leader(self, address: str, secret: str) -> int:
         assert self._lock_conn is not None
         # One statement, so a follower never reads a missing or half-written row.
         epoch = self._lock_conn.execute(
             text(
-                "INSERT INTO broker_leader (id, replica, address, epoch, since) "
-                "VALUES (1, :r, :a, 1, :t) ON CONFLICT (id) DO UPDATE SET "
-                "replica = :r, address = :a, epoch = broker_leader.epoch + 1, since = :t "
-                "RETURNING epoch"
+                "INSERT INTO broker_leader (id, replica, address, epoch, since, secret) "
+                "VALUES (1, :r, :a, 1, :t, :s) ON CONFLICT (id) DO UPDATE SET "
+                "replica = :r, address = :a, epoch = broker_leader.epoch + 1, since = :t, "
+                "secret = :s RETURNING epoch"
             ),
-            {"r": self.replica_id, "a": address, "t": time.time()},
+            {"r": self.replica_id, "a": address, "t": time.time(), "s": secret},
         ).scalar()
         return int(epoch or 0)
 
-    async def _follow(self, address: str) -> None:
-        if address == self.leader_address:
+    async def _follow(self, address: str, secret: str) -> None:
+        if address == self.leader_address and secret == self._leader_secret:
             return
+        self._leader_secret = secret
         await self._point_at(address)
         await self._set_health(bool(address))
         if address:
@@ -431,6 +467,13 @@ class ReplicaBroker:
             if address
             else None
         )
+        # The held sessions follow the leader (their upstream streams re-open, a full
+        # digest goes out); a replica that leads holds none.
+        self.sessions.set_leader(
+            Leader(self._channel, self._leader_secret, address)
+            if self._channel is not None and not self.leading
+            else None
+        )
         if old is not None:
             await old.close(grace=None)
 
@@ -444,7 +487,13 @@ class ReplicaBroker:
             metrics_listen="",
             write_credentials=False,
         )
-        broker = Broker(cfg, registry=self.registry)
+        secret = secrets.token_urlsafe(32)  # this epoch's replica secret (ReplicaService)
+
+        def add_services(svc: BrokerService, server: grpc.aio.Server) -> None:
+            servicer = ReplicaServicer(svc, secret, cfg.lease_ttl_s, self._digest_metrics)
+            replica_service_pb2_grpc.add_ReplicaServiceServicer_to_server(servicer, server)
+
+        broker = Broker(cfg, registry=self.registry, add_services=add_services)
         try:
             await broker.start()
         except BaseException:
@@ -460,8 +509,11 @@ class ReplicaBroker:
 
         broker.service.on_stale = on_stale
         self.broker = broker
+        # Sessions held as a follower end (UNAVAILABLE): their agents reconnect and get a
+        # session on this replica's core, or on another follower (docs/replicas.md).
+        self.sessions.end_all("this broker replica leads now; reconnect")
         address = f"{self.advertise_host}:{broker.port}"
-        epoch = await asyncio.to_thread(self._record_leader, address)
+        epoch = await asyncio.to_thread(self._record_leader, address, secret)
         self._leader_gauge.set(1)
         await self._point_at(address)
         await self._set_health(True)
@@ -506,6 +558,7 @@ class ReplicaBroker:
                 await self._task
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        await self.sessions.stop()
         if self._server is not None:
             await self._server.stop(self.config.grace_s)
         if self.broker is not None:

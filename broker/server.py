@@ -222,8 +222,15 @@ def bind(server: grpc.aio.Server, cfg: BrokerConfig) -> int:
 class Broker:
     """One broker: store, core, servicers and loops. Use ``async with`` or start()/stop()."""
 
-    def __init__(self, config: BrokerConfig, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        add_services: Callable[[BrokerService, grpc.aio.Server], None] | None = None,
+    ) -> None:
         self.config = config
+        self._add_services = add_services  # more servicers (a replica leader's ReplicaService)
         self.port = 0
         self.registry = registry if registry is not None else default_registry()
         self.metrics: BrokerMetrics | None = None
@@ -302,6 +309,8 @@ class Broker:
             ArtifactServicer(svc, artifacts), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(svc), server)
+        if self._add_services is not None:
+            self._add_services(svc, server)
         self._health = HealthWithTime(clock)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -281,6 +281,7 @@ class LeaderRow(SQLModel, table=True):
     address: str
     epoch: int = _big()
     since: float = 0.0
+    secret: str = ""  # the leader's epoch secret: followers' ReplicaService calls carry it
 
 
 class LogRow(SQLModel, table=True):

@@ -51,7 +51,7 @@ def _port() -> int:
 class Replica:
     """One `rigshift broker serve --replica` process; its output is kept for failures."""
 
-    def __init__(self, db: str, home: Path, artifacts: Path) -> None:
+    def __init__(self, db: str, home: Path, artifacts: Path, *, lease_ttl_s: float = 15) -> None:
         self.address = f"127.0.0.1:{_port()}"
         self.proc = subprocess.Popen(
             [
@@ -68,7 +68,9 @@ class Replica:
                 "--artifact-dir",
                 str(artifacts),
                 "--lease-ttl-s",
-                "15",
+                str(lease_ttl_s),
+                "--heartbeat-interval-s",
+                str(lease_ttl_s / 3),
                 "--metrics-listen",
                 "127.0.0.1:0",
             ],
@@ -92,11 +94,13 @@ class Replica:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def metrics_url(self) -> str:
+        """The replica's /metrics URL (from its startup line)."""
+        return next(line.split()[-1] for line in self.lines if "metrics on http://" in line)
+
     def sd(self) -> list[dict]:
         """The replica's /sd (Prometheus HTTP service discovery) answer."""
-        url = next(line.split()[-1] for line in self.lines if "metrics on http://" in line).replace(
-            "/metrics", "/sd"
-        )
+        url = self.metrics_url().replace("/metrics", "/sd")
         with urllib.request.urlopen(url, timeout=5) as resp:
             return json.loads(resp.read())
 
