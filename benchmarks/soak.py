@@ -35,17 +35,14 @@ more. No figure is asserted here: the goals are in ``docs/scale.md``.
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
 import collections
 import configparser
 import gc
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -58,16 +55,14 @@ import grpc
 import psutil
 from fleetbench.loadgen import LoadGenConfig, loadgen_main
 from fleetbench.processes import BrokerProcess
+from soakbench.drive import Drive
 from soakbench.plot import write_plot
-from soakbench.probes import completed_jobs, database_bytes, free_port, wait_serving
-from soakbench.series import START_JOBS, Interval, Series, percentile
+from soakbench.probes import free_port, wait_serving
+from soakbench.series import Series, percentile
 
-from rigshift.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from rigshift.v1 import job_service_pb2, job_service_pb2_grpc
 
 SAMPLES_FILE = "soak-samples.json"
-POLL_S = 0.02  # how often the soak asks the load generator for new assignments
-PROBE_S = 0.1  # GetJob probe period (10/s: a reader, not a load)
-COUNT_S = 0.5  # how often it reads the broker's completed-jobs counter
 
 
 class Soak:
@@ -80,23 +75,12 @@ class Soak:
         self.run_index = len(self.series.runs)
         self.prior = self.series.jobs_completed
         self.sqlite = None if args.database_url else home / "broker-home" / "broker.db"
+        self.loadgen: Any = None
         self.broker: BrokerProcess | None = None
         self.address = ""
         self.metrics_url = ""
         self.api_key = ""
         self.conn: Any = None
-        # per-run state of the drive loop
-        self.created: dict[str, float] = {}  # job name -> wall time CreateJob returned
-        self.early: dict[str, float] = {}  # assigned before its CreateJob returned
-        self.assigned = 0
-        self.recent: collections.deque[str] = collections.deque(maxlen=1000)
-        self.last_job = ""
-        self.interval = Interval()
-        self.all_s2a = array.array("d")
-        self.all_create = array.array("d")
-        self.all_get = array.array("d")
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.progress = asyncio.Event()
 
     # --- processes ----------------------------------------------------------------------
 
@@ -182,181 +166,7 @@ class Soak:
         self.loadgen.join(10)
         return result
 
-    # --- the drive loop ------------------------------------------------------------------
-
-    def _query(self) -> list[tuple[str, float]]:
-        self.conn.send(("query",))
-        if not self.conn.poll(30.0):
-            raise RuntimeError("the load generator stopped answering")
-        kind, items = self.conn.recv()
-        assert kind == "assigned"
-        return list(items)
-
-    def _assigned(self, name: str, at: float) -> None:
-        returned = self.created.pop(name, None)
-        if returned is None:
-            self.early[name] = at
-        else:
-            self._s2a(max(0.0, at - returned) * 1000)
-        self.assigned += 1
-        self.recent.append(name)
-        self.last_job = name
-
-    def _s2a(self, ms: float) -> None:
-        self.interval.submit_to_assign.append(ms)
-        self.all_s2a.append(ms)
-
-    async def poll_assignments(self, done: asyncio.Event) -> None:
-        """Match the agents' assignments with the jobs created (submit->assign)."""
-        while not done.is_set():
-            for name, at in await asyncio.to_thread(self._query):
-                self._assigned(name, at)
-            self.progress.set()
-            await asyncio.sleep(POLL_S)
-
-    async def submit(self, stub: job_service_pb2_grpc.JobServiceStub) -> None:
-        """CreateJob ``--jobs`` times, at most ``--pending`` not yet assigned."""
-        a = self.args
-        metadata = (("authorization", f"Bearer {self.api_key}"),)
-        limit = asyncio.Semaphore(a.concurrency)
-        spec = job_pb2.JobSpec(
-            display_name="soak", command=["true"], gpu_count=1, max_duration_seconds=60
-        )
-
-        async def one(i: int) -> None:
-            request = job_service_pb2.CreateJobRequest(
-                spec=spec, request_id=f"soak-{self.run_index}-{i}"
-            )
-            try:
-                t0 = time.time()
-                job = await stub.CreateJob(request, metadata=metadata, timeout=60.0)
-                t1 = time.time()
-            except grpc.aio.AioRpcError as err:
-                self.errors[f"CreateJob:{err.code().name}"] += 1
-                return
-            finally:
-                limit.release()
-            ms = (t1 - t0) * 1000
-            self.interval.create.append(ms)
-            self.all_create.append(ms)
-            at = self.early.pop(job.name, None)
-            if at is None:
-                self.created[job.name] = t1
-            else:
-                self._s2a(0.0)
-
-        tasks: set[asyncio.Task[None]] = set()
-        for i in range(a.jobs):
-            while i - self.assigned >= a.pending:
-                self.progress.clear()
-                await self.progress.wait()
-            await limit.acquire()
-            task = asyncio.create_task(one(i))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-
-    async def probe(self, stub: job_service_pb2_grpc.JobServiceStub, done: asyncio.Event) -> None:
-        """GetJob a recently assigned job every PROBE_S (the read path's latency)."""
-        metadata = (("authorization", f"Bearer {self.api_key}"),)
-        rnd = random.Random(self.args.seed)
-        while not done.is_set():
-            await asyncio.sleep(PROBE_S)
-            if not self.recent:
-                continue
-            name = self.recent[rnd.randrange(len(self.recent))]
-            t0 = time.time()
-            try:
-                await stub.GetJob(job_service_pb2.GetJobRequest(name=name), metadata=metadata)
-            except grpc.aio.AioRpcError as err:
-                self.errors[f"GetJob:{err.code().name}"] += 1
-                continue
-            ms = (time.time() - t0) * 1000
-            self.interval.get.append(ms)
-            self.all_get.append(ms)
-
-    def sample(self, run_completed: int, started: float, last: tuple[float, int]) -> None:
-        """Record one sample of the series (and reset the interval)."""
-        now = time.monotonic()
-        rss = psutil.Process(self.broker.proc.pid).memory_info().rss  # type: ignore[union-attr]
-        dt = now - last[0]
-        self.series.add_sample(
-            {
-                "run": self.run_index,
-                "jobs_completed": self.prior + run_completed,
-                "run_jobs_completed": run_completed,
-                "wall_s": round(now - started, 2),
-                "rss_mb": round(rss / 2**20, 1),
-                "db_bytes": database_bytes(self.sqlite, self.args.database_url),
-                "lifecycles_per_s": round((run_completed - last[1]) / dt, 1) if dt > 0 else None,
-                **self.interval.figures(),
-                "loadavg_1m": round(os.getloadavg()[0], 2),
-            }
-        )
-        self.interval = Interval()
-        s = self.series.samples[-1]
-        print(
-            f"  {s['jobs_completed']:>9,} jobs  rss {s['rss_mb']:7.1f} MB  "
-            f"db {s['db_bytes'] / 2**20:8.1f} MB  {s['lifecycles_per_s'] or 0:6.1f}/s  "
-            f"p99 s->a {s['submit_to_assign_p99_ms']} ms  create {s['create_job_p99_ms']} ms  "
-            f"get {s['get_job_p99_ms']} ms  load {s['loadavg_1m']}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    async def count(self, done: asyncio.Event, base: int, started: float) -> None:
-        """Read the broker's completed counter; sample on the way; set ``done`` at --jobs."""
-        a = self.args
-        every = a.sample_every or max(100, a.jobs // 100)
-        next_at = every
-        start_sample_due = self.prior < START_JOBS
-        last = (started, 0)
-        deadline = math.inf
-        while True:
-            await asyncio.sleep(COUNT_S)
-            n = await asyncio.to_thread(completed_jobs, self.metrics_url) - base
-            crossed = start_sample_due and self.prior + n >= START_JOBS
-            if n >= next_at or crossed or n >= a.jobs:
-                self.sample(n, started, last)
-                last = (time.monotonic(), n)
-                start_sample_due = start_sample_due and not crossed
-                while next_at <= n:
-                    next_at += every
-            if n >= a.jobs:
-                done.set()
-                return
-            if self.assigned >= a.jobs and deadline == math.inf:
-                deadline = time.monotonic() + 120.0  # every job reached an agent
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {n} of {a.jobs} jobs completed 120 s after the last")
-
-    async def drive(self) -> float:
-        """Submit, poll, probe and count until --jobs completed; return the wall seconds."""
-        base = await asyncio.to_thread(completed_jobs, self.metrics_url)
-        done = asyncio.Event()
-        started = time.monotonic()
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = job_service_pb2_grpc.JobServiceStub(channel)
-            tasks = [
-                asyncio.create_task(self.poll_assignments(done)),
-                asyncio.create_task(self.probe(stub, done)),
-                asyncio.create_task(self.count(done, base, started)),
-                asyncio.create_task(self.submit(stub)),
-            ]
-            try:
-                await tasks[2]  # the counter ends the run
-                await tasks[3]
-            finally:
-                done.set()
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        return time.monotonic() - started
-
-    # --- the restart ---------------------------------------------------------------------
-
-    def restart(self) -> dict[str, float]:
+    def restart(self, last_job: str) -> dict[str, float]:
         """Stop the broker, then time a start on the same database until it serves."""
         assert self.broker is not None
         t0 = time.monotonic()
@@ -367,7 +177,7 @@ class Soak:
         with grpc.insecure_channel(self.address) as channel:
             stub = job_service_pb2_grpc.JobServiceStub(channel)
             stub.GetJob(
-                job_service_pb2.GetJobRequest(name=self.last_job),
+                job_service_pb2.GetJobRequest(name=last_job),
                 metadata=(("authorization", f"Bearer {self.api_key}"),),
                 timeout=60.0,
             )
@@ -391,12 +201,24 @@ class Soak:
             # The soak's own collections would show up as broker latency (as in fleet_bench).
             gc.collect()
             gc.freeze()
-            wall = asyncio.run(self.drive())
+            assert self.broker is not None and self.broker.proc is not None
+            drive = Drive(
+                a,
+                self.series,
+                self.run_index,
+                self.address,
+                self.api_key,
+                self.metrics_url,
+                self.conn,
+                self.broker.proc.pid,
+                self.sqlite,
+            )
+            wall = asyncio.run(drive.run())
             agents = self.stop_agents()
             run_completed = self.series.samples[-1]["run_jobs_completed"]
-            restart = self.restart()
+            restart = self.restart(drive.last_job)
         finally:
-            if getattr(self, "loadgen", None) is not None and self.loadgen.is_alive():
+            if self.loadgen is not None and self.loadgen.is_alive():
                 self.loadgen.kill()
             if self.broker is not None:
                 self.broker.stop()
@@ -410,12 +232,12 @@ class Soak:
             "lifecycles_per_s": round(run_completed / wall, 1),
             "first_start_s": round(first_start_s, 3),
             **restart,
-            "submit_to_assign_p50_ms": percentile(list(self.all_s2a), 50),
-            "submit_to_assign_p99_ms": percentile(list(self.all_s2a), 99),
-            "create_job_p99_ms": percentile(list(self.all_create), 99),
-            "get_job_p99_ms": percentile(list(self.all_get), 99),
+            "submit_to_assign_p50_ms": percentile(list(drive.all_s2a), 50),
+            "submit_to_assign_p99_ms": percentile(list(drive.all_s2a), 99),
+            "create_job_p99_ms": percentile(list(drive.all_create), 99),
+            "get_job_p99_ms": percentile(list(drive.all_get), 99),
             "agent_jobs_finished": agents.get("jobs_finished"),
-            "errors": dict(sorted((self.errors + collections.Counter(agents["errors"])).items())),
+            "errors": dict(sorted((drive.errors + collections.Counter(agents["errors"])).items())),
             "loadavg_1m_before": load_before,
             "loadavg_1m_after": round(os.getloadavg()[0], 2),
             "database": "postgresql" if a.database_url else "sqlite",
