@@ -211,6 +211,7 @@ class Soak:
                 self.metrics_url,
                 self.conn,
                 self.broker.proc.pid,
+                self.loadgen.pid,
                 self.sqlite,
             )
             wall = asyncio.run(drive.run())

@@ -48,6 +48,7 @@ class Drive:
         metrics_url: str,
         conn: Any,
         broker_pid: int,
+        loadgen_pid: int,
         sqlite: Path | None,
     ) -> None:
         self.args = args
@@ -59,6 +60,7 @@ class Drive:
         self.metrics_url = metrics_url
         self.conn = conn  # the load generator's pipe
         self.broker = psutil.Process(broker_pid)
+        self.loadgen = psutil.Process(loadgen_pid)  # its own memory grows with the jobs it saw
         self.sqlite = sqlite
         self.created: dict[str, float] = {}  # job name -> wall time CreateJob returned
         self.early: dict[str, float] = {}  # assigned before its CreateJob returned
@@ -169,6 +171,7 @@ class Drive:
         """Record one sample of the series (and reset the interval)."""
         now = time.monotonic()
         rss = self.broker.memory_info().rss
+        loadgen_rss = self.loadgen.memory_info().rss
         dt = now - last[0]
         self.series.add_sample(
             {
@@ -177,6 +180,7 @@ class Drive:
                 "run_jobs_completed": run_completed,
                 "wall_s": round(now - started, 2),
                 "rss_mb": round(rss / 2**20, 1),
+                "loadgen_rss_mb": round(loadgen_rss / 2**20, 1),
                 "db_bytes": database_bytes(self.sqlite, self.args.database_url),
                 "lifecycles_per_s": round((run_completed - last[1]) / dt, 1) if dt > 0 else None,
                 **self.interval.figures(),

@@ -1,4 +1,5 @@
-"""The soak's PNG: broker RSS and p99 latencies over jobs completed (the whole series).
+"""The soak's PNG: broker RSS (and database size), p99 latencies and lifecycles/s over jobs
+completed (the whole series; a dotted line where a run started a broker on the database).
 
 matplotlib is the ``bench`` extra (``pip install -e '.[bench]'``); without it
 :func:`write_plot` writes nothing and returns a sentence saying so.
@@ -24,7 +25,9 @@ def write_plot(samples: list[dict[str, Any]], path: Path, title: str) -> str:
     if not samples:
         return "no plot: no samples"
     x = [s["jobs_completed"] for s in samples]
-    fig, (ax_rss, ax_lat) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), dpi=80)
+    fig, (ax_rss, ax_lat, ax_rate) = plt.subplots(
+        3, 1, sharex=True, figsize=(8, 8), dpi=80, height_ratios=(3, 3, 2)
+    )
     ax_rss.plot(x, [s["rss_mb"] for s in samples], marker=".", label="broker RSS")
     ax_rss.set_ylabel("RSS (MB)")
     ax_db = ax_rss.twinx()
@@ -43,11 +46,16 @@ def write_plot(samples: list[dict[str, Any]], path: Path, title: str) -> str:
         if pts:
             ax_lat.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
     ax_lat.set_ylabel("ms (per interval)")
-    ax_lat.set_xlabel("jobs completed")
     ax_lat.legend(loc="upper left")
+    rates = [(xi, s["lifecycles_per_s"]) for xi, s in zip(x, samples, strict=True)]
+    rates = [r for r in rates if r[1] is not None]
+    ax_rate.plot([r[0] for r in rates], [r[1] for r in rates], color="tab:green", marker=".")
+    ax_rate.set_ylabel("lifecycles/s")
+    ax_rate.set_ylim(bottom=0)
+    ax_rate.set_xlabel("jobs completed")
     starts = sorted({s["jobs_completed"] - s["run_jobs_completed"] for s in samples})
     for start in starts[1:]:  # a broker restart between runs of the series
-        for ax in (ax_rss, ax_lat):
+        for ax in (ax_rss, ax_lat, ax_rate):
             ax.axvline(start, color="tab:red", lw=0.5, ls=":")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
