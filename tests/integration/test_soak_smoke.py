@@ -40,7 +40,7 @@ def soak(home: Path, *extra: str) -> dict[str, Any]:
     """Run the soak (tiny), return its JSON line."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--jobs", str(JOBS)]
     cmd += ["--agents", str(AGENTS), "--sample-every", "100", "--home", str(home), "--json"]
-    done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=100, cwd=ROOT)
+    done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=110, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -73,6 +73,7 @@ def check_run(result: dict[str, Any], home: Path, series_jobs: int, runs: int) -
         assert result["plot"] == "" and "matplotlib" in result["plot_note"]
 
 
+@pytest.mark.timeout(240)  # two runs; a loaded CI machine may be slow (nothing here is timed)
 def test_soak_smoke_sqlite_two_runs_one_series(tmp_path: Path) -> None:
     home = tmp_path / "soak"
     first = soak(home)
@@ -85,7 +86,7 @@ def test_soak_smoke_sqlite_two_runs_one_series(tmp_path: Path) -> None:
     assert second["db_bytes"] > first["db_bytes"]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_soak_smoke_postgresql(tmp_path: Path, fresh_postgres_url: str) -> None:
     home = tmp_path / "soak-pg"
     result = soak(home, "--database-url", fresh_postgres_url)
