@@ -39,7 +39,13 @@ from broker.auth import Principal, RateLimiter, Role, bearer, new_api_key
 from broker.clock import BrokerClock
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
-from broker.errors import DatabaseUnavailable, StaleWriter, Unauthenticated, Unavailable
+from broker.errors import (
+    DatabaseUnavailable,
+    NotFound,
+    StaleWriter,
+    Unauthenticated,
+    Unavailable,
+)
 from broker.events import (
     AppendLog,
     Assign,
@@ -47,6 +53,7 @@ from broker.events import (
     Command,
     Event,
     Heartbeat,
+    JobsStored,
     RequestSchedule,
     SchedulePass,
     SendCurtail,
@@ -57,6 +64,7 @@ from broker.events import (
 )
 from broker.metrics import BrokerMetrics, FarmNames
 from broker.model import TERMINAL_JOB_STATES
+from broker.records import Job
 from rigshift.v1 import worker_service_pb2
 
 if TYPE_CHECKING:
@@ -220,10 +228,27 @@ class BrokerService:
                 )
                 self._hold(writes, cmds)
                 raise
+        self.stored(writes.job_ids)
         self._notify(writes.job_ids)
         if any(type(c) is RequestSchedule for c in cmds):
             self._schedule_wanted.set()
         return True
+
+    def stored(self, job_ids: frozenset[str]) -> None:
+        """Tell the core that these jobs are committed to the store (``JobsStored``): it
+        forgets the finished ones. Call under the lock, right after the commit."""
+        if job_ids:
+            self.core.handle(JobsStored(self.clock(), job_ids))
+
+    def read_job(self, job_id: str) -> Job:
+        """The job as the core holds it, else as the store holds it (a finished job the
+        core has let go of); NotFound when neither has it."""
+        job = self.core.jobs.get(job_id)
+        if job is None:
+            job = self.store.load_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found", metadata={"job": job_id})
+        return job
 
     # --- database outages ----------------------------------------------------------
 
@@ -307,6 +332,7 @@ class BrokerService:
                 len(outage.writes.job_ids),
                 len(outage.writes.worker_ids),
             )
+            self.stored(outage.writes.job_ids)
             self._notify(outage.writes.job_ids)
             self._schedule_wanted.set()
             self._execute(outage.commands)
