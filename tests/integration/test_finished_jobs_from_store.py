@@ -187,7 +187,9 @@ def check_reads(w: World) -> None:
     # Outputs.
     outputs = jobs.ListJobOutputs(js.ListJobOutputsRequest(name=w.done)).outputs
     assert [(o.attempt, o.sha256) for o in outputs] == [(1, w.output_sha)]
-    data = b"".join(r.data for r in jobs.DownloadJobOutput(js.DownloadJobOutputRequest(name=w.done)))
+    data = b"".join(
+        r.data for r in jobs.DownloadJobOutput(js.DownloadJobOutputRequest(name=w.done))
+    )
     assert data == w.output
 
     # DownloadArtifact: alice's finished job names the input, bob's jobs do not.
