@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.core import BrokerCore  # noqa: E402
-from broker.events import (  # noqa: E402
+from broker.core import BrokerCore
+from broker.events import (
     Assign,
     AttemptFinished,
     AttemptStarted,
@@ -38,10 +38,10 @@ from broker.events import (  # noqa: E402
     SchedulePass,
     WorkerRegistered,
 )
-from broker.model import GpuInfo, JobSpec  # noqa: E402
-from broker.service import BrokerService  # noqa: E402
-from broker.store import FarmRow, Store  # noqa: E402
-from harness.broker_fixtures import healthy  # noqa: E402
+from broker.model import GpuInfo, JobSpec
+from broker.service import BrokerService
+from broker.store import FarmRow, Store
+from harness.broker_fixtures import healthy
 
 GPUS_PER_WORKER = 8
 
