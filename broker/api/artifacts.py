@@ -118,13 +118,12 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         else:
             jobs = [j for j in core.jobs.values() if j.owner == who.name]
         readers = {j.owner for j in jobs if sha256 in _artifacts_needed(j)}
-        # The finished jobs the core let go of are in the store (one query each way).
-        stored_reader, stored_producers = self.svc.store.artifact_refs(sha256, who.name)
-        if stored_reader and who.role != Role.WORKER:
+        store = self.svc.store  # the finished jobs the core let go of: one query each
+        if not readers and who.role != Role.WORKER and store.refers_to(sha256, who.name):
             readers.add(who.name)
         if not readers:
             return False
-        producers = stored_producers | {
+        producers = store.output_owners(sha256) | {
             j.owner
             for j in core.jobs.values()
             if any(a.output is not None and a.output.sha256 == sha256 for a in j.attempts)

@@ -203,11 +203,16 @@ class JobReads:
         with self._session() as s:
             return job_id_for_request(s, owner, request_id)
 
-    def artifact_refs(self, sha256: str, owner: str) -> tuple[bool, set[str]]:
-        """Whether a stored job of ``owner`` refers to ``sha256`` (working directory,
-        checkpoint, input), and the owners of the stored jobs that produced it as an output."""
+    def refers_to(self, sha256: str, owner: str) -> bool:
+        """True when a stored job of ``owner`` names ``sha256`` as its working directory,
+        checkpoint or an input."""
         with self._session() as s:
-            return owners_needing(s, sha256, owner), owners_of_output(s, sha256)
+            return owners_needing(s, sha256, owner)
+
+    def output_owners(self, sha256: str) -> set[str]:
+        """The owners of the stored jobs one of whose attempts produced ``sha256``."""
+        with self._session() as s:
+            return owners_of_output(s, sha256)
 
     def recent_artifacts(self, since: float) -> set[str]:
         """What the stored jobs that finished after ``since`` refer to (retention)."""
