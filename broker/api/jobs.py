@@ -3,6 +3,7 @@ and download outputs."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator
 
@@ -226,9 +227,10 @@ def _page_key(token: str) -> PageKey | None:
         return None
     time_text, sep, job_id = token[1:].partition("_")
     try:
-        if token[0] != "k" or not sep or not job_id.isalnum():
+        create_time = float(time_text)
+        if token[0] != "k" or not sep or not job_id.isalnum() or not math.isfinite(create_time):
             raise ValueError(token)
-        return PageKey(float(time_text), job_id)
+        return PageKey(create_time, job_id)
     except ValueError:
         violation = FieldViolation("page_token", "not a token this broker issued")
         raise InvalidArgument.of([violation]) from None
