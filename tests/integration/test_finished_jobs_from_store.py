@@ -237,3 +237,31 @@ def test_a_page_token_this_broker_did_not_issue_is_refused(world: World) -> None
         with pytest.raises(grpc.RpcError) as exc:
             jobs.ListJobs(js.ListJobsRequest(page_token=token))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
+
+
+def test_a_cancelled_job_stays_until_its_agent_confirms_then_leaves(tmp_path: Path) -> None:
+    rb = start_broker(tmp_path / "b", artifact_retention_days=0)
+    try:
+        farm = create_farm(rb.address)
+        agent = ProtocolAgent(rb.address, farm.enrollment_token, gpus(1))
+        agent.register()
+        agent.connect()
+        jobs = job_service_pb2_grpc.JobServiceStub(authed_channel(rb.address))
+        spec = job_pb2.JobSpec(command=["train"], gpu_count=1)
+        name = jobs.CreateJob(js.CreateJobRequest(spec=spec)).name
+        assert agent.next_of("assignment").job == name
+        agent.start(name, 1)
+        assert jobs.CancelJob(js.CancelJobRequest(name=name)).state == State.CANCELLED
+        assert agent.next_of("cancellation").job == name
+        assert held(rb) == ids(name)  # its GPU stays held until the agent confirms
+        agent.finish(name, 1, exit_code=-15)
+        assert held(rb) == set()
+        got = jobs.GetJob(js.GetJobRequest(name=name))
+        assert (got.state, got.attempts[0].state) == (State.CANCELLED, job_pb2.Attempt.CANCELLED)
+        # A late report of the forgotten attempt: told to stop, no error.
+        response = agent.report(agent.event(name, 1, log=ws.LogOutput(data="late\n")))
+        assert response is not None
+        assert agent.next_of("cancellation").job == name
+        agent.close()
+    finally:
+        rb.stop()
