@@ -14,6 +14,10 @@ name, then carries out the rest.
 the records the store read (``StoredState``); the core rebuilds its queue, caches and
 indexes there, so every other method can rely on them.
 
+**Forgetting.** After the store committed a batch the shell sends ``JobsStored``: the
+finished jobs without a live attempt leave the core (``broker.forget``); memory follows
+live work, and reads of the others come from the store (docs/scale.md section 1).
+
 **Reads** (``job``, ``worker``, ``live_attempts``, ``assignments``, ``reliability``,
 ``quote``, ``snapshot``, and the records in ``jobs``, ``workers``, ``farms``,
 ``ledger``) change nothing.
@@ -53,6 +57,7 @@ from broker.events import (
     FarmConfigured,
     GpuHealthReported,
     Heartbeat,
+    JobsStored,
     JobSubmitted,
     Persist,
     PostLedger,
@@ -63,6 +68,7 @@ from broker.events import (
     Transition,
     WorkerRegistered,
 )
+from broker.forget import finished, forget_finished
 from broker.gpu_health import GpuHealthHandlers
 from broker.model import (
     TERMINAL_JOB_STATES,
@@ -203,6 +209,8 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
                 cmds = self._curtailment_scheduled(event)
             case CurtailmentCancelled():
                 cmds = self._curtailment_cancelled(event)
+            case JobsStored():
+                cmds = forget_finished(self.jobs, self.requests, event.job_ids)
             case _:
                 raise TypeError(f"unknown event {event!r}")
         out = self._out
@@ -371,11 +379,7 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
         if job.state == S.CANCELLED:
             return []
         if job.state in TERMINAL_JOB_STATES:
-            raise FailedPrecondition(
-                f"job {job.job_id} already finished as {job.state}",
-                reason="JOB_FINISHED",
-                metadata={"job": job.job_id, "state": job.state},
-            )
+            raise finished(job)
         cmds: list[Command] = [self._transition(job, S.CANCELLED, ev.now, "cancelled by client")]
         attempt = job.current
         if attempt is not None and attempt.live:

@@ -52,6 +52,7 @@ __all__ = [
     "GpuHealthReported",
     "Heartbeat",
     "JobSubmitted",
+    "JobsStored",
     "Persist",
     "PostLedger",
     "ReinstateRequested",
@@ -231,6 +232,14 @@ class FarmConfigured(Event):
     """A farm was created or its economics changed."""
 
     terms: FarmTerms
+
+
+@dataclass(frozen=True, slots=True)
+class JobsStored(Event):
+    """The store committed these jobs (a batch's ``Persist``): the core forgets each one
+    that is finished and holds no live attempt (docs/scale.md section 1). No commands."""
+
+    job_ids: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@ refreshes that) and nothing below refers to it:
 - a job that has not ended: its working directory, checkpoint, inputs and the
   outputs of its attempts;
 - a job that ended less than ``retention_s`` ago: its working directory, inputs and
-  the outputs of its attempts (a finished job's checkpoint is not needed again).
+  the outputs of its attempts (a finished job's checkpoint is not needed again). The
+  core holds only live work: those the core let go of are read from the store
+  (``stored``, ``Store.recent_artifacts``: one query by ``(state, update_time)``).
 
 Interrupted uploads untouched for a day go too.
 """
@@ -49,9 +51,18 @@ def end_time(job: Job) -> float | None:
     return job.update_time
 
 
-def referenced_artifacts(core: BrokerCore, now: float, retention_s: float) -> set[str]:
-    """The sha256 of every archive that jobs still need (see the module docstring)."""
-    keep: set[str] = set()
+def referenced_artifacts(
+    core: BrokerCore,
+    now: float,
+    retention_s: float,
+    stored: Callable[[float], set[str]] | None = None,
+) -> set[str]:
+    """The sha256 of every archive that jobs still need (see the module docstring).
+
+    ``stored(since)``: what the store's jobs that finished after ``since`` refer to
+    (``Store.recent_artifacts``): the core holds only live work, so the recently finished
+    jobs it let go of come from there. None: the core holds every job (tests)."""
+    keep: set[str] = set() if stored is None else set(stored(now - retention_s))
     for job in core.jobs.values():
         ended = end_time(job)
         if ended is not None and now - ended >= retention_s:
@@ -66,7 +77,11 @@ def referenced_artifacts(core: BrokerCore, now: float, retention_s: float) -> se
 
 
 async def collect_artifacts(
-    core: BrokerCore, artifacts: ArtifactStore, now: float, retention_s: float
+    core: BrokerCore,
+    artifacts: ArtifactStore,
+    now: float,
+    retention_s: float,
+    stored: Callable[[float], set[str]] | None = None,
 ) -> Collected:
     """Remove the archives older than ``retention_s`` that no job needs, and stale partials.
 
@@ -78,7 +93,7 @@ async def collect_artifacts(
     candidates = await asyncio.to_thread(artifacts.expired, older_than, partials_older_than)
     if not candidates:
         return Collected()
-    keep = referenced_artifacts(core, now, retention_s)
+    keep = referenced_artifacts(core, now, retention_s, stored)
     return artifacts.collect(candidates, keep, older_than, partials_older_than)
 
 
@@ -89,11 +104,12 @@ async def retention_loop(
     *,
     interval_s: float = COLLECT_INTERVAL_S,
     clock: Callable[[], float] = time.time,
+    stored: Callable[[float], set[str]] | None = None,
 ) -> None:
     """Collect once now, then every ``interval_s``, until cancelled; logs what went."""
     while True:
         try:
-            got = await collect_artifacts(core, artifacts, clock(), retention_s)
+            got = await collect_artifacts(core, artifacts, clock(), retention_s, stored)
             if got.blobs or got.partials:
                 log.info(
                     "artifact retention removed %d archives and %d interrupted uploads (%d bytes)",

@@ -325,7 +325,12 @@ class Broker:
         self._health_watch = asyncio.create_task(self._watch_database(svc), name="rigshift-health")
         if cfg.artifact_retention_days > 0:
             self._retention = asyncio.create_task(
-                retention_loop(core, artifacts, cfg.artifact_retention_days * 86400.0),
+                retention_loop(
+                    core,
+                    artifacts,
+                    cfg.artifact_retention_days * 86400.0,
+                    stored=self.store.recent_artifacts,
+                ),
                 name="rigshift-artifact-retention",
             )
         log.info(

@@ -45,7 +45,13 @@ from broker.commit import (
 )
 from broker.convert import assignment_pb
 from broker.core import BrokerCore
-from broker.errors import DatabaseUnavailable, StaleWriter, Unauthenticated, Unavailable
+from broker.errors import (
+    DatabaseUnavailable,
+    NotFound,
+    StaleWriter,
+    Unauthenticated,
+    Unavailable,
+)
 from broker.events import (
     AppendLog,
     Assign,
@@ -53,6 +59,7 @@ from broker.events import (
     Command,
     Event,
     Heartbeat,
+    JobsStored,
     RequestSchedule,
     SchedulePass,
     SendCurtail,
@@ -64,6 +71,7 @@ from broker.events import (
 from broker.metrics import BrokerMetrics, FarmNames
 from broker.model import TERMINAL_JOB_STATES
 from broker.outage import DatabaseOutages, Outage
+from broker.records import Job
 from rigshift.v1 import worker_service_pb2
 
 if TYPE_CHECKING:
@@ -298,10 +306,29 @@ class BrokerService(DatabaseOutages):
     def _committed(self, writes: Writes, cmds: list[Command]) -> None:
         """After a transaction committed (or when a batch had nothing to write): wake the
         watchers of its jobs and ask for a scheduling pass if a command wants one. The one
-        place for whatever must follow a commit."""
+        place for whatever must follow a commit: the core forgets the finished jobs the
+        store now has (``stored``) before anyone is woken to read them."""
+        self.stored(writes.job_ids)
         self._notify(writes.job_ids)
         if any(type(c) is RequestSchedule for c in cmds):
             self._schedule_wanted.set()
+
+    def stored(self, job_ids: frozenset[str]) -> None:
+        """Tell the core that these jobs are committed to the store (``JobsStored``): it
+        forgets the finished ones. Call under the lock, right after the commit."""
+        if job_ids:
+            self.core.handle(JobsStored(self.clock(), job_ids))
+
+    def read_job(self, job_id: str) -> Job:
+        """The job as the core holds it, else as the store holds it (a finished job the
+        core has let go of); NotFound when neither has it."""
+        job = self.core.jobs.get(job_id)
+        if job is None:
+            job = self.store.load_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found", metadata={"job": job_id})
+        return job
+
 
     def _execute(self, cmds: list[Command]) -> None:
         for cmd in cmds:

@@ -110,6 +110,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
 
         An attempt's output is read by its job's owner through JobService.DownloadJobOutput;
         naming another client's output in a job of one's own does not make it readable.
+        Finished jobs count from the store (the core holds only live work).
         """
         core = self.svc.core
         if who.role == Role.WORKER:
@@ -117,9 +118,12 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         else:
             jobs = [j for j in core.jobs.values() if j.owner == who.name]
         readers = {j.owner for j in jobs if sha256 in _artifacts_needed(j)}
+        store = self.svc.store  # the finished jobs the core let go of: one query each
+        if not readers and who.role != Role.WORKER and store.refers_to(sha256, who.name):
+            readers.add(who.name)
         if not readers:
             return False
-        producers = {
+        producers = store.output_owners(sha256) | {
             j.owner
             for j in core.jobs.values()
             if any(a.output is not None and a.output.sha256 == sha256 for a in j.attempts)

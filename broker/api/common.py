@@ -105,8 +105,9 @@ def streaming(
 
 
 def own_job(svc: BrokerService, name: str) -> Job:
-    """The job, if the caller may see it: clients only their own, admins every job."""
-    job = svc.core.job(v.parse_name(name, "jobs"))
+    """The job, if the caller may see it: clients only their own, admins every job (a
+    finished one the core has let go of is read from the store)."""
+    job = svc.read_job(v.parse_name(name, "jobs"))
     who = current()
     if who.role != Role.ADMIN and job.owner != who.name:
         raise PermissionDenied(

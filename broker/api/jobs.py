@@ -3,13 +3,14 @@ and download outputs."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from broker import validation as v
-from broker.api.common import own_job, page, streaming, unary
+from broker.api.common import own_job, streaming, unary
 from broker.artifacts import ArtifactStore
 from broker.auth import Role, current
 from broker.convert import job_pb, quote_pb, timestamp
@@ -24,8 +25,10 @@ from broker.events import (
     CancelRequested,
     JobSubmitted,
 )
+from broker.forget import finished
 from broker.model import TERMINAL_JOB_STATES, JobState
 from broker.service import BrokerService
+from broker.store.reads import PageKey
 from rigshift.v1 import (
     job_pb2,
     job_service_pb2,
@@ -59,6 +62,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         v.check_registry_auth(request.registry_auth, spec.image)
         job_id = uuid.uuid4().hex[:16]
         owner = current().name
+        if request_id and (owner, request_id) not in self.svc.core.requests:
+            # A retry of a job the core has let go of (finished): the store still has it.
+            stored = self.svc.store.job_id_for_request(owner, request_id)
+            if stored is not None:
+                return job_pb(self.svc.read_job(stored), self.svc.clock())
         # Held before the job exists, so the first assignment of it carries the credentials.
         self.svc.hold_registry_auth(job_id, request.registry_auth)
         try:
@@ -68,8 +76,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             if created is None or created.state in TERMINAL_JOB_STATES:
                 self.svc.drop_registry_auth(job_id)  # not created (a retry, or refused)
         if request_id:
-            job_id = self.svc.core.requests[(owner, request_id)]
-        return job_pb(self.svc.core.job(job_id), self.svc.clock())
+            key = (owner, request_id)
+            job_id = self.svc.core.requests.get(key) or job_id
+        return job_pb(self.svc.read_job(job_id), self.svc.clock())
 
     @unary
     async def GetJob(
@@ -81,23 +90,21 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def ListJobs(
         self, request: job_service_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.ListJobsResponse:
-        limit, offset = v.check_page(request.page_size, request.page_token)
+        limit, _ = v.check_page(request.page_size, "")
+        after = _page_key(request.page_token)
         states = set()
         for i, s in enumerate(request.states):
             if s == job_pb2.Job.STATE_UNSPECIFIED or s not in job_pb2.Job.State.values():
                 raise InvalidArgument.of([FieldViolation(f"states[{i}]", f"unknown state {s}")])
             states.add(JobState(job_pb2.Job.State.Name(s)))
         who = current()
-        jobs = [
-            j
-            for j in self.svc.core.jobs.values()
-            if (not states or j.state in states) and (who.role == Role.ADMIN or j.owner == who.name)
-        ]
-        jobs.sort(key=lambda j: (-j.create_time, j.job_id))
-        shown, token = page(jobs, limit, offset)
+        owner = None if who.role == Role.ADMIN else who.name
+        # One query over the store's jobs; a job the core holds is shown as it is now.
+        stored, nxt = self.svc.store.list_jobs(owner, states, limit, after)
+        jobs = [self.svc.core.jobs.get(j.job_id, j) for j in stored]
         now = self.svc.clock()
         return job_service_pb2.ListJobsResponse(
-            jobs=[job_pb(j, now) for j in shown], next_page_token=token
+            jobs=[job_pb(j, now) for j in jobs], next_page_token=_page_token(nxt)
         )
 
     @unary
@@ -105,7 +112,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> job_pb2.Job:
         job = own_job(self.svc, request.name)
-        await self.svc.apply(CancelRequested(self.svc.clock(), job.job_id))
+        if self.svc.core.jobs.get(job.job_id) is job:
+            try:
+                await self.svc.apply(CancelRequested(self.svc.clock(), job.job_id))
+            except NotFound:
+                job = self.svc.read_job(job.job_id)  # it finished and left the core meanwhile
+            else:
+                return job_pb(job, self.svc.clock())
+        # Read from the store: finished (the core holds every job that is not).
+        if job.state != JobState.CANCELLED:
+            raise finished(job)
         return job_pb(job, self.svc.clock())
 
     @unary
@@ -203,6 +219,26 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 yield job_service_pb2.DownloadJobOutputResponse(data=data)
         if first is not None:  # nothing left after the offset: still say what it is
             yield first
+
+
+def _page_key(token: str) -> PageKey | None:
+    """The key a ListJobs page token stands for ("": the first page)."""
+    if not token:
+        return None
+    time_text, sep, job_id = token[1:].partition("_")
+    try:
+        create_time = float(time_text)
+        if token[0] != "k" or not sep or not job_id.isalnum() or not math.isfinite(create_time):
+            raise ValueError(token)
+        return PageKey(create_time, job_id)
+    except ValueError:
+        violation = FieldViolation("page_token", "not a token this broker issued")
+        raise InvalidArgument.of([violation]) from None
+
+
+def _page_token(key: PageKey | None) -> str:
+    """The opaque token of the page after ``key`` ("" after the last page)."""
+    return "" if key is None else f"k{key.create_time!r}_{key.job_id}"
 
 
 def _output_attempt(job: Job, number: int) -> Attempt:

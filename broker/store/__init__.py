@@ -8,7 +8,9 @@ Rows are store models only: the core never sees them (STYLE.md 9).
 
 * ``rows`` -- the tables;
 * ``save`` -- writing the core's records, only the rows that changed;
-* ``load`` -- reading them back;
+* ``load`` -- reading the live work back (a restart);
+* ``reads`` -- reading finished jobs, which the core lets go of once stored (GetJob,
+  ListJobs' pages, request ids, artifact references);
 * ``database`` -- :class:`Store` (connection, farms, keys, credentials, logs) and
   :func:`database_error`, the one place where a database fault becomes
   :class:`~broker.errors.DatabaseUnavailable` (gRPC ``UNAVAILABLE`` with RetryInfo).

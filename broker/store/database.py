@@ -24,6 +24,7 @@ from broker.events import Writes
 from broker.ledger import AttemptCharge
 from broker.records import StoredState
 from broker.store.load import read_state
+from broker.store.reads import JobReads
 from broker.store.rows import (
     ApiKeyRow,
     AttemptRow,
@@ -117,7 +118,7 @@ def database_error(err: BaseException) -> DatabaseUnavailable | None:
     return None
 
 
-class Store:
+class Store(JobReads):
     """All database access of the broker."""
 
     def __init__(self, url: str, *, create: bool = True) -> None:

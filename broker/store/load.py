@@ -1,7 +1,9 @@
 """Reading the core's records back: rows to ``broker.records``, for ``BrokerCore.restore``.
 
 The records are built here and handed over whole (``StoredState``); the core rebuilds its
-queue, caches and indexes from them, and gives every worker a fresh lease.
+queue, caches and indexes from them, and gives every worker a fresh lease. Only the live
+work is read (jobs that have not finished, and finished ones with a live attempt); the
+finished jobs stay in the store, read when asked for (``broker.store.reads``).
 """
 
 from __future__ import annotations
@@ -12,32 +14,18 @@ from sqlmodel import Session, col, select
 
 from broker.economics import LedgerEntry
 from broker.gpu_health import judged
-from broker.model import AttemptState, GpuInfo, JobState, SlaKind, WorkerState
-from broker.records import (
-    Attempt,
-    AttemptOutput,
-    Gpu,
-    HistoryEntry,
-    Job,
-    SlaEvent,
-    StoredState,
-    Worker,
-)
-from broker.scheduler import Rejection
+from broker.model import GpuInfo, WorkerState
+from broker.records import Gpu, StoredState, Worker
+from broker.store.reads import jobs_where, live_job_ids
 from broker.store.rows import (
-    AttemptRow,
     CurtailmentRow,
     FarmRow,
     GpuRow,
-    JobEventRow,
-    JobRow,
     LedgerRow,
-    SlaEventRow,
     WorkerRow,
     farm_terms,
     measurement_from_json,
     power_curve_from_json,
-    spec_from_json,
 )
 from broker.store.save import GPU_KEYS, WorkerWritten
 
@@ -59,7 +47,6 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
     )
     workers: list[Worker] = []
     written: dict[str, WorkerWritten] = {}
-    jobs: list[Job] = []
     gpus: dict[str, dict[int, Gpu]] = {}
     gpu_rows: dict[str, dict[int, tuple[object, ...]]] = {}
     for g in s.exec(select(GpuRow)):
@@ -112,65 +99,6 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
                 disk_write_mbps=w.disk_write_mbps,
             )
         )
-    attempts: dict[str, list[Attempt]] = {}
-    for a in s.exec(select(AttemptRow).order_by(col(AttemptRow.number))):
-        attempts.setdefault(a.job_id, []).append(
-            Attempt(
-                a.job_id,
-                a.number,
-                a.worker_id,
-                tuple(json.loads(a.gpu_indices_json)),
-                a.price_micros_per_gpu_hour,
-                a.schedule_time,
-                AttemptState(a.state),
-                a.start_time,
-                a.end_time,
-                a.exit_code,
-                a.energy_joules,
-                a.last_sequence,
-                a.message,
-                a.charge_micros,
-                a.settled,
-                a.last_checkpoint_time,
-                a.setup_ms,
-                AttemptOutput(**json.loads(a.output_json)) if a.output_json else None,
-                a.power_limit_watts,
-            )
-        )
-    history: dict[str, list[HistoryEntry]] = {}
-    for h in s.exec(select(JobEventRow).order_by(col(JobEventRow.idx))):
-        history.setdefault(h.job_id, []).append(
-            HistoryEntry(
-                h.time,
-                JobState(h.from_state) if h.from_state else None,
-                JobState(h.to_state),
-                h.reason,
-            )
-        )
-    sla: dict[str, list[SlaEvent]] = {}
-    for r in s.exec(select(SlaEventRow).order_by(col(SlaEventRow.idx))):
-        sla.setdefault(r.job_id, []).append(
-            SlaEvent(SlaKind(r.kind), r.time, r.attempt, r.seconds, r.credit_micros, r.detail)
-        )
-    for j in s.exec(select(JobRow).order_by(col(JobRow.create_time))):
-        job = Job(
-            j.id,
-            j.owner,
-            spec_from_json(j.spec_json),
-            j.create_time,
-            request_id=j.request_id,
-            state=JobState(j.state),
-            update_time=j.update_time,
-            attempts=attempts.get(j.id, []),
-            history=history.get(j.id, []),
-            pending_reasons=tuple(Rejection(*r) for r in json.loads(j.pending_reasons_json)),
-            status_message=j.status_message,
-            exit_code=j.exit_code,
-            sla_events=sla.get(j.id, []),
-            credit_micros=j.credit_micros,
-            checkpoint_sha256=j.checkpoint_sha256,
-            checkpoint_time=j.checkpoint_time,
-        )
-        jobs.append(job)
+    jobs = jobs_where(s, live_job_ids())  # live work only: finished jobs stay in the store
     curtailments = tuple(row.window() for row in s.exec(select(CurtailmentRow)))
     return StoredState(farms, tuple(workers), tuple(jobs), ledger, curtailments), written

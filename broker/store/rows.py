@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 
-from sqlalchemy import BigInteger, UniqueConstraint
+from sqlalchemy import BigInteger, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from broker.economics import FarmTerms, PowerPolicy, TariffWindow
@@ -172,9 +172,21 @@ class GpuRow(SQLModel, table=True):
 
 
 class JobRow(SQLModel, table=True):
-    """A job; its spec is stored as JSON."""
+    """A job; its spec is stored as JSON.
+
+    Finished jobs are read from here once the core let them go (``broker.store.reads``):
+    ListJobs pages on ``(owner, create_time, id)`` or ``(state, create_time, id)``, the
+    retention collector reads ``(state, update_time)``, and a CreateJob retry looks up
+    ``(owner, request_id)``.
+    """
 
     __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_owner_create_time_id", "owner", "create_time", "id"),
+        Index("ix_jobs_state_create_time_id", "state", "create_time", "id"),
+        Index("ix_jobs_state_update_time", "state", "update_time"),
+        Index("ix_jobs_owner_request_id", "owner", "request_id"),
+    )
     id: str = Field(primary_key=True)
     owner: str = Field(index=True)
     request_id: str = Field(default="", index=True)
@@ -199,7 +211,7 @@ class AttemptRow(SQLModel, table=True):
     worker_id: str = Field(index=True)
     gpu_indices_json: str
     price_micros_per_gpu_hour: int = _big()
-    state: str
+    state: str = Field(index=True)  # a restart loads the jobs with a live attempt
     schedule_time: float
     start_time: float | None = None
     end_time: float | None = None
@@ -212,6 +224,7 @@ class AttemptRow(SQLModel, table=True):
     last_checkpoint_time: float | None = None
     setup_ms: int = _big()
     output_json: str = ""  # {"sha256", "size_bytes", "time", "over_limit", "message"} or ""
+    output_sha256: str = Field(default="", index=True)  # output_json's sha256 ("": none)
     power_limit_watts: int = 0  # the AI power limit it was placed with (0: none)
 
 

@@ -325,6 +325,7 @@ def _attempt_values(job_id: str, a: Attempt) -> dict[str, Any]:
         "last_checkpoint_time": a.last_checkpoint_time,
         "setup_ms": a.setup_ms,
         "output_json": json.dumps(dataclasses.asdict(a.output), sort_keys=True) if a.output else "",
+        "output_sha256": a.output.sha256 if a.output else "",
         "power_limit_watts": a.power_limit_watts,
     }
 
