@@ -262,6 +262,7 @@ class Broker:
             default_fee_permille=cfg.broker_fee_permille,
             queue_policy=QUEUE_POLICIES[cfg.queue_policy],
             curtailment_lead_s=cfg.curtailment_lead_s,
+            keep_ledger=False,  # the store holds the ledger (broker.store.ledger_sql)
         )
         clock = BrokerClock()
         self.store.load(core, now=clock())

@@ -9,6 +9,8 @@ Rows are store models only: the core never sees them (STYLE.md 9).
 * ``rows`` -- the tables;
 * ``save`` -- writing the core's records, only the rows that changed;
 * ``load`` -- reading them back;
+* ``ledger_sql`` -- the ledger as SQL aggregates (balances, the settled-once checks,
+  earnings' settled attempts): the broker holds no ledger in memory;
 * ``database`` -- :class:`Store` (connection, farms, keys, credentials, logs) and
   :func:`database_error`, the one place where a database fault becomes
   :class:`~broker.errors.DatabaseUnavailable` (gRPC ``UNAVAILABLE`` with RetryInfo).

@@ -31,7 +31,6 @@ from broker.store.rows import (
     GpuRow,
     JobEventRow,
     JobRow,
-    LedgerRow,
     SlaEventRow,
     WorkerRow,
     farm_terms,
@@ -53,10 +52,7 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
     left empty, so the worker row is simply written again.
     """
     farms = tuple(farm_terms(farm) for farm in s.exec(select(FarmRow)))
-    ledger = tuple(
-        LedgerEntry(r.txn, r.account, r.amount_micros, r.kind, r.job_id, r.attempt, r.time)
-        for r in s.exec(select(LedgerRow).order_by(col(LedgerRow.id)))
-    )
+    ledger: tuple[LedgerEntry, ...] = ()  # the ledger stays in the store (ledger_sql)
     workers: list[Worker] = []
     written: dict[str, WorkerWritten] = {}
     jobs: list[Job] = []
