@@ -19,11 +19,11 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, create_engine, select
 
 from broker.core import BrokerCore
+from broker.earnings import Settled
 from broker.errors import AlreadyExists, DatabaseUnavailable, NotFound
 from broker.events import Writes
 from broker.records import StoredState
 from broker.store import ledger_sql
-from broker.store.ledger_sql import Settled
 from broker.store.load import read_state
 from broker.store.rows import (
     ApiKeyRow,

@@ -25,13 +25,13 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, func, literal, not_, or_, select, true
 from sqlalchemy.engine import Connection
 
+from broker.earnings import Settled
 from broker.model import LIVE_ATTEMPT_STATES, AttemptState
 from broker.records import Attempt, AttemptOutput
 from broker.store.rows import AttemptRow, LedgerRow, WorkerRow
 
 __all__ = [
     "LedgerTotals",
-    "Settled",
     "balance",
     "balances",
     "ledger_check",
@@ -201,14 +201,6 @@ def ledger_totals(conn: Connection) -> LedgerTotals:
     return LedgerTotals(
         _int(total), {account.removeprefix("farm:"): _int(m) for account, m in payouts}
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """A settled attempt and what its farm was paid for it (its ``payout`` legs)."""
-
-    attempt: Attempt
-    payout_micros: int
 
 
 def settled_attempts(
