@@ -268,7 +268,9 @@ class Broker:
         self.store.load(core, now=clock())
         store = self.store
         farm_name = FarmNames(lambda farm_id: store.get_farm(farm_id).display_name)
-        metrics = self.metrics = BrokerMetrics(core, self.registry, farm_name=farm_name)
+        metrics = self.metrics = BrokerMetrics(
+            core, self.registry, farm_name=farm_name, history=store.history_totals()
+        )
         svc = self.service = BrokerService(
             core, self.store, clock=clock, metrics=metrics, farm_names=farm_name
         )

@@ -22,6 +22,7 @@ from broker.core import BrokerCore
 from broker.earnings import Settled
 from broker.errors import AlreadyExists, DatabaseUnavailable, NotFound
 from broker.events import Writes
+from broker.metrics_tally import HistoryTotals
 from broker.records import StoredState
 from broker.store import ledger_sql
 from broker.store.load import read_state
@@ -338,6 +339,12 @@ class Store:
         """The ledger's sum and each farm's payouts (what the metrics start from)."""
         with self._session() as s:
             return ledger_sql.ledger_totals(s.connection())
+
+    def history_totals(self) -> HistoryTotals:
+        """What the broker's metrics start from (``broker.store.ledger_sql.history_totals``):
+        aggregates over the ledger, finished jobs, SLA events and settled attempts."""
+        with self._session() as s:
+            return ledger_sql.history_totals(s.connection())
 
     def settled(self, *, farm_id: str = "", since: float | None = None) -> Iterator[Settled]:
         """Settled attempts that ended at or after ``since`` (of ``farm_id``'s workers when

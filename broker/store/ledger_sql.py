@@ -22,18 +22,20 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, literal, not_, or_, select, true
+from sqlalchemy import JSON, ColumnElement, and_, case, cast, func, literal, not_, or_, select, true
 from sqlalchemy.engine import Connection
 
 from broker.earnings import Settled
-from broker.model import LIVE_ATTEMPT_STATES, AttemptState
+from broker.metrics_tally import EnergyGroup, HistoryTotals
+from broker.model import LIVE_ATTEMPT_STATES, TERMINAL_JOB_STATES, AttemptState, SlaKind
 from broker.records import Attempt, AttemptOutput
-from broker.store.rows import AttemptRow, LedgerRow, WorkerRow
+from broker.store.rows import AttemptRow, JobRow, LedgerRow, SlaEventRow, WorkerRow
 
 __all__ = [
     "LedgerTotals",
     "balance",
     "balances",
+    "history_totals",
     "ledger_check",
     "ledger_totals",
     "settled_attempts",
@@ -42,6 +44,11 @@ __all__ = [
 _LEDGER = LedgerRow.__table__  # type: ignore[attr-defined]
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 _WORKERS = WorkerRow.__table__  # type: ignore[attr-defined]
+_JOBS = JobRow.__table__  # type: ignore[attr-defined]
+_SLA = SlaEventRow.__table__  # type: ignore[attr-defined]
+MAX_SPLIT_GPUS = 16
+"""The most GPUs of one attempt whose per-GPU energy split :func:`history_totals` sums
+exactly; an attempt on more GPUs gives the later ones nothing of its remainder joules."""
 _LIVE = sorted(str(s) for s in LIVE_ATTEMPT_STATES)
 
 
@@ -177,6 +184,68 @@ def balances(conn: Connection, accounts: list[str] | None = None) -> dict[str, i
 def balance(conn: Connection, account: str) -> int:
     """One account's balance (micro-dollars)."""
     return balances(conn, [account])[account]
+
+
+def history_totals(conn: Connection) -> HistoryTotals:
+    """What the broker's metrics start from (``broker.metrics_tally``), in five aggregate
+    queries: the ledger's sum and payouts, finished jobs by state and tier, SLA events and
+    credits by kind, curtailed attempts by worker and tier, and the energy of settled
+    attempts grouped by worker and GPUs with its exact per-GPU split."""
+    jb, at, sl = _JOBS.c, _ATTEMPTS.c, _SLA.c
+    ledger = ledger_totals(conn)
+    # The tier in the spec's JSON: SQLite's json_extract (a CAST to JSON there is numeric).
+    if conn.dialect.name == "sqlite":
+        tier: Any = func.json_extract(jb.spec_json, "$.tier")
+    else:
+        tier = cast(jb.spec_json, JSON)["tier"].as_string()
+    finished = conn.execute(
+        select(jb.state, tier, func.count())
+        .where(jb.state.in_(sorted(str(s) for s in TERMINAL_JOB_STATES)))
+        .group_by(jb.state, tier)
+    ).all()
+    sla = conn.execute(
+        select(sl.kind, func.count(), func.sum(sl.credit_micros)).group_by(sl.kind)
+    ).all()
+    curtailed = conn.execute(
+        select(at.worker_id, tier, func.count())
+        .select_from(
+            _SLA.join(_ATTEMPTS, and_(at.job_id == sl.job_id, at.number == sl.attempt)).join(
+                _JOBS, jb.id == sl.job_id
+            )
+        )
+        .where(sl.kind == str(SlaKind.CURTAILED))
+        .group_by(at.worker_id, tier)
+    ).all()
+    # An attempt's joules split evenly over its n GPUs, the first (joules mod n) getting one
+    # more: per group, the sum of (joules div n) and, per position i, how many attempts
+    # had a remainder above i. n is counted from the JSON list's commas ("[0, 1]").
+    gpus = at.gpu_indices_json
+    n = func.length(gpus) - func.length(func.replace(gpus, ",", "")) + 1
+    e = at.energy_joules
+    columns = [func.sum(e), func.sum(e // n)]
+    columns += [func.sum(case((e % n > i, 1), else_=0)) for i in range(MAX_SPLIT_GPUS)]
+    energy = []
+    for row in conn.execute(
+        select(at.worker_id, gpus, *columns)
+        .where(at.settled == true(), e != 0)
+        .group_by(at.worker_id, gpus)
+    ):
+        worker_id, indices_json, joules, base, *extra = row
+        indices = tuple(json.loads(indices_json))
+        per_gpu = tuple(
+            _int(base) + (_int(extra[i]) if i < MAX_SPLIT_GPUS else 0) for i in range(len(indices))
+        )
+        if not indices:
+            per_gpu = ()
+        energy.append(EnergyGroup(worker_id, indices, _int(joules), per_gpu))
+    return HistoryTotals(
+        imbalance_micros=ledger.imbalance_micros,
+        payouts_by_farm=ledger.payouts_by_farm,
+        finished_jobs={(state, str(t)): int(c) for state, t, c in finished},
+        sla={kind: (int(c), _int(credit)) for kind, c, credit in sla},
+        curtailed={(w, str(t)): int(c) for w, t, c in curtailed},
+        energy=energy,
+    )
 
 
 @dataclass(frozen=True, slots=True)

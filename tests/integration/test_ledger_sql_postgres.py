@@ -1,15 +1,20 @@
 """The ledger's SQL aggregates against the Python reference on PostgreSQL, where ``SUM`` of
-a ``BIGINT`` is ``NUMERIC``: every figure must still come back as an exact ``int``.
-(The SQLite run, with more examples, is tests/unit/test_ledger_sql.py.)"""
+a ``BIGINT`` is ``NUMERIC``: every figure must still come back as an exact ``int``. And
+earnings and the metrics' starting totals read from PostgreSQL equal the core's. (The
+SQLite runs, with more examples: tests/unit/test_ledger_sql.py, test_earnings_sql.py.)"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from history_cases import T0, figures, history, jobs, stored, troubles
+from hypothesis import HealthCheck, Phase, given, settings
 from ledger_cases import Case, check_case, ledgers
 
+from broker.core import BrokerCore
+from broker.earnings import earnings
+from broker.metrics_tally import Tally
 from broker.store import Store
 
 
@@ -48,3 +53,30 @@ def test_big_sums_stay_exact_integers_on_postgres(pg_store: Store):
     ]
     check_case(pg_store, Case(legs, [AttemptCharge("a", 1, "RUNNING", 0)]))
     assert pg_store.balances() == {"farm:f": 2 * big}
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # examples are slow to shrink
+)
+@given(plan=jobs)
+def test_earnings_and_metric_totals_from_postgres_equal_the_cores(pg_store: Store, plan):
+    core = BrokerCore(lease_ttl_s=1e9)
+    end, cmds = history(core, plan)
+    cmds += troubles(core, end + 1)
+    store = stored(core, cmds, pg_store.url, create=False)
+    try:
+        for group_by in ("farm", "worker", "gpu"):
+            for since in (0.0, T0 + 1):
+                kw = dict(since=since, group_by=group_by, now=end + 5_000)
+                assert earnings(core, source=store, **kw) == earnings(core, **kw)
+        restored = Tally(core, store.history_totals())
+        pure = Tally(core)
+        assert figures(restored) == figures(pure)
+        assert pure.curtailed == {("fa", "spot"): 1}  # the tier read from the spec's JSON
+        for value in (restored.ledger_sum, *restored.payouts.values(), *restored.energy.values()):
+            assert type(value) is int
+    finally:
+        store.close()

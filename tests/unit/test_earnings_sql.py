@@ -9,137 +9,49 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from history_cases import T0, figures, history, jobs, stored, troubles
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from broker.core import BrokerCore
 from broker.earnings import earnings
-from broker.economics import FarmTerms, PowerPolicy, TariffWindow
 from broker.events import (
-    AttemptFinished,
-    AttemptStarted,
-    CurtailmentScheduled,
-    FarmConfigured,
-    JobSubmitted,
+    Persist,
     PostLedger,
-    SchedulePass,
-    WorkerRegistered,
-    Writes,
 )
 from broker.invariants import validate_state
 from broker.ledger import charges_of, ledger_problems, verify_ledger
-from broker.model import GpuInfo, JobSpec, Tier
-from broker.store import FarmRow, Store
-from broker.windows import Window
-from harness.broker_fixtures import healthy
-from rigshift.power import PowerPoint
-
-T0 = 1_800_000_000.0
-CURVE = tuple(
-    PowerPoint(w, f, d)
-    for w, f, d in (
-        (175, 38_517, 175),
-        (210, 42_543, 210),
-        (245, 45_674, 245),
-        (280, 47_910, 280),
-        (315, 49_252, 315),
-        (350, 49_700, 340),
-    )
-)
-TERMS = (
-    FarmTerms(
-        "fa",
-        100_000,
-        pue_permille=1200,
-        broker_fee_permille=150,
-        mining_micros_per_kwh=(("RTX 3090", 150_000), ("RTX 4090", 90_000)),
-        tariff_windows=(TariffWindow(22, 6, 40_000),),
-        power_policy=PowerPolicy.EFFICIENT,
-        max_slowdown_percent=5,
-        demand_response_micros_per_mwh=50_000_000,
-    ),
-    FarmTerms("fb", 70_000, mining_micros_per_kwh=(("RTX 3090", 120_000),)),
-)
-
-
-def gpu(i: int, model: str, price: int) -> GpuInfo:
-    return GpuInfo(
-        i, f"u{i}", model, 24576, 350, price, measurement=healthy(model, 24576),
-        power_curve=CURVE, power_limit_settable=True,
-    )  # fmt: skip
-
-
-WORKERS = (
-    ("w1", "fa", (gpu(0, "RTX 3090", 3_600_000), gpu(1, "RTX 4090", 3_600_000))),
-    ("w2", "fa", (gpu(0, "RTX 3090", 1_800_000),)),
-    ("w3", "fb", (gpu(0, "RTX 3090", 9_000_000), gpu(1, "RTX 3090", 9_000_000))),
-)
-
-jobs = st.lists(
-    st.tuples(
-        st.integers(1, 2),  # GPUs
-        st.sampled_from([Tier.GUARANTEED, Tier.SPOT]),
-        st.floats(0.001, 20_000.0, allow_nan=False),  # seconds it ran
-        st.integers(0, 10_000_000),  # joules
-        st.sampled_from([0, 0, 1]),  # exit code
-    ),
-    min_size=1,
-    max_size=8,
-)
-
-
-def history(core: BrokerCore, plan) -> tuple[float, list]:
-    """Run the plan through the core: each job placed, run and finished in turn."""
-    cmds: list = []
-    t = T0
-    for terms in TERMS:
-        cmds += core.handle(FarmConfigured(t, terms))
-    for worker_id, farm_id, infos in WORKERS:
-        cmds += core.handle(WorkerRegistered(t, worker_id, farm_id, worker_id, "1", infos))
-    for n, (count, tier, seconds, joules, code) in enumerate(plan):
-        job_id = f"j{n}"
-        spec = JobSpec(command=("x",), gpu_count=count, tier=tier, allow_unverified=True)
-        cmds += core.handle(JobSubmitted(t, job_id, "alice", spec))
-        cmds += core.handle(SchedulePass(t))
-        for a in core.jobs[job_id].attempts:
-            cmds += core.handle(AttemptStarted(t, a.worker_id, job_id, a.number, 1))
-            t += seconds
-            cmds += core.handle(
-                AttemptFinished(t, a.worker_id, job_id, a.number, 2, code, energy_joules=joules)
-            )
-        t += 1.0
-    # A window after the work (one before it would keep undeclared jobs off the farm).
-    window = Window("c1", "fa", t + 100, t + 10_000, "grid", False, t, "op")
-    cmds += core.handle(CurtailmentScheduled(t, window))
-    return t, cmds
-
-
-def stored(core: BrokerCore, cmds: list, path: Path) -> Store:
-    """A SQLite store holding what the commands asked to write."""
-    store = Store(f"sqlite:///{path}")
-    for farm_id in ("fa", "fb"):
-        store.create_farm(
-            FarmRow(id=farm_id, display_name=farm_id, enrollment_token_sha256=farm_id)
-        )
-    store.save(core, Writes.of(cmds))
-    return store
+from broker.metrics_tally import Tally
+from broker.model import Tier
+from broker.store import Store
 
 
 @pytest.fixture
 def db(tmp_path_factory: pytest.TempPathFactory):
-    n = iter(range(10**6))
-    base = tmp_path_factory.mktemp("earnings")
-    return lambda: base / f"broker{next(n)}.db"
+    """store_of(core, cmds): one SQLite file for all examples, emptied for each."""
+    path = tmp_path_factory.mktemp("earnings") / "broker.db"
+
+    def store_of(core: BrokerCore, cmds: list) -> Store:
+        return stored(core, cmds, f"sqlite:///{path}", create=not path.exists())
+
+    return store_of
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])  # fmt: skip
+# Each example writes a database: few examples, and no long shrinking.
+SLOW = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+
+
+@settings(SLOW, max_examples=25)
 @given(plan=jobs, data=st.data())
 def test_earnings_from_the_store_equal_earnings_from_the_core(db, plan, data):
     core = BrokerCore(lease_ttl_s=1e9)
     end, cmds = history(core, plan)
     validate_state(core)
-    store = stored(core, cmds, db())
+    store = db(core, cmds)
     try:
         settled = sum(a.settled for j in core.jobs.values() for a in j.attempts)
         assert settled > 0 or not any(j.attempts for j in core.jobs.values())
@@ -164,7 +76,7 @@ def test_a_core_without_a_ledger_settles_the_same_and_the_store_verifies_it(tmp_
     assert posted == kept.ledger and len(posted) == 6  # the same legs are emitted ...
     assert lean.ledger == []  # ... and none kept
     validate_state(lean)  # (its ledger part is the store's to check)
-    store = stored(lean, cmds, tmp_path / "broker.db")
+    store = stored(lean, cmds, f"sqlite:///{tmp_path / 'broker.db'}", create=True)
     try:
         problems, summary = verify_ledger(store)
         assert problems == ledger_problems(kept.ledger, charges_of(kept.jobs.values())) == []
@@ -178,3 +90,42 @@ def test_a_core_without_a_ledger_settles_the_same_and_the_store_verifies_it(tmp_
         assert store.balances(["broker:fees"])["broker:fees"] > 0
     finally:
         store.close()
+
+
+# --- the metrics' running totals ------------------------------------------------------------
+
+
+@settings(SLOW, max_examples=15)
+@given(plan=jobs)
+def test_metrics_start_from_the_stores_totals_as_from_the_core(db, plan):
+    core = BrokerCore(lease_ttl_s=1e9)
+    end, cmds = history(core, plan)
+    cmds += troubles(core, end + 1)
+    store = db(core, cmds)
+    try:
+        pure = Tally(core)  # what the core holds
+        restored = Tally(core, store.history_totals())  # a restarted broker's start
+        assert figures(restored) == figures(pure)
+        assert pure.sla.get("curtailed") and pure.sla.get("lost_work")
+        assert pure.curtailed and pure.finished and pure.ledger_sum == 0
+    finally:
+        store.close()
+
+
+def test_a_tally_follows_the_commands_and_counts_each_change_once(tmp_path: Path):
+    core = BrokerCore(lease_ttl_s=1e9, keep_ledger=False)
+    tally = Tally(core)
+    end, cmds = history(core, [(2, Tier.GUARANTEED, 3600.0, 2_000_000, 0)])
+    tally.observe(cmds)
+    more = troubles(core, end + 1)
+    tally.observe(more)
+    again = [c for c in more if isinstance(c, Persist)]
+    assert again
+    tally.observe(again)  # the same jobs named again: nothing new in them
+    kept = BrokerCore(lease_ttl_s=1e9)
+    end2, _ = history(kept, [(2, Tier.GUARANTEED, 3600.0, 2_000_000, 0)])
+    troubles(kept, end2 + 1)
+    assert figures(tally)[:6] == figures(Tally(kept))[:6]
+    posted = [e for c in cmds + more if isinstance(c, PostLedger) for e in c.entries]
+    assert tally.payouts == Tally(kept).payouts != {}
+    assert tally.ledger_sum == sum(e.amount_micros for e in posted) == 0
