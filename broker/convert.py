@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.core import Attempt, BrokerCore, Job, Worker
-from broker.earnings import earnings
+from broker.earnings import SettledSource, earnings
 from broker.economics import FarmTerms, PowerPolicy, charge_micros, floor_price
 from broker.events import Assign
 from broker.model import JobSpec
@@ -371,12 +371,14 @@ def earnings_pb(
     group_by: str = "farm",
     farm_name: Callable[[str], str] = str,
     now: float = float("inf"),
+    source: SettledSource | None = None,
 ) -> farm_service_pb2.GetEarningsResponse:
     """``GetEarnings``'s answer from a core (the broker's own, or one loaded from a database);
     ``farm_name`` maps a farm id to its display name; curtailment windows count up to
-    ``now``."""
+    ``now``; ``source``: where the settled attempts come from (the store, in a broker)."""
     rows = []
-    for line in earnings(core, farm_id=farm_id, since=since, group_by=group_by, now=now):
+    lines = earnings(core, farm_id=farm_id, since=since, group_by=group_by, now=now, source=source)
+    for line in lines:
         rows.append(
             farm_service_pb2.EarningsRow(
                 key=line.key,

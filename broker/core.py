@@ -154,11 +154,15 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
         queue_policy: Fifo | ShortFirst = FIFO,
         view: SchedulingView | None = None,
         curtailment_lead_s: float = DEFAULT_LEAD_S,
+        keep_ledger: bool = True,
     ) -> None:
         """``view`` decides what each scheduling pass places (``broker.queue``); the
         default keeps the queue sorted and places on the core's kept index.
         ``curtailment_lead_s``: how long before a curtailment window a job without a
-        declared duration stops being placed on that farm (``broker.curtailment``)."""
+        declared duration stops being placed on that farm (``broker.curtailment``).
+        ``keep_ledger=False`` (the broker's): ``PostLedger`` is emitted as always but
+        nothing is kept in ``ledger`` (the store holds it; docs/scale.md)."""
+        self.keep_ledger = keep_ledger
         self.lease_ttl_s = lease_ttl_s
         self.default_max_attempts = default_max_attempts
         self.spot_permille = spot_permille
@@ -442,7 +446,8 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
     def _post(self, entries: list[LedgerEntry]) -> None:
         if sum(e.amount_micros for e in entries) != 0:
             raise AssertionError(f"unbalanced transaction {entries[0].txn}")
-        self.ledger.extend(entries)
+        if self.keep_ledger:
+            self.ledger.extend(entries)
         self._out.ledger.extend(entries)
 
     def _end_attempt(

@@ -17,11 +17,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from broker.economics import FarmTerms
-from broker.records import Job, Worker
+from broker.records import Attempt, Job, Worker
 from broker.windows import Window
 from rigshift.catalogue import board_watts, lookup
 
-__all__ = ["Curtailed", "curtailed_by_gpu", "demand_response_micros"]
+__all__ = ["Curtailed", "curtailed_by_gpu", "demand_response_micros", "gpu_usage"]
 
 JOULES_PER_MWH = 3_600_000_000
 
@@ -47,20 +47,34 @@ def demand_response_micros(terms: FarmTerms | None, joules: int) -> int:
     return joules * price // JOULES_PER_MWH
 
 
-def _ai_watts(workers: Iterable[Worker], jobs: Iterable[Job], farm_id: str) -> dict[str, float]:
+def gpu_usage(attempts: Iterable[Attempt]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(worker id, first GPU index) -> (joules, GPU-milliseconds) of the settled attempts
+    among these: what the average AI draw is computed from."""
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    for a in attempts:
+        if not a.settled or a.end_time is None or not a.gpu_indices:
+            continue
+        key = (a.worker_id, a.gpu_indices[0])
+        joules, ms = out.get(key, (0, 0))
+        out[key] = (joules + a.energy_joules, ms + a.gpu_milliseconds(a.end_time))
+    return out
+
+
+def _ai_watts(
+    workers: Iterable[Worker], usage: dict[tuple[str, int], tuple[int, int]], farm_id: str
+) -> dict[str, float]:
     """Average metered draw per GPU of each model, over the farm's settled attempts."""
     joules: dict[str, int] = {}
     ms: dict[str, int] = {}
     by_id = {w.worker_id: w for w in workers if w.farm_id == farm_id}
-    for job in jobs:
-        for a in job.attempts:
-            worker = by_id.get(a.worker_id)
-            if worker is None or not a.settled or a.end_time is None or not a.gpu_indices:
-                continue
-            gpu = worker.gpus.get(a.gpu_indices[0])
-            model = gpu.info.model if gpu else "?"
-            joules[model] = joules.get(model, 0) + a.energy_joules
-            ms[model] = ms.get(model, 0) + a.gpu_milliseconds(a.end_time)
+    for (worker_id, index), (j, m) in usage.items():
+        worker = by_id.get(worker_id)
+        if worker is None:
+            continue
+        gpu = worker.gpus.get(index)
+        model = gpu.info.model if gpu else "?"
+        joules[model] = joules.get(model, 0) + j
+        ms[model] = ms.get(model, 0) + m
     return {m: joules[m] * 1000 / ms[m] for m in ms if ms[m] > 0 and joules[m] > 0}
 
 
@@ -78,11 +92,14 @@ def curtailed_by_gpu(
     farm_id: str = "",
     since: float = 0.0,
     now: float = float("inf"),
+    usage: dict[tuple[str, int], tuple[int, int]] | None = None,
 ) -> dict[tuple[str, str, int], Curtailed]:
     """(farm id, worker id, GPU index) -> its figures, for every GPU of a farm with a window
-    that was on (of ``farm_id`` only, when set)."""
+    that was on (of ``farm_id`` only, when set). ``usage`` (:func:`gpu_usage` of the settled
+    attempts, e.g. read from the store) replaces the attempts of ``jobs``."""
     worker_list = list(workers)
-    job_list = list(jobs)
+    if usage is None:
+        usage = gpu_usage(a for job in jobs for a in job.attempts)
     seconds: dict[str, float] = {}
     for w in windows:
         if farm_id and w.farm_id != farm_id:
@@ -92,7 +109,7 @@ def curtailed_by_gpu(
             seconds[w.farm_id] = seconds.get(w.farm_id, 0.0) + s
     out: dict[tuple[str, str, int], Curtailed] = {}
     for fid, s in seconds.items():
-        watts = _ai_watts(worker_list, job_list, fid)
+        watts = _ai_watts(worker_list, usage, fid)
         for worker in worker_list:
             if worker.farm_id != fid:
                 continue

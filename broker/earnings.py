@@ -14,20 +14,36 @@ ratio at the limit (``rigshift.power.ratio_at``, thousandths). The difference is
 cost at the farm's tariff x PUE over the attempt's run ``energy_cost_saved_micros``
 (``broker.economics.energy_cost_micros``), both per GPU share. A GPU the worker no
 longer lists, or one without a curve, saved nothing.
+
+**Where the attempts come from** (a :class:`SettledSource`): the broker holds no ledger and
+forgets finished jobs (docs/scale.md), so it reads the settled attempts and their payouts
+from the store (``Store.settled``: the payouts summed in SQL, the attempts streamed one at a
+time); a pure core (tests, the replay) is its own source (:class:`CoreSettled`). Workers,
+farms' terms and windows always come from the core, which holds them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from broker.core import Attempt, BrokerCore, Worker
-from broker.curtailed import Curtailed, curtailed_by_gpu
+from broker.curtailed import Curtailed, curtailed_by_gpu, gpu_usage
 from broker.economics import FarmTerms, energy_cost_micros
 from rigshift.power import ratio_at
 from rigshift.units import JOULES_PER_KWH
 
-__all__ = ["EarningsLine", "earnings", "energy_saved", "joules_by_model", "mining_usd_per_kwh"]
+__all__ = [
+    "CoreSettled",
+    "EarningsLine",
+    "Settled",
+    "SettledSource",
+    "earnings",
+    "energy_saved",
+    "joules_by_model",
+    "mining_usd_per_kwh",
+]
 
 
 def mining_usd_per_kwh(terms: FarmTerms | None, joules: Mapping[str, int]) -> float:
@@ -122,6 +138,48 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < rest else 0) for i in range(parts)]
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A settled attempt and what its farm was paid for it (its ``payout`` legs)."""
+
+    attempt: Attempt
+    payout_micros: int
+
+
+class SettledSource(Protocol):
+    """Where earnings read settled attempts: the store (``Store.settled``) or a core."""
+
+    def settled(self, *, farm_id: str = "", since: float | None = None) -> Iterable[Settled]:
+        """Settled attempts that ended at or after ``since`` (all when None), on workers of
+        ``farm_id`` when set, with their payouts."""
+        ...
+
+
+class CoreSettled:
+    """A pure core's settled attempts and its ledger's payouts (``keep_ledger=True``)."""
+
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    def settled(self, *, farm_id: str = "", since: float | None = None) -> Iterator[Settled]:
+        """See :class:`SettledSource`."""
+        payouts: dict[tuple[str, int], int] = {}
+        for e in self.core.ledger:
+            if e.kind == "payout":
+                key = (e.job_id, e.attempt)
+                payouts[key] = payouts.get(key, 0) + e.amount_micros
+        for job in self.core.jobs.values():
+            for a in job.attempts:
+                if not a.settled or a.end_time is None:
+                    continue
+                if since is not None and a.end_time < since:
+                    continue
+                worker = self.core.workers.get(a.worker_id)
+                if farm_id and (worker is None or worker.farm_id != farm_id):
+                    continue
+                yield Settled(a, payouts.get((job.job_id, a.number), 0))
+
+
 def earnings(
     core: BrokerCore,
     *,
@@ -129,71 +187,69 @@ def earnings(
     since: float = 0.0,
     group_by: str = "farm",
     now: float = float("inf"),
+    source: SettledSource | None = None,
 ) -> list[EarningsLine]:
     """Rows sorted by key; every farm appears when grouping by farm, even with no sales.
 
     A row's ``mining_usd_per_kwh`` is :func:`mining_usd_per_kwh` of its farm's terms and
     the row's energy by GPU model. Its ``curtailed`` figures are ``broker.curtailed``'s,
-    windows counted up to ``now`` (default: their ends).
+    windows counted up to ``now`` (default: their ends). ``source``: where the settled
+    attempts and payouts come from (default: the core itself, :class:`CoreSettled`).
     """
-    payouts: dict[tuple[str, int], int] = {}
-    for e in core.ledger:
-        if e.kind == "payout":
-            payouts[(e.job_id, e.attempt)] = payouts.get((e.job_id, e.attempt), 0) + e.amount_micros
+    if source is None:
+        source = CoreSettled(core)
     rows: dict[str, EarningsLine] = {}
     if group_by == "farm":
         for fid in core.farms:
             if not farm_id or fid == farm_id:
                 rows[f"farms/{fid}"] = EarningsLine(f"farms/{fid}", fid)
-    for job in core.jobs.values():
-        for a in job.attempts:
-            if not a.settled or a.end_time is None or a.end_time < since:
-                continue
-            worker = core.workers.get(a.worker_id)
-            if worker is None or (farm_id and worker.farm_id != farm_id):
-                continue
-            terms = core.farms.get(worker.farm_id, FarmTerms(worker.farm_id))
-            start = a.start_time if a.start_time is not None else a.end_time
-            cost = energy_cost_micros(terms, a.energy_joules, start, a.end_time)
-            revenue = payouts.get((job.job_id, a.number), 0)
-            n = len(a.gpu_indices)
-            shares = zip(
-                a.gpu_indices,
-                _split(a.gpu_milliseconds(a.end_time), n),
-                _split(a.energy_joules, n),
-                _split(revenue, n),
-                _split(cost, n),
-                strict=True,
-            )
-            for index, ms, joules, rev, cst in shares:
-                model = _model(worker, index)
-                key = {
-                    "farm": f"farms/{worker.farm_id}",
-                    "worker": f"workers/{worker.worker_id}",
-                    "gpu": f"workers/{worker.worker_id}/gpus/{index}",
-                }[group_by]
-                row = rows.setdefault(key, EarningsLine(key, worker.farm_id))
-                row.gpu_milliseconds += ms
-                row.energy_joules += joules
-                row.revenue_micros += rev
-                row.energy_cost_micros += cst
-                row.model_joules[model] = row.model_joules.get(model, 0) + joules
-                saved = energy_saved(worker, index, a.power_limit_watts, joules)
-                if saved:
-                    row.energy_saved_joules += saved
-                    row.energy_cost_saved_micros += energy_cost_micros(
-                        terms, saved, start, a.end_time
-                    )
-                row.model_ms = row.model_ms or {}
-                row.model_ms[model] = row.model_ms.get(model, 0) + ms
-            row_keys = {
-                "farm": [f"farms/{worker.farm_id}"],
-                "worker": [f"workers/{worker.worker_id}"],
-                "gpu": [f"workers/{worker.worker_id}/gpus/{i}" for i in a.gpu_indices],
+    for settled in source.settled(farm_id=farm_id, since=since):
+        a = settled.attempt
+        if a.end_time is None:
+            continue
+        worker = core.workers.get(a.worker_id)
+        if worker is None or (farm_id and worker.farm_id != farm_id):
+            continue
+        terms = core.farms.get(worker.farm_id, FarmTerms(worker.farm_id))
+        start = a.start_time if a.start_time is not None else a.end_time
+        cost = energy_cost_micros(terms, a.energy_joules, start, a.end_time)
+        revenue = settled.payout_micros
+        n = len(a.gpu_indices)
+        shares = zip(
+            a.gpu_indices,
+            _split(a.gpu_milliseconds(a.end_time), n),
+            _split(a.energy_joules, n),
+            _split(revenue, n),
+            _split(cost, n),
+            strict=True,
+        )
+        for index, ms, joules, rev, cst in shares:
+            model = _model(worker, index)
+            key = {
+                "farm": f"farms/{worker.farm_id}",
+                "worker": f"workers/{worker.worker_id}",
+                "gpu": f"workers/{worker.worker_id}/gpus/{index}",
             }[group_by]
-            for key in row_keys:
-                rows[key].attempts += 1
-    _add_curtailed(core, rows, farm_id, since, group_by, now)
+            row = rows.setdefault(key, EarningsLine(key, worker.farm_id))
+            row.gpu_milliseconds += ms
+            row.energy_joules += joules
+            row.revenue_micros += rev
+            row.energy_cost_micros += cst
+            row.model_joules[model] = row.model_joules.get(model, 0) + joules
+            saved = energy_saved(worker, index, a.power_limit_watts, joules)
+            if saved:
+                row.energy_saved_joules += saved
+                row.energy_cost_saved_micros += energy_cost_micros(terms, saved, start, a.end_time)
+            row.model_ms = row.model_ms or {}
+            row.model_ms[model] = row.model_ms.get(model, 0) + ms
+        row_keys = {
+            "farm": [f"farms/{worker.farm_id}"],
+            "worker": [f"workers/{worker.worker_id}"],
+            "gpu": [f"workers/{worker.worker_id}/gpus/{i}" for i in a.gpu_indices],
+        }[group_by]
+        for key in row_keys:
+            rows[key].attempts += 1
+    _add_curtailed(core, rows, farm_id, since, group_by, now, source)
     for row in rows.values():
         row.mining_usd_per_kwh = mining_usd_per_kwh(core.farms.get(row.farm_id), row.model_joules)
         if row.model_ms:
@@ -208,17 +264,21 @@ def _add_curtailed(
     since: float,
     group_by: str,
     now: float,
+    source: SettledSource,
 ) -> None:
     if not core.windows:
         return
+    # The average AI draw counts every settled attempt of the farm, not only since ``since``.
+    usage = gpu_usage(s.attempt for s in source.settled(farm_id=farm_id, since=None))
     figures = curtailed_by_gpu(
         core.windows.values(),
         core.workers.values(),
-        core.jobs.values(),
+        (),
         core.farms,
         farm_id=farm_id,
         since=since,
         now=now,
+        usage=usage,
     )
     for (fid, worker_id, index), c in figures.items():
         key = {

@@ -25,9 +25,11 @@ def validate_state(core: BrokerCore) -> None:
                 held.setdefault(gpu.holder, set()).add((worker.worker_id, gpu.info.index))
 
     # The legs of the jobs the core let go of (finished, stored) are the store's to check
-    # (``rigshift admin verify-ledger``); a core fed no JobsStored holds every job.
-    legs = [e for e in core.ledger if e.job_id in core.jobs]
-    problems += ledger_problems(legs, charges_of(core.jobs.values()))
+    # (``rigshift admin verify-ledger``, SQL); a core fed no JobsStored holds every job.
+    # A core without a ledger (the broker's) leaves it all to the store.
+    if core.keep_ledger:
+        legs = [e for e in core.ledger if e.job_id in core.jobs]
+        problems += ledger_problems(legs, charges_of(core.jobs.values()))
 
     for job in core.jobs.values():
         live = [a for a in job.attempts if a.state in LIVE_ATTEMPT_STATES]

@@ -10,8 +10,10 @@ every discrepancy found, in this order:
    an attempt that does not exist.
 
 Its callers: ``broker.invariants.validate_state`` (the core's records, after every step
-of a test), :func:`verify_ledger` (a broker's database: ``rigshift admin verify-ledger``)
-and the trace replay. This module imports neither the core nor the store.
+of a test) and the trace replay. A broker's database is checked by the same rules as SQL
+aggregates (``broker.store.ledger_sql``; :func:`verify_ledger`, ``rigshift admin
+verify-ledger``), which a Hypothesis test holds equal to :func:`ledger_problems`. This
+module imports neither the core nor the store.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from typing import Any, Protocol
 
 from broker.model import LIVE_ATTEMPT_STATES
 
-__all__ = ["AttemptCharge", "Leg", "charges_of", "ledger_problems", "verify_ledger"]
+__all__ = [
+    "AttemptCharge",
+    "Leg",
+    "charges_of",
+    "ledger_problems",
+    "ledger_summary",
+    "verify_ledger",
+]
 
 
 class Leg(Protocol):
@@ -117,20 +126,26 @@ def ledger_problems(legs: Iterable[Leg], attempts: Iterable[AttemptCharge]) -> l
     return problems
 
 
-class _LedgerStore(Protocol):
-    def ledger_rows(self) -> tuple[list[Any], list[AttemptCharge]]: ...
-
-
-def verify_ledger(store: _LedgerStore) -> tuple[list[str], dict[str, int]]:
-    """(discrepancies, summary figures) of the ledger in a broker's database."""
-    legs, attempts = store.ledger_rows()
-    problems = ledger_problems(legs, attempts)
+def ledger_summary(legs: Iterable[Leg]) -> dict[str, int]:
+    """The summary figures of ``rigshift admin verify-ledger`` over these legs (the Python
+    reference of ``broker.store.ledger_sql.ledger_check``'s)."""
+    legs = list(legs)
     charges = [e for e in legs if e.kind == "charge" and isinstance(e.amount_micros, int)]
-    summary = {
+    return {
         "entries": len(legs),
         "transactions": len({e.txn for e in legs}),
         "settled_attempts": len(charges),
         "client_charges_micros": -sum(e.amount_micros for e in charges),
         "balance_micros": sum(e.amount_micros for e in legs if isinstance(e.amount_micros, int)),
     }
-    return problems, summary
+
+
+class _LedgerStore(Protocol):
+    def ledger_check(self) -> tuple[list[str], dict[str, int]]: ...
+
+
+def verify_ledger(store: _LedgerStore) -> tuple[list[str], dict[str, int]]:
+    """(discrepancies, summary figures) of the ledger in a broker's database: the checks of
+    :func:`ledger_problems` as SQL aggregates (``broker.store.ledger_sql``), so no leg is
+    loaded into memory unless it is wrong."""
+    return store.ledger_check()

@@ -4,9 +4,11 @@ Two kinds of series live here:
 
 * **State** (jobs, workers and GPUs by state, the oldest pending job, and what
   can be derived from state: energy, revenue and mining alternative by farm,
-  SLA events and credits, the ledger's balance) is read from ``BrokerCore`` at
-  scrape time by :class:`FleetCollector`, so nothing has to keep a gauge in
-  step with the core.
+  SLA events and credits, the ledger's balance) is read at scrape time by
+  :class:`FleetCollector`: live work from ``BrokerCore``, what grows with history
+  (finished jobs, settled energy, SLA events, the ledger) from running totals that
+  start from the store's SQL aggregates and follow the core's commands
+  (``broker.metrics_tally``), so a scrape never walks history.
 * **Events** (submissions, completions, requeues, placements, queue wait,
   scheduling pass duration, lease expirations, RPCs) are counters
   and histograms fed by the shell: :meth:`BrokerMetrics.observe` sees every
@@ -45,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from broker.core import BrokerCore, Job, Worker
-from broker.earnings import joules_by_model, mining_usd_per_kwh
+from broker.earnings import mining_usd_per_kwh
 from broker.events import (
     Assign,
     Command,
@@ -57,7 +59,8 @@ from broker.events import (
     WorkerTransition,
 )
 from broker.metrics_rpc import RpcMetricsInterceptor
-from broker.model import TERMINAL_JOB_STATES, JobState, SlaKind, WorkerState
+from broker.metrics_tally import HistoryTotals, Tally
+from broker.model import TERMINAL_JOB_STATES, JobState, WorkerState
 from rigshift.scoring import Verification
 
 __all__ = [
@@ -252,10 +255,12 @@ class FleetCollector(Collector):
         core: BrokerCore,
         farm_name: Callable[[str], str],
         clock: Callable[[], float] = time.time,
+        history: HistoryTotals | None = None,
     ) -> None:
         self.core = core
         self.farm_name = farm_name
         self.clock = clock
+        self.tally = Tally(core, history)  # what grows with history (broker.metrics_tally)
         self._ledger_seen = 0
         self._ledger_sum = 0
         self._payouts: dict[str, int] = {}
@@ -288,7 +293,9 @@ class FleetCollector(Collector):
         return out
 
     def _jobs(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
-        now, core = self.clock(), self.core
+        """Live jobs from the core; what grows with history from the tally (the store's
+        totals at start, then the core's commands): a scrape walks no finished job."""
+        now, core, tally = self.clock(), self.core, self.tally
         jobs = out["rigshift_jobs"]
         oldest = out["rigshift_job_queue_oldest_wait_seconds"]
         sla, credits = out["rigshift_sla_events"], out["rigshift_sla_credits_usd"]
@@ -298,32 +305,26 @@ class FleetCollector(Collector):
                 jobs[(_state_label(s), tier)] = 0
         for kind in SLA_EVENT_KINDS:
             sla[(kind,)] = credits[(kind,)] = 0
-        curtailed = out["rigshift_curtailed_attempts"]
-        energy: dict[str, int] = collections.defaultdict(int)  # joules by farm id
-        models: dict[str, dict[str, int]] = collections.defaultdict(dict)  # ... and GPU model
+        tally.prune()
         for job in core.jobs.values():
+            if job.state in TERMINAL_JOB_STATES:
+                continue  # counted by the tally (the core may have forgotten it)
             tier = tier_of(job)
             jobs[(_state_label(job.state), tier)] += 1
             if job.state == JobState.PENDING and job.history:
                 waited = max(0.0, now - job.history[-1].time)
                 oldest[(tier,)] = max(oldest[(tier,)], waited)
-            for attempt in job.attempts:
-                worker = core.workers.get(attempt.worker_id)
-                if attempt.settled and attempt.energy_joules and worker is not None:
-                    energy[worker.farm_id] += attempt.energy_joules
-                    by_model = models[worker.farm_id]
-                    for model, joules in joules_by_model(worker, attempt).items():
-                        by_model[model] = by_model.get(model, 0) + joules
-            for event in job.sla_events:
-                key = (_state_label(event.kind),)
-                if event.kind == SlaKind.CURTAILED and 1 <= event.attempt <= len(job.attempts):
-                    stopped = core.workers.get(job.attempts[event.attempt - 1].worker_id)
-                    if stopped is not None:
-                        ckey = (self.farm_name(stopped.farm_id), tier)
-                        curtailed[ckey] = curtailed.get(ckey, 0) + 1
-                if key in sla:
-                    sla[key] += 1
-                    credits[key] += event.credit_micros / MICROS_PER_USD
+        for key, n in tally.finished.items():
+            if key in jobs:
+                jobs[key] += n
+        for kind, n in tally.sla.items():
+            if (kind,) in sla:
+                sla[(kind,)] += n
+                credits[(kind,)] += tally.credits.get(kind, 0) / MICROS_PER_USD
+        curtailed = out["rigshift_curtailed_attempts"]
+        for (farm_id, tier), n in tally.curtailed.items():
+            ckey = (self.farm_name(farm_id), tier)
+            curtailed[ckey] = curtailed.get(ckey, 0) + n
         farms = {w.farm_id for w in core.workers.values()} | set(core.farms)
         for farm_id in farms:
             farm = (self.farm_name(farm_id),)
@@ -331,9 +332,10 @@ class FleetCollector(Collector):
             out["rigshift_farm_curtailed"][farm] = 1 if on else 0
             for t in TIERS:
                 curtailed.setdefault((*farm, t), 0)
-            out["rigshift_farm_energy_joules"][farm] += energy.get(farm_id, 0)
+            out["rigshift_farm_energy_joules"][farm] += tally.energy.get(farm_id, 0)
             # The one definition of the figure, the one GetEarnings reports (broker.earnings).
-            mining = mining_usd_per_kwh(core.farms.get(farm_id), models.get(farm_id, {}))
+            models = tally.models.get(farm_id, {})
+            mining = mining_usd_per_kwh(core.farms.get(farm_id), models)
             out["rigshift_farm_mining_usd_per_kwh"][farm] = mining
 
     def _fleet(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
@@ -364,7 +366,15 @@ class FleetCollector(Collector):
                         unverified[(farm, model)] += 1
 
     def _ledger(self, out: dict[str, dict[tuple[str, ...], float]]) -> None:
-        """Imbalance and farm payouts, tallied over the entries added since the last scrape."""
+        """Imbalance and farm payouts: the tally's (the store's totals, then the legs the
+        core posted) for a core without a ledger; else tallied over the core's entries
+        added since the last scrape."""
+        if not self.core.keep_ledger:
+            out["rigshift_ledger_imbalance_micros"][()] = self.tally.ledger_sum
+            for farm_id, micros in self.tally.payouts.items():
+                farm = (self.farm_name(farm_id),)
+                out["rigshift_farm_revenue_usd"][farm] = micros / MICROS_PER_USD
+            return
         ledger = self.core.ledger
         if len(ledger) < self._ledger_seen:  # replaced (a reload): tally again
             self._ledger_seen, self._ledger_sum, self._payouts = 0, 0, {}
@@ -389,7 +399,10 @@ class BrokerMetrics:
         *,
         farm_name: Callable[[str], str] = str,
         clock: Callable[[], float] = time.time,
+        history: HistoryTotals | None = None,
     ) -> None:
+        """``history``: the store's totals to start from (``Store.history_totals``); None
+        counts what the core holds (a pure core)."""
         self.core = core
         self.registry = registry
         self.farm_name = farm_name
@@ -451,7 +464,7 @@ class BrokerMetrics:
             self.queue_wait.labels(tier)
             for s in TERMINAL_JOB_STATES:
                 self.completed.labels(_state_label(s), tier)
-        self.fleet = FleetCollector(core, farm_name, clock)
+        self.fleet = FleetCollector(core, farm_name, clock, history)
         registry.register(self.fleet)
 
     def observe(self, event: Event, cmds: list[Command], elapsed_s: float) -> None:
@@ -465,6 +478,7 @@ class BrokerMetrics:
             log.exception("metrics: cannot observe %s", type(event).__name__)
 
     def _observe(self, event: Event, cmds: list[Command], elapsed_s: float) -> None:
+        self.fleet.tally.observe(cmds)
         if isinstance(event, SchedulePass):
             self.schedule_pass.observe(elapsed_s)
         elif isinstance(event, WorkerRegistered):

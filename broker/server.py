@@ -269,12 +269,15 @@ class Broker:
             default_fee_permille=cfg.broker_fee_permille,
             queue_policy=QUEUE_POLICIES[cfg.queue_policy],
             curtailment_lead_s=cfg.curtailment_lead_s,
+            keep_ledger=False,  # the store holds the ledger (broker.store.ledger_sql)
         )
         clock = BrokerClock()
         self.store.load(core, now=clock())
         store = self.store
         farm_name = FarmNames(lambda farm_id: store.get_farm(farm_id).display_name)
-        metrics = self.metrics = BrokerMetrics(core, self.registry, farm_name=farm_name)
+        metrics = self.metrics = BrokerMetrics(
+            core, self.registry, farm_name=farm_name, history=store.history_totals()
+        )
         svc = self.service = BrokerService(
             core, self.store, clock=clock, metrics=metrics, farm_names=farm_name
         )

@@ -63,6 +63,7 @@ class BrokerDatabase:
                 since=since.timestamp() if since else 0.0,
                 group_by=group_by,
                 farm_name=lambda fid: store.get_farm(fid).display_name,
+                source=store,  # the ledger and finished jobs stay in the database
             )
         finally:
             store.close()

@@ -218,6 +218,7 @@ class FarmServicer(farm_service_pb2_grpc.FarmServiceServicer):
             group_by=groups[request.group_by],
             farm_name=self.svc.farm_names,
             now=self.svc.clock(),
+            source=self.svc.store,  # settled attempts and payouts: SQL (broker.store.ledger_sql)
         )
 
     @unary

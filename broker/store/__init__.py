@@ -11,6 +11,8 @@ Rows are store models only: the core never sees them (STYLE.md 9).
 * ``load`` -- reading the live work back (a restart);
 * ``reads`` -- reading finished jobs, which the core lets go of once stored (GetJob,
   ListJobs' pages, request ids, artifact references);
+* ``ledger_sql`` -- the ledger as SQL aggregates (balances, the settled-once checks,
+  earnings' settled attempts): the broker holds no ledger in memory;
 * ``database`` -- :class:`Store` (connection, farms, keys, credentials, logs) and
   :func:`database_error`, the one place where a database fault becomes
   :class:`~broker.errors.DatabaseUnavailable` (gRPC ``UNAVAILABLE`` with RetryInfo).

@@ -19,18 +19,18 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, create_engine, select
 
 from broker.core import BrokerCore
+from broker.earnings import Settled
 from broker.errors import AlreadyExists, DatabaseUnavailable, NotFound
 from broker.events import Writes
-from broker.ledger import AttemptCharge
+from broker.metrics_tally import HistoryTotals
 from broker.records import StoredState
+from broker.store import ledger_sql
 from broker.store.load import read_state
 from broker.store.reads import JobReads
 from broker.store.rows import (
     ApiKeyRow,
-    AttemptRow,
     CurtailmentRow,
     FarmRow,
-    LedgerRow,
     LogRow,
     WorkerCredentialRow,
 )
@@ -323,16 +323,36 @@ class Store(JobReads):
         self._written.workers.update(written)
         return state
 
-    def ledger_rows(self) -> tuple[list[LedgerRow], list[AttemptCharge]]:
-        """Every ledger row, and every attempt as the ledger checker reads it
-        (``broker.ledger.verify_ledger``)."""
+    # --- the ledger (SQL aggregates: the broker holds no ledger in memory) ----------
+
+    def ledger_check(self) -> tuple[list[str], dict[str, int]]:
+        """(discrepancies, summary figures) of the ledger (``broker.ledger.verify_ledger``),
+        computed as SQL aggregates (``broker.store.ledger_sql.ledger_check``)."""
         with self._session() as s:
-            legs = list(s.exec(select(LedgerRow).order_by(col(LedgerRow.id))))
-            attempts = [
-                AttemptCharge(a.job_id, a.number, a.state, a.charge_micros)
-                for a in s.exec(select(AttemptRow))
-            ]
-        return legs, attempts
+            return ledger_sql.ledger_check(s.connection())
+
+    def balances(self, accounts: list[str] | None = None) -> dict[str, int]:
+        """account -> balance in micro-dollars (``broker.store.ledger_sql.balances``)."""
+        with self._session() as s:
+            return ledger_sql.balances(s.connection(), accounts)
+
+    def ledger_totals(self) -> ledger_sql.LedgerTotals:
+        """The ledger's sum and each farm's payouts (what the metrics start from)."""
+        with self._session() as s:
+            return ledger_sql.ledger_totals(s.connection())
+
+    def history_totals(self) -> HistoryTotals:
+        """What the broker's metrics start from (``broker.store.ledger_sql.history_totals``):
+        aggregates over the ledger, finished jobs, SLA events and settled attempts."""
+        with self._session() as s:
+            return ledger_sql.history_totals(s.connection())
+
+    def settled(self, *, farm_id: str = "", since: float | None = None) -> Iterator[Settled]:
+        """Settled attempts that ended at or after ``since`` (of ``farm_id``'s workers when
+        set) with their payouts, streamed (``broker.store.ledger_sql.settled_attempts``):
+        what ``broker.earnings`` reads in the broker."""
+        with self._session() as s:
+            yield from ledger_sql.settled_attempts(s.connection(), farm_id=farm_id, since=since)
 
     def logs(self, job_id: str, after_id: int = 0) -> list[LogRow]:
         """Log rows of a job with id > after_id, oldest first."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from broker.economics import LedgerEntry
 from broker.gpu_health import judged
@@ -21,7 +21,6 @@ from broker.store.rows import (
     CurtailmentRow,
     FarmRow,
     GpuRow,
-    LedgerRow,
     WorkerRow,
     farm_terms,
     measurement_from_json,
@@ -41,10 +40,7 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
     left empty, so the worker row is simply written again.
     """
     farms = tuple(farm_terms(farm) for farm in s.exec(select(FarmRow)))
-    ledger = tuple(
-        LedgerEntry(r.txn, r.account, r.amount_micros, r.kind, r.job_id, r.attempt, r.time)
-        for r in s.exec(select(LedgerRow).order_by(col(LedgerRow.id)))
-    )
+    ledger: tuple[LedgerEntry, ...] = ()  # the ledger stays in the store (ledger_sql)
     workers: list[Worker] = []
     written: dict[str, WorkerWritten] = {}
     gpus: dict[str, dict[int, Gpu]] = {}

@@ -257,8 +257,12 @@ def test_farm_terms_and_ledger_survive_a_restart(tmp_path: Path):
             farms = fsg.FarmServiceStub(ch)
             got = farms.GetFarm(farm_service_pb2.GetFarmRequest(name=farm.name))
             assert (got.tariff_micros_per_kwh, got.broker_fee_permille) == (123_000, 50)
-            assert len(farms.GetEarnings(farm_service_pb2.GetEarningsRequest()).rows) == 1
-        assert len(b2.broker.service.core.ledger) == 3
+            (row,) = farms.GetEarnings(farm_service_pb2.GetEarningsRequest()).rows
+            assert row.revenue_micros > 0  # the payout, read from the store's ledger
+        # The ledger survives in the store; the broker's core holds none (docs/scale.md).
+        assert b2.broker.service.core.ledger == []
+        problems, summary = verify_ledger(b2.broker.store)
+        assert (problems, summary["entries"]) == ([], 3)
     finally:
         b2.stop()
 
