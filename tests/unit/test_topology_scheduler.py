@@ -402,8 +402,9 @@ def brute_force(snapshot: Snapshot, topology: bool = True) -> list[object]:
                     0,
                     topo,
                 )
-                # exact ties between groups of one worker: unverified, then lower scores first
-                key = (*key, verified, score)
+                # exact ties between groups of one worker: unverified, then lower scores, then
+                # narrower links first (the index's group order when topology is off)
+                key = (*key, verified, score, pcie)
                 if best is None or key < best[0]:
                     best = (key, Placement(request_.job_id, w.worker_id, tuple(indices[:n]), price))
         if best is None:
