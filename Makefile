@@ -51,7 +51,7 @@ proto: install
 
 # Lock file: regenerate with `make lock` after changing dependencies in pyproject.toml.
 lock:
-	uv pip compile pyproject.toml --extra test --python-version 3.11 --generate-hashes -o requirements.lock
+	uv pip compile pyproject.toml --extra test --extra bench --python-version 3.11 --generate-hashes -o requirements.lock
 
 bench: install
 	$(BIN)/python benchmarks/scheduler_bench.py --workers 10000 --jobs 100000
