@@ -329,7 +329,6 @@ class BrokerService(DatabaseOutages):
             raise NotFound(f"job {job_id} not found", metadata={"job": job_id})
         return job
 
-
     def _execute(self, cmds: list[Command]) -> None:
         for cmd in cmds:
             match cmd:
