@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterable
 
 import grpc
 
@@ -16,6 +16,7 @@ from broker.auth import Role, current
 from broker.convert import job_pb, quote_pb, timestamp
 from broker.core import Attempt, Job
 from broker.errors import (
+    DatabaseUnavailable,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -99,9 +100,17 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             states.add(JobState(job_pb2.Job.State.Name(s)))
         who = current()
         owner = None if who.role == Role.ADMIN else who.name
-        # One query over the store's jobs; a job the core holds is shown as it is now.
-        stored, nxt = self.svc.store.list_jobs(owner, states, limit, after)
-        jobs = [self.svc.core.jobs.get(j.job_id, j) for j in stored]
+        if self.svc.database_down_for() is None:
+            try:
+                # One query over the store's jobs; a job the core holds is shown as it is now.
+                stored, nxt = self.svc.store.list_jobs(owner, states, limit, after)
+                jobs = [self.svc.core.jobs.get(j.job_id, j) for j in stored]
+            except DatabaseUnavailable:
+                jobs, nxt = _held_page(self.svc.core.jobs.values(), owner, states, limit, after)
+        else:
+            # A database outage: the jobs the core holds (live, and those whose changes it
+            # keeps until the database is back), in the same order and page tokens.
+            jobs, nxt = _held_page(self.svc.core.jobs.values(), owner, states, limit, after)
         now = self.svc.clock()
         return job_service_pb2.ListJobsResponse(
             jobs=[job_pb(j, now) for j in jobs], next_page_token=_page_token(nxt)
@@ -219,6 +228,30 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 yield job_service_pb2.DownloadJobOutputResponse(data=data)
         if first is not None:  # nothing left after the offset: still say what it is
             yield first
+
+
+def _held_page(
+    held: Iterable[Job],
+    owner: str | None,
+    states: Collection[JobState],
+    limit: int,
+    after: PageKey | None,
+) -> tuple[list[Job], PageKey | None]:
+    """A ListJobs page from the core's memory, ordered and keyed as the store's
+    (``Store.list_jobs``): finished jobs the core let go of are not in it."""
+    jobs = sorted(
+        (
+            j
+            for j in held
+            if (owner is None or j.owner == owner) and (not states or j.state in states)
+        ),
+        key=lambda j: (-j.create_time, j.job_id),
+    )
+    if after is not None:
+        jobs = [j for j in jobs if (-j.create_time, j.job_id) > (-after.create_time, after.job_id)]
+    shown = jobs[:limit]
+    nxt = PageKey(shown[-1].create_time, shown[-1].job_id) if len(jobs) > limit else None
+    return shown, nxt
 
 
 def _page_key(token: str) -> PageKey | None:

@@ -332,10 +332,12 @@ def test_postgresql_stopped_under_load_then_started(tmp_path: Path, pg: PgCluste
                 jobs.CreateJob(js.CreateJobRequest(request_id="probe", spec=_spec()), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
             assert _details(refused.value) == ("DATABASE_UNAVAILABLE", 1.0)
-            # Reads are answered from memory.
+            # Reads of the jobs the core holds (live ones: finished jobs left memory once
+            # stored, issue 17) are answered from memory; the core changes nothing meanwhile.
             listed = jobs.ListJobs(js.ListJobsRequest(page_size=1000), timeout=10).jobs
-            assert len(listed) >= 15
-            assert jobs.GetJob(js.GetJobRequest(name=listed[0].name), timeout=10).name
+            assert {j.name for j in listed} == {f"jobs/{i}" for i in svc.core.jobs}
+            for j in listed[:3]:
+                assert jobs.GetJob(js.GetJobRequest(name=j.name), timeout=10).state == j.state
             workers = farms.ListWorkers(fs.ListWorkersRequest(parent=farm.name), timeout=10)
             assert len(workers.workers) == 2
             # Health fails once the database has been away for db_outage_unhealthy_s.
