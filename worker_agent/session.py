@@ -311,9 +311,12 @@ class BrokerSession:
             if link is None or link.closed:
                 if remaining <= 0:
                     raise self._session_error or SessionBroken("DEADLINE_EXCEEDED", "no session")
+                # Asked again every half second: a reconnect that failed meanwhile (the
+                # broker was still away) waits out its backoff only until the next ask, so
+                # the lease is renewed soon after the broker is back.
                 self._reconnect_now.set()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._link_open.wait(), remaining)
+                    await asyncio.wait_for(self._link_open.wait(), min(remaining, 0.5))
                 continue
             request, status = self._session_request()
             renewal = link.renew(request, t0, status)
