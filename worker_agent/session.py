@@ -144,7 +144,7 @@ class BrokerSession:
         self._register_lock = asyncio.Lock()
         self._registered_at = float("-inf")
         self._stream_call: grpc.aio.Call | None = None
-        self.protocol = "session"
+        self.protocol = "session" if config.session_protocol else "unary"
         """How the lease is renewed: ``session`` (Session) or ``unary`` (Heartbeat calls,
         against a broker without Session)."""
         self._link: SessionLink | None = None
@@ -345,7 +345,9 @@ class BrokerSession:
         assert self._stub is not None
         backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
         while True:
-            if await self._session_once(backoff):
+            if not self.config.session_protocol:
+                await self._instructions_once(backoff)
+            elif await self._session_once(backoff):
                 await self._instructions_once(backoff)  # the fallback, at once
             self._reconnect_now.clear()
             with contextlib.suppress(TimeoutError):
@@ -357,7 +359,12 @@ class BrokerSession:
         link = SessionLink()
         request, status = self._session_request(self.worker)
         link.renew(request, time.monotonic(), status)  # the first message renews too
-        call = self._stub.Session(link.requests(), metadata=self.metadata())
+        # Requests go out through call.write() from a task of our own, not a request
+        # iterator: grpc.aio consumes an iterator in a task of its own that can still touch
+        # the call after it was cancelled at shutdown, which crashed the process (SIGSEGV)
+        # when the agent stopped right after opening a session.
+        call = self._stub.Session(metadata=self.metadata())
+        writer = asyncio.create_task(_write_requests(link, call), name="session-writer")
         self._stream_call, self._stream_reset = call, ""
         self._link = link
         self._link_open.set()
@@ -398,6 +405,9 @@ class BrokerSession:
             link.close(broken)
             self._link = None
             self._link_open.clear()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(_finished(writer))
             call.cancel()
             self._stream_call = None
             if self.protocol == "unary":
@@ -531,3 +541,19 @@ class BrokerSession:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), backoff.next_delay())
+
+
+async def _write_requests(link: SessionLink, call: grpc.aio.StreamStreamCall) -> None:
+    """Send the link's requests on the call in order, until the link or the call ends."""
+    try:
+        async for request in link.requests():
+            await call.write(request)
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return  # the call ended: its reader sees why
+
+
+async def _finished(task: asyncio.Task[None]) -> None:
+    """Wait until ``task`` is done, whatever it raised."""
+    with contextlib.suppress(BaseException):
+        await task

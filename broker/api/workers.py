@@ -4,6 +4,7 @@ stream, and the reports of its attempts turned into core events)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -259,7 +260,11 @@ class _Session:
             if self.failure is not None:
                 raise self.failure
         finally:
+            # Wait for the reader to end before the call does: a reader still iterating a
+            # finished call's requests can crash grpc.aio (seen as SIGSEGV at shutdown).
             reader.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(_ended(reader))
             self.svc.close_stream(self.worker_id, queue)
 
     async def _read(self, request: worker_service_pb2.SessionRequest) -> None:
@@ -416,3 +421,9 @@ def _image_list(values: Iterable[str]) -> list[str]:
     if len(out) > 128:
         raise InvalidArgument.of([FieldViolation("status.images", "at most 128 entries")])
     return [ref for ref in out if ref and not v.check_image(ref)]
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait until ``task`` is done, whatever it raised."""
+    with contextlib.suppress(BaseException):
+        await task

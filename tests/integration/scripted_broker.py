@@ -13,6 +13,7 @@ test_agent_gpu_health.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sys
 import time
@@ -125,7 +126,9 @@ class FakeBroker(wsg.WorkerServiceServicer, artg.ArtifactServiceServicer, fsg.Fa
                     await context.abort(item, "scripted failure")
                 yield item
         finally:
-            reader.cancel()
+            reader.cancel()  # and wait for it: see broker.api.workers._Session.serve
+            with contextlib.suppress(BaseException):
+                await asyncio.wait([reader])
 
     async def StreamInstructions(self, request, context):  # type: ignore[no-untyped-def]
         if not self._check(context):

@@ -31,7 +31,7 @@ def test_lost_lease_stops_jobs_without_a_final_report(tmp_path: Path, session: b
         fake.reconcile = []  # the broker requeued it
         fake.heartbeat_error = None
 
-    fake = run_session(tmp_path, body, session=session)
+    fake = run_session(tmp_path, body, session=session, session_protocol=session)
     assert fake.finished("jobs/l") is None  # the broker requeues it; no FAILED report
 
 
@@ -60,7 +60,9 @@ def test_a_black_holed_broker_does_not_make_the_agent_drain(tmp_path: Path, sess
         await until(lambda: fake.finished("jobs/bh"), what="the job to finish")
         assert agent.state == "online"
 
-    fake = run_session(tmp_path, body, broker_ttl_s=30, lease_ttl_s=30.0, session=session)
+    fake = run_session(
+        tmp_path, body, broker_ttl_s=30, lease_ttl_s=30.0, session=session, session_protocol=session
+    )
     finished = fake.finished("jobs/bh")
     assert finished is not None and finished.exit_code == 0  # kept running through the cut
     assert fake.output("jobs/bh") == "done\n"

@@ -20,7 +20,7 @@ def test_the_agent_renews_on_the_session_with_the_status_only_when_wanted(tmp_pa
         fake.push(assignment=a)  # instructions share the stream with the answers
         await until(lambda: fake.finished("jobs/s"), what="the job to finish")
 
-    fake = run_session(tmp_path, body)
+    fake = run_session(tmp_path, body, session_protocol=True)
     assert fake.unary_heartbeats == 0  # no Heartbeat call at all
     first = fake.session_requests[0]
     assert first.worker == "workers/w1" and first.HasField("status")  # a new registration
@@ -46,5 +46,5 @@ def test_the_agent_falls_back_to_heartbeat_calls_against_a_broker_without_sessio
         await until(lambda: fake.heartbeats >= before + 3, what="renewals on the session")
         assert agent.session.protocol == "session"
 
-    fake = run_session(tmp_path, body, session=False)
+    fake = run_session(tmp_path, body, session=False, session_protocol=True)
     assert fake.output("jobs/u") == "old broker\n"
