@@ -37,27 +37,14 @@ from collections.abc import Iterable
 
 from broker.scheduler import FleetIndex, JobRequest, Rejection, SchedulingResult
 from broker.scheduler.filters import STAGES, passes_stages
+from broker.scheduler.groups import FilterKey
+from broker.scheduler.index import filter_key
 
 __all__ = ["ParkingQueue", "may_wait"]
 
-_FilterKey = tuple[str, int, int, bool, bool, int, int, int, int]
 # (filter key, gang size, stages a group must pass to matter, may preempt)
-_ClassKey = tuple[_FilterKey, int, int, bool]
+_ClassKey = tuple[FilterKey, int, int, bool]
 ALL_STAGES = STAGES["gpu_count"]
-
-
-def _filter_key(job: JobRequest) -> _FilterKey:
-    return (
-        job.gpu_model,
-        job.min_vram_mb,
-        job.max_price_micros_per_gpu_hour,
-        job.containers,
-        job.allow_unverified,
-        job.min_score,
-        job.min_pcie_mbps,
-        job.min_ram_gb_per_gpu,
-        job.min_cpu_millicores_per_gpu,
-    )
 
 
 def may_wait(reason: Rejection | None) -> bool:
@@ -204,7 +191,7 @@ class ParkingQueue:
     def park(self, job_id: str, reason: Rejection | None, may_preempt: bool) -> None:
         """Park a queued job the pass left pending, rejected first for ``reason``."""
         request = self._requests[job_id]
-        klass = (_filter_key(request), request.gpu_count, stages_of(reason), may_preempt)
+        klass = (filter_key(request), request.gpu_count, stages_of(reason), may_preempt)
         if self._parked.get(job_id) == klass:
             return  # a parked job that went through the preemption step again
         self._unpark(job_id)

@@ -227,7 +227,7 @@ class FleetIndex:
 
         for job in pending:
             n = job.gpu_count
-            fkey = (  # _filter_key(job), written out: this loop is the hot path
+            fkey = (  # filter_key(job), written out: this loop is the hot path
                 job.gpu_model,
                 job.min_vram_mb,
                 job.max_price_micros_per_gpu_hour,
@@ -275,7 +275,7 @@ class FleetIndex:
     def matching(self, job: JobRequest) -> tuple[GroupSummary, ...]:
         """The groups passing ``job``'s static filters, cheapest first (QuoteJob's figures);
         costs the groups, not the fleet."""
-        fkey = _filter_key(job)
+        fkey = filter_key(job)
         groups, _ = static_filter(self._groups_in_order(), *fkey, workers=len(self._keys))
         return tuple(g.summary() for g in groups)
 
@@ -310,7 +310,8 @@ class FleetIndex:
         return out
 
 
-def _filter_key(job: JobRequest) -> FilterKey:
+def filter_key(job: JobRequest) -> FilterKey:
+    """What decides which groups a job may use: its request without id, count and environment."""
     return (
         job.gpu_model,
         job.min_vram_mb,
