@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import and_, or_
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import Select
 
 from broker.model import (
     LIVE_ATTEMPT_STATES,
@@ -40,6 +41,7 @@ __all__ = [
     "owners_needing",
     "owners_of_output",
     "recent_artifacts",
+    "request_query",
 ]
 
 _TERMINAL = sorted(s.value for s in TERMINAL_JOB_STATES)
@@ -123,8 +125,18 @@ def list_jobs(
 
 def job_id_for_request(s: Session, owner: str, request_id: str) -> str | None:
     """The job an earlier CreateJob of ``owner`` with ``request_id`` created, if any."""
-    q = select(JobRow.id).where(JobRow.owner == owner, JobRow.request_id == request_id)
-    return s.exec(q.order_by(col(JobRow.create_time)).limit(1)).first()
+    found = min(s.exec(request_query(owner, request_id)), key=lambda r: (r[1], r[0]), default=None)
+    return None if found is None else found[0]
+
+
+def request_query(owner: str, request_id: str) -> Select[tuple[str, float]]:
+    """The jobs of ``owner`` created with ``request_id``: (id, create_time)."""
+    # No ORDER BY ... LIMIT 1 here: with one, SQLite walks the owner's whole history in
+    # (owner, create_time) order instead of seeking (owner, request_id), and CreateJob
+    # slows with every job the owner ever ran. A request id names one job, rarely two.
+    return select(JobRow.id, JobRow.create_time).where(
+        JobRow.owner == owner, JobRow.request_id == request_id
+    )
 
 
 def owners_needing(s: Session, sha256: str, owner: str) -> bool:

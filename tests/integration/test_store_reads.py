@@ -126,3 +126,24 @@ def test_a_cancelled_job_with_a_live_attempt_is_loaded_until_the_agent_confirms(
     store.load(again, now=13.0)
     assert "live" in again.jobs and again.jobs["live"].state == JobState.CANCELLED
     validate_state(again)
+
+
+def test_a_request_id_is_looked_up_by_its_index_not_by_walking_the_owners_history(tmp_path):
+    """CreateJob looks a request id up on every call: on SQLite its query must seek the
+    (owner, request_id) index. With ORDER BY create_time LIMIT 1 the planner walked the
+    owner's whole history instead, and CreateJob slowed with every job ever run."""
+    from sqlalchemy import text
+    from sqlalchemy.dialects import sqlite
+
+    from broker.store.reads import request_query
+
+    s = Store(f"sqlite:///{tmp_path / 'broker.db'}")
+    try:
+        sql = request_query("alice", "r1").compile(
+            dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}
+        )
+        with s.engine.connect() as conn:
+            plan = " ".join(str(r[-1]) for r in conn.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+    finally:
+        s.close()
+    assert "ix_jobs_owner_request_id" in plan, plan
