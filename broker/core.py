@@ -93,6 +93,7 @@ from broker.records import (
     SlaEvent,
     StoredState,
     Worker,
+    record_outcome,
     reliability,
 )
 from broker.reports import Reports
@@ -466,7 +467,8 @@ class BrokerCore(Workers, Reports, GpuHealthHandlers, Curtailments):
             if gpu is not None and gpu.holder == (attempt.job_id, attempt.number):
                 gpu.holder = None
         if state != AttemptState.PREEMPTED:
-            worker.outcomes.append((now, state != AttemptState.LOST and not rig_fault))
+            ok = state != AttemptState.LOST and not rig_fault
+            record_outcome(worker, now, ok, self.reliability_window_s)
         if job.spec.tier == Tier.SPOT:
             left = self._spot_live[worker.worker_id] - 1
             if left:

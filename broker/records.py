@@ -29,6 +29,7 @@ from broker.windows import Window
 from rigshift.scoring import Measurement, Verdict, judge
 
 __all__ = [
+    "OUTCOME_BUCKETS",
     "Attempt",
     "AttemptOutput",
     "Effects",
@@ -39,6 +40,7 @@ __all__ = [
     "SlaEvent",
     "StoredState",
     "Worker",
+    "record_outcome",
     "reliability",
     "trim_history",
 ]
@@ -182,7 +184,9 @@ class Worker:
     first_seen: float = 0.0
     offline_since: float | None = None
     offline_log: list[tuple[float, float]] = field(default_factory=list)
-    outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (time, ok) per attempt
+    # (bucket start, ok, lost): attempts counted per OUTCOME_BUCKETS-th of the reliability
+    # window (record_outcome), so a rig running short jobs holds at most that many entries.
+    outcomes: list[tuple[float, int, int]] = field(default_factory=list)
     # requirements_sha256 of the Python environments and references of the container images
     # the rig holds; None until it says.
     environments: frozenset[str] | None = None
@@ -234,9 +238,27 @@ def reliability(worker: Worker, now: float, window_s: float) -> int:
         spans = [*spans, (worker.offline_since, now)]
     offline = sum(max(0.0, min(b, now) - max(a, start)) for a, b in spans)
     outcomes = worker.outcomes
-    recent = outcomes[bisect_left(outcomes, (start,)) :]  # (time, ok) with time >= start
-    ok = sum(1 for _, good in recent if good)
-    return reliability_permille(now - start, offline, ok, len(recent) - ok)
+    recent = outcomes[bisect_left(outcomes, (start,)) :]  # the buckets starting >= start
+    ok = sum(n for _, n, _ in recent)
+    return reliability_permille(now - start, offline, ok, sum(n for _, _, n in recent))
+
+
+#: How many buckets a worker's attempt outcomes are counted in over the reliability window.
+#: The bucket that straddles the window's start is left out of ``reliability`` (at most a
+#: 96th of the window), which is what keeps a rig's history bounded, however short its jobs.
+OUTCOME_BUCKETS = 96
+
+
+def record_outcome(worker: Worker, now: float, ok: bool, window_s: float) -> None:
+    """Count one finished attempt of ``worker`` (``ok``: not lost, not the rig's fault)."""
+    width = window_s / OUTCOME_BUCKETS
+    start = now - now % width if width > 0 else now
+    outcomes = worker.outcomes
+    if outcomes and outcomes[-1][0] == start:
+        _, good, bad = outcomes[-1]
+        outcomes[-1] = (start, good + ok, bad + (not ok))
+    else:
+        outcomes.append((start, int(ok), int(not ok)))
 
 
 def trim_history(worker: Worker, horizon: float) -> bool:

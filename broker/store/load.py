@@ -89,7 +89,7 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
                 first_seen=w.first_seen,
                 offline_since=w.offline_since,
                 offline_log=[tuple(x) for x in json.loads(w.reliability_json)[0]],
-                outcomes=[tuple(x) for x in json.loads(w.reliability_json)[1]],
+                outcomes=[_outcome(x) for x in json.loads(w.reliability_json)[1]],
                 host_ram_mb=w.host_ram_mb,
                 cpu_cores=w.cpu_cores,
                 disk_write_mbps=w.disk_write_mbps,
@@ -98,3 +98,13 @@ def read_state(s: Session) -> tuple[StoredState, dict[str, WorkerWritten]]:
     jobs = jobs_where(s, live_job_ids())  # live work only: finished jobs stay in the store
     curtailments = tuple(row.window() for row in s.exec(select(CurtailmentRow)))
     return StoredState(farms, tuple(workers), tuple(jobs), ledger, curtailments), written
+
+
+def _outcome(stored: list[float | int | bool]) -> tuple[float, int, int]:
+    """A worker's stored outcome bucket; a row from before the buckets holds one attempt
+    as ``[time, ok]``."""
+    if len(stored) == 2:
+        time, ok = stored
+        return (float(time), int(bool(ok)), int(not ok))
+    time, good, bad = stored
+    return (float(time), int(good), int(bad))

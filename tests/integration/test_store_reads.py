@@ -147,3 +147,19 @@ def test_a_request_id_is_looked_up_by_its_index_not_by_walking_the_owners_histor
     finally:
         s.close()
     assert "ix_jobs_owner_request_id" in plan, plan
+
+
+def test_a_worker_stored_before_outcome_buckets_loads_its_attempts_as_buckets(store, core):
+    """Rows written before issue 17 hold one ``[time, ok]`` per attempt."""
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE workers SET reliability_json = :j WHERE id = 'w'"),
+            {"j": "[[[1.0, 2.0]], [[3.0, true], [4.0, false]]]"},
+        )
+    again = BrokerCore()
+    store.load(again, now=10.0)
+    worker = again.workers["w"]
+    assert worker.outcomes == [(3.0, 1, 0), (4.0, 0, 1)]
+    assert worker.offline_log == [(1.0, 2.0)]

@@ -25,7 +25,7 @@ from broker.invariants import validate_state
 from broker.model import AttemptState, GpuInfo, JobSpec, JobState, Tier
 from broker.policy import FIFO, SHORT_FIRST, ShortFirst
 from broker.queue import priority
-from broker.records import StoredState
+from broker.records import OUTCOME_BUCKETS, StoredState, record_outcome
 from broker.scheduler import GpuSlot, WorkerCapacity
 from harness.broker_fixtures import healthy
 
@@ -209,7 +209,7 @@ def test_reliability_is_a_pure_read_and_tick_forgets_what_left_the_window() -> N
     core = BrokerCore(lease_ttl_s=1e9, reliability_window_s=100.0)
     core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
     worker = core.workers["w1"]
-    worker.outcomes[:] = [(10.0, False), (50.0, True), (120.0, False), (150.0, True)]
+    worker.outcomes[:] = [(10.0, 0, 1), (50.0, 1, 0), (120.0, 0, 1), (150.0, 1, 0)]
     worker.offline_log[:] = [(5.0, 20.0), (60.0, 70.0), (140.0, 145.0)]
     kept = (list(worker.outcomes), list(worker.offline_log))
     # window 60-160: 15 s offline of 100 (60-70, 140-145); 1 ok, 1 lost
@@ -217,7 +217,7 @@ def test_reliability_is_a_pure_read_and_tick_forgets_what_left_the_window() -> N
     assert core.reliability(worker, 160.0) == 567
     assert (worker.outcomes, worker.offline_log) == kept  # reading changed nothing
     assert core.handle(Tick(160.0)) == [Persist(frozenset(), frozenset({"w1"}))]
-    assert worker.outcomes == [(120.0, False), (150.0, True)]
+    assert worker.outcomes == [(120.0, 0, 1), (150.0, 1, 0)]
     assert worker.offline_log == [(60.0, 70.0), (140.0, 145.0)]  # 60-70 overlaps 60-160
     assert core.reliability(worker, 160.0) == 567
     assert core.handle(Tick(161.0)) == []  # nothing more left the window
@@ -235,3 +235,22 @@ def test_capacity_reuses_equal_gpu_slots() -> None:
     busy = GpuSlot(0, "RTX 3090", 24576, 300_000, False, True, 100, 12_800)
     assert caps["w1"] == WorkerCapacity("w1", (busy, slot))
     assert caps["w1"].gpus[1] is caps["w2"].gpus[1]  # one interned value
+
+
+def test_a_rig_running_short_jobs_holds_one_entry_per_bucket_not_per_attempt() -> None:
+    core = BrokerCore(lease_ttl_s=1e9, reliability_window_s=960.0)  # 10 s buckets
+    core.handle(WorkerRegistered(0.0, "w1", "f1", "rig", "1", gpus(1)))
+    worker = core.workers["w1"]
+    for i in range(3000):  # one attempt every 0.32 s for 960 s, every 10th lost
+        record_outcome(worker, i * 0.32, i % 10 != 0, core.reliability_window_s)
+    assert len(worker.outcomes) == OUTCOME_BUCKETS
+    assert sum(ok for _, ok, _ in worker.outcomes) == 2700
+    assert sum(lost for _, _, lost in worker.outcomes) == 300
+    assert [start for start, _, _ in worker.outcomes[:2]] == [0.0, 10.0]
+    # at 970 s the window starts at 10 s: the bucket of 0-10 s (32 attempts, 4 lost) left
+    # it, 2,672 ok and 296 lost remain: (2672+1)/(2672+296+1) = 0.9003
+    assert core.reliability(worker, 970.0) == 900
+    for _ in range(100):
+        record_outcome(worker, 965.0, False, core.reliability_window_s)
+    assert worker.outcomes[-1] == (960.0, 0, 100)  # a new bucket, counted at once
+    assert core.reliability(worker, 970.0) == 871  # (2672+1)/(2672+396+1)
