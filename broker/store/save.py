@@ -12,11 +12,13 @@ memory is updated only once a transaction committed (:meth:`Writer.committed`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import delete, func, insert, update
-from sqlmodel import Session, col, select
+from sqlalchemy import Table, bindparam, delete, func
+from sqlalchemy.sql.dml import Update
+from sqlmodel import Session, SQLModel, col, select
 
 from broker.errors import StaleWriter
 from broker.events import Writes
@@ -62,22 +64,26 @@ class Writer:
             workers[worker_id] = self._worker(s, core.worker(worker_id))
         for job_id in sorted(writes.job_ids):
             jobs[job_id] = self._job(s, core.job(job_id))
-        for e in writes.ledger:
-            s.add(
-                LedgerRow(
-                    txn=e.txn,
-                    account=e.account,
-                    amount_micros=e.amount_micros,
-                    kind=e.kind,
-                    job_id=e.job_id,
-                    attempt=e.attempt,
-                    time=e.time,
-                )
-            )
-        for log in writes.logs:
-            s.add(
-                LogRow(job_id=log.job_id, attempt=log.attempt, sequence=log.sequence, data=log.data)
-            )
+        if writes.ledger:
+            ledger = [
+                {
+                    "txn": e.txn,
+                    "account": e.account,
+                    "amount_micros": e.amount_micros,
+                    "kind": e.kind,
+                    "job_id": e.job_id,
+                    "attempt": e.attempt,
+                    "time": e.time,
+                }
+                for e in writes.ledger
+            ]
+            _insert(s, LedgerRow, ledger)
+        if writes.logs:
+            logs = [
+                {"job_id": x.job_id, "attempt": x.attempt, "sequence": x.sequence, "data": x.data}
+                for x in writes.logs
+            ]
+            _insert(s, LogRow, logs)
         return workers, jobs
 
     def committed(
@@ -118,7 +124,7 @@ class Writer:
                     s.add(GpuRow(**values))
             return written
         if written.row != before.row:
-            s.exec(update(WorkerRow), params=[row])
+            _update(s, WorkerRow, [row])
         gone = [index for index in before.gpus if index not in gpus]
         if gone:
             s.exec(
@@ -137,9 +143,9 @@ class Writer:
             else:
                 bind_if_unchanged(s, values, was)
         if fresh:
-            s.exec(insert(GpuRow), params=fresh)
+            _insert(s, GpuRow, fresh)
         if changed:
-            s.exec(update(GpuRow), params=changed)
+            _update(s, GpuRow, changed)
         return written
 
     def _job(self, s: Session, job: Job) -> JobWritten:
@@ -152,10 +158,14 @@ class Writer:
             len(job.sla_events),
         )
         before = self.jobs.get(job.job_id)
-        if before is None:
-            s.merge(JobRow(**row))
+        if before is None and not _update(s, JobRow, [row]):
+            # Not stored yet (a new job): no attempt, history or SLA row of it can be either.
+            _insert(s, JobRow, [row])
+            before = JobWritten(written.row, {}, 0, 0)
+        elif before is None:
             for values in attempts.values():
-                s.merge(AttemptRow(**values))
+                if not _update(s, AttemptRow, [values]):
+                    _insert(s, AttemptRow, [values])
             history_stored = s.exec(
                 select(func.count())
                 .select_from(JobEventRow)
@@ -172,7 +182,7 @@ class Writer:
                 s.add(SlaEventRow(**values))
             return written
         if written.row != before.row:
-            s.exec(update(JobRow), params=[row])
+            _update(s, JobRow, [row])
         fresh = [values for n, values in attempts.items() if n not in before.attempts]
         changed = [
             values
@@ -180,15 +190,15 @@ class Writer:
             if n in before.attempts and written.attempts[n] != before.attempts[n]
         ]
         if fresh:
-            s.exec(insert(AttemptRow), params=fresh)
+            _insert(s, AttemptRow, fresh)
         if changed:
-            s.exec(update(AttemptRow), params=changed)
+            _update(s, AttemptRow, changed)
         history = _history_values(job, before.history)
         if history:
-            s.exec(insert(JobEventRow), params=history)
+            _insert(s, JobEventRow, history)
         sla = _sla_values(job, before.sla_events)
         if sla:
-            s.exec(insert(SlaEventRow), params=sla)
+            _insert(s, SlaEventRow, sla)
         return written
 
 
@@ -235,22 +245,63 @@ def bind_if_unchanged(s: Session, values: dict[str, Any], was: tuple[object, ...
     it led (for a moment, during a failover) finds the row changed and gets
     StaleWriter, its transaction rolls back, and a GPU is never bound twice.
     """
-    stmt = (
-        update(GpuRow)
-        .where(
-            col(GpuRow.worker_id) == values["worker_id"],
-            col(GpuRow.index) == values["index"],
-            col(GpuRow.holder_job_id).is_not_distinct_from(was[0]),
-            col(GpuRow.holder_attempt).is_not_distinct_from(was[1]),
-        )
-        .values(**values)
-    )
-    if s.execute(stmt).rowcount != 1:  # type: ignore[attr-defined]
+    s.flush()
+    params = {**values, "pk_worker_id": values["worker_id"], "pk_index": values["index"]}
+    params |= {"was_job": was[0], "was_attempt": was[1]}
+    if s.connection().execute(_bind_stmt(tuple(values)), params).rowcount != 1:
         raise StaleWriter(
             f"GPU {values['index']} of workers/{values['worker_id']} was changed by another "
             "broker; this one stops writing",
             metadata={"worker": str(values["worker_id"]), "gpu_index": str(values["index"])},
         )
+
+
+# Rows are written with Core statements on the session's connection: the ORM's bulk paths
+# (``s.exec(update(JobRow), params=...)``) cost several times more per row and the store
+# holds no ORM objects of these rows to keep in step (profile of the soak, issue 17).
+
+
+def _table(model: type[SQLModel]) -> Table:
+    return model.__table__  # type: ignore[attr-defined,no-any-return]
+
+
+@functools.cache
+def _update_stmt(model: type[SQLModel], columns: tuple[str, ...]) -> Update:
+    """UPDATE of ``columns`` by primary key, the key's values bound as ``pk_<name>``."""
+    table = _table(model)
+    keys = [c.name for c in table.primary_key.columns]
+    return (
+        table.update()
+        .where(*(table.c[k] == bindparam(f"pk_{k}") for k in keys))
+        .values({c: bindparam(c) for c in columns if c not in keys})
+    )
+
+
+@functools.cache
+def _bind_stmt(columns: tuple[str, ...]) -> Update:
+    """``_update_stmt`` of a GPU row that also requires the holder it was (``was_job``,
+    ``was_attempt``): the compare-and-set of :func:`bind_if_unchanged`."""
+    gpus = _table(GpuRow)
+    return _update_stmt(GpuRow, columns).where(
+        gpus.c.holder_job_id.is_not_distinct_from(bindparam("was_job")),
+        gpus.c.holder_attempt.is_not_distinct_from(bindparam("was_attempt")),
+    )
+
+
+def _update(s: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> int:
+    """Write ``rows`` (every column, the primary key included) over the stored rows;
+    returns how many rows matched (meaningful for one row: 0 when it is not stored)."""
+    s.flush()  # the ORM's pending rows (a worker's first write) go first: keys refer to them
+    stmt = _update_stmt(model, tuple(rows[0]))
+    keys = [c.name for c in _table(model).primary_key.columns]
+    params = [{**r, **{f"pk_{k}": r[k] for k in keys}} for r in rows]
+    result = s.connection().execute(stmt, params[0] if len(params) == 1 else params)
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _insert(s: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> None:
+    s.flush()
+    s.connection().execute(_table(model).insert(), rows)
 
 
 def _gpu_values(worker_id: str, gpu: Gpu) -> dict[str, Any]:
