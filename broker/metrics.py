@@ -256,11 +256,13 @@ class FleetCollector(Collector):
         farm_name: Callable[[str], str],
         clock: Callable[[], float] = time.time,
         history: HistoryTotals | None = None,
+        figures: str | None = None,
     ) -> None:
         self.core = core
         self.farm_name = farm_name
         self.clock = clock
-        self.tally = Tally(core, history)  # what grows with history (broker.metrics_tally)
+        # what grows with history (broker.metrics_tally)
+        self.tally = Tally(core, history, figures)
         self._ledger_seen = 0
         self._ledger_sum = 0
         self._payouts: dict[str, int] = {}
@@ -400,8 +402,10 @@ class BrokerMetrics:
         farm_name: Callable[[str], str] = str,
         clock: Callable[[], float] = time.time,
         history: HistoryTotals | None = None,
+        figures: str | None = None,
     ) -> None:
-        """``history``: the store's totals to start from (``Store.history_totals``); None
+        """``figures``: the totals a cleanly stopped broker left (``Tally.figures``), else
+        ``history``: the store's totals to start from (``Store.history_totals``); neither
         counts what the core holds (a pure core)."""
         self.core = core
         self.registry = registry
@@ -464,7 +468,7 @@ class BrokerMetrics:
             self.queue_wait.labels(tier)
             for s in TERMINAL_JOB_STATES:
                 self.completed.labels(_state_label(s), tier)
-        self.fleet = FleetCollector(core, farm_name, clock, history)
+        self.fleet = FleetCollector(core, farm_name, clock, history, figures)
         registry.register(self.fleet)
 
     def observe(self, event: Event, cmds: list[Command], elapsed_s: float) -> None:

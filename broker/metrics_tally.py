@@ -11,8 +11,10 @@ job a ``Persist`` names is compared with what was already counted of it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.core import BrokerCore, Job
 from broker.earnings import joules_by_model
@@ -66,7 +68,14 @@ class Tally:
     """Running totals over history (see the module docstring); farms by id, labels lower
     case (``succeeded``, ``spot``, ``lost_work``)."""
 
-    def __init__(self, core: BrokerCore, totals: HistoryTotals | None = None) -> None:
+    def __init__(
+        self,
+        core: BrokerCore,
+        totals: HistoryTotals | None = None,
+        figures: str | None = None,
+    ) -> None:
+        """Start from ``figures`` (what :meth:`figures` of a broker that stopped cleanly
+        left), else from the store's ``totals``, else (a pure core) from the core."""
         self.core = core
         self.finished: dict[tuple[str, str], int] = {}
         self.energy: dict[str, int] = {}  # farm id -> joules
@@ -77,12 +86,43 @@ class Tally:
         self.ledger_sum = 0
         self.payouts: dict[str, int] = {}
         self._counted: dict[str, _Counted] = {}
-        if totals is None:  # a pure core: count what it holds
+        if figures is not None:
+            self._resume(json.loads(figures))
+        elif totals is None:  # a pure core: count what it holds
             self.post(core.ledger)
             for job in core.jobs.values():
                 self.count(job)
         else:
             self._start(totals)
+
+    def figures(self) -> str:
+        """The running totals as JSON, for the next broker (``Store.leave_metric_snapshot``).
+        They are farm-keyed already: the next broker does not need the workers of history."""
+        pairs = (self.finished, self.curtailed)
+        return json.dumps(
+            {
+                "finished": [[*k, n] for k, n in sorted(pairs[0].items())],
+                "curtailed": [[*k, n] for k, n in sorted(pairs[1].items())],
+                "energy": self.energy,
+                "models": self.models,
+                "sla": self.sla,
+                "credits": self.credits,
+                "ledger_sum": self.ledger_sum,
+                "payouts": self.payouts,
+            },
+            sort_keys=True,
+        )
+
+    def _resume(self, f: dict[str, Any]) -> None:
+        self.finished = {(state, tier): int(n) for state, tier, n in f["finished"]}
+        self.curtailed = {(farm, tier): int(n) for farm, tier, n in f["curtailed"]}
+        self.energy = {k: int(v) for k, v in f["energy"].items()}
+        self.models = {k: {m: int(j) for m, j in v.items()} for k, v in f["models"].items()}
+        self.sla = {k: int(v) for k, v in f["sla"].items()}
+        self.credits = {k: int(v) for k, v in f["credits"].items()}
+        self.ledger_sum = int(f["ledger_sum"])
+        self.payouts = {k: int(v) for k, v in f["payouts"].items()}
+        self._count_held_as_is()
 
     def _start(self, t: HistoryTotals) -> None:
         self.ledger_sum = t.imbalance_micros
@@ -108,6 +148,9 @@ class Tally:
                 gpu = worker.gpus.get(index)
                 model = gpu.info.model if gpu else "?"
                 by_model[model] = by_model.get(model, 0) + joules
+        self._count_held_as_is()
+
+    def _count_held_as_is(self) -> None:
         # The jobs the core holds are in the store's totals already: counted as they are.
         for job in self.core.jobs.values():
             self._counted[job.job_id] = _Counted(

@@ -493,7 +493,9 @@ class ReplicaBroker:
             servicer = ReplicaServicer(svc, secret, cfg.lease_ttl_s, self._digest_metrics)
             replica_service_pb2_grpc.add_ReplicaServiceServicer_to_server(servicer, server)
 
-        broker = Broker(cfg, registry=self.registry, add_services=add_services)
+        broker = Broker(
+            cfg, registry=self.registry, add_services=add_services, metric_snapshot=False
+        )
         try:
             await broker.start()
         except BaseException:

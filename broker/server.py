@@ -228,8 +228,12 @@ class Broker:
         *,
         registry: CollectorRegistry | None = None,
         add_services: Callable[[BrokerService, grpc.aio.Server], None] | None = None,
+        metric_snapshot: bool = True,
     ) -> None:
+        """``metric_snapshot``: start the metrics from the totals a cleanly stopped broker
+        left, and leave them at a clean stop (off for replicas: another may lead by then)."""
         self.config = config
+        self._metric_snapshot = metric_snapshot
         self._add_services = add_services  # more servicers (a replica leader's ReplicaService)
         self.port = 0
         self.registry = registry if registry is not None else default_registry()
@@ -275,8 +279,12 @@ class Broker:
         self.store.load(core, now=clock())
         store = self.store
         farm_name = FarmNames(lambda farm_id: store.get_farm(farm_id).display_name)
+        # A clean stop left the metrics' totals over history: no need to sum every finished
+        # job and ledger leg again (that grew the restart by ~0.3 s per 100,000 jobs).
+        figures = store.take_metric_snapshot() if self._metric_snapshot else None
+        history = store.history_totals() if figures is None else None
         metrics = self.metrics = BrokerMetrics(
-            core, self.registry, farm_name=farm_name, history=store.history_totals()
+            core, self.registry, farm_name=farm_name, history=history, figures=figures
         )
         svc = self.service = BrokerService(
             core, self.store, clock=clock, metrics=metrics, farm_names=farm_name
@@ -409,10 +417,25 @@ class Broker:
                 await self._server.stop(self.config.grace_s)
             if self._metrics_server is not None:
                 await self._metrics_server.stop()
+            self._leave_metric_snapshot()
             if self.store is not None:
                 self.store.close()
         finally:
             self._stopped.set()
+
+    def _leave_metric_snapshot(self) -> None:
+        """After the last write: the metrics' totals for the next broker, when everything
+        the core counted is stored (no outage, nothing waiting, still leading)."""
+        svc, store, metrics = self.service, self.store, self.metrics
+        if not self._metric_snapshot or svc is None or store is None or metrics is None:
+            return
+        if not svc.all_stored():
+            log.warning("not all changes are stored: the next start sums the metrics' totals")
+            return
+        try:
+            store.leave_metric_snapshot(metrics.fleet.tally.figures(), time.time())
+        except Exception as err:  # the next start sums them from the tables instead
+            log.warning("metric snapshot not written (%s)", err)
 
     async def wait_closed(self) -> None:
         """Return once stop() has completed."""

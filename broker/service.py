@@ -217,6 +217,11 @@ class BrokerService(DatabaseOutages):
         if self._outage is not None and not in_memory_only(events):
             raise self._refusal()
 
+    def all_stored(self) -> bool:
+        """True when everything the core did is stored: no outage, no write waiting, and
+        this broker still leads."""
+        return self._outage is None and not self._queue and not self.stale
+
     def _handle(self, event: Event) -> list[Command]:
         started = time.perf_counter()
         cmds = self.core.handle(event)

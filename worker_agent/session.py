@@ -405,10 +405,13 @@ class BrokerSession:
             link.close(broken)
             self._link = None
             self._link_open.clear()
-            writer.cancel()
+            # Cancel the call, not the writer: a write cancelled halfway through its batch
+            # left grpc.aio's core op dangling (SIGSEGV, or a shutdown that never ended).
+            # The cancelled call fails the writer's write, or the writer ends on the closed
+            # link; either way it finishes by itself.
+            call.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(_finished(writer))
-            call.cancel()
             self._stream_call = None
             if self.protocol == "unary":
                 self._link_open.set()  # a renewal waiting for a session goes unary now

@@ -32,6 +32,7 @@ from broker.store.rows import (
     CurtailmentRow,
     FarmRow,
     LogRow,
+    MetricSnapshotRow,
     WorkerCredentialRow,
 )
 from broker.store.save import Writer
@@ -346,6 +347,25 @@ class Store(JobReads):
         aggregates over the ledger, finished jobs, SLA events and settled attempts."""
         with self._session() as s:
             return ledger_sql.history_totals(s.connection())
+
+    def leave_metric_snapshot(self, figures_json: str, now: float) -> None:
+        """Keep the metrics' history totals for the next broker (at a clean stop, after
+        the last write; ``MetricSnapshotRow``)."""
+        with self._session() as s:
+            s.merge(MetricSnapshotRow(id=1, figures_json=figures_json, taken_at=now))
+            s.commit()
+
+    def take_metric_snapshot(self) -> str | None:
+        """The totals a cleanly stopped broker left, removed in the same transaction (so a
+        broker that crashes after this leaves none); None when there is none."""
+        with self._session() as s:
+            row = s.get(MetricSnapshotRow, 1)
+            if row is None:
+                return None
+            figures = row.figures_json
+            s.delete(row)
+            s.commit()
+            return figures
 
     def settled(self, *, farm_id: str = "", since: float | None = None) -> Iterator[Settled]:
         """Settled attempts that ended at or after ``since`` (of ``farm_id``'s workers when

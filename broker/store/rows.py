@@ -297,6 +297,18 @@ class LeaderRow(SQLModel, table=True):
     secret: str = ""  # the leader's epoch secret: followers' ReplicaService calls carry it
 
 
+class MetricSnapshotRow(SQLModel, table=True):
+    """The metrics' running totals over history as a broker that stopped cleanly left them
+    (one row, id 1; ``broker.metrics_tally.Tally.figures``). The next broker takes it and
+    deletes it as it starts, so after a crash there is none and the totals are summed from
+    the tables again (``broker.store.ledger_sql.history_totals``)."""
+
+    __tablename__ = "metric_snapshots"
+    id: int = Field(default=1, primary_key=True)
+    figures_json: str
+    taken_at: float
+
+
 class LogRow(SQLModel, table=True):
     """A piece of a job's output."""
 

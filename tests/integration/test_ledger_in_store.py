@@ -4,6 +4,7 @@ money, and a restarted broker's metrics start from the store's totals."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -78,9 +79,24 @@ def test_settled_jobs_leave_no_ledger_in_the_core_and_survive_in_the_store(tmp_p
     before = values(b)
     assert before[:4] == [row.revenue_micros / 1e6, 3 * 36_000, 3, 0]
     b.stop()
+    assert snapshot(tmp_path / "b") is not None  # a clean stop left the metrics' totals
     again = start_broker(tmp_path / "b", metrics_listen="127.0.0.1:0")
     try:
+        assert snapshot(tmp_path / "b") is None  # taken as it started: a crash leaves none
         assert again.broker.service.core.ledger == []
-        assert values(again) == before  # the store's totals, not the core's memory
+        assert values(again) == before  # the totals it left, not the core's memory
     finally:
         again.stop()
+    with sqlite3.connect(tmp_path / "b" / "broker.db") as db:
+        db.execute("DELETE FROM metric_snapshots")  # as after a crash
+    summed = start_broker(tmp_path / "b", metrics_listen="127.0.0.1:0")
+    try:
+        assert values(summed) == before  # summed from the tables, to the same figures
+    finally:
+        summed.stop()
+
+
+def snapshot(home: Path) -> str | None:
+    with sqlite3.connect(home / "broker.db") as db:
+        row = db.execute("SELECT figures_json FROM metric_snapshots").fetchone()
+    return None if row is None else str(row[0])

@@ -106,6 +106,9 @@ def test_metrics_start_from_the_stores_totals_as_from_the_core(db, plan):
         pure = Tally(core)  # what the core holds
         restored = Tally(core, store.history_totals())  # a restarted broker's start
         assert figures(restored) == figures(pure)
+        resumed = Tally(core, figures=restored.figures())  # after a clean stop's snapshot
+        assert figures(resumed) == figures(pure)
+        assert resumed.figures() == pure.figures()
         assert pure.sla.get("curtailed") and pure.sla.get("lost_work")
         assert pure.curtailed and pure.finished and pure.ledger_sum == 0
     finally:
