@@ -141,6 +141,13 @@ def _check_faults(
 @click.option("--lease-ttl-s", type=float, help="[default: 15]")
 @click.option("--drain-grace-s", type=float, help="[default: 60]")
 @click.option(
+    "--session",
+    "session_protocol",
+    is_flag=True,
+    default=None,
+    help="Renew the lease as messages on one Session stream, not unary Heartbeat calls.",
+)
+@click.option(
     "--executor",
     type=click.Choice(["ray", "local"]),
     default="ray",
@@ -176,6 +183,7 @@ def run_command(
     heartbeat_interval_s: float | None,
     lease_ttl_s: float | None,
     drain_grace_s: float | None,
+    session_protocol: bool | None,
     executor: str,
     sandbox: str | None,
     job_user: str | None,
@@ -221,6 +229,7 @@ def run_command(
         "heartbeat_interval_s": heartbeat_interval_s,
         "lease_ttl_s": lease_ttl_s,
         "drain_grace_s": drain_grace_s,
+        "session_protocol": session_protocol,
         "sandbox": sandbox,
         "job_user": job_user,
     }

@@ -96,6 +96,8 @@ class AgentSettings(BaseSettings):
     """Ask per GPU-hour, micro-dollars (the file also takes price_usd_per_gpu_hour)."""
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     """Lease renewal period; at most a third of lease_ttl_s."""
+    session_protocol: bool = False
+    """Renew the lease as messages on one Session stream (docs/scale.md), not unary calls."""
     lease_ttl_s: float = LEASE_TTL_S
     """Lease TTL the agent expects (the broker's replaces it)."""
     lease_grace_s: float = 15.0
