@@ -12,7 +12,7 @@ not an integer. ``write`` stores a case in a database through the store's tables
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from hypothesis import strategies as st
 from sqlalchemy import insert
@@ -135,16 +135,7 @@ def write(engine: Engine, case: Case) -> None:
         for i, e in enumerate(case.legs, start=1):
             conn.execute(
                 insert(LedgerRow.__table__),  # type: ignore[attr-defined]
-                {
-                    "id": i,
-                    "txn": e.txn,
-                    "account": e.account,
-                    "amount_micros": e.amount_micros,
-                    "kind": e.kind,
-                    "job_id": e.job_id,
-                    "attempt": e.attempt,
-                    "time": e.time,
-                },
+                {"id": i, **asdict(e)},
             )
 
 

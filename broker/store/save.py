@@ -64,20 +64,8 @@ class Writer:
             workers[worker_id] = self._worker(s, core.worker(worker_id))
         for job_id in sorted(writes.job_ids):
             jobs[job_id] = self._job(s, core.job(job_id))
-        if writes.ledger:
-            ledger = [
-                {
-                    "txn": e.txn,
-                    "account": e.account,
-                    "amount_micros": e.amount_micros,
-                    "kind": e.kind,
-                    "job_id": e.job_id,
-                    "attempt": e.attempt,
-                    "time": e.time,
-                }
-                for e in writes.ledger
-            ]
-            _insert(s, LedgerRow, ledger)
+        if writes.ledger:  # a LedgerEntry's fields are the row's columns, but its id
+            _insert(s, LedgerRow, [dataclasses.asdict(e) for e in writes.ledger])
         if writes.logs:
             logs = [
                 {"job_id": x.job_id, "attempt": x.attempt, "sequence": x.sequence, "data": x.data}
