@@ -140,6 +140,7 @@ class Soak:
             register_rate_per_s=0.0,
             register_timeout_s=60.0,
             seed=a.seed + self.run_index,
+            drain_on_stop=True,  # the next run's jobs must not wait on this run's vanished rigs
         )
         self.loadgen = mp.get_context("spawn").Process(
             target=loadgen_main, args=(cfg, child_end), daemon=True

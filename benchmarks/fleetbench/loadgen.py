@@ -28,6 +28,7 @@ from rigshift.scoring import reference
 from rigshift.v1 import farm_pb2
 from rigshift.v1 import worker_service_pb2 as ws
 from rigshift.v1 import worker_service_pb2_grpc as wsg
+from worker_agent.broker_calls import ask_broker_to_drain
 
 __all__ = ["GPU_MODELS", "LoadGen", "LoadGenConfig", "LoadGenResult", "SimAgent", "loadgen_main"]
 
@@ -53,6 +54,9 @@ class LoadGenConfig:
     register_timeout_s: float
     seed: int
     protocol: str = "session"  # "session": WorkerService.Session; "unary": Heartbeat calls
+    # At "stop", ask the broker to drain every agent first (FarmService.DrainWorker), as a
+    # real agent does on SIGTERM, so no work is placed on rigs that are going away.
+    drain_on_stop: bool = False
 
 
 @dataclass
@@ -352,6 +356,14 @@ class LoadGen:
                 elif msg[0] == "stop":
                     break
         finally:
+            if cfg.drain_on_stop and channels:
+                await asyncio.gather(
+                    *(
+                        ask_broker_to_drain(channels[0], a.metadata, a.worker)
+                        for a in agents
+                        if a.worker
+                    )
+                )
             self.stopping = True
             for task in heartbeats:
                 task.cancel()
