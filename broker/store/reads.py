@@ -125,11 +125,11 @@ def list_jobs(
 
 def job_id_for_request(s: Session, owner: str, request_id: str) -> str | None:
     """The job an earlier CreateJob of ``owner`` with ``request_id`` created, if any."""
-    found = min(s.exec(request_query(owner, request_id)), key=lambda r: (r[1], r[0]), default=None)
-    return None if found is None else found[0]
+    found = [(float(t), str(i)) for i, t in s.exec(request_query(owner, request_id))]
+    return min(found)[1] if found else None  # the earliest, ties by id
 
 
-def request_query(owner: str, request_id: str) -> Select[tuple[str, float]]:
+def request_query(owner: str, request_id: str) -> Select[str, float]:
     """The jobs of ``owner`` created with ``request_id``: (id, create_time)."""
     # No ORDER BY ... LIMIT 1 here: with one, SQLite walks the owner's whole history in
     # (owner, create_time) order instead of seeking (owner, request_id), and CreateJob

@@ -250,7 +250,7 @@ def bind_if_unchanged(s: Session, values: dict[str, Any], was: tuple[object, ...
 
 
 def _table(model: type[SQLModel]) -> Table:
-    return model.__table__  # type: ignore[attr-defined,no-any-return]
+    return model.__table__  # type: ignore[attr-defined]
 
 
 @functools.cache
@@ -284,7 +284,7 @@ def _update(s: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> in
     keys = [c.name for c in _table(model).primary_key.columns]
     params = [{**r, **{f"pk_{k}": r[k] for k in keys}} for r in rows]
     result = s.connection().execute(stmt, params[0] if len(params) == 1 else params)
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return int(result.rowcount)
 
 
 def _insert(s: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> None:
