@@ -370,8 +370,12 @@ class BrokerSession:
         self._link_open.set()
         broken = SessionBroken("UNAVAILABLE", "the broker ended the session", retry=True)
         auth_error: grpc.aio.AioRpcError | None = None
+        first = True
         try:
             async for instruction in call:
+                if first:  # the operator's way to tell which protocol the agent speaks
+                    log.info("session open: lease renewals ride the stream")
+                    first = False
                 self.protocol = "session"
                 self._session_error = None
                 backoff.reset()
