@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import delete, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, create_engine, select
@@ -140,6 +140,9 @@ class Store(JobReads):
                 ensure_schema(self.engine)
         # What this store last committed per worker and per unfinished job (see save()).
         self._written = Writer()
+        # A snapshot that could not be taken (deleted) at start: the first write deletes it,
+        # so that a crash after this broker's writes cannot leave stale totals behind.
+        self._stale_snapshot = False
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -309,7 +312,10 @@ class Store(JobReads):
         and its log lines; only the rows that changed (``broker.store.save``)."""
         with self._session() as s:
             workers, jobs = self._written.write(s, core, writes)
+            if self._stale_snapshot:
+                s.exec(delete(MetricSnapshotRow))
             s.commit()
+        self._stale_snapshot = False
         self._written.committed(core, workers, jobs)
 
     def load(self, core: BrokerCore, now: float | None = None) -> None:
@@ -358,14 +364,17 @@ class Store(JobReads):
     def take_metric_snapshot(self) -> str | None:
         """The totals a cleanly stopped broker left, removed in the same transaction (so a
         broker that crashes after this leaves none); None when there is none."""
+        self._stale_snapshot = True  # until it is gone
         with self._session() as s:
             row = s.get(MetricSnapshotRow, 1)
-            if row is None:
-                return None
-            figures = row.figures_json
-            s.delete(row)
-            s.commit()
-            return figures
+            if row is not None:
+                figures: str | None = row.figures_json
+                s.delete(row)
+                s.commit()
+            else:
+                figures = None
+        self._stale_snapshot = False
+        return figures
 
     def settled(self, *, farm_id: str = "", since: float | None = None) -> Iterator[Settled]:
         """Settled attempts that ended at or after ``since`` (of ``farm_id``'s workers when

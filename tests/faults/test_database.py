@@ -531,6 +531,10 @@ def test_sqlite_read_only_database_file(tmp_path: Path):
             fixed = time.monotonic()
             _create_when_writable(rb.address, "r1")
             print(f"\nSQLite file writable: writes resumed {time.monotonic() - fixed:.2f} s later")
+            # The metrics' snapshot the first stop left could not be taken on the read-only
+            # file; the first write deleted it, so a crash now cannot leave stale totals.
+            with sqlite3.connect(db) as conn:
+                assert conn.execute("SELECT count(*) FROM metric_snapshots").fetchone() == (0,)
         finally:
             rb.stop()
     finally:
