@@ -98,11 +98,10 @@ class Tally:
     def figures(self) -> str:
         """The running totals as JSON, for the next broker (``Store.leave_metric_snapshot``).
         They are farm-keyed already: the next broker does not need the workers of history."""
-        pairs = (self.finished, self.curtailed)
         return json.dumps(
             {
-                "finished": [[*k, n] for k, n in sorted(pairs[0].items())],
-                "curtailed": [[*k, n] for k, n in sorted(pairs[1].items())],
+                "finished": [[*k, n] for k, n in sorted(self.finished.items())],
+                "curtailed": [[*k, n] for k, n in sorted(self.curtailed.items())],
                 "energy": self.energy,
                 "models": self.models,
                 "sla": self.sla,

@@ -254,10 +254,15 @@ def _table(model: type[SQLModel]) -> Table:
 
 
 @functools.cache
+def _keys(model: type[SQLModel]) -> tuple[str, ...]:
+    """The names of the primary key's columns."""
+    return tuple(c.name for c in _table(model).primary_key.columns)
+
+
+@functools.cache
 def _update_stmt(model: type[SQLModel], columns: tuple[str, ...]) -> Update:
     """UPDATE of ``columns`` by primary key, the key's values bound as ``pk_<name>``."""
-    table = _table(model)
-    keys = [c.name for c in table.primary_key.columns]
+    table, keys = _table(model), _keys(model)
     return (
         table.update()
         .where(*(table.c[k] == bindparam(f"pk_{k}") for k in keys))
@@ -281,8 +286,7 @@ def _update(s: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> in
     returns how many rows matched (meaningful for one row: 0 when it is not stored)."""
     s.flush()  # the ORM's pending rows (a worker's first write) go first: keys refer to them
     stmt = _update_stmt(model, tuple(rows[0]))
-    keys = [c.name for c in _table(model).primary_key.columns]
-    params = [{**r, **{f"pk_{k}": r[k] for k in keys}} for r in rows]
+    params = [{**r, **{f"pk_{k}": r[k] for k in _keys(model)}} for r in rows]
     result = s.connection().execute(stmt, params[0] if len(params) == 1 else params)
     return int(result.rowcount)
 
