@@ -33,6 +33,7 @@ S = job_pb2.Job
 MODEL = "RTX 3090"
 ASK_A = 300_000  # micro-dollars per GPU-hour
 ASK_B = 400_000
+HOLD_S = 4.0  # how long both jobs run before the test releases them
 WAIT_FOR_FILE = (
     "import os, sys, time\n"
     "while not os.path.exists(sys.argv[1]):\n"
@@ -124,6 +125,11 @@ def test_efficient_farm_caps_its_gpu_and_draws_less_per_gpu_second(tmp_path: Pat
         running_b = _wait("job B running", lambda: _job_in(client, on_b, (S.RUNNING,)))
         assert running_b.attempts[-1].worker == workers[farm_b.name].name
 
+        # Both run a while before they end. Energy is metered by the agent from the assignment,
+        # GPU time by the broker between its receipt of "started" and of "finished"; the
+        # reports' lag (tenths of a second on a loaded machine) is a large share of a job that
+        # ends at once, and the 23 % gap between B's cap and A's draw must not drown in it.
+        time.sleep(HOLD_S)
         release.write_text("go")
         done_a = _wait("job A done", lambda: _job_in(client, on_a, (S.SUCCEEDED,)))
         done_b = _wait("job B done", lambda: _job_in(client, on_b, (S.SUCCEEDED,)))
@@ -134,8 +140,9 @@ def test_efficient_farm_caps_its_gpu_and_draws_less_per_gpu_second(tmp_path: Pat
         per_ms_a = att_a.energy_joules / att_a.gpu_milliseconds
         per_ms_b = att_b.energy_joules / att_b.gpu_milliseconds
         assert per_ms_b < per_ms_a, (att_a, att_b)
-        # The cap bounds B's draw (J per GPU-ms is kW): never above its AI limit.
-        assert per_ms_b * 1000 <= gpu_b.ai_power_limit_watts * 1.01
+        # The cap bounds B's draw (J per GPU-ms is kW): its AI limit, plus what the report lag
+        # can add to a job of HOLD_S seconds (uncapped, it would draw 30 % over the limit).
+        assert per_ms_b * 1000 <= gpu_b.ai_power_limit_watts * 1.08
 
         saved = {r.farm: r.energy_saved_joules for r in client.get_earnings().rows}
         assert saved[farm_b.name] > 0
