@@ -191,9 +191,13 @@ class AttemptPreparing(AttemptReport):
 
 @dataclass(frozen=True, slots=True)
 class AttemptStarted(AttemptReport):
-    """The attempt's process started, after ``setup_ms`` of setup."""
+    """The attempt's process started, after ``setup_ms`` of setup. ``rig_lead_s``: how
+    long before the last event of the same report it started, by the rig's clock (0: the
+    last event, or not known); a report that carries both the start and the finish of a
+    short job would otherwise charge it nothing."""
 
     setup_ms: int = 0
+    rig_lead_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

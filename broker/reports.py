@@ -78,7 +78,7 @@ class Reports:
                 return []
             case AttemptStarted():
                 attempt.setup_ms = max(0, ev.setup_ms)
-                return self._started(job, attempt, ev.now)
+                return self._started(job, attempt, ev.now, ev.rig_lead_s)
             case AttemptOutputReported():
                 attempt.output = AttemptOutput(
                     ev.sha256, max(0, ev.size_bytes), ev.now, ev.over_limit, ev.message
@@ -98,11 +98,17 @@ class Reports:
                 return self._finished(job, attempt, ev)
         raise TypeError(f"unknown report {ev!r}")
 
-    def _started(self, job: Job, attempt: Attempt, now: float) -> list[Command]:
+    def _started(
+        self, job: Job, attempt: Attempt, now: float, lead_s: float = 0.0
+    ) -> list[Command]:
         if attempt.state not in (AttemptState.SCHEDULED, AttemptState.PREPARING):
             return []
         attempt.state = AttemptState.RUNNING
-        attempt.start_time = now
+        # The start is when the broker heard of it, less how long before the report's last
+        # event the rig says it came (a report holding both the start and the finish of a
+        # short job); never before the assignment, so a rig's clock cannot bill the client
+        # for more than the time the attempt held its GPUs.
+        attempt.start_time = max(attempt.schedule_time, now - max(0.0, lead_s))
         if job.state == S.SCHEDULED:
             return [self._transition(job, S.RUNNING, now, f"started on {attempt.worker_id}")]
         return []

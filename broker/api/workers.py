@@ -205,9 +205,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         if len(request.events) > 1000:
             raise InvalidArgument.of([FieldViolation("events", "at most 1000 per call")])
         now = self.svc.clock()
+        last = _last_rig_time(request.events)
         events: list[AttemptReport] = []
         for i, e in enumerate(request.events):
-            events.append(_report_event(i, e, worker_id, now))
+            events.append(_report_event(i, e, worker_id, now, last))
         fresh = [e for e in events if not self.svc.core.is_duplicate(e)]
         cmds = await self.svc.apply(*fresh)
         stale = {}
@@ -353,8 +354,14 @@ def _health(index: int, msg: worker_service_pb2.GpuHealth) -> GpuHealth:
     )
 
 
+def _last_rig_time(events: Iterable[worker_service_pb2.JobEvent]) -> float | None:
+    """The rig's time of the latest event of a report (None: no event says when)."""
+    times = [e.time.ToNanoseconds() / 1e9 for e in events if e.HasField("time")]
+    return max(times) if times else None
+
+
 def _report_event(
-    i: int, e: worker_service_pb2.JobEvent, worker_id: str, now: float
+    i: int, e: worker_service_pb2.JobEvent, worker_id: str, now: float, last: float | None
 ) -> AttemptReport:
     job_id = v.parse_name(e.job, "jobs", f"events[{i}].job")
     bad = []
@@ -371,7 +378,12 @@ def _report_event(
     if kind == "preparing":
         return AttemptPreparing(*base)
     if kind == "started":
-        return AttemptStarted(*base, setup_ms=max(0, e.started.setup_milliseconds))
+        # The broker's clock stamps reports; the rig's clock only measures how long before
+        # the report's last event the process started (the core bounds it by the assignment).
+        lead = 0.0
+        if last is not None and e.HasField("time"):
+            lead = max(0.0, last - e.time.ToNanoseconds() / 1e9)
+        return AttemptStarted(*base, setup_ms=max(0, e.started.setup_milliseconds), rig_lead_s=lead)
     if kind == "output":
         out = e.output
         if out.sha256:

@@ -5,9 +5,11 @@ of it across a broker restart."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from broker_harness import start_broker
+from google.protobuf.timestamp_pb2 import Timestamp
 from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
 
 from rigshift.v1 import job_pb2
@@ -76,3 +78,40 @@ def test_setup_phase_outputs_and_environments_survive_a_restart(tmp_path: Path) 
         assert back.heartbeat().status_wanted  # the restarted broker asks again
     finally:
         rb2.stop()
+
+
+def test_a_report_with_a_short_jobs_start_and_finish_charges_its_run(tmp_path: Path) -> None:
+    """Started and finished in one ReportJobEvents call (a job that ended before the agent
+    sent its start): GPU time is the rig's interval between them, not zero; a start the rig
+    dates before the assignment counts from the assignment."""
+    rb = start_broker(tmp_path / "b", lease_ttl_s=6.0, heartbeat_interval_s=1.0)
+    farm = create_farm(rb.address)
+    agent = ProtocolAgent(rb.address, farm.enrollment_token, gpus(1))
+    agent.register()
+    agent.connect()
+    spec = job_pb2.JobSpec(command=["python", "x.py"], gpu_count=1)
+    with authed_channel(rb.address) as ch:
+        jobs = jsg.JobServiceStub(ch)
+        for lead_s, bounded in ((0.4, False), (86_400.0, True)):
+            job = jobs.CreateJob(js.CreateJobRequest(spec=spec))
+            a = agent.next_of("assignment")
+            time.sleep(0.6)  # the job ran 0.4 s of these before the rig reported it
+            t = Timestamp()
+            t.GetCurrentTime()
+            began = Timestamp()
+            began.FromNanoseconds(t.ToNanoseconds() - int(lead_s * 1e9))
+            agent.report(
+                agent.event(a.job, a.attempt, started=ws.Started(), time=began),
+                agent.event(a.job, a.attempt, finished=ws.Finished(exit_code=0), time=t),
+            )
+            got = jobs.GetJob(js.GetJobRequest(name=job.name))
+            assert got.state == S.SUCCEEDED
+            (attempt,) = got.attempts
+            if bounded:  # from the assignment to the report: well under the day claimed
+                assert attempt.start_time.ToNanoseconds() == attempt.schedule_time.ToNanoseconds()
+                assert 0 < attempt.gpu_milliseconds < 60_000
+            else:  # the rig's 0.4 s, whatever the report's lag
+                assert attempt.gpu_milliseconds >= 400
+                assert attempt.start_time.ToNanoseconds() >= attempt.schedule_time.ToNanoseconds()
+    agent.close()
+    rb.stop()

@@ -185,6 +185,20 @@ def test_non_zero_exit_fails_the_job_with_the_agents_message(core):
     assert core.jobs["j1"].exit_code == 3
 
 
+def test_a_start_reported_with_its_finish_is_dated_by_the_rigs_interval(core):
+    """A report holding both ends of a short job: the start is the broker's time less the
+    rig's lead, so the job is charged its run, not nothing; never before the assignment."""
+    placed(core)  # scheduled at t=1.0
+    run(core, AttemptStarted(10.0, "w1", "j1", 1, 1, rig_lead_s=2.5))
+    run(core, AttemptFinished(10.0, "w1", "j1", 1, 2, 0))
+    assert core.jobs["j1"].current.gpu_milliseconds(now=99.0) == 2_500
+    placed(core, "j2", now=20.0)
+    run(core, AttemptStarted(30.0, "w1", "j2", 1, 1, rig_lead_s=3600.0))  # a rig's clock lies
+    assert core.jobs["j2"].current.start_time == 20.0  # bounded by the assignment
+    run(core, AttemptFinished(30.0, "w1", "j2", 1, 2, 0))
+    assert core.jobs["j2"].current.gpu_milliseconds(now=99.0) == 10_000
+
+
 def test_finished_without_start_report_passes_through_running(core):
     placed(core)
     assert run(core, AttemptFinished(3.0, "w1", "j1", 1, 1, 0)) == [
