@@ -141,11 +141,11 @@ def _check_faults(
 @click.option("--lease-ttl-s", type=float, help="[default: 15]")
 @click.option("--drain-grace-s", type=float, help="[default: 60]")
 @click.option(
-    "--session",
+    "--session/--no-session",
     "session_protocol",
-    is_flag=True,
     default=None,
-    help="Renew the lease as messages on one Session stream, not unary Heartbeat calls.",
+    help="Renew the lease as messages on one Session stream (the default), or as unary "
+    "Heartbeat calls (--no-session).",
 )
 @click.option(
     "--executor",

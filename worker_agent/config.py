@@ -278,11 +278,12 @@ class AgentConfig:
 
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     """How often the lease is renewed (the broker's value wins when it is smaller)."""
-    session_protocol: bool = False
+    session_protocol: bool = True
     """Renew the lease on ``WorkerService.Session`` (issue 17: one message on a stream per
-    renewal) instead of unary Heartbeat calls beside StreamInstructions. Off by default:
-    an agent stopped right after opening a session sometimes crashed inside grpc.aio
-    (SIGSEGV at shutdown, in tests with agent and broker in one process); see docs/scale.md."""
+    renewal) instead of unary Heartbeat calls beside StreamInstructions; against a broker
+    without Session the agent falls back on those by itself. False keeps the unary calls
+    (``--no-session``): the in-process agent tests use it, because a grpc.aio test server
+    in the agent's own event loop sometimes hangs its teardown (docs/scale.md §2)."""
 
     lease_ttl_s: float = LEASE_TTL_S
     """Lease TTL the agent expects; the broker's value replaces it at registration."""

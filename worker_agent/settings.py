@@ -96,7 +96,7 @@ class AgentSettings(BaseSettings):
     """Ask per GPU-hour, micro-dollars (the file also takes price_usd_per_gpu_hour)."""
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     """Lease renewal period; at most a third of lease_ttl_s."""
-    session_protocol: bool = False
+    session_protocol: bool = True
     """Renew the lease as messages on one Session stream (docs/scale.md), not unary calls."""
     lease_ttl_s: float = LEASE_TTL_S
     """Lease TTL the agent expects (the broker's replaces it)."""

@@ -268,13 +268,19 @@ def test_the_session_protocol_is_set_by_the_file_the_environment_or_the_flag(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = 'broker_address = "b:1"\nenrollment_token = "t"\n'
-    assert load_agent_config(_toml(tmp_path, base)).session_protocol is False
-    assert load_agent_config(_toml(tmp_path, base + "session_protocol = true\n")).session_protocol
+    assert load_agent_config(_toml(tmp_path, base)).session_protocol is True  # the default
+    off = base + "session_protocol = false\n"
+    assert load_agent_config(_toml(tmp_path, off)).session_protocol is False
     monkeypatch.setenv("RIGSHIFT_AGENT_SESSION_PROTOCOL", "true")
-    assert load_agent_config(_toml(tmp_path, base)).session_protocol is True
+    assert load_agent_config(_toml(tmp_path, off)).session_protocol is True
+    monkeypatch.setenv("RIGSHIFT_AGENT_SESSION_PROTOCOL", "false")
+    assert load_agent_config(_toml(tmp_path, base)).session_protocol is False
     monkeypatch.delenv("RIGSHIFT_AGENT_SESSION_PROTOCOL")
     monkeypatch.setenv("RIGSHIFT_AGENT_BROKER_ADDRESS", "b:1")
     monkeypatch.setenv("RIGSHIFT_ENROLLMENT_TOKEN", "t")
     ctx = agent_group.commands["run"].make_context("run", ["--session"])
     assert ctx.params["session_protocol"] is True
+    ctx.close()
+    ctx = agent_group.commands["run"].make_context("run", ["--no-session"])
+    assert ctx.params["session_protocol"] is False
     ctx.close()
