@@ -25,7 +25,7 @@ demo: install
 RAY_TESTS := $(sort $(wildcard tests/ray/test_*.py))
 
 test: install
-	$(BIN)/pytest -q --ignore=tests/ray
+	$(BIN)/pytest -q --durations=15 --ignore=tests/ray
 	$(MAKE) --no-print-directory test-ray
 
 test-unit: install

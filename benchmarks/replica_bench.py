@@ -11,8 +11,8 @@ first leads), creates a farm, and starts a load-generator process
 every ``--interval-s``:
 
 * N = 1: every agent on the one replica, which leads, with ``--leader-protocol``
-  (``legacy``: StreamInstructions + a unary Heartbeat per renewal, the protocol the
-  leader's core serves until it implements Session; ``session`` once it does);
+  (``session``, the default: what agents speak; ``legacy``: StreamInstructions + a unary
+  Heartbeat per renewal, the protocol of ``rigshift agent run --no-session``);
 * N > 1: the agents spread evenly over the N-1 followers, each holding a
   ``WorkerService/Session`` per agent; the leader holds none and sees one
   ``RenewLeases`` digest per follower per interval.
@@ -307,7 +307,7 @@ def main() -> None:
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--settle-s", type=float, default=5.0)
     ap.add_argument("--ready-timeout-s", type=float, default=300.0)
-    ap.add_argument("--leader-protocol", choices=("legacy", "session"), default="legacy")
+    ap.add_argument("--leader-protocol", choices=("legacy", "session"), default="session")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results = []

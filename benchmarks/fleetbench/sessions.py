@@ -108,7 +108,8 @@ async def _session_agent(
                 ready.set()
     except grpc.aio.AioRpcError as err:
         if not stop.is_set():
-            stats.errors[f"Session {err.code().name}"] += 1
+            # The details say which side ended it (a replica's status or gRPC's transport).
+            stats.errors[f"Session {err.code().name}: {(err.details() or '')[:80]}"] += 1
     finally:
         renewer.cancel()
         outgoing.put_nowait(None)
