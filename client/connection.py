@@ -52,11 +52,15 @@ class Connection:
         api_key: str | None = None,
         tls_ca: str | None = None,
         retry_budget_s: float = 60.0,
+        on_retry: Callable[[Unavailable, float], None] | None = None,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         #: How long idempotent calls (CreateJob with its request id) keep retrying UNAVAILABLE.
         self.retry_budget_s = retry_budget_s
+        #: Called once per call that starts retrying, with the error and the budget (seconds):
+        #: the CLI says it is retrying instead of waiting silently.
+        self.on_retry = on_retry
         # The key: explicit, else $RIGSHIFT_API_KEY, else $RIGSHIFT_HOME/credentials.
         key = api_key if api_key is not None else lookup_api_key(address)
         auth = (("authorization", f"Bearer {key}"),) if key else ()
@@ -114,6 +118,8 @@ class Connection:
                     delay = min(RETRY_BASE_DELAY_S * 2**attempt, RETRY_MAX_DELAY_S)
                 if attempt + 1 >= CREATE_ATTEMPTS and time.monotonic() + delay > deadline:
                     raise
+                if attempt == 0 and self.on_retry is not None:
+                    self.on_retry(err, self.retry_budget_s)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 

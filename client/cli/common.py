@@ -8,6 +8,7 @@ exit status 1.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -106,10 +107,31 @@ def broker_address() -> str:
     return str(click.get_current_context().meta.get(BROKER_KEY, DEFAULT_BROKER))
 
 
+RETRY_BUDGET_ENV = "RIGSHIFT_RETRY_BUDGET_S"
+"""How long a command keeps retrying an unreachable broker when its call is safe to repeat
+(``job submit``: the request id makes a retry the same job); default 60 s."""
+
+
 def broker_client() -> Client:
     """A client for the chosen broker, closed when the command ends."""
     ctx = click.get_current_context()
-    return ctx.with_resource(Client(broker_address()))
+    raw = os.environ.get(RETRY_BUDGET_ENV, "")
+    try:
+        budget = float(raw) if raw else 60.0
+    except ValueError:
+        raise click.UsageError(f"{RETRY_BUDGET_ENV}={raw!r}: expected seconds, e.g. 60") from None
+    client = Client(broker_address(), retry_budget_s=max(0.0, budget), on_retry=_say_retrying)
+    return ctx.with_resource(client)
+
+
+def _say_retrying(err: Unavailable, budget_s: float) -> None:
+    """One line on stderr when a call starts retrying: the user knows why nothing happens."""
+    why = " ".join(err.message.split()) if err.reason else "cannot reach it"
+    click.echo(
+        f"broker at {broker_address()}: {why}; retrying for up to {budget_s:g} s "
+        f"({RETRY_BUDGET_ENV}; Ctrl-C stops)",
+        err=True,
+    )
 
 
 def _report(exc: RigshiftError, address: str) -> None:

@@ -290,12 +290,24 @@ def test_broker_from_env_and_after_the_command(broker_address: str) -> None:
 
 
 def test_unreachable_broker() -> None:
+    """A call that is safe to repeat (submit, with its request id) retries for the budget
+    and says so once; the others fail at once. The budget is cut to 1 s here (default 60)."""
     address = f"127.0.0.1:{free_port()}"
-    for args in (["job", "list"], ["job", "submit", "--", "true"], ["farm", "workers"]):
-        result = failed(rs(address, *args))
-        assert result.stderr == (
-            f"error: cannot reach the broker at {address} (is `rigshift broker serve` running?)\n"
-        )
+    cannot = f"error: cannot reach the broker at {address} (is `rigshift broker serve` running?)\n"
+    env = {"RIGSHIFT_RETRY_BUDGET_S": "1"}
+    for args in (["job", "list"], ["farm", "workers"]):
+        assert failed(rs(address, *args, env=env)).stderr == cannot
+    result = failed(rs(address, "job", "submit", "--", "true", env=env))
+    retrying = (
+        f"broker at {address}: cannot reach it; retrying for up to 1 s "
+        "(RIGSHIFT_RETRY_BUDGET_S; Ctrl-C stops)\n"
+    )
+    assert result.stderr == retrying + cannot
+
+
+def test_a_retry_budget_that_is_not_a_number_is_a_usage_error() -> None:
+    result = rs("127.0.0.1:1", "job", "submit", "--", "true", env={"RIGSHIFT_RETRY_BUDGET_S": "x"})
+    assert result.exit_code == 2 and "RIGSHIFT_RETRY_BUDGET_S='x'" in result.stderr
 
 
 # -- the SDK underneath ----------------------------------------------------------
