@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from broker_harness import start_broker
-from google.protobuf.timestamp_pb2 import Timestamp
 from protocol_agent import ProtocolAgent, authed_channel, create_farm, gpus
 
+from broker.convert import timestamp
 from rigshift.v1 import job_pb2
 from rigshift.v1 import job_service_pb2 as js
 from rigshift.v1 import job_service_pb2_grpc as jsg
@@ -96,13 +96,10 @@ def test_a_report_with_a_short_jobs_start_and_finish_charges_its_run(tmp_path: P
             job = jobs.CreateJob(js.CreateJobRequest(spec=spec))
             a = agent.next_of("assignment")
             time.sleep(0.6)  # the job ran 0.4 s of these before the rig reported it
-            t = Timestamp()
-            t.GetCurrentTime()
-            began = Timestamp()
-            began.FromNanoseconds(t.ToNanoseconds() - int(lead_s * 1e9))
+            now = time.time()
             agent.report(
-                agent.event(a.job, a.attempt, started=ws.Started(), time=began),
-                agent.event(a.job, a.attempt, finished=ws.Finished(exit_code=0), time=t),
+                agent.event(a.job, a.attempt, started=ws.Started(), time=timestamp(now - lead_s)),
+                agent.event(a.job, a.attempt, finished=ws.Finished(), time=timestamp(now)),
             )
             got = jobs.GetJob(js.GetJobRequest(name=job.name))
             assert got.state == S.SUCCEEDED

@@ -66,7 +66,8 @@ def check_run(result: dict[str, Any], home: Path, series_jobs: int, runs: int) -
     # Every 100 jobs at most once per read of the counter (0.5 s), and always at a run's end:
     # how many depends on the speed, that every run ends with one does not.
     assert {s["run"] for s in samples} == set(range(runs))
-    assert [s["run_jobs_completed"] >= JOBS for s in samples if s["run"] == runs - 1][-1]
+    last = [s for s in samples if s["run"] == runs - 1][-1]
+    assert last["run_jobs_completed"] >= JOBS
     counts = [s["jobs_completed"] for s in samples]
     assert counts == sorted(counts) and counts[-1] == result["jobs_completed"]
     assert all(s["rss_mb"] > 0 and s["db_bytes"] > 0 for s in samples)
